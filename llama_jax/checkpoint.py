@@ -1,0 +1,109 @@
+"""The project's own checkpoints, in Orbax.
+
+Two layouts, one parameter format:
+  a saved model:     DIR/model_config.json, DIR/params/ (Orbax), DIR/tokenizer.model (optional)
+  a training workdir: DIR/model_config.json, DIR/tokenizer.model, DIR/checkpoints/<step>/{params,
+                      opt_state, meta, data}/ written by an Orbax CheckpointManager. Orbax writes a
+                      step to a temporary name and renames it when complete, so a save killed
+                      mid-write is never listed as a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from llama_jax.config import ModelConfig
+
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.model"
+CHECKPOINTS = "checkpoints"
+
+
+def write_model_config(directory: str, config: ModelConfig) -> None:
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, MODEL_CONFIG + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(config.to_dict(), f, indent=2)
+  os.replace(tmp, os.path.join(directory, MODEL_CONFIG))
+
+
+def read_model_config(directory: str) -> ModelConfig:
+  with open(os.path.join(directory, MODEL_CONFIG)) as f:
+    return ModelConfig.from_dict(json.load(f))
+
+
+def abstract_params(config: ModelConfig, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs of the parameters, placed by `shardings` (default: the first device)."""
+  from llama_jax.model import init_params  # local: model imports nothing from here
+  shapes = nn.unbox(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None) -> None:
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  params_dir = os.path.join(directory, "params")
+  if os.path.exists(params_dir):
+    shutil.rmtree(params_dir)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir, params)
+  write_model_config(directory, config)
+  if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.join(directory, TOKENIZER):
+    shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+
+
+def latest_step(workdir: str) -> int | None:
+  root = os.path.join(workdir, CHECKPOINTS)
+  if not os.path.isdir(root):
+    return None
+  steps = [int(name) for name in os.listdir(root) if name.isdigit()]
+  return max(steps) if steps else None
+
+
+def find_params_dir(path: str) -> tuple[str, str]:
+  """(params directory, directory holding model_config.json) for a saved model, a training workdir
+  (its latest step) or one step directory of a workdir."""
+  path = os.path.abspath(path)
+  if os.path.isfile(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(os.path.join(path, "params")):
+    return os.path.join(path, "params"), path
+  if os.path.isfile(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    step = latest_step(path)
+    if step is None:
+      raise FileNotFoundError(f"{path}: training workdir has no complete checkpoint yet")
+    return os.path.join(path, CHECKPOINTS, str(step), "params"), path
+  workdir = os.path.dirname(os.path.dirname(path))
+  if os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(workdir, MODEL_CONFIG)):
+    return os.path.join(path, "params"), workdir
+  raise FileNotFoundError(f"{path}: not a llama_jax model directory or training workdir")
+
+
+def is_own_checkpoint(path: str) -> bool:
+  try:
+    find_params_dir(path)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> Any:
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(params_dir, abstract_params(config, shardings))
+
+
+def load_model_files(path: str, shardings: Any = None) -> tuple[ModelConfig, Any, str | None]:
+  """(config, params, tokenizer path or None) of a saved model or a training workdir."""
+  params_dir, config_dir = find_params_dir(path)
+  config = read_model_config(config_dir)
+  params = load_params(params_dir, config, shardings)
+  tokenizer = os.path.join(config_dir, TOKENIZER)
+  return config, params, (tokenizer if os.path.isfile(tokenizer) else None)

@@ -1,0 +1,125 @@
+"""The model's shape: one frozen dataclass, the named presets, and the parameter count.
+
+Presets follow the LLaMA paper (Touvron et al. 2023, table 2), LLaMA 2 (Touvron et al. 2023b) and
+TinyLlama (Zhang et al. 2024). The feed-forward width follows Meta's `llama/model.py` rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_matmuls")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  dim: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int | None = None  # None: as many as n_heads (no grouping)
+  vocab_size: int = 32000
+  multiple_of: int = 256  # the SwiGLU width is rounded up to a multiple of this
+  ffn_dim_multiplier: float | None = None  # LLaMA-2 70B: 1.3
+  ffn_hidden_dim: int | None = None  # explicit width (Hugging Face's intermediate_size); None: Meta's rule
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_seq_len: int = 2048
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # storage dtype of the parameters
+  tie_embeddings: bool = False  # output head reuses tok_embeddings
+  attention_impl: str = "xla"  # "xla" everywhere, "cudnn" (flash attention) on NVIDIA GPUs
+  remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
+  scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
+
+  def __post_init__(self):
+    if self.n_kv_heads is None:
+      object.__setattr__(self, "n_kv_heads", self.n_heads)
+    self.validate()
+
+  def validate(self):
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.dim % self.n_heads:
+      raise ValueError(f"model.n_heads ({self.n_heads}) does not divide model.dim ({self.dim})")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"model.n_kv_heads ({self.n_kv_heads}) does not divide model.n_heads ({self.n_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head dimension dim/n_heads = {self.head_dim} must be even for rotary embeddings")
+    if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+      raise ValueError(f"model.dtype and model.param_dtype must be one of {DTYPES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    """SwiGLU width: Meta's `FeedForward.__init__` rule unless given explicitly."""
+    if self.ffn_hidden_dim:
+      return int(self.ffn_hidden_dim)
+    hidden = int(2 * (4 * self.dim) / 3)
+    if self.ffn_dim_multiplier is not None:
+      hidden = int(self.ffn_dim_multiplier * hidden)
+    return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds the config from a mapping (an ml_collections block, a JSON file); unknown keys are errors."""
+    values = dict(values)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+    return cls(**values)
+
+
+def num_params(config: ModelConfig) -> int:
+  """Parameters of a model of this shape, counted from the formula (no arrays are made)."""
+  d, h, v = config.dim, config.head_dim, config.vocab_size
+  attention = d * config.n_heads * h * 2 + d * config.n_kv_heads * h * 2  # wq, wo; wk, wv
+  feed_forward = 3 * d * config.hidden_dim
+  block = attention + feed_forward + 2 * d  # two RMSNorm weights
+  head = 0 if config.tie_embeddings else d * v
+  return v * d + config.n_layers * block + d + head
+
+
+_LLAMA1 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-6, max_seq_len=2048)
+_LLAMA2 = dict(vocab_size=32000, multiple_of=256, norm_eps=1e-5, max_seq_len=4096)
+
+# Named shapes. Data, not code paths: `ModelConfig(**PRESETS[name])`.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The CPU demo and tests: small enough to train for a few hundred steps in minutes on 2 cores.
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=64,
+                 norm_eps=1e-5, max_seq_len=256),
+    "tinyllama_1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000,
+                         multiple_of=256, norm_eps=1e-5, max_seq_len=2048),
+    "llama_7b": dict(dim=4096, n_layers=32, n_heads=32, **_LLAMA1),
+    "llama_13b": dict(dim=5120, n_layers=40, n_heads=40, **_LLAMA1),
+    "llama_33b": dict(dim=6656, n_layers=60, n_heads=52, **_LLAMA1),
+    "llama_65b": dict(dim=8192, n_layers=80, n_heads=64, **_LLAMA1),
+    "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32, **_LLAMA2),
+    "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40, **_LLAMA2),
+    "llama2_70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, **{
+        **_LLAMA2, "multiple_of": 4096}, ffn_dim_multiplier=1.3),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,109 @@
+"""Device mesh and the logical-axis rules that place parameters and activations on it.
+
+The model names its axes logically (`model.EMBED`, `model.HEADS`, ...); one small table maps each
+name to mesh axes `data`, `fsdp` and `tensor`. Projections are split Megatron-style over `tensor`
+(column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2) and ZeRO-3-style over `fsdp` on the model
+dimension; the batch is split over `data` and `fsdp` together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or axes, or None: replicated)
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the field."""
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry to all remaining devices; checks the product is the device count."""
+  sizes = [int(data), int(fsdp), int(tensor)]
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"mesh: axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"mesh: data={data} fsdp={fsdp} tensor={tensor} does not fit {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices "
+        f"(data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]})")
+  return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  try:  # a topology-aware layout (ICI/NVLink neighbours on the fast axes) where JAX knows one
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pylint: disable=broad-except
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """A pytree of logical PartitionSpecs -> a pytree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, [tuple(r) for r in rules])
+
+
+def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """Shardings for the parameters of `jax.eval_shape(init_params, ...)` (boxed, with axis names)."""
+  return logical_to_sharding(nn.get_partition_spec(boxed_abstract_params), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """(B, T) arrays: rows over the batch axes of the rules, sequence replicated."""
+  return logical_to_sharding(P("batch", None), mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
+  """Makes the model's `with_logical_constraint` calls bind to this mesh while tracing."""
+  with mesh, nn.logical_axis_rules([tuple(r) for r in rules]):
+    yield
+
+
+def check_divisible(mesh: Mesh, global_batch: int, n_heads: int, n_kv_heads: int, rules=DEFAULT_RULES):
+  """Clear errors for shapes that cannot split over the mesh."""
+  batch_axes = dict(rules).get("batch") or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  batch_devices = math.prod(mesh.shape[a] for a in batch_axes)
+  if global_batch % batch_devices:
+    raise ConfigError(
+        f"batch_size {global_batch} does not divide over the {batch_devices} data-parallel devices "
+        f"({' x '.join(f'{a}={mesh.shape[a]}' for a in batch_axes)})")
+  tensor = mesh.shape["tensor"]
+  if n_kv_heads % tensor or n_heads % tensor:
+    raise ConfigError(
+        f"mesh.tensor={tensor} must divide model.n_heads ({n_heads}) and model.n_kv_heads ({n_kv_heads})")

@@ -1,0 +1,183 @@
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax
+from llama_jax import model as M
+from llama_jax.config import PRESETS, ModelConfig, num_params, preset
+
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=101, multiple_of=16,
+                   max_seq_len=64)
+
+
+def _params(cfg, seed=0):
+  return nn.unbox(M.init_params(cfg, jax.random.key(seed)))
+
+
+def _tokens(shape, vocab, seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def test_causality():
+  params = _params(TINY)
+  tokens = _tokens((1, 16), TINY.vocab_size)
+  base = M.forward(TINY, params, tokens)
+  t = 9
+  changed = tokens.at[0, t].set((tokens[0, t] + 1) % TINY.vocab_size)
+  out = M.forward(TINY, params, changed)
+  np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
+  assert np.abs(np.asarray(out[:, t:] - base[:, t:])).max() > 1e-4
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+  def score(i, j):
+    qi = M.rotary(q, jnp.array([[i]]), 10000.0)
+    kj = M.rotary(k, jnp.array([[j]]), 10000.0)
+    return float(jnp.sum(qi * kj))
+
+  for offset in (0, 3, 17):
+    scores = [score(i + offset, i) for i in (0, 5, 40, 1000)]
+    np.testing.assert_allclose(scores, scores[0], rtol=1e-4, atol=1e-5)
+  assert abs(score(5, 0) - score(0, 0)) > 1e-3  # and it does depend on the offset
+
+
+def test_gqa_with_all_heads_equals_multi_head_attention():
+  rng = np.random.default_rng(0)
+  b, t, n, h = 2, 7, 4, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  out = M.xla_attention(q, k, v, M.attention_mask(idx, idx))
+  # textbook multi-head attention, head by head
+  scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
+  scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+  ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, -1), v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_heads_equal_repeated_kv_heads():
+  # GQA with K kv heads equals MHA whose K/V projections repeat each kv head G times.
+  cfg = TINY
+  params = _params(cfg)
+  mha = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)
+  g = cfg.n_heads // cfg.n_kv_heads
+  attn = dict(params["layers"]["block"]["attention"])
+  attn["wk"] = jnp.repeat(attn["wk"], g, axis=2)
+  attn["wv"] = jnp.repeat(attn["wv"], g, axis=2)
+  mha_params = jax.tree.map(lambda x: x, params)
+  mha_params["layers"]["block"]["attention"] = attn
+  tokens = _tokens((2, 12), cfg.vocab_size)
+  np.testing.assert_allclose(np.asarray(M.forward(mha, mha_params, tokens)),
+                             np.asarray(M.forward(cfg, params, tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward():
+  params = _params(TINY)
+  tokens = _tokens((2, 12), TINY.vocab_size)
+  full = np.asarray(M.forward(TINY, params, tokens))
+  model = M.Transformer(TINY)
+  cache = M.init_cache(TINY, 2, 16)
+  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  logits, cache = model.apply({"params": params}, tokens[:, :5], pos, cache=cache)
+  steps = [logits]
+  for t in range(5, 12):
+    logits, cache = model.apply({"params": params}, tokens[:, t:t + 1], jnp.full((2, 1), t), cache=cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_ids_keep_attention_inside_documents():
+  params = _params(TINY)
+  a, b = _tokens((1, 6), TINY.vocab_size, 2), _tokens((1, 5), TINY.vocab_size, 3)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[0] * 6 + [1] * 5])
+  positions = jnp.array([list(range(6)) + list(range(5))])
+  out, _ = M.Transformer(TINY).apply({"params": params}, packed, positions, segment_ids=segments)
+  np.testing.assert_allclose(np.asarray(out[:, 6:]), np.asarray(M.forward(TINY, params, b)),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
+                                     dict(remat_policy="save_matmuls"), dict(tie_embeddings=True)])
+def test_variants_agree(variant):
+  cfg = dataclasses.replace(TINY, **variant)
+  params = _params(cfg)
+  tokens = _tokens((2, 10), cfg.vocab_size)
+  ref_cfg = dataclasses.replace(TINY, tie_embeddings=cfg.tie_embeddings)
+  np.testing.assert_allclose(np.asarray(M.forward(cfg, params, tokens)),
+                             np.asarray(M.forward(ref_cfg, params, tokens)), rtol=1e-5, atol=1e-5)
+
+  def loss(p):
+    return jnp.mean(M.forward(cfg, p, tokens) ** 2)
+
+  def ref_loss(p):
+    return jnp.mean(M.forward(ref_cfg, p, tokens) ** 2)
+
+  g, g_ref = jax.grad(loss)(params), jax.grad(ref_loss)(params)
+  for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  cfg = dataclasses.replace(TINY, dtype="bfloat16")
+  params = _params(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = _tokens((1, 8), cfg.vocab_size)
+  out = M.forward(cfg, params, tokens)
+  ref = M.forward(TINY, params, tokens)
+  assert out.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert rel < 2e-2
+
+
+# The papers' parameter counts (LLaMA table 2; LLaMA 2 table 1; TinyLlama).
+PAPER_COUNTS = {"llama_7b": 6.7e9, "llama_13b": 13.0e9, "llama_33b": 32.5e9, "llama_65b": 65.2e9,
+                "llama2_7b": 6.7e9, "llama2_13b": 13.0e9, "llama2_70b": 69.0e9, "tinyllama_1b": 1.1e9}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+def test_presets_shapes_and_counts(name):
+  cfg = preset(name)
+  shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+  counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert counted == num_params(cfg)
+  assert abs(counted - PAPER_COUNTS[name]) / PAPER_COUNTS[name] < 0.01, counted
+
+
+def test_preset_facts():
+  assert preset("llama2_70b").hidden_dim == 28672
+  assert preset("llama_7b").hidden_dim == 11008
+  assert preset("tinyllama_1b").hidden_dim == 5632
+  assert set(PAPER_COUNTS) | {"tiny"} == set(PRESETS)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim=100, n_heads=8), "does not divide model.dim"),
+    (dict(n_heads=8, n_kv_heads=3), "does not divide model.n_heads"),
+    (dict(dtype="float64"), "model.dtype"),
+])
+def test_bad_shapes_name_the_field(bad, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(TINY, **bad)
+
+
+def test_save_load_round_trip(tmp_path):
+  params = _params(TINY, seed=3)
+  model = llama_jax.Model(TINY, params)
+  tokens = np.asarray(_tokens((2, 9), TINY.vocab_size))
+  model.save(tmp_path / "m")
+  loaded = llama_jax.load(tmp_path / "m")
+  assert loaded.config == TINY
+  np.testing.assert_array_equal(loaded.logits(tokens), model.logits(tokens))
+
+
+def test_load_missing_path_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    llama_jax.load(tmp_path / "nope")
