@@ -123,3 +123,14 @@ def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
   return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def to_config_dict(cfg: ModelConfig):
+  """The `config.model` block of a training config, with every field typed so that
+  `--config.model.x=...` overrides are checked (None-valued fields become typed placeholders)."""
+  from ml_collections import config_dict
+  block = config_dict.ConfigDict()
+  types = {"ffn_dim_multiplier": float, "ffn_hidden_dim": int, "n_kv_heads": int}
+  for key, value in cfg.to_dict().items():
+    setattr(block, key, config_dict.placeholder(types[key]) if value is None else value)
+  return block

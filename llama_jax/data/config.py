@@ -1,0 +1,43 @@
+"""The `config.data` block: which text sources to mix, how to tokenise and pack them."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def source(path: str, weight: float, epochs: int = 0, text_field: str = "text",
+           format: str = "") -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+  """One entry of `data.sources` / `data.eval_sources`."""
+  return ml_collections.ConfigDict(dict(
+      path=path,  # a file, a glob, or "embedded:<name>" for the corpus built from the interpreter
+      weight=float(weight),  # share of the training tokens (weights are normalised to sum to 1)
+      epochs=int(epochs),  # passes over the source at most; 0: unlimited (it repeats)
+      text_field=text_field,  # the JSON key / parquet column holding the document text
+      format=format,  # "" (by extension), "txt", "jsonl", "jsonl.gz", "jsonl.zst" or "parquet"
+  ))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Source name -> {path, weight, epochs, text_field, format}. The default is the embedded corpus:
+  # the standard library's own Python code and the documentation shipped with the interpreter,
+  # written as jsonl shards into the cache directory on first use (no download).
+  c.sources = ml_collections.ConfigDict(dict(
+      code=source("embedded:code", 0.5),
+      prose=source("embedded:prose", 0.5),
+  ))
+  # Validation sources, same shape as `sources`. Empty: every `holdout_every`-th record of each
+  # training source is held out of training and used for eval/loss instead.
+  c.eval_sources = ml_collections.ConfigDict()
+  c.holdout_every = 100  # with no eval_sources: 1 record in this many goes to eval (0: none)
+  c.eval_batches = 8  # eval/loss is the mean over this fixed set of batches
+  c.tokenizer = ""  # a sentencepiece .model; "": train one on the sources on first use (cached)
+  c.vocab_size = 4096  # vocabulary of a tokenizer trained on first use (must equal model.vocab_size)
+  c.tokenizer_train_chars = 20_000_000  # characters sampled (by weight) to train that tokenizer
+  c.cache_dir = ""  # embedded corpus and trained tokenizers; "": $LLAMA_JAX_CACHE or ~/.cache/llama_jax
+  c.document_attention = False  # True: segment ids and per-document positions keep attention in documents
+  c.on_bad_record = "warn"  # a record that is not JSON / not UTF-8: "warn" (count and skip) or "error"
+  c.prefetch = 4  # batches prepared ahead in a background thread
+  c.num_threads = 0  # sentencepiece encoding threads; 0: all cores
+  c.chunk_chars = 1 << 20  # characters read and encoded per call into sentencepiece (per source)
+  return c

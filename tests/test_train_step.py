@@ -1,0 +1,114 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import init_params
+from llama_jax.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from llama_jax.train_step import TrainState, make_train_step
+
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+
+
+def _opt(**kw):
+  opt = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=10, min_lr_ratio=0.1, b1=0.9, b2=0.95,
+                                       eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,
+                                       z_loss=0.0))
+  opt.update(kw)
+  return opt
+
+
+def _state(tx, seed=0):
+  params = nn.unbox(init_params(CFG, jax.random.key(seed)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def _batch(b, t, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, CFG.vocab_size, (b, t + 1)).astype(np.int32)
+  mask = (rng.random((b, t)) > 0.2).astype(np.float32)  # uneven counts per row: the sums must add up
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          "segment_ids": np.zeros((b, t), np.int32), "loss_mask": mask}
+
+
+def test_micro_batches_equal_one_large_batch():
+  batch = _batch(8, 16)
+  results = []
+  for k in (1, 4):
+    opt = _opt(grad_accum_steps=k)
+    tx = make_optimizer(opt, 100)
+    step = jax.jit(make_train_step(CFG, tx, opt, learning_rate_schedule(opt, 100)))
+    state, metrics = step(_state(tx), batch)
+    results.append((state, metrics))
+  (s1, m1), (s4, m4) = results
+  np.testing.assert_allclose(float(m1["train/loss"]), float(m4["train/loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(m1["train/grad_norm"]), float(m4["train/grad_norm"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_learning_rate_at_warmup_end_and_last_step():
+  opt = _opt(lr=3e-4, warmup_steps=20, min_lr_ratio=0.1)
+  schedule = learning_rate_schedule(opt, 200)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(20)), 3e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(200)), 3e-5, rtol=1e-6)
+  assert 3e-5 < float(schedule(110)) < 3e-4
+
+
+def test_train_step_reports_the_schedules_learning_rate():
+  opt = _opt(lr=1e-2, warmup_steps=4)
+  tx = make_optimizer(opt, 50)
+  step = jax.jit(make_train_step(CFG, tx, opt, learning_rate_schedule(opt, 50)))
+  state = _state(tx)
+  lrs = []
+  for _ in range(5):
+    state, metrics = step(state, _batch(2, 8))
+    lrs.append(float(metrics["train/lr"]))
+  np.testing.assert_allclose(lrs, [0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2], rtol=1e-6, atol=1e-9)
+  assert int(state.step) == 5
+
+
+def test_weight_decay_skips_norm_weights():
+  params = nn.unbox(init_params(CFG, jax.random.key(0)))
+  mask = decay_mask(params)
+  assert mask["layers"]["block"]["attention_norm"]["weight"] is False
+  assert mask["layers"]["block"]["ffn_norm"]["weight"] is False
+  assert mask["norm"]["weight"] is False
+  assert mask["layers"]["block"]["attention"]["wq"] is True
+  assert mask["tok_embeddings"] is True
+
+
+def test_non_finite_step_leaves_state_untouched():
+  opt = _opt()
+  tx = make_optimizer(opt, 100)
+  step = jax.jit(make_train_step(CFG, tx, opt, None))
+  state = _state(tx)
+  poisoned = jax.tree.map(lambda x: x, state)
+  poisoned = poisoned.replace(params={**state.params, "norm": {"weight": state.params["norm"]["weight"] * jnp.nan}})
+  new, metrics = step(poisoned, _batch(2, 8))
+  assert not np.isfinite(float(metrics["train/loss"]))
+  assert int(new.nonfinite_steps) == 1
+  for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(poisoned.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loss_falls_on_a_learnable_sequence():
+  opt = _opt(lr=1e-2, warmup_steps=5)
+  tx = make_optimizer(opt, 60)
+  step = jax.jit(make_train_step(CFG, tx, opt, None))
+  state = _state(tx)
+  pattern = np.tile(np.arange(16, dtype=np.int32), 4)[:17]
+  batch = {"inputs": np.tile(pattern[:-1], (4, 1)), "targets": np.tile(pattern[1:], (4, 1)),
+           "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+           "segment_ids": np.zeros((4, 16), np.int32), "loss_mask": np.ones((4, 16), np.float32)}
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  assert losses[0] > 3.5 and losses[-1] < 0.5, (losses[0], losses[-1])
