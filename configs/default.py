@@ -22,7 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # parameter initialisation and data order
   config.log_every = 10  # steps between metrics lines (each one syncs the host with the devices)
   config.eval_every = 0  # steps between evaluations; 0: never
-  config.eval_batches = 8  # batches of the validation split per evaluation
   config.checkpoint_every = 0  # steps between checkpoints; 0: only at the end and on preemption
   config.keep_checkpoints = 3  # how many recent checkpoints to keep
   config.init_from = ""  # a checkpoint llama_jax.load reads (HF, Meta, own) to fine-tune from

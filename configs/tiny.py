@@ -13,7 +13,7 @@ def get_config():
   config.seq_len = 128
   config.log_every = 20
   config.eval_every = 200
-  config.eval_batches = 4
+  config.data.eval_batches = 4
   config.checkpoint_every = 200
   config.optimizer.lr = 2e-3  # small models take a large learning rate
   config.optimizer.warmup_steps = 50

@@ -29,17 +29,21 @@ class TrainState:
   nonfinite_steps: jax.Array  # steps skipped because the loss or gradient was NaN/inf
 
 
-def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float):
+def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float, document_attention: bool):
+  # Without document attention, packed rows attend across document boundaries (plain causal), which
+  # lets flash attention use its causal kernel instead of an explicit mask.
+  segment_ids = batch["segment_ids"] if document_attention else None
   logits, _ = Transformer(cfg).apply(
-      {"params": params}, batch["inputs"], batch["positions"], segment_ids=batch.get("segment_ids"))
+      {"params": params}, batch["inputs"], batch["positions"], segment_ids=segment_ids)
   return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
-               grad_accum_steps: int = 1, z_loss: float = 0.0, lr_schedule=None):
+               grad_accum_steps: int = 1, z_loss: float = 0.0, lr_schedule=None,
+               document_attention: bool = False):
   def micro_grads(micro):
     def objective(params):
-      total, count, nll = _loss_sums(params, cfg, micro, z_loss)
+      total, count, nll = _loss_sums(params, cfg, micro, z_loss, document_attention)
       return total, (count, nll)
     (_, (count, nll)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     return grads, count, nll
@@ -80,12 +84,13 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
   return state, metrics
 
 
-def eval_step(params, batch: dict, *, cfg: ModelConfig):
+def eval_step(params, batch: dict, *, cfg: ModelConfig, document_attention: bool = False):
   """(sum of NLL, number of counted tokens) over one batch."""
-  _, count, nll = _loss_sums(params, cfg, batch, 0.0)
+  _, count, nll = _loss_sums(params, cfg, batch, 0.0, document_attention)
   return nll, count
 
 
-def make_train_step(cfg: ModelConfig, tx, opt_cfg, lr_schedule):
+def make_train_step(cfg: ModelConfig, tx, opt_cfg, lr_schedule, document_attention: bool = False):
   return functools.partial(train_step, cfg=cfg, tx=tx, grad_accum_steps=int(opt_cfg.grad_accum_steps),
-                           z_loss=float(opt_cfg.z_loss), lr_schedule=lr_schedule)
+                           z_loss=float(opt_cfg.z_loss), lr_schedule=lr_schedule,
+                           document_attention=document_attention)

@@ -7,13 +7,14 @@ SIGTERM/SIGINT save and exit; metrics to `workdir/metrics.jsonl` and TensorBoard
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
 import signal
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -72,9 +73,12 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
   accum = int(config.optimizer.grad_accum_steps)
   if accum < 1 or config.batch_size % accum:
     raise ConfigError(f"optimizer.grad_accum_steps ({accum}) must divide batch_size ({config.batch_size})")
-  batch_devices = config.batch_size // accum
   if accum > 1:
-    sharding.check_divisible(mesh, batch_devices, model_cfg.n_heads, model_cfg.n_kv_heads, config.mesh.rules)
+    try:
+      sharding.check_divisible(mesh, config.batch_size // accum, model_cfg.n_heads, model_cfg.n_kv_heads,
+                               config.mesh.rules)
+    except ConfigError as e:
+      raise ConfigError(f"micro-batches (batch_size / optimizer.grad_accum_steps): {e}") from None
   if config.batch_size % jax.process_count():
     raise ConfigError(f"batch_size {config.batch_size} does not divide over {jax.process_count()} processes")
   if config.seq_len > model_cfg.max_seq_len:
@@ -105,6 +109,48 @@ def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig) -> str:
   return tok_dest
 
 
+@dataclasses.dataclass
+class Training:
+  """The jitted pieces of a run on one mesh; the benchmark uses them too."""
+  tx: Any
+  lr_schedule: Any
+  abstract_state: TrainState  # ShapeDtypeStructs, unboxed
+  state_sharding: TrainState  # NamedShardings
+  batch_sharding: Any
+  init: Callable  # rng -> sharded TrainState, initialised in place (never whole on one device)
+  step: Callable  # (state, batch) -> (state, metrics), state donated
+  eval: Callable  # (params, batch) -> (sum of NLL, token count)
+
+  def placed(self, field: str):
+    """Restore targets: the abstract `field` of the state with this mesh's shardings."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        getattr(self.abstract_state, field), getattr(self.state_sharding, field))
+
+
+def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
+  rules = [tuple(r) for r in config.mesh.rules]
+  lr_schedule = learning_rate_schedule(config.optimizer, config.num_steps)
+  tx = make_optimizer(config.optimizer, config.num_steps)
+
+  def init_state(rng):
+    params = init_params(model_cfg, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
+
+  # eval_shape -> logical specs -> shardings -> jit(init, out_shardings): the flax lm1b recipe.
+  boxed = jax.eval_shape(init_state, jax.random.key(0))
+  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  init = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding)
+  document_attention = bool(config.data.get("document_attention", False))
+  step = jax.jit(make_train_step(model_cfg, tx, config.optimizer, lr_schedule, document_attention),
+                 in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                 donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, cfg=model_cfg, document_attention=document_attention),
+                     in_shardings=(state_sharding.params, batch_sharding))
+  return Training(tx, lr_schedule, nn.unbox(boxed), state_sharding, batch_sharding, init, step, evaluate)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains until `config.num_steps` (resuming from `workdir` if it holds a checkpoint); returns the
   last logged metrics."""
@@ -119,22 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                       f"{model_cfg.vocab_size}")
 
-  lr_schedule = learning_rate_schedule(config.optimizer, config.num_steps)
-  tx = make_optimizer(config.optimizer, config.num_steps)
-
-  def init_state(rng):
-    params = init_params(model_cfg, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      nonfinite_steps=jnp.zeros((), jnp.int32))
-
-  abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  abstract = nn.unbox(abstract)
-
-  def placed(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
+  run = make_training(config, model_cfg, mesh)
   manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
   train_iter = data.make_iterator(
       config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
@@ -145,30 +176,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = manager.latest_step()
     if start_step is not None:
       params, opt_state, meta, data_state = checkpointing.restore(
-          manager, start_step, placed(abstract.params, state_sharding.params),
-          placed(abstract.opt_state, state_sharding.opt_state))
+          manager, start_step, run.placed("params"), run.placed("opt_state"))
       state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=params, opt_state=opt_state,
                          nonfinite_steps=jnp.zeros((), jnp.int32))
-      state = jax.device_put(state, state_sharding)
+      state = jax.device_put(state, run.state_sharding)
       train_iter.set_state(data_state)
       log.info("resumed from %s at step %d", workdir, start_step)
     elif config.init_from:
-      state = _state_from_checkpoint(config.init_from, model_cfg, tx, state_sharding)
+      state = _state_from_checkpoint(config.init_from, model_cfg, run.tx, run.state_sharding)
       start_step = 0
     else:
-      state = jax.jit(lambda r: nn.unbox(init_state(r)), out_shardings=state_sharding)(
-          jax.random.key(config.seed))
+      state = run.init(jax.random.key(config.seed))
       start_step = 0
-
-    step_fn = jax.jit(
-        make_train_step(model_cfg, tx, config.optimizer, lr_schedule),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, None),
-        donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, cfg=model_cfg),
-                      in_shardings=(state_sharding.params, batch_sharding))
-    return _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train_iter,
-                 tokenizer, manager, batch_sharding, mesh)
+    return _loop(config, workdir, model_cfg, state, start_step, run.step, run.eval, train_iter,
+                 tokenizer, manager, run.batch_sharding, mesh)
 
 
 def _state_from_checkpoint(path: str, model_cfg: ModelConfig, tx, state_sharding) -> TrainState:
@@ -191,7 +212,7 @@ def _evaluate(config, eval_fn, params, tokenizer, batch_sharding) -> dict:
       config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
       seed=config.seed, split="eval", process_index=jax.process_index(), process_count=jax.process_count())
   nll, count = 0.0, 0.0
-  for _ in range(int(config.eval_batches)):
+  for _ in range(int(config.data.eval_batches)):
     try:
       local = next(it)
     except StopIteration:

@@ -1,0 +1,258 @@
+"""The data iterator the training loop calls: sources -> mixture -> packing -> batches, prepared in a
+background thread, with a JSON state that resumes it exactly.
+
+  it = make_iterator(data_cfg, tokenizer, seq_len=T, global_batch_size=B, seed=s, split="train",
+                     process_index=p, process_count=n)
+  batch = next(it)  # {'inputs', 'targets', 'positions', 'segment_ids': int32, 'loss_mask': float32}, (B/n, T)
+
+Several hosts: process p reads every n-th selected record of each source (counted the same way on
+every host) and packs its own B/n rows, so the hosts' data are disjoint and cover the split.
+
+Validation: `data.eval_sources` if given, else the held-out records of the training sources (every
+`holdout_every`-th record per file, chosen by file name and record number, never trained on). The
+eval iterator repeats its sources and stops after `eval_batches` batches, so every evaluation sees
+the same fixed set, and every host yields the same number of batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from llama_jax.data import corpus
+from llama_jax.data.errors import DataError
+from llama_jax.data.mixture import Mixture
+from llama_jax.data.packing import Packer
+from llama_jax.data.sources import SourceStream, expand, file_format
+
+log = logging.getLogger("llama_jax.data")
+STATE_VERSION = 1
+
+
+def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
+  """[{name, files, format, text_field, weight, epochs}] of a split, validated: a glob matching
+  nothing, an unknown format, a negative weight or no positive weight are DataErrors."""
+  if split not in ("train", "eval"):
+    raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+  own_eval = split == "eval" and len(data_cfg.eval_sources) > 0
+  block = data_cfg.eval_sources if own_eval else data_cfg.sources
+  where = "data.eval_sources" if own_eval else "data.sources"
+  if not len(block):
+    raise DataError(f"{where} is empty")
+  out, embedded = [], None
+  for name in sorted(block):
+    s = block[name]
+    weight = float(s.get("weight", 1.0))
+    if weight < 0 or not np.isfinite(weight):
+      raise DataError(f"{where}.{name}.weight must be >= 0, got {weight}")
+    epochs = int(s.get("epochs", 0) or 0)
+    if epochs < 0:
+      raise DataError(f"{where}.{name}.epochs must be >= 0 (0: unlimited), got {epochs}")
+    if weight == 0:
+      continue
+    path = str(s.get("path", ""))
+    if not path:
+      raise DataError(f"{where}.{name}.path is empty")
+    if path.startswith("embedded:"):
+      embedded = embedded or corpus.ensure(data_cfg.cache_dir)
+      if path[len("embedded:"):] not in embedded:
+        raise DataError(f"{where}.{name}.path: no embedded source {path!r}; known: "
+                        + ", ".join(f"embedded:{n}" for n in embedded))
+      path = embedded[path[len("embedded:"):]]
+    try:
+      files = expand(path)
+      fmt = str(s.get("format", "") or "")
+      for f in files:
+        file_format(f, fmt)
+    except DataError as e:
+      raise DataError(f"{where}.{name}: {e}") from None
+    out.append(dict(name=name, files=files, format=fmt, text_field=str(s.get("text_field", "text")),
+                    weight=weight, epochs=0 if split == "eval" else epochs))
+  if not out:
+    raise DataError(f"{where}: every weight is 0")
+  return out
+
+
+def selector(data_cfg, split: str) -> Callable[[int, int], bool]:
+  """Which records (file key, record number) belong to the split."""
+  every = int(data_cfg.holdout_every)
+  if len(data_cfg.eval_sources) or every <= 0:
+    if split == "eval" and not len(data_cfg.eval_sources):
+      raise DataError("no validation data: set data.eval_sources or data.holdout_every > 0")
+    return lambda key, record: True
+  if split == "eval":
+    return lambda key, record: (key + record) % every == 0
+  return lambda key, record: (key + record) % every != 0
+
+
+def _tokenizer(tokenizer):
+  if isinstance(tokenizer, str):
+    from llama_jax.tokenizer import Tokenizer
+    return Tokenizer(tokenizer)
+  return tokenizer
+
+
+def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: str,
+                process_index: int, process_count: int, events: list[str]) -> Packer:
+  select = selector(data_cfg, split)
+  if data_cfg.on_bad_record not in ("warn", "error"):
+    raise DataError(f"data.on_bad_record must be 'warn' or 'error', got {data_cfg.on_bad_record!r}")
+  streams, weights = {}, {}
+  for s in resolve_sources(data_cfg, split):
+    streams[s["name"]] = SourceStream(
+        s["name"], s["files"], s["format"], s["text_field"], s["epochs"], seed, tokenizer, select,
+        process_index, process_count, int(data_cfg.chunk_chars), data_cfg.on_bad_record,
+        int(data_cfg.num_threads), events)
+    weights[s["name"]] = s["weight"]
+  return Packer(Mixture(streams, weights, events), rows, seq_len, bool(data_cfg.document_attention))
+
+
+_END = object()
+
+
+class DataIterator:
+  """Batches from a Packer, made ahead in a daemon thread (sentencepiece and numpy release the GIL,
+  so it overlaps the training step). Each batch travels with the packer's state right after it, so
+  `get_state` is the state after the last batch handed out, not after the read-ahead."""
+
+  def __init__(self, make: Callable[[list[str]], Packer], max_batches: int | None, prefetch: int,
+               split: str):
+    self._make, self._max, self._prefetch, self.split = make, max_batches, max(1, prefetch), split
+    self._events_new: list[str] = []
+    self._packer_events: list[str] = []
+    self._packer = make(self._packer_events)
+    self._state = {"version": STATE_VERSION, "split": split, "batches": 0,
+                   "packer": self._packer.get_state()}
+    self._tokens = self._packer.source_tokens()
+    self._bad = {n: 0 for n in self._tokens}
+    self._thread = None
+    self._queue: queue.Queue = queue.Queue(self._prefetch)
+    self._stop = threading.Event()
+    self._finished = False
+
+  # --- the producer thread
+  def _produce(self, packer: Packer, events: list[str], batches: int, out: queue.Queue,
+               stop: threading.Event) -> None:
+    try:
+      while not stop.is_set():
+        if self._max is not None and batches >= self._max:
+          item = _END
+        else:
+          batch = packer.next_batch()
+          if batch is None:
+            item = _END
+          else:
+            batches += 1
+            bad = {n: s.bad_records for n, s in packer.mixture.streams.items()}
+            item = (batch, {"version": STATE_VERSION, "split": self.split, "batches": batches,
+                            "packer": packer.get_state()}, packer.source_tokens(), bad, list(events))
+            events.clear()
+        while not stop.is_set():
+          try:
+            out.put(item if item is not _END else (_END, list(events)), timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if item is _END:
+          return
+    except BaseException as e:  # handed to the consumer, raised by next()
+      out.put((e, None))
+
+  def _start(self) -> None:
+    self._stop = threading.Event()
+    self._queue = queue.Queue(self._prefetch)
+    self._thread = threading.Thread(
+        target=self._produce, args=(self._packer, self._packer_events, self._state["batches"],
+                                    self._queue, self._stop), daemon=True, name=f"data-{self.split}")
+    self._thread.start()
+
+  def close(self) -> None:
+    """Stops the read-ahead thread (it is a daemon: exiting without close is fine too)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+  # --- the iterator
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._finished:
+      raise StopIteration
+    if self._thread is None:
+      self._start()
+    item = self._queue.get()
+    if item[0] is _END:
+      self._events_new += item[1]
+      self._finished = True
+      self._thread.join()
+      self._thread = None
+      if self.split == "train":
+        self._events_new.append("the training data are exhausted (every source reached its epoch limit)")
+      raise StopIteration
+    if isinstance(item[0], BaseException):
+      self._finished = True
+      raise item[0]
+    batch, self._state, self._tokens, self._bad, events = item
+    self._events_new += events
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable state after the last batch returned (goes into the checkpoint)."""
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """The following batches are those the iterator that saved `state` would have given next."""
+    if state.get("version") != STATE_VERSION or state.get("split") != self.split:
+      raise DataError(f"data state is for split {state.get('split')!r} version {state.get('version')},"
+                      f" this iterator is split {self.split!r} version {STATE_VERSION}")
+    self.close()
+    self._packer_events = []
+    self._packer = self._make(self._packer_events)
+    self._packer.set_state(state["packer"])
+    self._state, self._finished = state, False
+    self._tokens = self._packer.source_tokens()
+    self._bad = {n: s.bad_records for n, s in self._packer.mixture.streams.items()}
+
+  def source_tokens(self) -> dict[str, int]:
+    """Tokens this process has put into batches from each source so far."""
+    return dict(self._tokens)
+
+  def bad_records(self) -> dict[str, int]:
+    """Records skipped as malformed (not JSON / not UTF-8 / no text field), per source, so far."""
+    return dict(self._bad)
+
+  def events(self) -> list[str]:
+    """Log lines since the last call (an epoch limit reached and the renormalised weights, bad
+    records skipped, the data exhausted); each is returned once."""
+    out, self._events_new = self._events_new, []
+    return out
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown
+      pass
+
+
+def make_iterator(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0,
+                  split: str = "train", process_index: int = 0, process_count: int = 1) -> DataIterator:
+  """An iterator of packed batches of this process's `global_batch_size // process_count` rows."""
+  if global_batch_size % process_count:
+    raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+  if seq_len <= 0 or global_batch_size <= 0:
+    raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
+  tokenizer = _tokenizer(tokenizer)
+  rows = global_batch_size // process_count
+
+  def make(events: list[str]) -> Packer:
+    return make_packer(data_cfg, tokenizer, seq_len, rows, seed, split, process_index, process_count, events)
+
+  max_batches = int(data_cfg.eval_batches) if split == "eval" else None
+  return DataIterator(make, max_batches, int(data_cfg.prefetch), split)

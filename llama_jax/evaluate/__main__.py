@@ -1,0 +1,93 @@
+"""Command line: perplexity or multiple-choice accuracy of one or more models.
+
+  python -m llama_jax.evaluate perplexity --model PATH [--model PATH2 ...] --data FILE
+      [--seq_len N --stride S --batch_size B]
+  python -m llama_jax.evaluate choice --model PATH [--model PATH2 ...] --data FILE.jsonl
+      [--shots K --seed S --batch_size B]
+
+Prints a table with one row per model, then (last line) JSON: the metrics of a single model, or a
+list of {"model": PATH, ...metrics} for several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llama_jax.evaluate.data import EvalDataError, read_choices, read_text
+from llama_jax.evaluate.table import format_table
+
+COLUMNS = {"perplexity": ("perplexity", "nll", "tokens"), "choice": ("acc", "acc_norm", "examples")}
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m llama_jax.evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  for name in COLUMNS:
+    p = commands.add_parser(name)
+    p.add_argument("--model", action="append", required=True,
+                   help="a checkpoint llama_jax.load reads; repeat to compare models")
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model for checkpoints without one")
+    p.add_argument("--no_progress", action="store_true")
+  commands.choices["perplexity"].add_argument("--seq_len", type=int, default=None,
+                                              help="window length in tokens (default: the model's max_seq_len)")
+  commands.choices["perplexity"].add_argument("--stride", type=int, default=None,
+                                              help="tokens between window starts (default: seq_len)")
+  commands.choices["choice"].add_argument("--shots", type=int, default=0)
+  commands.choices["choice"].add_argument("--seed", type=int, default=0)
+  return parser
+
+
+def _evaluate(args, path: str) -> dict:
+  import llama_jax
+  from llama_jax.evaluate.choice import choice_file
+  from llama_jax.evaluate.perplexity import perplexity_file
+
+  try:
+    model = llama_jax.load(path, dtype=args.dtype, tokenizer=args.tokenizer)
+  except ValueError as e:  # a config this project cannot read
+    raise EvalDataError(path, str(e)) from None
+  if model.tokenizer is None:
+    raise EvalDataError(path, "the checkpoint has no tokenizer.model; pass --tokenizer")
+  progress = not args.no_progress
+  if args.command == "perplexity":
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len < 2 or not 1 <= (args.stride or seq_len) <= seq_len:
+      raise EvalDataError(args.data, f"need 2 <= --seq_len and 1 <= --stride <= --seq_len ({seq_len})")
+    return perplexity_file(model, args.data, seq_len, args.stride, args.batch_size, progress)
+  return choice_file(model, args.data, args.shots, args.seed, args.batch_size, progress)
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  if args.batch_size < 1:
+    print(f"error: --batch_size must be positive, got {args.batch_size}", file=sys.stderr)
+    return 2
+  rows = []
+  try:
+    # Check the data before loading any model: a bad line should not cost a model load.
+    if args.command == "perplexity":
+      read_text(args.data)
+    else:
+      read_choices(args.data)
+    for path in args.model:
+      rows.append({"model": path, **_evaluate(args, path)})
+  except (EvalDataError, OSError) as e:  # bad data, a missing checkpoint or tokenizer
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  columns = COLUMNS[args.command]
+  print(format_table(rows, ("model",) + columns))
+  if len(rows) == 1:
+    print(json.dumps({c: rows[0][c] for c in columns}))
+  else:
+    print(json.dumps(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,319 @@
+"""The generation engine: one prefill pass into a preallocated KV cache, then a jitted while loop.
+
+The shape of Meta's `llama/generation.py` and Gemma's sampler loop (`gemma/text/_sampler_loop.py`):
+  prefill(...)  runs every prompt of the batch in one forward pass, writing the cache, and draws
+                each row's first new token from the logits at that row's last prompt token;
+  decode(...)   is a `lax.while_loop` making one token per step for the whole batch, each row at its
+                own position, until every row has met EOS or its token limit (or a step bound,
+                which is how the streaming driver gets tokens out in chunks without leaving jit);
+  generate(...) is the host driver: tokenise, bucket, batch, call the two, detokenise.
+
+Rows of different prompt lengths share a batch: prompts are right-padded to the bucket length P and
+prefilled at positions 0..P-1; a row of length n takes its first token from the logits at n-1 and
+decodes at positions n, n+1, ..., overwriting the pad slots before any query can attend to them
+(the cache attends to slots <= the query's position). So each row gets what its prompt alone gets.
+
+Compilation is once per bucket: batch, prompt length and the token budget are rounded up to powers
+of two; the actual lengths, limits, EOS id and seed are traced values.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llama_jax import model as M
+from llama_jax import sharding
+from llama_jax.config import ModelConfig
+from llama_jax.samplers import SamplingConfig, sample
+
+Array = jax.Array
+
+# How many times each jitted function has been traced (Python side effects run only when tracing);
+# tests use it to check that a new prompt of the same bucket reuses the compiled function.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+STREAM_CHUNK = 8  # decode steps per jitted call while streaming
+
+
+class DecodeState(NamedTuple):
+  """The while loop's carry. B batch, N the token budget bucket, S the cache length."""
+  cache: M.KVCache  # (L, B, S, K, H) each
+  tokens: Array  # (B, N) int32 new tokens; entries at >= lengths are padding
+  lengths: Array  # (B,) int32 new tokens so far per row
+  prompt_lengths: Array  # (B,) int32
+  limits: Array  # (B,) int32 most new tokens per row (0 for padding rows)
+  done: Array  # (B,) bool
+  step: Array  # () int32 loop steps taken: tokens[:, step - 1] is the last one drawn
+  keys: Array  # (B,) one PRNG key per row
+  eos_id: Array  # () int32; -1: never stop at EOS
+  logits: Array | None  # (B, N, V) float32 logits each token was drawn from (debug only)
+
+
+def bucket(n: int, minimum: int, cap: int) -> int:
+  """The smallest power of two >= n (and >= minimum), capped at `cap`."""
+  return min(max(minimum, 1 << max(0, n - 1).bit_length()), cap)
+
+
+def _cache_spec(mesh: Mesh | None, rules=sharding.DEFAULT_RULES):
+  """The cache split over the mesh like the K/V heads it holds; None without a mesh."""
+  if mesh is None:
+    return None
+  kv_axes = dict(rules).get(M.KV_HEADS)
+  return NamedSharding(mesh, P(None, None, None, kv_axes, None))
+
+
+def _rules_context(mesh: Mesh | None):
+  if mesh is None:
+    import contextlib
+    return contextlib.nullcontext()
+  return sharding.activation_rules(mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len", "budget", "mesh",
+                                             "record_logits"))
+def prefill(cfg: ModelConfig, params: Any, tokens: Array, prompt_lengths: Array, limits: Array,
+            keys: Array, eos_id: Array, *, sampling: SamplingConfig, cache_len: int, budget: int,
+            mesh: Mesh | None = None, record_logits: bool = False) -> DecodeState:
+  """tokens (B, P) right-padded prompts -> the decode state holding the filled cache and each
+  row's first new token (drawn from the logits at its last prompt position)."""
+  TRACE_COUNTS["prefill"] += 1
+  b, p = tokens.shape
+  with _rules_context(mesh):
+    cache = M.init_cache(cfg, b, cache_len)
+    if mesh is not None:
+      cache = jax.lax.with_sharding_constraint(cache, M.KVCache(*[_cache_spec(mesh)] * 2))
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    model = M.Transformer(cfg)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache=cache, method="hidden")
+    # Only each row's last prompt position needs the (large) output head.
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+    logits = model.apply({"params": params}, last, method="head")[:, 0]  # (B, V)
+  first = sample(logits, _step_keys(keys, 0), sampling)
+  valid = limits > 0
+  tokens_out = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(jnp.where(valid, first, 0))
+  lengths = valid.astype(jnp.int32)
+  done = ~valid | (lengths >= limits) | (first == eos_id)
+  recorded = None
+  if record_logits:
+    recorded = jnp.zeros((b, budget, cfg.vocab_size), jnp.float32).at[:, 0].set(logits)
+  return DecodeState(cache, tokens_out, lengths, prompt_lengths, limits, done,
+                     jnp.array(1, jnp.int32), keys, eos_id, recorded)
+
+
+def _step_keys(keys: Array, step) -> Array:
+  # Folding in the step (not splitting a carried key) makes a token's randomness depend only on
+  # the seed, its row and its index, so chunked (streaming) and one-shot decoding agree.
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh"), donate_argnames=("state",))
+def decode(cfg: ModelConfig, params: Any, state: DecodeState, until: Array, *,
+           sampling: SamplingConfig, mesh: Mesh | None = None) -> DecodeState:
+  """Draws tokens for every unfinished row until all are done or `until` steps have been taken."""
+  TRACE_COUNTS["decode"] += 1
+  budget = state.tokens.shape[1]
+  cache_len = state.cache.k.shape[2]
+  model = M.Transformer(cfg)
+
+  def cond(s: DecodeState):
+    return (s.step < jnp.minimum(until, budget)) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    last = s.tokens[:, s.step - 1]  # (B,)
+    # The last token sits at prompt_length + step - 1; finished rows are clamped inside the cache
+    # (what they compute is thrown away).
+    pos = jnp.minimum(s.prompt_lengths + s.step - 1, cache_len - 1)
+    with _rules_context(mesh):
+      logits, cache = model.apply({"params": params}, last[:, None], pos[:, None], cache=s.cache)
+    logits = logits[:, 0]  # (B, V)
+    new = sample(logits, _step_keys(s.keys, s.step), sampling)
+    active = ~s.done
+    tokens = s.tokens.at[:, s.step].set(jnp.where(active, new, 0))
+    lengths = s.lengths + active.astype(jnp.int32)
+    done = s.done | (lengths >= s.limits) | (active & (new == s.eos_id))
+    recorded = s.logits
+    if recorded is not None:
+      recorded = recorded.at[:, s.step].set(logits)
+    return s._replace(cache=cache, tokens=tokens, lengths=lengths, done=done, step=s.step + 1,
+                      logits=recorded)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+@dataclasses.dataclass
+class Batch:
+  """One bucketed batch on the host: which prompts it holds and its padded arrays."""
+  indices: list[int]  # positions of its rows in the caller's prompt list
+  tokens: np.ndarray  # (B, P) int32, right-padded
+  prompt_lengths: np.ndarray  # (B,) int32
+  limits: np.ndarray  # (B,) int32
+  cache_len: int
+  budget: int
+
+
+def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], indices: list[int],
+               max_new_tokens: int, batch_multiple: int = 1) -> Batch:
+  lengths = [len(prompts[i]) for i in indices]
+  for i, n in zip(indices, lengths):
+    if n == 0:
+      raise ValueError(f"prompt {i} is empty")
+    if n > cfg.max_seq_len:
+      raise ValueError(
+          f"prompt {i} has {n} tokens but the model's context is {cfg.max_seq_len} tokens")
+  b = bucket(len(indices), 1, 1 << 30)
+  b = -(-b // batch_multiple) * batch_multiple
+  p = bucket(max(lengths), MIN_PROMPT_BUCKET, cfg.max_seq_len)
+  budget = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET, 1 << 30)
+  cache_len = min(p + budget, cfg.max_seq_len)
+  tokens = np.zeros((b, p), np.int32)
+  prompt_lengths = np.ones((b,), np.int32)
+  limits = np.zeros((b,), np.int32)  # padding rows: no tokens, done from the start
+  for row, (i, n) in enumerate(zip(indices, lengths)):
+    tokens[row, :n] = prompts[i]
+    prompt_lengths[row] = n
+    # A row's last drawn token needs no cache slot: n + limit - 1 slots hold prompt and feed-back.
+    limits[row] = min(max_new_tokens, cache_len - n + 1)
+  return Batch(list(indices), tokens, prompt_lengths, limits, cache_len, budget)
+
+
+def shard_params(cfg: ModelConfig, params: Any, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
+  """Places parameters on the mesh by the model's logical axis names (no-op if already there)."""
+  boxed = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+  return jax.device_put(params, sharding.param_shardings(boxed, mesh, rules))
+
+
+def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
+                    max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                    eos_id: int | None = None, batch_size: int | None = None,
+                    mesh: Mesh | None = None, stream: Callable[[list[int]], None] | None = None,
+                    return_logits: bool = False):
+  """Token-id prompts -> the new tokens of each (up to and including EOS when drawn).
+
+  With `stream`, one prompt only: the callback gets each chunk of new tokens as it is made.
+  With `return_logits`, also the (n_new, V) float32 logits each new token was drawn from."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  prompts = [list(map(int, p)) for p in prompts]
+  for i, p in enumerate(prompts):
+    if p and (min(p) < 0 or max(p) >= cfg.vocab_size):
+      raise ValueError(f"prompt {i}: token ids must lie in [0, {cfg.vocab_size})")
+  if stream is not None and len(prompts) != 1:
+    raise ValueError("streaming needs exactly one prompt")
+  batch_size = batch_size or min(len(prompts), 64)
+  batch_multiple = 1
+  if mesh is not None:
+    params = shard_params(cfg, params, mesh)
+    batch_axes = dict(sharding.DEFAULT_RULES).get("batch") or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    batch_multiple = math.prod(mesh.shape[a] for a in batch_axes)
+  root = jax.random.key(seed)
+  eos = jnp.array(-1 if eos_id is None else eos_id, jnp.int32)
+  # Similar lengths together, so each batch's prompt bucket is as tight as it can be.
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  results: list[Any] = [None] * len(prompts)
+  for start in range(0, len(order), batch_size):
+    batch = make_batch(cfg, prompts, order[start:start + batch_size], max_new_tokens, batch_multiple)
+    b = batch.tokens.shape[0]
+    # Row keys from the prompt's index in the call: its draws do not depend on its batch-mates.
+    row_ids = np.asarray(batch.indices + [len(prompts) + r for r in range(b - len(batch.indices))])
+    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(row_ids, jnp.uint32))
+    state = prefill(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+                    jnp.asarray(batch.limits), keys, eos, sampling=sampling,
+                    cache_len=batch.cache_len, budget=batch.budget, mesh=mesh,
+                    record_logits=return_logits)
+    if stream is None:
+      state = decode(cfg, params, state, jnp.array(batch.budget, jnp.int32), sampling=sampling, mesh=mesh)
+    else:
+      state = _decode_streaming(cfg, params, state, sampling, mesh, stream)
+    tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
+    logits = np.asarray(state.logits) if return_logits else None
+    for row, i in enumerate(batch.indices):
+      new = tokens[row, :lengths[row]].tolist()
+      results[i] = (new, logits[row, :lengths[row]]) if return_logits else new
+  return results
+
+
+def _decode_streaming(cfg, params, state, sampling, mesh, stream):
+  """Chunks of STREAM_CHUNK steps per jitted call; between calls the host prints the new tokens.
+  The loop body is the same compiled `decode` (the step bound is a traced value), and the host
+  syncs once per chunk, not once per token."""
+  sent = 0
+  while True:
+    lengths = int(state.lengths[0])
+    if lengths > sent:
+      stream(np.asarray(state.tokens[0, sent:lengths]).tolist())
+      sent = lengths
+    if bool(state.done[0]) or int(state.step) >= state.tokens.shape[1]:
+      return state
+    until = jnp.array(int(state.step) + STREAM_CHUNK, jnp.int32)
+    state = decode(cfg, params, state, until, sampling=sampling, mesh=mesh)
+
+
+class TextStreamer:
+  """Turns streamed token chunks into printable text deltas. SentencePiece decodes a sequence, not
+  a token (a leading "▁" becomes a space only mid-text, bytes combine into characters), so decode
+  everything so far and emit what is new, holding back an unfinished UTF-8 character."""
+
+  def __init__(self, tokenizer, write: Callable[[str], None], eos_id: int | None = None):
+    self.tokenizer, self.write, self.eos_id = tokenizer, write, eos_id
+    self.ids: list[int] = []
+    self.text = ""
+
+  def __call__(self, new_ids: list[int]) -> None:
+    self.ids += [i for i in new_ids if i != self.eos_id]
+    text = self.tokenizer.decode(self.ids)
+    if text.endswith("\ufffd"):
+      return
+    if text.startswith(self.text):
+      self.write(text[len(self.text):])
+    self.text = text
+
+
+def generate(model, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, stop_at_eos: bool = True, batch_size: int | None = None,
+             stream: Callable | None = None, mesh: Mesh | None = None, return_logits: bool = False):
+  """`Model.generate`: strings in -> continuation strings out (BOS prepended, EOS dropped);
+  token-id lists in -> token-id lists out (prompt, then the continuation including EOS if drawn).
+  `stream` (one prompt) gets text deltas for a string prompt, new-id chunks for an id prompt."""
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+    raise TypeError("prompts must be a list of strings or a list of token-id lists")
+  if not prompts:
+    return []
+  as_text = all(isinstance(p, str) for p in prompts)
+  if not as_text and any(isinstance(p, str) for p in prompts):
+    raise TypeError("prompts must be all strings or all token-id lists")
+  tok = model.tokenizer
+  if as_text and tok is None:
+    raise ValueError("string prompts need a tokenizer; this model has none (pass token ids)")
+  if tok is not None:
+    eos_id = tok.eos_id if stop_at_eos else None
+  else:
+    eos_id = 2 if stop_at_eos else None  # LLaMA's EOS when no tokenizer says otherwise
+  ids = tok.encode_batch(list(prompts)) if as_text else [list(p) for p in prompts]
+  callback = stream
+  if stream is not None and as_text:
+    callback = TextStreamer(tok, stream, eos_id)
+  sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+  out = generate_tokens(model.config, model.params, ids, max_new_tokens, sampling, seed, eos_id,
+                        batch_size, mesh, callback, return_logits)
+  if return_logits:
+    new, logits = zip(*out)
+  else:
+    new, logits = out, None
+  if as_text:
+    texts = [tok.decode([t for t in row if t != eos_id]) for row in new]
+    return (texts, list(logits)) if return_logits else texts
+  full = [p + n for p, n in zip(ids, new)]
+  return (full, list(logits)) if return_logits else full

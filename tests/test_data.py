@@ -1,0 +1,292 @@
+"""The pretraining data pipeline: mixing shares, epoch limits, exact resume, packing, formats, bad
+records, document attention, process sharding, validation split, the embedded default corpus."""
+
+import gzip
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+
+from llama_jax import data
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import train as sp_train
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud "
+         "paper light north south water fire green blue red small large quick slow").split()
+
+
+def make_docs(prefix: str, n: int, seed: int, min_words: int = 5, max_words: int = 60) -> list[str]:
+  """Distinct documents: each begins with its own tag so decoded documents can be matched."""
+  rng = random.Random(seed)
+  return [f"{prefix}{i:04d} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+          for i in range(n)]
+
+
+def write_jsonl(path, docs, opener=open):
+  with opener(path, "wt") as f:
+    for d in docs:
+      f.write(json.dumps({"text": d, "id": 0}) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  prefix = str(tmp_path_factory.mktemp("tok") / "tok")
+  texts = make_docs("doc", 300, 0) + make_docs("src", 100, 1)
+  return Tokenizer(sp_train.train(texts, 320, prefix, num_threads=1))
+
+
+def config(sources, **overrides):
+  cfg = data.default_config()
+  cfg.sources = {name: data.source(*spec) if isinstance(spec, tuple) else spec
+                 for name, spec in sources.items()}
+  cfg.holdout_every = 0
+  cfg.prefetch = 2
+  cfg.num_threads = 1
+  cfg.chunk_chars = 2000  # many chunks, so resume crosses chunk boundaries
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def docs_of_stream(tok, batches):
+  """The texts of the documents in a run of batches: the token stream cut at BOS, complete ones
+  (BOS ... EOS) decoded."""
+  stream = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).reshape(-1) for b in batches])
+  out = []
+  starts = np.flatnonzero(stream == tok.bos_id)
+  for s, e in zip(starts, list(starts[1:]) + [len(stream)]):
+    piece = stream[s:e]
+    if piece[-1] == tok.eos_id:
+      out.append(tok.decode(piece[1:-1]))
+  return out, stream
+
+
+def test_realised_shares_follow_weights(tmp_path, tok):
+  a = write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 200, 1))
+  b = write_jsonl(tmp_path / "b.jsonl", make_docs("src", 200, 2, 20, 200))
+  cfg = config({"a": (a, 0.7), "b": (b, 0.3)})
+  it = data.make_iterator(cfg, tok, seq_len=64, global_batch_size=4, seed=0)
+  for _ in range(100):
+    next(it)
+  t = it.source_tokens()
+  assert sum(t.values()) == 100 * 4 * 65
+  assert abs(t["a"] / sum(t.values()) - 0.7) < 0.02
+  assert abs(t["b"] / sum(t.values()) - 0.3) < 0.02
+
+
+def test_epoch_limit_drops_source_and_renormalises(tmp_path, tok):
+  small = make_docs("doc", 10, 3, 5, 20)
+  files = {"a": write_jsonl(tmp_path / "a.jsonl", small),
+           "b": write_jsonl(tmp_path / "b.jsonl", make_docs("src", 300, 4)),
+           "c": write_jsonl(tmp_path / "c.jsonl", make_docs("doc", 300, 5))}
+  cfg = config({"a": (files["a"], 0.5, 1), "b": (files["b"], 0.25), "c": (files["c"], 0.25)})
+  it = data.make_iterator(cfg, tok, seq_len=32, global_batch_size=2, seed=0)
+  events = []
+  for _ in range(60):
+    next(it)
+    events += it.events()
+  before = it.source_tokens()
+  limit = [e for e in events if "reached its epoch limit (1)" in e]
+  assert len(limit) == 1 and limit[0].startswith("source a ")
+  assert "renormalised weights: b=0.500, c=0.500" in limit[0]
+  # Source a gave each of its documents exactly once (BOS + pieces + EOS).
+  assert before["a"] == sum(len(tok.encode(d, bos=True, eos=True)) for d in small)
+  for _ in range(150):
+    next(it)
+  after = it.source_tokens()
+  assert after["a"] == before["a"]
+  gained_b, gained_c = after["b"] - before["b"], after["c"] - before["c"]
+  assert abs(gained_b / (gained_b + gained_c) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("document_attention", [False, True])
+def test_resume_gives_exactly_the_same_batches(tmp_path, tok, document_attention):
+  a = write_jsonl(tmp_path / "a.jsonl.gz", make_docs("doc", 150, 6, 5, 300), opener=gzip.open)
+  b = write_jsonl(tmp_path / "b.jsonl", make_docs("src", 150, 7))
+  cfg = config({"a": (a, 0.6, 2), "b": (b, 0.4)}, document_attention=document_attention)
+  kwargs = dict(seq_len=48, global_batch_size=3, seed=5)
+  it = data.make_iterator(cfg, tok, **kwargs)
+  for _ in range(23):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # as it goes through a checkpoint
+  expected = [next(it) for _ in range(40)]
+  resumed = data.make_iterator(cfg, tok, **kwargs)
+  resumed.set_state(state)
+  for want, got in zip(expected, [next(resumed) for _ in range(40)]):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  assert resumed.source_tokens() == it.source_tokens()
+  # set_state also rewinds an iterator that already ran ahead.
+  it.set_state(state)
+  np.testing.assert_array_equal(next(it)["inputs"], expected[0]["inputs"])
+
+
+def test_packing_keeps_every_token_once_per_epoch(tmp_path, tok):
+  docs_a, docs_b = make_docs("doc", 60, 8), make_docs("src", 40, 9, 50, 400)
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs_a), 0.5, 1),
+                "b": (write_jsonl(tmp_path / "b.jsonl", docs_b), 0.5, 1)})
+  batches = list(data.make_iterator(cfg, tok, seq_len=16, global_batch_size=2, seed=1))
+  seen, stream = docs_of_stream(tok, batches)
+  total = sum(len(tok.encode(d, bos=True, eos=True)) for d in docs_a + docs_b)
+  window = 2 * 17
+  assert total - window < len(stream) <= total  # only the last incomplete batch is dropped
+  assert len(seen) == len(set(seen))  # no document twice
+  assert set(seen) <= set(docs_a + docs_b)
+  assert len(seen) >= len(docs_a) + len(docs_b) - 2  # all but the one or two cut by the end
+
+
+def test_bad_records_are_counted_and_skipped(tmp_path, tok, caplog):
+  path = tmp_path / "bad.jsonl"
+  good = make_docs("doc", 5, 10)
+  with open(path, "wb") as f:
+    f.write((json.dumps({"text": good[0]}) + "\n").encode())
+    f.write(b"{not json\n")
+    f.write((json.dumps({"text": good[1]}) + "\n").encode())
+    f.write(b'{"text": "caf\xe9 latin-1"}\n')
+    f.write((json.dumps({"body": "no text field"}) + "\n").encode())
+    for d in good[2:]:
+      f.write((json.dumps({"text": d}) + "\n").encode())
+  cfg = config({"a": (str(path), 1.0, 1)})
+  with caplog.at_level(logging.WARNING, logger="llama_jax.data"):
+    it = data.make_iterator(cfg, tok, seq_len=8, global_batch_size=1, seed=0)
+    batches = list(it)
+  assert it.bad_records() == {"a": 3}
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(f"{path}:2: not JSON" in m for m in messages)
+  assert any(f"{path}:4: not UTF-8" in m for m in messages)
+  assert any(f"{path}:5: no text field 'text'" in m for m in messages)
+  seen, _ = docs_of_stream(tok, batches)
+  assert set(seen) <= set(good) and len(seen) >= 4
+
+  cfg.on_bad_record = "error"
+  with pytest.raises(data.DataError, match=f"{path}:2: not JSON"):
+    next(data.make_iterator(cfg, tok, seq_len=8, global_batch_size=1, seed=0))
+
+
+def _write_format(tmp_path, fmt, docs):
+  if fmt == "txt":
+    for i, d in enumerate(docs):
+      (tmp_path / f"doc{i}.txt").write_text(d)
+    return str(tmp_path / "*.txt")
+  if fmt == "jsonl":
+    return write_jsonl(tmp_path / "d.jsonl", docs)
+  if fmt == "jsonl.gz":
+    return write_jsonl(tmp_path / "d.jsonl.gz", docs, opener=gzip.open)
+  if fmt == "jsonl.zst":
+    import zstandard
+    raw = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    return str(tmp_path / "d.jsonl.zst")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet", row_group_size=7)
+  return str(tmp_path / "d.parquet")
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet"])
+def test_each_format_reads_every_document(tmp_path, tok, fmt):
+  docs = make_docs("doc", 30, 11)
+  cfg = config({"a": (_write_format(tmp_path, fmt, docs), 1.0, 1)})
+  it = data.make_iterator(cfg, tok, seq_len=4, global_batch_size=1, seed=0)
+  seen, _ = docs_of_stream(tok, list(it))
+  assert len(seen) == len(set(seen)) >= len(docs) - 1 and set(seen) <= set(docs)
+  # Resume inside the file (seek for .jsonl, skipping lines / row groups for the others).
+  it = data.make_iterator(cfg, tok, seq_len=4, global_batch_size=1, seed=0)
+  for _ in range(57):
+    next(it)
+  state, expected = it.get_state(), [next(it)["inputs"] for _ in range(30)]
+  it.set_state(state)
+  np.testing.assert_array_equal(np.stack([next(it)["inputs"] for _ in range(30)]), np.stack(expected))
+
+
+def test_document_attention_positions_and_segments(tmp_path, tok):
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 80, 12, 1, 30)), 1.0)},
+               document_attention=True)
+  for b in [next(data.make_iterator(cfg, tok, seq_len=40, global_batch_size=4, seed=0))]:
+    inputs, targets = b["inputs"], b["targets"]
+    for r in range(inputs.shape[0]):
+      # Independently: a document piece starts at the row start and at every BOS.
+      starts = [t for t in range(inputs.shape[1]) if t == 0 or inputs[r, t] == tok.bos_id]
+      expected_seg = np.cumsum([1 if t in starts else 0 for t in range(inputs.shape[1])])
+      expected_pos = [t - max(s for s in starts if s <= t) for t in range(inputs.shape[1])]
+      np.testing.assert_array_equal(b["segment_ids"][r], expected_seg)
+      np.testing.assert_array_equal(b["positions"][r], expected_pos)
+      np.testing.assert_array_equal(b["loss_mask"][r], (targets[r] != tok.bos_id).astype(np.float32))
+    assert b["segment_ids"].max() > 2 and b["loss_mask"].min() == 0.0
+  cfg.document_attention = False
+  b = next(data.make_iterator(cfg, tok, seq_len=40, global_batch_size=4, seed=0))
+  np.testing.assert_array_equal(b["positions"], np.tile(np.arange(40), (4, 1)))
+  assert not b["segment_ids"].any() and b["loss_mask"].all()
+  assert {k: v.dtype.name for k, v in b.items()} == {
+      "inputs": "int32", "targets": "int32", "positions": "int32", "segment_ids": "int32",
+      "loss_mask": "float32"}
+  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+
+
+def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path, tok):
+  docs = make_docs("doc", 90, 13)
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs[:50]), 0.5, 1),
+                "b": (write_jsonl(tmp_path / "b.jsonl.gz", docs[50:], opener=gzip.open), 0.5, 1)})
+  shares = []
+  for p in range(2):
+    batches = list(data.make_iterator(cfg, tok, seq_len=8, global_batch_size=4, seed=0,
+                                      process_index=p, process_count=2))
+    assert batches and all(b["inputs"].shape == (2, 8) for b in batches)
+    shares.append(set(docs_of_stream(tok, batches)[0]))
+  assert not shares[0] & shares[1]
+  assert len(shares[0] | shares[1]) >= len(docs) - 4  # each process may cut its last one or two
+
+
+def test_eval_split_is_held_out_fixed_and_finite(tmp_path, tok):
+  docs = make_docs("doc", 200, 14)
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs), 1.0, 1)}, holdout_every=10, eval_batches=3)
+  evals = [list(data.make_iterator(cfg, tok, seq_len=16, global_batch_size=2, seed=0, split="eval"))
+           for _ in range(2)]
+  assert len(evals[0]) == 3
+  for x, y in zip(*evals):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  eval_docs = set(docs_of_stream(tok, evals[0])[0])
+  train_docs = set(docs_of_stream(tok, list(data.make_iterator(
+      cfg, tok, seq_len=16, global_batch_size=2, seed=0, split="train")))[0])
+  assert eval_docs and not eval_docs & train_docs
+  assert 10 <= len(docs) - len(train_docs) <= 40  # about one in ten held out (plus the cut ones)
+
+
+def test_bad_configs_are_data_errors(tmp_path, tok):
+  good = write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 5, 15))
+  with pytest.raises(data.DataError, match="no files match .*nothing-\\*.jsonl"):
+    data.make_iterator(config({"a": (str(tmp_path / "nothing-*.jsonl"), 1.0)}), tok, seq_len=8,
+                       global_batch_size=1)
+  with pytest.raises(data.DataError, match="data.sources.a.weight must be >= 0"):
+    data.make_iterator(config({"a": (good, -1.0)}), tok, seq_len=8, global_batch_size=1)
+  with pytest.raises(data.DataError, match="format"):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    data.make_iterator(config({"a": (str(tmp_path / "x.csv"), 1.0)}), tok, seq_len=8, global_batch_size=1)
+  (tmp_path / "empty.jsonl").write_text("\n\n")
+  with pytest.raises(data.DataError, match="no documents in any source"):
+    next(data.make_iterator(config({"e": (str(tmp_path / "empty.jsonl"), 1.0)}), tok, seq_len=8,
+                            global_batch_size=1))
+
+
+def test_default_corpus_end_to_end(tmp_path):
+  cfg = data.default_config()
+  cfg.cache_dir = str(tmp_path / "cache")
+  cfg.vocab_size, cfg.tokenizer_train_chars = 512, 1_000_000
+  path = data.ensure_tokenizer(cfg, str(tmp_path / "workdir"))
+  mtime = os.path.getmtime(path)
+  assert data.ensure_tokenizer(cfg, str(tmp_path / "workdir")) == path  # cached, not retrained
+  assert os.path.getmtime(path) == mtime
+  tok = Tokenizer(path)
+  assert tok.vocab_size == 512 and tok.bos_id == 1 and tok.eos_id == 2
+  it = data.make_iterator(cfg, path, seq_len=128, global_batch_size=4, seed=0)
+  batches = [next(it) for _ in range(20)]
+  assert batches[0]["inputs"].shape == (4, 128)
+  shares = it.source_tokens()
+  assert set(shares) == {"code", "prose"} and abs(shares["code"] / sum(shares.values()) - 0.5) < 0.05
+  text = " ".join(tok.decode(b["inputs"].reshape(-1)) for b in batches)
+  assert "def " in text and "import" in text
+  assert len(list(data.make_iterator(cfg, path, seq_len=128, global_batch_size=4, split="eval"))) == 8

@@ -1,0 +1,344 @@
+"""Evaluation against transformers: sliding-window perplexity (the loop of the transformers guide
+"Perplexity of fixed-length models", in torch) and choice log-likelihoods; accuracy of a tiny
+model trained here on facts it is then asked about; the command line."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+
+import llama_jax
+from llama_jax import model as M
+from llama_jax.config import ModelConfig
+from llama_jax.evaluate import EvalDataError, choice, data, perplexity, scoring
+from llama_jax.tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
+         "mallory", "oscar"]
+COLORS = ["red", "green", "blue", "black"]
+FACTS = {name: COLORS[(i * 7 + i // 4) % 4] for i, name in enumerate(NAMES)}  # every color used
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "from", "home",
+         "likes", "sun", "moon", "tree", "river", "stone", "bird", "sang", "song", "night", "day"]
+
+
+def _corpus(n_lines=300, seed=0):
+  rng = random.Random(seed)
+  lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n_lines)]
+  return lines + [f"{n} likes {c}" for n, c in FACTS.items()] * 5
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory):
+  prefix = str(tmp_path_factory.mktemp("sp") / "sp")
+  # LLaMA's conventions: BPE with byte fallback, unk 0, BOS 1, EOS 2, no pad piece.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_corpus()), model_prefix=prefix, vocab_size=320, model_type="bpe",
+      byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      remove_extra_whitespaces=False, minloglevel=2)
+  return prefix + ".model"
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory, sp_path):
+  """A tiny random transformers LLaMA saved as a Hugging Face directory, and the torch model."""
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=spm.SentencePieceProcessor(model_file=sp_path).vocab_size(), hidden_size=64,
+      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+      bos_token_id=1, eos_token_id=2)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # larger than the 0.02 default, so predictions differ from token to token
+    for p in model.parameters():
+      p.normal_(0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+  directory = tmp_path_factory.mktemp("hf")
+  model.save_pretrained(directory)
+  shutil.copyfile(sp_path, directory / "tokenizer.model")
+  return str(directory), model
+
+
+def _load_hf(directory):
+  """TEMPORARY until llama_jax.interop.hf lands: HF LLaMA weights -> llama_jax params."""
+  import safetensors.numpy
+  sd = safetensors.numpy.load_file(os.path.join(directory, "model.safetensors"))
+  c = json.load(open(os.path.join(directory, "config.json")))
+  d, n, k, L = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
+  h = d // n
+  cfg = ModelConfig(dim=d, n_layers=L, n_heads=n, n_kv_heads=k, vocab_size=c["vocab_size"],
+                    ffn_hidden_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"],
+                    rope_theta=c["rope_theta"] if "rope_theta" in c else 10000.0,
+                    max_seq_len=c["max_position_embeddings"])
+  g = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(L)])
+  params = {"tok_embeddings": sd["model.embed_tokens.weight"], "output": sd["lm_head.weight"].T,
+            "norm": {"weight": sd["model.norm.weight"]},
+            "layers": {"block": {
+                "attention": {"wq": g("self_attn.q_proj.weight").transpose(0, 2, 1).reshape(L, d, n, h),
+                              "wk": g("self_attn.k_proj.weight").transpose(0, 2, 1).reshape(L, d, k, h),
+                              "wv": g("self_attn.v_proj.weight").transpose(0, 2, 1).reshape(L, d, k, h),
+                              "wo": g("self_attn.o_proj.weight").transpose(0, 2, 1).reshape(L, n, h, d)},
+                "attention_norm": {"weight": g("input_layernorm.weight")},
+                "ffn_norm": {"weight": g("post_attention_layernorm.weight")},
+                "feed_forward": {"w1": g("mlp.gate_proj.weight").transpose(0, 2, 1),
+                                 "w3": g("mlp.up_proj.weight").transpose(0, 2, 1),
+                                 "w2": g("mlp.down_proj.weight").transpose(0, 2, 1)}}}}
+  return llama_jax.Model(cfg, jax.tree.map(jnp.asarray, params),
+                         Tokenizer(os.path.join(directory, "tokenizer.model")))
+
+
+def _torch_guide_perplexity(model, ids, max_length, stride):
+  """The loop of the transformers perplexity guide, counting each window's scored tokens exactly
+  (the guide's `num_valid_tokens - batch_size` is one short when the first label is masked)."""
+  encodings = torch.tensor([ids])
+  seq_len = encodings.size(1)
+  nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+  for begin_loc in range(0, seq_len, stride):
+    end_loc = min(begin_loc + max_length, seq_len)
+    trg_len = end_loc - prev_end_loc
+    input_ids = encodings[:, begin_loc:end_loc]
+    target_ids = input_ids.clone()
+    target_ids[:, :-trg_len] = -100
+    with torch.no_grad():
+      loss = model(input_ids, labels=target_ids).loss.double()
+    num_loss_tokens = int((target_ids[:, 1:] != -100).sum())  # the labels left after the shift
+    nll_sum += float(loss) * num_loss_tokens
+    n_tokens += num_loss_tokens
+    prev_end_loc = end_loc
+    if end_loc == seq_len:
+      break
+  avg_nll = nll_sum / n_tokens
+  return {"perplexity": float(np.exp(avg_nll)), "nll": avg_nll, "tokens": n_tokens}
+
+
+def _text(n_words=120, seed=3):
+  rng = random.Random(seed)
+  return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def test_windows_score_every_token_once():
+  for n, seq_len, stride in [(50, 16, 16), (50, 16, 5), (17, 16, 1), (16, 16, 16), (3, 8, 8)]:
+    ws = perplexity.windows(n, seq_len, stride)
+    scored = [t for _, e, f in ws for t in range(f, e)]
+    assert all(e - b <= seq_len and f > b for b, e, f in ws)
+    assert len(scored) == len(set(scored))
+    if stride < seq_len:
+      assert sorted(scored) == list(range(1, n))  # each token after the first, once
+    else:  # disjoint windows: the first token of each is context only
+      assert sorted(scored) == [t for t in range(1, n) if t % seq_len]
+
+
+@pytest.mark.parametrize("seq_len,stride", [(32, 32), (32, 12), (24, 5)])
+def test_perplexity_matches_transformers(hf_model, seq_len, stride):
+  directory, torch_model = hf_model
+  model = _load_hf(directory)
+  text = _text()
+  tokens = model.tokenizer.encode(text, bos=True)
+  assert len(tokens) > 3 * seq_len  # several windows
+  ours = perplexity.perplexity(model, text, seq_len=seq_len, stride=stride, batch_size=4,
+                               progress=False)
+  ref = _torch_guide_perplexity(torch_model, tokens, seq_len, stride)
+  assert ours["tokens"] == ref["tokens"] == (len(tokens) - 1 if stride < seq_len else ref["tokens"])
+  np.testing.assert_allclose(ours["perplexity"], ref["perplexity"], rtol=1e-4)
+  np.testing.assert_allclose(ours["nll"], ref["nll"], rtol=1e-4)
+  assert ours["perplexity"] > 20  # a random model: far from 1, so the comparison means something
+
+
+def test_scores_do_not_depend_on_padding_or_batching(hf_model):
+  directory, _ = hf_model
+  model = _load_hf(directory)
+  rng = np.random.default_rng(0)
+  requests = [scoring.Request(list(rng.integers(3, 300, size=n)), max(1, n // 2)) for n in (5, 40, 9, 12)]
+  batched = scoring.score(model.config, model.params, requests, batch_size=4, progress=False)
+  for r, s in zip(requests, batched):
+    alone = scoring.score(model.config, model.params, [r], batch_size=1, progress=False)[0]
+    np.testing.assert_allclose(s.logprob, alone.logprob, rtol=1e-5)
+    assert s.count == len(r.tokens) - r.start
+
+
+def _examples():
+  return [data.Example(f"{n} likes", tuple(" " + c for c in COLORS), COLORS.index(c), i + 1)
+          for i, (n, c) in enumerate(FACTS.items())]
+
+
+def test_encode_pair_keeps_the_word_boundary(sp_path):
+  tok = Tokenizer(sp_path)
+  for context in ("alice likes", "alice likes "):  # a trailing space moves to the continuation
+    ctx, cont = choice.encode_pair(tok, context, " red" if context.endswith("s") else "red")
+    assert ctx == tok.encode("alice likes", bos=True)
+    assert ctx + cont == tok.encode("alice likes red", bos=True)
+    assert cont == tok.encode("red", bos=False)  # the word-initial pieces ("\u2581r" ...)
+  # The pitfall avoided: encoded alone, " red" gets SentencePiece's dummy prefix as well.
+  assert tok.encode(" red", bos=False) != tok.encode("red", bos=False)
+
+
+def test_choice_logprobs_match_transformers(hf_model):
+  directory, torch_model = hf_model
+  model = _load_hf(directory)
+  examples = _examples()[:4] + [data.Example("the cat sat on the", (" mat", " river stone", " dog"), 0, 5)]
+  contexts = choice.fewshot_contexts(examples, shots=2, seed=1)
+  ours = choice.choice_logprobs(model.config, model.params, model.tokenizer, contexts, examples,
+                                batch_size=4, progress=False)
+  sp = model.tokenizer.sp
+  for context, example, lls in zip(contexts, examples, ours):
+    for c, ll in zip(example.choices, lls):
+      # The split of lm-eval-harness: encode whole, cut at the context's token length.
+      whole = [1] + sp.encode(context + c)
+      n_ctx = 1 + len(sp.encode(context))
+      with torch.no_grad():
+        logits = torch_model(torch.tensor([whole])).logits[0].double()
+      logp = torch.log_softmax(logits, -1)
+      ref = sum(float(logp[t - 1, whole[t]]) for t in range(n_ctx, len(whole)))
+      np.testing.assert_allclose(ll, ref, rtol=1e-4)
+
+
+def test_fewshot_never_shows_the_example_itself():
+  examples = _examples()
+  contexts = choice.fewshot_contexts(examples, shots=3, seed=7)
+  for example, context in zip(examples, contexts):
+    demos = context.split(choice.FEWSHOT_DELIMITER)
+    assert len(demos) == 4 and demos[-1] == example.context
+    assert not any(d.startswith(example.context + " ") for d in demos[:-1])
+  assert contexts == choice.fewshot_contexts(examples, shots=3, seed=7)
+  assert contexts != choice.fewshot_contexts(examples, shots=3, seed=8)
+
+
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16,
+                   max_seq_len=64)
+
+
+def _train_on_facts(tok, steps=250):
+  """A tiny llama_jax model trained (next-token loss) on "NAME likes COLOR" until it knows them."""
+  seqs = [tok.encode(f"{n} likes {c}", bos=True, eos=True) for n, c in FACTS.items()]
+  length = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros((len(seqs), length - 1), np.float32)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)] = s
+    mask[i, :len(s) - 1] = 1
+  params = nn.unbox(M.init_params(TINY, jax.random.key(0)))
+  opt = optax.adam(1e-2)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    def loss_fn(p):
+      logits = M.Transformer(TINY).apply({"params": p}, tokens[:, :-1])[0]
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+      return (nll * mask).sum() / mask.sum()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(params, updates), state, loss
+
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+  assert float(loss) < 0.5
+  return params
+
+
+@pytest.fixture(scope="module")
+def trained_and_random(tmp_path_factory, sp_path):
+  tok = Tokenizer(sp_path)
+  root = tmp_path_factory.mktemp("models")
+  trained = llama_jax.Model(TINY, _train_on_facts(tok), tok)
+  random_model = llama_jax.Model(TINY, nn.unbox(M.init_params(TINY, jax.random.key(1))), tok)
+  trained.save(str(root / "trained"))
+  random_model.save(str(root / "random"))
+  facts = root / "facts.jsonl"
+  facts.write_text("".join(json.dumps({"context": e.context, "choices": list(e.choices),
+                                       "label": e.label}) + "\n" for e in _examples()))
+  return trained, random_model, str(root / "trained"), str(root / "random"), str(facts)
+
+
+def test_trained_model_knows_the_answers_random_model_does_not(trained_and_random):
+  trained, random_model, _, _, facts = trained_and_random
+  good = choice.choice_file(trained, facts, batch_size=8, progress=False)
+  assert good == {"acc": 1.0, "acc_norm": 1.0, "examples": len(FACTS)}
+  chance = choice.choice_file(random_model, facts, batch_size=8, progress=False)
+  assert chance["acc"] <= 0.5  # 4 choices: chance is 0.25
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "llama_jax.evaluate", *args, "--no_progress"],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def test_cli_perplexity_last_line_is_json(hf_model, tmp_path):
+  directory, torch_model = hf_model
+  text = _text()
+  lines = text.split(" on ")
+  path = tmp_path / "held_out.jsonl"
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+  out = _cli("perplexity", "--model", directory, "--data", str(path), "--seq_len", "32", "--stride", "16")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  tokens = [1] + spm.SentencePieceProcessor(model_file=directory + "/tokenizer.model").encode(
+      data.TEXT_JOIN.join(lines))
+  ref = _torch_guide_perplexity(torch_model, tokens, 32, 16)
+  assert result["tokens"] == ref["tokens"]
+  np.testing.assert_allclose(result["perplexity"], ref["perplexity"], rtol=1e-4)
+
+
+def test_cli_compares_models_in_one_table(trained_and_random):
+  _, _, trained, random_dir, facts = trained_and_random
+  out = _cli("choice", "--model", trained, "--model", random_dir, "--data", facts)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].split() == ["model", "acc", "acc_norm", "examples"]
+  assert lines[2].split()[:2] == [trained, "1.0000"] and lines[3].split()[0] == random_dir
+  rows = json.loads(lines[-1])
+  assert [r["model"] for r in rows] == [trained, random_dir]
+  assert rows[0]["acc"] == 1.0 and rows[1]["acc"] <= 0.5
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.jsonl", "", "empty.jsonl: no examples"),
+    ("nochoices.jsonl", '{"context": "a", "choices": [" b"], "label": 0}\n{"context": "a", "label": 0}\n',
+     'nochoices.jsonl:2: line has no "choices"'),
+    ("label.jsonl", '{"context": "a", "choices": [" b", " c"], "label": 2}\n',
+     "label.jsonl:1: label 2 is out of range"),
+    ("blank.txt", "  \n\n", "blank.txt: no text"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, name, content, message):
+  path = tmp_path / name
+  path.write_text(content)
+  command = "perplexity" if name.endswith(".txt") else "choice"
+  out = _cli(command, "--model", str(tmp_path / "no_model"), "--data", str(path))
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_model_is_one_line(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text("the cat sat on the mat")
+  out = _cli("perplexity", "--model", str(tmp_path / "nowhere"), "--data", str(path))
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "nowhere" in out.stderr
+
+
+def test_short_text_is_an_error_naming_the_file(tmp_path):
+  # SentencePiece's default normaliser (not LLaMA's) drops a zero-width space: BOS alone remains.
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus(50)), model_prefix=str(tmp_path / "sp"),
+                                 vocab_size=100, model_type="bpe", minloglevel=2)
+  model = llama_jax.Model(TINY, None, Tokenizer(str(tmp_path / "sp.model")))
+  short = tmp_path / "short.txt"
+  short.write_text("\u200b")
+  with pytest.raises(EvalDataError, match=r"short.txt: the text encodes to 1 token"):
+    perplexity.perplexity_file(model, str(short))
+  no_text = tmp_path / "no_text.jsonl"
+  no_text.write_text('{"text": "the"}\n{"title": "x"}\n')
+  with pytest.raises(EvalDataError, match=r'no_text.jsonl:2: line has no string field "text"'):
+    perplexity.perplexity_file(model, str(no_text))

@@ -1,0 +1,221 @@
+"""End-to-end training: the real entry point, checkpoints, preemption, meshes, several processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly "
+         "kings and queens of python code def return class import for in range print").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Two small jsonl sources and a sentencepiece model trained on them."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for name, n in (("alpha", 300), ("beta", 200)):
+    with open(root / f"{name}.jsonl", "w") as f:
+      for _ in range(n):
+        words = rng.choice(WORDS, size=rng.integers(5, 40))
+        f.write(json.dumps({"text": " ".join(words)}) + "\n")
+  with open(root / "all.txt", "w") as f:
+    for name in ("alpha", "beta"):
+      for line in open(root / f"{name}.jsonl"):
+        f.write(json.loads(line)["text"] + "\n")
+  spm.SentencePieceTrainer.train(
+      input=str(root / "all.txt"), model_prefix=str(root / "tok"), vocab_size=128, model_type="bpe",
+      byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+  return root
+
+
+def write_config(path, corpus, **fields):
+  """A config file that takes configs/tiny.py and points it at the test corpus, with a tiny model."""
+  overrides = "\n".join(f"  config.{k} = {v!r}" for k, v in fields.items())
+  path.write_text(textwrap.dedent(f"""\
+      import ml_collections
+      from configs import tiny
+      from llama_jax.data.config import source
+
+      def get_config():
+        config = tiny.get_config()
+        config.data.sources = ml_collections.ConfigDict(dict(
+            alpha=source({str(corpus / 'alpha.jsonl')!r}, 0.6),
+            beta=source({str(corpus / 'beta.jsonl')!r}, 0.4)))
+        config.data.tokenizer = {str(corpus / 'tok.model')!r}
+        config.data.holdout_every = 10
+        config.data.eval_batches = 2
+        config.data.prefetch = 1
+        config.model.dim = 64
+        config.model.n_layers = 2
+        config.model.n_heads = 4
+        config.model.n_kv_heads = 2
+        config.model.multiple_of = 16
+        config.model.vocab_size = 128
+        config.model.max_seq_len = 64
+        config.seq_len = 32
+        config.batch_size = 8
+        config.num_steps = 12
+        config.log_every = 2
+        config.eval_every = 0
+        config.checkpoint_every = 0
+        config.optimizer.warmup_steps = 4
+        config.optimizer.lr = 3e-3
+        config.mesh.fsdp = -1
+      """) + overrides + "\n  return config\n")
+  return str(path)
+
+
+def run_train(config_path, workdir, *flags, devices=1, env=None, wait=True):
+  environment = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                     JAX_DEFAULT_MATMUL_PRECISION="highest", **(env or {}))
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={config_path}",
+         f"--workdir={workdir}", *flags]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=600)
+  return proc.returncode, out, err
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_end_to_end_writes_metrics_checkpoint_and_tensorboard(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, eval_every=6, num_steps=12)
+  code, out, err = run_train(config, tmp_path / "run")
+  assert code == 0, err[-3000:]
+  rows = read_metrics(tmp_path / "run")
+  assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+  for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+              "data/tokens/alpha", "data/tokens/beta"):
+    assert key in rows[-1], key
+  assert "perf/mfu" not in rows[-1]  # no known peak for a CPU: no number rather than a made-up one
+  assert "eval/loss" in rows[2] and "eval/perplexity" in rows[-1]
+  assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+  assert rows[-1]["data/tokens/alpha"] + rows[-1]["data/tokens/beta"] >= 12 * 8 * 32
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run" / "checkpoints") == ["12"]
+
+  import llama_jax  # the workdir loads as a model: its latest step
+  model = llama_jax.load(tmp_path / "run")
+  assert model.tokenizer is not None and model.config.dim == 64
+  assert np.isfinite(model.logits(np.array([[1, 5, 9]]))).all()
+
+
+def test_sigterm_then_restart_equals_uninterrupted_run(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=40, log_every=1)
+  code, _, err = run_train(config, tmp_path / "straight")
+  assert code == 0, err[-3000:]
+  reference = read_metrics(tmp_path / "straight")[-1]
+
+  proc = run_train(config, tmp_path / "preempted", wait=False)
+  metrics = tmp_path / "preempted" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:  # wait until training is under way, then preempt it
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  saved = [int(s) for s in os.listdir(tmp_path / "preempted" / "checkpoints")]
+  assert saved and max(saved) < 40, saved
+
+  code, _, err = run_train(config, tmp_path / "preempted")
+  assert code == 0, err[-3000:]
+  resumed = read_metrics(tmp_path / "preempted")
+  assert resumed[-1]["step"] == 40
+  np.testing.assert_allclose(resumed[-1]["train/loss"], reference["train/loss"], rtol=1e-5)
+
+
+def _final_loss(workdir):
+  return read_metrics(workdir)[-1]["train/loss"]
+
+
+def test_meshes_agree_with_one_device(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=4, log_every=4)
+  code, _, err = run_train(config, tmp_path / "one", devices=1)
+  assert code == 0, err[-3000:]
+  reference = _final_loss(tmp_path / "one")
+  for data, fsdp, tensor in ((8, 1, 1), (2, 2, 2), (1, 4, 2)):
+    workdir = tmp_path / f"mesh{data}{fsdp}{tensor}"
+    code, _, err = run_train(config, workdir, f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+                             f"--config.mesh.tensor={tensor}", devices=8)
+    assert code == 0, err[-3000:]
+    np.testing.assert_allclose(_final_loss(workdir), reference, rtol=1e-4)
+
+
+def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=6, log_every=2, checkpoint_every=3)
+  code, _, err = run_train(config, tmp_path / "straight", devices=1)
+  assert code == 0, err[-3000:]
+  reference = _final_loss(tmp_path / "straight")
+  # 3 steps on one mesh, then the rest on another device count and mesh shape
+  code, _, err = run_train(config, tmp_path / "moved", "--config.num_steps=3", devices=8,
+                           )
+  assert code == 0, err[-3000:]
+  code, _, err = run_train(config, tmp_path / "moved", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                           devices=4)
+  assert code == 0, err[-3000:]
+  np.testing.assert_allclose(_final_loss(tmp_path / "moved"), reference, rtol=1e-4)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=4, log_every=4)
+  code, _, err = run_train(config, tmp_path / "single", devices=8)
+  assert code == 0, err[-3000:]
+  port = _free_port()
+  procs = [run_train(config, tmp_path / "multi", devices=4, wait=False,
+                     env={"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                          "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  results = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  np.testing.assert_allclose(_final_loss(tmp_path / "multi"), _final_loss(tmp_path / "single"), rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.model.n_heads=5"], "does not divide model.dim"),
+    (["--config.model.n_kv_heads=3"], "does not divide model.n_heads"),
+    (["--config.mesh.data=3"], "mesh"),
+    (["--config.batch_size=12"], "does not divide over the 8 data-parallel devices"),
+    (["--config.no_such_key=1"], "no_such_key"),
+])
+def test_bad_configuration_is_one_line(corpus, tmp_path, flags, message):
+  config = write_config(tmp_path / "cfg.py", corpus)
+  code, _, err = run_train(config, tmp_path / "bad", *flags, devices=8)
+  assert code != 0
+  assert message in err, err
+  assert "Traceback" not in err, err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=30, log_every=1, checkpoint_every=1)
+  code, _, err = run_train(config, tmp_path / "nan", "--config.optimizer.lr=1e30",
+                           "--config.optimizer.warmup_steps=1000", "--config.optimizer.clip_norm=1e30")
+  assert code != 0
+  assert "non-finite" in err and "Traceback" not in err, err[-3000:]
+  import llama_jax
+  model = llama_jax.load(tmp_path / "nan")
+  assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(model.params))
