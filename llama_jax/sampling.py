@@ -188,6 +188,27 @@ def make_batch(cfg: ModelConfig, prompts: Sequence[Sequence[int]], indices: list
   return Batch(list(indices), tokens, prompt_lengths, limits, cache_len, budget)
 
 
+def engine_config(cfg: ModelConfig) -> ModelConfig:
+  """The model config the engine runs: XLA attention, since cached attention is a (B, T, S) masked
+  attention at per-row positions (the fused cuDNN kernel is for training's causal attention; a
+  one-token decode step gains nothing from it)."""
+  return cfg if cfg.attention_impl == "xla" else cfg.replace(attention_impl="xla")
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cast(params, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def cast_params(cfg: ModelConfig, params: Any) -> Any:
+  """Parameters stored in a wider dtype than the compute dtype, cast once: otherwise every decode
+  step would read the float32 weights and convert them again."""
+  leaves = jax.tree.leaves(params)
+  if all(leaf.dtype == jnp.dtype(cfg.dtype) for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)):
+    return params
+  return _cast(params, jnp.dtype(cfg.dtype).name)
+
+
 def shard_params(cfg: ModelConfig, params: Any, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
   """Places parameters on the mesh by the model's logical axis names (no-op if already there)."""
   boxed = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
@@ -212,6 +233,8 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
   if stream is not None and len(prompts) != 1:
     raise ValueError("streaming needs exactly one prompt")
   batch_size = batch_size or min(len(prompts), 64)
+  cfg = engine_config(cfg)
+  params = cast_params(cfg, params)
   batch_multiple = 1
   if mesh is not None:
     params = shard_params(cfg, params, mesh)
@@ -280,6 +303,13 @@ class TextStreamer:
       self.write(text[len(self.text):])
     self.text = text
 
+  def flush(self) -> None:
+    """At the end: whatever was held back (an incomplete character decodes as U+FFFD)."""
+    text = self.tokenizer.decode(self.ids)
+    if text.startswith(self.text) and len(text) > len(self.text):
+      self.write(text[len(self.text):])
+    self.text = text
+
 
 def generate(model, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, stop_at_eos: bool = True, batch_size: int | None = None,
@@ -308,6 +338,8 @@ def generate(model, prompts, max_new_tokens: int = 128, temperature: float = 0.0
   sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
   out = generate_tokens(model.config, model.params, ids, max_new_tokens, sampling, seed, eos_id,
                         batch_size, mesh, callback, return_logits)
+  if isinstance(callback, TextStreamer):
+    callback.flush()
   if return_logits:
     new, logits = zip(*out)
   else:
@@ -317,3 +349,45 @@ def generate(model, prompts, max_new_tokens: int = 128, temperature: float = 0.0
     return (texts, list(logits)) if return_logits else texts
   full = [p + n for p, n in zip(ids, new)]
   return (full, list(logits)) if return_logits else full
+
+
+def benchmark(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 5) -> dict:
+  """Times prefill and decode separately on random weights (`python -m llama_jax.bench decode`).
+  `config` is the training config (its `model` block). Every row decodes all `new_tokens` (no EOS)."""
+  import time
+  cfg = engine_config(ModelConfig.from_dict(config.model))
+  params = jax.jit(lambda: nn.unbox(M.init_params(cfg, jax.random.key(0))))()
+  params = cast_params(cfg, params)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, cfg.vocab_size, (batch_size, prompt_len)).tolist()
+  batch = make_batch(cfg, prompts, list(range(batch_size)), new_tokens)
+  args = (jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths), jnp.asarray(batch.limits),
+          jax.random.split(jax.random.key(0), batch.tokens.shape[0]), jnp.array(-1, jnp.int32))
+  static = dict(sampling=SamplingConfig(), cache_len=batch.cache_len, budget=batch.budget)
+  until = jnp.array(batch.budget, jnp.int32)
+
+  def run():
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(prefill(cfg, params, *args, **static))
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(decode(cfg, params, state, until, sampling=static["sampling"]))
+    return t1 - t0, time.perf_counter() - t1, state
+
+  t0 = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - t0
+  prefill_s, decode_s = [], []
+  for _ in range(repeats):
+    p, d, state = run()
+    prefill_s.append(p)
+    decode_s.append(d)
+  steps = int(state.step) - 1  # the first token comes from the prefill
+  assert int(np.min(np.asarray(state.lengths)[:batch_size])) == new_tokens
+  p, d = float(np.median(prefill_s)), float(np.median(decode_s))
+  return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+          "dtype": cfg.dtype, "cache_len": batch.cache_len,
+          "prefill_s": round(p, 5), "prefill_tokens_per_s": round(batch_size * prompt_len / p, 1),
+          "decode_s": round(d, 5), "decode_ms_per_step": round(1000 * d / steps, 3),
+          "decode_tokens_per_s": round(batch_size * steps / d, 1),
+          "total_tokens_per_s": round(batch_size * new_tokens / (p + d), 1),
+          "compile_s": round(compile_s, 1)}

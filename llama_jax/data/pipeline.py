@@ -27,7 +27,7 @@ import numpy as np
 from llama_jax.data import corpus
 from llama_jax.data.errors import DataError
 from llama_jax.data.mixture import Mixture
-from llama_jax.data.packing import Packer
+from llama_jax.data.packing import Packer, Windows
 from llama_jax.data.sources import SourceStream, expand, file_format
 
 log = logging.getLogger("llama_jax.data")
@@ -102,14 +102,15 @@ def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: 
   select = selector(data_cfg, split)
   if data_cfg.on_bad_record not in ("warn", "error"):
     raise DataError(f"data.on_bad_record must be 'warn' or 'error', got {data_cfg.on_bad_record!r}")
-  streams, weights = {}, {}
+  windows, weights = {}, {}
   for s in resolve_sources(data_cfg, split):
-    streams[s["name"]] = SourceStream(
+    stream = SourceStream(
         s["name"], s["files"], s["format"], s["text_field"], s["epochs"], seed, tokenizer, select,
         process_index, process_count, int(data_cfg.chunk_chars), data_cfg.on_bad_record,
         int(data_cfg.num_threads), events)
+    windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id)
     weights[s["name"]] = s["weight"]
-  return Packer(Mixture(streams, weights, events), rows, seq_len, bool(data_cfg.document_attention))
+  return Packer(Mixture(windows, weights, events), rows, seq_len, bool(data_cfg.document_attention))
 
 
 _END = object()
@@ -148,7 +149,7 @@ class DataIterator:
             item = _END
           else:
             batches += 1
-            bad = {n: s.bad_records for n, s in packer.mixture.streams.items()}
+            bad = {n: w.stream.bad_records for n, w in packer.mixture.sources.items()}
             item = (batch, {"version": STATE_VERSION, "split": self.split, "batches": batches,
                             "packer": packer.get_state()}, packer.source_tokens(), bad, list(events))
             events.clear()
@@ -218,7 +219,7 @@ class DataIterator:
     self._packer.set_state(state["packer"])
     self._state, self._finished = state, False
     self._tokens = self._packer.source_tokens()
-    self._bad = {n: s.bad_records for n, s in self._packer.mixture.streams.items()}
+    self._bad = {n: w.stream.bad_records for n, w in self._packer.mixture.sources.items()}
 
   def source_tokens(self) -> dict[str, int]:
     """Tokens this process has put into batches from each source so far."""

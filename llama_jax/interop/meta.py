@@ -160,7 +160,7 @@ class _Shards:
         if w.ndim != 2 or w.shape[0] != heads * cfg.head_dim:
           raise CheckpointError(f"{where}: tensor {name} has shape {w.shape}, expected "
                                 f"({heads * cfg.head_dim}, {cfg.dim})")
-        pass
+        w = interleaved_to_halves(w, heads)
       yield target, w, where
 
 

@@ -1,0 +1,93 @@
+"""Tokenizer tools.
+
+  python -m llama_jax.tokenizer train --input GLOB [GLOB...] --vocab_size N --output PREFIX
+  python -m llama_jax.tokenizer extend --base BASE.model --add OTHER.model --output NEW.model
+                                       [--checkpoint CKPT --checkpoint_output OUT]
+
+`train` reads any format the data pipeline reads (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)
+and writes PREFIX.model / PREFIX.vocab (LLaMA's settings: BPE, byte fallback, split digits).
+`extend` appends the pieces of OTHER that BASE lacks and, with --checkpoint, writes a copy of the
+checkpoint whose embedding and output rows are resized to the new vocabulary (new rows: the mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Iterator
+
+
+def _texts(patterns: list[str], text_field: str, fmt: str, counts: dict) -> Iterator[str]:
+  from llama_jax.data import sources
+  for pattern in patterns:
+    for path in sources.expand(pattern):
+      f = sources.file_format(path, fmt)
+      for record, _, raw in sources.records(path, f, text_field):
+        try:
+          text = sources.parse(f, raw, text_field)
+        except sources._Bad as e:  # pylint: disable=protected-access
+          counts["bad"] += 1
+          if counts["bad"] <= sources.MAX_WARNINGS:
+            print(f"warning: skipped {path}:{record + 1}: {e}", file=sys.stderr)
+          continue
+        if text:
+          counts["docs"] += 1
+          yield text
+
+
+def train(args) -> None:
+  from llama_jax.data import sources
+  from llama_jax.tokenizer import Tokenizer
+  from llama_jax.tokenizer import train as sp_train
+  for pattern in args.input:  # fail on a glob matching nothing before training starts
+    for path in sources.expand(pattern):
+      sources.file_format(path, args.format)
+  counts = {"docs": 0, "bad": 0}
+  model = sp_train.train(_texts(args.input, args.text_field, args.format, counts), args.vocab_size,
+                         args.output, max_chars=args.max_chars, num_threads=args.num_threads)
+  tok = Tokenizer(model)
+  print(f"wrote {model} (vocabulary {tok.vocab_size}) from {counts['docs']} documents"
+        + (f"; skipped {counts['bad']} bad records" if counts["bad"] else ""))
+
+
+def extend(args) -> None:
+  from llama_jax.tokenizer import extend as ext
+  if bool(args.checkpoint) != bool(args.checkpoint_output):
+    raise ValueError("--checkpoint and --checkpoint_output go together")
+  n_base, n_new = ext.merge(args.base, args.add, args.output)
+  print(f"wrote {args.output}: {n_base} base pieces + {n_new - n_base} new = {n_new}")
+  if args.checkpoint:
+    v = ext.resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base)
+    print(f"wrote {args.checkpoint_output}: embedding and output rows resized to {v} (new rows: the mean)")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m llama_jax.tokenizer", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train a LLaMA-style sentencepiece BPE tokenizer")
+  t.add_argument("--input", nargs="+", required=True, help="files or globs (.txt .jsonl[.gz|.zst] .parquet)")
+  t.add_argument("--vocab_size", type=int, required=True)
+  t.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+  t.add_argument("--text_field", default="text", help="JSON key / parquet column of the text")
+  t.add_argument("--format", default="", help="input format if not by extension")
+  t.add_argument("--max_chars", type=int, default=200_000_000, help="characters of text to train on")
+  t.add_argument("--num_threads", type=int, default=0, help="0: all cores")
+  e = sub.add_parser("extend", help="add the pieces of a second model to a base model")
+  e.add_argument("--base", required=True)
+  e.add_argument("--add", required=True)
+  e.add_argument("--output", required=True)
+  e.add_argument("--checkpoint", default="", help="a checkpoint to resize to the new vocabulary")
+  e.add_argument("--checkpoint_output", default="", help="where the resized checkpoint is saved")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  try:
+    {"train": train, "extend": extend}[args.command](args)
+  except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # DataError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,127 @@
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+import sentencepiece as spm
+
+import llama_jax
+from llama_jax import model as M
+from llama_jax.config import ModelConfig
+from llama_jax.generate_main import main
+from llama_jax.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, multiple_of=16,
+                   max_seq_len=64)
+GREEDY = ["--temperature", "0", "--max_new_tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  rng = random.Random(0)
+  words = "the cat sat on a mat dog ran to big small red blue tree house".split()
+  (root / "corpus.txt").write_text(
+      "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(1500)))
+  spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"),
+                                 vocab_size=TINY.vocab_size, model_type="bpe", byte_fallback=True,
+                                 minloglevel=2)
+  params = nn.unbox(M.init_params(TINY, jax.random.key(0)))
+  model = llama_jax.Model(TINY, params, Tokenizer(root / "sp.model"))
+  model.save(str(root / "model"))
+  return root / "model"
+
+
+def _main(argv, stdin=""):
+  out = io.StringIO()
+  code = main([str(a) for a in argv], stdin=io.StringIO(stdin), stdout=out)
+  return code, out.getvalue()
+
+
+def _expected(checkpoint, prompts):
+  model = llama_jax.load(checkpoint)
+  return model.generate(prompts, max_new_tokens=8)
+
+
+def test_one_prompt_streams_the_greedy_continuation(checkpoint):
+  code, out = _main(["--checkpoint", checkpoint, "--prompt", "the cat", *GREEDY])
+  assert code == 0
+  assert out == "the cat" + _expected(checkpoint, ["the cat"])[0] + "\n"
+
+
+def test_prompt_file_with_jsonl_output(checkpoint, tmp_path):
+  prompts = ["the red tree", "a dog", "small house on the mat"]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  code, _ = _main(["--checkpoint", checkpoint, "--prompt_file", tmp_path / "p.jsonl",
+                   "--output", tmp_path / "out.jsonl", "--batch_size", "2", *GREEDY])
+  assert code == 0
+  records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert [r["prompt"] for r in records] == prompts
+  assert [r["completion"] for r in records] == _expected(checkpoint, prompts)
+  assert all(r["num_tokens"] <= 8 for r in records)
+
+
+def test_chat_loop_reads_turns_from_stdin(checkpoint):
+  # a short system line: the default Vicuna one alone is longer than this tiny model's context
+  code, out = _main(["--checkpoint", checkpoint, "--chat", "--system", "Chat.", *GREEDY],
+                    stdin="the cat\n\nthe dog\n")
+  assert code == 0
+  answers = [line for line in out.splitlines() if line.startswith("ASSISTANT: ")]
+  assert len(answers) == 2
+  # the first answer is the greedy continuation of the Vicuna prompt for the first message
+  from llama_jax import chat
+  model = llama_jax.load(checkpoint)
+  ids = chat.get_template().with_system("Chat.").encode_prompt([{"role": "user", "content": "the cat"}], model.tokenizer)
+  first = model.generate([ids], max_new_tokens=8)[0][len(ids):]
+  text = model.tokenizer.decode([t for t in first if t != model.tokenizer.eos_id])
+  assert answers[0] == "ASSISTANT: " + text
+
+
+def test_chat_history_is_trimmed_to_fit(checkpoint):
+  from llama_jax import chat
+  from llama_jax.generate_main import fit_history
+  tok = llama_jax.load(checkpoint).tokenizer
+  history = []
+  for i in range(6):
+    history += [{"role": "user", "content": f"the cat sat {i}"},
+                {"role": "assistant", "content": "on a mat " * 3}]
+  template = chat.get_template().with_system("Chat.")
+  ids, kept = fit_history(template, history, "the dog", tok, budget=60)
+  assert len(ids) <= 60 and 0 < len(kept) < len(history) and kept == history[len(history) - len(kept):]
+  assert fit_history(template, [], "the dog " * 50, tok, budget=64)[0] is None
+
+
+def _run(*argv, stdin=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *map(str, argv)],
+                        capture_output=True, text=True, env=env, input=stdin, cwd=ROOT, timeout=120)
+
+
+def test_entry_point_runs(checkpoint):
+  r = _run("--checkpoint", checkpoint, "--prompt", "the cat", "--prompt", "a dog", "--output", "-",
+           *GREEDY)
+  assert r.returncode == 0, r.stderr
+  assert [json.loads(line)["prompt"] for line in r.stdout.splitlines()] == ["the cat", "a dog"]
+
+
+@pytest.mark.parametrize("case", ["long_prompt", "empty_prompt", "missing_checkpoint", "missing_tokenizer"])
+def test_bad_input_is_one_clear_line(checkpoint, tmp_path, case):
+  argv = {
+      "long_prompt": ["--checkpoint", checkpoint, "--prompt", "the big red tree " * 40],
+      "empty_prompt": ["--checkpoint", checkpoint, "--prompt", "  "],
+      "missing_checkpoint": ["--checkpoint", tmp_path / "nowhere", "--prompt", "hi"],
+      "missing_tokenizer": ["--checkpoint", checkpoint, "--tokenizer", tmp_path / "no.model", "--prompt", "hi"],
+  }[case]
+  expected = {"long_prompt": "context of 64 tokens", "empty_prompt": "prompt 1 is empty",
+              "missing_checkpoint": "nowhere", "missing_tokenizer": "no.model"}[case]
+  r = _run(*argv)
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr
+  lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and expected in lines[0], r.stderr

@@ -1,0 +1,114 @@
+"""The lm-evaluation-harness adapter against transformers on a tiny random LLaMA: loglikelihood,
+loglikelihood_rolling (over lm-eval's own rolling windows) and greedy generate_until; and an
+end-to-end run of lm-eval's command line on a task file on disk (no download)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+
+from llama_jax import lm_eval_adapter
+from test_evaluate import REPO, hf_model, sp_path  # noqa: F401  (fixtures: the same tiny model)
+
+
+def _instances(kind, args):
+  return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def _torch_logprobs(model, ids):
+  """log p(ids[t] | ids[:t]) for t >= 1, in float64."""
+  with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0].double()
+  logp = torch.log_softmax(logits, -1)
+  return np.array([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]), logits.argmax(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def lm(hf_model):
+  return lm_eval_adapter.LlamaJaxLM(path=hf_model[0], batch_size="4")
+
+
+def test_registered_under_llama_jax():
+  assert get_model("llama_jax") is lm_eval_adapter.LlamaJaxLM
+
+
+def test_loglikelihood_matches_transformers(lm, hf_model):
+  _, torch_model = hf_model
+  pairs = [("the cat sat on the", " mat"), ("the cat ", "sat on"), ("a dog", " ran far away")]
+  ours = lm.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+  sp = lm.tok.sp
+  for (context, continuation), (ll, greedy) in zip(pairs, ours):
+    if context.endswith(" "):  # lm-eval moves the context's trailing space to the continuation
+      context, continuation = context[:-1], " " + continuation
+    whole = [1] + sp.encode(context + continuation)
+    n_ctx = 1 + len(sp.encode(context))
+    logps, argmax = _torch_logprobs(torch_model, whole)
+    np.testing.assert_allclose(ll, logps[n_ctx - 1:].sum(), rtol=1e-4)
+    assert greedy == all(argmax[t - 1] == whole[t] for t in range(n_ctx, len(whole)))
+
+
+def test_loglikelihood_rolling_matches_transformers(hf_model):
+  directory, torch_model = hf_model
+  text = " ".join(["the cat sat on the mat and the dog ran far away from home"] * 4)
+  lm = lm_eval_adapter.LlamaJaxLM(path=directory, batch_size=4, max_length=16)
+  ours = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,), ("a dog",)]),
+                                  disable_tqdm=True)
+  for string, value in zip((text, "a dog"), ours):
+    tokens = lm.tok.sp.encode(string)
+    ref = 0.0
+    windows = lm_utils.get_rolling_token_windows(tokens, 1, 16, 1)
+    for context, predicted in map(lm_utils.make_disjoint_window, windows):
+      logps, _ = _torch_logprobs(torch_model, list(context) + list(predicted))
+      ref += logps[len(context) - 1:].sum()
+    np.testing.assert_allclose(value, ref, rtol=1e-4)
+  assert len(lm.tok.sp.encode(text)) > 3 * 16  # several windows were used
+  # One window when the text fits: the plain log-likelihood of the text after BOS.
+  np.testing.assert_allclose(ours[1], _torch_logprobs(torch_model, [1] + lm.tok.sp.encode("a dog"))[0].sum(),
+                             rtol=1e-4)
+
+
+def test_generate_until_is_greedy_and_stops(lm, hf_model):
+  _, torch_model = hf_model
+  contexts = ["the cat sat on", "a dog ran"]
+  free = lm.generate_until(_instances("generate_until", [(c, {"until": [], "max_gen_toks": 6})
+                                                        for c in contexts]), disable_tqdm=True)
+  for context, text in zip(contexts, free):
+    prompt = [1] + lm.tok.sp.encode(context)
+    with torch.no_grad():
+      ids = torch_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0].tolist()
+    new = ids[len(prompt):]
+    new = new[:new.index(2)] if 2 in new else new  # both stop at EOS
+    assert text == lm.tok.sp.decode(prompt[1:] + new)[len(context):]
+  stop = free[0][len(free[0]) // 2]  # a character from the middle of the free continuation
+  cut = lm.generate_until(_instances("generate_until", [(contexts[0], {"until": [stop], "max_gen_toks": 6})]),
+                          disable_tqdm=True)[0]
+  assert cut == free[0][:free[0].index(stop)]
+
+
+def test_lm_eval_command_line_runs_a_task_on_disk(lm, tmp_path):
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"context": "the cat sat on the", "choices": [" mat", " river"],
+                                      "label": i % 2}) + "\n" for i in range(4)))
+  (tmp_path / "tasks").mkdir()
+  (tmp_path / "tasks" / "tiny_mc.yaml").write_text(
+      "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    test: {docs}\ntest_split: test\noutput_type: multiple_choice\n"
+      'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+      'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+  out = subprocess.run(
+      [sys.executable, "-m", "llama_jax.lm_eval_adapter", "--model", "llama_jax", "--model_args",
+       f"path={os.path.dirname(lm.tok.path)}", "--tasks", "tiny_mc", "--include_path",
+       str(tmp_path / "tasks"), "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+      capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = [p for p in (tmp_path / "out").rglob("results*.json")]
+  acc = json.loads(results[0].read_text())["results"]["tiny_mc"]["acc,none"]
+  assert acc == 0.5  # the same context, labels alternating: one choice is always picked

@@ -1,0 +1,107 @@
+"""Tokenizer tools: `python -m llama_jax.tokenizer train` (LLaMA's sentencepiece settings) and
+`extend` (merging a second model's pieces, resizing a checkpoint's embedding and output rows)."""
+
+import json
+import random
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import llama_jax
+from llama_jax.config import ModelConfig
+from llama_jax.model import init_params
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer.__main__ import main
+
+LATIN = "the of and river stone cloud paper light north water fire green small quick".split()
+GREEK = "λόγος θάλασσα ποταμός ουρανός φως νερό πέτρα σύννεφο χαρτί βορράς".split()
+
+
+def corpus(words, n, seed):
+  rng = random.Random(seed)
+  return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + f" {rng.randint(0, 99999)}"
+          for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tok")
+  with open(d / "latin.jsonl", "w") as f:
+    for line in corpus(LATIN, 300, 0):
+      f.write(json.dumps({"text": line}) + "\n")
+  (d / "latin.txt").write_text("\n".join(corpus(LATIN, 50, 1)))
+  (d / "greek.txt").write_text("\n".join(corpus(GREEK, 400, 2)))
+  assert main(["train", "--input", str(d / "latin.*"), "--vocab_size", "300",
+               "--output", str(d / "base"), "--num_threads", "1"]) == 0
+  assert main(["train", "--input", str(d / "greek.txt"), "--vocab_size", "400",
+               "--output", str(d / "greek"), "--num_threads", "1"]) == 0
+  assert main(["extend", "--base", str(d / "base.model"), "--add", str(d / "greek.model"),
+               "--output", str(d / "merged.model")]) == 0
+  return d
+
+
+def test_train_uses_llama_conventions(models):
+  tok = Tokenizer(models / "base.model")
+  assert tok.vocab_size == 300
+  assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id, tok.sp.pad_id()) == (0, 1, 2, -1)
+  text = "river 2024 日本"
+  ids = tok.encode(text, bos=True, eos=True)
+  assert ids[0] == 1 and ids[-1] == 2
+  pieces = [tok.id_to_piece(i) for i in ids[1:-1]]
+  assert [p for p in pieces if p.strip("▁").isdigit()] == ["2", "0", "2", "4"]  # split digits
+  assert "<0xE6>" in pieces  # unseen characters fall back to UTF-8 bytes, never <unk>
+  assert 0 not in ids and tok.decode(ids) == text
+
+
+def test_train_errors_are_one_line(tmp_path, capsys):
+  assert main(["train", "--input", str(tmp_path / "none-*.jsonl"), "--vocab_size", "300",
+               "--output", str(tmp_path / "x")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "none-*.jsonl" in err and "Traceback" not in err
+
+
+def test_extend_adds_the_missing_pieces(models):
+  base, greek, merged = (Tokenizer(models / f"{n}.model") for n in ("base", "greek", "merged"))
+  base_pieces = [base.id_to_piece(i) for i in range(base.vocab_size)]
+  assert [merged.id_to_piece(i) for i in range(base.vocab_size)] == base_pieces  # ids kept
+  new = {merged.id_to_piece(i) for i in range(base.vocab_size, merged.vocab_size)}
+  greek_pieces = {greek.id_to_piece(i) for i in range(greek.vocab_size) if not greek.sp.is_control(i)
+                  and not greek.sp.is_byte(i) and not greek.sp.is_unknown(i)}
+  assert new == greek_pieces - set(base_pieces) and len(new) > 50
+  text = "θάλασσα ποταμός φως"
+  ids = merged.encode(text, bos=False)
+  assert all(i >= base.vocab_size or merged.id_to_piece(i) in base_pieces for i in ids)
+  assert any(i >= base.vocab_size for i in ids) and len(ids) < len(base.encode(text, bos=False)) / 3
+  assert merged.decode(ids) == text
+  latin = "the quick river and the green stone 42"
+  assert merged.encode(latin) == base.encode(latin)  # the base's text tokenises as before
+
+
+def test_extend_resizes_checkpoint_rows_with_the_mean(models, tmp_path, capsys):
+  base = Tokenizer(models / "base.model")
+  cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=base.vocab_size, multiple_of=16, max_seq_len=32)
+  params = nn.unbox(init_params(cfg, jax.random.key(0)))
+  llama_jax.Model(cfg, params, base).save(str(tmp_path / "ckpt"))
+  assert main(["extend", "--base", str(models / "base.model"), "--add", str(models / "greek.model"),
+               "--output", str(tmp_path / "merged.model"), "--checkpoint", str(tmp_path / "ckpt"),
+               "--checkpoint_output", str(tmp_path / "resized")]) == 0
+  out = llama_jax.load(str(tmp_path / "resized"))
+  v_new = Tokenizer(tmp_path / "merged.model").vocab_size
+  assert out.config.vocab_size == out.tokenizer.vocab_size == v_new > base.vocab_size
+  emb, head = np.asarray(out.params["tok_embeddings"]), np.asarray(out.params["output"])
+  old_emb, old_head = np.asarray(params["tok_embeddings"]), np.asarray(params["output"])
+  assert emb.shape == (v_new, 32) and head.shape == (32, v_new)
+  np.testing.assert_array_equal(emb[:base.vocab_size], old_emb)
+  np.testing.assert_array_equal(head[:, :base.vocab_size], old_head)
+  np.testing.assert_allclose(emb[base.vocab_size:], np.broadcast_to(old_emb.mean(0), (v_new - base.vocab_size, 32)), rtol=1e-6)
+  np.testing.assert_allclose(head[:, base.vocab_size:].T, np.broadcast_to(old_head.mean(1), (v_new - base.vocab_size, 32)), rtol=1e-6)
+  # The resized model runs on the new ids.
+  assert out.logits(np.array([[1, v_new - 1]])).shape == (1, 2, v_new)
+  # A checkpoint whose vocabulary is not the base's is refused in one line.
+  capsys.readouterr()
+  assert main(["extend", "--base", str(models / "greek.model"), "--add", str(models / "base.model"),
+               "--output", str(tmp_path / "m2.model"), "--checkpoint", str(tmp_path / "ckpt"),
+               "--checkpoint_output", str(tmp_path / "r2")]) == 1
+  assert "is not the base tokenizer's" in capsys.readouterr().err
