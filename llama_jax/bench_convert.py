@@ -6,6 +6,7 @@ Writes random weights of the preset's shape (TinyLlama 1.1B by default) as a bfl
 checkpoint, as TinyLlama ships it, then runs the real converter twice in fresh processes:
   1. hf (bfloat16) -> orbax, --dtype float32 (the training layout: 4 bytes a parameter)
   2. orbax -> hf, --dtype bfloat16
+  3. hf -> hf, bfloat16 (no Orbax on either side: the streaming loader and writer alone)
 and reports each one's wall time and peak resident memory (`ru_maxrss` of that process, from
 `os.wait4`), next to the size of one float32 copy of the model. Finally checks the round trip is
 exact (bfloat16 -> float32 -> bfloat16 loses nothing), tensor by tensor.
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
   # TinyLlama's Hugging Face config: intermediate_size 5632 (Meta's rule with multiple_of 256 gives it too).
   cfg = preset(args.preset)
   work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
-  src, mid, dst = (os.path.join(work, n) for n in ("hf_src", "orbax", "hf_dst"))
+  src, mid, dst, dst2 = (os.path.join(work, n) for n in ("hf_src", "orbax", "hf_dst", "hf_dst2"))
   n = num_params(cfg)
   print(f"{args.preset}: {n / 1e9:.3f}B parameters; one float32 copy {4 * n / 2**30:.2f} GiB, "
         f"bfloat16 {2 * n / 2**30:.2f} GiB")
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
   results = {
       "hf(bf16) -> orbax(f32)": run(["--input", src, "--output", mid, "--to", "orbax", "--dtype", "float32"]),
       "orbax(f32) -> hf(bf16)": run(["--input", mid, "--output", dst, "--to", "hf", "--dtype", "bfloat16"]),
+      "hf(bf16) -> hf(bf16)": run(["--input", src, "--output", dst2, "--to", "hf"]),
   }
   exact = same_tensors(os.path.join(src, "model.safetensors"), os.path.join(dst, "model.safetensors"))
   for name, (seconds, rss) in results.items():

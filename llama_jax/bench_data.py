@@ -8,7 +8,6 @@ memory while streaming a generated multi-GB jsonl file (it must stay flat: reade
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import resource

@@ -30,12 +30,14 @@ from llama_jax.config import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m llama_jax.convert",
-                              description="Convert LLaMA checkpoints between Orbax, Hugging Face and Meta formats.")
+  p = argparse.ArgumentParser(
+      prog="python -m llama_jax.convert",
+      description="Convert LLaMA checkpoints between Orbax, Hugging Face and Meta formats.")
   p.add_argument("--input", required=True, help="source checkpoint (our own, Hugging Face or Meta)")
   p.add_argument("--output", required=True, help="directory to write")
   p.add_argument("--to", choices=("orbax", "hf"), default="orbax", help="output format (default orbax)")
-  p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the written weights (default: as stored)")
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="dtype of the written weights (default: as stored)")
   p.add_argument("--delta", default=None, help="a delta checkpoint to add to --input (Vicuna)")
   p.add_argument("--make_delta", action="store_true", help="write --input minus --base as a delta")
   p.add_argument("--base", default=None, help="the base model a delta is made against (with --make_delta)")
@@ -49,17 +51,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def _cast(params: dict, dtype: str) -> None:
-  """Casts leaves in place, one at a time, so the old and new trees never coexist."""
+def _to_device(params: dict, dtype: str) -> None:
+  """Casts and moves leaves to the JAX device in place, one at a time, so two whole trees never
+  coexist. Orbax given numpy arrays makes its own device copy of all of them at once (measured:
+  about 2.5 copies of the model at peak instead of 2)."""
+  import jax
   from llama_jax.interop import layout
   want = layout.np_dtype(dtype)
-  for key, value in params.items():
+  for key in list(params):
+    value = params[key]
     if isinstance(value, dict):
-      _cast(value, dtype)
-    elif value.dtype != want:
-      params[key] = None
-      params[key] = np.asarray(value, want)
-      del value
+      _to_device(value, dtype)
+      continue
+    params[key] = None
+    params[key] = jax.device_put(np.asarray(value, want))
+    del value
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -86,7 +92,7 @@ def convert(args: argparse.Namespace) -> None:
   if args.to == "hf":
     hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype)
   else:
-    _cast(params, out_dtype)
+    _to_device(params, out_dtype)
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
 
 

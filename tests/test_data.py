@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +125,8 @@ def test_resume_gives_exactly_the_same_batches(tmp_path, tok, document_attention
   # set_state also rewinds an iterator that already ran ahead.
   it.set_state(state)
   np.testing.assert_array_equal(next(it)["inputs"], expected[0]["inputs"])
+  it.close()  # stopping the read-ahead thread loses nothing either
+  np.testing.assert_array_equal(next(it)["inputs"], expected[1]["inputs"])
 
 
 def test_packing_keeps_every_token_once_per_epoch(tmp_path, tok):
@@ -251,6 +255,23 @@ def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path, tok):
   assert shares[0] | shares[1] == set(docs)
 
 
+def test_processes_split_many_files_by_file(tmp_path, tok):
+  docs = make_docs("doc", 64, 18)
+  for i in range(8):
+    write_jsonl(tmp_path / f"part-{i}.jsonl", docs[i * 8:(i + 1) * 8])
+  cfg = config({"a": (str(tmp_path / "part-*.jsonl"), 1.0, 1)}, shard_by="files")
+  shares = []
+  for p in range(2):
+    it = data.make_iterator(cfg, tok, seq_len=8, global_batch_size=4, seed=2, process_index=p,
+                            process_count=2)
+    shares.append(set(docs_of_stream(tok, list(it))[0]))
+    # Whole files: each file's documents all went to one process.
+    assert all(set(docs[i * 8:(i + 1) * 8]) <= shares[-1] or not set(docs[i * 8:(i + 1) * 8]) & shares[-1]
+               for i in range(8))
+  assert not shares[0] & shares[1] and shares[0] | shares[1] == set(docs)
+  assert len(shares[0]) == len(shares[1]) == 32
+
+
 def test_eval_split_is_held_out_fixed_and_finite(tmp_path, tok):
   docs = make_docs("doc", 200, 14)
   cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs), 1.0, 1)}, holdout_every=10, eval_batches=3)
@@ -264,6 +285,12 @@ def test_eval_split_is_held_out_fixed_and_finite(tmp_path, tok):
       cfg, tok, seq_len=16, global_batch_size=2, seed=0, split="train")))[0])
   assert eval_docs and not eval_docs & train_docs
   assert 10 <= len(docs) - len(train_docs) <= 30  # about one in ten held out
+  # An eval iterator read only up to eval_batches and dropped leaves no read-ahead thread behind.
+  it = data.make_iterator(cfg, tok, seq_len=16, global_batch_size=2, seed=0, split="eval")
+  next(it)
+  del it
+  time.sleep(0.3)
+  assert not [t for t in threading.enumerate() if t.name == "data-eval"]
 
 
 def test_bad_configs_are_data_errors(tmp_path, tok):
@@ -276,6 +303,13 @@ def test_bad_configs_are_data_errors(tmp_path, tok):
   with pytest.raises(data.DataError, match="format"):
     (tmp_path / "x.csv").write_text("a,b\n")
     data.make_iterator(config({"a": (str(tmp_path / "x.csv"), 1.0)}), tok, seq_len=8, global_batch_size=1)
+  typo = data.source(good, 1.0)
+  typo.epoch = 2
+  with pytest.raises(data.DataError, match="data.sources.a: unknown keys epoch"):
+    data.make_iterator(config({"a": typo}), tok, seq_len=8, global_batch_size=1)
+  books = config({"b": ("books:shakespeare", 1.0)}, cache_dir=str(tmp_path / "cache"))
+  with pytest.raises(data.DataError, match="not downloaded yet: run `python -m llama_jax.data.books"):
+    data.make_iterator(books, tok, seq_len=8, global_batch_size=1)
   (tmp_path / "empty.jsonl").write_text("\n\n")
   with pytest.raises(data.DataError, match="no documents in any source"):
     next(data.make_iterator(config({"e": (str(tmp_path / "empty.jsonl"), 1.0)}), tok, seq_len=8,

@@ -34,7 +34,7 @@ def corpus(tmp_path_factory):
       for line in open(root / f"{name}.jsonl"):
         f.write(json.loads(line)["text"] + "\n")
   spm.SentencePieceTrainer.train(
-      input=str(root / "all.txt"), model_prefix=str(root / "tok"), vocab_size=128, model_type="bpe",
+      input=str(root / "all.txt"), model_prefix=str(root / "tok"), vocab_size=320, model_type="bpe",
       byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
   return root
 
@@ -61,7 +61,7 @@ def write_config(path, corpus, **fields):
         config.model.n_heads = 4
         config.model.n_kv_heads = 2
         config.model.multiple_of = 16
-        config.model.vocab_size = 128
+        config.model.vocab_size = 320
         config.model.max_seq_len = 64
         config.seq_len = 32
         config.batch_size = 8

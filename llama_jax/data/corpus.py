@@ -17,11 +17,13 @@ import ast
 import hashlib
 import json
 import os
+import random
 import sys
 import sysconfig
 
 NAMES = ("code", "prose")
 SHARD_CHARS = 8_000_000  # documents per shard file up to about this many characters
+VERSION = 2  # part of the cache key: bump when what is written changes
 
 
 def default_cache_dir() -> str:
@@ -71,12 +73,13 @@ class _ShardWriter:
 
 
 def build(directory: str) -> None:
-  """Writes code-*.jsonl and prose-*.jsonl under `directory` (which must be new)."""
+  """Writes code-*.jsonl and prose-*.jsonl under `directory` (which must be new). The documents are
+  shuffled (fixed seed) as pretraining shards are, so a shard is not one package after another."""
   import pydoc_data.topics
   root = sysconfig.get_paths()["stdlib"]
-  code, prose = _ShardWriter(directory, "code"), _ShardWriter(directory, "prose")
+  code, prose = [], []
   for topic, text in sorted(pydoc_data.topics.topics.items()):
-    prose.write({"text": text, "source": f"pydoc_data.topics:{topic}"})
+    prose.append({"text": text, "source": f"pydoc_data.topics:{topic}"})
   for path in _stdlib_files(root):
     try:
       with open(path, encoding="utf-8") as f:
@@ -84,21 +87,25 @@ def build(directory: str) -> None:
     except (UnicodeDecodeError, OSError):
       continue  # a few test files are deliberately in other encodings
     rel = os.path.relpath(path, root)
-    code.write({"text": source, "source": rel})
+    code.append({"text": source, "source": rel})
     module = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
     if not module.startswith(("test.", "idlelib.idle_test.", "lib2to3.tests.")):
       doc = _docstrings(source, module)
       if doc:
-        prose.write({"text": doc, "source": rel})
-  code.close()
-  prose.close()
+        prose.append({"text": doc, "source": rel})
+  for name, records in (("code", code), ("prose", prose)):
+    random.Random(0).shuffle(records)
+    writer = _ShardWriter(directory, name)
+    for r in records:
+      writer.write(r)
+    writer.close()
 
 
 def ensure(cache_dir: str = "") -> dict[str, str]:
   """Builds the corpus on first use (atomically: concurrent processes may race) and returns the
   glob of each source."""
   cache_dir = os.path.expanduser(cache_dir or default_cache_dir())
-  key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}".encode()).hexdigest()[:12]
+  key = hashlib.sha256(f"{VERSION}|{sys.version}|{sysconfig.get_paths()['stdlib']}".encode()).hexdigest()[:12]
   directory = os.path.join(cache_dir, f"corpus-py{sys.version_info[0]}{sys.version_info[1]}-{key}")
   if not os.path.isdir(directory):
     os.makedirs(cache_dir, exist_ok=True)

@@ -5,8 +5,9 @@ background thread, with a JSON state that resumes it exactly.
                      process_index=p, process_count=n)
   batch = next(it)  # {'inputs', 'targets', 'positions', 'segment_ids': int32, 'loss_mask': float32}, (B/n, T)
 
-Several hosts: process p reads every n-th selected record of each source (counted the same way on
-every host) and packs its own B/n rows, so the hosts' data are disjoint and cover the split.
+Several hosts: process p reads every n-th file of each source (in the epoch's shuffled order, the
+same on every host) when the source has at least 4n files, else every n-th selected record, and
+packs its own B/n rows, so the hosts' data are disjoint and cover the split (`data.shard_by`).
 
 Validation: `data.eval_sources` if given, else the held-out records of the training sources (every
 `holdout_every`-th record per file, chosen by file name and record number, never trained on). The
@@ -17,7 +18,6 @@ the same fixed set, and every host yields the same number of batches.
 from __future__ import annotations
 
 import copy
-import logging
 import queue
 import threading
 from typing import Any, Callable
@@ -30,8 +30,8 @@ from llama_jax.data.mixture import Mixture
 from llama_jax.data.packing import Packer, Windows
 from llama_jax.data.sources import SourceStream, expand, file_format
 
-log = logging.getLogger("llama_jax.data")
 STATE_VERSION = 1
+SOURCE_KEYS = {"path", "weight", "epochs", "text_field", "format"}
 
 
 def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
@@ -47,6 +47,10 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
   out, embedded = [], None
   for name in sorted(block):
     s = block[name]
+    unknown = sorted(set(s.keys()) - SOURCE_KEYS)
+    if unknown:
+      raise DataError(f"{where}.{name}: unknown keys {', '.join(unknown)} "
+                      f"(known: {', '.join(sorted(SOURCE_KEYS))})")
     weight = float(s.get("weight", 1.0))
     if weight < 0 or not np.isfinite(weight):
       raise DataError(f"{where}.{name}.weight must be >= 0, got {weight}")
@@ -64,6 +68,9 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
         raise DataError(f"{where}.{name}.path: no embedded source {path!r}; known: "
                         + ", ".join(f"embedded:{n}" for n in embedded))
       path = embedded[path[len("embedded:"):]]
+    elif path.startswith("books:"):
+      from llama_jax.data import books
+      path = books.resolve(path[len("books:"):], data_cfg.cache_dir)
     try:
       files = expand(path)
       fmt = str(s.get("format", "") or "")
@@ -90,6 +97,17 @@ def selector(data_cfg, split: str) -> Callable[[int, int], bool]:
   return lambda key, record: (key + record) % every != 0
 
 
+def shard_files(data_cfg, n_files: int, process_count: int) -> bool:
+  """Whether processes split a source by files rather than by records (see data.shard_by)."""
+  mode = data_cfg.shard_by
+  if mode not in ("auto", "files", "records"):
+    raise DataError(f"data.shard_by must be 'auto', 'files' or 'records', got {mode!r}")
+  if mode == "files" and n_files < process_count:
+    raise DataError(f"data.shard_by='files' needs at least as many files as processes "
+                    f"({n_files} < {process_count})")
+  return mode == "files" or (mode == "auto" and n_files >= 4 * process_count)
+
+
 def _tokenizer(tokenizer):
   if isinstance(tokenizer, str):
     from llama_jax.tokenizer import Tokenizer
@@ -107,13 +125,41 @@ def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: 
     stream = SourceStream(
         s["name"], s["files"], s["format"], s["text_field"], s["epochs"], seed, tokenizer, select,
         process_index, process_count, int(data_cfg.chunk_chars), data_cfg.on_bad_record,
-        int(data_cfg.num_threads), events)
+        int(data_cfg.num_threads), events, shard_files=shard_files(data_cfg, len(s["files"]), process_count))
     windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id)
     weights[s["name"]] = s["weight"]
   return Packer(Mixture(windows, weights, events), rows, seq_len, bool(data_cfg.document_attention))
 
 
-_END = object()
+def _produce(packer: Packer, events: list[str], batches: int, max_batches: int | None, split: str,
+             out: queue.Queue, stop: threading.Event) -> None:
+  """The read-ahead thread: puts ("batch", batch, state, tokens, bad records, events) items, then
+  ("end", events) or ("error", exception). It holds no reference to the DataIterator, so dropping
+  the iterator (its __del__ sets `stop`) ends the thread."""
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  try:
+    while max_batches is None or batches < max_batches:
+      batch = packer.next_batch()
+      if batch is None:
+        break
+      batches += 1
+      state = {"version": STATE_VERSION, "split": split, "batches": batches, "packer": packer.get_state()}
+      bad = {n: w.stream.bad_records for n, w in packer.mixture.sources.items()}
+      if not put(("batch", batch, state, packer.source_tokens(), bad, list(events))):
+        return
+      events.clear()
+    put(("end", list(events)))
+  except Exception as e:  # handed to the consumer, raised by next()
+    put(("error", e))
 
 
 class DataIterator:
@@ -135,49 +181,24 @@ class DataIterator:
     self._queue: queue.Queue = queue.Queue(self._prefetch)
     self._stop = threading.Event()
     self._finished = False
-
-  # --- the producer thread
-  def _produce(self, packer: Packer, events: list[str], batches: int, out: queue.Queue,
-               stop: threading.Event) -> None:
-    try:
-      while not stop.is_set():
-        if self._max is not None and batches >= self._max:
-          item = _END
-        else:
-          batch = packer.next_batch()
-          if batch is None:
-            item = _END
-          else:
-            batches += 1
-            bad = {n: w.stream.bad_records for n, w in packer.mixture.sources.items()}
-            item = (batch, {"version": STATE_VERSION, "split": self.split, "batches": batches,
-                            "packer": packer.get_state()}, packer.source_tokens(), bad, list(events))
-            events.clear()
-        while not stop.is_set():
-          try:
-            out.put(item if item is not _END else (_END, list(events)), timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if item is _END:
-          return
-    except BaseException as e:  # handed to the consumer, raised by next()
-      out.put((e, None))
+    self._stale = False
 
   def _start(self) -> None:
     self._stop = threading.Event()
     self._queue = queue.Queue(self._prefetch)
     self._thread = threading.Thread(
-        target=self._produce, args=(self._packer, self._packer_events, self._state["batches"],
-                                    self._queue, self._stop), daemon=True, name=f"data-{self.split}")
+        target=_produce, args=(self._packer, self._packer_events, self._state["batches"], self._max,
+                               self.split, self._queue, self._stop), daemon=True, name=f"data-{self.split}")
     self._thread.start()
 
   def close(self) -> None:
-    """Stops the read-ahead thread (it is a daemon: exiting without close is fine too)."""
+    """Stops the read-ahead thread (it is a daemon: exiting without close is fine too). A later
+    next() goes on from the last batch returned: the read-ahead is discarded."""
     if self._thread is not None:
       self._stop.set()
       self._thread.join()
       self._thread = None
+      self._stale = True  # the packer ran ahead of the state
 
   # --- the iterator
   def __iter__(self):
@@ -187,22 +208,22 @@ class DataIterator:
     if self._finished:
       raise StopIteration
     if self._thread is None:
+      if self._stale:
+        self.set_state(self._state)
       self._start()
-    item = self._queue.get()
-    if item[0] is _END:
-      self._events_new += item[1]
-      self._finished = True
-      self._thread.join()
-      self._thread = None
-      if self.split == "train":
-        self._events_new.append("the training data are exhausted (every source reached its epoch limit)")
-      raise StopIteration
-    if isinstance(item[0], BaseException):
-      self._finished = True
+    kind, *item = self._queue.get()
+    if kind == "batch":
+      batch, self._state, self._tokens, self._bad, events = item
+      self._events_new += events
+      return batch
+    self._finished = True
+    self.close()
+    if kind == "error":
       raise item[0]
-    batch, self._state, self._tokens, self._bad, events = item
-    self._events_new += events
-    return batch
+    self._events_new += item[0]
+    if self.split == "train":
+      self._events_new.append("the training data are exhausted (every source reached its epoch limit)")
+    raise StopIteration
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state after the last batch returned (goes into the checkpoint)."""
@@ -217,7 +238,7 @@ class DataIterator:
     self._packer_events = []
     self._packer = self._make(self._packer_events)
     self._packer.set_state(state["packer"])
-    self._state, self._finished = state, False
+    self._state, self._finished, self._stale = copy.deepcopy(state), False, False
     self._tokens = self._packer.source_tokens()
     self._bad = {n: w.stream.bad_records for n, w in self._packer.mixture.sources.items()}
 

@@ -144,18 +144,21 @@ class SourceStream:
 
   `select(file_key, record) -> bool` picks the records of this split; of those, this process takes
   every `process_count`-th (counted within the epoch, over all files in the epoch's order), so the
-  processes' shares are disjoint and together cover the split.
+  processes' shares are disjoint and together cover the split. With `shard_files`, it takes every
+  `process_count`-th file of the epoch's order instead and never opens the others (less reading
+  when there are many files; the shares are balanced only as far as the files are).
   """
 
   def __init__(self, name: str, files: list[str], fmt: str, field: str, epochs: int, seed: int,
                tokenizer, select: Callable[[int, int], bool], process_index: int = 0,
                process_count: int = 1, chunk_chars: int = 1 << 20, on_bad_record: str = "warn",
-               num_threads: int = 0, events: list[str] | None = None):
+               num_threads: int = 0, events: list[str] | None = None, shard_files: bool = False):
     self.name, self.files, self.field, self.epochs, self.seed = name, files, field, epochs, seed
     self.formats = [file_format(f, fmt) for f in files]
     self.keys = [file_key(f) for f in files]
     self.tokenizer, self.select = tokenizer, select
     self.process_index, self.process_count = process_index, process_count
+    self.shard_files = shard_files and process_count > 1
     self.chunk_chars, self.on_bad_record = chunk_chars, on_bad_record
     self.num_threads = num_threads or (os.cpu_count() or 1)
     self.events = events if events is not None else []
@@ -261,6 +264,9 @@ class SourceStream:
           break
         pos.update(epoch=pos["epoch"] + 1, file=0, record=0, offset=0, seen=0, docs=0)
         continue
+      if self.shard_files and pos["file"] % self.process_count != self.process_index:
+        pos.update(file=pos["file"] + 1, record=0, offset=0)
+        continue
       i = int(self.order(pos["epoch"])[pos["file"]])
       path, fmt, key = self.files[i], self.formats[i], self.keys[i]
       reader = self._reader(dict(pos))
@@ -271,7 +277,7 @@ class SourceStream:
         if not self.select(key, record):
           continue
         pos["seen"] += 1
-        if (pos["seen"] - 1) % self.process_count != self.process_index:
+        if not self.shard_files and (pos["seen"] - 1) % self.process_count != self.process_index:
           continue
         try:
           text = parse(fmt, raw, self.field)

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     # Check the data before loading any model: a bad line should not cost a model load.
     if args.command == "perplexity":
       read_text(args.data)
-    else:
-      read_choices(args.data)
+    elif not 0 <= args.shots < len(read_choices(args.data)):
+      raise EvalDataError(args.data, f"--shots {args.shots} needs 0 <= shots < the number of examples")
     for path in args.model:
       rows.append({"model": path, **_evaluate(args, path)})
   except (EvalDataError, OSError) as e:  # bad data, a missing checkpoint or tokenizer

@@ -190,10 +190,11 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
   """(config, numpy parameter tree in `dtype`, tokenizer.model path or None)."""
   directory = os.fspath(path)
   if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: no such directory")
+    raise CheckpointError(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
   cfg, _ = read_config(directory)
   cfg = cfg.replace(param_dtype=dtype)
-  params = layout.Assembler(cfg, directory, dtype=layout.np_dtype(dtype)).add_all(stream(directory)).finish()
+  assembler = layout.Assembler(cfg, directory, dtype=layout.np_dtype(dtype))
+  params = assembler.add_all(stream(directory)).finish()
   return cfg, params, tokenizer_in(directory)
 
 

@@ -149,7 +149,9 @@ class _Shards:
 
   def stream(self) -> Iterator[tuple[str, np.ndarray, str]]:
     cfg = self.config
-    where = self.files[0] if len(self.files) == 1 else f"{self.files[0]} .. {os.path.basename(self.files[-1])}"
+    where = self.files[0]
+    if len(self.files) > 1:
+      where = f"{self.files[0]} .. {os.path.basename(self.files[-1])}"
     for name in self.states[0]:
       target = hf_name(name)
       if target is None:
@@ -166,7 +168,8 @@ class _Shards:
 
 def tokenizer_near(directory: str) -> str | None:
   """tokenizer.model in the directory, or beside it (Meta's downloads put it one level up)."""
-  for path in (os.path.join(directory, TOKENIZER), os.path.join(os.path.dirname(os.path.abspath(directory)), TOKENIZER)):
+  parent = os.path.dirname(os.path.abspath(directory))
+  for path in (os.path.join(directory, TOKENIZER), os.path.join(parent, TOKENIZER)):
     if os.path.isfile(path):
       return path
   return None
@@ -175,7 +178,7 @@ def tokenizer_near(directory: str) -> str | None:
 def open_meta(path: str | os.PathLike) -> _Shards:
   directory = os.fspath(path)
   if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: no such directory")
+    raise CheckpointError(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
   return _Shards(directory)
 
 
@@ -183,5 +186,6 @@ def load_meta(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   """(config, numpy parameter tree in `dtype`, tokenizer.model path or None)."""
   shards = open_meta(path)
   cfg = shards.config.replace(param_dtype=dtype)
-  params = layout.Assembler(cfg, os.fspath(path), dtype=layout.np_dtype(dtype)).add_all(shards.stream()).finish()
+  assembler = layout.Assembler(cfg, os.fspath(path), dtype=layout.np_dtype(dtype))
+  params = assembler.add_all(shards.stream()).finish()
   return cfg, params, tokenizer_near(os.fspath(path))
