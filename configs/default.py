@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model shape and run-time options (llama_jax.config.ModelConfig documents each field).
   config.model = to_config_dict(preset("tiny"))
 
-  config.num_steps = 1000  # optimiser steps
+  config.num_steps = 1000  # optimiser steps; 0: one pass over the data's epoch limits (fine-tuning)
   config.batch_size = 32  # global sequences per step, over all devices and hosts
   config.seq_len = 256  # tokens per sequence
   config.seed = 0  # parameter initialisation and data order
@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.lr = 3e-4  # peak learning rate (LLaMA 7B/13B: 3e-4; 33B/65B: 1.5e-4)
   config.optimizer.warmup_steps = 100  # linear warmup from 0 (the paper: 2000)
+  config.optimizer.warmup_ratio = 0.0  # > 0: warmup over this share of num_steps instead
   config.optimizer.min_lr_ratio = 0.1  # cosine decay ends at lr * min_lr_ratio
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.95

@@ -7,9 +7,15 @@ import jax
 import optax
 
 
+def warmup_steps(opt_cfg, num_steps: int) -> int:
+  """warmup_steps, or warmup_ratio of the run where that is set (Vicuna: 3%)."""
+  ratio = float(opt_cfg.get("warmup_ratio", 0.0))
+  return int(round(ratio * num_steps)) if ratio > 0 else int(opt_cfg.warmup_steps)
+
+
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
-  """0 -> lr linearly over warmup_steps, then cosine to lr * min_lr_ratio at num_steps."""
-  warmup = int(opt_cfg.warmup_steps)
+  """0 -> lr linearly over the warmup, then cosine to lr * min_lr_ratio at num_steps."""
+  warmup = warmup_steps(opt_cfg, num_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=opt_cfg.lr, warmup_steps=warmup,
       decay_steps=max(int(num_steps), warmup + 1), end_value=opt_cfg.lr * opt_cfg.min_lr_ratio)

@@ -83,8 +83,8 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
     raise ConfigError(f"batch_size {config.batch_size} does not divide over {jax.process_count()} processes")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len {config.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
-  if config.num_steps < 1:
-    raise ConfigError(f"num_steps must be at least 1, got {config.num_steps}")
+  if config.num_steps < 0:
+    raise ConfigError(f"num_steps must be positive (or 0: as many as the data gives), got {config.num_steps}")
 
 
 def _global_batch(local: dict, batch_sharding) -> dict:
@@ -165,6 +165,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                       f"{model_cfg.vocab_size}")
 
+  if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
+    config.num_steps = data.count_batches(config.data, tokenizer, seq_len=config.seq_len,
+                                          global_batch_size=config.batch_size, seed=config.seed)
+    log.info("num_steps: %d (the data's epochs)", config.num_steps)
   run = make_training(config, model_cfg, mesh)
   manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
   train_iter = data.make_iterator(
@@ -263,7 +267,12 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
   try:
     with _StopSignal() as stop:
       while step < config.num_steps:
-        batch = _global_batch(next(train_iter), batch_sharding)
+        try:
+          local = next(train_iter)
+        except StopIteration:  # every source reached its epoch limit
+          bar.write(f"data exhausted after {step} steps (every source reached its epoch limit)")
+          break
+        batch = _global_batch(local, batch_sharding)
         state, step_metrics = step_fn(state, batch)
         step += 1
         window_steps += 1
