@@ -100,10 +100,11 @@ def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> 
     return ckptr.restore(params_dir, abstract_params(config, shardings))
 
 
-def load_model_files(path: str, shardings: Any = None) -> tuple[ModelConfig, Any, str | None]:
-  """(config, params, tokenizer path or None) of a saved model or a training workdir."""
+def load_model_files(path: str, shardings_for=None) -> tuple[ModelConfig, Any, str | None]:
+  """(config, params, tokenizer path or None) of a saved model or a training workdir; parameters are
+  restored straight into `shardings_for(config)` where given (default: the first device)."""
   params_dir, config_dir = find_params_dir(path)
   config = read_model_config(config_dir)
-  params = load_params(params_dir, config, shardings)
+  params = load_params(params_dir, config, shardings_for(config) if shardings_for else None)
   tokenizer = os.path.join(config_dir, TOKENIZER)
   return config, params, (tokenizer if os.path.isfile(tokenizer) else None)

@@ -90,7 +90,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
   """Makes the model's `with_logical_constraint` calls bind to this mesh while tracing."""
-  with mesh, nn.logical_axis_rules([tuple(r) for r in rules]):
+  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in rules]):
     yield
 
 

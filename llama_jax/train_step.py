@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import optax
 
 from llama_jax.config import ModelConfig
 from llama_jax.loss import cross_entropy_sums
-from llama_jax.model import Transformer
+from llama_jax.model import BATCH, LENGTH, Transformer
 
 
 @flax.struct.dataclass
@@ -54,7 +55,9 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
     # (B, T) -> (k, B/k, T): micro-batch i takes rows i, i+k, ... so each one stays spread over
     # the data-parallel devices instead of living on one of them.
     micro = jax.tree.map(
-        lambda x: x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
+        lambda x: nn.with_logical_constraint(
+            x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), (None, BATCH, LENGTH)),
+        batch)
 
     def accumulate(carry, mb):
       g, c, n = micro_grads(mb)

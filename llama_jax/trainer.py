@@ -98,7 +98,11 @@ def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig) -> str:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     if not os.path.isfile(tok_dest):
-      source = data.ensure_tokenizer(config.data, workdir)
+      inherited = os.path.join(config.init_from, checkpoint.TOKENIZER) if config.init_from else ""
+      if not config.data.tokenizer and os.path.isfile(inherited):
+        source = inherited  # fine-tuning keeps the checkpoint's vocabulary
+      else:
+        source = data.ensure_tokenizer(config.data, workdir)
       if os.path.abspath(source) != os.path.abspath(tok_dest):
         shutil.copyfile(source, tok_dest + ".tmp")
         os.replace(tok_dest + ".tmp", tok_dest)
