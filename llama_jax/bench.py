@@ -81,15 +81,23 @@ def main():
   flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
   flags.DEFINE_integer("repeats", 5, "decode: timed repetitions (median).")
+  flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the run here "
+                      "(summarise it with benchmarks/profile_summary.py).")
   FLAGS = flags.FLAGS
 
   def run(argv):
     if len(argv) != 2 or argv[1] not in ("train", "decode"):
       raise app.UsageError("usage: python -m llama_jax.bench train|decode|data [flags]")
-    if argv[1] == "train":
-      result = bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps)
-    else:
-      result = bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats)
+    import contextlib
+
+    import jax
+    trace = jax.profiler.trace(FLAGS.profile_dir) if FLAGS.profile_dir else contextlib.nullcontext()
+    with trace:
+      if argv[1] == "train":
+        result = bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps)
+      else:
+        result = bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len, FLAGS.new_tokens,
+                              FLAGS.repeats)
     print(json.dumps(result))
 
   app.run(run)

@@ -6,14 +6,17 @@ import ml_collections
 
 
 def source(path: str, weight: float, epochs: int = 0, text_field: str = "text",
-           format: str = "") -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+           format: str = "", template: str = "vicuna_v1.1") -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
   """One entry of `data.sources` / `data.eval_sources`."""
   return ml_collections.ConfigDict(dict(
-      path=path,  # a file, a glob, or "embedded:<name>" for the corpus built from the interpreter
+      path=path,  # a file, a glob, "embedded:<name>" (the interpreter's corpus), "demo:chat" (sft_demo)
       weight=float(weight),  # share of the training tokens (weights are normalised to sum to 1)
       epochs=int(epochs),  # passes over the source at most; 0: unlimited (it repeats)
       text_field=text_field,  # the JSON key / parquet column holding the document text
-      format=format,  # "" (by extension), "txt", "jsonl", "jsonl.gz", "jsonl.zst" or "parquet"
+      # "" (by extension), "txt", "jsonl", "jsonl.gz", "jsonl.zst" or "parquet"; or conversations
+      # (llama_jax.data.sft): "sharegpt" or "alpaca", in .jsonl[.gz|.zst] files, loss on the answers
+      format=format,
+      template=template,  # the chat template of a conversation source (llama_jax.chat.TEMPLATES)
   ))
 
 

@@ -13,6 +13,10 @@ Validation: `data.eval_sources` if given, else the held-out records of the train
 `holdout_every`-th record per file, chosen by file name and record number, never trained on). The
 eval iterator repeats its sources and stops after `eval_batches` batches, so every evaluation sees
 the same fixed set, and every host yields the same number of batches.
+
+Conversation sources (`format: "sharegpt" | "alpaca"`, `llama_jax.data.sft`) give documents with a
+loss mask on the assistant's answers; `count_batches` says how many batches the training iterator
+yields before every source reaches its epoch limit (a fine-tuning run's number of steps).
 """
 
 from __future__ import annotations
@@ -24,19 +28,21 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llama_jax import chat
 from llama_jax.data import corpus
 from llama_jax.data.errors import DataError
 from llama_jax.data.mixture import Mixture
 from llama_jax.data.packing import Packer, Windows
-from llama_jax.data.sources import SourceStream, expand, file_format
+from llama_jax.data.sources import CONVERSATION_FORMATS, SourceStream, expand, file_format
 
 STATE_VERSION = 1
-SOURCE_KEYS = {"path", "weight", "epochs", "text_field", "format"}
+SOURCE_KEYS = {"path", "weight", "epochs", "text_field", "format", "template"}
 
 
 def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
-  """[{name, files, format, text_field, weight, epochs}] of a split, validated: a glob matching
-  nothing, an unknown format, a negative weight or no positive weight are DataErrors."""
+  """[{name, files, format, text_field, template, weight, epochs}] of a split, validated: a glob
+  matching nothing, an unknown format or template, a negative weight or no positive weight are
+  DataErrors."""
   if split not in ("train", "eval"):
     raise DataError(f"split must be 'train' or 'eval', got {split!r}")
   own_eval = split == "eval" and len(data_cfg.eval_sources) > 0
@@ -71,6 +77,9 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
     elif path.startswith("books:"):
       from llama_jax.data import books
       path = books.resolve(path[len("books:"):], data_cfg.cache_dir)
+    elif path.startswith("demo:"):
+      from llama_jax.data import sft_demo
+      path = sft_demo.resolve(path[len("demo:"):], data_cfg.cache_dir)
     try:
       files = expand(path)
       fmt = str(s.get("format", "") or "")
@@ -78,8 +87,12 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
         file_format(f, fmt)
     except DataError as e:
       raise DataError(f"{where}.{name}: {e}") from None
+    template = str(s.get("template", "") or chat.DEFAULT_TEMPLATE)
+    if fmt in CONVERSATION_FORMATS and template not in chat.TEMPLATES:
+      raise DataError(f"{where}.{name}.template: unknown chat template {template!r}; known: "
+                      + ", ".join(chat.TEMPLATES))
     out.append(dict(name=name, files=files, format=fmt, text_field=str(s.get("text_field", "text")),
-                    weight=weight, epochs=0 if split == "eval" else epochs))
+                    template=template, weight=weight, epochs=0 if split == "eval" else epochs))
   if not out:
     raise DataError(f"{where}: every weight is 0")
   return out
@@ -122,18 +135,31 @@ def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: 
     raise DataError(f"data.on_bad_record must be 'warn' or 'error', got {data_cfg.on_bad_record!r}")
   windows, weights = {}, {}
   for s in resolve_sources(data_cfg, split):
-    stream = SourceStream(
-        s["name"], s["files"], s["format"], s["text_field"], s["epochs"], seed, tokenizer, select,
-        process_index, process_count, int(data_cfg.chunk_chars), data_cfg.on_bad_record,
-        int(data_cfg.num_threads), events, shard_files=shard_files(data_cfg, len(s["files"]), process_count))
-    windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id)
+    args = (s["name"], s["files"], s["format"], s["text_field"], s["epochs"], seed, tokenizer, select,
+            process_index, process_count, int(data_cfg.chunk_chars), data_cfg.on_bad_record,
+            int(data_cfg.num_threads), events)
+    by_files = dict(shard_files=shard_files(data_cfg, len(s["files"]), process_count))
+    if s["format"] in CONVERSATION_FORMATS:
+      from llama_jax.data.sft import ConversationStream
+      stream = ConversationStream(*args, **by_files, template=s["template"], max_len=seq_len + 1)
+      windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id, split_docs=False)
+    else:
+      stream = SourceStream(*args, **by_files)
+      windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id)
     weights[s["name"]] = s["weight"]
   return Packer(Mixture(windows, weights, events), rows, seq_len, bool(data_cfg.document_attention))
 
 
+def _counts(packer: Packer) -> dict[str, dict[str, int]]:
+  """Per source: records skipped as bad, conversation turns truncated."""
+  sources = packer.mixture.sources.items()
+  return {"bad": {n: w.stream.bad_records for n, w in sources},
+          "truncated": {n: w.stream.truncated_turns for n, w in sources}}
+
+
 def _produce(packer: Packer, events: list[str], batches: int, max_batches: int | None, split: str,
              out: queue.Queue, stop: threading.Event) -> None:
-  """The read-ahead thread: puts ("batch", batch, state, tokens, bad records, events) items, then
+  """The read-ahead thread: puts ("batch", batch, state, tokens, counts, events) items, then
   ("end", events) or ("error", exception). It holds no reference to the DataIterator, so dropping
   the iterator (its __del__ sets `stop`) ends the thread."""
 
@@ -153,8 +179,8 @@ def _produce(packer: Packer, events: list[str], batches: int, max_batches: int |
         break
       batches += 1
       state = {"version": STATE_VERSION, "split": split, "batches": batches, "packer": packer.get_state()}
-      bad = {n: w.stream.bad_records for n, w in packer.mixture.sources.items()}
-      if not put(("batch", batch, state, packer.source_tokens(), bad, list(events))):
+      counts = _counts(packer)
+      if not put(("batch", batch, state, packer.source_tokens(), counts, list(events))):
         return
       events.clear()
     put(("end", list(events)))
@@ -176,7 +202,7 @@ class DataIterator:
     self._state = {"version": STATE_VERSION, "split": split, "batches": 0,
                    "packer": self._packer.get_state()}
     self._tokens = self._packer.source_tokens()
-    self._bad = {n: 0 for n in self._tokens}
+    self._counts = {"bad": {n: 0 for n in self._tokens}, "truncated": {n: 0 for n in self._tokens}}
     self._thread = None
     self._queue: queue.Queue = queue.Queue(self._prefetch)
     self._stop = threading.Event()
@@ -213,7 +239,7 @@ class DataIterator:
       self._start()
     kind, *item = self._queue.get()
     if kind == "batch":
-      batch, self._state, self._tokens, self._bad, events = item
+      batch, self._state, self._tokens, self._counts, events = item
       self._events_new += events
       return batch
     self._finished = True
@@ -223,6 +249,10 @@ class DataIterator:
     self._events_new += item[0]
     if self.split == "train":
       self._events_new.append("the training data are exhausted (every source reached its epoch limit)")
+      truncated = {n: c for n, c in self._counts["truncated"].items() if c}
+      if truncated:  # the log counts them (the first few are also logged one by one)
+        self._events_new.append("conversation turns truncated to seq_len + 1 tokens: " + ", ".join(
+            f"{n}={c}" for n, c in truncated.items()))
     raise StopIteration
 
   def get_state(self) -> dict[str, Any]:
@@ -240,15 +270,21 @@ class DataIterator:
     self._packer.set_state(state["packer"])
     self._state, self._finished, self._stale = copy.deepcopy(state), False, False
     self._tokens = self._packer.source_tokens()
-    self._bad = {n: w.stream.bad_records for n, w in self._packer.mixture.sources.items()}
+    self._counts = _counts(self._packer)
 
   def source_tokens(self) -> dict[str, int]:
     """Tokens this process has put into batches from each source so far."""
     return dict(self._tokens)
 
   def bad_records(self) -> dict[str, int]:
-    """Records skipped as malformed (not JSON / not UTF-8 / no text field), per source, so far."""
-    return dict(self._bad)
+    """Records skipped as malformed (not JSON / not UTF-8 / no text field / a bad conversation), per
+    source, so far (a bad record is counted again in each epoch that reads it)."""
+    return dict(self._counts["bad"])
+
+  def truncated_turns(self) -> dict[str, int]:
+    """Conversation turns (user and answer) cut to fit seq_len + 1 tokens, per source, so far
+    (counted in each epoch); 0 for text sources."""
+    return dict(self._counts["truncated"])
 
   def events(self) -> list[str]:
     """Log lines since the last call (an epoch limit reached and the renormalised weights, bad
@@ -278,3 +314,25 @@ def make_iterator(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
 
   max_batches = int(data_cfg.eval_batches) if split == "eval" else None
   return DataIterator(make, max_batches, int(data_cfg.prefetch), split)
+
+
+def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0) -> int:
+  """How many global batches the training iterator yields before every source reaches its epoch
+  limit: the steps of a fine-tuning run (`num_steps: 0`). It packs the data once (reading every
+  epoch), counting rows only; every source needs an epoch limit."""
+  unlimited = [s["name"] for s in resolve_sources(data_cfg, "train") if not s["epochs"]]
+  if unlimited:
+    raise DataError(f"data.sources {', '.join(unlimited)}: epochs is 0 (the source repeats without "
+                    "end), so the data do not say how long to train: set num_steps, or give every "
+                    "source an epoch limit")
+  if seq_len <= 0 or global_batch_size <= 0:
+    raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
+  # The rows of a single process's packer; its batches are global_batch_size rows, the last one
+  # completed with padding rows.
+  packer = make_packer(data_cfg, _tokenizer(tokenizer), seq_len, global_batch_size, seed, "train", 0, 1, [])
+  rows = 0
+  while packer.mixture.next_window() is not None:
+    rows += 1
+  if not rows:
+    raise DataError("no documents in any source of the training split: " + ", ".join(packer.mixture.names))
+  return -(-rows // global_batch_size)

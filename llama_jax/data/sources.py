@@ -2,8 +2,10 @@
 
 Formats (by extension unless the source names one): `.txt` (one document per file), `.jsonl`,
 `.jsonl.gz`, `.jsonl.zst` (one JSON object per line, text under `text_field`) and `.parquet`
-(column `text_field`, read one row group at a time). Nothing reads a whole source: memory is one
-line, one row group or one .txt file, plus one chunk of `chunk_chars` characters being encoded.
+(column `text_field`, read one row group at a time). The conversation formats "sharegpt" and
+"alpaca" (`llama_jax.data.sft`) read the same jsonl files, the container told by the extension.
+Nothing reads a whole source: memory is one line, one row group or one .txt file, plus one chunk of
+`chunk_chars` characters being encoded.
 
 A record's place is (epoch, file, record, byte offset), so a stream can be restarted exactly where a
 checkpoint left it: plain `.jsonl` seeks to the byte offset, compressed files skip lines.
@@ -26,15 +28,25 @@ import numpy as np
 from llama_jax.data.errors import DataError
 
 FORMATS = ("txt", "jsonl", "jsonl.gz", "jsonl.zst", "parquet")
+CONVERSATION_FORMATS = ("sharegpt", "alpaca")  # records of llama_jax.data.sft, in jsonl files
+JSONL = ("jsonl", "jsonl.gz", "jsonl.zst")
 MAX_WARNINGS = 10  # bad-record warnings logged per source; the rest are only counted
 
 log = logging.getLogger("llama_jax.data")
 
 
 def file_format(path: str, fmt: str = "") -> str:
+  """The container format of a file: `fmt`, or by the extension (conversation formats: jsonl-ish)."""
+  if fmt in CONVERSATION_FORMATS:
+    container = file_format(path)
+    if container not in JSONL:
+      raise DataError(f"{path}: format {fmt!r} reads {', '.join('.' + f for f in JSONL)} files, "
+                      f"not .{container}")
+    return container
   if fmt:
     if fmt not in FORMATS:
-      raise DataError(f"unknown format {fmt!r} for {path}; known: {', '.join(FORMATS)}")
+      raise DataError(f"unknown format {fmt!r} for {path}; known: "
+                      f"{', '.join(FORMATS + CONVERSATION_FORMATS)}")
     return fmt
   for f in sorted(FORMATS, key=len, reverse=True):  # "jsonl.gz" before "jsonl"
     if path.endswith("." + f):
@@ -154,6 +166,7 @@ class SourceStream:
                process_count: int = 1, chunk_chars: int = 1 << 20, on_bad_record: str = "warn",
                num_threads: int = 0, events: list[str] | None = None, shard_files: bool = False):
     self.name, self.files, self.field, self.epochs, self.seed = name, files, field, epochs, seed
+    self.record_format = fmt if fmt in CONVERSATION_FORMATS else "text"
     self.formats = [file_format(f, fmt) for f in files]
     self.keys = [file_key(f) for f in files]
     self.tokenizer, self.select = tokenizer, select
@@ -194,6 +207,15 @@ class SourceStream:
   def bad_records(self) -> int:
     return (self.next_pos or self.chunk_pos)["bad"]
 
+  @property
+  def truncated_turns(self) -> int:
+    """Conversation turns cut to fit a window so far (sft.ConversationStream counts them)."""
+    return (self.next_pos or self.chunk_pos).get("truncated", 0)
+
+  def last_mask(self) -> np.ndarray | None:
+    """Which tokens of `last_doc` count as targets in the loss; None: all of them (pretraining)."""
+    return None
+
   def last_doc(self) -> np.ndarray:
     """The document most recently returned by `next_doc` (the packer resumes a split one from it)."""
     tokens, starts, ends = self.chunk
@@ -228,6 +250,18 @@ class SourceStream:
     tokens[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(body.sum()))
     tokens[starts], tokens[ends - 1] = tok.bos_id, tok.eos_id
     return tokens, starts, ends
+
+  def parse_record(self, fmt: str, raw: Any, path: str, record: int) -> Any:
+    """The document of a raw record (None or empty: skipped silently); raises _Bad with the reason.
+    A conversation source read here (by the tokenizer trainer) gives the conversation's text."""
+    if self.record_format == "text":
+      return parse(fmt, raw, self.field)
+    from llama_jax.data import sft
+    messages = sft.parse_conversation(self.record_format, raw)
+    return None if messages is None else sft.plain_text(messages)
+
+  def record_chars(self, doc: Any) -> int:
+    return len(doc)
 
   def _bad(self, pos: dict, path: str, fmt: str, record: int, reason: str) -> None:
     where = f"{path} row {record}" if fmt == "parquet" else f"{path}:{record + 1}"
@@ -280,13 +314,13 @@ class SourceStream:
         if not self.shard_files and (pos["seen"] - 1) % self.process_count != self.process_index:
           continue
         try:
-          text = parse(fmt, raw, self.field)
+          text = self.parse_record(fmt, raw, path, record)
         except _Bad as e:
           self._bad(pos, path, fmt, record, str(e))
           continue
         if text:
           texts.append(text)
-          chars += len(text)
+          chars += self.record_chars(text)
           pos["docs"] += 1
           if chars >= self.chunk_chars:
             full = True

@@ -1,0 +1,64 @@
+"""Where device time goes, from a jax.profiler trace: GPU kernel time by HLO op and by kind.
+
+  python benchmarks/profile_summary.py DIR [--top 25]
+"""
+
+import argparse
+import collections
+import glob
+import re
+
+from jax.profiler import ProfileData
+
+
+def kind(name: str) -> str:
+  n = name.lower()
+  if any(k in n for k in ("cudnn", "flash", "fmha", "custom-call", "custom_call")):
+    return "attention (cuDNN)"
+  if any(k in n for k in ("gemm", "dot", "cublas", "matmul", "triton_gemm")):
+    return "matmul"
+  if "copy" in n or "transpose" in n:
+    return "copy/transpose"
+  if "reduce" in n or "scatter" in n or "gather" in n:
+    return "reduce/scatter/gather"
+  if "fusion" in n or "loop" in n or "input" in n:
+    return "elementwise fusion"
+  return "other"
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("dir")
+  parser.add_argument("--top", type=int, default=25)
+  args = parser.parse_args()
+  path = sorted(glob.glob(f"{args.dir}/**/*.xplane.pb", recursive=True))[-1]
+  data = ProfileData.from_file(path)
+  by_op, by_kind, count = collections.Counter(), collections.Counter(), collections.Counter()
+  first, last = None, None
+  for plane in data.planes:
+    if not re.match(r"/device:GPU:\d+", plane.name):
+      continue
+    for line in plane.lines:
+      if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+        continue
+      for ev in line.events:
+        stats = dict(ev.stats)
+        op = str(stats.get("hlo_op", ev.name))
+        by_op[op] += ev.duration_ns
+        count[op] += 1
+        by_kind[kind(op + " " + ev.name)] += ev.duration_ns
+        first = ev.start_ns if first is None else min(first, ev.start_ns)
+        last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
+  total = sum(by_kind.values())
+  span = (last - first) if first is not None else 0
+  print(f"kernel time {total / 1e6:.1f} ms over a span of {span / 1e6:.1f} ms "
+        f"({100 * total / max(span, 1):.0f}% busy); {sum(count.values())} kernels")
+  for k, v in by_kind.most_common():
+    print(f"  {k:28s} {v / 1e6:10.1f} ms {100 * v / total:5.1f}%")
+  print(f"top {args.top} ops:")
+  for op, v in by_op.most_common(args.top):
+    print(f"  {op[:70]:70s} {v / 1e6:9.2f} ms x{count[op]}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,264 @@
+"""Supervised chat fine-tuning data, Vicuna style: conversation records -> documents of token ids
+with a loss mask that counts only the assistant's answers.
+
+Vicuna (Chiang et al. 2023, "Vicuna: An Open-Source Chatbot Impressing GPT-4 with 90% ChatGPT
+Quality") fine-tunes LLaMA on ShareGPT conversations with FastChat's `fastchat/train/train.py`:
+each conversation is rendered with the `vicuna_v1.1` template and everything but the assistant's
+answers (and the `</s>` ending each) is masked out of the loss. Here the template is
+`llama_jax.chat` (the same object `generate.py --chat` prompts with) and `ChatTemplate.encode`
+gives the ids and the answer mask.
+
+Record formats (one JSON object per line of a .jsonl / .jsonl.gz / .jsonl.zst file):
+  sharegpt: {"conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}, as
+            FastChat's ShareGPT/Vicuna data; "user"/"assistant" are accepted as roles, "role" /
+            "content" as keys, and "messages" as the list's name (the OpenAI chat layout).
+  alpaca:   {"instruction": str, "input": str (optional), "output": str}, Stanford Alpaca's data.
+            The user turn is the instruction, followed by "\\n\\n" and the input when the input is
+            not blank; the output is the answer. (Alpaca's own "### Instruction:" prompt is not
+            used: the chat template is, so an Alpaca-tuned model chats like a ShareGPT-tuned one.)
+
+A record is bad, and skipped and counted with its file and line (or a DataError under
+`data.on_bad_record = "error"`), when it is not JSON, has no conversation list, a turn has an
+unknown role, an empty text or a system message after the first, the first turn after the system
+is the assistant's, or the user and the assistant do not alternate. A trailing user turn with no
+answer is dropped (nothing to learn from it); a record left with no answer is bad.
+
+Length. A window holds seq_len + 1 tokens (inputs and shifted targets). FastChat truncates a
+conversation at the model's length; here, as the issue asks, a longer conversation is split at
+turn boundaries: (user, assistant) pairs are taken greedily while the rendered piece fits, and each
+later piece is rendered as a conversation of its own — the system line again, then the remaining
+turns from a user turn — so every piece is a valid conversation. A single pair that does not fit
+even alone is truncated to the window (counted, and logged with its file and line); a truncated
+piece with no answer token left is dropped. Pieces are packed whole (several per window, never cut
+across windows); use `data.document_attention` so they do not attend to each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from llama_jax import chat
+from llama_jax.data.sources import CONVERSATION_FORMATS, MAX_WARNINGS, SourceStream, _Bad
+
+FORMATS = CONVERSATION_FORMATS
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}
+
+log = logging.getLogger("llama_jax.data")
+
+
+# --- records -> messages
+
+def parse_conversation(fmt: str, raw: bytes | str) -> list[dict] | None:
+  """The messages ({"role", "content"}) of one raw jsonl line; None for a blank line; raises _Bad."""
+  if not raw.strip():
+    return None
+  try:
+    obj = json.loads(raw)
+  except UnicodeDecodeError as e:
+    raise _Bad(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+  except ValueError as e:
+    raise _Bad(f"not JSON ({e})") from None
+  if not isinstance(obj, dict):
+    raise _Bad(f"a {fmt} record must be a JSON object, got {type(obj).__name__}")
+  messages = _sharegpt(obj) if fmt == "sharegpt" else _alpaca(obj)
+  return _check(messages)
+
+
+def _sharegpt(obj: dict) -> list[dict]:
+  key = "conversations" if "conversations" in obj else "messages"
+  turns = obj.get(key)
+  if not isinstance(turns, list) or not turns:
+    raise _Bad("no 'conversations' list")
+  messages = []
+  for k, turn in enumerate(turns):
+    if not isinstance(turn, dict):
+      raise _Bad(f"{key}[{k}] is not an object")
+    role = turn.get("from", turn.get("role"))
+    text = turn.get("value", turn.get("content"))
+    if role not in ROLES:
+      raise _Bad(f"{key}[{k}]: unknown role {role!r} (known: {', '.join(ROLES)})")
+    if not isinstance(text, str):
+      raise _Bad(f"{key}[{k}]: the text ('value') is {type(text).__name__}, not a string")
+    messages.append({"role": ROLES[role], "content": text, "where": f"{key}[{k}]"})
+  return messages
+
+
+def _alpaca(obj: dict) -> list[dict]:
+  fields = {}
+  for name, required in (("instruction", True), ("input", False), ("output", True)):
+    value = obj.get(name)
+    if value is None and not required:
+      value = ""
+    if not isinstance(value, str):
+      raise _Bad(f"{name!r} is {type(value).__name__}, not a string")
+    fields[name] = value
+  user = fields["instruction"]
+  if fields["input"].strip():
+    user = f"{user}\n\n{fields['input']}"
+  return [{"role": "user", "content": user, "where": "instruction"},
+          {"role": "assistant", "content": fields["output"], "where": "output"}]
+
+
+def _check(messages: list[dict]) -> list[dict]:
+  """Validated messages, the trailing unanswered user turn dropped, the "where" keys removed."""
+  for m in messages:
+    if m["role"] != "system" and not m["content"].strip():
+      raise _Bad(f"{m['where']}: empty turn")
+  system = messages[:1] if messages[0]["role"] == "system" else []
+  turns = messages[len(system):]
+  for k, m in enumerate(turns):
+    expected = "user" if k % 2 == 0 else "assistant"
+    if m["role"] == expected:
+      continue
+    if m["role"] == "system":
+      raise _Bad(f"{m['where']}: a system message after the first turn")
+    if k == 0:
+      raise _Bad(f"{m['where']}: the conversation starts with the assistant")
+    raise _Bad(f"{m['where']}: two {m['role']} turns in a row (user and assistant must alternate)")
+  if turns and turns[-1]["role"] == "user":
+    turns = turns[:-1]
+  if not turns:
+    raise _Bad("no assistant answer")
+  return [{"role": m["role"], "content": m["content"]} for m in system + turns]
+
+
+def plain_text(messages: Sequence[dict]) -> str:
+  """A conversation as text to train a tokenizer on: the default template's rendering, without
+  the end-of-answer markers (those are the EOS id, not text)."""
+  template = chat.get_template()
+  return template.render(messages).replace(template.stop_token, "\n")
+
+
+# --- messages -> pieces that fit a window
+
+@dataclasses.dataclass
+class Piece:
+  ids: np.ndarray  # int32 (n,): BOS, the rendered turns, the EOS ending each answer
+  answer: np.ndarray  # bool (n,): the tokens the loss counts
+  turns: tuple[int, int]  # [first, end) of the conversation's (user, assistant) pairs in the piece
+  truncated: bool  # one pair that did not fit alone, cut at max_len
+
+
+def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], tokenizer,
+                       max_len: int) -> list[Piece]:
+  """The conversation as pieces of at most `max_len` tokens, split between (user, assistant)
+  pairs: each piece takes as many following pairs as fit; each has the system line."""
+  messages = list(messages)
+  system = messages[:1] if messages[0]["role"] == "system" else []
+  turns = messages[len(system):]
+  pairs = len(turns) // 2
+
+  def encode(first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = template.encode(system + turns[2 * first:2 * end], tokenizer)
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+    return ids, mask | leading_space(ids, mask, tokenizer)
+
+  ids, mask = encode(0, pairs)
+  if len(ids) <= max_len:  # the common case: one encoding
+    return [Piece(ids, mask, (0, pairs), False)]
+  pieces, first = [], 0
+  while first < pairs:
+    ids, mask = encode(first, first + 1)
+    if len(ids) > max_len:
+      pieces.append(Piece(ids[:max_len], mask[:max_len], (first, first + 1), True))
+      first += 1
+      continue
+    end = first + 1
+    while end < pairs:  # a longer text never has fewer tokens, so the first misfit ends the piece
+      more = encode(first, end + 1)
+      if len(more[0]) > max_len:
+        break
+      (ids, mask), end = more, end + 1
+    pieces.append(Piece(ids, mask, (first, end), False))
+    first = end
+  return pieces
+
+
+def leading_space(ids: np.ndarray, answer: np.ndarray, tokenizer) -> np.ndarray:
+  """Whitespace-only tokens right before an answer. The generation prompt ends at the assistant's
+  tag ("ASSISTANT:"), so the space after it is the model's to produce; `ChatTemplate.segments`
+  counts it as prompt, which only matters when the tokenizer gives the space a token of its own
+  ("▁" before a rare first character): then the first token the model must generate would never be
+  trained."""
+  before = np.zeros(len(ids), bool)
+  before[:-1] = answer[1:] & ~answer[:-1]
+  for i in np.flatnonzero(before):
+    before[i] = not tokenizer.sp.id_to_piece(int(ids[i])).replace("\u2581", "").strip()
+  return before
+
+
+# --- the stream of a conversation source
+
+@dataclasses.dataclass
+class Conversation:
+  pieces: list[Piece]  # those with an answer token
+  chars: int
+
+  def __len__(self):  # characters, for the reader's chunk size
+    return self.chars
+
+
+class ConversationStream(SourceStream):
+  """A SourceStream whose documents are conversation pieces (BOS ... EOS) with an answer mask.
+
+  The reader splits each conversation as it parses it (so a record whose pieces all lost their
+  answers counts as no document, and a source left with none ends instead of looping), and counts
+  the truncated turns in the stream position (so the count resumes with a checkpoint)."""
+
+  def __init__(self, *args, template: str, max_len: int, **kwargs):
+    self.template, self.max_len = chat.get_template(template), max_len
+    self.chunk_mask: np.ndarray | None = None
+    self._truncated = 0  # truncated turns in the chunk being read
+    super().__init__(*args, **kwargs)
+
+  @staticmethod
+  def start_position() -> dict[str, int]:
+    return dict(SourceStream.start_position(), truncated=0)
+
+  def parse_record(self, fmt: str, raw: Any, path: str, record: int) -> Conversation | None:
+    messages = parse_conversation(self.record_format, raw)
+    if messages is None:
+      return None
+    kept = []
+    for piece in split_conversation(self.template, messages, self.tokenizer, self.max_len):
+      if piece.truncated:
+        self._truncated += 1
+        count = self.chunk_pos.get("truncated", 0) + self._truncated
+        if count <= MAX_WARNINGS:
+          self._warn_truncated(f"{path}:{record + 1}", piece, count)
+      if piece.answer.any():
+        kept.append(piece)
+    return Conversation(kept, sum(len(m["content"]) for m in messages)) if kept else None
+
+  def record_chars(self, doc: Conversation) -> int:
+    return len(doc)
+
+  def last_mask(self) -> np.ndarray:
+    _, starts, ends = self.chunk
+    return self.chunk_mask[starts[self.consumed - 1]:ends[self.consumed - 1]]
+
+  def _load_chunk(self) -> None:
+    self._truncated = 0
+    conversations, self.next_pos = self.read_texts(self.chunk_pos)
+    self.next_pos["truncated"] = self.chunk_pos.get("truncated", 0) + self._truncated
+    pieces = [p for c in conversations for p in c.pieces]
+    lengths = np.fromiter((len(p.ids) for p in pieces), np.int64, count=len(pieces))
+    ends = np.cumsum(lengths)
+    self.chunk = (np.concatenate([p.ids for p in pieces]) if pieces else np.zeros(0, np.int32),
+                  ends - lengths, ends)
+    self.chunk_mask = np.concatenate([p.answer for p in pieces]) if pieces else np.zeros(0, bool)
+
+  def _warn_truncated(self, where: str, piece: Piece, count: int) -> None:
+    left = "" if piece.answer.any() else "; no answer token was left, so it is dropped"
+    msg = (f"truncated turn {piece.turns[0] + 1} (a user message and its answer) of the conversation "
+           f"at {where} to {self.max_len} tokens (seq_len + 1){left} (source {self.name})")
+    if count == MAX_WARNINGS:
+      msg += "; further truncated turns of this source are counted, not logged"
+    log.warning(msg)
+    self.events.append(msg)
