@@ -1,5 +1,7 @@
 """Pretrain or fine-tune: python train.py --config configs/tiny.py --workdir runs/tiny [--config.x=...]"""
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -17,5 +19,16 @@ def main(argv):
   run_cli(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value), expected=(TrainingError,))
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad `--config.x=...` override (unknown key, wrong type) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    print(f"error: bad configuration override: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -89,8 +89,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
-  """Makes the model's `with_logical_constraint` calls bind to this mesh while tracing."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in rules]):
+  """Makes the model's `with_logical_constraint` calls bind to this mesh while tracing (around a
+  jitted call, or inside the traced function)."""
+  with contextlib.ExitStack() as stack:
+    try:
+      stack.enter_context(jax.set_mesh(mesh))
+    except ValueError:  # inside a jit trace, where only the abstract mesh may be set
+      stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules([tuple(r) for r in rules]))
     yield
 
 

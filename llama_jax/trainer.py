@@ -180,8 +180,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       seed=config.seed, split="train", process_index=jax.process_index(),
       process_count=jax.process_count())
 
+  start_step = manager.latest_step()
+  pretrained = None
+  if start_step is None and config.init_from:
+    # Loaded outside the activation rules: loading builds its own (unsharded) restore targets.
+    from llama_jax.api import load
+    pretrained = load(config.init_from)
   with sharding.activation_rules(mesh, rules):
-    start_step = manager.latest_step()
     if start_step is not None:
       params, opt_state, meta, data_state = checkpointing.restore(
           manager, start_step, run.placed("params"), run.placed("opt_state"))
@@ -190,8 +195,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state = jax.device_put(state, run.state_sharding)
       train_iter.set_state(data_state)
       log.info("resumed from %s at step %d", workdir, start_step)
-    elif config.init_from:
-      state = _state_from_checkpoint(config.init_from, model_cfg, run.tx, run.state_sharding)
+    elif pretrained is not None:
+      state = _state_from_checkpoint(pretrained, config.init_from, model_cfg, run.tx, run.state_sharding)
       start_step = 0
     else:
       state = run.init(jax.random.key(config.seed))
@@ -200,10 +205,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  tokenizer, manager, run.batch_sharding, mesh)
 
 
-def _state_from_checkpoint(path: str, model_cfg: ModelConfig, tx, state_sharding) -> TrainState:
-  """Fine-tuning: parameters from any checkpoint `llama_jax.load` reads, fresh optimiser state."""
-  from llama_jax.api import load
-  loaded = load(path)
+def _state_from_checkpoint(loaded, path: str, model_cfg: ModelConfig, tx, state_sharding) -> TrainState:
+  """Fine-tuning: parameters of a loaded checkpoint (any kind), fresh optimiser state."""
   shape_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
   for name in shape_fields:
     if getattr(loaded.config, name) != getattr(model_cfg, name):
@@ -274,6 +277,8 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
         try:
           local = next(train_iter)
         except StopIteration:  # every source reached its epoch limit
+          for event in train_iter.events():
+            bar.write(f"data: {event}")
           bar.write(f"data exhausted after {step} steps (every source reached its epoch limit)")
           break
         batch = _global_batch(local, batch_sharding)

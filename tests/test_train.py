@@ -182,11 +182,13 @@ def _free_port():
 
 
 def test_two_processes_match_one(corpus, tmp_path):
+  # shard_by="replicated": both processes see the rows a single process would; the default split
+  # (each host reads its own records) gives other, equally valid, batches.
   config = write_config(tmp_path / "cfg.py", corpus, num_steps=4, log_every=4)
-  code, _, err = run_train(config, tmp_path / "single", devices=8)
+  code, _, err = run_train(config, tmp_path / "single", "--config.data.shard_by=replicated", devices=8)
   assert code == 0, err[-3000:]
   port = _free_port()
-  procs = [run_train(config, tmp_path / "multi", devices=4, wait=False,
+  procs = [run_train(config, tmp_path / "multi", "--config.data.shard_by=replicated", devices=4, wait=False,
                      env={"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                           "JAX_PROCESS_ID": str(i)}) for i in range(2)]
   results = [p.communicate(timeout=600) for p in procs]
@@ -219,3 +221,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
   import llama_jax
   model = llama_jax.load(tmp_path / "nan")
   assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(model.params))
+
+
+def test_init_from_own_workdir_fine_tunes_with_its_tokenizer(corpus, tmp_path):
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=2, log_every=1)
+  code, _, err = run_train(config, tmp_path / "base")
+  assert code == 0, err[-3000:]
+  code, _, err = run_train(config, tmp_path / "tuned", f"--config.init_from={tmp_path / 'base'}",
+                           "--config.data.tokenizer=")
+  assert code == 0, err[-3000:]
+  base, tuned = read_metrics(tmp_path / "base"), read_metrics(tmp_path / "tuned")
+  # starts from the base's weights: the first loss is the base's after its 2 steps, not a fresh init's
+  assert tuned[0]["train/loss"] < base[0]["train/loss"]
+  assert (tmp_path / "tuned" / "tokenizer.model").read_bytes() == (corpus / "tok.model").read_bytes()

@@ -41,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.document_attention = False  # True: segment ids and per-document positions keep attention in documents
   c.on_bad_record = "warn"  # a record that is not JSON / not UTF-8: "warn" (count and skip) or "error"
   # How several processes (hosts) split a source: "files" (each reads only its own files), "records"
-  # (each reads every file and keeps every n-th record), "auto": files when there are >= 4 per process.
+  # (each reads every file and keeps every n-th record), "auto": files when there are >= 4 per process,
+  # "replicated" (each packs the whole global batch and keeps its rows: the batches of a one-process
+  # run whatever the process count, for exact reproducibility; every host tokenises everything).
   c.shard_by = "auto"
   c.prefetch = 4  # batches prepared ahead in a background thread
   c.num_threads = 0  # sentencepiece encoding threads; 0: all cores

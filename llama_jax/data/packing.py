@@ -91,9 +91,11 @@ class Windows:
 class Packer:
   """Batches of `rows` rows from the mixture."""
 
-  def __init__(self, mixture: Mixture, rows: int, seq_len: int, document_attention: bool):
+  def __init__(self, mixture: Mixture, rows: int, seq_len: int, document_attention: bool,
+               keep: slice = slice(None)):
     self.mixture, self.rows, self.seq_len = mixture, rows, seq_len
     self.document_attention = document_attention
+    self.keep = keep  # the rows this process trains on (data.shard_by="replicated": its block)
     self.emitted = np.zeros(len(mixture.names), np.int64)  # tokens put into batches, per source
     self.finished = False
 
@@ -129,11 +131,12 @@ class Packer:
           return None
         break
       source, window[r], piece[r], counted[r] = item
-      self.emitted[source] += int((piece[r] >= 0).sum())
-    return self._batch(window, piece, counted)
+      if r in range(self.rows)[self.keep]:
+        self.emitted[source] += int((piece[r] >= 0).sum())
+    return self._batch(window[self.keep], piece[self.keep], counted[self.keep])
 
   def _batch(self, window: np.ndarray, piece: np.ndarray, counted: np.ndarray) -> dict[str, np.ndarray]:
-    rows, t = self.rows, self.seq_len
+    rows, t = window.shape[0], self.seq_len
     real = counted & (piece >= 0)  # (B, T+1): tokens that count as targets
     batch = {"inputs": np.ascontiguousarray(window[:, :-1]),
              "targets": np.ascontiguousarray(window[:, 1:])}

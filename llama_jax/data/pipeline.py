@@ -113,8 +113,10 @@ def selector(data_cfg, split: str) -> Callable[[int, int], bool]:
 def shard_files(data_cfg, n_files: int, process_count: int) -> bool:
   """Whether processes split a source by files rather than by records (see data.shard_by)."""
   mode = data_cfg.shard_by
+  if mode == "replicated":
+    return False
   if mode not in ("auto", "files", "records"):
-    raise DataError(f"data.shard_by must be 'auto', 'files' or 'records', got {mode!r}")
+    raise DataError(f"data.shard_by must be 'auto', 'files', 'records' or 'replicated', got {mode!r}")
   if mode == "files" and n_files < process_count:
     raise DataError(f"data.shard_by='files' needs at least as many files as processes "
                     f"({n_files} < {process_count})")
@@ -130,6 +132,13 @@ def _tokenizer(tokenizer):
 
 def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: str,
                 process_index: int, process_count: int, events: list[str]) -> Packer:
+  keep = slice(None)
+  if data_cfg.get("shard_by") == "replicated" and process_count > 1:
+    # Every process packs the whole global batch and keeps its block of rows: the batches are
+    # those of a one-process run, whatever the process count, at the price of every host
+    # reading and tokenising everything.
+    keep = slice(process_index * rows, (process_index + 1) * rows)
+    rows, process_index, process_count = rows * process_count, 0, 1
   select = selector(data_cfg, split)
   if data_cfg.on_bad_record not in ("warn", "error"):
     raise DataError(f"data.on_bad_record must be 'warn' or 'error', got {data_cfg.on_bad_record!r}")
@@ -147,7 +156,7 @@ def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: 
       stream = SourceStream(*args, **by_files)
       windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id)
     weights[s["name"]] = s["weight"]
-  return Packer(Mixture(windows, weights, events), rows, seq_len, bool(data_cfg.document_attention))
+  return Packer(Mixture(windows, weights, events), rows, seq_len, bool(data_cfg.document_attention), keep)
 
 
 def _counts(packer: Packer) -> dict[str, dict[str, int]]:
