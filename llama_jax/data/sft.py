@@ -36,14 +36,13 @@ across windows); use `data.document_attention` so they do not attend to each oth
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any, Sequence
 
 import numpy as np
 
 from llama_jax import chat
-from llama_jax.data.sources import CONVERSATION_FORMATS, MAX_WARNINGS, SourceStream, _Bad
+from llama_jax.data.sources import CONVERSATION_FORMATS, MAX_WARNINGS, SourceStream, _Bad, parse_json_line
 
 FORMATS = CONVERSATION_FORMATS
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -56,14 +55,9 @@ log = logging.getLogger("llama_jax.data")
 
 def parse_conversation(fmt: str, raw: bytes | str) -> list[dict] | None:
   """The messages ({"role", "content"}) of one raw jsonl line; None for a blank line; raises _Bad."""
-  if not raw.strip():
+  obj = parse_json_line(raw)
+  if obj is None:
     return None
-  try:
-    obj = json.loads(raw)
-  except UnicodeDecodeError as e:
-    raise _Bad(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-  except ValueError as e:
-    raise _Bad(f"not JSON ({e})") from None
   if not isinstance(obj, dict):
     raise _Bad(f"a {fmt} record must be a JSON object, got {type(obj).__name__}")
   messages = _sharegpt(obj) if fmt == "sharegpt" else _alpaca(obj)

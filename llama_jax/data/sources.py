@@ -118,6 +118,18 @@ def records(path: str, fmt: str, field: str, record: int = 0,
     yield from _open_lines(path, fmt, record, offset)
 
 
+def parse_json_line(raw: bytes | str) -> Any:
+  """One jsonl line's value; None for a blank line; raises _Bad for bytes that are not UTF-8 JSON."""
+  if not raw.strip():
+    return None
+  try:
+    return json.loads(raw)
+  except UnicodeDecodeError as e:
+    raise _Bad(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+  except ValueError as e:
+    raise _Bad(f"not JSON ({e})") from None
+
+
 def parse(fmt: str, raw: Any, field: str) -> str | None:
   """The document text of a raw record; None for a blank line; raises _Bad with the reason."""
   if fmt == "txt":
@@ -131,14 +143,9 @@ def parse(fmt: str, raw: Any, field: str) -> str | None:
     if not isinstance(raw, str):
       raise _Bad(f"{field!r} is {type(raw).__name__}, not text")
     return raw
-  if not raw.strip():
+  obj = parse_json_line(raw)
+  if obj is None:
     return None
-  try:
-    obj = json.loads(raw)
-  except UnicodeDecodeError as e:
-    raise _Bad(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-  except ValueError as e:
-    raise _Bad(f"not JSON ({e})") from None
   if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
     raise _Bad(f"no text field {field!r}")
   return obj[field]
