@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
