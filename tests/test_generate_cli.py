@@ -1,14 +1,13 @@
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
 import pytest
-import sentencepiece as spm
+from conftest import train_word_tokenizer
 
 import llama_jax
 from llama_jax import model as M
@@ -25,13 +24,7 @@ GREEDY = ["--temperature", "0", "--max_new_tokens", "8"]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
-  rng = random.Random(0)
-  words = "the cat sat on a mat dog ran to big small red blue tree house".split()
-  (root / "corpus.txt").write_text(
-      "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(1500)))
-  spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"),
-                                 vocab_size=TINY.vocab_size, model_type="bpe", byte_fallback=True,
-                                 minloglevel=2)
+  train_word_tokenizer(root, TINY.vocab_size)
   params = nn.unbox(M.init_params(TINY, jax.random.key(0)))
   model = llama_jax.Model(TINY, params, Tokenizer(root / "sp.model"))
   model.save(str(root / "model"))

@@ -1,12 +1,11 @@
 import dataclasses
-import random
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
+from conftest import train_word_tokenizer
 
 import llama_jax
 from llama_jax import model as M
@@ -182,13 +181,7 @@ def test_top_k_then_top_p_and_greedy():
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory, params):
   root = tmp_path_factory.mktemp("sp")
-  rng = random.Random(0)
-  words = "the cat sat on a mat dog ran to big small red blue tree house".split()
-  (root / "corpus.txt").write_text(
-      "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(1500)))
-  spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"),
-                                 vocab_size=TINY.vocab_size, model_type="bpe", byte_fallback=True,
-                                 minloglevel=2)
+  train_word_tokenizer(root, TINY.vocab_size)
   return llama_jax.Model(TINY, params, Tokenizer(root / "sp.model"))
 
 
