@@ -54,26 +54,19 @@ class Model:
                  tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype)
 
 
-def _param_shardings(config: ModelConfig, mesh, rules):
-  from llama_jax import sharding
-  from llama_jax.model import init_params
-  boxed = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-  return sharding.param_shardings(boxed, mesh, rules)
-
-
 def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | None = None,
          mesh=None, rules=None, **config_overrides) -> Model:
   """Loads any checkpoint this project reads. `dtype` sets the compute dtype; `config_overrides`
   change other run-time fields (attention_impl, remat_policy, ...) but not the shape. With a `mesh`
   the parameters are placed sharded over it (`sharding.DEFAULT_RULES` unless `rules`), so a model
   larger than one device loads; an own checkpoint is restored straight into its shards."""
-  from llama_jax.sharding import DEFAULT_RULES
-  rules = rules or DEFAULT_RULES
+  from llama_jax import sharding
+  rules = rules or sharding.DEFAULT_RULES
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path does not exist: {path}")
   if checkpoint.is_own_checkpoint(path):
-    place = (lambda cfg: _param_shardings(cfg, mesh, rules)) if mesh is not None else None
+    place = (lambda cfg: sharding.model_param_shardings(cfg, mesh, rules)) if mesh is not None else None
     config, params, tokenizer_path = checkpoint.load_model_files(path, place)
   elif os.path.isfile(os.path.join(path, "config.json")):
     from llama_jax.interop import hf
@@ -89,7 +82,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
   if config_overrides:
     config = config.replace(**config_overrides)
   if mesh is not None:
-    params = jax.device_put(params, _param_shardings(config, mesh, rules))  # no-op if restored sharded
+    params = jax.device_put(params, sharding.model_param_shardings(config, mesh, rules))  # no-op if restored sharded
   else:
     params = jax.tree.map(jnp.asarray, params)
   tok = Tokenizer(tokenizer) if tokenizer else (Tokenizer(tokenizer_path) if tokenizer_path else None)

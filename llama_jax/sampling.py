@@ -211,8 +211,7 @@ def cast_params(cfg: ModelConfig, params: Any) -> Any:
 
 def shard_params(cfg: ModelConfig, params: Any, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
   """Places parameters on the mesh by the model's logical axis names (no-op if already there)."""
-  boxed = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
-  return jax.device_put(params, sharding.param_shardings(boxed, mesh, rules))
+  return jax.device_put(params, sharding.model_param_shardings(cfg, mesh, rules))
 
 
 def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],

@@ -78,6 +78,13 @@ def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules=DEFAULT_RULES)
   return logical_to_sharding(nn.get_partition_spec(boxed_abstract_params), mesh, rules)
 
 
+def model_param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """Shardings of a model's parameters on `mesh`, from its shapes alone (no arrays are made)."""
+  from llama_jax.model import init_params  # local: the model module imports nothing from here
+  boxed = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
+  return param_shardings(boxed, mesh, rules)
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   """(B, T) arrays: rows over the batch axes of the rules, sequence replicated."""
   return logical_to_sharding(P("batch", None), mesh, rules)
