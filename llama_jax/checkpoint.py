@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import ModelConfig
@@ -55,8 +56,11 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
   params_dir = os.path.join(directory, "params")
   if os.path.exists(params_dir):
     shutil.rmtree(params_dir)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(params_dir, params)
+  # Uncompressed: with zstd on, tensorstore keeps every array's compressed chunks in host memory
+  # until the commit (measured: +0.95 of the model's size, and 2.3x the time); float weights
+  # compress by only ~10%. Reading needs no flag either way.
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+    ckptr.save(params_dir, args=ocp.args.PyTreeSave(params))
   write_model_config(directory, config)
   if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.join(directory, TOKENIZER):
     shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
@@ -100,11 +104,37 @@ def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> 
     return ckptr.restore(params_dir, abstract_params(config, shardings))
 
 
+def restore_host_leaves(params_dir: str, config: ModelConfig,
+                        dtype: Any = None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """(path, numpy array in `dtype`, default as stored) for each parameter, one at a time: each is
+  its own partial restore, so host memory holds one parameter rather than the model."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    for key_path, leaf in leaves:
+      path = tuple(k.key for k in key_path)
+      item, args = {}, {}
+      for tree, value in ((item, leaf), (args, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype))):
+        for key in path[:-1]:
+          tree = tree.setdefault(key, {})
+        tree[path[-1]] = value
+      out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=args, partial_restore=True))
+      for key in path:
+        out = out[key]
+      yield path, out
+      del out  # before the next restore: two parameters at once would be the peak
+
+
+def model_files(path: str) -> tuple[str, ModelConfig, str | None]:
+  """(params directory, config, tokenizer path or None) of a saved model or a training workdir."""
+  params_dir, config_dir = find_params_dir(path)
+  tokenizer = os.path.join(config_dir, TOKENIZER)
+  return params_dir, read_model_config(config_dir), (tokenizer if os.path.isfile(tokenizer) else None)
+
+
 def load_model_files(path: str, shardings_for=None) -> tuple[ModelConfig, Any, str | None]:
   """(config, params, tokenizer path or None) of a saved model or a training workdir; parameters are
   restored straight into `shardings_for(config)` where given (default: the first device)."""
-  params_dir, config_dir = find_params_dir(path)
-  config = read_model_config(config_dir)
+  params_dir, config, tokenizer = model_files(path)
   params = load_params(params_dir, config, shardings_for(config) if shardings_for else None)
-  tokenizer = os.path.join(config_dir, TOKENIZER)
-  return config, params, (tokenizer if os.path.isfile(tokenizer) else None)
+  return config, params, tokenizer

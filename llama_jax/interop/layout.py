@@ -108,6 +108,14 @@ def from_ours(entry: Entry, ours: np.ndarray) -> np.ndarray:
   return ours
 
 
+def hf_tensors(cfg: ModelConfig, path: Path, leaf: np.ndarray) -> Iterator[tuple[Entry, np.ndarray]]:
+  """(entry, Hugging Face tensor) for every tensor that our parameter `path` holds (one per layer
+  for a stacked parameter), as views of `leaf` where the layout allows."""
+  for e in entries(cfg):
+    if e.path == path:
+      yield e, from_ours(e, leaf if e.layer is None else leaf[e.layer])
+
+
 def export_stream(cfg: ModelConfig, params: Any) -> Iterator[tuple[Entry, Any]]:
   """(entry, function giving its Hugging Face tensor) for each tensor; the function copies one
   layer's slice to the host only when called, so a device-resident model never lands whole."""

@@ -2,15 +2,15 @@
 
 The converter and the delta tools treat the three formats alike: a `Source` has a config, a
 tokenizer, the dtype its weights are stored in, and `stream()`, which yields (Hugging Face name,
-array, file) one tensor at a time. Our own Orbax checkpoints are read whole (Orbax restores a tree)
-and streamed from memory.
+array, file) one tensor at a time. Our own Orbax checkpoints are restored one parameter at a time
+(a stacked parameter holds every layer's tensor of its kind) and streamed from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -27,7 +27,6 @@ class Source:
   tokenizer_path: str | None
   stored_dtype: str
   stream: Callable[[], Iterator[tuple[str, np.ndarray, str]]]
-  params: Any = None  # the tree itself, for our own checkpoints (already in memory)
 
 
 def open_source(path: str | os.PathLike) -> Source:
@@ -35,12 +34,16 @@ def open_source(path: str | os.PathLike) -> Source:
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file or directory")
   if checkpoint.is_own_checkpoint(path):
-    cfg, params, tok = checkpoint.load_model_files(path)
+    params_dir, cfg, tok = checkpoint.model_files(path)
 
     def stream():
-      for e, value in layout.export_stream(cfg, params):
-        yield e.name, value(), path
-    return Source(path, "orbax", cfg, tok, cfg.param_dtype, stream, params)
+      for leaf_path, leaf in checkpoint.restore_host_leaves(params_dir, cfg):
+        for e, tensor in layout.hf_tensors(cfg, leaf_path, leaf):
+          # A copy, not a view: a view that the consumer still holds would keep the whole
+          # parameter alive while the next one is restored.
+          yield e.name, np.array(tensor), path
+        leaf = tensor = None
+    return Source(path, "orbax", cfg, tok, cfg.param_dtype, stream)
   if os.path.isfile(os.path.join(path, hf.CONFIG)):
     cfg, _ = hf.read_config(path)
     return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path))
@@ -53,17 +56,8 @@ def open_source(path: str | os.PathLike) -> Source:
 
 
 def load(source: Source, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-  """(config, writable numpy tree) in `dtype` (default: as stored). Consumes the source."""
+  """(config, writable numpy tree) in `dtype` (default: as stored)."""
   dtype = dtype or source.stored_dtype
   cfg = source.config.replace(param_dtype=dtype)
-  if source.params is not None:
-    tree = {}
-    for path in layout.our_shapes(source.config):
-      # Pop each device array as its host copy is made: one copy of the model at a time, not two.
-      leaf = layout.get(source.params, path[:-1]).pop(path[-1])
-      layout.put(tree, path, np.array(leaf, dtype=layout.np_dtype(dtype)))
-      del leaf
-    source.params = None
-    return cfg, tree
   params = layout.Assembler(cfg, source.path, dtype=layout.np_dtype(dtype)).add_all(source.stream()).finish()
   return cfg, params
