@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -252,6 +253,24 @@ def test_delta_make_then_apply_gives_the_tuned_weights(tmp_path):
   rebuilt = transformers.LlamaForCausalLM.from_pretrained(out_dir)
   for (name, want), got in zip(tuned.state_dict().items(), rebuilt.state_dict().values()):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_delta_between_orbax_checkpoints(tmp_path):
+  # Our own checkpoints stream one parameter at a time: make and apply a delta with every side in Orbax.
+  base = hf_model(seed=3, num_key_value_heads=2)
+  tuned = hf_model(seed=4, vocab_size=103, num_key_value_heads=2)
+  paths = {n: str(tmp_path / n) for n in ("base_hf", "tuned_hf", "base", "tuned", "delta", "out")}
+  base.save_pretrained(paths["base_hf"])
+  tuned.save_pretrained(paths["tuned_hf"])
+  assert convert.main(["--input", paths["base_hf"], "--output", paths["base"]]) == 0
+  assert convert.main(["--input", paths["tuned_hf"], "--output", paths["tuned"]]) == 0
+  assert convert.main(["--input", paths["tuned"], "--make_delta", "--base", paths["base"],
+                       "--output", paths["delta"]]) == 0
+  assert convert.main(["--input", paths["base"], "--delta", paths["delta"], "--output", paths["out"]]) == 0
+  want, got = llama_jax.load(paths["tuned"]).params, llama_jax.load(paths["out"]).params
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  assert_close(llama_jax.load(paths["out"]).logits(TOKENS), ref_logits(tuned, TOKENS))
 
 
 # ---- bad input: one clear error naming the file, field or tensor ----
