@@ -174,6 +174,14 @@ def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
   assert code == 0, err[-3000:]
   np.testing.assert_allclose(_final_loss(tmp_path / "moved"), reference, rtol=1e-4)
 
+  # A workdir saved sharded over 4 devices converts parameter by parameter to Hugging Face's format.
+  import llama_jax
+  from llama_jax import convert
+  assert convert.main(["--input", str(tmp_path / "moved"), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+  tokens = np.array([[1, 5, 9, 2]])
+  np.testing.assert_allclose(llama_jax.load(tmp_path / "hf").logits(tokens),
+                             llama_jax.load(tmp_path / "moved").logits(tokens), rtol=1e-6, atol=1e-6)
+
 
 def _free_port():
   with socket.socket() as s:
