@@ -45,15 +45,25 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, written at each row's positions. (L, B, S, K, H) each."""
-  k: Array
-  v: Array
+  """Keys and values of every layer, written at each row's positions: stacked arrays
+  (L, B, K, S, H) for the scanned layers, or tuples of L arrays (B, K, S, H), one buffer per layer,
+  for the unrolled ones (`hidden(layers=...)`), which then neither slice nor restack it. (B, K, S, H)
+  is the layout attention's batched matmuls (batch B, K) read, so no step transposes it."""
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
+
+  @property
+  def length(self) -> int:
+    return jax.tree.leaves(self.k)[0].shape[-2]
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-  shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
+               per_layer: bool = False) -> KVCache:
   dtype = dtype or cfg.dtype
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+  if per_layer:
+    return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for _ in "kv"))
+  return KVCache(*(jnp.zeros((cfg.n_layers,) + shape, dtype) for _ in "kv"))
 
 
 def _param(module: nn.Module, name: str, shape, axes, init=_init):
@@ -97,16 +107,17 @@ def attention_mask(q_positions: Array, kv_positions: Array, q_segments: Array | 
   return mask
 
 
-def xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """Grouped-query attention in plain XLA. q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S)."""
+def xla_attention(q: Array, k: Array, v: Array, mask: Array, kv_layout: str = "BSKH") -> Array:
+  """Grouped-query attention in plain XLA. q (B, T, N, H), k/v (B, S, K, H) or, with
+  kv_layout="BKSH", (B, K, S, H) (the cache's layout); mask (B, T, S)."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[kv_layout.index("K")]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # (B, T, K, G, H): query heads share a K/V head
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", q, k, preferred_element_type=jnp.float32)
   scores = scores * (h ** -0.5)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", probs, v)
   return out.reshape(b, t, n, h)
 
 
@@ -121,8 +132,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None,
-               cache: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array] | None]:
+  def __call__(self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None,
+               layer: Array | None) -> tuple[Array, KVCache | None]:
+    """cache: the stacked cache of all layers, this one's at index `layer`, or (layer None) this
+    layer's own (B, K, S, H) buffers."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     d, n, k_heads, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -138,22 +151,31 @@ class Attention(nn.Module):
     k = rotary(k, positions, cfg.rope_theta)
 
     if cache is not None:
-      # Write this call's keys at each row's own positions (rows of one batch may be at different
-      # lengths), then attend over the whole cache; the mask hides slots after the query.
-      def write(buf, new, start):
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
-      k_cache = jax.vmap(write)(cache[0], k, positions[:, 0])
-      v_cache = jax.vmap(write)(cache[1], v, positions[:, 0])
-      cache = (k_cache, v_cache)
-      k, v = k_cache.astype(dt), v_cache.astype(dt)
+      # Write this call's keys into this layer's slots at each row's own positions (rows of one
+      # batch may be at different lengths), then attend over the layer's whole cache; the mask
+      # hides slots after the query. The write is a scatter into the carried buffer, in place:
+      # per-layer caches sliced out and stacked back would copy the whole cache every step.
+      rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
+      # Indexed (rows, :, positions): numpy puts the indexed (B, T) first, so the slots written
+      # are (B, T, K, H), the shape of k and v.
+      where = (rows, slice(None), positions) if layer is None else (layer, rows, slice(None), positions)
+      cache = KVCache(*(buf.at[where].set(new.astype(buf.dtype))
+                        for buf, new in ((cache.k, k), (cache.v, v))))
+      k, v = (cache.k, cache.v) if layer is None else (cache.k[layer], cache.v[layer])
+      k, v = k.astype(dt), v.astype(dt)  # (B, K, S, H)
+      kv_layout = "BKSH"
+    else:
+      kv_layout = "BSKH"
 
     if cfg.attention_impl == "cudnn":
+      if kv_layout == "BKSH":
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
       out = cudnn_attention(q, k, v, mask)
     else:
       if mask is None:  # plain causal over a sequence that starts at position 0
         idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         mask = attention_mask(idx, idx)
-      out = xla_attention(q, k, v, mask)
+      out = xla_attention(q, k, v, mask, kv_layout)
     out = checkpoint_name(jnp.einsum("BTNH,NHD->BTD", out, wo), "attn_out")
     return out, cache
 
@@ -177,24 +199,26 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache):
+  def __call__(self, x, positions, mask, cache, layer):
     h, cache = Attention(self.cfg, name="attention")(
-        RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, cache)
+        RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, cache, layer)
     x = _constrain(x + h, (BATCH, LENGTH, ACT_EMBED))
     x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
     return _constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache
 
 
 class _ScannedBlock(nn.Module):
-  """A Block in the (carry, xs) -> (carry, ys) form that nn.scan wants."""
+  """A Block in the (carry, xs) -> (carry, ys) form that nn.scan wants: the carry is the hidden
+  state and the cache of all layers, xs the layer index."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask):
+  def __call__(self, carry, layer, positions, mask):
     block = Block
     if self.cfg.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT[self.cfg.remat_policy], prevent_cse=False)
-    return block(self.cfg, name="block")(x, positions, mask, layer_cache)
+    x, cache = carry
+    return block(self.cfg, name="block")(x, positions, mask, cache, layer), None
 
 
 class Transformer(nn.Module):
@@ -223,23 +247,33 @@ class Transformer(nn.Module):
           (cfg.dim, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
   def hidden(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
-             cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-    """The final normed hidden states (B, T, D), before the output head."""
+             cache: KVCache | None = None, layers: Any = None) -> tuple[Array, KVCache | None]:
+    """The final normed hidden states (B, T, D), before the output head. `layers`: the blocks'
+    parameters as one tree per layer (`unstack_layers`), run by an unrolled loop in place of the
+    stacked ones (then the applied params need no "layers" entry), with a per-layer cache."""
     cfg = self.cfg
     x = jnp.take(self.tok_embeddings, tokens, axis=0).astype(cfg.dtype)  # (B, T, D)
     x = _constrain(x, (BATCH, LENGTH, ACT_EMBED))
     if cache is not None:
-      slots = jnp.broadcast_to(jnp.arange(cache.k.shape[2]), (tokens.shape[0], cache.k.shape[2]))
+      slots = jnp.broadcast_to(jnp.arange(cache.length), (tokens.shape[0], cache.length))
       mask = attention_mask(positions, slots)
     elif segment_ids is not None:
       idx = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
       mask = attention_mask(idx, idx, segment_ids, segment_ids)
     else:
       mask = None  # causal: each attention implementation builds it its own way
-    layer_caches = None if cache is None else (cache.k, cache.v)
-    x, new_caches = self.layers(x, layer_caches, positions, mask)
-    x = self.norm(x)
-    return x, (None if cache is None else KVCache(*new_caches))
+    if layers is None:
+      (x, cache), _ = self.layers((x, cache), jnp.arange(cfg.n_layers), positions, mask)
+    else:
+      new_caches = []
+      for i, layer_params in enumerate(layers):
+        own = None if cache is None else KVCache(cache.k[i], cache.v[i])
+        # parent=None: a module of its own, applied to its own parameters, not a submodule
+        x, own = Block(cfg, parent=None).apply({"params": layer_params}, x, positions, mask, own, None)
+        new_caches.append(own)
+      if cache is not None:
+        cache = KVCache(*(tuple(c[j] for c in new_caches) for j in range(2)))
+    return self.norm(x), cache
 
   def head(self, x: Array) -> Array:
     """Logits in float32: (B, T, D) -> (B, T, V)."""
@@ -247,14 +281,25 @@ class Transformer(nn.Module):
     return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+               cache: KVCache | None = None, layers: Any = None) -> tuple[Array, KVCache | None]:
     """tokens (B, T) int; positions (B, T), default 0..T-1; segment_ids (B, T) keeps attention
     inside packed documents; with a cache, keys are written at `positions` and all earlier
     positions of the cache are attended to. Returns float32 logits (B, T, V) and the new cache."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x, cache = self.hidden(tokens, positions, segment_ids, cache)
+    x, cache = self.hidden(tokens, positions, segment_ids, cache, layers)
     return self.head(x), cache
+
+
+def unstack_layers(params: Any) -> tuple[Any, tuple[Any, ...]]:
+  """(the parameters without the blocks, one parameter tree per block) for `hidden(layers=...)`.
+  A layer's weights sliced out of the stacked tensors inside a jitted step are a copy each time
+  the step runs (a decode step would move every weight twice); split once, they are read in
+  place. Costs a second copy of the blocks while the stacked tree is alive."""
+  top = {k: v for k, v in params.items() if k != "layers"}
+  stacked = params["layers"]["block"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return top, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> Any:

@@ -47,9 +47,18 @@ MIN_NEW_TOKENS_BUCKET = 16
 STREAM_CHUNK = 8  # decode steps per jitted call while streaming
 
 
+class EngineParams(NamedTuple):
+  """What prefill and decode run on: the parameters in the compute dtype and, for unrolled layers
+  (scan_layers=False), the blocks split into one tree per layer (`model.unstack_layers`), so that
+  a step reads each layer's weights where they lie instead of slicing (copying) them out of the
+  stacked tensors. `layers` None: the blocks stay stacked in `top` and are scanned."""
+  top: Any
+  layers: tuple | None
+
+
 class DecodeState(NamedTuple):
   """The while loop's carry. B batch, N the token budget bucket, S the cache length."""
-  cache: M.KVCache  # (L, B, S, K, H) each
+  cache: M.KVCache  # (L, B, K, S, H) each, or L arrays (B, K, S, H) for per-layer parameters
   tokens: Array  # (B, N) int32 new tokens; entries at >= lengths are padding
   lengths: Array  # (B,) int32 new tokens so far per row
   prompt_lengths: Array  # (B,) int32
@@ -66,12 +75,11 @@ def bucket(n: int, minimum: int, cap: int) -> int:
   return min(max(minimum, 1 << max(0, n - 1).bit_length()), cap)
 
 
-def _cache_spec(mesh: Mesh | None, rules=sharding.DEFAULT_RULES):
-  """The cache split over the mesh like the K/V heads it holds; None without a mesh."""
-  if mesh is None:
-    return None
+def _shard_cache(cache: M.KVCache, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> M.KVCache:
+  """The cache split over the mesh like the K/V heads it holds (the third axis from the end)."""
   kv_axes = dict(rules).get(M.KV_HEADS)
-  return NamedSharding(mesh, P(None, None, None, kv_axes, None))
+  return jax.tree.map(lambda buf: jax.lax.with_sharding_constraint(
+      buf, NamedSharding(mesh, P(*[None] * (buf.ndim - 3), kv_axes, None, None))), cache)
 
 
 def _rules_context(mesh: Mesh | None):
@@ -83,7 +91,7 @@ def _rules_context(mesh: Mesh | None):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len", "budget", "mesh",
                                              "record_logits"))
-def prefill(cfg: ModelConfig, params: Any, tokens: Array, prompt_lengths: Array, limits: Array,
+def prefill(cfg: ModelConfig, params: EngineParams, tokens: Array, prompt_lengths: Array, limits: Array,
             keys: Array, eos_id: Array, *, sampling: SamplingConfig, cache_len: int, budget: int,
             mesh: Mesh | None = None, record_logits: bool = False) -> DecodeState:
   """tokens (B, P) right-padded prompts -> the decode state holding the filled cache and each
@@ -91,15 +99,16 @@ def prefill(cfg: ModelConfig, params: Any, tokens: Array, prompt_lengths: Array,
   TRACE_COUNTS["prefill"] += 1
   b, p = tokens.shape
   with _rules_context(mesh):
-    cache = M.init_cache(cfg, b, cache_len)
+    cache = M.init_cache(cfg, b, cache_len, per_layer=params.layers is not None)
     if mesh is not None:
-      cache = jax.lax.with_sharding_constraint(cache, M.KVCache(*[_cache_spec(mesh)] * 2))
+      cache = _shard_cache(cache, mesh)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     model = M.Transformer(cfg)
-    hidden, cache = model.apply({"params": params}, tokens, positions, cache=cache, method="hidden")
+    hidden, cache = model.apply({"params": params.top}, tokens, positions, cache=cache,
+                                layers=params.layers, method="hidden")
     # Only each row's last prompt position needs the (large) output head.
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
-    logits = model.apply({"params": params}, last, method="head")[:, 0]  # (B, V)
+    logits = model.apply({"params": params.top}, last, method="head")[:, 0]  # (B, V)
   first = sample(logits, _step_keys(keys, 0), sampling)
   valid = limits > 0
   tokens_out = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(jnp.where(valid, first, 0))
@@ -119,12 +128,12 @@ def _step_keys(keys: Array, step) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh"), donate_argnames=("state",))
-def decode(cfg: ModelConfig, params: Any, state: DecodeState, until: Array, *,
+def decode(cfg: ModelConfig, params: EngineParams, state: DecodeState, until: Array, *,
            sampling: SamplingConfig, mesh: Mesh | None = None) -> DecodeState:
   """Draws tokens for every unfinished row until all are done or `until` steps have been taken."""
   TRACE_COUNTS["decode"] += 1
   budget = state.tokens.shape[1]
-  cache_len = state.cache.k.shape[2]
+  cache_len = state.cache.length
   model = M.Transformer(cfg)
 
   def cond(s: DecodeState):
@@ -136,7 +145,8 @@ def decode(cfg: ModelConfig, params: Any, state: DecodeState, until: Array, *,
     # (what they compute is thrown away).
     pos = jnp.minimum(s.prompt_lengths + s.step - 1, cache_len - 1)
     with _rules_context(mesh):
-      logits, cache = model.apply({"params": params}, last[:, None], pos[:, None], cache=s.cache)
+      logits, cache = model.apply({"params": params.top}, last[:, None], pos[:, None], cache=s.cache,
+                                  layers=params.layers)
     logits = logits[:, 0]  # (B, V)
     new = sample(logits, _step_keys(s.keys, s.step), sampling)
     active = ~s.done
@@ -214,6 +224,21 @@ def shard_params(cfg: ModelConfig, params: Any, mesh: Mesh, rules=sharding.DEFAU
   return jax.device_put(params, sharding.model_param_shardings(cfg, mesh, rules))
 
 
+_unstack_layers = jax.jit(M.unstack_layers)
+
+
+def engine_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None) -> EngineParams:
+  """The parameters as prefill and decode want them: cast to the compute dtype, placed on the
+  mesh if one is given, and split per layer when the layers are unrolled. The split is a copy of
+  the blocks made once per call, in exchange for not copying them at every decode step."""
+  params = cast_params(cfg, params)
+  if mesh is not None:
+    params = shard_params(cfg, params, mesh)
+  if cfg.scan_layers:
+    return EngineParams(params, None)
+  return EngineParams(*_unstack_layers(params))
+
+
 def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                     eos_id: int | None = None, batch_size: int | None = None,
@@ -233,10 +258,9 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
     raise ValueError("streaming needs exactly one prompt")
   batch_size = batch_size or min(len(prompts), 64)
   cfg = engine_config(cfg)
-  params = cast_params(cfg, params)
+  params = engine_params(cfg, params, mesh)
   batch_multiple = 1
   if mesh is not None:
-    params = shard_params(cfg, params, mesh)
     batch_axes = dict(sharding.DEFAULT_RULES).get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     batch_multiple = math.prod(mesh.shape[a] for a in batch_axes)
@@ -356,7 +380,7 @@ def benchmark(config, batch_size: int, prompt_len: int, new_tokens: int, repeats
   import time
   cfg = engine_config(ModelConfig.from_dict(config.model))
   params = jax.jit(lambda: nn.unbox(M.init_params(cfg, jax.random.key(0))))()
-  params = cast_params(cfg, params)
+  params = engine_params(cfg, params)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (batch_size, prompt_len)).tolist()
   batch = make_batch(cfg, prompts, list(range(batch_size)), new_tokens)

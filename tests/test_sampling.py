@@ -50,6 +50,18 @@ def test_cached_logits_equal_full_forward_at_every_step(params):
       np.testing.assert_allclose(logits[s], full[row, len(prompt) - 1 + s], rtol=1e-5, atol=1e-5)
 
 
+def test_unrolled_engine_on_per_layer_weights_equals_the_scanned_one(params):
+  # scan_layers=False decodes on the blocks split per layer (model.unstack_layers); same parameters
+  unrolled = dataclasses.replace(TINY, scan_layers=False)
+  prompts = _prompts([5, 11, 3])
+  scanned = sampling.generate_tokens(TINY, params, prompts, 6, SAMPLED, seed=2, return_logits=True)
+  split = sampling.generate_tokens(unrolled, params, prompts, 6, SAMPLED, seed=2, return_logits=True)
+  assert sampling.engine_params(unrolled, params).layers is not None
+  for (tokens_a, logits_a), (tokens_b, logits_b) in zip(scanned, split):
+    assert tokens_a == tokens_b
+    np.testing.assert_allclose(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_equals_argmax_rollout_without_cache(params):
   prompt = _prompts([7])[0]
   new = sampling.generate_tokens(TINY, params, [prompt], 8, GREEDY)[0]
@@ -98,10 +110,12 @@ def test_streaming_chunks_make_the_same_tokens(params):
   assert len(chunks) > 1 and sum(chunks, []) == streamed[0]
 
 
-def test_tensor_parallel_mesh_gives_the_same_tokens(params):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_tensor_parallel_mesh_gives_the_same_tokens(params, scan_layers):
+  cfg = dataclasses.replace(TINY, scan_layers=scan_layers)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
   prompts = _prompts([6, 13])
-  sharded = sampling.generate_tokens(TINY, params, prompts, 6, GREEDY, mesh=mesh)
+  sharded = sampling.generate_tokens(cfg, params, prompts, 6, GREEDY, mesh=mesh)
   assert sharded == sampling.generate_tokens(TINY, params, prompts, 6, GREEDY)
   placed = sampling.shard_params(TINY, params, mesh)
   assert len(placed["layers"]["block"]["attention"]["wk"].sharding.device_set) == 2
@@ -119,10 +133,10 @@ def test_context_limits(params):
 
 def test_cache_is_in_the_compute_dtype(params):
   cfg = dataclasses.replace(TINY, dtype="bfloat16")
-  state = sampling.prefill(cfg, params, jnp.ones((1, 16), jnp.int32), jnp.array([3]), jnp.array([4]),
+  state = sampling.prefill(cfg, sampling.engine_params(cfg, params), jnp.ones((1, 16), jnp.int32), jnp.array([3]), jnp.array([4]),
                            jax.random.split(jax.random.key(0), 1), jnp.array(-1), sampling=GREEDY,
                            cache_len=32, budget=16)
-  assert state.cache.k.dtype == jnp.bfloat16 and state.cache.k.shape == (2, 1, 32, 2, 8)
+  assert state.cache.k.dtype == jnp.bfloat16 and state.cache.k.shape == (2, 1, 2, 32, 8)
 
 
 # --- the pure sampling functions
