@@ -62,6 +62,24 @@ def test_unrolled_engine_on_per_layer_weights_equals_the_scanned_one(params):
     np.testing.assert_allclose(logits_b, logits_a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_step_copies_neither_cache_nor_weights(scan_layers):
+  # XLA's own accounting of the compiled loop's scratch memory: a step that sliced and restacked
+  # the cache (or copied weights out of the stacked tensors) needs scratch of the cache's size;
+  # one that updates the carried buffers in place needs little beyond the logits.
+  cfg = dataclasses.replace(TINY, scan_layers=scan_layers, max_seq_len=1024)
+  params = sampling.engine_params(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0))))
+  batch = sampling.make_batch(cfg, _prompts([5] * 4), list(range(4)), 1000)
+  state = sampling.prefill(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+                           jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), 4),
+                           jnp.array(-1), sampling=GREEDY, cache_len=batch.cache_len, budget=batch.budget)
+  compiled = sampling.decode.lower(cfg, params, state, jnp.array(batch.budget), sampling=GREEDY).compile()
+  scratch = compiled.memory_analysis().temp_size_in_bytes
+  layer_cache = sum(x.nbytes for x in jax.tree.leaves(state.cache)) // cfg.n_layers
+  # measured before the in-place cache: 1.5x (scanned) and 1.7x (unrolled) the whole cache
+  assert scratch < (2 if scan_layers else 1) * layer_cache, (scratch, layer_cache)
+
+
 def test_greedy_equals_argmax_rollout_without_cache(params):
   prompt = _prompts([7])[0]
   new = sampling.generate_tokens(TINY, params, [prompt], 8, GREEDY)[0]
