@@ -33,6 +33,7 @@ class ModelConfig:
   attention_impl: str = "xla"  # "xla" everywhere, "cudnn" (flash attention) on NVIDIA GPUs
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
+  loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
 
   def __post_init__(self):
     if self.n_kv_heads is None:
@@ -54,6 +55,8 @@ class ModelConfig:
       raise ValueError(f"model.dtype and model.param_dtype must be one of {DTYPES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.loss_chunk_len < 0:
+      raise ValueError(f"model.loss_chunk_len must be >= 0, got {self.loss_chunk_len}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from llama_jax.config import ModelConfig
-from llama_jax.loss import cross_entropy_sums
+from llama_jax.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from llama_jax.model import BATCH, LENGTH, Transformer
 
 
@@ -34,8 +34,14 @@ def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float, document_attentio
   # Without document attention, packed rows attend across document boundaries (plain causal), which
   # lets flash attention use its causal kernel instead of an explicit mask.
   segment_ids = batch["segment_ids"] if document_attention else None
-  logits, _ = Transformer(cfg).apply(
-      {"params": params}, batch["inputs"], batch["positions"], segment_ids=segment_ids)
+  model = Transformer(cfg)
+  if cfg.loss_chunk_len:
+    hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                            segment_ids=segment_ids, method="hidden")
+    head = lambda x: model.apply({"params": params}, x, method="head")  # noqa: E731
+    return chunked_cross_entropy_sums(hidden, head, batch["targets"], batch["loss_mask"],
+                                      cfg.loss_chunk_len, z_loss)
+  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], segment_ids=segment_ids)
   return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
