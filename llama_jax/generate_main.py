@@ -128,14 +128,14 @@ def run_prompts(args, model, mesh, prompts, out: TextIO) -> None:
       out.write(text)
       out.flush()
 
-    outputs = sampling.generate(model, [ids[0]], stream=sampling.TextStreamer(model.tokenizer, write, eos),
+    outputs = sampling.generate(model, [ids[0]], stream=sampling.TextStreamer(model.tokenizer, write, eos, ids[0]),
                                 **options)
     out.write("\n")
   else:
     outputs = sampling.generate(model, ids, **options)
   seconds = time.perf_counter() - start
   new = [row[len(p):] for row, p in zip(outputs, ids)]
-  texts = [model.tokenizer.decode([t for t in row if t != eos]) for row in new]
+  texts = [model.tokenizer.decode_continuation(p, [t for t in row if t != eos]) for p, row in zip(ids, new)]
   if args.output:
     records = [{"prompt": p, "completion": t, "num_tokens": len(n), "stopped_at_eos": bool(n) and n[-1] == eos}
                for p, t, n in zip(prompts, texts, new)]
@@ -210,7 +210,7 @@ def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
       out.write(text)
       out.flush()
 
-    streamer = sampling.TextStreamer(tok, write, tok.eos_id)
+    streamer = sampling.TextStreamer(tok, write, tok.eos_id, ids)
     result = sampling.generate(model, [ids], max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                seed=args.seed + turn, stream=streamer, mesh=mesh)[0]

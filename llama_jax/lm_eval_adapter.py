@@ -98,9 +98,7 @@ class LlamaJaxLM(LM):
                                  top_k=int(kwargs.pop("top_k", 0) or 0), seed=self.seed)
       for (i, _, _), prompt, ids in zip(items, prompts, full):
         new = [t for t in ids[len(prompt):] if t != self.tok.eos_id]
-        # Decode prompt and continuation together: SentencePiece drops the leading space of a
-        # text's first piece, which the continuation's first word would otherwise lose.
-        text = self.tok.decode(prompt + new)[len(self.tok.decode(prompt)):]
+        text = self.tok.decode_continuation(prompt, new)
         for stop in until:
           if stop and stop in text:
             text = text[:text.index(stop)]

@@ -312,14 +312,16 @@ class TextStreamer:
   a token (a leading "▁" becomes a space only mid-text, bytes combine into characters), so decode
   everything so far and emit what is new, holding back an unfinished UTF-8 character."""
 
-  def __init__(self, tokenizer, write: Callable[[str], None], eos_id: int | None = None):
+  def __init__(self, tokenizer, write: Callable[[str], None], eos_id: int | None = None,
+               prompt_ids: Sequence[int] = ()):
     self.tokenizer, self.write, self.eos_id = tokenizer, write, eos_id
+    self.prompt_ids = list(prompt_ids)  # context, so the first word keeps its leading space
     self.ids: list[int] = []
     self.text = ""
 
   def __call__(self, new_ids: list[int]) -> None:
     self.ids += [i for i in new_ids if i != self.eos_id]
-    text = self.tokenizer.decode(self.ids)
+    text = self.tokenizer.decode_continuation(self.prompt_ids, self.ids)
     if text.endswith("\ufffd"):
       return
     if text.startswith(self.text):
@@ -328,7 +330,7 @@ class TextStreamer:
 
   def flush(self) -> None:
     """At the end: whatever was held back (an incomplete character decodes as U+FFFD)."""
-    text = self.tokenizer.decode(self.ids)
+    text = self.tokenizer.decode_continuation(self.prompt_ids, self.ids)
     if text.startswith(self.text) and len(text) > len(self.text):
       self.write(text[len(self.text):])
     self.text = text
@@ -357,7 +359,7 @@ def generate(model, prompts, max_new_tokens: int = 128, temperature: float = 0.0
   ids = tok.encode_batch(list(prompts)) if as_text else [list(p) for p in prompts]
   callback = stream
   if stream is not None and as_text:
-    callback = TextStreamer(tok, stream, eos_id)
+    callback = TextStreamer(tok, stream, eos_id, ids[0])
   sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
   out = generate_tokens(model.config, model.params, ids, max_new_tokens, sampling, seed, eos_id,
                         batch_size, mesh, callback, return_logits)
@@ -368,7 +370,7 @@ def generate(model, prompts, max_new_tokens: int = 128, temperature: float = 0.0
   else:
     new, logits = out, None
   if as_text:
-    texts = [tok.decode([t for t in row if t != eos_id]) for row in new]
+    texts = [tok.decode_continuation(p, [t for t in row if t != eos_id]) for p, row in zip(ids, new)]
     return (texts, list(logits)) if return_logits else texts
   full = [p + n for p, n in zip(ids, new)]
   return (full, list(logits)) if return_logits else full

@@ -234,4 +234,12 @@ def test_string_prompts_and_text_streaming(text_model):
   out = text_model.generate([ids], max_new_tokens=16)[0]
   assert out[:len(ids)] == ids
   eos = text_model.tokenizer.eos_id
-  assert text_model.tokenizer.decode([t for t in out[len(ids):] if t != eos]) == text
+  # the prompt's text and the continuation's make the whole text, spaces included
+  assert "the big tree" + text == text_model.tokenizer.decode([t for t in out if t != eos])
+
+
+def test_continuation_keeps_the_space_before_its_first_word(text_model):
+  tok = text_model.tokenizer
+  prompt, new = tok.encode("the cat"), tok.encode("sat on", bos=False)  # "▁sat", "▁on"
+  assert tok.decode(new) == "sat on"  # alone, SentencePiece drops the first piece's space
+  assert tok.decode_continuation(prompt, new) == " sat on"

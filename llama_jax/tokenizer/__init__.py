@@ -33,5 +33,13 @@ class Tokenizer:
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
+  def decode_continuation(self, prompt_ids, new_ids) -> str:
+    """The text `new_ids` add after `prompt_ids`: the prompt's text followed by it is the whole
+    text. Decoded alone, a continuation would lose the space before its first word (SentencePiece
+    drops the space that a text's first piece starts with)."""
+    prompt = self.decode(prompt_ids)
+    whole = self.decode(list(prompt_ids) + list(new_ids))
+    return whole[len(prompt):] if whole.startswith(prompt) else self.decode(new_ids)
+
   def id_to_piece(self, i: int) -> str:
     return self.sp.id_to_piece(int(i))
