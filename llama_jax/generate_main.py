@@ -210,7 +210,8 @@ def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
       out.write(text)
       out.flush()
 
-    streamer = sampling.TextStreamer(tok, write, tok.eos_id, ids)
+    # The answer alone (no prompt context): shown after the "ASSISTANT: " tag, as it is stored.
+    streamer = sampling.TextStreamer(tok, write, tok.eos_id)
     result = sampling.generate(model, [ids], max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                seed=args.seed + turn, stream=streamer, mesh=mesh)[0]

@@ -29,8 +29,7 @@ def _value_and_grad(cfg, params, batch, z_loss):
   return jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+@pytest.mark.parametrize("tie,z_loss", [(False, 0.0), (True, 1e-2)])
 def test_chunked_loss_and_gradients_equal_whole_logits(tie, z_loss):
   cfg = CFG.replace(tie_embeddings=tie)
   params = nn.unbox(init_params(cfg, jax.random.key(0)))
