@@ -32,7 +32,7 @@ def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], ja
 
   hidden (B, T, D); head maps (B, C, D) to float32 (B, C, V); T must divide by chunk_len. The
   chunks split the sequence axis, so the batch axis keeps its sharding."""
-  b, t, d = hidden.shape
+  b, t = hidden.shape[:2]
   if t % chunk_len:
     raise ValueError(f"model.loss_chunk_len ({chunk_len}) must divide the sequence length ({t})")
   n = t // chunk_len
@@ -41,8 +41,8 @@ def chunked_cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], ja
     return x.reshape((b, n, chunk_len) + x.shape[2:]).swapaxes(0, 1)
 
   @jax.checkpoint
-  def one(x, t, m):
-    return cross_entropy_sums(head(x), t, m, z_loss)
+  def one(x, y, m):  # hidden, targets, mask of one chunk
+    return cross_entropy_sums(head(x), y, m, z_loss)
 
   def body(sums, xs):
     return jax.tree.map(jnp.add, sums, one(*xs)), None
