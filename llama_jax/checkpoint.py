@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -112,15 +113,11 @@ def restore_host_leaves(params_dir: str, config: ModelConfig,
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     for key_path, leaf in leaves:
       path = tuple(k.key for k in key_path)
-      item, args = {}, {}
-      for tree, value in ((item, leaf), (args, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype))):
-        for key in path[:-1]:
-          tree = tree.setdefault(key, {})
-        tree[path[-1]] = value
+      item = traverse_util.unflatten_dict({path: leaf})
+      args = traverse_util.unflatten_dict({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
       out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=args, partial_restore=True))
-      for key in path:
-        out = out[key]
+      out = traverse_util.flatten_dict(out)[path]
       yield path, out
       del out  # before the next restore: two parameters at once would be the peak
 

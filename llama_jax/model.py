@@ -272,7 +272,7 @@ class Transformer(nn.Module):
         x, own = Block(cfg, parent=None).apply({"params": layer_params}, x, positions, mask, own, None)
         new_caches.append(own)
       if cache is not None:
-        cache = KVCache(*(tuple(c[j] for c in new_caches) for j in range(2)))
+        cache = KVCache(tuple(c.k for c in new_caches), tuple(c.v for c in new_caches))
     return self.norm(x), cache
 
   def head(self, x: Array) -> Array:
