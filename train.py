@@ -5,7 +5,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from llama_jax.cli import run_cli
+from llama_jax.errors import run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
@@ -15,7 +15,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from llama_jax.trainer import TrainingError, train_and_evaluate
+  from llama_jax.train import TrainingError, train_and_evaluate
   run_cli(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value), expected=(TrainingError,))
 
 

@@ -17,8 +17,8 @@ from ml_collections import config_flags
 
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
-from llama_jax.train_step import _loss_sums
-from llama_jax.trainer import make_training
+from llama_jax.train.step import _loss_sums
+from llama_jax.train.loop import make_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tinyllama_1b.py", "Config file.")
 

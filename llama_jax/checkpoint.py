@@ -1,11 +1,14 @@
-"""The project's own checkpoints, in Orbax.
+"""The project's own checkpoints, in Orbax: saved models, training workdirs, and reading them.
 
 Two layouts, one parameter format:
-  a saved model:     DIR/model_config.json, DIR/params/ (Orbax), DIR/tokenizer.model (optional)
+  a saved model:      DIR/model_config.json, DIR/params/ (Orbax), DIR/tokenizer.model (optional)
   a training workdir: DIR/model_config.json, DIR/tokenizer.model, DIR/checkpoints/<step>/{params,
-                      opt_state, meta, data}/ written by an Orbax CheckpointManager. Orbax writes a
-                      step to a temporary name and renames it when complete, so a save killed
-                      mid-write is never listed as a step.
+                      opt_state, meta, data}/ written by an Orbax CheckpointManager
+                      (`make_manager`, `save_state`, `restore_state`). Orbax writes a step to a
+                      temporary name and renames it when complete, so a save killed mid-write is
+                      never listed as a step.
+Items of a training step: `params` and `opt_state` (sharded arrays, restorable onto any mesh),
+`meta` (step, seed) and `data` (every process's data-iterator state, gathered into one JSON).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
-from flax import traverse_util
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from llama_jax.config import ModelConfig
 
@@ -43,8 +47,8 @@ def read_model_config(directory: str) -> ModelConfig:
 
 def abstract_params(config: ModelConfig, shardings: Any = None) -> Any:
   """ShapeDtypeStructs of the parameters, placed by `shardings` (default: the first device)."""
-  from llama_jax.model import init_params  # local: model imports nothing from here
-  shapes = nn.unbox(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+  from llama_jax.model import param_shapes
+  shapes = nn.unbox(param_shapes(config))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
@@ -129,9 +133,51 @@ def model_files(path: str) -> tuple[str, ModelConfig, str | None]:
   return params_dir, read_model_config(config_dir), (tokenizer if os.path.isfile(tokenizer) else None)
 
 
-def load_model_files(path: str, shardings_for=None) -> tuple[ModelConfig, Any, str | None]:
-  """(config, params, tokenizer path or None) of a saved model or a training workdir; parameters are
-  restored straight into `shardings_for(config)` where given (default: the first device)."""
-  params_dir, config, tokenizer = model_files(path)
-  params = load_params(params_dir, config, shardings_for(config) if shardings_for else None)
-  return config, params, tokenizer
+# --- training workdirs: the state of a run, step by step
+
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max(int(keep), 1), create=True, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINTS)), options=options,
+      item_names=("params", "opt_state", "meta", "data"))
+
+
+def gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able `obj`, in process order (a collective: all processes call it)."""
+  if jax.process_count() == 1:
+    return [obj]
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([raw.size], np.int64))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  everything = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everything, lengths.ravel())]
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state, rng_seed: int, data_state: Any,
+         force: bool = False) -> bool:
+  data_states = gather_json(data_state)
+  return manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      meta=ocp.args.JsonSave({"step": int(step), "seed": int(rng_seed)}),
+      data=ocp.args.JsonSave({"processes": data_states}),
+  ), force=force)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
+  """(params, opt_state, meta, this process's data state) at `step`, placed as the abstract
+  targets' shardings say (which may be another mesh than the one that saved)."""
+  out = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+      meta=ocp.args.JsonRestore(),
+      data=ocp.args.JsonRestore(),
+  ))
+  states = out.data["processes"]
+  if len(states) != jax.process_count():
+    raise ValueError(
+        f"checkpoint step {step} was written by {len(states)} processes, this run has "
+        f"{jax.process_count()}: the data iterators cannot resume exactly")
+  return out.params, out.opt_state, out.meta, states[jax.process_index()]

@@ -3,10 +3,14 @@
 Follows Meta's reference `llama/model.py` (Touvron et al. 2023): pre-norm blocks with RMSNorm,
 rotary position embeddings, grouped-query attention and a SwiGLU feed-forward. Parameter names are
 Meta's, so checkpoint conversion is renames and transposes. Rotary embeddings rotate the two halves
-of each head (the Hugging Face layout); Meta checkpoints are permuted on conversion (`interop`).
+of each head (the Hugging Face layout); Meta checkpoints are permuted on conversion (`convert`).
 
 At the `jit` boundary the model is a pure function:
-  logits, cache = Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids=..., cache=...)
+  logits = Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids=...)
+
+Decoding reuses the pieces (`embed`, `Block`, `head`) with a key/value cache: `Attention` takes an
+optional cache object of one layer and returns it updated; what the cache holds and how it is
+written is `llama_jax.generate.cache`'s business, not the model's.
 
 Dimension letters: B batch, T query length, S key length, D model dim, N query heads,
 K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V vocabulary, L layers.
@@ -15,7 +19,7 @@ K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -25,8 +29,9 @@ from jax.ad_checkpoint import checkpoint_name
 from llama_jax.config import ModelConfig
 
 Array = jax.Array
+Rope = tuple[Array, Array]  # (sin, cos), each (B, T, 1, H/2) float32
 
-# Logical axis names of parameters and activations; `sharding.LOGICAL_RULES` maps them to mesh axes.
+# Logical axis names of parameters and activations; `sharding.DEFAULT_RULES` maps them to mesh axes.
 EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
     "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 BATCH, LENGTH, ACT_EMBED = "batch", "length", "act_embed"
@@ -44,31 +49,27 @@ REMAT = {
 _init = nn.initializers.normal(stddev=0.02)
 
 
-class KVCache(NamedTuple):
-  """Keys and values of every layer, written at each row's positions: stacked arrays
-  (L, B, K, S, H) for the scanned layers, or tuples of L arrays (B, K, S, H), one buffer per layer,
-  for the unrolled ones (`hidden(layers=...)`), which then neither slice nor restack it. (B, K, S, H)
-  is the layout attention's batched matmuls (batch B, K) read, so no step transposes it."""
-  k: Array | tuple[Array, ...]
-  v: Array | tuple[Array, ...]
+class LayerCache(Protocol):
+  """What `Attention` needs of one layer's key/value cache (`generate.cache.KVCache` is one)."""
+  layout: str  # the einsum letters of the keys and values it returns, e.g. "BKSH"
 
-  @property
-  def length(self) -> int:
-    return jax.tree.leaves(self.k)[0].shape[-2]
+  def write(self, k: Array, v: Array, positions: Array) -> "LayerCache":
+    """The cache with k, v (B, T, K, H) written at positions (B, T)."""
 
-
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
-               per_layer: bool = False) -> KVCache:
-  dtype = dtype or cfg.dtype
-  shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-  if per_layer:
-    return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for _ in "kv"))
-  return KVCache(*(jnp.zeros((cfg.n_layers,) + shape, dtype) for _ in "kv"))
+  def read(self, dtype) -> tuple[Array, Array]:
+    """All keys and values, in `layout`, in `dtype`."""
 
 
 def _param(module: nn.Module, name: str, shape, axes, init=_init):
   dtype = jnp.dtype(module.cfg.param_dtype)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes) -> Array:
+  """One projection: the weight `name` (stored in param_dtype), cast to the compute dtype, applied
+  by `equation`. Every matmul weight of a block goes through here."""
+  w = _param(module, name, shape, axes).astype(module.cfg.dtype)
+  return jnp.einsum(equation, x, w)
 
 
 def _constrain(x: Array, axes) -> Array:
@@ -83,19 +84,23 @@ class RMSNorm(nn.Module):
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
     x32 = x.astype(jnp.float32)  # the statistics in float32, as Meta's `_norm(x.float())`
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (normed.astype(x.dtype) * weight.astype(x.dtype))
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
-  """Rotates each head's two halves by angle position * theta^(-2i/H). x: (B, T, ..., H)."""
-  half = x.shape[-1] // 2
-  freqs = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))
-  angles = positions.astype(jnp.float32)[..., None] * freqs  # (B, T, H/2)
-  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (half,))
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
+def rotary_tables(positions: Array, head_dim: int, theta: float) -> Rope:
+  """sin and cos of angle position * theta^(-2i/H), i < H/2: (B, T, 1, H/2) each, made once per
+  forward pass and shared by every layer's queries and keys."""
+  half = head_dim // 2
+  freqs = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / head_dim))
+  angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (B, T, 1, H/2)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def rotary(x: Array, rope: Rope) -> Array:
+  """Rotates each head's two halves (x1, x2) by the tables' angles. x: (B, T, heads, H)."""
+  sin, cos = rope
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def attention_mask(q_positions: Array, kv_positions: Array, q_segments: Array | None = None,
@@ -132,52 +137,35 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None, cache: KVCache | None,
-               layer: Array | None) -> tuple[Array, KVCache | None]:
-    """cache: the stacked cache of all layers, this one's at index `layer`, or (layer None) this
-    layer's own (B, K, S, H) buffers."""
+  def __call__(self, x: Array, positions: Array, rope: Rope, mask: Array | None,
+               cache: LayerCache | None = None) -> tuple[Array, LayerCache | None]:
     cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
-    d, n, k_heads, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    wq = _param(self, "wq", (d, n, h), (EMBED, HEADS, HEAD_DIM)).astype(dt)
-    wk = _param(self, "wk", (d, k_heads, h), (EMBED, KV_HEADS, HEAD_DIM)).astype(dt)
-    wv = _param(self, "wv", (d, k_heads, h), (EMBED, KV_HEADS, HEAD_DIM)).astype(dt)
-    wo = _param(self, "wo", (n, h, d), (HEADS, HEAD_DIM, EMBED)).astype(dt)
+    d, n, kv, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
+                        "q_proj")  # (B, T, N, H)
+    k = checkpoint_name(_project(self, "wk", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                        "k_proj")  # (B, T, K, H)
+    v = checkpoint_name(_project(self, "wv", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                        "v_proj")  # (B, T, K, H)
+    q, k = rotary(q, rope), rotary(k, rope)
 
-    q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq), "q_proj")  # (B, T, N, H)
-    k = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk), "k_proj")  # (B, T, K, H)
-    v = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv), "v_proj")  # (B, T, K, H)
-    q = rotary(q, positions, cfg.rope_theta)
-    k = rotary(k, positions, cfg.rope_theta)
-
-    if cache is not None:
-      # Write this call's keys into this layer's slots at each row's own positions (rows of one
-      # batch may be at different lengths), then attend over the layer's whole cache; the mask
-      # hides slots after the query. The write is a scatter into the carried buffer, in place:
-      # per-layer caches sliced out and stacked back would copy the whole cache every step.
-      rows = jnp.arange(x.shape[0])[:, None]  # (B, 1)
-      # Indexed (rows, :, positions): numpy puts the indexed (B, T) first, so the slots written
-      # are (B, T, K, H), the shape of k and v.
-      where = (rows, slice(None), positions) if layer is None else (layer, rows, slice(None), positions)
-      cache = KVCache(*(buf.at[where].set(new.astype(buf.dtype))
-                        for buf, new in ((cache.k, k), (cache.v, v))))
-      k, v = (cache.k, cache.v) if layer is None else (cache.k[layer], cache.v[layer])
-      k, v = k.astype(dt), v.astype(dt)  # (B, K, S, H)
-      kv_layout = "BKSH"
-    else:
-      kv_layout = "BSKH"
+    kv_layout = "BSKH"
+    if cache is not None:  # attend over everything cached so far, this call's keys included
+      cache = cache.write(k, v, positions)
+      k, v = cache.read(cfg.dtype)
+      kv_layout = cache.layout
 
     if cfg.attention_impl == "cudnn":
-      if kv_layout == "BKSH":
-        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+      if kv_layout != "BSKH":
+        k, v = (jnp.einsum(f"{kv_layout}->BSKH", a) for a in (k, v))
       out = cudnn_attention(q, k, v, mask)
     else:
       if mask is None:  # plain causal over a sequence that starts at position 0
         idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         mask = attention_mask(idx, idx)
       out = xla_attention(q, k, v, mask, kv_layout)
-    out = checkpoint_name(jnp.einsum("BTNH,NHD->BTD", out, wo), "attn_out")
-    return out, cache
+    out = _project(self, "wo", "BTNH,NHD->BTD", out, (n, h, d), (HEADS, HEAD_DIM, EMBED))
+    return checkpoint_name(out, "attn_out"), cache
 
 
 class FeedForward(nn.Module):
@@ -185,40 +173,38 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
-    w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), (EMBED, MLP)).astype(dt)
-    w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), (EMBED, MLP)).astype(dt)
-    w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), (MLP, EMBED)).astype(dt)
-    gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1), "ffn_gate")  # (B, T, F)
-    up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3), "ffn_up")  # (B, T, F)
-    return checkpoint_name(jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w2), "ffn_out")
+    d, f = self.cfg.dim, self.cfg.hidden_dim
+    gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
+    up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
+    out = _project(self, "w2", "BTF,FD->BTD", jax.nn.silu(gate) * up, (f, d), (MLP, EMBED))
+    return checkpoint_name(out, "ffn_out")
 
 
 class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, layer):
+  def __call__(self, x: Array, positions: Array, rope: Rope, mask: Array | None,
+               cache: LayerCache | None = None) -> tuple[Array, LayerCache | None]:
     h, cache = Attention(self.cfg, name="attention")(
-        RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, cache, layer)
+        RMSNorm(self.cfg, name="attention_norm")(x), positions, rope, mask, cache)
     x = _constrain(x + h, (BATCH, LENGTH, ACT_EMBED))
     x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
     return _constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache
 
 
 class _ScannedBlock(nn.Module):
-  """A Block in the (carry, xs) -> (carry, ys) form that nn.scan wants: the carry is the hidden
-  state and the cache of all layers, xs the layer index."""
+  """A Block in the (carry, xs) -> (carry, ys) form that nn.scan wants; the carry is the hidden
+  state, the rest is the same for every layer."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer, positions, mask):
+  def __call__(self, x, positions, rope, mask):
     block = Block
     if self.cfg.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT[self.cfg.remat_policy], prevent_cse=False)
-    x, cache = carry
-    return block(self.cfg, name="block")(x, positions, mask, cache, layer), None
+    x, _ = block(self.cfg, name="block")(x, positions, rope, mask)
+    return x, None
 
 
 class Transformer(nn.Module):
@@ -235,7 +221,7 @@ class Transformer(nn.Module):
         _ScannedBlock,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.n_layers,
         unroll=1 if cfg.scan_layers else cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: LAYERS},
@@ -246,60 +232,38 @@ class Transformer(nn.Module):
           "output", nn.with_logical_partitioning(_init, (EMBED, VOCAB)),
           (cfg.dim, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
-  def hidden(self, tokens: Array, positions: Array, segment_ids: Array | None = None,
-             cache: KVCache | None = None, layers: Any = None) -> tuple[Array, KVCache | None]:
-    """The final normed hidden states (B, T, D), before the output head. `layers`: the blocks'
-    parameters as one tree per layer (`unstack_layers`), run by an unrolled loop in place of the
-    stacked ones (then the applied params need no "layers" entry), with a per-layer cache."""
-    cfg = self.cfg
-    x = jnp.take(self.tok_embeddings, tokens, axis=0).astype(cfg.dtype)  # (B, T, D)
-    x = _constrain(x, (BATCH, LENGTH, ACT_EMBED))
-    if cache is not None:
-      slots = jnp.broadcast_to(jnp.arange(cache.length), (tokens.shape[0], cache.length))
-      mask = attention_mask(positions, slots)
-    elif segment_ids is not None:
+  def embed(self, tokens: Array) -> Array:
+    """(B, T) int -> (B, T, D) in the compute dtype."""
+    x = jnp.take(self.tok_embeddings, tokens, axis=0).astype(self.cfg.dtype)
+    return _constrain(x, (BATCH, LENGTH, ACT_EMBED))
+
+  def hidden(self, tokens: Array, positions: Array, segment_ids: Array | None = None) -> Array:
+    """The final normed hidden states (B, T, D), before the output head."""
+    if segment_ids is not None:
       idx = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
       mask = attention_mask(idx, idx, segment_ids, segment_ids)
     else:
       mask = None  # causal: each attention implementation builds it its own way
-    if layers is None:
-      (x, cache), _ = self.layers((x, cache), jnp.arange(cfg.n_layers), positions, mask)
-    else:
-      new_caches = []
-      for i, layer_params in enumerate(layers):
-        own = None if cache is None else KVCache(cache.k[i], cache.v[i])
-        # parent=None: a module of its own, applied to its own parameters, not a submodule
-        x, own = Block(cfg, parent=None).apply({"params": layer_params}, x, positions, mask, own, None)
-        new_caches.append(own)
-      if cache is not None:
-        cache = KVCache(tuple(c.k for c in new_caches), tuple(c.v for c in new_caches))
-    return self.norm(x), cache
+    rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    x, _ = self.layers(self.embed(tokens), positions, rope, mask)
+    return self.norm(x)
 
   def head(self, x: Array) -> Array:
     """Logits in float32: (B, T, D) -> (B, T, V)."""
     w = self.tok_embeddings.T if self.cfg.tie_embeddings else self.output
     return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-               cache: KVCache | None = None, layers: Any = None) -> tuple[Array, KVCache | None]:
+  def norm_head(self, x: Array) -> Array:
+    """The final RMSNorm and the output head: (B, T, D) last block output -> float32 logits."""
+    return self.head(self.norm(x))
+
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None) -> Array:
     """tokens (B, T) int; positions (B, T), default 0..T-1; segment_ids (B, T) keeps attention
-    inside packed documents; with a cache, keys are written at `positions` and all earlier
-    positions of the cache are attended to. Returns float32 logits (B, T, V) and the new cache."""
+    inside packed documents. Returns float32 logits (B, T, V)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x, cache = self.hidden(tokens, positions, segment_ids, cache, layers)
-    return self.head(x), cache
-
-
-def unstack_layers(params: Any) -> tuple[Any, tuple[Any, ...]]:
-  """(the parameters without the blocks, one parameter tree per block) for `hidden(layers=...)`.
-  A layer's weights sliced out of the stacked tensors inside a jitted step are a copy each time
-  the step runs (a decode step would move every weight twice); split once, they are read in
-  place. Costs a second copy of the blocks while the stacked tree is alive."""
-  top = {k: v for k, v in params.items() if k != "layers"}
-  stacked = params["layers"]["block"]
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  return top, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+    return self.head(self.hidden(tokens, positions, segment_ids))
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> Any:
@@ -308,9 +272,16 @@ def init_params(cfg: ModelConfig, rng: Array) -> Any:
   return Transformer(cfg).init(rng, tokens)["params"]
 
 
+@functools.lru_cache(maxsize=32)
+def param_shapes(cfg: ModelConfig) -> Any:
+  """The parameter tree as boxed ShapeDtypeStructs (shapes, dtypes and logical axis names), made
+  without any arrays: the one source of restore targets and shardings."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(cfg: ModelConfig, params, tokens, positions):
-  return Transformer(cfg).apply({"params": params}, tokens, positions)[0]
+  return Transformer(cfg).apply({"params": params}, tokens, positions)
 
 
 def forward(cfg: ModelConfig, params, tokens: Array, positions: Array | None = None) -> Array:

@@ -1,15 +1,22 @@
-"""Device mesh and the logical-axis rules that place parameters and activations on it.
+"""Devices: the mesh, the logical-axis rules that place parameters and activations on it, and
+the multi-host runtime.
 
 The model names its axes logically (`model.EMBED`, `model.HEADS`, ...); one small table maps each
 name to mesh axes `data`, `fsdp` and `tensor`. Projections are split Megatron-style over `tensor`
 (column-parallel wq/wk/wv/w1/w3, row-parallel wo/w2) and ZeRO-3-style over `fsdp` on the model
 dimension; the batch is split over `data` and `fsdp` together.
+
+Several hosts use JAX's own distributed runtime (`initialize_distributed`), started when the
+launcher says there are peers: explicitly with
+  JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=n JAX_PROCESS_ID=i python train.py ...
+or by itself on clusters JAX detects (SLURM, Open MPI, Kubernetes, Cloud TPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -68,21 +75,23 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
   return Mesh(grid, MESH_AXES)
 
 
+def as_rules(rules) -> tuple[tuple[str, Any], ...]:
+  """The rules table as nested tuples (hashable: a static argument of jitted functions), from any
+  sequence of pairs (a config's lists included)."""
+  def axes(a):
+    return tuple(a) if isinstance(a, (list, tuple)) else a
+  return tuple((str(name), axes(a)) for name, a in rules)
+
+
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """A pytree of logical PartitionSpecs -> a pytree of NamedShardings."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, [tuple(r) for r in rules])
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, list(as_rules(rules)))
 
 
-def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-  """Shardings for the parameters of `jax.eval_shape(init_params, ...)` (boxed, with axis names)."""
-  return logical_to_sharding(nn.get_partition_spec(boxed_abstract_params), mesh, rules)
-
-
-def model_param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def param_shardings(model_cfg, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """Shardings of a model's parameters on `mesh`, from its shapes alone (no arrays are made)."""
-  from llama_jax.model import init_params  # local: the model module imports nothing from here
-  boxed = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
-  return param_shardings(boxed, mesh, rules)
+  from llama_jax.model import param_shapes
+  return logical_to_sharding(nn.get_partition_spec(param_shapes(model_cfg)), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
@@ -103,7 +112,7 @@ def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
       stack.enter_context(jax.set_mesh(mesh))
     except ValueError:  # inside a jit trace, where only the abstract mesh may be set
       stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-    stack.enter_context(nn.logical_axis_rules([tuple(r) for r in rules]))
+    stack.enter_context(nn.logical_axis_rules(list(as_rules(rules))))
     yield
 
 
@@ -120,3 +129,23 @@ def check_divisible(mesh: Mesh, global_batch: int, n_heads: int, n_kv_heads: int
   if n_kv_heads % tensor or n_heads % tensor:
     raise ConfigError(
         f"mesh.tensor={tensor} must divide model.n_heads ({n_heads}) and model.n_kv_heads ({n_kv_heads})")
+
+
+_CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def initialize_distributed() -> None:
+  """Starts JAX's distributed runtime when the environment names peers; a no-op otherwise."""
+  if jax.distributed.is_initialized():
+    return
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # Cross-process collectives on CPU devices go through gloo (tests; CPU-only clusters).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if address:
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif any(os.environ.get(k) for k in _CLUSTER_HINTS) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    jax.distributed.initialize()

@@ -3,7 +3,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from llama_jax import chat
+from llama_jax.tokenizer import chat
 from llama_jax.tokenizer import Tokenizer
 
 CONVERSATION = [

@@ -6,7 +6,7 @@ Orbax and their thread pools), must stay under 1.4 float32 copies of the model. 
 these steps measured about 2 copies (TinyLlama: 8.39 and 7.13 GiB for a 4.10 GiB model).
 """
 
-from llama_jax.bench_convert import run, write_random_hf
+from llama_jax.bench.convert import run, write_random_hf
 from llama_jax.config import ModelConfig, num_params
 
 MEDIUM = ModelConfig(dim=1024, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=32000)

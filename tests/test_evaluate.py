@@ -220,7 +220,7 @@ def _train_on_facts(tok, steps=120):
   @jax.jit
   def step(params, state):
     def loss_fn(p):
-      logits = M.Transformer(TINY).apply({"params": p}, tokens[:, :-1])[0]
+      logits = M.Transformer(TINY).apply({"params": p}, tokens[:, :-1])
       nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
       return (nll * mask).sum() / mask.sum()
     loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -12,7 +12,7 @@ from conftest import train_word_tokenizer
 import llama_jax
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
-from llama_jax.generate_main import main
+from llama_jax.generate.cli import main
 from llama_jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_chat_loop_reads_turns_from_stdin(checkpoint):
   answers = [line for line in out.splitlines() if line.startswith("ASSISTANT: ")]
   assert len(answers) == 2
   # the first answer is the greedy continuation of the Vicuna prompt for the first message
-  from llama_jax import chat
+  from llama_jax.tokenizer import chat
   model = llama_jax.load(checkpoint)
   ids = chat.get_template().with_system("Chat.").encode_prompt([{"role": "user", "content": "the cat"}], model.tokenizer)
   first = model.generate([ids], max_new_tokens=8)[0][len(ids):]
@@ -77,8 +77,8 @@ def test_chat_loop_reads_turns_from_stdin(checkpoint):
 
 
 def test_chat_history_is_trimmed_to_fit(checkpoint):
-  from llama_jax import chat
-  from llama_jax.generate_main import fit_history
+  from llama_jax.tokenizer import chat
+  from llama_jax.generate.cli import fit_history
   tok = llama_jax.load(checkpoint).tokenizer
   history = []
   for i in range(6):

@@ -14,7 +14,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
-from llama_jax import lm_eval_adapter
+from llama_jax.evaluate import lm_eval_harness
 from test_evaluate import REPO, hf_model, sp_path  # noqa: F401  (fixtures: the same tiny model)
 
 
@@ -32,11 +32,11 @@ def _torch_logprobs(model, ids):
 
 @pytest.fixture(scope="module")
 def lm(hf_model):
-  return lm_eval_adapter.LlamaJaxLM(path=hf_model[0], batch_size="4")
+  return lm_eval_harness.LlamaJaxLM(path=hf_model[0], batch_size="4")
 
 
 def test_registered_under_llama_jax():
-  assert get_model("llama_jax") is lm_eval_adapter.LlamaJaxLM
+  assert get_model("llama_jax") is lm_eval_harness.LlamaJaxLM
 
 
 def test_loglikelihood_matches_transformers(lm, hf_model):
@@ -57,7 +57,7 @@ def test_loglikelihood_matches_transformers(lm, hf_model):
 def test_loglikelihood_rolling_matches_transformers(hf_model):
   directory, torch_model = hf_model
   text = " ".join(["the cat sat on the mat and the dog ran far away from home"] * 4)
-  lm = lm_eval_adapter.LlamaJaxLM(path=directory, batch_size=4, max_length=16)
+  lm = lm_eval_harness.LlamaJaxLM(path=directory, batch_size=4, max_length=16)
   ours = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,), ("a dog",)]),
                                   disable_tqdm=True)
   for string, value in zip((text, "a dog"), ours):
@@ -104,7 +104,7 @@ def test_lm_eval_command_line_runs_a_task_on_disk(lm, tmp_path):
       'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
   out = subprocess.run(
-      [sys.executable, "-m", "llama_jax.lm_eval_adapter", "--model", "llama_jax", "--model_args",
+      [sys.executable, "-m", "llama_jax.evaluate.lm_eval_harness", "--model", "llama_jax", "--model_args",
        f"path={os.path.dirname(lm.tok.path)}", "--tasks", "tiny_mc", "--include_path",
        str(tmp_path / "tasks"), "--batch_size", "4", "--output_path", str(tmp_path / "out")],
       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)

@@ -7,7 +7,7 @@ import pytest
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
-from llama_jax.train_step import _loss_sums
+from llama_jax.train.step import _loss_sums
 
 # A vocabulary large enough for the logits to dominate the gradient's scratch memory.
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096, multiple_of=16, max_seq_len=64)

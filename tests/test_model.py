@@ -39,8 +39,8 @@ def test_rotary_scores_depend_only_on_relative_position():
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
   def score(i, j):
-    qi = M.rotary(q, jnp.array([[i]]), 10000.0)
-    kj = M.rotary(k, jnp.array([[j]]), 10000.0)
+    qi = M.rotary(q, M.rotary_tables(jnp.array([[i]]), 16, 10000.0))
+    kj = M.rotary(k, M.rotary_tables(jnp.array([[j]]), 16, 10000.0))
     return float(jnp.sum(qi * kj))
 
   for offset in (0, 3, 17):
@@ -79,18 +79,89 @@ def test_grouped_heads_equal_repeated_kv_heads():
 
 
 def test_cached_decoding_equals_full_forward():
+  from llama_jax.generate import cache as kv, engine
   params = _params(TINY)
   tokens = _tokens((2, 12), TINY.vocab_size)
   full = np.asarray(M.forward(TINY, params, tokens))
-  apply = jax.jit(M.Transformer(TINY).apply)  # two compilations instead of every op on its own
-  cache = M.init_cache(TINY, 2, 16)
-  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
-  logits, cache = apply({"params": params}, tokens[:, :5], pos, cache=cache)
+  ep = engine.prepare_params(TINY, params)
+
+  @jax.jit  # two compilations instead of every op on its own
+  def step(tokens, positions, cache):
+    x, cache = engine.forward(TINY, ep, tokens, positions, cache)
+    return engine.logits_of(TINY, ep, x), cache
+
+  cache = kv.init_cache(TINY, 2, 16)
+  logits, cache = step(tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), cache)
   steps = [logits]
   for t in range(5, 12):
-    logits, cache = apply({"params": params}, tokens[:, t:t + 1], jnp.full((2, 1), t), cache=cache)
+    logits, cache = step(tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def _primitive_places(jaxpr, name, inside=False, found=None):
+  """[inside a loop body?] for each use of primitive `name` in a jaxpr, sub-jaxprs included."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      found.append(inside)
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else [value]):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          _primitive_places(inner, name, inside or eqn.primitive.name in ("scan", "while"), found)
+  return found
+
+
+def test_rotary_tables_are_made_once_per_forward_pass_not_per_layer():
+  params = _params(TINY)
+  jaxpr = jax.make_jaxpr(lambda p, t: M.Transformer(TINY).apply({"params": p}, t))(
+      params, _tokens((1, 8), TINY.vocab_size))
+  assert _primitive_places(jaxpr.jaxpr, "sin") == [False]  # one sin, outside the layers' loop
+  assert _primitive_places(jaxpr.jaxpr, "cos") == [False]
+
+
+def test_rms_norm_equals_its_formula_with_the_config_s_eps():
+  # eps large enough to matter: a wrong or missing eps changes the output
+  cfg = dataclasses.replace(TINY, norm_eps=0.5)
+  x = np.random.default_rng(0).normal(size=(2, 3, cfg.dim)).astype(np.float32) * 0.3
+  w = np.random.default_rng(1).normal(size=(cfg.dim,)).astype(np.float32)
+  out = M.RMSNorm(cfg).apply({"params": {"weight": jnp.asarray(w)}}, jnp.asarray(x))
+  ref = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 0.5) * w
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_feed_forward_is_w2_of_silu_w1_times_w3():
+  cfg = TINY
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, cfg.dim)).astype(np.float32)
+  w1, w3 = (rng.normal(size=(cfg.dim, cfg.hidden_dim)).astype(np.float32) * 0.1 for _ in range(2))
+  w2 = rng.normal(size=(cfg.hidden_dim, cfg.dim)).astype(np.float32) * 0.1
+  out = M.FeedForward(cfg).apply({"params": {"w1": w1, "w2": w2, "w3": w3}}, jnp.asarray(x))
+  gate = x @ w1
+  ref = (gate / (1 + np.exp(-gate)) * (x @ w3)) @ w2  # SwiGLU: silu on w1's output, not w3's
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_equals_transformers_at_nonzero_positions_and_theta():
+  torch = pytest.importorskip("torch")
+  from transformers import LlamaConfig
+  from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+  theta, heads, h = 500000.0, 4, 32
+  rng = np.random.default_rng(0)
+  positions = np.array([[3, 17, 250, 1999, 40000]])
+  q = rng.normal(size=(1, 5, heads, h)).astype(np.float32)
+  k = rng.normal(size=(1, 5, heads, h)).astype(np.float32)
+  rope = M.rotary_tables(jnp.asarray(positions), h, theta)
+  ours_q, ours_k = (np.asarray(M.rotary(jnp.asarray(a), rope)) for a in (q, k))
+  hf_cfg = LlamaConfig(hidden_size=heads * h, num_attention_heads=heads, rope_theta=theta,
+                       max_position_embeddings=65536)
+  emb = LlamaRotaryEmbedding(hf_cfg)
+  tq, tk = (torch.from_numpy(a).transpose(1, 2).double() for a in (q, k))  # (B, heads, T, H)
+  cos, sin = emb(tq, torch.from_numpy(positions))
+  ref_q, ref_k = apply_rotary_pos_emb(tq, tk, cos.double(), sin.double())
+  np.testing.assert_allclose(ours_q, ref_q.transpose(1, 2).numpy(), rtol=1e-4, atol=2e-4)
+  np.testing.assert_allclose(ours_k, ref_k.transpose(1, 2).numpy(), rtol=1e-4, atol=2e-4)
 
 
 def test_segment_ids_keep_attention_inside_documents():
@@ -99,7 +170,7 @@ def test_segment_ids_keep_attention_inside_documents():
   packed = jnp.concatenate([a, b], axis=1)
   segments = jnp.array([[0] * 6 + [1] * 5])
   positions = jnp.array([list(range(6)) + list(range(5))])
-  out, _ = M.Transformer(TINY).apply({"params": params}, packed, positions, segment_ids=segments)
+  out = M.Transformer(TINY).apply({"params": params}, packed, positions, segment_ids=segments)
   np.testing.assert_allclose(np.asarray(out[:, 6:]), np.asarray(M.forward(TINY, params, b)),
                              rtol=1e-5, atol=1e-5)
 

@@ -14,14 +14,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from llama_jax import chat, data
+from llama_jax import data
+from llama_jax.tokenizer import chat
 from llama_jax.data import sft
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.tokenizer import train as sp_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# FastChat's vicuna_v1.1 system line, written out here rather than taken from llama_jax.chat.
+# FastChat's vicuna_v1.1 system line, written out here rather than taken from llama_jax.tokenizer.chat.
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions.")
 WORDS = ("what is the color of sky sea grass blue green red name a fruit apple pear count to one two "
@@ -318,7 +319,7 @@ def test_fine_tuned_tiny_model_answers_word_for_word(tmp_path, tok):
   import jax
   import llama_jax
   from llama_jax.config import ModelConfig
-  from llama_jax.generate_main import main as generate_main
+  from llama_jax.generate.cli import main as generate_main
   from llama_jax.model import init_params
 
   # A fresh random model exported as a Hugging Face checkpoint: the run fine-tunes it by

@@ -176,7 +176,7 @@ def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
 
   # A workdir saved sharded over 4 devices converts parameter by parameter to Hugging Face's format.
   import llama_jax
-  from llama_jax import convert
+  from llama_jax.convert import cli as convert
   assert convert.main(["--input", str(tmp_path / "moved"), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
   tokens = np.array([[1, 5, 9, 2]])
   np.testing.assert_allclose(llama_jax.load(tmp_path / "hf").logits(tokens),

@@ -6,8 +6,8 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
-from llama_jax.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from llama_jax.train_step import TrainState, make_train_step
+from llama_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from llama_jax.train.step import TrainState, make_train_step
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
 

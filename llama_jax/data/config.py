@@ -16,7 +16,7 @@ def source(path: str, weight: float, epochs: int = 0, text_field: str = "text",
       # "" (by extension), "txt", "jsonl", "jsonl.gz", "jsonl.zst" or "parquet"; or conversations
       # (llama_jax.data.sft): "sharegpt" or "alpaca", in .jsonl[.gz|.zst] files, loss on the answers
       format=format,
-      template=template,  # the chat template of a conversation source (llama_jax.chat.TEMPLATES)
+      template=template,  # the chat template of a conversation source (llama_jax.tokenizer.chat.TEMPLATES)
   ))
 
 

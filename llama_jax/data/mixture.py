@@ -1,6 +1,6 @@
 """A deterministic weighted mixture of sources, row by row, with per-source epoch limits.
 
-Each source is packed into its own stream of windows (packing.Windows); each next row of a batch
+Each source is cut into its own stream of windows (windows.Windows); each next row of a batch
 comes from the active source furthest behind its share: the one with the least
 `rows taken / weight` (a weighted round robin). All rows hold seq_len + 1 tokens, so the realised
 token shares follow the weights to within one row at any point, however long the documents are
@@ -15,17 +15,17 @@ renormalised; its choice is also random per element, which makes the realised sh
 
 from __future__ import annotations
 
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-  from llama_jax.data.packing import Windows
+from llama_jax.data.errors import DataError
+from llama_jax.data.windows import Windows
 
 
 class Mixture:
 
-  def __init__(self, sources: dict[str, "Windows"], weights: dict[str, float], events: list[str]):
+  def __init__(self, sources: dict[str, Windows], weights: dict[str, float], events: list[str]):
     self.sources, self.names = sources, list(sources)
     self.weights = np.array([float(weights[n]) for n in self.names])
     self.events = events
@@ -37,7 +37,6 @@ class Mixture:
                 "windows": self.sources[n].get_state()} for i, n in enumerate(self.names)}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    from llama_jax.data.errors import DataError
     for i, n in enumerate(self.names):
       if n not in state:
         raise DataError(f"the data state has no source {n!r} (it has {', '.join(state)}): "

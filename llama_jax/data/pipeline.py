@@ -28,12 +28,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llama_jax import chat
 from llama_jax.data import corpus
 from llama_jax.data.errors import DataError
 from llama_jax.data.mixture import Mixture
-from llama_jax.data.packing import Packer, Windows
-from llama_jax.data.sources import CONVERSATION_FORMATS, SourceStream, expand, file_format
+from llama_jax.data.packing import Packer
+from llama_jax.data.records import CONVERSATION_FORMATS, expand, file_format
+from llama_jax.data.sources import SourceStream
+from llama_jax.data.windows import Windows
+from llama_jax.tokenizer import chat
 
 STATE_VERSION = 1
 SOURCE_KEYS = {"path", "weight", "epochs", "text_field", "format", "template"}

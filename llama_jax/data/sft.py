@@ -5,7 +5,7 @@ Vicuna (Chiang et al. 2023, "Vicuna: An Open-Source Chatbot Impressing GPT-4 wit
 Quality") fine-tunes LLaMA on ShareGPT conversations with FastChat's `fastchat/train/train.py`:
 each conversation is rendered with the `vicuna_v1.1` template and everything but the assistant's
 answers (and the `</s>` ending each) is masked out of the loss. Here the template is
-`llama_jax.chat` (the same object `generate.py --chat` prompts with) and `ChatTemplate.encode`
+`llama_jax.tokenizer.chat` (the same object `generate.py --chat` prompts with) and `ChatTemplate.encode`
 gives the ids and the answer mask.
 
 Record formats (one JSON object per line of a .jsonl / .jsonl.gz / .jsonl.zst file):
@@ -41,93 +41,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llama_jax import chat
-from llama_jax.data.sources import CONVERSATION_FORMATS, MAX_WARNINGS, SourceStream, _Bad, parse_json_line
+from llama_jax.data.conversations import parse_conversation
+from llama_jax.data.records import CONVERSATION_FORMATS, MAX_WARNINGS, BadRecord
+from llama_jax.data.sources import SourceStream
+from llama_jax.tokenizer import chat
 
 FORMATS = CONVERSATION_FORMATS
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system"}
 
 log = logging.getLogger("llama_jax.data")
 
 
 # --- records -> messages
-
-def parse_conversation(fmt: str, raw: bytes | str) -> list[dict] | None:
-  """The messages ({"role", "content"}) of one raw jsonl line; None for a blank line; raises _Bad."""
-  obj = parse_json_line(raw)
-  if obj is None:
-    return None
-  if not isinstance(obj, dict):
-    raise _Bad(f"a {fmt} record must be a JSON object, got {type(obj).__name__}")
-  messages = _sharegpt(obj) if fmt == "sharegpt" else _alpaca(obj)
-  return _check(messages)
-
-
-def _sharegpt(obj: dict) -> list[dict]:
-  key = "conversations" if "conversations" in obj else "messages"
-  turns = obj.get(key)
-  if not isinstance(turns, list) or not turns:
-    raise _Bad("no 'conversations' list")
-  messages = []
-  for k, turn in enumerate(turns):
-    if not isinstance(turn, dict):
-      raise _Bad(f"{key}[{k}] is not an object")
-    role = turn.get("from", turn.get("role"))
-    text = turn.get("value", turn.get("content"))
-    if role not in ROLES:
-      raise _Bad(f"{key}[{k}]: unknown role {role!r} (known: {', '.join(ROLES)})")
-    if not isinstance(text, str):
-      raise _Bad(f"{key}[{k}]: the text ('value') is {type(text).__name__}, not a string")
-    messages.append({"role": ROLES[role], "content": text, "where": f"{key}[{k}]"})
-  return messages
-
-
-def _alpaca(obj: dict) -> list[dict]:
-  fields = {}
-  for name, required in (("instruction", True), ("input", False), ("output", True)):
-    value = obj.get(name)
-    if value is None and not required:
-      value = ""
-    if not isinstance(value, str):
-      raise _Bad(f"{name!r} is {type(value).__name__}, not a string")
-    fields[name] = value
-  user = fields["instruction"]
-  if fields["input"].strip():
-    user = f"{user}\n\n{fields['input']}"
-  return [{"role": "user", "content": user, "where": "instruction"},
-          {"role": "assistant", "content": fields["output"], "where": "output"}]
-
-
-def _check(messages: list[dict]) -> list[dict]:
-  """Validated messages, the trailing unanswered user turn dropped, the "where" keys removed."""
-  for m in messages:
-    if m["role"] != "system" and not m["content"].strip():
-      raise _Bad(f"{m['where']}: empty turn")
-  system = messages[:1] if messages[0]["role"] == "system" else []
-  turns = messages[len(system):]
-  for k, m in enumerate(turns):
-    expected = "user" if k % 2 == 0 else "assistant"
-    if m["role"] == expected:
-      continue
-    if m["role"] == "system":
-      raise _Bad(f"{m['where']}: a system message after the first turn")
-    if k == 0:
-      raise _Bad(f"{m['where']}: the conversation starts with the assistant")
-    raise _Bad(f"{m['where']}: two {m['role']} turns in a row (user and assistant must alternate)")
-  if turns and turns[-1]["role"] == "user":
-    turns = turns[:-1]
-  if not turns:
-    raise _Bad("no assistant answer")
-  return [{"role": m["role"], "content": m["content"]} for m in system + turns]
-
-
-def plain_text(messages: Sequence[dict]) -> str:
-  """A conversation as text to train a tokenizer on: the default template's rendering, without
-  the end-of-answer markers (those are the EOS id, not text)."""
-  template = chat.get_template()
-  return template.render(messages).replace(template.stop_token, "\n")
-
 
 # --- messages -> pieces that fit a window
 

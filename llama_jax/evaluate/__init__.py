@@ -4,8 +4,9 @@
   python -m llama_jax.evaluate choice --model PATH --data FILE.jsonl [--shots K --seed S]
 
 Modules: `scoring` (batched, jitted log-likelihoods), `perplexity`, `choice`, `data` (files and
-their errors), `table`. This package imports nothing heavy, so the command line checks its data
-before JAX starts.
+their errors), `table`, and `lm_eval_harness`, the EleutherAI lm-evaluation-harness model behind
+the `llama-jax-lm-eval` command. This package imports nothing heavy, so the command line checks its
+data before JAX starts.
 """
 
 from llama_jax.evaluate.data import EvalDataError, Example, read_choices, read_text

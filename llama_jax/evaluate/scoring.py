@@ -45,7 +45,7 @@ class Score:
 @functools.partial(jax.jit, static_argnums=0)
 def _target_logprobs(cfg: ModelConfig, params: Any, inputs: jax.Array, targets: jax.Array):
   """log p(targets[b, t] | inputs[b, :t+1]) in float32, and whether it was the argmax. (B, T) each."""
-  logits, _ = Transformer(cfg).apply({"params": params}, inputs)  # (B, T, V)
+  logits = Transformer(cfg).apply({"params": params}, inputs)  # (B, T, V)
   logits = logits.astype(jnp.float32)
   # log_softmax at the target only: logit - logsumexp, without a second (B, T, V) array.
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)

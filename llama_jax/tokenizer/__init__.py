@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer, as LLaMA uses (BPE with byte fallback, BOS=1, EOS=2)."""
+"""Tokenizers and chat templates.
+
+  Tokenizer  the SentencePiece tokenizer LLaMA uses (BPE with byte fallback, BOS=1, EOS=2)
+  chat       conversation templates: how a chat becomes one prompt, and which tokens are answers
+  train      training a LLaMA-style SentencePiece model; `extend` merges vocabularies
+  __main__   `python -m llama_jax.tokenizer train|extend`
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,11 @@ class Tokenizer:
     self.eos_id: int = self.sp.eos_id()
     # LLaMA's tokenizer has no pad piece (pad_id -1); padding uses EOS and is masked out anyway.
     self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends generation."""
+    return (self.eos_id,)
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     ids = self.sp.encode(text)

@@ -19,16 +19,16 @@ from typing import Iterator
 
 
 def _texts(patterns: list[str], text_field: str, fmt: str, counts: dict) -> Iterator[str]:
-  from llama_jax.data import sources
+  from llama_jax.data import records
   for pattern in patterns:
-    for path in sources.expand(pattern):
-      f = sources.file_format(path, fmt)
-      for record, _, raw in sources.records(path, f, text_field):
+    for path in records.expand(pattern):
+      f = records.file_format(path, fmt)
+      for record, _, raw in records.records(path, f, text_field):
         try:
-          text = sources.parse(f, raw, text_field)
-        except sources._Bad as e:  # pylint: disable=protected-access
+          text = records.parse(f, raw, text_field)
+        except records.BadRecord as e:
           counts["bad"] += 1
-          if counts["bad"] <= sources.MAX_WARNINGS:
+          if counts["bad"] <= records.MAX_WARNINGS:
             print(f"warning: skipped {path}:{record + 1}: {e}", file=sys.stderr)
           continue
         if text:
@@ -37,12 +37,12 @@ def _texts(patterns: list[str], text_field: str, fmt: str, counts: dict) -> Iter
 
 
 def train(args) -> None:
-  from llama_jax.data import sources
+  from llama_jax.data import records
   from llama_jax.tokenizer import Tokenizer
   from llama_jax.tokenizer import train as sp_train
   for pattern in args.input:  # fail on a glob matching nothing before training starts
-    for path in sources.expand(pattern):
-      sources.file_format(path, args.format)
+    for path in records.expand(pattern):
+      records.file_format(path, args.format)
   counts = {"docs": 0, "bad": 0}
   model = sp_train.train(_texts(args.input, args.text_field, args.format, counts), args.vocab_size,
                          args.output, max_chars=args.max_chars, num_threads=args.num_threads)
@@ -58,8 +58,28 @@ def extend(args) -> None:
   n_base, n_new = ext.merge(args.base, args.add, args.output)
   print(f"wrote {args.output}: {n_base} base pieces + {n_new - n_base} new = {n_new}")
   if args.checkpoint:
-    v = ext.resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base)
+    v = resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base)
     print(f"wrote {args.checkpoint_output}: embedding and output rows resized to {v} (new rows: the mean)")
+
+
+def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vocab: int) -> int:
+  """Loads a checkpoint (any format `llama_jax.load` reads), grows its vocabulary to the tokenizer's
+  and saves it as a llama_jax model with that tokenizer; returns the new vocab size."""
+  import jax
+  import numpy as np
+
+  import llama_jax
+  from llama_jax.tokenizer import Tokenizer
+  from llama_jax.tokenizer.extend import resize_rows
+  model = llama_jax.load(checkpoint)
+  if model.config.vocab_size != base_vocab:
+    raise ValueError(f"{checkpoint}: vocab_size {model.config.vocab_size} is not the base tokenizer's "
+                     f"{base_vocab} pieces; the new pieces' ids would not line up with its rows")
+  tokenizer = Tokenizer(tokenizer_path)
+  params = resize_rows(jax.tree.map(np.asarray, model.params), tokenizer.vocab_size)
+  config = model.config.replace(vocab_size=tokenizer.vocab_size)
+  llama_jax.Model(config, params, tokenizer).save(output)
+  return tokenizer.vocab_size
 
 
 def main(argv=None) -> int:

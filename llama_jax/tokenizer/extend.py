@@ -65,22 +65,3 @@ def resize_rows(params: dict, vocab_size: int) -> dict:
     mean = out.astype(np.float32).mean(1, keepdims=True).astype(out.dtype)  # (D, 1)
     params["output"] = np.concatenate([out, np.repeat(mean, extra, 1)], 1)  # (D, V')
   return params
-
-
-def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vocab: int) -> int:
-  """Loads a checkpoint (any format `llama_jax.load` reads), grows its vocabulary to the tokenizer's
-  and saves it as a llama_jax model with that tokenizer; returns the new vocab size."""
-  import jax
-
-  import llama_jax
-  from llama_jax.tokenizer import Tokenizer
-  model = llama_jax.load(checkpoint)
-  if model.config.vocab_size != base_vocab:
-    raise ValueError(f"{checkpoint}: vocab_size {model.config.vocab_size} is not the base tokenizer's "
-                     f"{base_vocab} pieces; the new pieces' ids would not line up with its rows")
-  tokenizer = Tokenizer(tokenizer_path)
-  params = jax.tree.map(np.asarray, model.params)
-  params = resize_rows(params, tokenizer.vocab_size)
-  config = model.config.replace(vocab_size=tokenizer.vocab_size)
-  llama_jax.Model(config, params, tokenizer).save(output)
-  return tokenizer.vocab_size

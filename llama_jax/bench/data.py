@@ -1,0 +1,153 @@
+"""Benchmark of the pretraining data pipeline: tokens/s through `data.make_iterator` (read, parse,
+sentencepiece, mix, pack, prefetch) against sentencepiece alone on the same text, and the resident
+memory while streaming a generated multi-GB jsonl file (it must stay flat: readers stream).
+
+  python -m llama_jax.bench data [--seconds 30] [--seq_len 2048] [--batch_size 8] [--memory_gb 2.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def throughput(cfg, tokenizer, seq_len: int, batch_size: int, seconds: float) -> dict:
+  from llama_jax import data
+  it = data.make_iterator(cfg, tokenizer, seq_len=seq_len, global_batch_size=batch_size, seed=0)
+  for _ in range(3):  # warm up: first chunks, thread start
+    next(it)
+  start, batches = time.perf_counter(), 0
+  while time.perf_counter() - start < seconds:
+    next(it)
+    batches += 1
+  elapsed = time.perf_counter() - start
+  it.close()
+  return {"tokens_per_s": batches * batch_size * seq_len / elapsed, "batches": batches,
+          "seconds": elapsed, "shares": it.source_tokens()}
+
+
+def sentencepiece_alone(cfg, tokenizer, chars: int = 4_000_000) -> dict:
+  """sentencepiece on the same sources' text (already parsed), 1 thread and all threads."""
+  from llama_jax.data.pipeline import resolve_sources
+  texts = []
+  for s in resolve_sources(cfg, "train"):
+    n = 0
+    with open(s["files"][0]) as f:
+      for line in f:
+        texts.append(json.loads(line)[s["text_field"]])
+        n += len(texts[-1])
+        if n > chars // 2:
+          break
+  out = {}
+  for threads in (1, os.cpu_count() or 1):
+    start = time.perf_counter()
+    ids = tokenizer.sp.encode(texts, num_threads=threads)
+    out[f"threads_{threads}"] = sum(map(len, ids)) / (time.perf_counter() - start)
+  return out
+
+
+def write_big_jsonl(path: str, gigabytes: float, cfg) -> int:
+  """A jsonl file of about `gigabytes` GB: the embedded corpus repeated, each copy tagged."""
+  from llama_jax.data.pipeline import resolve_sources
+  docs = []
+  for s in resolve_sources(cfg, "train"):
+    for file in s["files"]:
+      with open(file) as f:
+        docs += [json.loads(line)["text"] for line in f]
+  lines = [json.dumps({"text": d}) + "\n" for d in docs]
+  written, copy = 0, 0
+  with open(path, "w") as f:
+    while written < gigabytes * 1e9:
+      for line in lines:
+        f.write(line)
+        written += len(line)
+      copy += 1
+  return written
+
+
+def memory(cfg, tokenizer, gigabytes: float, directory: str, seq_len: int, batch_size: int) -> dict:
+  """Streams the whole generated file through the pipeline as process 0 of 64 (it reads every line
+  and tokenises its 1/64 share, so one pass is quick) while sampling the RSS."""
+  from llama_jax import data
+  path = os.path.join(directory, f"llama_jax_bench_{os.getpid()}.jsonl")
+  try:
+    start = time.perf_counter()
+    size = write_big_jsonl(path, gigabytes, cfg)
+    write_s = time.perf_counter() - start
+    big = data.default_config()
+    big.update({k: cfg[k] for k in ("cache_dir", "num_threads")})
+    big.sources = {"big": data.source(path, 1.0, epochs=1)}
+    big.holdout_every = 0
+    it = data.make_iterator(big, tokenizer, seq_len=seq_len, global_batch_size=batch_size * 64,
+                            seed=0, process_index=0, process_count=64)
+    samples, stop = [rss_mb()], threading.Event()
+
+    def sample():
+      while not stop.wait(0.5):
+        samples.append(rss_mb())
+    threading.Thread(target=sample, daemon=True).start()
+    start, batches = time.perf_counter(), 0
+    for _ in it:
+      batches += 1
+    stop.set()
+    stream_s = time.perf_counter() - start
+    return {"file_gb": size / 1e9, "write_s": write_s, "stream_s": stream_s, "batches": batches,
+            "rss_mb_start": samples[0], "rss_mb_max": max(samples), "rss_mb_end": samples[-1],
+            "peak_rss_mb_process": peak_rss_mb(), "read_mb_per_s": size / 1e6 / stream_s}
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m llama_jax.bench data", description=__doc__.split("\n\n")[0])
+  p.add_argument("--seconds", type=float, default=30.0, help="how long to measure throughput")
+  p.add_argument("--seq_len", type=int, default=2048)
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--memory_gb", type=float, default=2.5, help="size of the generated jsonl; 0: skip")
+  p.add_argument("--tmp", default="/tmp", help="where the generated file is written (and deleted)")
+  p.add_argument("--cache_dir", default="", help="data.cache_dir (embedded corpus, tokenizers)")
+  p.add_argument("--tokenizer", default="", help="a sentencepiece model; default: the default config's")
+  args = p.parse_args(argv)
+  from llama_jax import data
+  from llama_jax.tokenizer import Tokenizer
+  cfg = data.default_config()
+  cfg.cache_dir = args.cache_dir
+  cfg.tokenizer = args.tokenizer
+  try:
+    tokenizer = Tokenizer(data.ensure_tokenizer(cfg))
+  except (data.DataError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  result = {"cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "tokenizer": tokenizer.path,
+            "vocab_size": tokenizer.vocab_size, "seq_len": args.seq_len, "batch_size": args.batch_size}
+  result["sentencepiece_alone_tokens_per_s"] = sentencepiece_alone(cfg, tokenizer)
+  result["pipeline"] = throughput(cfg, tokenizer, args.seq_len, args.batch_size, args.seconds)
+  if args.memory_gb > 0:
+    result["memory"] = memory(cfg, tokenizer, args.memory_gb, args.tmp, args.seq_len, args.batch_size)
+  result["load_avg_1min_end"] = os.getloadavg()[0]
+  print(json.dumps(result, indent=2, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

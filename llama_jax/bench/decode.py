@@ -1,0 +1,97 @@
+"""Generation throughput: the real engine (prefill, then the decode loop) on random weights.
+
+  python -m llama_jax.bench decode --config configs/tinyllama_1b.py --batch_size B --prompt_len P --new_tokens N
+
+Prefill and decode are timed apart (median of `repeats`); every row decodes all N tokens (no EOS).
+The random weights are made directly in the engine's layout and compute dtype, one jitted draw per
+tensor: no Flax initialisation of the whole model and no second copy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.bench.common import device_info
+from llama_jax.config import ModelConfig
+from llama_jax.generate import engine
+from llama_jax.generate.generator import make_batch
+from llama_jax.generate.sampling import SamplingParams
+from llama_jax.model import param_shapes
+
+
+def random_engine_params(cfg: ModelConfig, seed: int = 0) -> engine.EngineParams:
+  """N(0, 0.02) matrices and unit norm weights, per layer, in the compute dtype."""
+  draw = jax.jit(lambda key, shape: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(cfg.dtype),
+                 static_argnums=1)
+  ones = jax.jit(lambda shape: jnp.ones(shape, cfg.dtype), static_argnums=0)
+  counter = iter(range(1 << 30))
+
+  def make(path, leaf):
+    shape = leaf.shape
+    if getattr(path[-1], "key", None) == "weight":  # RMSNorm
+      return ones(shape)
+    return draw(jax.random.key(seed * 100003 + next(counter)), shape)
+
+  shapes = nn.unbox(param_shapes(cfg))
+  block = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["layers"]["block"])
+  top = {k: v for k, v in shapes.items() if k != "layers"}
+  return engine.EngineParams(
+      jax.tree_util.tree_map_with_path(make, top),
+      tuple(jax.tree_util.tree_map_with_path(make, block) for _ in range(cfg.n_layers)))
+
+
+def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 5) -> dict:
+  """`config` is a training config (its `model` block)."""
+  t_start = time.perf_counter()
+  cfg = engine.engine_config(ModelConfig.from_dict(config.model))
+  if prompt_len < 1 or new_tokens < 1:
+    raise ValueError(f"prompt_len and new_tokens must be >= 1, got {prompt_len} and {new_tokens}")
+  if prompt_len + new_tokens - 1 > cfg.max_seq_len:
+    raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} does not fit the model's context "
+                     f"of {cfg.max_seq_len} tokens (the last new token needs no slot: at most "
+                     f"{cfg.max_seq_len - prompt_len + 1} new tokens)")
+  params = jax.block_until_ready(random_engine_params(cfg))
+  init_s = time.perf_counter() - t_start
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, cfg.vocab_size, (batch_size, prompt_len)).tolist()
+  batch = make_batch(cfg, prompts, list(range(batch_size)), new_tokens)
+  b = batch.tokens.shape[0]
+  args = (jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths), jnp.asarray(batch.limits),
+          jax.random.split(jax.random.key(0), b),
+          jax.tree.map(jnp.asarray, SamplingParams.make(b)), jnp.asarray([-1], jnp.int32))
+  until = jnp.array(batch.budget, jnp.int32)
+
+  def run():
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(engine.prefill(cfg, params, *args, cache_len=batch.cache_len,
+                                                 budget=batch.budget))
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(engine.decode(cfg, params, state, until))
+    return t1 - t0, time.perf_counter() - t1, state
+
+  t0 = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - t0
+  prefill_s, decode_s = [], []
+  for _ in range(repeats):
+    p, d, state = run()
+    prefill_s.append(p)
+    decode_s.append(d)
+  steps = int(state.steps)  # the first token comes from the prefill
+  made = np.asarray(state.lengths)[:batch_size]
+  if int(made.min()) != new_tokens:
+    raise RuntimeError(f"rows made {made.min()}..{made.max()} tokens, not {new_tokens}")
+  p, d = float(np.median(prefill_s)), float(np.median(decode_s))
+  return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+          "dtype": cfg.dtype, "cache_len": batch.cache_len,
+          "prefill_s": round(p, 5), "prefill_tokens_per_s": round(batch_size * prompt_len / p, 1),
+          "decode_s": round(d, 5), "decode_ms_per_step": round(1000 * d / steps, 3),
+          "decode_tokens_per_s": round(batch_size * steps / d, 1),
+          "total_tokens_per_s": round(batch_size * new_tokens / (p + d), 1),
+          "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
+          "process_s": round(time.perf_counter() - t_start, 1), **device_info()}

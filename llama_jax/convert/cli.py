@@ -1,0 +1,110 @@
+"""Checkpoint conversion: anything `llama_jax.load` reads, out as our Orbax model or Hugging Face.
+
+  python -m llama_jax.convert --input SRC --output DST [--to orbax|hf] [--dtype float32|bfloat16|float16]
+      SRC: our saved model or training workdir (its latest step), a Hugging Face LLaMA directory
+      (config.json + safetensors or pytorch_model*.bin) or a Meta directory (params.json +
+      consolidated.NN.pth). --to orbax (default) writes what `Model.save` writes; --to hf writes
+      config.json + safetensors for transformers. --dtype defaults to the dtype SRC is stored in.
+
+  Vicuna-style deltas (FastChat's apply_delta / make_delta):
+  python -m llama_jax.convert --input BASE --delta DELTA --output DST
+      DST = BASE + DELTA, parameter by parameter; DELTA's extra vocabulary rows are kept.
+  python -m llama_jax.convert --input TUNED --make_delta --base BASE --output DELTA
+      DELTA = TUNED - BASE.
+  Delta arithmetic is done in float32; --dtype sets the dtype written.
+
+Conversion streams tensor by tensor into one copy of the model in host memory (see
+`interop/layout.py`). Bad input prints one line naming the file, field or tensor, and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from llama_jax.config import DTYPES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m llama_jax.convert",
+      description="Convert LLaMA checkpoints between Orbax, Hugging Face and Meta formats.")
+  p.add_argument("--input", required=True, help="source checkpoint (our own, Hugging Face or Meta)")
+  p.add_argument("--output", required=True, help="directory to write")
+  p.add_argument("--to", choices=("orbax", "hf"), default="orbax", help="output format (default orbax)")
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="dtype of the written weights (default: as stored)")
+  p.add_argument("--delta", default=None, help="a delta checkpoint to add to --input (Vicuna)")
+  p.add_argument("--make_delta", action="store_true", help="write --input minus --base as a delta")
+  p.add_argument("--base", default=None, help="the base model a delta is made against (with --make_delta)")
+  args = p.parse_args(argv)
+  if args.make_delta and not args.base:
+    p.error("--make_delta needs --base BASE")
+  if args.base and not args.make_delta:
+    p.error("--base is only used with --make_delta")
+  if args.make_delta and args.delta:
+    p.error("--delta and --make_delta exclude each other")
+  return args
+
+
+def _to_device(params: dict, dtype: str) -> None:
+  """Casts and moves leaves to the JAX device in place, one at a time, so two whole trees never
+  coexist. Each transfer is awaited: `device_put` is asynchronous and holds its numpy source until
+  the copy is done, so without the wait every source outlived the loop (measured: two copies of
+  the model at the Orbax save). Orbax given numpy arrays makes copies of its own (about 2 more)."""
+  import jax
+  from llama_jax.convert import layout
+  want = layout.np_dtype(dtype)
+  for key in list(params):
+    value = params[key]
+    if isinstance(value, dict):
+      _to_device(value, dtype)
+      continue
+    params[key] = None
+    params[key] = jax.device_put(np.asarray(value, want)).block_until_ready()
+    del value
+
+
+def convert(args: argparse.Namespace) -> None:
+  from llama_jax import checkpoint
+  from llama_jax.convert import CheckpointError, delta, hf, source
+
+  for path in (args.input, args.delta, args.base):
+    if path and os.path.abspath(path) == os.path.abspath(args.output):
+      raise CheckpointError(f"{args.output}: the output must not be an input")
+  src = source.open_source(args.input)
+  out_dtype = args.dtype or src.stored_dtype
+  if args.delta:
+    other = source.open_source(args.delta)
+    cfg, params = delta.apply_delta(src, other)
+    tokenizer = other.tokenizer_path or src.tokenizer_path
+  elif args.make_delta:
+    base = source.open_source(args.base)
+    cfg, params = delta.make_delta(src, base)
+    tokenizer = src.tokenizer_path
+  else:
+    cfg, params = source.load(src, out_dtype)
+    tokenizer = src.tokenizer_path
+
+  if args.to == "hf":
+    hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype)
+  else:
+    _to_device(params, out_dtype)
+    checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from llama_jax.convert import CheckpointError
+  start = time.perf_counter()
+  try:
+    convert(args)
+  except (CheckpointError, OSError) as e:
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.output} ({args.to}) in {time.perf_counter() - start:.1f}s")
+  return 0

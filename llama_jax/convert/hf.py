@@ -1,0 +1,246 @@
+"""Hugging Face `LlamaForCausalLM` checkpoints in and out.
+
+Reads a directory with `config.json` and weights as safetensors (one file, or shards named by
+`model.safetensors.index.json`) or PyTorch `pytorch_model*.bin` (read with
+`torch.load(weights_only=True)`, which unpickles tensors only); writes `config.json` and safetensors
+that `transformers.LlamaForCausalLM.from_pretrained` loads. The tensor names and layouts are
+`transformers/models/llama/modeling_llama.py`'s; `layout.py` maps them onto our tree.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Any, Iterator
+
+import numpy as np
+
+from llama_jax.config import ModelConfig
+from llama_jax.convert import CheckpointError, layout, safetensors_io, torch_io
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' long-standing default shard size (5GB)
+_LLAMA_ARCHITECTURES = {"LlamaForCausalLM", "LlamaModel"}
+
+
+def _field(config: dict, name: str, file: str):
+  if name not in config or config[name] is None:
+    raise CheckpointError(f"{file}: missing field {name!r}")
+  return config[name]
+
+
+def _rope_theta(config: dict, file: str) -> float:
+  """rope_theta, from `rope_parameters` (transformers >= 5) or the top level (older files);
+  any rope scaling (linear, dynamic, yarn, llama3) is a model we do not implement."""
+  for key in ("rope_scaling", "rope_parameters"):
+    rope = config.get(key)
+    if rope:
+      kind = rope.get("rope_type", rope.get("type", "default"))
+      if kind != "default":
+        raise CheckpointError(f"{file}: {key} of type {kind!r} is not supported (plain rotary only)")
+  params = config.get("rope_parameters") or {}
+  return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
+  """Our ModelConfig for a Hugging Face LLaMA config; other architectures and features we do not
+  implement are errors naming the field."""
+  model_type = config.get("model_type")
+  architectures = config.get("architectures") or []
+  if model_type != "llama" or (architectures and not set(architectures) & _LLAMA_ARCHITECTURES):
+    raise CheckpointError(f"{file}: model_type {model_type!r} (architectures {architectures}) is not a "
+                          "LLaMA; expected model_type 'llama', LlamaForCausalLM")
+  for name in ("attention_bias", "mlp_bias"):
+    if config.get(name):
+      raise CheckpointError(f"{file}: {name}=true is not supported (LLaMA has no biases)")
+  if config.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{file}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
+  hidden, heads = int(_field(config, "hidden_size", file)), int(_field(config, "num_attention_heads", file))
+  head_dim = config.get("head_dim")
+  if head_dim is not None and heads and int(head_dim) * heads != hidden:
+    raise CheckpointError(f"{file}: head_dim {head_dim} != hidden_size / num_attention_heads "
+                          f"({hidden} / {heads}) is not supported")
+  try:
+    return ModelConfig(
+        dim=hidden,
+        n_layers=int(_field(config, "num_hidden_layers", file)),
+        n_heads=heads,
+        n_kv_heads=int(config.get("num_key_value_heads") or heads),
+        vocab_size=int(_field(config, "vocab_size", file)),
+        ffn_hidden_dim=int(_field(config, "intermediate_size", file)),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(config, file),
+        max_seq_len=int(config.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{file}: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2) -> dict:
+  """config.json for `LlamaConfig`; rope_theta is written both ways so that transformers 4 (top
+  level) and 5 (`rope_parameters`) read it."""
+  return {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "hidden_size": cfg.dim,
+      "intermediate_size": cfg.hidden_dim,
+      "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_seq_len,
+      "rms_norm_eps": cfg.norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": None,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "vocab_size": cfg.vocab_size,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "bos_token_id": bos_id,
+      "eos_token_id": eos_id,
+      "initializer_range": 0.02,
+      "use_cache": True,
+      "torch_dtype": dtype,
+      "dtype": dtype,
+  }
+
+
+def read_config(directory: str) -> tuple[ModelConfig, dict]:
+  file = os.path.join(directory, CONFIG)
+  try:
+    with open(file) as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{directory}: no {CONFIG} (not a Hugging Face checkpoint)") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+  return config_from_hf(raw, file), raw
+
+
+def _sharded_files(directory: str, index_name: str) -> list[str]:
+  index = os.path.join(directory, index_name)
+  try:
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{index}: not a shard index ({e})") from None
+  files = sorted(set(weight_map.values()))
+  for name in files:
+    if not os.path.isfile(os.path.join(directory, name)):
+      raise CheckpointError(f"{index}: names shard {name}, which is missing from {directory}")
+  return [os.path.join(directory, name) for name in files]
+
+
+def weight_files(directory: str) -> list[str]:
+  """The weight files of a Hugging Face directory: safetensors preferred, as transformers does."""
+  if os.path.isfile(os.path.join(directory, SAFETENSORS_INDEX)):
+    return _sharded_files(directory, SAFETENSORS_INDEX)
+  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  if files:
+    return files
+  if os.path.isfile(os.path.join(directory, BIN_INDEX)):
+    return _sharded_files(directory, BIN_INDEX)
+  files = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
+  if files:
+    return files
+  raise CheckpointError(f"{directory}: no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _strip(name: str) -> str:
+  # A bare LlamaModel saves its tensors without the "model." prefix.
+  if name.startswith(("layers.", "embed_tokens.", "norm.")):
+    return "model." + name
+  return name
+
+
+def stream(directory: str) -> Iterator[tuple[str, np.ndarray, str]]:
+  """(Hugging Face name, array, file) for every tensor, one at a time."""
+  for file in weight_files(directory):
+    if file.endswith(".safetensors"):
+      tensors = safetensors_io.iter_tensors(file)
+    else:
+      tensors = torch_io.iter_tensors(file)
+    for name, array in tensors:
+      yield _strip(name), array, file
+
+
+def stored_dtype(directory: str) -> str:
+  """The dtype the weights are stored in (of the first tensor), e.g. 'bfloat16'."""
+  file = weight_files(directory)[0]
+  if file.endswith(".safetensors"):
+    infos = safetensors_io.tensor_info(file)
+    return np.dtype(next(iter(infos.values()))[1]).name if infos else "float32"
+  return np.dtype(next(torch_io.iter_tensors(file))[1].dtype).name
+
+
+def tokenizer_in(directory: str) -> str | None:
+  path = os.path.join(directory, TOKENIZER)
+  return path if os.path.isfile(path) else None
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, dict, str | None]:
+  """(config, numpy parameter tree in `dtype`, tokenizer.model path or None)."""
+  directory = os.fspath(path)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
+  cfg, _ = read_config(directory)
+  cfg = cfg.replace(param_dtype=dtype)
+  assembler = layout.Assembler(cfg, directory, dtype=layout.np_dtype(dtype))
+  params = assembler.add_all(stream(directory)).finish()
+  return cfg, params, tokenizer_in(directory)
+
+
+def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
+              tokenizer_path: str | None = None, dtype: str | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+  """Writes config.json and model.safetensors (or shards with model.safetensors.index.json when
+  larger than `max_shard_bytes`), one tensor at a time; copies tokenizer.model along.
+  dtype: of the written weights, default the parameters' own."""
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  if dtype is None:
+    dtype = np.dtype(layout.get(params, ("tok_embeddings",)).dtype).name
+  out_dtype = layout.np_dtype(dtype)
+  produce, specs = {}, []
+  for e, value in layout.export_stream(config, params):
+    produce[e.name] = value
+    specs.append((e.name, e.shape, out_dtype))
+
+  # Shards in writing order, each under the limit unless one tensor alone is larger.
+  shards, size = [[]], 0
+  for spec in specs:
+    nbytes = out_dtype.itemsize * int(np.prod(spec[1]))
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += nbytes
+  for old in glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
+      os.path.join(directory, SAFETENSORS_INDEX)):
+    os.remove(old)  # a re-export with another shard count must not leave stale shards behind
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    total += safetensors_io.write_file(os.path.join(directory, name), shard, lambda n: produce[n]())
+    weight_map.update({spec[0]: name for spec in shard})
+  if len(shards) > 1:
+    with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+  bos, eos = 1, 2
+  if tokenizer_path:
+    from llama_jax.tokenizer import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    bos, eos = tok.bos_id, tok.eos_id
+    if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(directory, TOKENIZER)):
+      shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+  with open(os.path.join(directory, CONFIG), "w") as f:
+    json.dump(config_to_hf(config, out_dtype.name, bos, eos), f, indent=2)

@@ -1,0 +1,65 @@
+"""Any checkpoint this project reads: which kind a path is (the one place that decides), and its
+tensors as one stream of Hugging Face-named arrays.
+
+`llama_jax.load`, the converter and the delta tools treat the three formats alike: a `Source` has a config, a
+tokenizer, the dtype its weights are stored in, and `stream()`, which yields (Hugging Face name,
+array, file) one tensor at a time. Our own Orbax checkpoints are restored one parameter at a time
+(a stacked parameter holds every layer's tensor of its kind) and streamed from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from llama_jax import checkpoint
+from llama_jax.config import ModelConfig
+from llama_jax.convert import CheckpointError, hf, layout, meta, torch_io
+
+
+@dataclasses.dataclass
+class Source:
+  path: str
+  kind: str  # "orbax", "hf" or "meta"
+  config: ModelConfig
+  tokenizer_path: str | None
+  stored_dtype: str
+  stream: Callable[[], Iterator[tuple[str, np.ndarray, str]]]
+  params_dir: str | None = None  # our own checkpoints: the Orbax parameter directory
+
+
+def open_source(path: str | os.PathLike) -> Source:
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file or directory")
+  if checkpoint.is_own_checkpoint(path):
+    params_dir, cfg, tok = checkpoint.model_files(path)
+
+    def stream():
+      for leaf_path, leaf in checkpoint.restore_host_leaves(params_dir, cfg):
+        for e, tensor in layout.hf_tensors(cfg, leaf_path, leaf):
+          # A copy, not a view: a view that the consumer still holds would keep the whole
+          # parameter alive while the next one is restored.
+          yield e.name, np.array(tensor), path
+        leaf = tensor = None
+    return Source(path, "orbax", cfg, tok, cfg.param_dtype, stream, params_dir)
+  if os.path.isfile(os.path.join(path, hf.CONFIG)):
+    cfg, _ = hf.read_config(path)
+    return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path))
+  if os.path.isfile(os.path.join(path, meta.PARAMS)):
+    shards = meta.open_meta(path)
+    dtype = torch_io.to_numpy(shards.states[0]["tok_embeddings.weight"]).dtype.name  # a view, no copy
+    return Source(path, "meta", shards.config, meta.tokenizer_near(path), dtype, shards.stream)
+  raise CheckpointError(f"{path}: not a checkpoint (no model_config.json, Hugging Face config.json "
+                        "or Meta params.json)")
+
+
+def load(source: Source, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+  """(config, writable numpy tree) in `dtype` (default: as stored)."""
+  dtype = dtype or source.stored_dtype
+  cfg = source.config.replace(param_dtype=dtype)
+  params = layout.Assembler(cfg, source.path, dtype=layout.np_dtype(dtype)).add_all(source.stream()).finish()
+  return cfg, params

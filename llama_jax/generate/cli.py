@@ -1,0 +1,254 @@
+"""`python generate.py`: text from a checkpoint — prompts in a batch, one prompt streamed, or a chat.
+
+  python generate.py --checkpoint DIR --prompt "Once upon a time"
+  python generate.py --checkpoint DIR --prompt_file prompts.jsonl --output out.jsonl
+  python generate.py --checkpoint DIR --chat [--template vicuna_v1.1] [--system "..."]
+
+DIR is anything `llama_jax.load` reads: a saved model, a training workdir (its latest step), a
+Hugging Face or a Meta LLaMA directory. Defaults follow Meta's example scripts (temperature 0.6,
+top-p 0.9). The engine is `llama_jax.generate.engine`; chat templates are `llama_jax.tokenizer.chat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence, TextIO
+
+
+class UsageError(ValueError):
+  """Bad input the user can fix; reported as one line."""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  from llama_jax.tokenizer import chat
+  p = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's own)")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+  p.add_argument("--prompt_file", help="prompts, one per line, or .jsonl with a 'prompt' field")
+  p.add_argument("--output", help="write results as jsonl to this file, or '-' for stdout")
+  p.add_argument("--max_new_tokens", type=int, default=256)
+  p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
+  p.add_argument("--top_p", type=float, default=0.9)
+  p.add_argument("--top_k", type=int, default=0, help="0: no top-k cut")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+  p.add_argument("--tensor", type=int, default=1, help="split the model over this many devices")
+  p.add_argument("--no_stream", action="store_true", help="print a single prompt's text at the end")
+  p.add_argument("--stats", action="store_true", help="report tokens per second on stderr")
+  p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
+  p.add_argument("--template", default=chat.DEFAULT_TEMPLATE, choices=sorted(chat.TEMPLATES))
+  p.add_argument("--system", help="replace the template's system line")
+  return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompt_file:
+    prompts += _read_prompt_file(args.prompt_file)
+  for i, text in enumerate(prompts):
+    if not text.strip():
+      raise UsageError(f"prompt {i + 1} is empty")
+  return prompts
+
+
+def _read_prompt_file(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise UsageError(f"--prompt_file {path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  if not path.endswith(".jsonl"):
+    return [line for line in lines if line.strip()]
+  prompts = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"{path}:{number}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+      raise UsageError(f"{path}:{number}: needs a string field 'prompt'")
+    if not record["prompt"].strip():
+      raise UsageError(f"{path}:{number}: the prompt is empty")
+    prompts.append(record["prompt"])
+  return prompts
+
+
+def load_model(args):
+  import llama_jax
+  if not os.path.exists(args.checkpoint):
+    raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
+  if args.tokenizer and not os.path.isfile(args.tokenizer):
+    raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
+  model = llama_jax.load(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+  if model.tokenizer is None:
+    raise UsageError(f"{args.checkpoint} has no tokenizer.model; pass --tokenizer")
+  return model
+
+
+def make_mesh(args, config):
+  if args.tensor <= 1:
+    return None
+  import jax
+  from llama_jax import sharding
+  if args.tensor > jax.device_count():
+    raise UsageError(f"--tensor {args.tensor}: only {jax.device_count()} devices")
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=args.tensor, devices=jax.devices()[:args.tensor])
+  sharding.check_divisible(mesh, 1, config.n_heads, config.n_kv_heads)
+  return mesh
+
+
+def check_lengths(model, prompts: list[str]) -> list[list[int]]:
+  ids = model.tokenizer.encode_batch(prompts)
+  for i, row in enumerate(ids):
+    if len(row) > model.config.max_seq_len:
+      raise UsageError(f"prompt {i + 1} is {len(row)} tokens long, more than the model's context of "
+                       f"{model.config.max_seq_len} tokens")
+  return ids
+
+
+def run_prompts(args, model, mesh, prompts, out: TextIO) -> None:
+  from llama_jax.generate import TextStreamer, generate
+  ids = check_lengths(model, prompts)
+  eos_ids = list(model.tokenizer.eos_ids)
+  options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, mesh=mesh)
+  start = time.perf_counter()
+  if len(prompts) == 1 and not args.output and not args.no_stream:
+    out.write(prompts[0])
+    out.flush()
+
+    def write(text):
+      out.write(text)
+      out.flush()
+
+    outputs = generate(model, [ids[0]], stream=TextStreamer(model.tokenizer, write, eos_ids, ids[0]),
+                       **options)
+    out.write("\n")
+  else:
+    outputs = generate(model, ids, **options)
+  seconds = time.perf_counter() - start
+  new = [row[len(p):] for row, p in zip(outputs, ids)]
+  texts = [model.tokenizer.decode_continuation(p, [t for t in row if t not in eos_ids])
+           for p, row in zip(ids, new)]
+  if args.output:
+    records = [{"prompt": p, "completion": t, "num_tokens": len(n), "stopped_at_eos": bool(n) and n[-1] in eos_ids}
+               for p, t, n in zip(prompts, texts, new)]
+    _write_jsonl(args.output, records, out)
+  elif len(prompts) > 1 or args.no_stream:
+    for prompt, text in zip(prompts, texts):
+      out.write(f"{prompt}{text}\n---\n")
+  if args.stats:
+    total = sum(map(len, new))
+    print(f"{total} tokens in {seconds:.2f}s ({total / seconds:.1f} tokens/s, compile included)",
+          file=sys.stderr)
+
+
+def _write_jsonl(path: str, records: list[dict], out: TextIO) -> None:
+  lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+  if path == "-":
+    out.write(lines)
+    return
+  try:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(lines)
+  except OSError as e:
+    raise UsageError(f"--output {path}: {e.strerror}") from None
+
+
+def fit_history(template, history, user, tokenizer, budget: int):
+  """The prompt ids for `user` after `history`, dropping the oldest (user, assistant) pairs until
+  the prompt leaves `budget` tokens free; None if the message alone does not fit the context."""
+  while True:
+    messages = history + [{"role": "user", "content": user}]
+    ids = template.encode_prompt(messages, tokenizer)
+    if len(ids) <= budget or not history:
+      return (ids, history) if len(ids) <= budget else (None, history)
+    history = history[2:]
+
+
+def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
+  from llama_jax.generate import TextStreamer, generate
+  from llama_jax.tokenizer import chat
+  template = chat.get_template(args.template).with_system(args.system)
+  tok = model.tokenizer
+  # Leave room for a full answer when the context allows it; a long message still gets the rest.
+  budget = max(model.config.max_seq_len - args.max_new_tokens, 1)
+  interactive = stdin.isatty()
+  history: list[dict] = []
+  turn = 0
+  while True:
+    if interactive:
+      out.write(f"{template.roles[0]}: ")
+      out.flush()
+    line = stdin.readline()
+    if not line:
+      break
+    user = line.strip()
+    if user in ("/exit", "/quit"):
+      break
+    if user == "/reset":
+      history = []
+      continue
+    if not user:
+      continue
+    ids, history = fit_history(template, history, user, tok, budget)
+    if ids is None:
+      ids, history = fit_history(template, [], user, tok, model.config.max_seq_len)
+      if ids is None:
+        print(f"error: the message is longer than the model's context of {model.config.max_seq_len} "
+              "tokens; not sent", file=sys.stderr)
+        continue
+    out.write(f"{template.roles[1]}: ")
+    out.flush()
+
+    def write(text):
+      out.write(text)
+      out.flush()
+
+    # The answer alone (no prompt context): shown after the "ASSISTANT: " tag, as it is stored.
+    streamer = TextStreamer(tok, write, tok.eos_ids)
+    result = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, top_k=args.top_k, seed=args.seed + turn, stream=streamer,
+                      mesh=mesh)[0]
+    out.write("\n")
+    out.flush()
+    answer = tok.decode([t for t in result[len(ids):] if t not in tok.eos_ids]).strip()
+    history = history + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    turn += 1
+
+
+def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  try:
+    if args.chat and (args.prompt or args.prompt_file):
+      raise UsageError("--chat reads its messages from stdin; drop --prompt/--prompt_file")
+    if args.max_new_tokens < 1:
+      raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+      raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    prompts = [] if args.chat else read_prompts(args)
+    if not args.chat and not prompts:
+      raise UsageError("no prompts: give --prompt, --prompt_file or --chat")
+    from llama_jax.generate import sampling
+    sampling.check(args.temperature, args.top_k, args.top_p)  # the ranges, before loading
+    model = load_model(args)
+    mesh = make_mesh(args, model.config)
+    if args.chat:
+      run_chat(args, model, mesh, stdin, stdout)
+    else:
+      run_prompts(args, model, mesh, prompts, stdout)
+  except (UsageError, OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("", file=sys.stderr)
+    return 130
+  return 0

@@ -1,0 +1,197 @@
+"""The generation engine: one prefill pass into a preallocated KV cache, then a jitted while loop.
+
+The shape of Meta's `llama/generation.py` and Gemma's sampler loop (`gemma/text/_sampler_loop.py`):
+  prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once and
+                       split into one tree per layer (a layer's weights sliced out of the stacked
+                       tensors inside the loop would be copied at every step);
+  prefill(...)         runs every prompt of the batch in one forward pass, writing the cache, and
+                       draws each row's first new token from the logits at its last prompt token;
+  decode(...)          a `lax.while_loop` making one token per step for every unfinished row, each
+                       row at its own position, until every row has met an EOS id or its token limit
+                       (or a step bound, which is how streaming gets tokens out in chunks).
+
+Rows of different prompt lengths share a batch: prompts are right-padded to the bucket length P and
+prefilled at positions 0..P-1; a row of length n takes its first token from the logits at n-1 and
+decodes at positions n, n+1, ..., overwriting the pad slots before any query can attend to them
+(a query attends to slots <= its position). So each row gets what its prompt alone gets.
+
+Everything that varies per request is data: prompt lengths, token limits, EOS ids, PRNG keys and
+the sampling settings (per row), so one compilation serves every request of a shape bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from llama_jax import model as M
+from llama_jax import sharding
+from llama_jax.config import ModelConfig
+from llama_jax.generate.cache import KVCache, init_cache, shard_cache
+from llama_jax.generate.sampling import SamplingParams, sample
+
+Array = jax.Array
+
+# How many times each jitted function has been traced (Python side effects run only when tracing);
+# tests use it to check that new prompts and settings of the same bucket reuse the compiled code.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+class EngineParams(NamedTuple):
+  """The parameters in the compute dtype: `top` without the blocks (embedding, final norm, output
+  head), `layers` one tree per block."""
+  top: Any
+  layers: tuple
+
+
+class DecodeState(NamedTuple):
+  """The while loop's carry. B batch, N the new-token budget, S the cache length, E EOS ids."""
+  cache: tuple[KVCache, ...]  # one per layer
+  tokens: Array  # (B, N) int32 new tokens; entries at >= lengths are padding
+  lengths: Array  # (B,) int32 new tokens so far per row
+  prompt_lengths: Array  # (B,) int32
+  limits: Array  # (B,) int32 most new tokens per row (0 for padding rows)
+  done: Array  # (B,) bool
+  keys: Array  # (B,) one PRNG key per row
+  sampling: SamplingParams  # (B,) each
+  eos_ids: Array  # (E,) int32; -1 entries never match
+  steps: Array  # () int32 loop steps since the prefill
+  logits: Array | None  # (B, N, V) float32 logits each token was drawn from (tests only)
+
+
+def engine_config(cfg: ModelConfig) -> ModelConfig:
+  """The model config the engine runs: XLA attention, since cached attention is a (B, T, S) masked
+  attention at per-row positions (the fused cuDNN kernel is for training's causal attention; a
+  one-token decode step gains nothing from it)."""
+  return cfg if cfg.attention_impl == "xla" else cfg.replace(attention_impl="xla")
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cast_and_split(params, dtype) -> EngineParams:
+  cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  top = {k: v for k, v in cast.items() if k != "layers"}
+  stacked = cast["layers"]["block"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return EngineParams(top, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)))
+
+
+def prepare_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None,
+                   rules=sharding.DEFAULT_RULES) -> EngineParams:
+  """Stacked model parameters -> EngineParams, placed on `mesh` by `rules` if given. A copy of the
+  weights in the compute dtype, made once per model rather than at every step."""
+  if isinstance(params, EngineParams):
+    return params
+  if mesh is not None:
+    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
+  return _cast_and_split(params, jnp.dtype(cfg.dtype).name)
+
+
+def _context(mesh: Mesh | None, rules):
+  if mesh is None:
+    import contextlib
+    return contextlib.nullcontext()
+  return sharding.activation_rules(mesh, rules)
+
+
+def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
+            cache: tuple[KVCache, ...]) -> tuple[Array, tuple[KVCache, ...]]:
+  """The blocks over tokens (B, T) at positions (B, T), writing and attending over the cache:
+  (last block's output (B, T, D), the new cache). The layers are a Python loop: each reads its own
+  weights and cache buffers where they lie."""
+  model = M.Transformer(cfg)
+  x = model.apply({"params": params.top}, tokens, method="embed")
+  slots = jnp.arange(cache[0].length)
+  mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
+  rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+  block = M.Block(cfg)
+  new_cache = []
+  for layer_params, layer_cache in zip(params.layers, cache):
+    x, layer_cache = block.apply({"params": layer_params}, x, positions, rope, mask, layer_cache)
+    new_cache.append(layer_cache)
+  return x, tuple(new_cache)
+
+
+def logits_of(cfg: ModelConfig, params: EngineParams, x: Array) -> Array:
+  """Final norm and output head: (B, T, D) -> float32 (B, T, V)."""
+  return M.Transformer(cfg).apply({"params": params.top}, x, method="norm_head")
+
+
+def _row_keys(keys: Array, index: Array) -> Array:
+  # Folding in the token's index (not splitting a carried key) makes a token's randomness depend
+  # only on the seed, its row and its index: chunked (streamed) and one-shot decoding agree.
+  return jax.vmap(jax.random.fold_in)(keys, index)
+
+
+def _is_eos(tokens: Array, eos_ids: Array) -> Array:
+  return jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "budget", "mesh", "rules",
+                                             "record_logits"))
+def prefill(cfg: ModelConfig, params: EngineParams, tokens: Array, prompt_lengths: Array,
+            limits: Array, keys: Array, sampling: SamplingParams, eos_ids: Array, *, cache_len: int,
+            budget: int, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
+            record_logits: bool = False) -> DecodeState:
+  """tokens (B, P) right-padded prompts -> the decode state holding the filled cache and each
+  row's first new token (drawn from the logits at its last prompt position)."""
+  TRACE_COUNTS["prefill"] += 1
+  b, p = tokens.shape
+  with _context(mesh, rules):
+    cache = init_cache(cfg, b, cache_len)
+    if mesh is not None:
+      cache = shard_cache(cache, mesh, rules)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    x, cache = forward(cfg, params, tokens, positions, cache)
+    # Only each row's last prompt position needs the (large) output head.
+    last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
+    logits = logits_of(cfg, params, last)[:, 0]  # (B, V)
+  first = sample(logits, _row_keys(keys, jnp.zeros((b,), jnp.int32)), sampling)
+  valid = limits > 0
+  new_tokens = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(jnp.where(valid, first, 0))
+  lengths = valid.astype(jnp.int32)
+  done = ~valid | (lengths >= limits) | _is_eos(first, eos_ids)
+  recorded = None
+  if record_logits:
+    recorded = jnp.zeros((b, budget, cfg.vocab_size), jnp.float32).at[:, 0].set(logits)
+  return DecodeState(cache, new_tokens, lengths, prompt_lengths, limits, done, keys, sampling,
+                     eos_ids, jnp.zeros((), jnp.int32), recorded)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules"), donate_argnames=("state",))
+def decode(cfg: ModelConfig, params: EngineParams, state: DecodeState, until: Array, *,
+           mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> DecodeState:
+  """Draws tokens for every unfinished row until all are done or `until` loop steps have run."""
+  TRACE_COUNTS["decode"] += 1
+  b, budget = state.tokens.shape
+  rows = jnp.arange(b)
+  cache_len = state.cache[0].length
+
+  def cond(s: DecodeState):
+    return (s.steps < until) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    last = s.tokens[rows, jnp.maximum(s.lengths - 1, 0)]  # (B,)
+    # The last token sits at prompt_length + length - 1; finished rows are clamped inside the
+    # cache (what they compute is thrown away).
+    pos = jnp.minimum(s.prompt_lengths + s.lengths - 1, cache_len - 1)
+    with _context(mesh, rules):
+      x, cache = forward(cfg, params, last[:, None], pos[:, None], s.cache)
+      logits = logits_of(cfg, params, x)[:, 0]  # (B, V)
+    new = sample(logits, _row_keys(s.keys, s.lengths), s.sampling)
+    active = ~s.done
+    at = jnp.minimum(s.lengths, budget - 1)
+    tokens = s.tokens.at[rows, at].set(jnp.where(active, new, s.tokens[rows, at]))
+    lengths = s.lengths + active.astype(jnp.int32)
+    done = s.done | (lengths >= s.limits) | (active & _is_eos(new, s.eos_ids))
+    recorded = s.logits
+    if recorded is not None:
+      recorded = recorded.at[rows, at].set(jnp.where(active[:, None], logits, recorded[rows, at]))
+    return s._replace(cache=cache, tokens=tokens, lengths=lengths, done=done, steps=s.steps + 1,
+                      logits=recorded)
+
+  return jax.lax.while_loop(cond, body, state)

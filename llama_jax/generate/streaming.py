@@ -1,0 +1,51 @@
+"""Token chunks in, printable text out, decoding a short window per chunk (not the whole answer).
+
+A tokenizer decodes sequences, not tokens: SentencePiece turns a leading "▁" into a space only
+mid-text, and byte-level pieces combine into characters. So the new text of a chunk is
+decode(window + chunk) minus decode(window), where the window starts a few tokens back at a point
+already written (vLLM's incremental detokenizer, prefix and read offsets); the first window is the
+prompt's last tokens, so the answer's first word keeps its leading space. Text ending in an
+unfinished UTF-8 character (U+FFFD) waits for the next chunk. Each call decodes a bounded number
+of tokens, so streaming n tokens costs O(n), not O(n²).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+PROMPT_CONTEXT = 5  # prompt tokens decoded before the answer, for its leading space
+
+
+class TextStreamer:
+
+  def __init__(self, tokenizer, write: Callable[[str], None], eos_ids: Sequence[int] = (),
+               prompt_ids: Sequence[int] = ()):
+    self.tokenizer, self.write = tokenizer, write
+    self.eos_ids = set(int(i) for i in eos_ids)
+    self.ids = [int(i) for i in prompt_ids][-PROMPT_CONTEXT:]
+    self.prefix = 0  # the window being decoded starts here
+    self.read = len(self.ids)  # text up to here has been written
+    self.text = ""  # everything written so far
+
+  def __call__(self, new_ids: Sequence[int]) -> None:
+    self.ids += [int(i) for i in new_ids if int(i) not in self.eos_ids]
+    if len(self.ids) == self.read:
+      return
+    before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+    now = self.tokenizer.decode(self.ids[self.prefix:])
+    if now.endswith("\ufffd") or len(now) <= len(before) or not now.startswith(before):
+      return  # an unfinished character, or nothing printable yet
+    self._emit(now[len(before):])
+    self.prefix, self.read = self.read, len(self.ids)
+
+  def flush(self) -> None:
+    """At the end: whatever was held back (an unfinished character decodes as U+FFFD)."""
+    before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+    now = self.tokenizer.decode(self.ids[self.prefix:])
+    if len(now) > len(before) and now.startswith(before):
+      self._emit(now[len(before):])
+    self.prefix = self.read = len(self.ids)
+
+  def _emit(self, text: str) -> None:
+    self.text += text
+    self.write(text)

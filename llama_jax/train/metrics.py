@@ -1,0 +1,123 @@
+"""Throughput accounting and the one metrics writer (JSON lines + TensorBoard events).
+
+Model FLOPs per token (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B):
+  6 * N                 forward (2N) and backward (4N) of every matmul weight, N excluding the
+                        embedding table (a lookup, not a matmul) but including the output head;
+  + 6 * L * T * D       attention scores and weighted values: 2 matmuls of 2*T*D FLOPs per token per
+                        layer forward, x3 with the backward pass, halved because a causal mask needs
+                        only the lower triangle.
+MFU = achieved model FLOPs per second / (devices * peak dense FLOP/s of one device). Rematerialised
+recomputation is not counted: MFU, unlike hardware utilisation, credits only the model's own work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Callable, Mapping
+
+import jax
+
+from llama_jax.config import ModelConfig, num_params
+
+# Dense peak FLOP/s per device from the vendors' datasheets (no sparsity), by compute dtype (float32
+# as TF32 on NVIDIA). Matched in order against the lower-cased device kind, every word of the key
+# present, so the PCIe and NVL H100/H200 (lower clocks and power) are not taken for the SXM parts.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("h100 pcie", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
+    ("h100 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}),
+    ("h200 nvl", {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12}),
+    ("h100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),  # SXM5 ("H100 80GB HBM3")
+    ("h200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),  # SXM, and GH200
+    ("a100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    ("tpu v6 lite", {"bfloat16": 918e12, "float32": 918e12}),
+    ("tpu v5 lite", {"bfloat16": 197e12, "float32": 197e12}),
+    ("tpu v5", {"bfloat16": 459e12, "float32": 459e12}),
+    ("tpu v4", {"bfloat16": 275e12, "float32": 275e12}),
+)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  matmul_params = num_params(cfg) - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
+  return 6.0 * matmul_params + 6.0 * cfg.n_layers * seq_len * cfg.dim
+
+
+def peak_flops(device: jax.Device, dtype: str) -> float | None:
+  """Peak of one device, or None where unknown (a CPU): then MFU is not reported, not guessed."""
+  words = device.device_kind.lower().replace("-", " ").split()
+  for key, table in PEAK_FLOPS:
+    if all(any(k in w for w in words) for k in key.split()):
+      return table.get(dtype, table["bfloat16"])
+  return None
+
+
+class StepTimer:
+  """Seconds per training step over a logging window. Time spent outside training steps
+  (evaluations) is left out while the window's steps keep their own time, so a window that an
+  evaluation interrupts reports what its steps took, not its steps over a part of their time."""
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self.clock = clock
+    self.started = False
+    self._begin, self._steps, self._excluded = 0.0, 0, 0.0
+
+  def start(self) -> None:
+    """Opens a window (after the first step, whose time is compilation)."""
+    self.started = True
+    self._begin, self._steps, self._excluded = self.clock(), 0, 0.0
+
+  def count_step(self) -> None:
+    self._steps += 1
+
+  @contextlib.contextmanager
+  def paused(self):
+    begin = self.clock()
+    try:
+      yield
+    finally:
+      self._excluded += self.clock() - begin
+
+  def lap(self) -> float | None:
+    """Seconds per step since the window opened (None if no step was counted); opens the next."""
+    if not self.started or not self._steps:
+      return None
+    seconds = (self.clock() - self._begin - self._excluded) / self._steps
+    self.start()
+    return seconds
+
+
+class MetricsWriter:
+  """Writes `DIR/metrics.jsonl` and TensorBoard events in DIR; only process 0 writes."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(workdir)
+      except ImportError:  # TensorBoard files are a convenience; the JSON lines are the record
+        self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    for key, value in metrics.items():
+      value = float(value)
+      row[key] = value if math.isfinite(value) else str(value)
+      if self._tb is not None and math.isfinite(value):
+        self._tb.add_scalar(key, value, int(step))
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()

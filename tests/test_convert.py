@@ -1,0 +1,358 @@
+"""Checkpoint conversion against the reference: Hugging Face transformers' PyTorch LLaMA.
+
+Tiny random `LlamaForCausalLM`s (grouped-query and plain, tied and untied heads, non-default
+rope_theta, perturbed norm weights) are loaded from disk and must give transformers' logits and
+greedy continuations; exports must load back into transformers; a Meta directory is written from
+a transformers model by this file's own inverse of the conversion (fairscale split, interleaved
+rotary rows), independently of the loader.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import llama_jax
+from llama_jax.convert import cli as convert
+from llama_jax.convert import CheckpointError, hf, meta, safetensors_io
+
+transformers.logging.set_verbosity_error()
+
+# name -> LlamaConfig overrides; all have hidden 64, 8 heads, 2 layers
+CASES = {
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0),
+    "mha_untied": dict(num_key_value_heads=8, tie_word_embeddings=False, rope_theta=10000.0),
+    "gqa_untied": dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+def hf_model(seed=0, vocab_size=101, intermediate_size=96, **overrides):
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+      num_attention_heads=8, max_position_embeddings=128, rms_norm_eps=1e-5, **overrides)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:  # norms start at ones; a mapping that dropped them would go unnoticed
+        p.add_(0.3 * torch.randn_like(p))
+  return model
+
+
+def ref_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def assert_close(ours, ref, rtol=1e-5):
+  # 1e-5 relative to the logits' scale, with float32 on both sides
+  np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+TOKENS = np.random.default_rng(0).integers(0, 101, (2, 13))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  out = {}
+  for i, (name, overrides) in enumerate(CASES.items()):
+    model = hf_model(seed=i, **overrides)
+    path = str(tmp_path_factory.mktemp(name))
+    model.save_pretrained(path)
+    out[name] = (model, path)
+  return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_equal_transformers(hf_dirs, case):
+  model, path = hf_dirs[case]
+  ours = llama_jax.load(path)
+  assert ours.config.tie_embeddings == CASES[case]["tie_word_embeddings"]
+  assert ours.config.n_kv_heads == CASES[case]["num_key_value_heads"]
+  assert ours.config.rope_theta == CASES[case]["rope_theta"]
+  assert ("output" in ours.params) != ours.config.tie_embeddings
+  assert_close(ours.logits(TOKENS), ref_logits(model, TOKENS))
+
+
+@pytest.mark.parametrize("case", ["gqa_tied", "mha_untied"])
+def test_batched_greedy_generation_equals_transformers(hf_dirs, case):
+  model, path = hf_dirs[case]
+  prompts = [[1, 5, 17, 42, 8, 3], [1, 99, 23, 4, 61, 7]]  # equal lengths: no padding semantics
+  new = 10
+  ours = llama_jax.load(path).generate(prompts, max_new_tokens=new, temperature=0.0, stop_at_eos=False)
+  with torch.no_grad():
+    ref = model.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                         do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                         pad_token_id=0)
+  assert [list(map(int, r)) for r in ours] == ref.tolist()
+  assert len(ours[0]) == 6 + new
+
+
+def test_export_hf_round_trip_through_transformers(hf_dirs, tmp_path):
+  model, path = hf_dirs["gqa_untied"]
+  ours = llama_jax.load(path)
+  out = str(tmp_path / "export")
+  hf.export_hf(ours.config, ours.params, out, max_shard_bytes=100_000)  # small: several shards
+  index = json.load(open(os.path.join(out, hf.SAFETENSORS_INDEX)))
+  assert len(set(index["weight_map"].values())) > 1
+  back = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+  assert back.config.rope_parameters["rope_theta"] == 500000.0
+  assert back.config.num_key_value_heads == 4 and back.config.intermediate_size == 96
+  assert_close(ref_logits(back, TOKENS), ref_logits(model, TOKENS))
+  # and the tensors themselves are bit-identical to the original's
+  orig = model.state_dict()
+  for name, file in index["weight_map"].items():
+    with safe_open(os.path.join(out, file), "pt") as f:
+      torch.testing.assert_close(f.get_tensor(name), orig[name], rtol=0, atol=0)
+
+
+def test_export_bfloat16_with_tokenizer_through_model_api(hf_dirs, tmp_path):
+  model, path = hf_dirs["gqa_tied"]
+  tok = _tokenizer(tmp_path)
+  ours = llama_jax.load(path, tokenizer=tok)
+  out = tmp_path / "bf16"
+  ours.export_hf(str(out), dtype="bfloat16")
+  assert (out / "tokenizer.model").read_bytes() == open(tok, "rb").read()
+  assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+  back = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+  assert back.dtype == torch.bfloat16 and back.config.tie_word_embeddings
+  with torch.no_grad():
+    want = model.model.embed_tokens.weight.to(torch.bfloat16)
+    assert torch.equal(back.model.embed_tokens.weight, want)
+  assert_close(ref_logits(back.float(), TOKENS), ref_logits(model, TOKENS), rtol=5e-2)
+
+
+def _tokenizer(tmp_path):
+  import sentencepiece as spm
+  text = tmp_path / "text.txt"
+  text.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tok"), vocab_size=60,
+                                 model_type="bpe", byte_fallback=False, minloglevel=2)
+  return str(tmp_path / "tok.model")
+
+
+def test_pytorch_bin_weights(hf_dirs, tmp_path):
+  model, path = hf_dirs["mha_untied"]
+  shutil.copy(os.path.join(path, "config.json"), tmp_path / "config.json")
+  state = model.state_dict()
+  names = list(state)
+  # sharded .bin with an index, as older transformers wrote them
+  parts = {"pytorch_model-00001-of-00002.bin": names[:7], "pytorch_model-00002-of-00002.bin": names[7:]}
+  for file, keys in parts.items():
+    torch.save({k: state[k].clone() for k in keys}, tmp_path / file)
+  index = {"weight_map": {k: f for f, keys in parts.items() for k in keys}}
+  (tmp_path / hf.BIN_INDEX).write_text(json.dumps(index))
+  assert_close(llama_jax.load(str(tmp_path)).logits(TOKENS), ref_logits(model, TOKENS))
+
+
+def write_meta(model, directory, n_shards=2, vocab_size=-1):
+  """Meta's layout from a transformers model: interleaved rotary rows, fairscale's split."""
+  c = model.config
+  h = c.hidden_size // c.num_attention_heads
+
+  def to_interleaved(w, heads):  # Hugging Face halves -> Meta pairs: the inverse of HF's permute
+    return w.view(heads, 2, h // 2, c.hidden_size).transpose(1, 2).reshape(heads * h, c.hidden_size)
+
+  full = {"tok_embeddings.weight": model.model.embed_tokens.weight, "norm.weight": model.model.norm.weight,
+          "output.weight": model.lm_head.weight, "rope.freqs": torch.ones(h // 2)}
+  for i, layer in enumerate(model.model.layers):
+    a, m = layer.self_attn, layer.mlp
+    full.update({
+        f"layers.{i}.attention.wq.weight": to_interleaved(a.q_proj.weight, c.num_attention_heads),
+        f"layers.{i}.attention.wk.weight": to_interleaved(a.k_proj.weight, c.num_key_value_heads),
+        f"layers.{i}.attention.wv.weight": a.v_proj.weight, f"layers.{i}.attention.wo.weight": a.o_proj.weight,
+        f"layers.{i}.feed_forward.w1.weight": m.gate_proj.weight, f"layers.{i}.feed_forward.w3.weight": m.up_proj.weight,
+        f"layers.{i}.feed_forward.w2.weight": m.down_proj.weight,
+        f"layers.{i}.attention_norm.weight": layer.input_layernorm.weight,
+        f"layers.{i}.ffn_norm.weight": layer.post_attention_layernorm.weight,
+    })
+  column, row = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")
+  shards = [{} for _ in range(n_shards)]
+  for name, w in full.items():
+    key = name.split(".")[-2]
+    pieces = (torch.chunk(w, n_shards, 0) if key in column else
+              torch.chunk(w, n_shards, 1) if key in row else [w] * n_shards)
+    for shard, piece in zip(shards, pieces):
+      shard[name] = piece.detach().clone()
+  os.makedirs(directory, exist_ok=True)
+  for i, shard in enumerate(shards):
+    torch.save(shard, os.path.join(directory, f"consolidated.{i:02d}.pth"))
+  params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+            "n_kv_heads": c.num_key_value_heads, "vocab_size": vocab_size, "multiple_of": 16,
+            "ffn_dim_multiplier": None, "norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_parameters["rope_theta"]}
+  with open(os.path.join(directory, "params.json"), "w") as f:
+    json.dump(params, f)
+
+
+@pytest.fixture(scope="module")
+def meta_case(tmp_path_factory):
+  # Meta's width rule with dim 64, multiple_of 16: int(2 * 256 / 3) = 170 -> 176
+  model = hf_model(seed=7, vocab_size=102, intermediate_size=176, num_key_value_heads=2, rope_theta=20000.0)
+  path = str(tmp_path_factory.mktemp("meta"))
+  write_meta(model, path)
+  return model, path
+
+
+def test_meta_two_model_parallel_shards(meta_case):
+  model, path = meta_case
+  ours = llama_jax.load(path)
+  assert ours.config.vocab_size == 102 and ours.config.hidden_dim == 176
+  assert_close(ours.logits(TOKENS), ref_logits(model, TOKENS))
+
+
+def test_meta_missing_shard(meta_case, tmp_path):
+  _, path = meta_case
+  shutil.copy(os.path.join(path, "params.json"), tmp_path)
+  shutil.copy(os.path.join(path, "consolidated.00.pth"), tmp_path)
+  with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth is missing"):
+    meta.load_meta(str(tmp_path))
+  shutil.copy(os.path.join(path, "consolidated.01.pth"), tmp_path / "consolidated.02.pth")
+  with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth is missing"):
+    meta.load_meta(str(tmp_path))
+
+
+def test_convert_cli_round_trip(hf_dirs, meta_case, tmp_path, capsys):
+  model, path = meta_case
+  orbax, back = str(tmp_path / "orbax"), str(tmp_path / "hf")
+  assert convert.main(["--input", path, "--output", orbax]) == 0
+  assert convert.main(["--input", orbax, "--output", back, "--to", "hf"]) == 0
+  assert_close(llama_jax.load(orbax).logits(TOKENS), ref_logits(model, TOKENS))
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(back).eval()
+  assert_close(ref_logits(reloaded, TOKENS), ref_logits(model, TOKENS))
+  half = str(tmp_path / "bf16")
+  assert convert.main(["--input", hf_dirs["gqa_tied"][1], "--output", half, "--dtype", "bfloat16"]) == 0
+  assert json.load(open(os.path.join(half, "model_config.json")))["param_dtype"] == "bfloat16"
+  assert llama_jax.load(half).params["tok_embeddings"].dtype == "bfloat16"
+
+
+def test_delta_make_then_apply_gives_the_tuned_weights(tmp_path):
+  base = hf_model(seed=1, num_key_value_heads=2)
+  tuned = hf_model(seed=2, vocab_size=103, num_key_value_heads=2)  # two tokens added in tuning
+  base_dir, tuned_dir = str(tmp_path / "base"), str(tmp_path / "tuned")
+  base.save_pretrained(base_dir)
+  tuned.save_pretrained(tuned_dir)
+  delta_dir, out_dir = str(tmp_path / "delta"), str(tmp_path / "out")
+  assert convert.main(["--input", tuned_dir, "--make_delta", "--base", base_dir, "--output", delta_dir,
+                       "--to", "hf"]) == 0
+  # the delta itself, against torch's own arithmetic: shared rows differ, extra rows are the tuned ones
+  with safe_open(os.path.join(delta_dir, "model.safetensors"), "pt") as f:
+    emb = f.get_tensor("model.embed_tokens.weight")
+    wq = f.get_tensor("model.layers.1.self_attn.q_proj.weight")
+  with torch.no_grad():
+    torch.testing.assert_close(emb[:101], tuned.model.embed_tokens.weight[:101] - base.model.embed_tokens.weight)
+    torch.testing.assert_close(emb[101:], tuned.model.embed_tokens.weight[101:], rtol=0, atol=0)
+    torch.testing.assert_close(wq, tuned.model.layers[1].self_attn.q_proj.weight - base.model.layers[1].self_attn.q_proj.weight)
+  assert convert.main(["--input", base_dir, "--delta", delta_dir, "--output", out_dir, "--to", "hf"]) == 0
+  rebuilt = transformers.LlamaForCausalLM.from_pretrained(out_dir)
+  for (name, want), got in zip(tuned.state_dict().items(), rebuilt.state_dict().values()):
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_delta_between_orbax_checkpoints(tmp_path):
+  # Our own checkpoints stream one parameter at a time: make and apply a delta with every side in Orbax.
+  base = hf_model(seed=3, num_key_value_heads=2)
+  tuned = hf_model(seed=4, vocab_size=103, num_key_value_heads=2)
+  paths = {n: str(tmp_path / n) for n in ("base_hf", "tuned_hf", "base", "tuned", "delta", "out")}
+  base.save_pretrained(paths["base_hf"])
+  tuned.save_pretrained(paths["tuned_hf"])
+  assert convert.main(["--input", paths["base_hf"], "--output", paths["base"]]) == 0
+  assert convert.main(["--input", paths["tuned_hf"], "--output", paths["tuned"]]) == 0
+  assert convert.main(["--input", paths["tuned"], "--make_delta", "--base", paths["base"],
+                       "--output", paths["delta"]]) == 0
+  assert convert.main(["--input", paths["base"], "--delta", paths["delta"], "--output", paths["out"]]) == 0
+  want, got = llama_jax.load(paths["tuned"]).params, llama_jax.load(paths["out"]).params
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  assert_close(llama_jax.load(paths["out"]).logits(TOKENS), ref_logits(tuned, TOKENS))
+
+
+# ---- bad input: one clear error naming the file, field or tensor ----
+
+def _bad_dir(hf_dirs, tmp_path, case="gqa_untied"):
+  src = hf_dirs[case][1]
+  dst = tmp_path / "bad"
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_cli_missing_path_is_one_line_without_traceback(tmp_path, capsys):
+  assert convert.main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "nope" in err and "Traceback" not in err
+
+
+def test_other_architecture(hf_dirs, tmp_path, capsys):
+  d = _bad_dir(hf_dirs, tmp_path)
+  cfg = json.load(open(d / "config.json"))
+  cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match=r"config\.json: model_type 'gpt2'"):
+    llama_jax.load(str(d))
+  assert convert.main(["--input", str(d), "--output", str(tmp_path / "o")]) == 1
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "gpt2" in err
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling of type 'linear'"),
+    ("attention_bias", True, "attention_bias"),
+    ("head_dim", 16, "head_dim 16"),
+])
+def test_unsupported_features(hf_dirs, tmp_path, field, value, match):
+  d = _bad_dir(hf_dirs, tmp_path)
+  cfg = json.load(open(d / "config.json"))
+  cfg[field] = value
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match=match):
+    hf.load_hf(str(d))
+
+
+def test_missing_shard_named_by_index(hf_dirs, tmp_path):
+  ours = llama_jax.load(hf_dirs["mha_untied"][1])
+  out = tmp_path / "sharded"
+  hf.export_hf(ours.config, ours.params, str(out), max_shard_bytes=100_000)
+  shards = sorted(set(json.load(open(out / hf.SAFETENSORS_INDEX))["weight_map"].values()))
+  assert len(shards) > 2
+  os.remove(out / shards[1])
+  with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: names shard {shards[1]}, which is missing"):
+    llama_jax.load(str(out))
+
+
+def test_wrong_shape_and_missing_tensor(hf_dirs, tmp_path):
+  model, _ = hf_dirs["gqa_untied"]
+  d = _bad_dir(hf_dirs, tmp_path)
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :32]
+  specs = [(k, v.shape, v.dtype) for k, v in state.items()]
+  safetensors_io.write_file(str(d / "model.safetensors"), specs, lambda k: state[k])
+  with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight "
+                                            r"has shape \(96, 32\), expected \(96, 64\)"):
+    llama_jax.load(str(d))
+  del state["model.layers.1.mlp.up_proj.weight"]
+  specs = [(k, v.shape, v.dtype) for k, v in state.items()]
+  safetensors_io.write_file(str(d / "model.safetensors"), specs, lambda k: state[k])
+  with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+    llama_jax.load(str(d))
+
+
+def test_safetensors_writer_is_read_by_the_library(tmp_path):
+  import ml_dtypes
+  rng = np.random.default_rng(0)
+  arrays = {"a": rng.normal(size=(3, 5)).astype(np.float32),
+            "b": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16), "c": np.arange(6, dtype=np.int64).reshape(2, 3)}
+  file = str(tmp_path / "x.safetensors")
+  safetensors_io.write_file(file, [(k, v.shape, v.dtype) for k, v in arrays.items()], arrays.__getitem__)
+  with safe_open(file, "pt") as f:
+    assert f.get_tensor("b").dtype == torch.bfloat16
+    np.testing.assert_array_equal(f.get_tensor("b").float().numpy(), arrays["b"].astype(np.float32))
+    np.testing.assert_array_equal(f.get_tensor("a").numpy(), arrays["a"])
+  back = dict(safetensors_io.iter_tensors(file))
+  for k, v in arrays.items():
+    np.testing.assert_array_equal(back[k], v)
