@@ -6,6 +6,8 @@ Orbax and their thread pools), must stay under 1.4 float32 copies of the model. 
 these steps measured about 2 copies (TinyLlama: 8.39 and 7.13 GiB for a 4.10 GiB model).
 """
 
+import pytest
+
 from llama_jax.bench.convert import run, write_random_hf
 from llama_jax.config import ModelConfig, num_params
 
@@ -22,6 +24,7 @@ def peaks(cfg, root):
   return to_orbax, to_hf
 
 
+@pytest.mark.slow
 def test_conversion_peak_memory_is_near_one_copy(tmp_path):
   one_copy = 4 * num_params(MEDIUM) / 2**30
   (tmp_path / "tiny").mkdir()

@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import random
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -288,9 +286,10 @@ def test_eval_split_is_held_out_fixed_and_finite(tmp_path, tok):
   # An eval iterator read only up to eval_batches and dropped leaves no read-ahead thread behind.
   it = data.make_iterator(cfg, tok, seq_len=16, global_batch_size=2, seed=0, split="eval")
   next(it)
+  thread = it._thread  # pylint: disable=protected-access
   del it
-  time.sleep(0.3)
-  assert not [t for t in threading.enumerate() if t.name == "data-eval"]
+  thread.join(timeout=60)  # returns as soon as the thread ends; the timeout only bounds a failure
+  assert not thread.is_alive()
 
 
 def test_bad_configs_are_data_errors(tmp_path, tok):

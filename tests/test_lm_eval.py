@@ -92,6 +92,7 @@ def test_generate_until_is_greedy_and_stops(lm, hf_model):
   assert cut == free[0][:free[0].index(stop)]
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_runs_a_task_on_disk(lm, tmp_path):
   docs = tmp_path / "docs.jsonl"
   docs.write_text("".join(json.dumps({"context": "the cat sat on the", "choices": [" mat", " river"],

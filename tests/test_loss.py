@@ -30,6 +30,7 @@ def _compiled_value_and_grad(cfg, params, batch, z_loss):
   return jax.jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie,z_loss", [(False, 0.0), (True, 1e-2)])
 def test_chunked_loss_equals_whole_logits_without_holding_them(tie, z_loss):
   cfg = CFG.replace(tie_embeddings=tie)

@@ -314,6 +314,7 @@ def test_unknown_template_and_container_are_data_errors(tmp_path, tok):
     data.make_iterator(cfg, tok, seq_len=64, global_batch_size=2)
 
 
+@pytest.mark.slow
 def test_fine_tuned_tiny_model_answers_word_for_word(tmp_path, tok):
   import flax.linen as nn
   import jax

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
@@ -35,6 +36,7 @@ def _batch(b, t, seed=0):
           "segment_ids": np.zeros((b, t), np.int32), "loss_mask": mask}
 
 
+@pytest.mark.slow
 def test_micro_batches_equal_one_large_batch():
   batch = _batch(8, 16)
   results = []

@@ -38,11 +38,15 @@ class TrainingError(RuntimeError):
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save before exiting."""
+  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save before exiting.
+
+  LLAMA_JAX_PREEMPT_AT_STEP=N sends this process a SIGTERM after step N: a preemption at a known
+  step, through the real handler, for tests and for rehearsing a cluster's preemption handling."""
 
   def __init__(self):
     self.signum = 0
     self._previous = {}
+    self._preempt_at = int(os.environ.get("LLAMA_JAX_PREEMPT_AT_STEP") or 0)
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,6 +64,8 @@ class _StopSignal:
       signal.signal(sig, handler)
 
   def requested(self, step: int, sync_every: int) -> bool:
+    if step == self._preempt_at:
+      signal.raise_signal(signal.SIGTERM)
     if jax.process_count() == 1:
       return bool(self.signum)
     if step % sync_every:  # agreeing across hosts is a collective: not every step
