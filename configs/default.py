@@ -6,7 +6,7 @@ Every other config imports this one and changes a few fields. Override from the 
 
 import ml_collections
 
-from llama_jax import data
+from llama_jax import data, lora
 from llama_jax.config import preset, to_config_dict
 from llama_jax.sharding import DEFAULT_RULES
 
@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = -1  # parameters and optimiser state sharded, batch split; -1: all remaining devices
   config.mesh.tensor = 1  # Megatron-style split of heads and the FFN width
   config.mesh.rules = DEFAULT_RULES  # logical axis name -> mesh axes
+
+  # LoRA: rank > 0 trains low-rank adapters of a frozen base (init_from) instead of the model;
+  # llama_jax.lora.config documents each field.
+  config.lora = lora.default_config()
 
   config.data = data.default_config()  # sources, tokenizer, packing: llama_jax.data documents it
   config.data.vocab_size = config.model.get_ref("vocab_size")  # a trained tokenizer fills the model

@@ -1,8 +1,8 @@
 """The public Python API: `llama_jax.load(path) -> Model`.
 
 `load` reads any checkpoint `llama_jax.convert.open_source` recognises: the project's own (a saved
-model or a training workdir), a Hugging Face LLaMA directory (`config.json`) or a Meta directory
-(`params.json`).
+model, quantized or not, or a training workdir; a LoRA run's workdir gives its base model with the
+adapters), a Hugging Face LLaMA directory (`config.json`) or a Meta directory (`params.json`).
 """
 
 from __future__ import annotations
@@ -74,10 +74,17 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
   config = src.config
   if dtype is not None:
     config_overrides["dtype"] = dtype
-  if src.kind == "orbax":
-    # Restored by Orbax straight into the target shardings (or the first device).
+  if src.kind == "lora":
+    # A LoRA run: its base model with the adapters merged in (attached, over a quantized base).
+    from llama_jax.lora import files
+    base = files.base_path(path)
+    loaded = load(base, mesh=mesh, rules=rules)
+    config, params, _ = files.adapt(path, loaded.config, loaded.params, base, mesh=mesh, rules=rules)
+  elif src.kind == "orbax":
+    # Restored by Orbax straight into the target shardings (or the first device); quantized
+    # weights stay quantized.
     shardings = sharding.param_shardings(src.config, mesh, rules) if mesh is not None else None
-    params = checkpoint.load_params(src.params_dir, src.config, shardings)
+    params = checkpoint.load_params(src.params_dir, src.config, shardings, src.quantization)
   else:
     config, params = source.load(src, "float32")  # numpy on the host, one copy
     if mesh is not None:

@@ -7,6 +7,10 @@ Two layouts, one parameter format:
                       (`make_manager`, `save_state`, `restore_state`). Orbax writes a step to a
                       temporary name and renames it when complete, so a save killed mid-write is
                       never listed as a step.
+A quantized model (`python -m llama_jax.quantize`) also has DIR/quantization.json, which describes
+each quantized weight (`projection.describe`); its arrays are saved as {values, scales[, zeros]}.
+A LoRA run's workdir (`config.lora`) also has DIR/lora.json (the adapters' shape and their base
+model); its steps' `params` are the adapters alone (`llama_jax.lora`).
 Items of a training step: `params` and `opt_state` (sharded arrays, restorable onto any mesh),
 `meta` (step, seed) and `data` (every process's data-iterator state, gathered into one JSON).
 """
@@ -25,9 +29,12 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from llama_jax import projection
 from llama_jax.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
+QUANTIZATION = "quantization.json"
+LORA = "lora.json"
 TOKENIZER = "tokenizer.model"
 CHECKPOINTS = "checkpoints"
 
@@ -55,18 +62,37 @@ def abstract_params(config: ModelConfig, shardings: Any = None) -> Any:
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None) -> None:
+def read_quantization(directory: str) -> dict | None:
+  """The quantization.json of a model directory ({"weights": {path: ...}, ...}), or None."""
+  path = os.path.join(directory, QUANTIZATION)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None,
+               quantization: dict | None = None) -> None:
+  """`quantization`: how the model was quantized (method, calibration), written to
+  quantization.json beside the description of its quantized weights."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, "params")
   if os.path.exists(params_dir):
     shutil.rmtree(params_dir)
+  weights = projection.describe(params)
   # Uncompressed: with zstd on, tensorstore keeps every array's compressed chunks in host memory
   # until the commit (measured: +0.95 of the model's size, and 2.3x the time); float weights
   # compress by only ~10%. Reading needs no flag either way.
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-    ckptr.save(params_dir, args=ocp.args.PyTreeSave(params))
+    ckptr.save(params_dir, args=ocp.args.PyTreeSave(projection.to_saved(params)))
   write_model_config(directory, config)
+  quant_file = os.path.join(directory, QUANTIZATION)
+  if weights:
+    with open(quant_file, "w") as f:
+      json.dump({**(quantization or {}), "weights": weights}, f, indent=2)
+  elif os.path.exists(quant_file):
+    os.remove(quant_file)
   if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.join(directory, TOKENIZER):
     shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
 
@@ -104,9 +130,15 @@ def is_own_checkpoint(path: str) -> bool:
     return False
 
 
-def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> Any:
+def load_params(params_dir: str, config: ModelConfig, shardings: Any = None,
+                quantization: dict | None = None) -> Any:
+  """The parameters, placed by `shardings` (of the plain tree; quantized weights follow them)."""
+  abstract = abstract_params(config, shardings)
+  if quantization:
+    abstract = projection.abstract_saved(abstract, quantization["weights"])
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(params_dir, abstract_params(config, shardings))
+    params = ckptr.restore(params_dir, abstract)
+  return projection.from_saved(params, quantization["weights"]) if quantization else params
 
 
 def restore_host_leaves(params_dir: str, config: ModelConfig,

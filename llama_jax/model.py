@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import projection
 from llama_jax.config import ModelConfig
 
 Array = jax.Array
@@ -48,6 +49,14 @@ REMAT = {
 
 _init = nn.initializers.normal(stddev=0.02)
 
+# Every projection of a block: the module holding it and how many leading axes of its weight are
+# inputs (the rest are outputs). Quantization groups and LoRA adapters split a weight there.
+PROJECTIONS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1),
+               "wo": ("attention", 2), "w1": ("feed_forward", 1), "w3": ("feed_forward", 1),
+               "w2": ("feed_forward", 1)}
+# Projections that read the same input (GPTQ gathers one Hessian for each such group).
+SHARED_INPUTS = (("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",))
+
 
 class LayerCache(Protocol):
   """What `Attention` needs of one layer's key/value cache (`generate.cache.KVCache` is one)."""
@@ -65,11 +74,23 @@ def _param(module: nn.Module, name: str, shape, axes, init=_init):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _weight(module: nn.Module, name: str, shape, axes):
+  """The parameter `name`: a plain array, or a structured weight (quantized, or with LoRA adapters:
+  `llama_jax.projection`) as the caller's parameter tree holds it."""
+  if module.has_variable("params", name):
+    stored = module.get_variable("params", name)
+    if projection.is_structured(stored):
+      return stored
+  return _param(module, name, shape, axes)
+
+
 def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes) -> Array:
-  """One projection: the weight `name` (stored in param_dtype), cast to the compute dtype, applied
-  by `equation`. Every matmul weight of a block goes through here."""
-  w = _param(module, name, shape, axes).astype(module.cfg.dtype)
-  return jnp.einsum(equation, x, w)
+  """One projection: the weight `name` applied by `equation` in the compute dtype. Every matmul
+  weight of a block goes through here. Applied with `mutable=["projection_inputs"]`, the inputs are
+  recorded (GPTQ's calibration reads them); otherwise `sow` does nothing."""
+  module.sow("projection_inputs", name, x)
+  w = _weight(module, name, shape, axes)
+  return projection.project(equation, x, w, module.cfg.dtype)
 
 
 def _constrain(x: Array, axes) -> Array:
@@ -227,10 +248,8 @@ class Transformer(nn.Module):
         metadata_params={nn.PARTITION_NAME: LAYERS},
     )(cfg)
     self.norm = RMSNorm(cfg)
-    if not cfg.tie_embeddings:
-      self.output = self.param(
-          "output", nn.with_logical_partitioning(_init, (EMBED, VOCAB)),
-          (cfg.dim, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+    if not cfg.tie_embeddings:  # may be quantized (`python -m llama_jax.quantize --quantize_output`)
+      self.output = _weight(self, "output", (cfg.dim, cfg.vocab_size), (EMBED, VOCAB))
 
   def embed(self, tokens: Array) -> Array:
     """(B, T) int -> (B, T, D) in the compute dtype."""
@@ -251,7 +270,7 @@ class Transformer(nn.Module):
   def head(self, x: Array) -> Array:
     """Logits in float32: (B, T, D) -> (B, T, V)."""
     w = self.tok_embeddings.T if self.cfg.tie_embeddings else self.output
-    return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return projection.project("BTD,DV->BTV", x, w, x.dtype, out_dtype=jnp.float32)
 
   def norm_head(self, x: Array) -> Array:
     """The final RMSNorm and the output head: (B, T, D) last block output -> float32 logits."""

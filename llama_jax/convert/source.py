@@ -23,12 +23,13 @@ from llama_jax.convert import CheckpointError, hf, layout, meta, torch_io
 @dataclasses.dataclass
 class Source:
   path: str
-  kind: str  # "orbax", "hf" or "meta"
+  kind: str  # "orbax", "hf", "meta", or "lora" (a LoRA run's workdir: adapters over a base model)
   config: ModelConfig
   tokenizer_path: str | None
   stored_dtype: str
   stream: Callable[[], Iterator[tuple[str, np.ndarray, str]]]
   params_dir: str | None = None  # our own checkpoints: the Orbax parameter directory
+  quantization: dict | None = None  # our own quantized checkpoints: quantization.json
 
 
 def open_source(path: str | os.PathLike) -> Source:
@@ -37,6 +38,16 @@ def open_source(path: str | os.PathLike) -> Source:
     raise CheckpointError(f"{path}: no such file or directory")
   if checkpoint.is_own_checkpoint(path):
     params_dir, cfg, tok = checkpoint.model_files(path)
+    config_dir = checkpoint.find_params_dir(path)[1]
+    quantization = checkpoint.read_quantization(config_dir)
+    if quantization or os.path.isfile(os.path.join(config_dir, checkpoint.LORA)):
+      what = "quantized" if quantization else "LoRA adapters (merge them with --merge_lora first)"
+
+      def unconvertible():
+        raise CheckpointError(f"{path}: holds {what}; its tensors cannot be streamed as a float model")
+        yield  # a generator, as the other streams
+      kind = "orbax" if quantization else "lora"
+      return Source(path, kind, cfg, tok, cfg.param_dtype, unconvertible, params_dir, quantization)
 
     def stream():
       for leaf_path, leaf in checkpoint.restore_host_leaves(params_dir, cfg):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from llama_jax import model as M
-from llama_jax import sharding
+from llama_jax import projection, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.generate.cache import KVCache, init_cache, shard_cache
 from llama_jax.generate.sampling import SamplingParams, sample
@@ -71,9 +71,15 @@ def engine_config(cfg: ModelConfig) -> ModelConfig:
   return cfg if cfg.attention_impl == "xla" else cfg.replace(attention_impl="xla")
 
 
+def _cast(x, dtype):
+  if projection.is_quantized(x):  # integers and float16 scales as they are: the matmul reads them
+    return x
+  return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 @functools.partial(jax.jit, static_argnames="dtype")
 def _cast_and_split(params, dtype) -> EngineParams:
-  cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  cast = jax.tree.map(lambda x: _cast(x, dtype), params, is_leaf=projection.is_quantized)
   top = {k: v for k, v in cast.items() if k != "layers"}
   stacked = cast["layers"]["block"]
   n = jax.tree.leaves(stacked)[0].shape[0]
@@ -83,11 +89,13 @@ def _cast_and_split(params, dtype) -> EngineParams:
 def prepare_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None,
                    rules=sharding.DEFAULT_RULES) -> EngineParams:
   """Stacked model parameters -> EngineParams, placed on `mesh` by `rules` if given. A copy of the
-  weights in the compute dtype, made once per model rather than at every step."""
+  weights in the compute dtype, made once per model rather than at every step; quantized weights
+  are kept as they are (the decode step dequantizes inside each matmul)."""
   if isinstance(params, EngineParams):
     return params
   if mesh is not None:
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
+    params = jax.device_put(params, projection.shardings_like(
+        params, sharding.param_shardings(cfg, mesh, rules)))
   return _cast_and_split(params, jnp.dtype(cfg.dtype).name)
 
 

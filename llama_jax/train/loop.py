@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax import checkpoint, data, sharding
 from llama_jax.config import ModelConfig
+from llama_jax.lora import training as lora_training
 from llama_jax.model import init_params
 from llama_jax.sharding import ConfigError
 from llama_jax.tokenizer import Tokenizer
@@ -129,36 +130,74 @@ class Training:
   batch_sharding: Any
   init: Callable  # rng -> sharded TrainState, initialised in place (never whole on one device)
   step: Callable  # (state, batch) -> (state, metrics), state donated
-  eval: Callable  # (params, batch) -> (sum of NLL, token count)
+  eval: Callable  # (state, batch) -> (sum of NLL, token count)
+  # LoRA (`config.lora.rank` > 0): the adapters train, the base is `state.frozen`; None otherwise.
+  adapters: lora_training.Adapters | None = None
+  init_frozen: Callable | None = None  # rng -> the frozen base of a run without init_from
 
   def placed(self, field: str):
     """Restore targets: the abstract `field` of the state with this mesh's shardings."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         getattr(self.abstract_state, field), getattr(self.state_sharding, field))
 
+  def frozen(self, base: Any, rng) -> Any:
+    """A LoRA run's frozen base: a loaded model's parameters (None: the run's own random
+    initialisation), placed; None where every parameter trains."""
+    if self.adapters is None:
+      return None
+    if base is None:
+      return self.init_frozen(rng)
+    return jax.jit(self.adapters.base, out_shardings=self.state_sharding.frozen)(base)
+
+  def from_base(self, base: Any, rng) -> TrainState:
+    """A fresh run over a loaded model's parameters: fine-tuning all of them, or (LoRA) adapters
+    beside them."""
+    if self.adapters is None:
+      params = jax.device_put(base, self.state_sharding.params)
+    else:
+      params = jax.jit(lambda r: nn.unbox(self.adapters.init(r)), out_shardings=self.state_sharding.params)(rng)
+    init_opt = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params),
+                      nonfinite_steps=jnp.zeros((), jnp.int32), frozen=self.frozen(base, rng))
+
 
 def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
   rules = sharding.as_rules(config.mesh.rules)
   lr_schedule = learning_rate_schedule(config.optimizer, config.num_steps)
   tx = make_optimizer(config.optimizer, config.num_steps)
+  adapters = lora_training.plan(config, model_cfg)  # None unless config.lora trains adapters only
 
   def init_state(rng):
-    params = init_params(model_cfg, rng)
+    params, frozen = init_params(model_cfg, rng), None
+    if adapters is not None:
+      params, frozen = adapters.init(rng), adapters.base(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      nonfinite_steps=jnp.zeros((), jnp.int32))
+                      nonfinite_steps=jnp.zeros((), jnp.int32), frozen=frozen)
 
   # eval_shape -> logical specs -> shardings -> jit(init, out_shardings): the flax lm1b recipe.
   boxed = jax.eval_shape(init_state, jax.random.key(0))
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  if adapters is not None:  # the base as the model's parameters are placed, quantized or not
+    state_sharding = state_sharding.replace(frozen=adapters.frozen_shardings(
+        nn.unbox(boxed.frozen), sharding.param_shardings(model_cfg, mesh, rules)))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   init = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding)
   document_attention = bool(config.data.get("document_attention", False))
-  step = jax.jit(make_train_step(model_cfg, tx, config.optimizer, lr_schedule, document_attention),
+  step = jax.jit(make_train_step(model_cfg, tx, config.optimizer, lr_schedule, document_attention,
+                                 view=adapters.view if adapters else None),
                  in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                  donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, cfg=model_cfg, document_attention=document_attention),
-                     in_shardings=(state_sharding.params, batch_sharding))
-  return Training(tx, lr_schedule, nn.unbox(boxed), state_sharding, batch_sharding, init, step, evaluate)
+
+  def model_params(state):
+    return state.params if adapters is None else adapters.eval_view(state.params, state.frozen)
+  evaluate = jax.jit(lambda state, batch: eval_step(model_params(state), batch, cfg=model_cfg,
+                                                    document_attention=document_attention),
+                     in_shardings=(state_sharding, batch_sharding))
+  init_frozen = None
+  if adapters is not None:
+    init_frozen = jax.jit(lambda rng: nn.unbox(init_state(rng)).frozen, out_shardings=state_sharding.frozen)
+  return Training(tx, lr_schedule, nn.unbox(boxed), state_sharding, batch_sharding, init, step, evaluate,
+                  adapters, init_frozen)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -188,7 +227,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   start_step = manager.latest_step()
   pretrained = None
-  if start_step is None and config.init_from:
+  # A LoRA run's checkpoints hold its adapters only: resuming loads the frozen base again.
+  if config.init_from and (start_step is None or run.adapters is not None):
     # Straight into the mesh's shards: no device ever holds the whole model. Loaded outside the
     # activation rules, which would bind the restore's own abstract targets to this mesh.
     from llama_jax.api import load
@@ -198,34 +238,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
       params, opt_state, meta, data_state = checkpoint.restore_state(
           manager, start_step, run.placed("params"), run.placed("opt_state"))
       state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=params, opt_state=opt_state,
-                         nonfinite_steps=jnp.zeros((), jnp.int32))
+                         nonfinite_steps=jnp.zeros((), jnp.int32),
+                         frozen=run.frozen(pretrained and pretrained.params, jax.random.key(config.seed)))
       state = jax.device_put(state, run.state_sharding)
       train_iter.set_state(data_state)
       log.info("resumed from %s at step %d", workdir, start_step)
     elif pretrained is not None:
-      state = _state_from_checkpoint(pretrained, config.init_from, model_cfg, run.tx, run.state_sharding)
+      state = _state_from_checkpoint(pretrained, config.init_from, model_cfg, run, config.seed)
       start_step = 0
     else:
       state = run.init(jax.random.key(config.seed))
       start_step = 0
+    if run.adapters is not None:
+      run.adapters.record(workdir, state.frozen, config.init_from)
     return _loop(config, workdir, model_cfg, state, start_step, run.step, run.eval, train_iter,
                  tokenizer, manager, run.batch_sharding, mesh)
 
 
-def _state_from_checkpoint(loaded, path: str, model_cfg: ModelConfig, tx, state_sharding) -> TrainState:
+def _state_from_checkpoint(loaded, path: str, model_cfg: ModelConfig, run: Training, seed: int) -> TrainState:
   """Fine-tuning: parameters of a loaded checkpoint (any kind), fresh optimiser state."""
   shape_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
   for name in shape_fields:
     if getattr(loaded.config, name) != getattr(model_cfg, name):
       raise ConfigError(f"init_from {path}: model.{name} is {getattr(model_cfg, name)} in the config "
                         f"but {getattr(loaded.config, name)} in the checkpoint")
-  params = jax.device_put(loaded.params, state_sharding.params)
-  init_opt = jax.jit(tx.init, out_shardings=state_sharding.opt_state)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params),
-                    nonfinite_steps=jnp.zeros((), jnp.int32))
+  return run.from_base(loaded.params, jax.random.key(seed))
 
 
-def _evaluate(config, eval_fn, params, tokenizer, batch_sharding) -> dict:
+def _evaluate(config, eval_fn, state, tokenizer, batch_sharding) -> dict:
   it = data.make_iterator(
       config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
       seed=config.seed, split="eval", process_index=jax.process_index(), process_count=jax.process_count())
@@ -235,7 +275,7 @@ def _evaluate(config, eval_fn, params, tokenizer, batch_sharding) -> dict:
       local = next(it)
     except StopIteration:
       break
-    batch_nll, batch_count = eval_fn(params, _global_batch(local, batch_sharding))
+    batch_nll, batch_count = eval_fn(state, _global_batch(local, batch_sharding))
     nll, count = nll + float(batch_nll), count + float(batch_count)
   if count == 0:
     return {}
@@ -318,7 +358,7 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
         if config.eval_every and (step % config.eval_every == 0 or last_step):
           jax.block_until_ready(step_metrics)  # the steps so far are training time
           with timer.paused():  # evaluation is not
-            eval_row = _evaluate(config, eval_fn, state.params, tokenizer, batch_sharding)
+            eval_row = _evaluate(config, eval_fn, state, tokenizer, batch_sharding)
           if eval_row:
             bar.write(f"step {step}: eval loss {eval_row['eval/loss']:.4f}, "
                       f"perplexity {eval_row['eval/perplexity']:.2f}")

@@ -28,6 +28,9 @@ class TrainState:
   params: Any
   opt_state: Any
   nonfinite_steps: jax.Array  # steps skipped because the loss or gradient was NaN/inf
+  # Parameters the model reads but the optimiser does not train (a LoRA run's base model:
+  # `llama_jax.lora.training`); not checkpointed. None: `params` is the whole model.
+  frozen: Any = None
 
 
 def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float, document_attention: bool):
@@ -47,9 +50,13 @@ def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float, document_attentio
 
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
                grad_accum_steps: int = 1, z_loss: float = 0.0, lr_schedule=None,
-               document_attention: bool = False):
+               document_attention: bool = False, view=None):
+  """`view(params, frozen, step)`, where given, is what the model is applied to (LoRA: the frozen
+  base with the trained adapters attached); gradients are taken with respect to `params` only."""
   def micro_grads(micro):
     def objective(params):
+      if view is not None:
+        params = view(params, state.frozen, state.step)
       total, count, nll = _loss_sums(params, cfg, micro, z_loss, document_attention)
       return total, (count, nll)
     (_, (count, nll)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -99,7 +106,8 @@ def eval_step(params, batch: dict, *, cfg: ModelConfig, document_attention: bool
   return nll, count
 
 
-def make_train_step(cfg: ModelConfig, tx, opt_cfg, lr_schedule, document_attention: bool = False):
+def make_train_step(cfg: ModelConfig, tx, opt_cfg, lr_schedule, document_attention: bool = False,
+                    view=None):
   return functools.partial(train_step, cfg=cfg, tx=tx, grad_accum_steps=int(opt_cfg.grad_accum_steps),
                            z_loss=float(opt_cfg.z_loss), lr_schedule=lr_schedule,
-                           document_attention=document_attention)
+                           document_attention=document_attention, view=view)

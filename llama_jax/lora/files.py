@@ -1,0 +1,140 @@
+"""A LoRA run on disk: DIR/lora.json beside the workdir's checkpoints, whose `params` are adapters.
+
+lora.json holds the adapters' settings (`LoraConfig`), the base model they were trained on (the
+run's `init_from`, as an absolute path) and the base's `fingerprint`, so that loading or merging
+the adapters onto another model (another shape, or the same shape with other weights) is an error
+naming both, not a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from llama_jax import checkpoint, projection, sharding
+from llama_jax.config import ModelConfig
+from llama_jax.lora import adapters as adapters_lib
+from llama_jax.lora.config import LoraConfig
+
+
+def write_info(workdir: str, lora: LoraConfig, base_path: str, base_fingerprint: str) -> None:
+  info = {**lora.to_dict(), "base": os.path.abspath(base_path) if base_path else "",
+          "base_fingerprint": base_fingerprint}
+  tmp = os.path.join(workdir, checkpoint.LORA + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, checkpoint.LORA))
+
+
+def read_info(workdir: str) -> tuple[LoraConfig, dict]:
+  path = os.path.join(checkpoint.find_params_dir(workdir)[1], checkpoint.LORA)
+  with open(path) as f:
+    info = json.load(f)
+  fields = ("rank", "alpha", "dropout", "target_modules", "quantize_base")
+  return LoraConfig.from_dict({k: info[k] for k in fields if k in info}), info
+
+
+def base_path(workdir: str) -> str:
+  """The base model a LoRA run trained on (its init_from)."""
+  _, info = read_info(workdir)
+  if not info.get("base"):
+    raise ValueError(f"{workdir}: the adapters' base model was a random initialisation (the run had "
+                     "no init_from): name a base with --base")
+  return info["base"]
+
+
+def base_quantization(lora: LoraConfig, cfg: ModelConfig, base: str = "") -> dict | None:
+  """The frozen base's quantized weights, described as quantization.json describes them: the base
+  checkpoint's own where it is quantized, else those `lora.quantize_base` asks for (int8 per output
+  channel; int4 in groups of 128 inputs, or 64 or 32 where 128 does not divide a width)."""
+  if base and checkpoint.is_own_checkpoint(base):
+    quantization = checkpoint.read_quantization(checkpoint.find_params_dir(base)[1])
+    if quantization:
+      return quantization["weights"]
+  if not lora.quantize_base:
+    return None
+  from llama_jax import model as M
+  shapes = M.param_shapes(cfg)["layers"]["block"]
+  out = {}
+  for name, (module, n_in) in M.PROJECTIONS.items():
+    shape = tuple(shapes[module][name].value.shape[1:])
+    width = math.prod(shape[:n_in])
+    if lora.quantize_base == "int8":
+      bits, size = 8, width
+    else:
+      bits, size = 4, next((g for g in (128, 64, 32) if width % g == 0), width)
+    out[f"layers/block/{module}/{name}"] = {"bits": bits, "group_size": size, "shape": list(shape),
+                                            "n_in": n_in, "symmetric": True}
+  return out
+
+
+def prepare_base(params: Any, description: dict | None) -> Any:
+  """The frozen base as the adapters see it: every weight that `description` names quantized by
+  round-to-nearest on its grid, unless it is quantized already (a quantized checkpoint)."""
+  from llama_jax.quantize import rtn
+  from llama_jax.quantize.grid import Grid
+  for name, d in (description or {}).items():
+    path = tuple(name.split("/"))
+    w = params
+    for k in path:
+      w = w[k]
+    if projection.is_quantized(w):
+      continue
+    grid = Grid(int(d["bits"]), int(d["group_size"]), bool(d["symmetric"]))
+    qt = rtn.quantize_weight(w, grid, int(d["n_in"]), n_lead=w.ndim - len(d["shape"]), name=name)
+    params = projection.replace_at(params, path, qt)
+  return params
+
+
+def abstract_adapters(cfg: ModelConfig, lora: LoraConfig) -> Any:
+  """The adapters' tree as boxed ShapeDtypeStructs (shapes and logical axes)."""
+  return jax.eval_shape(lambda: adapters_lib.init_adapters(cfg, lora, jax.random.key(0)))
+
+
+def restore_adapters(workdir: str, cfg: ModelConfig, lora: LoraConfig, mesh=None,
+                     rules=sharding.DEFAULT_RULES) -> Any:
+  """The adapters of the workdir's latest step (or of the step directory given)."""
+  params_dir, _ = checkpoint.find_params_dir(workdir)
+  boxed = abstract_adapters(cfg, lora)
+  shapes = nn.unbox(boxed)
+  if mesh is not None:
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(params_dir, target)
+
+
+def adapt(workdir: str, base_cfg: ModelConfig, base_params: Any, base_where: str, merge: bool | None = None,
+          mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[ModelConfig, Any, LoraConfig]:
+  """(config, parameters, LoRA settings) of the workdir's adapters on the base model: merged into
+  its weights, or attached beside them (`merge=None`: attached where the base is quantized, whose
+  merge would leave int4/int8 for float). Another base than the run's is an error."""
+  lora, info = read_info(workdir)
+  cfg = checkpoint.read_model_config(checkpoint.find_params_dir(workdir)[1])
+  for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size"):
+    if getattr(cfg, name) != getattr(base_cfg, name):
+      raise ValueError(f"{workdir}: the adapters fit a model with {name} {getattr(cfg, name)}, but "
+                       f"{base_where} has {getattr(base_cfg, name)}")
+  base_params = prepare_base(base_params, base_quantization(lora, cfg))
+  adapters = restore_adapters(workdir, cfg, lora, mesh, rules)
+  adapters_lib.check_shapes(base_params, adapters, base_where)
+  found = adapters_lib.fingerprint(base_params)
+  if info.get("base_fingerprint") and found != info["base_fingerprint"]:
+    raise ValueError(f"{workdir}: the adapters were trained on a base with hash "
+                     f"{info['base_fingerprint']} ({info.get('base') or 'a random initialisation'}), "
+                     f"but {base_where} has hash {found}: another model")
+  quantized = any(map(projection.is_quantized, jax.tree.leaves(base_params, is_leaf=projection.is_quantized)))
+  if merge is None:
+    merge = not quantized
+  if merge:
+    return base_cfg, adapters_lib.merge(base_params, adapters, lora), lora
+  return base_cfg, adapters_lib.attach(base_params, adapters, lora), lora
