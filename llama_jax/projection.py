@@ -131,13 +131,21 @@ def _grouped(x: Array, group_size: int) -> Array:
   return x.reshape(x.shape[:-2] + (x.shape[-2] // group_size, group_size, x.shape[-1]))
 
 
-def signed_groups(qt: QuantizedTensor, dtype) -> list[Array]:
+def signed_groups(qt: QuantizedTensor, dtype, after: Array | None = None) -> list[Array]:
   """q - zero in `dtype`, exactly (integers of at most 9 bits): [(..., G, gs, O)] for 8-bit, and for
-  4-bit the two halves of every group, [(..., G, gs/2, O), (..., G, gs/2, O)]."""
+  4-bit the two halves of every group, [(..., G, gs/2, O), (..., G, gs/2, O)].
+
+  `after`: an array the conversion is made to depend on (by adding an integer zero computed from
+  it, which XLA cannot fold away), so that it happens where the weight is used. Without it XLA
+  hoists the loop-invariant conversion of every weight out of the decode loop (and out of
+  gradient accumulation): a full-precision copy of the model (seen on the CPU backend)."""
+  values = qt.values
+  if after is not None:
+    values = values + (jnp.ravel(after)[0] * 0).astype(values.dtype)
   if qt.bits == 8:
-    ints = [_grouped(qt.values, qt.group_size).astype(dtype)]
+    ints = [_grouped(values, qt.group_size).astype(dtype)]
   else:
-    packed = _grouped(qt.values, qt.group_size // 2)
+    packed = _grouped(values, qt.group_size // 2)
     ints = [(packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)]
   if qt.zeros is not None:
     zero = qt.zeros.astype(dtype)[..., :, None, :]
@@ -147,9 +155,9 @@ def signed_groups(qt: QuantizedTensor, dtype) -> list[Array]:
   return ints
 
 
-def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> Array:
+def dequantize(qt: QuantizedTensor, dtype=jnp.float32, after: Array | None = None) -> Array:
   """The weight in `dtype`, of shape (..., *qt.shape)."""
-  ints = signed_groups(qt, jnp.float32)
+  ints = signed_groups(qt, jnp.float32, after)
   ints = ints[0] if len(ints) == 1 else jnp.concatenate(ints, axis=-2)  # (..., G, gs, O)
   w = ints * qt.scales.astype(jnp.float32)[..., :, None, :]
   lead = qt.values.shape[:-2]
@@ -168,10 +176,10 @@ def _quantized_matmul(x: Array, qt: QuantizedTensor, dtype) -> Array:
   m, gs = x.shape[0], qt.group_size
   if qt.n_groups > 1 and m > gs:
     # Many tokens: the (M, G, O) partial products would outweigh the (K, O) weight itself.
-    w = dequantize(qt, dtype).reshape(qt.in_features, qt.out_features)
+    w = dequantize(qt, dtype, after=x).reshape(qt.in_features, qt.out_features)
     return jnp.einsum("MK,KO->MO", x, w, preferred_element_type=jnp.float32)
   xg = x.reshape(m, qt.n_groups, gs)  # (M, G, C)
-  ints = signed_groups(qt, dtype)
+  ints = signed_groups(qt, dtype, after=x)
   width = gs // len(ints)  # 4-bit: the group's two halves multiply the two nibbles
   partial = sum(jnp.einsum("MGC,GCO->MGO", xg[..., i * width:(i + 1) * width], q,
                            preferred_element_type=jnp.float32) for i, q in enumerate(ints))

@@ -1,2 +1,2 @@
-"""Benchmarks (`python -m llama_jax.bench train|decode|data|convert`), one module each; GPU tables
-in BENCHMARKS.md are reproduced by `benchmarks/gpu.sh`."""
+"""Benchmarks (`python -m llama_jax.bench train|decode|quantize|data|convert`), one module each;
+GPU tables in BENCHMARKS.md are reproduced by the scripts under `benchmarks/`."""

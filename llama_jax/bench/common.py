@@ -4,6 +4,26 @@ from __future__ import annotations
 
 import jax
 
+# Peak memory bandwidth per device (vendors' datasheets), matched as metrics.PEAK_FLOPS is: every
+# word of the key in the lower-cased device kind, first match wins.
+PEAK_BANDWIDTH: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 2.0e12),
+    ("h100 nvl", 3.9e12),
+    ("h200 nvl", 4.8e12),
+    ("h100", 3.35e12),  # SXM5
+    ("h200", 4.8e12),
+    ("a100", 2.039e12),  # 80 GB SXM
+)
+
+
+def peak_bandwidth(device: jax.Device) -> float | None:
+  """Bytes/s of one device's memory, or None where unknown (a CPU)."""
+  words = device.device_kind.lower().replace("-", " ").split()
+  for key, value in PEAK_BANDWIDTH:
+    if all(any(k in w for w in words) for k in key.split()):
+      return value
+  return None
+
 
 def device_info() -> dict:
   device = jax.devices()[0]

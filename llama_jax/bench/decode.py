@@ -1,10 +1,16 @@
 """Generation throughput: the real engine (prefill, then the decode loop) on random weights.
 
   python -m llama_jax.bench decode --config configs/tinyllama_1b.py --batch_size B --prompt_len P --new_tokens N
+      [--quantize int8|int4 --group_size G]
 
 Prefill and decode are timed apart (median of `repeats`); every row decodes all N tokens (no EOS).
 The random weights are made directly in the engine's layout and compute dtype, one jitted draw per
-tensor: no Flax initialisation of the whole model and no second copy.
+tensor: no Flax initialisation of the whole model and no second copy. `--quantize` makes every block
+projection a weight-only int8 (per output channel) or int4 (groups of `--group_size`) tensor by
+round-to-nearest, one layer at a time; the embedding and output head stay in the compute dtype.
+Reported beside the speed: the bytes of the weights, the bytes a step must read at least (every
+weight once, the output head whole, the KV cache at its full length) and, on a GPU whose memory
+bandwidth is known, the time that takes (`floor_ms_per_step`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.bench.common import device_info
+from llama_jax import model as M
+from llama_jax import projection
+from llama_jax.bench.common import device_info, peak_bandwidth
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine
 from llama_jax.generate.generator import make_batch
@@ -24,18 +32,37 @@ from llama_jax.generate.sampling import SamplingParams
 from llama_jax.model import param_shapes
 
 
-def random_engine_params(cfg: ModelConfig, seed: int = 0) -> engine.EngineParams:
-  """N(0, 0.02) matrices and unit norm weights, per layer, in the compute dtype."""
+QUANTIZE = {"int8": (8, 0), "int4": (4, 128)}  # bits, default group size (0: per output channel)
+
+
+def random_engine_params(cfg: ModelConfig, seed: int = 0, quantize: str = "",
+                         group_size: int | None = None) -> engine.EngineParams:
+  """N(0, 0.02) matrices and unit norm weights, per layer, in the compute dtype; with `quantize`
+  ("int8" or "int4") the block projections quantized by round-to-nearest."""
+  from llama_jax.quantize.grid import Grid
+  from llama_jax.quantize.rtn import quantize_weight
+  if quantize and quantize not in QUANTIZE:
+    raise ValueError(f"--quantize must be int8 or int4, got {quantize!r}")
   draw = jax.jit(lambda key, shape: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(cfg.dtype),
                  static_argnums=1)
   ones = jax.jit(lambda shape: jnp.ones(shape, cfg.dtype), static_argnums=0)
+  grid = None
+  if quantize:
+    bits, default_group = QUANTIZE[quantize]
+    grid = Grid(bits, default_group if group_size is None else group_size)
+  quantized = jax.jit(lambda key, shape, n_in, name: quantize_weight(
+      jax.random.normal(key, shape, jnp.float32) * 0.02, grid, n_in, name=name), static_argnums=(1, 2, 3))
   counter = iter(range(1 << 30))
 
   def make(path, leaf):
     shape = leaf.shape
-    if getattr(path[-1], "key", None) == "weight":  # RMSNorm
+    name = getattr(path[-1], "key", None)
+    key = jax.random.key(seed * 100003 + next(counter))
+    if name == "weight":  # RMSNorm
       return ones(shape)
-    return draw(jax.random.key(seed * 100003 + next(counter)), shape)
+    if grid is not None and name in M.PROJECTIONS:
+      return quantized(key, shape, M.PROJECTIONS[name][1], name)
+    return draw(key, shape)
 
   shapes = nn.unbox(param_shapes(cfg))
   block = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["layers"]["block"])
@@ -45,7 +72,8 @@ def random_engine_params(cfg: ModelConfig, seed: int = 0) -> engine.EngineParams
       tuple(jax.tree_util.tree_map_with_path(make, block) for _ in range(cfg.n_layers)))
 
 
-def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 5) -> dict:
+def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 5,
+                 quantize: str = "", group_size: int | None = None) -> dict:
   """`config` is a training config (its `model` block)."""
   t_start = time.perf_counter()
   cfg = engine.engine_config(ModelConfig.from_dict(config.model))
@@ -55,7 +83,7 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
     raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} does not fit the model's context "
                      f"of {cfg.max_seq_len} tokens (the last new token needs no slot: at most "
                      f"{cfg.max_seq_len - prompt_len + 1} new tokens)")
-  params = jax.block_until_ready(random_engine_params(cfg))
+  params = jax.block_until_ready(random_engine_params(cfg, quantize=quantize, group_size=group_size))
   init_s = time.perf_counter() - t_start
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (batch_size, prompt_len)).tolist()
@@ -87,8 +115,19 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
   if int(made.min()) != new_tokens:
     raise RuntimeError(f"rows made {made.min()}..{made.max()} tokens, not {new_tokens}")
   p, d = float(np.median(prefill_s)), float(np.median(decode_s))
+  weight_bytes = projection.nbytes(params)
+  embedding = params.top["tok_embeddings"]
+  kv_bytes = (2 * cfg.n_layers * b * batch.cache_len * cfg.n_kv_heads * cfg.head_dim
+              * jnp.dtype(cfg.dtype).itemsize)
+  # A step reads every weight but the embedding table (of which it gathers B rows), and the cache.
+  step_bytes = weight_bytes - projection.nbytes(embedding) + kv_bytes
+  if cfg.tie_embeddings:
+    step_bytes += projection.nbytes(embedding)
+  bandwidth = peak_bandwidth(jax.devices()[0])
   return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
-          "dtype": cfg.dtype, "cache_len": batch.cache_len,
+          "dtype": cfg.dtype, "quantize": quantize or "none", "cache_len": batch.cache_len,
+          "weight_gb": round(weight_bytes / 1e9, 3), "step_read_gb": round(step_bytes / 1e9, 3),
+          "floor_ms_per_step": round(1000 * step_bytes / bandwidth, 3) if bandwidth else None,
           "prefill_s": round(p, 5), "prefill_tokens_per_s": round(batch_size * prompt_len / p, 1),
           "decode_s": round(d, 5), "decode_ms_per_step": round(1000 * d / steps, 3),
           "decode_tokens_per_s": round(batch_size * steps / d, 1),

@@ -13,6 +13,14 @@
       DELTA = TUNED - BASE.
   Delta arithmetic is done in float32; --dtype sets the dtype written.
 
+  LoRA runs (a training workdir with config.lora):
+  python -m llama_jax.convert --input RUN --merge_lora --output DST [--base BASE] [--to orbax|hf]
+      DST = the run's base model (its init_from, or BASE) with the adapters folded in, W + scale*a b;
+      a quantized base is dequantized (the merged model is a float model). Another base than the
+      one the adapters were trained on (shape or weights) is an error.
+  python -m llama_jax.convert --input RUN --to peft --output DIR
+      the adapters in Hugging Face PEFT's layout (adapter_config.json + adapter_model.safetensors).
+
 Conversion streams tensor by tensor into one copy of the model in host memory (see
 `interop/layout.py`). Bad input prints one line naming the file, field or tensor, and exits 1.
 """
@@ -35,19 +43,27 @@ def parse_args(argv=None) -> argparse.Namespace:
       description="Convert LLaMA checkpoints between Orbax, Hugging Face and Meta formats.")
   p.add_argument("--input", required=True, help="source checkpoint (our own, Hugging Face or Meta)")
   p.add_argument("--output", required=True, help="directory to write")
-  p.add_argument("--to", choices=("orbax", "hf"), default="orbax", help="output format (default orbax)")
+  p.add_argument("--to", choices=("orbax", "hf", "peft"), default="orbax",
+                 help="output format (default orbax; peft: a LoRA run's adapters for Hugging Face PEFT)")
   p.add_argument("--dtype", choices=DTYPES, default=None,
                  help="dtype of the written weights (default: as stored)")
   p.add_argument("--delta", default=None, help="a delta checkpoint to add to --input (Vicuna)")
   p.add_argument("--make_delta", action="store_true", help="write --input minus --base as a delta")
-  p.add_argument("--base", default=None, help="the base model a delta is made against (with --make_delta)")
+  p.add_argument("--base", default=None,
+                 help="the base model a delta is made against (--make_delta), or LoRA adapters are "
+                      "merged into (--merge_lora; default the run's init_from)")
+  p.add_argument("--merge_lora", action="store_true", help="fold a LoRA run's adapters into its base model")
   args = p.parse_args(argv)
   if args.make_delta and not args.base:
     p.error("--make_delta needs --base BASE")
-  if args.base and not args.make_delta:
-    p.error("--base is only used with --make_delta")
+  if args.base and not (args.make_delta or args.merge_lora):
+    p.error("--base is only used with --make_delta or --merge_lora")
   if args.make_delta and args.delta:
     p.error("--delta and --make_delta exclude each other")
+  if args.merge_lora and (args.delta or args.make_delta):
+    p.error("--merge_lora excludes --delta and --make_delta")
+  if args.to == "peft" and (args.merge_lora or args.delta or args.make_delta):
+    p.error("--to peft writes a LoRA run's adapters as they are: no --merge_lora, --delta or --make_delta")
   return args
 
 
@@ -78,7 +94,15 @@ def convert(args: argparse.Namespace) -> None:
       raise CheckpointError(f"{args.output}: the output must not be an input")
   src = source.open_source(args.input)
   out_dtype = args.dtype or src.stored_dtype
-  if args.delta:
+  if (args.merge_lora or args.to == "peft") and src.kind != "lora":
+    raise CheckpointError(f"{args.input}: not a LoRA run (a training workdir with lora.json)")
+  if args.to == "peft":
+    _export_peft(args.input, args.output)
+    return
+  if args.merge_lora:
+    cfg, params = _merge_lora(args.input, args.base)
+    tokenizer = src.tokenizer_path
+  elif args.delta:
     other = source.open_source(args.delta)
     cfg, params = delta.apply_delta(src, other)
     tokenizer = other.tokenizer_path or src.tokenizer_path
@@ -97,13 +121,29 @@ def convert(args: argparse.Namespace) -> None:
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
 
 
+def _merge_lora(run: str, base: str | None):
+  import llama_jax
+  from llama_jax.lora import files
+  base = base or files.base_path(run)
+  loaded = llama_jax.load(base)
+  cfg, params, _ = files.adapt(run, loaded.config, loaded.params, base, merge=True)
+  return cfg, params
+
+
+def _export_peft(run: str, output: str) -> None:
+  from llama_jax import checkpoint
+  from llama_jax.lora import files, peft_format
+  lora, info = files.read_info(run)
+  cfg = checkpoint.read_model_config(checkpoint.find_params_dir(run)[1])
+  peft_format.export_peft(files.restore_adapters(run, cfg, lora), lora, output, info.get("base", ""))
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from llama_jax.convert import CheckpointError
   start = time.perf_counter()
   try:
     convert(args)
-  except (CheckpointError, OSError) as e:
+  except (ValueError, OSError) as e:  # CheckpointError, and bad input found by the model's code
     print(f"convert: error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {args.output} ({args.to}) in {time.perf_counter() - start:.1f}s")

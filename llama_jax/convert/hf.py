@@ -204,6 +204,10 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   """Writes config.json and model.safetensors (or shards with model.safetensors.index.json when
   larger than `max_shard_bytes`), one tensor at a time; copies tokenizer.model along.
   dtype: of the written weights, default the parameters' own."""
+  from llama_jax import projection
+  if projection.describe(params):
+    raise CheckpointError("the model is quantized: a Hugging Face export takes float weights (export "
+                          "the float checkpoint it was quantized from)")
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   if dtype is None:

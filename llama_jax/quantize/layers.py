@@ -71,7 +71,18 @@ def _relative_error(w: jax.Array, approx: jax.Array, h: jax.Array) -> jax.Array:
   return jnp.sum(d * hd) / jnp.sum(w * hw)
 
 
-_relative_error_jit = jax.jit(_relative_error)
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "damp", "block_size",
+                                             "act_order"))
+def _solve(w: jax.Array, h: jax.Array, *, bits: int, group_size: int, symmetric: bool, damp: float,
+           block_size: int, act_order: bool):
+  """GPTQ on w (K, O): (its QuantizedTensor of shape (K, O), relative error, round-to-nearest's)."""
+  q, scales, zeros = gptq(w, h, bits=bits, group_size=group_size, symmetric=symmetric, damp=damp,
+                          block_size=block_size, act_order=act_order)
+  qt = projection.pack(q, scales, None if symmetric else zeros, bits=bits, group_size=group_size,
+                       shape=w.shape, n_in=1)
+  baseline = rtn.quantize_matrix(w, bits=bits, group_size=group_size, symmetric=symmetric)
+  return (qt, _relative_error(w, projection.dequantize(qt), h),
+          _relative_error(w, projection.dequantize(baseline), h))
 
 
 def _positions(x: jax.Array) -> jax.Array:
@@ -124,17 +135,13 @@ class _Solver:
     if self.mesh is not None and o % self.mesh.size == 0:
       w2 = jax.device_put(w2, NamedSharding(self.mesh, P(None, self.mesh.axis_names)))
       h = jax.device_put(h, NamedSharding(self.mesh, P()))
-    q, scales, zeros = gptq(w2, h, bits=self.grid.bits, group_size=size,
-                            symmetric=self.grid.symmetric, damp=self.options.damp,
-                            block_size=self.options.block_size, act_order=self.options.act_order)
-    qt = projection.pack(q, scales, None if self.grid.symmetric else zeros, bits=self.grid.bits,
-                         group_size=size, shape=shape, n_in=n_in)
-    baseline = rtn.quantize_weight(w, self.grid, n_in, name=where)
-    flat = lambda t: projection.dequantize(t).reshape(k, o)  # noqa: E731
-    errors = {m: float(_relative_error_jit(w2, flat(t), h)) for m, t in (("gptq", qt), ("rtn", baseline))}
+    qt, gptq_error, rtn_error = _solve(
+        w2, h, bits=self.grid.bits, group_size=size, symmetric=self.grid.symmetric,
+        damp=self.options.damp, block_size=self.options.block_size, act_order=self.options.act_order)
+    errors = {"gptq": float(gptq_error), "rtn": float(rtn_error)}
     self.report.append({"weight": where, **errors})
     self.log(f"{where}: relative error gptq {errors['gptq']:.3e}, rtn {errors['rtn']:.3e}")
-    return qt
+    return dataclasses.replace(qt, shape=shape, n_in=n_in)
 
 
 def quantize_params(cfg: ModelConfig, params: Any, grid: Grid, options: Options = Options(),
