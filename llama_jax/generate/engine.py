@@ -3,7 +3,8 @@
 The shape of Meta's `llama/generation.py` and Gemma's sampler loop (`gemma/text/_sampler_loop.py`):
   prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once and
                        split into one tree per layer (a layer's weights sliced out of the stacked
-                       tensors inside the loop would be copied at every step);
+                       tensors inside the loop would be copied at every step); quantized weights
+                       stay integers, dequantized inside each matmul (`llama_jax.projection`);
   prefill(...)         runs every prompt of the batch in one forward pass, writing the cache, and
                        draws each row's first new token from the logits at its last prompt token;
   decode(...)          a `lax.while_loop` making one token per step for every unfinished row, each

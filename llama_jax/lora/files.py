@@ -33,7 +33,10 @@ def write_info(workdir: str, lora: LoraConfig, base_path: str, base_fingerprint:
 
 
 def read_info(workdir: str) -> tuple[LoraConfig, dict]:
-  path = os.path.join(checkpoint.find_params_dir(workdir)[1], checkpoint.LORA)
+  """(settings, the whole lora.json) of a LoRA run's workdir (or of one of its step directories)."""
+  path = os.path.join(workdir, checkpoint.LORA)
+  if not os.path.isfile(path):
+    path = os.path.join(checkpoint.find_params_dir(workdir)[1], checkpoint.LORA)
   with open(path) as f:
     info = json.load(f)
   fields = ("rank", "alpha", "dropout", "target_modules", "quantize_base")

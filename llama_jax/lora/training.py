@@ -11,12 +11,13 @@ every recipe built on `train_step` (pretraining, SFT, DPO, reward models) accept
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from llama_jax import projection
+from llama_jax import checkpoint, projection
 from llama_jax.config import ModelConfig
 from llama_jax.lora import adapters as adapters_lib
 from llama_jax.lora import files
@@ -57,8 +58,16 @@ class Adapters:
     return projection.shardings_like(abstract_frozen, plain_shardings)
 
   def record(self, workdir: str, frozen: Any, init_from: str) -> None:
-    """lora.json in the workdir: the adapters' settings and which base they belong to."""
+    """lora.json in the workdir: the adapters' settings and which base they belong to. A run that
+    resumes onto another base than the one its adapters were trained on is an error."""
     fingerprint = adapters_lib.fingerprint(frozen)  # every process: a device computation
+    if os.path.isfile(os.path.join(workdir, checkpoint.LORA)):
+      _, info = files.read_info(workdir)
+      if info.get("base_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"{workdir}: its adapters were trained on a base with hash "
+                         f"{info['base_fingerprint']} ({info.get('base') or 'a random initialisation'}), "
+                         f"but this run's base ({init_from or 'a random initialisation'}) has hash "
+                         f"{fingerprint}")
     if jax.process_index() == 0:
       files.write_info(workdir, self.lora, init_from, fingerprint)
 
