@@ -309,10 +309,11 @@ def test_decode_step_makes_no_full_precision_copy_of_the_weights():
   from llama_jax.generate.generator import make_batch
   from llama_jax.generate.sampling import SamplingParams
   batch = make_batch(cfg, [[1, 2, 3]], [0], 8)
-  state = engine.prefill(cfg, prepared, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
-                         jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), 1),
-                         jax.tree.map(jnp.asarray, SamplingParams.make(1)), jnp.array([-1]),
-                         cache_len=batch.cache_len, budget=batch.budget)
+  state = jax.eval_shape(lambda: engine.prefill(  # the decode loop's input, without running a prefill
+      cfg, prepared, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+      jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), 1),
+      jax.tree.map(jnp.asarray, SamplingParams.make(1)), jnp.array([-1]), cache_len=batch.cache_len,
+      budget=batch.budget))
   compiled = engine.decode.lower(cfg, prepared, state, jnp.array(batch.budget)).compile()
   scratch = compiled.memory_analysis().temp_size_in_bytes
   float_blocks = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
@@ -370,3 +371,14 @@ def test_gptq_command_line_writes_a_model_that_generates(saved):
   out = model.generate(["the cat"], max_new_tokens=4)
   assert isinstance(out[0], str)
   assert math.isfinite(float(model.logits(TOKENS).sum()))
+
+
+def test_a_quantized_checkpoint_does_not_convert_as_a_float_model(saved, tmp_path, capsys):
+  from llama_jax.convert import cli as convert
+  int8 = _quantize(saved, "int8_convert", "--bits", "8")
+  capsys.readouterr()
+  assert convert.main(["--input", str(int8), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert "holds quantized weights" in err and len(err.splitlines()) == 1, err
+  with pytest.raises(ValueError, match="the model is quantized"):
+    llama_jax.load(int8).export_hf(str(tmp_path / "hf2"))

@@ -41,7 +41,7 @@ def open_source(path: str | os.PathLike) -> Source:
     config_dir = checkpoint.find_params_dir(path)[1]
     quantization = checkpoint.read_quantization(config_dir)
     if quantization or os.path.isfile(os.path.join(config_dir, checkpoint.LORA)):
-      what = "quantized" if quantization else "LoRA adapters (merge them with --merge_lora first)"
+      what = "quantized weights" if quantization else "LoRA adapters (merge them with --merge_lora first)"
 
       def unconvertible():
         raise CheckpointError(f"{path}: holds {what}; its tensors cannot be streamed as a float model")
