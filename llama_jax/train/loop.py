@@ -8,7 +8,6 @@ SIGTERM/SIGINT save and exit; metrics to `workdir/metrics.jsonl` and TensorBoard
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import shutil
