@@ -136,9 +136,12 @@ def signed_groups(qt: QuantizedTensor, dtype, after: Array | None = None) -> lis
   4-bit the two halves of every group, [(..., G, gs/2, O), (..., G, gs/2, O)].
 
   `after`: an array the conversion is made to depend on (by adding an integer zero computed from
-  it, which XLA cannot fold away), so that it happens where the weight is used. Without it XLA
-  hoists the loop-invariant conversion of every weight out of the decode loop (and out of
-  gradient accumulation): a full-precision copy of the model (seen on the CPU backend)."""
+  its first element, which XLA cannot fold away), so that it happens where the weight is used.
+  Without it XLA hoists the loop-invariant conversion of every weight out of the decode loop (and
+  out of gradient accumulation), or schedules all of them at the top of the loop's body: either
+  way a full-precision copy of the model (seen on the CPU backend; `jax.lax.optimization_barrier`
+  did not prevent the second). Where the activations are split over devices, reading their first
+  element is one scalar broadcast per matmul."""
   values = qt.values
   if after is not None:
     values = values + (jnp.ravel(after)[0] * 0).astype(values.dtype)
