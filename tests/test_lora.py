@@ -148,7 +148,24 @@ def _train(config, steps):
   return run, state, frozen_before, losses
 
 
-@pytest.mark.parametrize("quantize_base", ["", pytest.param("int8", marks=pytest.mark.slow), "int4"])
+@pytest.mark.parametrize("quantize_base", ["", "int4"])
+def test_the_training_state_holds_adapters_and_a_frozen_base(quantize_base):
+  # Shapes only (no compilation): what make_training will train, keep frozen, and checkpoint.
+  from llama_jax.train.loop import make_training
+  config = _training_config(rank=4, quantize_base=quantize_base)
+  run = make_training(config, TINY, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  state = run.abstract_state
+  count = adapters_lib.count(state.params)
+  assert count == adapters_lib.expected_count(TINY, LoraConfig(rank=4))
+  assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * count
+  assert {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]} == {"a", "b"}
+  w2 = state.frozen["layers"]["block"]["feed_forward"]["w2"]
+  assert projection.is_quantized(w2) == bool(quantize_base)
+  assert jax.tree.structure(run.placed("params")) == jax.tree.structure(state.params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize_base", ["", "int8", "int4"])
 def test_lora_trains_only_the_adapters_on_a_float_or_quantized_base(quantize_base):
   lora = LoraConfig(rank=4, quantize_base=quantize_base)
   run, state, frozen_before, losses = _train(_training_config(rank=4, quantize_base=quantize_base), 15)
@@ -214,7 +231,9 @@ def test_a_lora_run_loads_merged_and_merges_on_the_command_line(lora_run, params
   assert os.path.isfile(root / "peft" / peft_format.WEIGHTS)
 
 
-def test_a_lora_run_over_a_quantized_base_keeps_it_quantized(tmp_path, params):
+def _run_over_int8(tmp_path, params):
+  """A LoRA run over an int8 checkpoint of `python -m llama_jax.quantize`: (its base, adapters, the
+  run loaded)."""
   from llama_jax.quantize.__main__ import main as quantize
   checkpoint.save_model(str(tmp_path / "base"), TINY, params)
   quantize(["--model", str(tmp_path / "base"), "--output", str(tmp_path / "int8"), "--bits", "8"])
@@ -225,13 +244,24 @@ def test_a_lora_run_over_a_quantized_base_keeps_it_quantized(tmp_path, params):
     ckptr.save(str(tmp_path / "run" / checkpoint.CHECKPOINTS / "3" / "params"), ab)
   checkpoint.write_model_config(str(tmp_path / "run"), TINY)
   files.write_info(str(tmp_path / "run"), lora, str(tmp_path / "int8"), adapters_lib.fingerprint(base.params))
-  loaded = llama_jax.load(tmp_path / "run")
+  return base, adapters_lib.attach(base.params, ab, lora), llama_jax.load(tmp_path / "run")
+
+
+def test_a_lora_run_over_a_quantized_base_keeps_it_quantized(tmp_path, params):
+  _, attached, loaded = _run_over_int8(tmp_path, params)
   wq = loaded.params["layers"]["block"]["attention"]["wq"]
   assert isinstance(wq, projection.LoraWeight) and projection.is_quantized(wq.base)
-  np.testing.assert_allclose(loaded.logits(TOKENS), _logits(TINY, adapters_lib.attach(base.params, ab, lora)),
-                             rtol=1e-5, atol=1e-5)
-  out = loaded.generate([[1, 5, 9]], max_new_tokens=3)  # the engine decodes adapters over int8
-  assert len(out[0]) == 6
+  np.testing.assert_allclose(loaded.logits(TOKENS), _logits(TINY, attached), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_engine_decodes_adapters_over_a_quantized_base(tmp_path, params):
+  from llama_jax.generate import generate_tokens
+  _, _, loaded = _run_over_int8(tmp_path, params)
+  (new, logits), = generate_tokens(loaded.config, loaded.params, [[1, 5, 9]], 4, return_logits=True)
+  full = loaded.logits(np.array([[1, 5, 9] + new[:3]]))[0]
+  for s in range(4):  # each token drawn from the logits a full forward pass gives
+    np.testing.assert_allclose(logits[s], full[2 + s], rtol=1e-4, atol=1e-4)
 
 
 def test_merging_into_another_base_is_one_line(lora_run, tmp_path, capsys):
