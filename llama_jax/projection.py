@@ -172,6 +172,28 @@ def nbytes(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def concatenate(weights: list, axis: int) -> Any:
+  """Weights side by side along `axis` of their (per-layer) shape, as one matmul's weight: plain
+  arrays as `jnp.concatenate`; quantized ones (same bits, groups, inputs, scheme) along their first
+  output axis, which is where their flattened output channels meet. Adapted weights do not fuse."""
+  if not any(map(is_structured, weights)):
+    return jnp.concatenate(weights, axis=axis)
+  first = weights[0]
+  if not all(isinstance(w, QuantizedTensor) for w in weights):
+    raise TypeError("only plain or quantized weights are concatenated (adapters: merge them first)")
+  n_lead = first.values.ndim - 2
+  same = all((w.bits, w.group_size, w.n_in, w.symmetric, w.shape[:w.n_in], w.shape[w.n_in + 1:]) ==
+             (first.bits, first.group_size, first.n_in, first.symmetric, first.shape[:first.n_in],
+              first.shape[first.n_in + 1:]) for w in weights)
+  if not same or axis != n_lead + first.n_in:
+    raise ValueError(f"quantized weights concatenate along their first output axis ({n_lead + first.n_in}) "
+                     f"when all else about them agrees; got axis {axis}")
+  cat = lambda *xs: None if xs[0] is None else jnp.concatenate(xs, axis=-1)  # noqa: E731
+  shape = first.shape[:first.n_in] + (sum(w.shape[first.n_in] for w in weights),) + first.shape[first.n_in + 1:]
+  return QuantizedTensor(cat(*[w.values for w in weights]), cat(*[w.scales for w in weights]),
+                         cat(*[w.zeros for w in weights]), first.bits, first.group_size, shape, first.n_in)
+
+
 # --- the matmul
 
 def _quantized_matmul(x: Array, qt: QuantizedTensor, dtype) -> Array:

@@ -382,3 +382,18 @@ def test_a_quantized_checkpoint_does_not_convert_as_a_float_model(saved, tmp_pat
   assert "holds quantized weights" in err and len(err.splitlines()) == 1, err
   with pytest.raises(ValueError, match="the model is quantized"):
     llama_jax.load(int8).export_hf(str(tmp_path / "hf2"))
+
+
+def test_quantized_weights_concatenate_along_their_outputs():
+  # What a fused decode layout (wq|wk|wv side by side) needs of quantized weights.
+  rng = np.random.default_rng(7)
+  grid = Grid(4, 16, symmetric=False)
+  ws = [jnp.asarray(rng.normal(size=(32, heads, 8)), jnp.float32) for heads in (4, 2, 2)]
+  qts = [rtn.quantize_weight(w, grid, n_in=1) for w in ws]
+  fused = projection.concatenate(qts, axis=1)
+  assert fused.shape == (32, 8, 8) and fused.values.shape == (16, 64)
+  np.testing.assert_array_equal(np.asarray(projection.dequantize(fused)),
+                                np.concatenate([np.asarray(projection.dequantize(q)) for q in qts], axis=1))
+  np.testing.assert_array_equal(np.asarray(projection.concatenate(ws, axis=1)), np.concatenate(ws, axis=1))
+  with pytest.raises(ValueError, match="first output axis"):
+    projection.concatenate(qts, axis=2)
