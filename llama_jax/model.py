@@ -8,9 +8,10 @@ of each head (the Hugging Face layout); Meta checkpoints are permuted on convers
 At the `jit` boundary the model is a pure function:
   logits = Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids=...)
 
-Decoding reuses the pieces (`embed`, `Block`, `head`) with a key/value cache: `Attention` takes an
-optional cache object of one layer and returns it updated; what the cache holds and how it is
-written is `llama_jax.generate.cache`'s business, not the model's.
+Decoding reuses the pieces (`embed`, `Block`, `norm_head`) with a key/value cache: `Attention` takes
+an optional cache object of one layer and returns it updated; what the cache holds and how it is
+written is `llama_jax.generate.cache`'s business, not the model's. With a cache and no mask the call
+is a prefill from position 0 (causal over its own keys); with a mask it attends over the cache.
 
 Dimension letters: B batch, T query length, S key length, D model dim, N query heads,
 K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V vocabulary, L layers.
@@ -150,19 +151,23 @@ class Attention(nn.Module):
     q, k = rotary(q, rope), rotary(k, rope)
 
     kv_layout = "BSKH"
-    if cache is not None:  # attend over everything cached so far, this call's keys included
+    if cache is not None:
       cache = cache.write(k, v, positions)
-      k, v = cache.read(cfg.dtype)
-      kv_layout = cache.layout
+      if mask is not None:  # decoding: attend over everything cached so far, this call's keys included
+        k, v = cache.read(cfg.dtype)
+        kv_layout = cache.layout
+      # No mask: a prefill from position 0 into an empty cache, so this call's own keys are all
+      # there is to see (causal), and the fused kernel can run on them.
 
-    if cfg.attention_impl == "cudnn":
-      if kv_layout != "BSKH":
-        k, v = (jnp.einsum(f"{kv_layout}->BSKH", a) for a in (k, v))
-      out = cudnn_attention(q, k, v, mask)
-    else:
-      if mask is None:  # plain causal over a sequence that starts at position 0
+    if mask is None:  # plain causal over a sequence that starts at position 0
+      if cfg.attention_impl == "cudnn":
+        out = cudnn_attention(q, k, v, None)
+      else:
         idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        mask = attention_mask(idx, idx)
+        out = xla_attention(q, k, v, attention_mask(idx, idx))
+    elif cfg.attention_impl == "cudnn" and kv_layout == "BSKH":  # packed documents in training
+      out = cudnn_attention(q, k, v, mask)
+    else:  # and every masked attention over the cache (one query per row, per-row positions)
       out = xla_attention(q, k, v, mask, kv_layout)
     out = _project(self, "wo", "BTNH,NHD->BTD", out, (n, h, d), (HEADS, HEAD_DIM, EMBED))
     return checkpoint_name(out, "attn_out"), cache

@@ -48,7 +48,7 @@ def random_engine_params(cfg: ModelConfig, seed: int = 0) -> engine.EngineParams
 def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 5) -> dict:
   """`config` is a training config (its `model` block)."""
   t_start = time.perf_counter()
-  cfg = engine.engine_config(ModelConfig.from_dict(config.model))
+  cfg = ModelConfig.from_dict(config.model)
   if prompt_len < 1 or new_tokens < 1:
     raise ValueError(f"prompt_len and new_tokens must be >= 1, got {prompt_len} and {new_tokens}")
   if prompt_len + new_tokens - 1 > cfg.max_seq_len:

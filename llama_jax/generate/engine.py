@@ -64,13 +64,6 @@ class DecodeState(NamedTuple):
   logits: Array | None  # (B, N, V) float32 logits each token was drawn from (tests only)
 
 
-def engine_config(cfg: ModelConfig) -> ModelConfig:
-  """The model config the engine runs: XLA attention, since cached attention is a (B, T, S) masked
-  attention at per-row positions (the fused cuDNN kernel is for training's causal attention; a
-  one-token decode step gains nothing from it)."""
-  return cfg if cfg.attention_impl == "xla" else cfg.replace(attention_impl="xla")
-
-
 @functools.partial(jax.jit, static_argnames="dtype")
 def _cast_and_split(params, dtype) -> EngineParams:
   cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
@@ -99,14 +92,18 @@ def _context(mesh: Mesh | None, rules):
 
 
 def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
-            cache: tuple[KVCache, ...]) -> tuple[Array, tuple[KVCache, ...]]:
-  """The blocks over tokens (B, T) at positions (B, T), writing and attending over the cache:
-  (last block's output (B, T, D), the new cache). The layers are a Python loop: each reads its own
+            cache: tuple[KVCache, ...], prefill: bool = False) -> tuple[Array, tuple[KVCache, ...]]:
+  """The blocks over tokens (B, T) at positions (B, T), writing the cache: (last block's output
+  (B, T, D), the new cache). A `prefill` starts at position 0 in an empty cache and attends
+  causally over its own keys (flash attention where the config says cudnn); otherwise each query
+  attends over the cache up to its position. The layers are a Python loop: each reads its own
   weights and cache buffers where they lie."""
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
-  slots = jnp.arange(cache[0].length)
-  mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
+  mask = None
+  if not prefill:
+    slots = jnp.arange(cache[0].length)
+    mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
   rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
   block = M.Block(cfg)
   new_cache = []
@@ -146,7 +143,7 @@ def prefill(cfg: ModelConfig, params: EngineParams, tokens: Array, prompt_length
     if mesh is not None:
       cache = shard_cache(cache, mesh, rules)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    x, cache = forward(cfg, params, tokens, positions, cache)
+    x, cache = forward(cfg, params, tokens, positions, cache, prefill=True)
     # Only each row's last prompt position needs the (large) output head.
     last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
     logits = logits_of(cfg, params, last)[:, 0]  # (B, V)

@@ -1,0 +1,51 @@
+# Every GPU table of BENCHMARKS.md, by section: bash benchmarks/gpu.sh SECTION [SECTION ...]
+#   env        the card, the driver, the package versions
+#   train      training throughput, TinyLlama-1.1B shape, batch 8 x 2048 (+ variants), and the
+#              PyTorch reference (transformers eager) in the same call
+#   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
+#   xlaflags   decode under XLA flag variants (command buffers over the whole loop)
+#   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
+#   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
+#   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
+#   fsdp       several GPUs of one host: TinyLlama FSDP and the LLaMA-2-7B shape (configs/llama2_7b.py)
+# Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
+. benchmarks/gpu_setup.sh
+T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
+D="python3 -m llama_jax.bench decode --config configs/tinyllama_1b.py"
+run() {  # run SECTION ENV... COMMAND...: one benchmark, its last line (JSON) kept
+  local section=$1; shift
+  echo "== $*"
+  env "$@" > $OUT/last.log 2>&1
+  tail -1 $OUT/last.log | tee -a $OUT/$section.jsonl
+  grep -E "^E[0-9]|Error|error:" $OUT/last.log | tail -3
+}
+for section in "$@"; do case $section in
+env)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())" ;;
+train)
+  run train XLA_FLAGS= $T
+  run train XLA_FLAGS= $T --config.optimizer.grad_accum_steps=2 --config.batch_size=16
+  run train XLA_FLAGS= $T --config.model.loss_chunk_len=512
+  timeout 300 python3 benchmarks/reference_torch.py train 2>&1 | tail -1 | tee -a $OUT/train.jsonl ;;
+decode)
+  run decode XLA_FLAGS= $D --batch_size 1 --prompt_len 128 --new_tokens 256
+  run decode XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256
+  run decode XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5 ;;
+xlaflags)
+  CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+  run xlaflags XLA_FLAGS="$CB" $D --batch_size 1 --prompt_len 128 --new_tokens 256
+  run xlaflags XLA_FLAGS="$CB" $D --batch_size 16 --prompt_len 128 --new_tokens 256 ;;
+reference)
+  for b in 1 16; do
+    timeout 200 python3 benchmarks/reference_torch.py decode --batch_size $b --cache static 2>&1 | tail -1 | tee -a $OUT/reference.jsonl
+  done ;;
+first)
+  python3 benchmarks/first_token.py --config configs/tinyllama_1b.py --workdir /tmp/first_token 2>&1 | tee -a $OUT/first.jsonl ;;
+profile)
+  $D --batch_size 1 --prompt_len 128 --new_tokens 64 --repeats 1 --profile_dir /tmp/pd > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pd --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_decode.txt
+  $T --steps 3 --warmup 2 --profile_dir /tmp/pt > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pt --top 40 2>&1 | grep -v Deprecation | tee $OUT/profile_train.txt ;;
+*) echo "unknown section $section" ;;
+esac; done
