@@ -142,12 +142,18 @@ class Attention(nn.Module):
                cache: LayerCache | None = None) -> tuple[Array, LayerCache | None]:
     cfg = self.cfg
     d, n, kv, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
-                        "q_proj")  # (B, T, N, H)
-    k = checkpoint_name(_project(self, "wk", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
-                        "k_proj")  # (B, T, K, H)
-    v = checkpoint_name(_project(self, "wv", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
-                        "v_proj")  # (B, T, K, H)
+    if self.has_variable("params", "wqkv"):
+      # The engine's fused layout (`generate.engine.prepare_params`): wq, wk, wv side by side, one
+      # matmul instead of three, which a one-token decode step is launch-bound on.
+      qkv = _project(self, "wqkv", "BTD,DCH->BTCH", x, (d, n + 2 * kv, h), (EMBED, HEADS, HEAD_DIM))
+      q, k, v = jnp.split(qkv, [n, n + kv], axis=2)  # (B, T, N | K | K, H)
+    else:
+      q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
+                          "q_proj")  # (B, T, N, H)
+      k = checkpoint_name(_project(self, "wk", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                          "k_proj")  # (B, T, K, H)
+      v = checkpoint_name(_project(self, "wv", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                          "v_proj")  # (B, T, K, H)
     q, k = rotary(q, rope), rotary(k, rope)
 
     kv_layout = "BSKH"
@@ -179,8 +185,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d, f = self.cfg.dim, self.cfg.hidden_dim
-    gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
-    up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
+    if self.has_variable("params", "w13"):  # the engine's fused layout: w1 and w3 side by side
+      gate, up = jnp.split(_project(self, "w13", "BTD,DF->BTF", x, (d, 2 * f), (EMBED, MLP)), 2, axis=-1)
+    else:
+      gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
+      up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
     out = _project(self, "w2", "BTF,FD->BTD", jax.nn.silu(gate) * up, (f, d), (MLP, EMBED))
     return checkpoint_name(out, "ffn_out")
 

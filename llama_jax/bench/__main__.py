@@ -30,25 +30,22 @@ def _train_or_decode(kind: str, argv: list[str]) -> None:
   flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
   flags.DEFINE_integer("repeats", 5, "decode: timed repetitions (median).")
-  flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the run here.")
+  flags.DEFINE_bool("fuse", True, "decode: wq|wk|wv and w1|w3 as one matmul each (engine.fuse_layer).")
+  flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed region here.")
   FLAGS = flags.FLAGS
 
   def run(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-    import contextlib
-
-    import jax
     from llama_jax.errors import run_cli
-    trace = jax.profiler.trace(FLAGS.profile_dir) if FLAGS.profile_dir else contextlib.nullcontext()
-    with trace:
-      if kind == "train":
-        from llama_jax.bench.train import bench_train
-        result = run_cli(lambda: bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps))
-      else:
-        from llama_jax.bench.decode import bench_decode
-        result = run_cli(lambda: bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len,
-                                              FLAGS.new_tokens, FLAGS.repeats))
+    if kind == "train":
+      from llama_jax.bench.train import bench_train
+      result = run_cli(lambda: bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
+    else:
+      from llama_jax.bench.decode import bench_decode
+      result = run_cli(lambda: bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len,
+                                            FLAGS.new_tokens, FLAGS.repeats, FLAGS.profile_dir,
+                                            FLAGS.fuse))
     print(json.dumps(result))
 
   app.run(run, argv=[f"llama_jax.bench {kind}"] + argv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
 
@@ -10,3 +12,9 @@ def device_info() -> dict:
   stats = device.memory_stats() or {}
   return {"device": f"{jax.device_count()}x {device.device_kind}",
           "peak_mem_gb": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)}
+
+
+def profiled(profile_dir: str):
+  """A jax.profiler trace into `profile_dir` around the timed region only (not the compilation
+  and autotuning before it, which would swamp a kernel summary); nothing if empty."""
+  return jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()

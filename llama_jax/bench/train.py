@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from llama_jax import sharding
-from llama_jax.bench.common import device_info
+from llama_jax.bench.common import device_info, profiled
 from llama_jax.config import ModelConfig
 from llama_jax.train import metrics
 from llama_jax.train.loop import make_training, validate
@@ -26,7 +26,9 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict:
           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
-def bench_train(config, warmup: int, steps: int) -> dict:
+def bench_train(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
+  """Median-free: `steps` timed steps after `warmup` untimed ones (compilation, autotuning). With
+  `profile_dir`, a jax.profiler trace of the timed steps only."""
   model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   validate(config, model_cfg, mesh)
@@ -40,11 +42,12 @@ def bench_train(config, warmup: int, steps: int) -> dict:
       state, m = run.step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = run.step(state, batch)
-    loss = float(m["train/loss"])  # the host sync that ends the timed region
-    step_s = (time.perf_counter() - t0) / steps
+    with profiled(profile_dir):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = run.step(state, batch)
+      loss = float(m["train/loss"])  # the host sync that ends the timed region
+      step_s = (time.perf_counter() - t0) / steps
   tokens_per_s = b * t / step_s
   peak = config.peak_flops_per_device or metrics.peak_flops(jax.devices()[0], model_cfg.dtype)
   flops = metrics.flops_per_token(model_cfg, t) * tokens_per_s

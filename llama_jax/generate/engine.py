@@ -1,9 +1,10 @@
 """The generation engine: one prefill pass into a preallocated KV cache, then a jitted while loop.
 
 The shape of Meta's `llama/generation.py` and Gemma's sampler loop (`gemma/text/_sampler_loop.py`):
-  prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once and
+  prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once,
                        split into one tree per layer (a layer's weights sliced out of the stacked
-                       tensors inside the loop would be copied at every step);
+                       tensors inside the loop would be copied at every step), and with the
+                       projections that read the same input side by side (`fuse_layer`);
   prefill(...)         runs every prompt of the batch in one forward pass, writing the cache, and
                        draws each row's first new token from the logits at its last prompt token;
   decode(...)          a `lax.while_loop` making one token per step for every unfinished row, each
@@ -64,24 +65,46 @@ class DecodeState(NamedTuple):
   logits: Array | None  # (B, N, V) float32 logits each token was drawn from (tests only)
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _cast_and_split(params, dtype) -> EngineParams:
+def fuse_layer(layer: Any) -> Any:
+  """One block's parameters in the decode layout: wq|wk|wv as one `wqkv` (D, N + 2K, H) and w1|w3
+  as one `w13` (D, 2F), so a step reads x once and launches one matmul where it launched three
+  (attention) or two (feed-forward). The model's Attention and FeedForward take either layout."""
+  attention, ffn = dict(layer["attention"]), dict(layer["feed_forward"])
+  attention["wqkv"] = jnp.concatenate([attention.pop(k) for k in ("wq", "wk", "wv")], axis=1)
+  ffn["w13"] = jnp.concatenate([ffn.pop("w1"), ffn.pop("w3")], axis=1)
+  return {**layer, "attention": attention, "feed_forward": ffn}
+
+
+def _fusable(mesh: Mesh | None, rules) -> bool:
+  # Side by side, the heads of a tensor-parallel split would no longer line up with their shards.
+  if mesh is None:
+    return True
+  table = dict(rules)
+  axes = [a for name in (M.HEADS, M.KV_HEADS, M.MLP) for a in jax.tree.leaves(table.get(name))]
+  return all(mesh.shape[a] == 1 for a in axes)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "fuse"))
+def _cast_and_split(params, dtype, fuse: bool) -> EngineParams:
   cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   top = {k: v for k, v in cast.items() if k != "layers"}
   stacked = cast["layers"]["block"]
   n = jax.tree.leaves(stacked)[0].shape[0]
-  return EngineParams(top, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)))
+  layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+  return EngineParams(top, tuple(map(fuse_layer, layers)) if fuse else layers)
 
 
 def prepare_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None,
-                   rules=sharding.DEFAULT_RULES) -> EngineParams:
+                   rules=sharding.DEFAULT_RULES, fuse: bool | None = None) -> EngineParams:
   """Stacked model parameters -> EngineParams, placed on `mesh` by `rules` if given. A copy of the
-  weights in the compute dtype, made once per model rather than at every step."""
+  weights in the compute dtype (and, unless the mesh splits heads, in the fused decode layout of
+  `fuse_layer`), made once per model rather than at every step."""
   if isinstance(params, EngineParams):
     return params
   if mesh is not None:
     params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
-  return _cast_and_split(params, jnp.dtype(cfg.dtype).name)
+  fuse = _fusable(mesh, rules) if fuse is None else fuse
+  return _cast_and_split(params, jnp.dtype(cfg.dtype).name, fuse)
 
 
 def _context(mesh: Mesh | None, rules):
