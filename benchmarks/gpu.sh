@@ -7,6 +7,7 @@
 #   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
+#   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       several GPUs of one host: TinyLlama FSDP and the LLaMA-2-7B shape (configs/llama2_7b.py)
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 . benchmarks/gpu_setup.sh
@@ -49,5 +50,8 @@ profile)  # the timed region only: compilation and autotuning stay out of the tr
   python3 benchmarks/profile_summary.py /tmp/pd --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_decode.txt
   $T --steps 3 --warmup 2 --profile_dir /tmp/pt > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pt --top 40 2>&1 | grep -v Deprecation | tee $OUT/profile_train.txt ;;
+hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
+  XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
+  cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;
 *) echo "unknown section $section" ;;
 esac; done
