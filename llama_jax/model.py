@@ -20,6 +20,7 @@ K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -67,10 +68,21 @@ def _param(module: nn.Module, name: str, shape, axes, init=_init):
 
 
 def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes) -> Array:
-  """One projection: the weight `name` (stored in param_dtype), cast to the compute dtype, applied
-  by `equation`. Every matmul weight of a block goes through here."""
+  """One projection: the weight `name` (stored in param_dtype, logical `shape`), cast to the compute
+  dtype, contracted with x as `equation` says. Every matmul weight of a block goes through here.
+
+  It runs as one 2-D matmul over the flattened contracted and output axes: with a single token in
+  flight (decoding), a contraction over two axes (wo's heads and head dim) compiles on GPUs to a
+  broadcast multiply that writes a tensor of the weight's size, then a reduction (measured on an
+  H200: 16 us for TinyLlama's wo, whose bytes need 2)."""
   w = _param(module, name, shape, axes).astype(module.cfg.dtype)
-  return jnp.einsum(equation, x, w)
+  x_letters, w_letters = equation.split("->")[0].split(",")
+  n_in = sum(1 for c in w_letters if c in x_letters)  # the contracted axes lead the weight
+  assert all(c in x_letters for c in w_letters[:n_in]), equation
+  fan_in = math.prod(shape[:n_in])
+  batch = x.shape[:x.ndim - n_in]
+  y = jnp.einsum("...i,io->...o", x.reshape(*batch, fan_in), w.reshape(fan_in, -1))
+  return y.reshape(*batch, *shape[n_in:])
 
 
 def _constrain(x: Array, axes) -> Array:
@@ -221,6 +233,28 @@ class _ScannedBlock(nn.Module):
     return x, None
 
 
+@jax.custom_vjp
+def output_logits(x: Array, w: Array) -> Array:
+  """x (B, T, D) @ w (D, V) -> float32 logits, accumulated and returned in float32 (the loss's
+  softmax wants them exact), while the backward pass runs in x's dtype: the float32 cotangent of
+  the logits would otherwise turn the head's two gradient matmuls, the largest of the model, into
+  float32 (TF32) ones (measured on an H200, TinyLlama batch 8 x 2048: 17 ms of a 231 ms step)."""
+  return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+
+
+def _output_logits_fwd(x, w):
+  return output_logits(x, w), (x, w)
+
+
+def _output_logits_bwd(residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)  # (B, T, V)
+  return jnp.einsum("BTV,DV->BTD", g, w), jnp.einsum("BTD,BTV->DV", x, g).astype(w.dtype)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+
+
 class Transformer(nn.Module):
   cfg: ModelConfig
 
@@ -265,7 +299,7 @@ class Transformer(nn.Module):
   def head(self, x: Array) -> Array:
     """Logits in float32: (B, T, D) -> (B, T, V)."""
     w = self.tok_embeddings.T if self.cfg.tie_embeddings else self.output
-    return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return output_logits(x, w.astype(x.dtype))
 
   def norm_head(self, x: Array) -> Array:
     """The final RMSNorm and the output head: (B, T, D) last block output -> float32 logits."""
