@@ -35,10 +35,12 @@ decode)
     run decode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done
   run decode XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5 ;;
-xlaflags)
-  CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
-  run xlaflags XLA_FLAGS="$CB" $D --batch_size 1 --prompt_len 128 --new_tokens 256
-  run xlaflags XLA_FLAGS="$CB" $D --batch_size 16 --prompt_len 128 --new_tokens 256 ;;
+xlaflags)  # decode's matrix-vector products: XLA rewrites a dot with one row into multiply + reduce
+  for f in "--xla_gpu_enable_dot_strength_reduction=false" "--xla_gpu_enable_triton_gemm=false" \
+           "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_enable_triton_gemm=false"; do
+    run xlaflags XLA_FLAGS="$f" $D --batch_size 1 --prompt_len 128 --new_tokens 256
+    run xlaflags XLA_FLAGS="$f" $D --batch_size 16 --prompt_len 128 --new_tokens 256
+  done ;;
 reference)
   for b in 1 16; do
     timeout 200 python3 benchmarks/reference_torch.py decode --batch_size $b --cache static 2>&1 | tail -1 | tee -a $OUT/reference.jsonl
