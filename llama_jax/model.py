@@ -77,12 +77,16 @@ def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes)
   H200: 16 us for TinyLlama's wo, whose bytes need 2)."""
   w = _param(module, name, shape, axes).astype(module.cfg.dtype)
   x_letters, w_letters = equation.split("->")[0].split(",")
-  n_in = sum(1 for c in w_letters if c in x_letters)  # the contracted axes lead the weight
-  assert all(c in x_letters for c in w_letters[:n_in]), equation
-  fan_in = math.prod(shape[:n_in])
+  n_in = sum(1 for c in w_letters if c in x_letters)
   batch = x.shape[:x.ndim - n_in]
-  y = jnp.einsum("...i,io->...o", x.reshape(*batch, fan_in), w.reshape(fan_in, -1))
-  return y.reshape(*batch, *shape[n_in:])
+  if all(c in x_letters for c in w_letters[:n_in]):  # (in..., out...): the usual layout
+    fan_in, out_shape, form = math.prod(shape[:n_in]), shape[n_in:], "...i,io->...o"
+  else:  # (out..., in...): the contracted axes last, as the engine stores wo (`wo_t`)
+    assert all(c in x_letters for c in w_letters[-n_in:]), equation
+    fan_in, out_shape, form = math.prod(shape[-n_in:]), shape[:-n_in], "...i,oi->...o"
+  w = w.reshape(fan_in, -1) if form == "...i,io->...o" else w.reshape(-1, fan_in)
+  y = jnp.einsum(form, x.reshape(*batch, fan_in), w)
+  return y.reshape(*batch, *out_shape)
 
 
 def _constrain(x: Array, axes) -> Array:
@@ -187,7 +191,14 @@ class Attention(nn.Module):
       out = cudnn_attention(q, k, v, mask)
     else:  # and every masked attention over the cache (one query per row, per-row positions)
       out = xla_attention(q, k, v, mask, kv_layout)
-    out = _project(self, "wo", "BTNH,NHD->BTD", out, (n, h, d), (HEADS, HEAD_DIM, EMBED))
+    if self.has_variable("params", "wo_t"):
+      # The engine's layout: wo transposed, (D, N*H), so that a one-token step's contraction runs
+      # over the weight's minor axis (XLA turns a matrix-vector product into a multiply and a
+      # reduction; over the major axis that reduction first writes the weight-sized product).
+      out = _project(self, "wo_t", "BTF,DF->BTD", out.reshape(*out.shape[:2], n * h), (d, n * h),
+                     (EMBED, HEADS))
+    else:
+      out = _project(self, "wo", "BTNH,NHD->BTD", out, (n, h, d), (HEADS, HEAD_DIM, EMBED))
     return checkpoint_name(out, "attn_out"), cache
 
 

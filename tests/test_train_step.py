@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from llama_jax.config import ModelConfig
@@ -113,3 +114,25 @@ def test_loss_falls_on_a_learnable_sequence():
     state, metrics = step(state, batch)
     losses.append(float(metrics["train/loss"]))
   assert losses[0] > 3.5 and losses[-1] < 0.5, (losses[0], losses[-1])
+
+
+def test_bfloat16_moments_follow_float32_adamw_and_store_half_the_bytes():
+  import ml_collections
+  from llama_jax.train.optimizer import make_optimizer
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32),
+            "norm": jnp.ones((8,), jnp.float32)}
+  base = dict(lr=1e-2, warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.95,
+              eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    tx = make_optimizer(ml_collections.ConfigDict(dict(base, moments_dtype=dtype)), 100)
+    state, p = tx.init(params), params
+    for step in range(20):
+      grads = jax.tree.map(lambda x: jnp.sin(x * (step + 1)), p)
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    runs[dtype] = (p, state)
+  moments = [x for x in jax.tree.leaves(runs["bfloat16"][1]) if x.ndim]
+  assert moments and all(x.dtype == jnp.bfloat16 for x in moments)
+  for a, b in zip(jax.tree.leaves(runs["float32"][0]), jax.tree.leaves(runs["bfloat16"][0])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-3)

@@ -68,9 +68,12 @@ class DecodeState(NamedTuple):
 def fuse_layer(layer: Any) -> Any:
   """One block's parameters in the decode layout: wq|wk|wv as one `wqkv` (D, N + 2K, H) and w1|w3
   as one `w13` (D, 2F), so a step reads x once and launches one matmul where it launched three
-  (attention) or two (feed-forward). The model's Attention and FeedForward take either layout."""
+  (attention) or two (feed-forward); and wo transposed (`wo_t`, (D, N*H)). The model's Attention
+  and FeedForward take either layout."""
   attention, ffn = dict(layer["attention"]), dict(layer["feed_forward"])
   attention["wqkv"] = jnp.concatenate([attention.pop(k) for k in ("wq", "wk", "wv")], axis=1)
+  wo = attention.pop("wo")  # (N, H, D) -> (D, N*H): see model.Attention
+  attention["wo_t"] = wo.reshape(-1, wo.shape[-1]).T
   ffn["w13"] = jnp.concatenate([ffn.pop("w1"), ffn.pop("w3")], axis=1)
   return {**layer, "attention": attention, "feed_forward": ffn}
 
