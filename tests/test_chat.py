@@ -62,7 +62,7 @@ def test_segments_concatenate_and_mark_exactly_the_answers(name):
   if name == "llama-2":
     assert answers == ["Hi there. </s>", "I am good. </s>"]
   else:
-    assert answers == ["Hi there.</s>", "I am good.</s>"]
+    assert answers == [f"Hi there.{t.stop_token}", f"I am good.{t.stop_token}"]
   # the prompt for turn 2 is the training text up to the second answer
   prompt = t.render_prompt(CONVERSATION[:3])
   assert t.render(CONVERSATION).startswith(prompt)
