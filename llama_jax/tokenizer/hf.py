@@ -158,11 +158,11 @@ class HFTokenizer(Tokenizer):
 
   def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                    num_threads: int = 0) -> list[list[int]]:
-    """The Rust library's batch encoding, without offsets. Its threads are its own pool's (all
-    cores, or RAYON_NUM_THREADS), not `num_threads`; a single thread encodes one text at a time."""
+    """The Rust library's batch encoding, without offsets, on its own thread pool (every core, or
+    RAYON_NUM_THREADS): `num_threads` chooses only between 1 (one text at a time) and the pool."""
     suffix = self._eos_suffix(eos and not (bos and self._adds_eos))
     if num_threads == 1:
-      batch = [self._tok.encode(t, add_special_tokens=bos).ids for t in texts]
+      batch = [self._tok.encode_batch_fast([t], add_special_tokens=bos)[0].ids for t in texts]
     else:
       batch = [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=bos)]
     return [ids + suffix for ids in batch] if suffix else batch
