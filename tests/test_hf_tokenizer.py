@@ -134,3 +134,110 @@ def test_no_tokenizer_is_one_line(tmp_path):
   (tmp_path / "tokenizer.model").write_text("not a model")
   with pytest.raises(TokenizerError, match="not a SentencePiece model"):
     load_tokenizer(tmp_path)
+
+
+CHATS = [[("What is the color of the sky?", "The sky is blue.")],
+         [("Name a fruit.", "An apple is a fruit."), ("What color is it?", "It is red or green.")],
+         [("Say hello.", "Hello, my friend.")]]
+
+
+@pytest.mark.slow
+def test_a_tokenizer_json_model_end_to_end(tmp_path):
+  """A random tiny LLaMA saved by transformers with a Llama 3-style tokenizer.json (chat template,
+  two EOS ids) goes import -> generate.py --prompt -> train.py SFT (init_from) -> generate.py --chat
+  -> convert --to hf -> transformers, with equal ids, chat text and logits."""
+  import io
+  import os
+  import shutil
+  import subprocess
+  import sys
+  import textwrap
+
+  import numpy as np
+  import torch
+
+  import llama_jax
+  from llama_jax.convert.cli import main as convert_main
+  from llama_jax.generate.cli import main as generate_main
+  from llama_jax.generate.generator import generate_tokens
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  base = tmp_path / "base"
+  tokenizer_dir = write_hf_tokenizer(tmp_path / "tok", "llama3")
+  theirs = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  eos = sorted(load_tokenizer(tokenizer_dir).eos_ids)
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=theirs.bos_token_id,
+      eos_token_id=eos)
+  transformers.LlamaForCausalLM(hf_config).save_pretrained(base)
+  for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    shutil.copyfile(tokenizer_dir / name, base / name)
+
+  def run_generate(argv, stdin=""):
+    out = io.StringIO()
+    assert generate_main([str(a) for a in argv], stdin=io.StringIO(stdin), stdout=out) == 0
+    return out.getvalue()
+
+  # Import and generate: the greedy continuation is transformers'.
+  record = json.loads(run_generate(["--checkpoint", base, "--prompt", "the cat sat", "--temperature", "0",
+                                    "--max_new_tokens", "6", "--output", "-"]))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+  prompt = theirs("the cat sat", return_tensors="pt").input_ids
+  new = hf_model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos[0])[0, prompt.shape[1]:].tolist()
+  new = [t for t in new if t not in eos]
+  prompt_text = theirs.decode(prompt[0], skip_special_tokens=True)
+  assert record["completion"] == theirs.decode(prompt[0].tolist() + new, skip_special_tokens=True)[len(prompt_text):]
+
+  # Fine-tune on conversations with the model's own template (data.tokenizer empty: init_from's).
+  path = tmp_path / "chats.jsonl"
+  path.write_text("".join(json.dumps({"conversations": [
+      {"from": r, "value": v} for q, a in pairs for r, v in (("human", q), ("gpt", a))]}) + "\n" for pairs in CHATS))
+  shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=128,
+               max_seq_len=128, norm_eps=1e-6)
+  overrides = "\n".join(f"  config.model.{k} = {v!r}" for k, v in shape.items())
+  (tmp_path / "cfg.py").write_text(textwrap.dedent(f"""\
+      import ml_collections
+      from configs import sft_tiny
+      from llama_jax.data.config import source
+
+      def get_config():
+        config = sft_tiny.get_config()
+        config.init_from = {str(base)!r}
+        config.data.sources = ml_collections.ConfigDict(dict(chat=source({str(path)!r}, 1.0, epochs=1, format="sharegpt")))
+        config.data.prefetch = 1
+        config.seq_len = 64
+        config.batch_size = 2
+        config.mesh.fsdp = -1
+      """) + overrides + "\n  return config\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "train.py", f"--config={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'run'}"],
+                        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = tmp_path / "run"
+  tuned = load_tokenizer(run)
+  assert isinstance(tuned, HFTokenizer) and tuned.chat_template == theirs.chat_template
+  assert sorted(tuned.eos_ids) == eos and os.listdir(run / "checkpoints")
+
+  # Chat with the fine-tuned model: the prompt is transformers' apply_chat_template.
+  out = run_generate(["--checkpoint", run, "--chat", "--temperature", "0", "--max_new_tokens", "6"], stdin="the cat\n")
+  model = llama_jax.load(run)
+  ids = theirs.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True)["input_ids"]
+  answer = generate_tokens(model.config, model.params, [ids], 6, eos_ids=tuned.eos_ids)[0]
+  assert out.splitlines() == ["assistant: " + tuned.decode([t for t in answer if t not in eos]).strip()]
+
+  # Export and load in transformers: ids, chat text, generation config and logits.
+  assert convert_main(["--input", str(run), "--output", str(tmp_path / "out"), "--to", "hf"]) == 0
+  exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+  for text in sample_texts(100, seed=2):
+    assert exported(text)["input_ids"] == tuned.encode(text) == theirs(text)["input_ids"], text
+  messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+  assert exported.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
+  generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+  assert sorted(generation.eos_token_id) == eos and generation.temperature == 0.6
+  hf_tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+  with torch.no_grad():
+    expected = hf_tuned(torch.tensor([ids])).logits.numpy()
+  np.testing.assert_allclose(model.logits([ids]), expected, rtol=1e-4, atol=1e-4)
