@@ -264,9 +264,9 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     if not args.chat and not prompts:
       raise UsageError("no prompts: give --prompt, --prompt_file or --chat")
     from llama_jax.generate import sampling
-    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS}
-    sampling.check(*(SAMPLING_DEFAULTS[k] if given[k] is None else given[k]  # the flags, before loading
-                     for k in ("temperature", "top_k", "top_p")))
+    flags = [getattr(args, k) for k in ("temperature", "top_k", "top_p")]
+    sampling.check(*(SAMPLING_DEFAULTS[k] if v is None else v  # the flags given, before loading
+                     for k, v in zip(("temperature", "top_k", "top_p"), flags)))
     model = load_model(args)
     resolve_sampling(args, model.tokenizer.generation_config)
     sampling.check(args.temperature, args.top_k, args.top_p)
