@@ -211,3 +211,18 @@ def test_hf_folder_chat_uses_its_template_and_stops_at_any_eos(hf_checkpoint):
   answer = model.tokenizer.decode([t for t in new if t not in model.tokenizer.eos_ids]).strip()
   assert out.splitlines() == [f"assistant: {answer}"]
   assert len(model.tokenizer.eos_ids) == 2
+
+
+def test_generation_stops_at_an_eos_id_of_generation_config(hf_checkpoint, tmp_path):
+  # Make the token the model picks first one of generation_config.json's EOS ids: generation ends there.
+  model = llama_jax.load(hf_checkpoint)
+  prompt = model.tokenizer.encode("the cat")
+  first = model.generate([prompt], max_new_tokens=1)[0][-1]
+  assert first not in model.tokenizer.eos_ids
+  generation = json.loads((hf_checkpoint / "generation_config.json").read_text())
+  variant = _variant(hf_checkpoint, tmp_path / "stop",
+                     generation_config__json={"eos_token_id": list(model.tokenizer.eos_ids) + [first]})
+  code, out = _main(["--checkpoint", variant, "--prompt", "the cat", "--output", "-", *GREEDY])
+  record = json.loads(out)
+  assert code == 0 and record["num_tokens"] == 1 and record["stopped_at_eos"] and record["completion"] == ""
+  assert generation["eos_token_id"] == list(model.tokenizer.eos_ids)  # the export wrote them all

@@ -12,7 +12,8 @@ tokenizer.json by `tokenizer.spm_json`: the same ids, through the Rust library) 
 (a byte-level BPE with Llama 3's pre-tokenizer, trained here by `tokenizers` on the same text with
 the same vocabulary size), or `--hf_tokenizer`. Each is timed on 1 thread and on every core, in
 turns (`--repeats` rounds; the best of each), reporting tokens/s and characters/s (tokenizers
-with other vocabularies make other numbers of tokens from the same text).
+with other vocabularies make other numbers of tokens from the same text), and characters per
+CPU-second of the process (all its threads): what a core does, whatever else shares the machine.
 """
 
 from __future__ import annotations
@@ -106,13 +107,14 @@ def tokenizers_alone(tokenizers: dict, texts: list[str], repeats: int) -> dict:
   for _ in range(repeats):
     for name, tok in tokenizers.items():
       for threads in sorted({1, os.cpu_count() or 1}):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         ids = tok.encode_batch(texts, bos=True, eos=True, num_threads=threads)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         row = best.setdefault(name, {}).setdefault(f"threads_{threads}", {"seconds": float("inf")})
         if seconds < row["seconds"]:
           row.update(seconds=seconds, tokens=sum(map(len, ids)), tokens_per_s=sum(map(len, ids)) / seconds,
                      chars_per_s=chars / seconds)
+        row["chars_per_cpu_s"] = max(row.get("chars_per_cpu_s", 0.0), chars / cpu_seconds)
   return best
 
 
