@@ -63,8 +63,9 @@ class Tokenizer:
 
   @classmethod
   def reads(cls, found: files.TokenizerFiles) -> bool:
-    """Whether this backend is the one for `found` (the files of a path)."""
-    raise NotImplementedError
+    """Whether this backend is the one for `found` (the files of a path); a subclass that is not a
+    backend (a test's stand-in) reads nothing."""
+    return False
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     return self.encode_batch([text], bos=bos, eos=eos, num_threads=1)[0]
