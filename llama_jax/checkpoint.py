@@ -1,8 +1,9 @@
 """The project's own checkpoints, in Orbax: saved models, training workdirs, and reading them.
 
 Two layouts, one parameter format:
-  a saved model:      DIR/model_config.json, DIR/params/ (Orbax), DIR/tokenizer.model (optional)
-  a training workdir: DIR/model_config.json, DIR/tokenizer.model, DIR/checkpoints/<step>/{params,
+  a saved model:      DIR/model_config.json, DIR/params/ (Orbax), the tokenizer's files (optional:
+                      tokenizer.model or tokenizer.json, with tokenizer_config.json etc.)
+  a training workdir: DIR/model_config.json, the tokenizer's files, DIR/checkpoints/<step>/{params,
                       opt_state, meta, data}/ written by an Orbax CheckpointManager
                       (`make_manager`, `save_state`, `restore_state`). Orbax writes a step to a
                       temporary name and renames it when complete, so a save killed mid-write is
@@ -28,7 +29,7 @@ from jax.experimental import multihost_utils
 from llama_jax.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's file (a tokenizer.json folder has others)
 CHECKPOINTS = "checkpoints"
 
 
@@ -67,8 +68,9 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
     ckptr.save(params_dir, args=ocp.args.PyTreeSave(params))
   write_model_config(directory, config)
-  if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.join(directory, TOKENIZER):
-    shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+  if tokenizer_path:  # a file or folder `load_tokenizer` reads; its files are written beside
+    from llama_jax.tokenizer import load_tokenizer
+    load_tokenizer(tokenizer_path).save(directory)
 
 
 def latest_step(workdir: str) -> int | None:
@@ -127,10 +129,11 @@ def restore_host_leaves(params_dir: str, config: ModelConfig,
 
 
 def model_files(path: str) -> tuple[str, ModelConfig, str | None]:
-  """(params directory, config, tokenizer path or None) of a saved model or a training workdir."""
+  """(params directory, config, tokenizer path or None) of a saved model or a training workdir;
+  the tokenizer path is the folder holding its files."""
+  from llama_jax.tokenizer import has_tokenizer
   params_dir, config_dir = find_params_dir(path)
-  tokenizer = os.path.join(config_dir, TOKENIZER)
-  return params_dir, read_model_config(config_dir), (tokenizer if os.path.isfile(tokenizer) else None)
+  return params_dir, read_model_config(config_dir), (config_dir if has_tokenizer(config_dir) else None)
 
 
 # --- training workdirs: the state of a run, step by step

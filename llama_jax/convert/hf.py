@@ -3,7 +3,8 @@
 Reads a directory with `config.json` and weights as safetensors (one file, or shards named by
 `model.safetensors.index.json`) or PyTorch `pytorch_model*.bin` (read with
 `torch.load(weights_only=True)`, which unpickles tensors only); writes `config.json` and safetensors
-that `transformers.LlamaForCausalLM.from_pretrained` loads. The tensor names and layouts are
+that `transformers.LlamaForCausalLM.from_pretrained` loads, with the tokenizer's files and
+generation_config.json. The tensor names and layouts are
 `transformers/models/llama/modeling_llama.py`'s; `layout.py` maps them onto our tree.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,7 +21,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.convert import CheckpointError, layout, safetensors_io, torch_io
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.model"
+GENERATION_CONFIG = "generation_config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' long-standing default shard size (5GB)
@@ -82,9 +82,10 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
     raise CheckpointError(f"{file}: {e}") from None
 
 
-def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2) -> dict:
+def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int | None = 1, eos_id: int | list[int] | None = 2,
+                 pad_id: int | None = None) -> dict:
   """config.json for `LlamaConfig`; rope_theta is written both ways so that transformers 4 (top
-  level) and 5 (`rope_parameters`) read it."""
+  level) and 5 (`rope_parameters`) read it. eos_id: one id or several (every one ends generation)."""
   return {
       "architectures": ["LlamaForCausalLM"],
       "model_type": "llama",
@@ -106,6 +107,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2)
       "mlp_bias": False,
       "bos_token_id": bos_id,
       "eos_token_id": eos_id,
+      "pad_token_id": pad_id,
       "initializer_range": 0.02,
       "use_cache": True,
       "torch_dtype": dtype,
@@ -182,12 +184,13 @@ def stored_dtype(directory: str) -> str:
 
 
 def tokenizer_in(directory: str) -> str | None:
-  path = os.path.join(directory, TOKENIZER)
-  return path if os.path.isfile(path) else None
+  """The directory if it holds a tokenizer (tokenizer.json or tokenizer.model), else None."""
+  from llama_jax.tokenizer import has_tokenizer
+  return directory if has_tokenizer(directory) else None
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, dict, str | None]:
-  """(config, numpy parameter tree in `dtype`, tokenizer.model path or None)."""
+  """(config, numpy parameter tree in `dtype`, the tokenizer's folder or None)."""
   directory = os.fspath(path)
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
@@ -202,7 +205,10 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
               tokenizer_path: str | None = None, dtype: str | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Writes config.json and model.safetensors (or shards with model.safetensors.index.json when
-  larger than `max_shard_bytes`), one tensor at a time; copies tokenizer.model along.
+  larger than `max_shard_bytes`), one tensor at a time, generation_config.json, and the tokenizer's
+  files for transformers (`Tokenizer.save(for_transformers=True)`: a SentencePiece model also as
+  a tokenizer.json). The tokenizer's BOS/EOS/pad ids go into config.json and generation_config.json
+  (several EOS ids as a list), with the sampling defaults of its own generation_config.json.
   dtype: of the written weights, default the parameters' own."""
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -235,12 +241,21 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-  bos, eos = 1, 2
+  bos, eos, pad, generation = 1, [2], None, {}
   if tokenizer_path:
-    from llama_jax.tokenizer import Tokenizer
-    tok = Tokenizer(tokenizer_path)
-    bos, eos = tok.bos_id, tok.eos_id
-    if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(directory, TOKENIZER)):
-      shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+    from llama_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_path)
+    if tok.vocab_size > config.vocab_size:
+      raise CheckpointError(f"{tokenizer_path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                            f"embedding has {config.vocab_size} rows")
+    tok.save(directory, for_transformers=True)
+    bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
+    pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
+  eos = eos[0] if len(eos) == 1 else eos
   with open(os.path.join(directory, CONFIG), "w") as f:
-    json.dump(config_to_hf(config, out_dtype.name, bos, eos), f, indent=2)
+    json.dump(config_to_hf(config, out_dtype.name, bos, eos, pad), f, indent=2)
+  generation.update(bos_token_id=bos, eos_token_id=eos)
+  if pad is not None:
+    generation["pad_token_id"] = pad
+  with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
+    json.dump(generation, f, indent=2)

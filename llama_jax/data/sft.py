@@ -4,9 +4,10 @@ with a loss mask that counts only the assistant's answers.
 Vicuna (Chiang et al. 2023, "Vicuna: An Open-Source Chatbot Impressing GPT-4 with 90% ChatGPT
 Quality") fine-tunes LLaMA on ShareGPT conversations with FastChat's `fastchat/train/train.py`:
 each conversation is rendered with the `vicuna_v1.1` template and everything but the assistant's
-answers (and the `</s>` ending each) is masked out of the loss. Here the template is
-`llama_jax.tokenizer.chat` (the same object `generate.py --chat` prompts with) and `ChatTemplate.encode`
-gives the ids and the answer mask.
+answers (and the `</s>` ending each) is masked out of the loss. Here the template is the source's
+`template` from `llama_jax.tokenizer.chat` (the same object `generate.py --chat` prompts with; "auto":
+the model's own Jinja template when its tokenizer has one, else vicuna_v1.1), and its `encode` gives
+the ids and the answer mask.
 
 Record formats (one JSON object per line of a .jsonl / .jsonl.gz / .jsonl.zst file):
   sharegpt: {"conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}, as
@@ -63,7 +64,7 @@ class Piece:
   truncated: bool  # one pair that did not fit alone, cut at max_len
 
 
-def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], tokenizer,
+def split_conversation(template: chat.ChatTemplate | chat.JinjaTemplate, messages: Sequence[dict], tokenizer,
                        max_len: int) -> list[Piece]:
   """The conversation as pieces of at most `max_len` tokens, split between (user, assistant)
   pairs: each piece takes as many following pairs as fit; each has the system line."""
@@ -74,8 +75,7 @@ def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], to
 
   def encode(first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
     ids, mask = template.encode(system + turns[2 * first:2 * end], tokenizer)
-    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
-    return ids, mask | leading_space(ids, mask, tokenizer)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
   ids, mask = encode(0, pairs)
   if len(ids) <= max_len:  # the common case: one encoding
@@ -98,19 +98,6 @@ def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], to
   return pieces
 
 
-def leading_space(ids: np.ndarray, answer: np.ndarray, tokenizer) -> np.ndarray:
-  """Whitespace-only tokens right before an answer. The generation prompt ends at the assistant's
-  tag ("ASSISTANT:"), so the space after it is the model's to produce; `ChatTemplate.segments`
-  counts it as prompt, which only matters when the tokenizer gives the space a token of its own
-  ("▁" before a rare first character): then the first token the model must generate would never be
-  trained."""
-  before = np.zeros(len(ids), bool)
-  before[:-1] = answer[1:] & ~answer[:-1]
-  for i in np.flatnonzero(before):
-    before[i] = not tokenizer.sp.id_to_piece(int(ids[i])).replace("\u2581", "").strip()
-  return before
-
-
 # --- the stream of a conversation source
 
 @dataclasses.dataclass
@@ -129,8 +116,9 @@ class ConversationStream(SourceStream):
   answers counts as no document, and a source left with none ends instead of looping), and counts
   the truncated turns in the stream position (so the count resumes with a checkpoint)."""
 
-  def __init__(self, *args, template: str, max_len: int, **kwargs):
-    self.template, self.max_len = chat.get_template(template), max_len
+  def __init__(self, *args, template: str | chat.ChatTemplate | chat.JinjaTemplate, max_len: int, **kwargs):
+    self.template = chat.get_template(template) if isinstance(template, str) else template
+    self.max_len = max_len
     self.chunk_mask: np.ndarray | None = None
     self._truncated = 0  # truncated turns in the chunk being read
     super().__init__(*args, **kwargs)

@@ -44,13 +44,14 @@ def _sample(specs: list[dict], select, chars: int) -> Iterator[str]:
 
 
 def ensure_tokenizer(data_cfg, workdir: str | None = None) -> str:
-  """The sentencepiece model path: `data_cfg.tokenizer` if set, else one trained on the training
-  sources (BPE, byte fallback, `data_cfg.vocab_size`) and cached under `data_cfg.cache_dir`."""
+  """The tokenizer's path: `data_cfg.tokenizer` if set (a file or a folder), else a sentencepiece
+  model trained on the training sources (BPE, byte fallback, `data_cfg.vocab_size`) and cached
+  under `data_cfg.cache_dir`."""
   del workdir  # the caller copies the model into its workdir
   if data_cfg.tokenizer:
     path = os.path.expanduser(data_cfg.tokenizer)
-    if not os.path.isfile(path):
-      raise DataError(f"data.tokenizer: no such file {path}")
+    if not os.path.exists(path):
+      raise DataError(f"data.tokenizer: no such file or directory {path}")
     return path
   from llama_jax.tokenizer import train as sp_train
   specs = resolve_sources(data_cfg, "train")

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
-    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model for checkpoints without one")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer.json, a SentencePiece .model or a folder holding one (default: the checkpoint's)")
     p.add_argument("--no_progress", action="store_true")
   commands.choices["perplexity"].add_argument("--seq_len", type=int, default=None,
                                               help="window length in tokens (default: the model's max_seq_len)")
@@ -53,7 +54,7 @@ def _evaluate(args, path: str) -> dict:
   except ValueError as e:  # a config this project cannot read
     raise EvalDataError(path, str(e)) from None
   if model.tokenizer is None:
-    raise EvalDataError(path, "the checkpoint has no tokenizer.model; pass --tokenizer")
+    raise EvalDataError(path, "the checkpoint has no tokenizer (tokenizer.json or tokenizer.model); pass --tokenizer")
   progress = not args.no_progress
   if args.command == "perplexity":
     seq_len = args.seq_len or model.config.max_seq_len

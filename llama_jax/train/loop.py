@@ -25,7 +25,7 @@ from llama_jax import checkpoint, data, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
 from llama_jax.sharding import ConfigError
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from llama_jax.train import metrics as metrics_lib
 from llama_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama_jax.train.step import TrainState, eval_step, make_train_step
@@ -98,25 +98,34 @@ def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig) -> str:
-  """Tokenizer into the workdir (trained on first use), model config and run config beside it."""
-  tok_dest = os.path.join(workdir, checkpoint.TOKENIZER)
+def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig) -> Tokenizer:
+  """The run's tokenizer saved into the workdir (on first use: data.tokenizer if set, else the
+  init_from checkpoint's, so fine-tuning keeps its vocabulary, chat template and EOS ids, else one
+  trained on the sources), model config and run config beside it; returns the tokenizer."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    if not os.path.isfile(tok_dest):
-      inherited = os.path.join(config.init_from, checkpoint.TOKENIZER) if config.init_from else ""
-      if not config.data.tokenizer and os.path.isfile(inherited):
-        source = inherited  # fine-tuning keeps the checkpoint's vocabulary
-      else:
-        source = data.ensure_tokenizer(config.data, workdir)
-      if os.path.abspath(source) != os.path.abspath(tok_dest):
-        shutil.copyfile(source, tok_dest + ".tmp")
-        os.replace(tok_dest + ".tmp", tok_dest)
+    if not has_tokenizer(workdir):
+      source = None
+      if config.init_from and not config.data.tokenizer:
+        from llama_jax.convert.source import open_source
+        source = open_source(config.init_from).tokenizer_path
+      _save_tokenizer(load_tokenizer(source or data.ensure_tokenizer(config.data, workdir)), workdir)
     checkpoint.write_model_config(workdir, model_cfg)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   multihost_utils.sync_global_devices("workdir ready")
-  return tok_dest
+  return load_tokenizer(workdir)
+
+
+def _save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
+  """Written beside, then moved in with the tokenizer's own file last: a workdir that has that
+  file has the rest (a run killed mid-write starts over)."""
+  tmp = os.path.join(workdir, "tokenizer.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tokenizer.save(tmp)
+  for name in sorted(os.listdir(tmp), key=lambda n: n in ("tokenizer.json", checkpoint.TOKENIZER)):
+    os.replace(os.path.join(tmp, name), os.path.join(workdir, name))
+  os.rmdir(tmp)
 
 
 @dataclasses.dataclass
@@ -170,7 +179,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   rules = sharding.as_rules(config.mesh.rules)
   validate(config, model_cfg, mesh)
 
-  tokenizer = Tokenizer(_prepare_workdir(config, workdir, model_cfg))
+  tokenizer = _prepare_workdir(config, workdir, model_cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                       f"{model_cfg.vocab_size}")
