@@ -8,7 +8,7 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   hlo        the decode loop's optimized HLO (to count its kernels)
-#   fsdp       several GPUs of one host: TinyLlama FSDP, LLaMA-2-7B on 2 and 4 GPUs, 13B on 4
+#   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 . benchmarks/gpu_setup.sh
@@ -53,12 +53,11 @@ profile)  # the timed region only: compilation and autotuning stay out of the tr
   python3 benchmarks/profile_summary.py /tmp/pd --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_decode.txt
   $T --steps 3 --warmup 2 --profile_dir /tmp/pt > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pt --top 40 2>&1 | grep -v Deprecation | tee $OUT/profile_train.txt ;;
-fsdp)  # several GPUs of one host (run on a machine of 4): TinyLlama and the LLaMA-2 7B/13B shapes
-  S="--steps 5 --warmup 2"
-  run fsdp XLA_FLAGS= $T --config.batch_size=32
-  run fsdp CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=8
-  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=16
-  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=8 --config.model.remat_policy=full ;;
+fsdp)  # every GPU of the machine (2 or 4): TinyLlama, then the LLaMA-2 7B and 13B shapes, FSDP
+  N=$(nvidia-smi -L | wc -l); S="--steps 5 --warmup 2"
+  run fsdp XLA_FLAGS= $T --config.batch_size=$((8 * N))
+  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
+  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
