@@ -77,7 +77,7 @@ def read_model_config(directory: str) -> ModelConfig:
 
 # --- naming what is damaged: Orbax and tensorstore report a bad file deep inside long messages
 
-_JSON_FILES = ("_METADATA", "_sharding", "_CHECKPOINT_METADATA")
+_JSON_FILES = ("_METADATA", "_sharding", "_CHECKPOINT_METADATA", "metadata")  # "metadata": a JSON item
 _TENSORSTORE_CODE = re.compile(r"^[A-Z_]+: ")
 _DRIVER = re.compile(r'Error opening "[^"]*" driver: ')
 _LOCAL_FILE = re.compile(r'Error (?:decoding|reading) local file "([^"]+)": (.*)')
@@ -162,14 +162,15 @@ def unreadable(directory: str, error: BaseException) -> CheckpointError:
     if key:
       param, item, reason = key.groups()
       return CheckpointError(f"checkpoint {item.rstrip('/')} cannot be read: parameter {param}: {reason}")
+  if not os.path.isdir(directory):
+    return CheckpointError(f"checkpoint {directory} cannot be read: no such directory")
+  # A JSON file Orbax could not parse (its error names no file): the item, or a step's items.
   items = [directory] + [os.path.join(directory, n) for n in sorted(os.listdir(directory))
-                         if os.path.isdir(os.path.join(directory, n))] if os.path.isdir(directory) else []
+                         if os.path.isdir(os.path.join(directory, n))]
   for item in items:
     bad = _first_bad_file(item)
     if bad:
       return CheckpointError(f"checkpoint {item} cannot be read: {bad}")
-  if not os.path.isdir(directory):
-    return CheckpointError(f"checkpoint {directory} cannot be read: no such directory")
   message = " ".join(str(error).split())
   message = message if len(message) <= 300 else message[:300] + "..."
   return CheckpointError(f"checkpoint {directory} cannot be read: {type(error).__name__}: {message}")
@@ -258,8 +259,7 @@ def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> 
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(params_dir, abstract_params(config, shardings))
   except Exception as e:  # noqa: BLE001 -- Orbax wraps tensorstore's errors in plain Exceptions
-    error = unreadable(params_dir, e)
-  raise CheckpointError(f"{error}{_other_steps(params_dir)}")
+    raise CheckpointError(f"{unreadable(params_dir, e)}{_other_steps(params_dir)}") from e
 
 
 def restore_host_leaves(params_dir: str, config: ModelConfig,
@@ -276,8 +276,7 @@ def restore_host_leaves(params_dir: str, config: ModelConfig,
         out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=item, restore_args=args, partial_restore=True))
       except Exception as e:  # noqa: BLE001 -- as in load_params
-        error = unreadable(params_dir, e)
-        raise CheckpointError(f"{error}{_other_steps(params_dir)}") from None
+        raise CheckpointError(f"{unreadable(params_dir, e)}{_other_steps(params_dir)}") from e
       out = traverse_util.flatten_dict(out)[path]
       yield path, out
       del out  # before the next restore: two parameters at once would be the peak
@@ -337,7 +336,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_params, ab
     ))
     states = out.data["processes"]
   except Exception as e:  # noqa: BLE001 -- as in load_params
-    raise unreadable(os.path.join(str(manager.directory), str(step)), e) from None
+    raise unreadable(os.path.join(str(manager.directory), str(step)), e) from e
   if len(states) != jax.process_count():
     raise ValueError(
         f"checkpoint step {step} was written by {len(states)} processes, this run has "

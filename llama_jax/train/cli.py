@@ -160,6 +160,10 @@ def main() -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from llama_jax.train import TrainingError, train_and_evaluate
-    run_cli(lambda: train_and_evaluate(config.value, workdir.value), expected=(TrainingError,))
+    try:
+      run_cli(lambda: train_and_evaluate(config.value, workdir.value), expected=(TrainingError,))
+    except KeyboardInterrupt:  # a second Ctrl-C, while the first one's checkpoint was being saved
+      print("interrupted again: exiting without saving", file=sys.stderr)
+      sys.exit(130)
 
   app.run(run, flags_parser=lambda argv: parse_flags(argv, help_text()))

@@ -66,6 +66,7 @@ class _StopSignal:
     if self.signum:  # a second signal: give up on saving
       signal.signal(signum, self._previous[signum])
       os.kill(os.getpid(), signum)
+      return
     self.signum = signum
     if jax.process_index() == 0:  # now, not at the end of the step: a silence invites a second one
       name = signal.Signals(signum).name

@@ -59,6 +59,9 @@ def check_path(path: str) -> None:
 
 def check_same_model(path: str, model_cfg: ModelConfig) -> None:
   """A workdir with checkpoints resumes only with the model that wrote them."""
+  if not os.path.isfile(os.path.join(path, checkpoint.MODEL_CONFIG)):
+    raise WorkdirError(f"{path} holds checkpoints but no {checkpoint.MODEL_CONFIG}, so they cannot be "
+                       "matched to a model: restore the file, or use another --workdir")
   stored = checkpoint.read_model_config(path).to_dict()
   wanted = model_cfg.to_dict()
   differing = [f"model.{name} is {stored[name]} there, {wanted[name]} here" for name in sorted(wanted)
