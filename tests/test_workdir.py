@@ -109,6 +109,17 @@ def test_rerun_with_another_model_is_refused_and_writes_nothing(trained, tmp_pat
   assert np.isfinite(llama_jax.load(run).logits([[1, 5, 9]])).all()  # still loads (the issue: it did not)
 
 
+@pytest.mark.slow
+def test_running_a_finished_run_again_rewrites_nothing(trained, tmp_path):
+  config, _, _ = trained
+  run = copy_of(trained, tmp_path)
+  before = snapshot(run)
+  code, _, err = run_train(config, run)
+  assert code == 0, err[-3000:]
+  assert snapshot(run) == before
+  assert "Unable to initialize backend" not in trained[2] + err  # absl's INFO line about TPUs
+
+
 def test_stored_model_config_check_names_each_differing_field(tmp_path):
   stored = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=16, max_seq_len=64)
   checkpoint.write_model_config(str(tmp_path), stored)

@@ -128,10 +128,13 @@ def check_lengths(model, prompts: list[str]) -> list[list[int]]:
   return ids
 
 
-def note_context_limit(max_new_tokens: int, longest_prompt: int, context: int) -> None:
+def note_context_limit(max_new_tokens: int, context: int, longest_prompt: int | None = None) -> None:
   """Says once, on stderr, when generation will stop at the model's context before
-  --max_new_tokens (it would otherwise stop there silently)."""
-  if longest_prompt + max_new_tokens > context:
+  --max_new_tokens (it would otherwise stop there silently). `longest_prompt`: None in a chat."""
+  if longest_prompt is None and max_new_tokens >= context:
+    print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
+          "each answer stops at the context", file=sys.stderr)
+  elif longest_prompt is not None and longest_prompt + max_new_tokens > context:
     print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
           f"a prompt of {longest_prompt} tokens gets at most {max(context - longest_prompt, 0)} new ones",
           file=sys.stderr)
@@ -140,7 +143,7 @@ def note_context_limit(max_new_tokens: int, longest_prompt: int, context: int) -
 def run_prompts(args, model, mesh, prompts, out: TextIO) -> None:
   from llama_jax.generate import TextStreamer, generate
   ids = check_lengths(model, prompts)
-  note_context_limit(args.max_new_tokens, max(map(len, ids)), model.config.max_seq_len)
+  note_context_limit(args.max_new_tokens, model.config.max_seq_len, max(map(len, ids)))
   eos_ids = list(model.tokenizer.eos_ids)
   options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                  top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, mesh=mesh)
@@ -205,8 +208,7 @@ def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
   tok = model.tokenizer
   # Leave room for a full answer when the context allows it; a long message still gets the rest.
   budget = max(model.config.max_seq_len - args.max_new_tokens, 1)
-  if args.max_new_tokens >= model.config.max_seq_len:
-    note_context_limit(args.max_new_tokens, 1, model.config.max_seq_len)
+  note_context_limit(args.max_new_tokens, model.config.max_seq_len)
   interactive = stdin.isatty()
   history: list[dict] = []
   turn = 0

@@ -1,14 +1,14 @@
 """A training run's directory: one run at a time holds it, it is checked before anything is written
 into it, and what a run writes there is written whole.
 
-The lock is `fcntl.flock` on DIR/lock (as py-filelock's `UnixFileLock` and pip's cache do): the
-kernel drops it when the holding process ends in any way, `kill -9` included, so a workdir is never
-left locked by a dead run. The holder writes who it is (pid, host, start time, command) into the
-file, and a second run names it in its one-line refusal. The holder deletes the file on release,
-while still holding the lock; a run that opened the old file just before then sees, once it has the
-lock, that the path no longer leads to the file it locked, and tries again. On NFS, flock is
-emulated with POSIX byte-range locks, which also end with their process (a dead client's locks go
-when its NFSv4 lease expires).
+The lock is `fcntl.flock` on DIR/lock (as py-filelock's `UnixFileLock` takes it): the kernel drops
+it when the holding process ends in any way, `kill -9` included, so a workdir is never left locked
+by a dead run. The holder writes who it is (pid, host, start time, command) into the file, and a
+second run names it in its one-line refusal. The holder deletes the file on release, while still
+holding the lock; a run that opened the old file just before then sees, once it has the lock, that
+the path no longer leads to the file it locked, and tries again. On NFS, flock is emulated with
+POSIX byte-range locks, which also end with their process (a dead client's locks go when its NFSv4
+lease expires).
 
 Process 0 of a run holds the lock for all of its processes; the others learn the outcome from it,
 so every process fails the same way.
@@ -46,6 +46,8 @@ class WorkdirBusy(WorkdirError):
 
 def check_path(path: str) -> None:
   """Fails early, writing nothing, on a workdir that cannot be one."""
+  if not path:
+    raise WorkdirError("--workdir is empty: give the run a directory")
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f"--workdir {path} is a file, not a directory")
   existing = os.path.abspath(path)
