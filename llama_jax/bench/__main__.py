@@ -11,6 +11,9 @@
 
 `--profile_dir DIR` (train, decode) writes a jax.profiler trace; `benchmarks/profile_summary.py`
 summarises it. GPU tables in BENCHMARKS.md come from `benchmarks/gpu.sh`.
+
+Configs are files: a relative `--config` is found from the working directory (the default, from
+the repository's root), and a missing one is one line naming the path tried.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import json
 import sys
 
 
+DEFAULT_CONFIG = "configs/tinyllama_1b.py"
+
+
 def _train_or_decode(kind: str, argv: list[str]) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", "configs/tinyllama_1b.py", "Config file.", lock_config=True)
+  from llama_jax.train.cli import parse_flags
+
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.", lock_config=True)
   flags.DEFINE_integer("warmup", 3, "train: untimed steps (compilation).")
   flags.DEFINE_integer("steps", 10, "train: timed steps.")
   flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
@@ -48,7 +56,8 @@ def _train_or_decode(kind: str, argv: list[str]) -> None:
                                             FLAGS.fuse))
     print(json.dumps(result))
 
-  app.run(run, argv=[f"llama_jax.bench {kind}"] + argv)
+  app.run(run, argv=[f"llama_jax.bench {kind}"] + argv,
+          flags_parser=lambda args: parse_flags(args, default_config=DEFAULT_CONFIG))
 
 
 def main(argv: list[str]) -> int:

@@ -20,9 +20,8 @@ import itertools
 import json
 import os
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import numpy as np
 
 from llama_jax.data.errors import DataError
 

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from llama_jax.data.conversations import parse_conversation
-from llama_jax.data.records import CONVERSATION_FORMATS, MAX_WARNINGS, BadRecord
+from llama_jax.data.records import CONVERSATION_FORMATS, MAX_WARNINGS
 from llama_jax.data.sources import SourceStream
 from llama_jax.tokenizer import chat
 

@@ -7,6 +7,10 @@
 
 Prints a table with one row per model, then (last line) JSON: the metrics of a single model, or a
 list of {"model": PATH, ...metrics} for several.
+
+`lm_eval_command` is `llama-jax-lm-eval`: lm-eval-harness's command line with our model registered.
+lm-eval is an optional dependency (the `lm_eval` extra): it pulls in PyTorch and the Hugging Face
+stack, which a JAX install does not otherwise need; without it the command says what to install.
 """
 
 from __future__ import annotations
@@ -88,6 +92,17 @@ def main(argv=None) -> int:
   else:
     print(json.dumps(rows))
   return 0
+
+
+def lm_eval_command() -> None:
+  try:
+    import lm_eval  # noqa: F401
+  except ImportError:
+    print("error: llama-jax-lm-eval needs lm-eval, an optional dependency: pip install 'llama_jax[lm_eval]'",
+          file=sys.stderr)
+    sys.exit(1)
+  from llama_jax.evaluate import lm_eval_harness
+  lm_eval_harness.main()
 
 
 if __name__ == "__main__":

@@ -28,28 +28,45 @@ class UsageError(ValueError):
   """Bad input the user can fix; reported as one line."""
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+  """--help shows each flag's default, where it has one."""
+
+  def _get_help_string(self, action):
+    default = action.default
+    if default is None or default is False or default == [] or default is argparse.SUPPRESS or (
+        "%(default)" in (action.help or "")):
+      return action.help
+    return f"{action.help or ''} (default: %(default)s)".strip()
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from llama_jax.tokenizer import chat
-  p = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0],
+                              formatter_class=_ShowDefaults)
   p.add_argument("--checkpoint", required=True, help="model directory or training workdir")
   p.add_argument("--tokenizer", help="a tokenizer.json, a SentencePiece .model or a folder holding one "
                  "(default: the checkpoint's own)")
   p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
   p.add_argument("--prompt_file", help="prompts, one per line, or .jsonl with a 'prompt' field")
   p.add_argument("--output", help="write results as jsonl to this file, or '-' for stdout")
-  p.add_argument("--max_new_tokens", type=int, help=f"default {SAMPLING_DEFAULTS['max_new_tokens']}")
-  p.add_argument("--temperature", type=float, help=f"0: greedy; default {SAMPLING_DEFAULTS['temperature']}")
-  p.add_argument("--top_p", type=float, help=f"default {SAMPLING_DEFAULTS['top_p']}")
-  p.add_argument("--top_k", type=int, help="0: no top-k cut (the default)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+  p.add_argument("--max_new_tokens", type=int,
+                 help="tokens to generate at most (and no further than the model's context); default: "
+                      f"generation_config.json's, else {SAMPLING_DEFAULTS['max_new_tokens']}")
+  p.add_argument("--temperature", type=float,
+                 help=f"0: greedy; default: generation_config.json's, else {SAMPLING_DEFAULTS['temperature']}")
+  p.add_argument("--top_p", type=float, help="nucleus sampling: the smallest set of this mass; default: "
+                 f"generation_config.json's, else {SAMPLING_DEFAULTS['top_p']}")
+  p.add_argument("--top_k", type=int, help="0: no top-k cut; default: generation_config.json's, else 0")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                 help="compute dtype (default: the checkpoint's)")
   p.add_argument("--tensor", type=int, default=1, help="split the model over this many devices")
   p.add_argument("--no_stream", action="store_true", help="print a single prompt's text at the end")
   p.add_argument("--stats", action="store_true", help="report tokens per second on stderr")
   p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
   p.add_argument("--template", default=chat.AUTO, choices=chat.NAMES,
-                 help="auto: the model's own chat template, else vicuna_v1.1")
+                 help="the conversation template of --chat; auto: the model's own, else vicuna_v1.1")
   p.add_argument("--system", help="replace the template's system line")
   return p.parse_args(argv)
 
@@ -135,9 +152,22 @@ def check_lengths(model, prompts: list[str]) -> list[list[int]]:
   return ids
 
 
+def note_context_limit(max_new_tokens: int, context: int, longest_prompt: int | None = None) -> None:
+  """Says once, on stderr, when generation will stop at the model's context before
+  --max_new_tokens (it would otherwise stop there silently). `longest_prompt`: None in a chat."""
+  if longest_prompt is None and max_new_tokens >= context:
+    print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
+          "each answer stops at the context", file=sys.stderr)
+  elif longest_prompt is not None and longest_prompt + max_new_tokens > context:
+    print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
+          f"a prompt of {longest_prompt} tokens gets at most {max(context - longest_prompt, 0)} new ones",
+          file=sys.stderr)
+
+
 def run_prompts(args, model, mesh, prompts, out: TextIO) -> None:
   from llama_jax.generate import TextStreamer, generate
   ids = check_lengths(model, prompts)
+  note_context_limit(args.max_new_tokens, model.config.max_seq_len, max(map(len, ids)))
   eos_ids = list(model.tokenizer.eos_ids)
   options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                  top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, mesh=mesh)
@@ -204,6 +234,7 @@ def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
   stop_ids = template.stop_ids(tok)
   # Leave room for a full answer when the context allows it; a long message still gets the rest.
   budget = max(model.config.max_seq_len - args.max_new_tokens, 1)
+  note_context_limit(args.max_new_tokens, model.config.max_seq_len)
   interactive = stdin.isatty()
   history: list[dict] = []
   turn = 0
