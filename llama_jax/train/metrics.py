@@ -7,7 +7,8 @@ the events from here on" (tf.summary's purge of orphaned data), so each step is 
 
 Model FLOPs per token (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B):
   6 * N                 forward (2N) and backward (4N) of every matmul weight, N excluding the
-                        embedding table (a lookup, not a matmul) but including the output head;
+                        embedding table (a lookup, not a matmul) and the RMSNorm weights (vectors)
+                        but including the output head;
   + 6 * L * T * D       attention scores and weighted values: 2 matmuls of 2*T*D FLOPs per token per
                         layer forward, x3 with the backward pass, halved because a causal mask needs
                         only the lower triangle.
@@ -46,7 +47,9 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  matmul_params = num_params(cfg) - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
+  norm_weights = (2 * cfg.n_layers + 1) * cfg.dim  # vectors, not matmul weights
+  lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim  # tied: the table is the head too
+  matmul_params = num_params(cfg) - lookup - norm_weights
   return 6.0 * matmul_params + 6.0 * cfg.n_layers * seq_len * cfg.dim
 
 
