@@ -53,26 +53,33 @@ def client(server):
   return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def _offline(model, prompts, max_tokens):
-  """Model.generate's greedy text and token count for each (prompt, max_tokens): one batched call
-  at the longest limit, each row cut at its own (greedy tokens don't depend on the limit)."""
-  tok = model.tokenizer
-  ids = [tok.encode(p) for p in prompts]
-  rows = model.generate(ids, max_new_tokens=max(max_tokens))
-  answers = []
-  for prompt, row, limit in zip(ids, rows, max_tokens):
-    new = row[len(prompt):][:limit]
-    if any(t in tok.eos_ids for t in new):
-      new = new[:next(i for i, t in enumerate(new) if t in tok.eos_ids) + 1]
-    text = tok.decode_continuation(prompt, [t for t in new if t not in tok.eos_ids])
-    answers.append((text, len(new)))
-  return answers
-
-
 def _mixed_prompts(n, seed=0):
   rng = np.random.default_rng(seed)
   prompts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(n)]
   return prompts, [int(rng.integers(1, 30)) for _ in range(n)]
+
+
+MIXED, MIXED_LIMITS = _mixed_prompts(32)
+OFFLINE_LIMIT = 30
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+  """prompt -> Model.generate's greedy ids for it, in one batched call at the longest limit that
+  the tests use (greedy tokens don't depend on the limit, so each test cuts its own)."""
+  prompts = MIXED + ["the cat sat on", "a big red", "the red house"]
+  rows = model.generate([model.tokenizer.encode(p) for p in prompts], max_new_tokens=OFFLINE_LIMIT)
+  return {p: row for p, row in zip(prompts, rows)}
+
+
+def _answer(model, offline, prompt, limit):
+  """(text, completion tokens) of `prompt`'s offline answer cut at `limit` tokens or its EOS."""
+  tok = model.tokenizer
+  ids = tok.encode(prompt)
+  new = offline[prompt][len(ids):][:limit]
+  if any(t in tok.eos_ids for t in new):
+    new = new[:next(i for i, t in enumerate(new) if t in tok.eos_ids) + 1]
+  return tok.decode_continuation(ids, [t for t in new if t not in tok.eos_ids]), len(new)
 
 
 def test_models_and_health(client, server):
@@ -81,9 +88,9 @@ def test_models_and_health(client, server):
   assert health["status"] == "ok" and health["slots"] == 8
 
 
-def test_greedy_answers_equal_generate(client, model):
+def test_greedy_answers_equal_generate(client, model, offline):
   prompts = ["the cat sat on", "a big red"]
-  expected = _offline(model, prompts, [12, 12])
+  expected = [_answer(model, offline, p, 12) for p in prompts]
   got = client.completions.create(model=NAME, prompt=prompts, max_tokens=12, temperature=0)
   assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [t for t, _ in expected]
   assert got.usage.completion_tokens == sum(n for _, n in expected)
@@ -91,9 +98,9 @@ def test_greedy_answers_equal_generate(client, model):
 
 
 @pytest.mark.slow
-def test_32_concurrent_clients_each_get_their_offline_answer(client, model, server):
-  prompts, limits = _mixed_prompts(32)
-  expected = _offline(model, prompts, limits)
+def test_32_concurrent_clients_each_get_their_offline_answer(client, model, server, offline):
+  prompts, limits = MIXED, MIXED_LIMITS
+  expected = [_answer(model, offline, p, m) for p, m in zip(prompts, limits)]
 
   def ask(i):
     if i % 2:  # half stream, half wait for the whole answer
@@ -124,9 +131,9 @@ def test_streamed_chunks_concatenate_to_the_answer(client):
   assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
-def test_stop_strings_cut_the_text_streamed_or_not(client, model):
+def test_stop_strings_cut_the_text_streamed_or_not(client, model, offline):
   prompt = "the red house"
-  text, _ = _offline(model, [prompt], [30])[0]
+  text, _ = _answer(model, offline, prompt, 30)
   stop = text[len(text) // 2:len(text) // 2 + 3]  # three characters from the middle of the answer
   cut = text[:text.index(stop)]
   whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
@@ -216,7 +223,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
   try:
     body = {"model": NAME, "prompt": "the cat", "max_tokens": 40, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
-      first = next(line for line in response.iter_lines() if line.startswith("data: "))
+      lines = response.iter_lines()  # held: a dropped line iterator closes the connection
+      first = next(line for line in lines if line.startswith("data: "))
       assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
       assert scheduler.stats()["live"] == 1
     # Leaving the block closed the connection; the server notices and cancels the request.

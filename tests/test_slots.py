@@ -44,9 +44,10 @@ class _Driver:
     self.out[name] = [int(prefix.drawn.tokens[0, 0])]
     self.owner[slot] = name
 
-  def step(self):
-    self.state, drawn = self.eng.generate(self.state)
+  def step(self, rows=None):
+    self.state, drawn = self.eng.generate(self.state, rows=rows)
     tokens = np.asarray(drawn.tokens)
+    assert tokens.shape == (rows or self.eng.max_batch, self.eng.steps)
     for slot, name in self.owner.items():
       self.out[name] += tokens[slot].tolist()
 
@@ -54,6 +55,7 @@ class _Driver:
     del self.owner[slot]
 
 
+@pytest.mark.slow
 def test_requests_joining_and_leaving_decode_what_they_decode_alone(params, slot_engine):
   a, b, c, d = _prompts([5, 20, 3, 33])
   driver = _Driver(slot_engine)
@@ -75,6 +77,21 @@ def test_requests_joining_and_leaving_decode_what_they_decode_alone(params, slot
     alone = generate_tokens(TINY, params, [prompt], 16, temperature=SAMPLED[0], top_k=SAMPLED[1],
                             top_p=SAMPLED[2], seed=seed)[0]
     assert driver.out[name] == alone[:len(driver.out[name])]
+
+
+def test_light_load_runs_the_leading_slots_only_and_decodes_the_same(params, slot_engine):
+  assert slot_engine.row_buckets == [1, 4] and slot_engine.rows_for(2) == 4
+  a, b = _prompts([7, 12], seed=5)
+  driver = _Driver(slot_engine)
+  driver.admit("a", a, slot=0)
+  driver.step(rows=1)
+  driver.step(rows=1)
+  driver.admit("b", b, slot=1)
+  driver.step(rows=4)
+  driver.step(rows=4)
+  assert {k: len(v) for k, v in driver.out.items()} == {"a": 13, "b": 7}
+  expected = generate_tokens(TINY, params, [a, b], 13)
+  assert driver.out["a"] == expected[0] and driver.out["b"] == expected[1][:7]
 
 
 def test_new_prompts_and_settings_of_a_bucket_reuse_the_compiled_functions(slot_engine):

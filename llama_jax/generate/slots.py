@@ -19,8 +19,9 @@ fold_in(fold_in(key(seed), row), index), with row 0 for a request of one prompt,
 a seed draws what `generate_tokens(..., seed=seed)` draws for the same prompt alone.
 
 Compilation: `prefill` and `insert` once per prompt-length bucket (powers of two from
-`generator.MIN_PROMPT_BUCKET` up to the cache length), `generate` twice (with and without the
-most likely alternatives of each token, OpenAI's `logprobs`);
+`generator.MIN_PROMPT_BUCKET` up to the cache length), `generate` once per row bucket (the leading
+slots it runs: 1, 4, 16, ..., max_batch) and once more with the most likely alternatives of each
+token (OpenAI's `logprobs`);
 `SlotEngine.warmup` compiles them all before the first request.
 """
 
@@ -147,14 +148,22 @@ def insert(prefix: Prefix, state: Slots, slot: Array) -> Slots:
                jax.tree.map(put, state.sampling, prefix.sampling))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "top_logprobs", "mesh", "rules"),
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "rows", "top_logprobs", "mesh", "rules"),
                    donate_argnames=("state",))
 def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, *, steps: int = 1,
-             top_logprobs: int = 0, mesh: Mesh | None = None,
+             rows: int | None = None, top_logprobs: int = 0, mesh: Mesh | None = None,
              rules=sharding.DEFAULT_RULES) -> tuple[Slots, Step]:
-  """`steps` decode steps for every slot: each feeds its latest token at its position and draws the
-  next. Positions are clamped inside the cache; a slot past its end is one the host has finished."""
+  """`steps` decode steps for slots 0..rows-1 (default: all): each feeds its latest token at its
+  position and draws the next. Positions are clamped inside the cache; a slot past its end is one
+  the host has finished. Returns tokens for those rows only.
+
+  Fewer rows is the light-load case: the host fills the lowest free slot first, so a few requests
+  sit in the first slots, and a step reads their part of the cache and computes their rows only
+  (the part is copied out and back once per call, not per step)."""
   engine.TRACE_COUNTS["slots.generate"] += 1
+  b = state.tokens.shape[0]
+  rows = rows or b
+  full, state = state, jax.tree.map(lambda a: a[:rows], state) if rows < b else state
   last_slot = state.cache[0].length - 1
 
   def step(s: Slots, _):
@@ -167,7 +176,9 @@ def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, *, ste
     return s, jax.tree.map(lambda a: a[:, 0], drawn)
 
   state, drawn = jax.lax.scan(step, state, None, length=steps)
-  return state, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), drawn)  # (B, steps, ...)
+  if rows < b:
+    state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), full, state)
+  return state, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), drawn)  # (rows, steps, ...)
 
 
 class SlotEngine:
@@ -184,7 +195,7 @@ class SlotEngine:
       raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), got {cache_len}")
     if max_batch < 1 or steps < 1:
       raise ValueError(f"max_batch and steps must be >= 1, got {max_batch} and {steps}")
-    self.cfg = engine.engine_config(cfg)
+    self.cfg = cfg
     self.rules = sharding.as_rules(rules)
     self.mesh = mesh
     self.params = engine.prepare_params(self.cfg, params, mesh, self.rules)
@@ -216,16 +227,31 @@ class SlotEngine:
   def insert(self, prefix: Prefix, state: Slots, slot: int) -> Slots:
     return insert(prefix, state, jnp.int32(slot))
 
-  def generate(self, state: Slots, top_logprobs: int = 0) -> tuple[Slots, Step]:
-    return generate(self.cfg, self.params, state, steps=self.steps, top_logprobs=top_logprobs,
-                    **self._static)
+  @property
+  def row_buckets(self) -> list[int]:
+    """How many leading slots a `generate` call may run: powers of 4, then all of them."""
+    sizes = [r for r in (4 ** i for i in range(16)) if r < self.max_batch]
+    return sizes + [self.max_batch]
+
+  def rows_for(self, live_slots: int) -> int:
+    """The smallest row bucket that covers slots 0..live_slots-1."""
+    return next(r for r in self.row_buckets if r >= live_slots)
+
+  def generate(self, state: Slots, rows: int | None = None, top_logprobs: int = 0) -> tuple[Slots, Step]:
+    """Alternatives (`top_logprobs`) are compiled for all slots only: light load with logprobs
+    runs every slot."""
+    rows = self.max_batch if top_logprobs or rows is None else rows
+    return generate(self.cfg, self.params, state, steps=self.steps, rows=rows,
+                    top_logprobs=top_logprobs, **self._static)
 
   def warmup(self) -> None:
-    """Compiles every prompt bucket's prefill and insert and both generate variants (with and
-    without alternatives), so no request waits for a compilation. Its state is thrown away."""
+    """Compiles every prompt bucket's prefill and insert and every generate variant (each row
+    bucket, and all rows with alternatives), so no request waits for a compilation. Its state is
+    thrown away."""
     state = self.init()
     for p in self.prompt_buckets:
       state = self.insert(self.prefill([0] * p, row_key(0), (0.0, 0, 1.0)), state, 0)
-    for k in (0, max_top_logprobs(self.cfg)):
-      state, step = self.generate(state, top_logprobs=k)
+    for rows in self.row_buckets:
+      state, step = self.generate(state, rows=rows)
+    state, step = self.generate(state, top_logprobs=max_top_logprobs(self.cfg))
     jax.block_until_ready(step)

@@ -127,7 +127,7 @@ class Server:
     stops = body.stop_strings()
     return [Request(prompt=p, max_tokens=m, emit=lambda out, i=i: emit(i, out),
                     temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                    seed=body.seed, stop=tuple(stops), logprobs=logprobs)
+                    seed=body.seed, stop=tuple(stops), logprobs=logprobs, ignore_eos=body.ignore_eos)
             for i, (p, m) in enumerate(zip(prompts, limits))]
 
   def encode_prompts(self, body: P.CompletionRequest) -> list[list[int]]:

@@ -4,9 +4,9 @@ completions, chat completions and their streamed chunks.
 Field names, defaults and limits are OpenAI's API reference (`/v1/completions`,
 `/v1/chat/completions`): `max_tokens` defaults to 16 for completions and to the rest of the context
 for chat; at most 4 stop strings; `logprobs` at most 5 alternatives for completions, `top_logprobs`
-at most 20 for chat. `top_k` is the extension vLLM and FastChat accept. Unknown fields are ignored
-(clients send many); known ones this server cannot honour (`n` > 1, penalties, `logit_bias`,
-`echo`, `suffix`, tools) are refused rather than silently dropped.
+at most 20 for chat. `top_k` and `ignore_eos` are extensions vLLM accepts too. Unknown fields are
+ignored (clients send many); known ones this server cannot honour (`n` > 1, penalties,
+`logit_bias`, `echo`, `suffix`, tools) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class _Sampling(BaseModel):
   frequency_penalty: float = 0.0
   logit_bias: dict[str, float] | None = None
   user: str | None = None
+  ignore_eos: bool = False  # vLLM's extension: answers of exactly max_tokens (benchmarks)
 
   def stop_strings(self) -> list[str]:
     stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

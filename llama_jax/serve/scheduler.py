@@ -68,6 +68,7 @@ class Request:
   seed: int | None = None  # None: a fresh random seed
   stop: Sequence[str] = ()
   logprobs: int | None = None  # alternatives per token (0..20); None: no log-probabilities
+  ignore_eos: bool = False  # go on to max_tokens past EOS ids (benchmarks)
   cancelled: bool = False  # set by `Scheduler.cancel` from any thread
 
 
@@ -194,11 +195,13 @@ class Scheduler:
     for live in self._owners:
       if live is not None and live.request.cancelled:
         self._free(live, cancelled=True)
-    if self._running.is_set() and any(o is not None for o in self._owners):
-      wants_top = any(o is not None and o.request.logprobs for o in self._owners)
+    live = [(s, o) for s, o in enumerate(self._owners) if o is not None]
+    if self._running.is_set() and live:
+      wants_top = any(o.request.logprobs for _, o in live)
       k = slot_engine.max_top_logprobs(self.engine.cfg) if wants_top else 0
-      self._state, step = self.engine.generate(self._state, top_logprobs=k)
-      dispatched = [([(s, o) for s, o in enumerate(self._owners) if o is not None], step)]
+      rows = self.engine.rows_for(live[-1][0] + 1)
+      self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k)
+      dispatched = [(live, step)]
     else:
       dispatched = []
     # The device runs the step just dispatched while the host reads what came before it.
@@ -244,7 +247,7 @@ class Scheduler:
     for token in tokens.tolist():
       counted.append(token)
       live.count += 1
-      if token in self.eos_ids:
+      if token in self.eos_ids and not request.ignore_eos:
         live.finish_reason = "stop"
         break
       if request.stop:  # token by token only where a stop string could end the text mid-chunk
