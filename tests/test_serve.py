@@ -8,6 +8,8 @@ one prompt bucket at a time, so the fast tests pay for the shapes they use only.
 
 import concurrent.futures
 import json
+import re
+import signal
 import subprocess
 import sys
 
@@ -241,3 +243,21 @@ def test_command_line_refuses_bad_flags_in_one_line():
                           capture_output=True, text=True)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("error: /no/such/dir")
+
+
+@pytest.mark.slow
+def test_the_command_line_serves_a_saved_model(model, tmp_path):
+  model.save(str(tmp_path / "tiny"))
+  proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(tmp_path / "tiny"),
+                           "--port", "0", "--max_batch", "2", "--api_key", "k"],
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    # The port it bound is in its "serving" line.
+    line = next(line for line in proc.stderr if "serving" in line or "error" in line)
+    url = re.search(r"http://[\d.]+:\d+", line).group(0)
+    answer = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0).completions.create(
+        model="tiny", prompt="the cat", max_tokens=4, temperature=0)
+    assert answer.usage.completion_tokens == 4 and answer.model == "tiny"
+  finally:
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax import model as M
+from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine, generate_tokens, slots
 
@@ -125,3 +126,18 @@ def test_logprobs_are_the_full_forward_log_softmax(params, slot_engine):
 def test_cache_length_outside_the_context_is_refused(params):
   with pytest.raises(ValueError, match="cache length"):
     slots.SlotEngine(TINY, params, max_batch=2, cache_len=TINY.max_seq_len + 1)
+
+
+def test_a_tensor_parallel_mesh_decodes_the_same(params, slot_engine):
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+  split = slots.SlotEngine(TINY, params, max_batch=4, steps=3, mesh=mesh)
+  assert split.params.layers[0]["attention"]["wq"].sharding.spec[1] == "tensor"  # heads split
+  assert split.init().cache[0].k.sharding.spec[1] == "tensor"  # and the cache's K/V heads with them
+  prompt = _prompts([9], seed=4)[0]
+  out = {}
+  for name, eng in (("one device", slot_engine), ("mesh", split)):
+    driver = _Driver(eng)
+    driver.admit("a", prompt, slot=0)
+    driver.step()
+    out[name] = driver.out["a"]
+  assert out["mesh"] == out["one device"]

@@ -68,17 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = build(model, model_name=name, max_batch=args.max_batch, max_len=args.max_len,
                    decode_steps=args.decode_steps, api_key=args.api_key, warmup=args.warmup,
                    max_body_bytes=args.max_body_bytes)
-    logging.getLogger("llama_jax.serve").info(
-        "serving %r on http://%s:%d (%d slots of %d tokens%s)", name, args.host, sock.getsockname()[1],
-        args.max_batch, served.engine.cache_len, ", API key required" if args.api_key else "")
+    print(f"serving {name!r} on http://{args.host}:{sock.getsockname()[1]} ({args.max_batch} slots of "
+          f"{served.engine.cache_len} tokens{', API key required' if args.api_key else ''})",
+          file=sys.stderr, flush=True)
     try:
+      # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again.
       uvicorn.Server(uvicorn.Config(served.app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
+    except KeyboardInterrupt:
+      pass
     finally:
       served.scheduler.stop()
     return 0
 
   from llama_jax.errors import run_cli
-  return run_cli(run)
+  try:
+    return run_cli(run)
+  except KeyboardInterrupt:  # before serving started (loading, warmup)
+    return 130
 
 
 if __name__ == "__main__":
