@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     print(json.dumps(static_stage(args)))
     return 0
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-  child = subprocess.run([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--stage", "static"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+  static = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--stage", "static"]
+  child = subprocess.run(static, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
   if child.returncode:
     raise SystemExit(f"the static stage failed with code {child.returncode}")
   result = json.loads(child.stdout.strip().splitlines()[-1])
@@ -283,9 +283,9 @@ def main(argv=None) -> int:
         "static batch tokens/s | server / static (all) | (steady) |")
   print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
-    print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:,.0f} | {r['steady_tokens_per_s']:,.0f} | "
-          f"{r['ttft_p50_ms']:,.1f} | {r['ttft_p99_ms']:,.1f} | {r['static_tokens_per_s']:,.0f} | "
-          f"{r['vs_static']:.2f} | {r['steady_vs_static']:.2f} |")
+    print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:,.0f} | "
+          f"{r['steady_tokens_per_s']:,.0f} | {r['ttft_p50_ms']:,.1f} | {r['ttft_p99_ms']:,.1f} | "
+          f"{r['static_tokens_per_s']:,.0f} | {r['vs_static']:.2f} | {r['steady_vs_static']:.2f} |")
   goal = [r for r in rows if r["clients"] == 64]
   if goal:
     print(f"\ngoal (64 clients >= 0.70 of the static batch): all {goal[0]['vs_static']:.2f}, "

@@ -26,12 +26,13 @@ from llama_jax import model as M
 from llama_jax.config import ModelConfig
 from llama_jax.serve.app import create_app
 from llama_jax.serve.server import BackgroundServer, Served, build
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, chat
 
 NAME = "tiny-chat"
 CONTEXT = 64
 WORDS = "the cat sat on a mat dog ran to big small red blue tree house".split()
 SYSTEM = {"role": "system", "content": "be brief"}  # the default Vicuna system line fills the context
+TIMEOUT = 300  # seconds; a safety net for a hung server on a busy machine, not a time budget
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def server(model):
 
 @pytest.fixture(scope="module")
 def client(server):
-  return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+  return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
 
 
 def _mixed_prompts(n, seed=0):
@@ -65,28 +66,38 @@ MIXED, MIXED_LIMITS = _mixed_prompts(32)
 OFFLINE_LIMIT = 30
 
 
+def _chat_ids(model, messages):
+  return chat.get_template().encode_prompt(messages, model.tokenizer)
+
+
+CHAT = [SYSTEM, {"role": "user", "content": "the dog ran to the tree"}]
+
+
 @pytest.fixture(scope="module")
 def offline(model):
-  """prompt -> Model.generate's greedy ids for it, in one batched call at the longest limit that
-  the tests use (greedy tokens don't depend on the limit, so each test cuts its own)."""
-  prompts = MIXED + ["the cat sat on", "a big red", "the red house"]
-  rows = model.generate([model.tokenizer.encode(p) for p in prompts], max_new_tokens=OFFLINE_LIMIT)
-  return {p: row for p, row in zip(prompts, rows)}
+  """prompt ids -> Model.generate's greedy new ids for them, in one batched call at the longest
+  limit the tests use (greedy tokens don't depend on the limit, so each test cuts its own)."""
+  texts = MIXED + ["the cat sat on", "a big red", "the red house"]
+  prompts = [model.tokenizer.encode(p) for p in texts] + [_chat_ids(model, CHAT)]
+  rows = model.generate(prompts, max_new_tokens=OFFLINE_LIMIT)
+  return {tuple(p): row[len(p):] for p, row in zip(prompts, rows)}
 
 
-def _answer(model, offline, prompt, limit):
-  """(text, completion tokens) of `prompt`'s offline answer cut at `limit` tokens or its EOS."""
+def _answer(model, offline, prompt, limit, continues_prompt=True):
+  """(text, completion tokens) of a prompt's offline answer, cut at `limit` tokens or its EOS: the
+  text a completion continues its prompt with (Model.generate's), or a chat answer alone."""
   tok = model.tokenizer
-  ids = tok.encode(prompt)
-  new = offline[prompt][len(ids):][:limit]
+  ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+  new = offline[tuple(ids)][:limit]
   if any(t in tok.eos_ids for t in new):
     new = new[:next(i for i, t in enumerate(new) if t in tok.eos_ids) + 1]
-  return tok.decode_continuation(ids, [t for t in new if t not in tok.eos_ids]), len(new)
+  text = [t for t in new if t not in tok.eos_ids]
+  return (tok.decode_continuation(ids, text) if continues_prompt else tok.decode(text)), len(new)
 
 
 def test_models_and_health(client, server):
   assert [m.id for m in client.models.list().data] == [NAME]
-  health = httpx.get(server.url + "/health").json()
+  health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
   assert health["status"] == "ok" and health["slots"] == 8
 
 
@@ -121,14 +132,15 @@ def test_32_concurrent_clients_each_get_their_offline_answer(client, model, serv
   assert after["finished"] - before["finished"] == 32 and after["live"] == 0
 
 
-def test_streamed_chunks_concatenate_to_the_answer(client):
-  messages = [SYSTEM, {"role": "user", "content": "the dog ran to the tree"}]
-  whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
-  chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=20,
+def test_chat_answers_equal_generate_streamed_or_not(client, model, offline):
+  expected = _answer(model, offline, _chat_ids(model, CHAT), 20, continues_prompt=False)
+  whole = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=20, temperature=0)
+  chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=20,
                                                temperature=0, stream=True,
                                                stream_options={"include_usage": True}))
+  assert (whole.choices[0].message.content, whole.usage.completion_tokens) == expected
   assert chunks[0].choices[0].delta.role == "assistant"
-  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[0]
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
   assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
@@ -153,7 +165,7 @@ def test_seeded_sampling_equals_generate_with_that_seed(client, model):
   assert answers == {offline}
 
 
-def test_logprobs_are_the_chosen_tokens(client):
+def test_logprobs_are_the_chosen_tokens_streamed_or_not(client):
   answer = client.chat.completions.create(
       model=NAME, messages=[SYSTEM, {"role": "user", "content": "big blue"}], max_tokens=6,
       temperature=0, logprobs=True, top_logprobs=3)
@@ -162,6 +174,12 @@ def test_logprobs_are_the_chosen_tokens(client):
   for entry in content:
     assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
     assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the best one
+  ask = dict(model=NAME, prompt="the small dog", max_tokens=9, temperature=0, logprobs=2)
+  whole = client.completions.create(**ask).choices[0].logprobs
+  chunks = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True)]
+  assert [t for c in chunks for t in c.tokens] == whole.tokens and len(whole.tokens) == 9
+  assert [o for c in chunks for o in c.text_offset] == whole.text_offset
+  assert whole.text_offset == list(np.cumsum([0] + [len(t) for t in whole.tokens[:-1]]))
 
 
 @pytest.mark.parametrize("body, param", [
@@ -181,13 +199,15 @@ def test_logprobs_are_the_chosen_tokens(client):
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, param):
   route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
   content = body if isinstance(body, str) else json.dumps(body)
-  response = httpx.post(server.url + route, content=content, headers={"Content-Type": "application/json"})
+  response = httpx.post(server.url + route, content=content, headers={"Content-Type": "application/json"},
+                        timeout=TIMEOUT)
   assert response.status_code == 400, response.text
   error = response.json()["error"]
   assert error["type"] == "invalid_request_error" and error["message"]
   if param is not None:
     assert error["param"] == param
-  ok = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "the cat", "max_tokens": 2})
+  ok = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "the cat", "max_tokens": 2},
+                  timeout=TIMEOUT)
   assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
@@ -206,11 +226,11 @@ def test_a_wrong_api_key_gets_401(server, model):
   try:
     for key in ("wrong", None):
       headers = {"Authorization": f"Bearer {key}"} if key else {}
-      response = httpx.get(keyed.url + "/v1/models", headers=headers)
+      response = httpx.get(keyed.url + "/v1/models", headers=headers, timeout=TIMEOUT)
       assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
-      openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
-    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sesame", max_retries=0)
+      openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT).models.list()
+    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)
     assert good.completions.create(model=NAME, prompt="the cat", max_tokens=3).usage.completion_tokens == 3
   finally:
     keyed.uvicorn.should_exit = True
@@ -224,7 +244,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
   scheduler.pause()  # no decode steps: the request stays live after its first token
   try:
     body = {"model": NAME, "prompt": "the cat", "max_tokens": 40, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as response:
       lines = response.iter_lines()  # held: a dropped line iterator closes the connection
       first = next(line for line in lines if line.startswith("data: "))
       assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
@@ -255,8 +275,8 @@ def test_the_command_line_serves_a_saved_model(model, tmp_path):
     # The port it bound is in its "serving" line.
     line = next(line for line in proc.stderr if "serving" in line or "error" in line)
     url = re.search(r"http://[\d.]+:\d+", line).group(0)
-    answer = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0).completions.create(
-        model="tiny", prompt="the cat", max_tokens=4, temperature=0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=TIMEOUT)
+    answer = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0)
     assert answer.usage.completion_tokens == 4 and answer.model == "tiny"
   finally:
     proc.send_signal(signal.SIGINT)

@@ -192,7 +192,8 @@ class SlotEngine:
                steps: int = 8, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
     cache_len = cache_len or cfg.max_seq_len
     if not 0 < cache_len <= cfg.max_seq_len:
-      raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), got {cache_len}")
+      raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), "
+                       f"got {cache_len}")
     if max_batch < 1 or steps < 1:
       raise ValueError(f"max_batch and steps must be >= 1, got {max_batch} and {steps}")
     self.cfg = cfg

@@ -19,12 +19,14 @@ from typing import Sequence
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m llama_jax.serve", description=__doc__.splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="model directory, training workdir, HF or Meta directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="model directory, training workdir, Hugging Face or Meta directory")
   p.add_argument("--tokenizer", help="tokenizer model (default: the checkpoint's own)")
   p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--max_batch", type=int, default=64, help="requests decoded together (KV-cache slots)")
-  p.add_argument("--max_len", type=int, help="tokens per slot, prompt and answer (default: the model's context)")
+  p.add_argument("--max_len", type=int,
+                 help="tokens per slot, prompt and answer together (default: the model's context)")
   p.add_argument("--decode_steps", type=int, default=8, help="decode steps per device call")
   p.add_argument("--api_key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                  help="require 'Authorization: Bearer KEY' on /v1 (default: $LLAMA_JAX_API_KEY)")

@@ -79,8 +79,8 @@ class _Guard:
 
 async def _send_json(send, status: int, body: dict) -> None:
   data = json.dumps(body).encode()
-  await send({"type": "http.response.start", "status": status,
-              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+  headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+  await send({"type": "http.response.start", "status": status, "headers": headers})
   await send({"type": "http.response.body", "body": data})
 
 
@@ -123,11 +123,13 @@ class Server:
     return asked
 
   def make_requests(self, body: P._Sampling, prompts: list[list[int]], limits: list[int],
-                    logprobs: int | None, emit: Callable[[int, Output], None]) -> list[Request]:
+                    logprobs: int | None, emit: Callable[[int, Output], None],
+                    continues_prompt: bool = True) -> list[Request]:
     stops = body.stop_strings()
     return [Request(prompt=p, max_tokens=m, emit=lambda out, i=i: emit(i, out),
                     temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                    seed=body.seed, stop=tuple(stops), logprobs=logprobs, ignore_eos=body.ignore_eos)
+                    seed=body.seed, stop=tuple(stops), logprobs=logprobs, ignore_eos=body.ignore_eos,
+                    continues_prompt=continues_prompt)
             for i, (p, m) in enumerate(zip(prompts, limits))]
 
   def encode_prompts(self, body: P.CompletionRequest) -> list[list[int]]:
@@ -144,53 +146,34 @@ class Server:
 
   # --- outputs back
 
-  def token_text(self, context: int | None, token: int) -> tuple[str, bytes]:
-    """One token's own text, as it reads after the token before it (its leading space kept), and
-    its bytes: a byte-fallback piece (<0xE2>) is that byte, though alone it is no character."""
-    if token in self.scheduler.eos_ids:
-      return "", b""
-    piece = self.tokenizer.id_to_piece(token) if hasattr(self.tokenizer, "id_to_piece") else ""
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-      raw = bytes([int(piece[3:5], 16)])
-      return raw.decode("utf-8", errors="replace"), raw
-    text = self.tokenizer.decode_continuation([] if context is None else [context], [token])
-    return text, text.encode("utf-8")
+  @staticmethod
+  def completion_logprobs(logprobs) -> dict:
+    return {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{alt.text: alt.logprob for alt in lp.top} for lp in logprobs],
+            "text_offset": [lp.offset for lp in logprobs]}
 
-  def completion_logprobs(self, prompt: list[int], logprobs) -> dict:
-    tokens, values, tops, offsets, offset = [], [], [], [], 0
-    context = prompt[-1] if prompt else None
-    for lp in logprobs:
-      text, _ = self.token_text(context, lp.token)
-      tokens.append(text)
-      values.append(lp.logprob)
-      tops.append({self.token_text(context, t)[0]: v for t, v in lp.top})
-      offsets.append(offset)
-      offset += len(text)
-      context = lp.token
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-  def chat_logprobs(self, prompt: list[int], logprobs) -> dict:
-    def entry(context, token, logprob):
-      text, raw = self.token_text(context, token)
-      return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-    content, context = [], (prompt[-1] if prompt else None)
-    for lp in logprobs:
-      content.append(dict(entry(context, lp.token, lp.logprob),
-                          top_logprobs=[entry(context, t, v) for t, v in lp.top]))
-      context = lp.token
-    return {"content": content}
+  @staticmethod
+  def chat_logprobs(logprobs) -> dict:
+    entry = lambda lp: {"token": lp.text, "logprob": lp.logprob, "bytes": list(lp.raw)}
+    return {"content": [dict(entry(lp), top_logprobs=[entry(alt) for alt in lp.top]) for lp in logprobs]}
 
 
 class _Run:
   """One HTTP call's requests in the scheduler, their outputs arriving on an asyncio queue."""
 
   def __init__(self, server: Server, make: Callable[[Callable[[int, Output], None]], list[Request]]):
-    loop = asyncio.get_running_loop()
+    self.loop = asyncio.get_running_loop()
     self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
     self.server = server
-    self.requests = make(lambda i, out: loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)))
+    self.requests = make(self._put)
     self.open = len(self.requests)
+
+  def _put(self, i: int, out: Output) -> None:
+    """On the scheduler's thread."""
+    try:
+      self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+    except RuntimeError:  # the event loop is closed: the server is stopping, nobody is listening
+      self.server.scheduler.cancel(self.requests[i])
 
   def start(self) -> "_Run":
     for r in self.requests:
@@ -315,7 +298,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
     limits = [server.token_limit(p, body.max_tokens if body.max_tokens is not None else 16) for p in prompts]
     run = _Run(server, lambda emit: server.make_requests(body, prompts, limits, body.logprobs, emit)).start()
     id_, created = P.new_id("cmpl"), P.now()
-    logprobs_of = lambda i, lps: (server.completion_logprobs(prompts[i], lps) if body.logprobs is not None else None)
+    logprobs_of = lambda i, lps: server.completion_logprobs(lps) if body.logprobs is not None else None
     if body.stream:
       totals = [0, 0]
 
@@ -352,9 +335,10 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
       raise P.InvalidRequest(str(e), "messages") from None
     limit = server.token_limit(prompt, body.token_limit())
     top = (body.top_logprobs or 0) if body.logprobs else None
-    run = _Run(server, lambda emit: server.make_requests(body, [prompt], [limit], top, emit)).start()
+    run = _Run(server, lambda emit: server.make_requests(body, [prompt], [limit], top, emit,
+                                                         continues_prompt=False)).start()
     id_, created = P.new_id("chatcmpl"), P.now()
-    logprobs_of = lambda lps: server.chat_logprobs(prompt, lps) if body.logprobs else None
+    logprobs_of = lambda lps: server.chat_logprobs(lps) if body.logprobs else None
     if body.stream:
       totals = [0, 0]
       head = [P.chat_chunk(id_, created, model_name, [
@@ -383,8 +367,9 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
     if answers is None:
       return JSONResponse(P.error_body("client disconnected"), status_code=499)
     (text, lps, out), = answers
-    return P.chat_completion(id_, created, model_name, [P.chat_choice(0, text, out.finish_reason, logprobs_of(lps))],
-                             P.usage(out.prompt_tokens, out.completion_tokens))
+    choice = P.chat_choice(0, text, out.finish_reason, logprobs_of(lps))
+    usage = P.usage(out.prompt_tokens, out.completion_tokens)
+    return P.chat_completion(id_, created, model_name, [choice], usage)
 
   return _Guard(app, api_key, max_body_bytes)
 

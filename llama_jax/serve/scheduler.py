@@ -38,8 +38,23 @@ _WAKE = object()  # put in the inbox to make an idle loop look again (cancel, re
 @dataclasses.dataclass
 class TokenLogprob:
   token: int
+  text: str  # the token's own text, as it reads after the token before it
+  raw: bytes  # its bytes; a byte-fallback piece (<0xE2>) is that byte, though alone no character
   logprob: float
-  top: list[tuple[int, float]]  # the most likely tokens at this step, best first
+  offset: int = 0  # characters of the answer's token texts before it
+  top: list["TokenLogprob"] = dataclasses.field(default_factory=list)  # the likeliest, best first
+
+
+def token_text(tokenizer, eos_ids: frozenset[int], context: int | None, token: int) -> tuple[str, bytes]:
+  """(text, bytes) of one token after `context` (the token before it, None at the start)."""
+  if token in eos_ids:
+    return "", b""
+  piece = tokenizer.id_to_piece(token) if hasattr(tokenizer, "id_to_piece") else ""
+  if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    raw = bytes([int(piece[3:5], 16)])
+    return raw.decode("utf-8", errors="replace"), raw
+  text = tokenizer.decode_continuation([] if context is None else [context], [token])
+  return text, text.encode("utf-8")
 
 
 @dataclasses.dataclass
@@ -69,6 +84,9 @@ class Request:
   stop: Sequence[str] = ()
   logprobs: int | None = None  # alternatives per token (0..20); None: no log-probabilities
   ignore_eos: bool = False  # go on to max_tokens past EOS ids (benchmarks)
+  # A chat answer is text of its own (no space before its first word); a completion continues
+  # its prompt's text (the space kept, as `Model.generate` returns it).
+  continues_prompt: bool = True
   cancelled: bool = False  # set by `Scheduler.cancel` from any thread
 
 
@@ -77,8 +95,10 @@ class _Live:
 
   def __init__(self, request: Request, slot: int, tokenizer, eos_ids: frozenset[int]):
     self.request, self.slot = request, slot
-    self.streamer = TextStreamer(tokenizer, lambda _: None, eos_ids, request.prompt)
-    self.eos_ids = eos_ids
+    context = request.prompt if request.continues_prompt else []
+    self.streamer = TextStreamer(tokenizer, lambda _: None, eos_ids, context)
+    self.last_token = context[-1] if context else None  # for each token's own text (logprobs)
+    self.text_offset = 0
     self.count = 0  # tokens counted towards completion_tokens
     self.emitted = 0  # characters of streamer.text already sent
     self.final_len: int | None = None  # where the text ends, once a stop string is found
@@ -266,14 +286,23 @@ class Scheduler:
         live.finish_reason = "stop"
     token_logprobs = None
     if request.logprobs is not None:
-      token_logprobs = [
-          TokenLogprob(token, float(logprobs[t]),
-                       [] if top is None else list(zip(top[0][t, :request.logprobs].tolist(),
-                                                       top[1][t, :request.logprobs].tolist())))
-          for t, token in enumerate(counted)]
+      token_logprobs = [self._token_logprob(live, t, token, logprobs, top) for t, token in enumerate(counted)]
     self._emit(live, counted, token_logprobs)
     if live.done:
       self._free(live)
+
+  def _token_logprob(self, live: _Live, t: int, token: int, logprobs, top) -> TokenLogprob:
+    context = live.last_token
+    entry = TokenLogprob(token, *token_text(self.tokenizer, self.eos_ids, context, token),
+                         float(logprobs[t]), live.text_offset)
+    if top is not None:
+      n = live.request.logprobs
+      for alt, value in zip(top[0][t, :n].tolist(), top[1][t, :n].tolist()):
+        entry.top.append(TokenLogprob(alt, *token_text(self.tokenizer, self.eos_ids, context, alt), value,
+                                      live.text_offset))
+    live.last_token = token
+    live.text_offset += len(entry.text)
+    return entry
 
   def _stop_found(self, live: _Live) -> bool:
     text, stops = live.streamer.text, live.request.stop
