@@ -10,6 +10,7 @@ import concurrent.futures
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -281,3 +282,20 @@ def test_the_command_line_serves_a_saved_model(model, tmp_path):
   finally:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0
+
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_its_slot(server):
+  scheduler = server.served.scheduler
+  before = scheduler.stats()
+  scheduler.pause()
+  try:
+    body = json.dumps({"model": NAME, "prompt": "the cat", "max_tokens": 40}).encode()
+    with socket.create_connection((server.host, server.port)) as conn:
+      conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+      assert scheduler.wait_until(lambda s: s["admitted"] > before["admitted"], timeout=TIMEOUT)
+    assert scheduler.wait_until(lambda s: s["cancel_calls"] > before["cancel_calls"], timeout=TIMEOUT)
+  finally:
+    scheduler.resume()
+  assert scheduler.wait_until(lambda s: s["live"] == 0, timeout=TIMEOUT)
+  assert scheduler.stats()["cancelled"] == before["cancelled"] + 1

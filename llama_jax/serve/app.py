@@ -122,7 +122,7 @@ class Server:
           "context_length_exceeded")
     return asked
 
-  def make_requests(self, body: P._Sampling, prompts: list[list[int]], limits: list[int],
+  def make_requests(self, body: P.GenerationRequest, prompts: list[list[int]], limits: list[int],
                     logprobs: int | None, emit: Callable[[int, Output], None],
                     continues_prompt: bool = True) -> list[Request]:
     stops = body.stop_strings()
@@ -166,7 +166,7 @@ class _Run:
     self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
     self.server = server
     self.requests = make(self._put)
-    self.open = len(self.requests)
+    self.finished: set[int] = set()
 
   def _put(self, i: int, out: Output) -> None:
     """On the scheduler's thread."""
@@ -176,20 +176,22 @@ class _Run:
       self.server.scheduler.cancel(self.requests[i])
 
   def start(self) -> "_Run":
+    """Hands the requests to the scheduler; from here on, they must be cancelled if unwanted."""
     for r in self.requests:
       self.server.scheduler.submit(r)
     return self
 
   async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
-    while self.open:
+    while len(self.finished) < len(self.requests):
       i, out = await self.queue.get()
       if out.finish_reason is not None:
-        self.open -= 1
+        self.finished.add(i)
       yield i, out
 
   def cancel(self) -> None:
-    for r in self.requests:
-      self.server.scheduler.cancel(r)
+    for i, r in enumerate(self.requests):
+      if i not in self.finished:
+        self.server.scheduler.cancel(r)
 
   async def collect(self) -> list[tuple[str, list, Output]]:
     """(text, logprobs, last output) per request."""
@@ -213,7 +215,7 @@ async def _until_disconnected(request: HttpRequest) -> None:
 
 async def _collect_unless_gone(run: _Run, request: HttpRequest):
   """The whole answer, or None if the client leaves first (then its requests are cancelled)."""
-  answer = asyncio.ensure_future(run.collect())
+  answer = asyncio.ensure_future(run.start().collect())
   gone = asyncio.ensure_future(_until_disconnected(request))
   try:
     await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -229,7 +231,8 @@ def _stream(run: _Run, chunks: Callable[[int, Output], list[dict]], head: list[d
             tail: Callable[[], list[dict]]) -> StreamingResponse:
   async def events():
     finished = False
-    try:
+    try:  # submitted here, so that the `finally` below sees every request that was
+      run.start()
       for body in head:
         yield _sse(body)
       async for i, out in run.outputs():
@@ -296,7 +299,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
     body.check()
     prompts = server.encode_prompts(body)
     limits = [server.token_limit(p, body.max_tokens if body.max_tokens is not None else 16) for p in prompts]
-    run = _Run(server, lambda emit: server.make_requests(body, prompts, limits, body.logprobs, emit)).start()
+    run = _Run(server, lambda emit: server.make_requests(body, prompts, limits, body.logprobs, emit))
     id_, created = P.new_id("cmpl"), P.now()
     logprobs_of = lambda i, lps: server.completion_logprobs(lps) if body.logprobs is not None else None
     if body.stream:
@@ -336,7 +339,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
     limit = server.token_limit(prompt, body.token_limit())
     top = (body.top_logprobs or 0) if body.logprobs else None
     run = _Run(server, lambda emit: server.make_requests(body, [prompt], [limit], top, emit,
-                                                         continues_prompt=False)).start()
+                                                         continues_prompt=False))
     id_, created = P.new_id("chatcmpl"), P.now()
     logprobs_of = lambda lps: server.chat_logprobs(lps) if body.logprobs else None
     if body.stream:

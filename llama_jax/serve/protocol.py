@@ -42,8 +42,8 @@ class StreamOptions(BaseModel):
   include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-  """What completions and chat share."""
+class GenerationRequest(BaseModel):
+  """The fields completions and chat share."""
   model_config = ConfigDict(extra="ignore")
   model: str
   max_tokens: int | None = None
@@ -88,7 +88,7 @@ class _Sampling(BaseModel):
     return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationRequest):
   prompt: Union[str, list[str], list[int], list[list[int]]]
   max_tokens: int | None = 16
   logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -136,7 +136,7 @@ class ChatMessage(BaseModel):
     return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(GenerationRequest):
   messages: list[ChatMessage]
   max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
   logprobs: bool = False
