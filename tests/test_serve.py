@@ -34,6 +34,8 @@ CONTEXT = 64
 WORDS = "the cat sat on a mat dog ran to big small red blue tree house".split()
 SYSTEM = {"role": "system", "content": "be brief"}  # the default Vicuna system line fills the context
 TIMEOUT = 300  # seconds; a safety net for a hung server on a busy machine, not a time budget
+# A request that runs to its max_tokens whatever is drawn (the default temperature is OpenAI's 1).
+ENDLESS = {"model": NAME, "prompt": "the cat", "max_tokens": 40, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +209,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, par
   assert error["type"] == "invalid_request_error" and error["message"]
   if param is not None:
     assert error["param"] == param
-  ok = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "the cat", "max_tokens": 2},
-                  timeout=TIMEOUT)
+  ok = httpx.post(server.url + "/v1/completions", json=dict(ENDLESS, max_tokens=2), timeout=TIMEOUT)
   assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
@@ -232,7 +233,8 @@ def test_a_wrong_api_key_gets_401(server, model):
     with pytest.raises(openai.AuthenticationError):
       openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT).models.list()
     good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)
-    assert good.completions.create(model=NAME, prompt="the cat", max_tokens=3).usage.completion_tokens == 3
+    answer = good.completions.create(model=NAME, prompt="the cat", max_tokens=3, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 3
   finally:
     keyed.uvicorn.should_exit = True
     keyed.thread.join()
@@ -244,7 +246,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
   before = scheduler.stats()
   scheduler.pause()  # no decode steps: the request stays live after its first token
   try:
-    body = {"model": NAME, "prompt": "the cat", "max_tokens": 40, "stream": True}
+    body = dict(ENDLESS, stream=True)
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as response:
       lines = response.iter_lines()  # held: a dropped line iterator closes the connection
       first = next(line for line in lines if line.startswith("data: "))
@@ -289,7 +291,7 @@ def test_a_client_that_leaves_before_its_whole_answer_frees_its_slot(server):
   before = scheduler.stats()
   scheduler.pause()
   try:
-    body = json.dumps({"model": NAME, "prompt": "the cat", "max_tokens": 40}).encode()
+    body = json.dumps(ENDLESS).encode()
     with socket.create_connection((server.host, server.port)) as conn:
       conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
