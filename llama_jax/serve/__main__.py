@@ -52,19 +52,24 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.tokenizer and not os.path.isfile(args.tokenizer):
       raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
-    import uvicorn
+    try:
+      import fastapi  # noqa: F401
+      import uvicorn
+    except ImportError as e:
+      raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'llama_jax[serve]'") from None
 
     import llama_jax
     from llama_jax.convert.source import open_source
     from llama_jax.serve.server import build, listen
-    # The mesh is made from the config alone; the weights then load straight into their shards.
-    mesh = make_mesh(args, open_source(args.checkpoint).config)
+    # The checks and the mesh need the config alone; then the weights load straight into their shards.
+    config = open_source(args.checkpoint).config
+    if args.max_len is not None and not 0 < args.max_len <= config.max_seq_len:
+      raise UsageError(f"--max_len must be in [1, {config.max_seq_len}] (the model's context), "
+                       f"got {args.max_len}")
+    mesh = make_mesh(args, config)
     model = llama_jax.load(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
     if model.tokenizer is None:
       raise UsageError(f"{args.checkpoint} has no tokenizer; pass --tokenizer")
-    if args.max_len is not None and not 0 < args.max_len <= model.config.max_seq_len:
-      raise UsageError(f"--max_len must be in [1, {model.config.max_seq_len}] (the model's context), "
-                       f"got {args.max_len}")
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     sock = listen(args.host, args.port)  # a taken port fails here, before the long warmup
     served = build(model, model_name=name, max_batch=args.max_batch, max_len=args.max_len,
