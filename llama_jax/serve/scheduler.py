@@ -2,14 +2,17 @@
 request has produced so far. Plain Python on one thread, with a queue in and callbacks out.
 
 JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
-generate and detokenize threads: each round dispatches a `generate` call (JAX returns at once), then,
-while the device runs it, reads the previous round's tokens, finishes requests (EOS, `max_tokens`,
-a stop string, a cancel) and admits waiting ones into the slots that freed up (prefill + insert,
-queued on the device behind the running step). So the device always has the next step queued while
-the host turns tokens into text, and a new request's prefill runs between two decode calls of the
-others (a bounded number of prompt tokens per round, so the running streams never stall for long).
-A slot freed by the host has already been given one more call's worth of steps; those tokens are
-dropped (JetStream accepts the same).
+generate and detokenize threads. Each round
+  1. admits waiting requests into free slots (prefill + insert, queued on the device behind the
+     running call; a bounded number of prompt tokens per round, so the others never stall long),
+  2. dispatches a `generate` call for the live slots (JAX returns at once),
+  3. while the device runs it, reads what was dispatched before (the previous call's tokens, the
+     new requests' first tokens), turns tokens into text and ends requests: EOS, `max_tokens`, a
+     stop string, a cancel.
+So the device always has the next call queued while the host works. A request whose last token is
+already in flight gives its slot up before the next call; one that ends otherwise (EOS, a stop
+string, a cancel) has been given one more call's steps by the time the host knows, and those tokens
+are dropped (JetStream accepts the same).
 
 Text: each request has a `TextStreamer` (incremental detokenization) and a stop-string check that
 holds back any tail that could still become a stop string, so the deltas it emits concatenate to
@@ -99,7 +102,8 @@ class _Live:
     self.streamer = TextStreamer(tokenizer, lambda _: None, eos_ids, context)
     self.last_token = context[-1] if context else None  # for each token's own text (logprobs)
     self.text_offset = 0
-    self.count = 0  # tokens counted towards completion_tokens
+    self.dispatched = 1  # tokens asked of the device so far (the first comes with the prefill)
+    self.count = 0  # tokens read and counted towards completion_tokens
     self.emitted = 0  # characters of streamer.text already sent
     self.final_len: int | None = None  # where the text ends, once a stop string is found
     self.finish_reason: str | None = None
@@ -213,27 +217,37 @@ class Scheduler:
 
   def _round(self) -> None:
     for live in self._owners:
-      if live is not None and live.request.cancelled:
+      if live is None:
+        continue
+      if live.request.cancelled:
         self._free(live, cancelled=True)
+      elif live.dispatched >= live.request.max_tokens:
+        # Its last token is already being made: the slot is free for the next request now, and
+        # the tokens in flight are still read (they are the call's outputs, not the slot's).
+        self._owners[live.slot] = None
+    self._admit()
     live = [(s, o) for s, o in enumerate(self._owners) if o is not None]
+    dispatched = []
     if self._running.is_set() and live:
       wants_top = any(o.request.logprobs for _, o in live)
       k = slot_engine.max_top_logprobs(self.engine.cfg) if wants_top else 0
       rows = self.engine.rows_for(live[-1][0] + 1)
       self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k)
+      for _, o in live:
+        o.dispatched += self.engine.steps
       dispatched = [(live, step)]
-    else:
-      dispatched = []
-    # The device runs the step just dispatched while the host reads what came before it.
-    for entry in self._inflight:
+    # The device runs the step just dispatched while the host reads what came before it (the
+    # previous step, and the first tokens of the requests just admitted).
+    pending, self._inflight = self._inflight, dispatched
+    for entry in pending:
       self._read(entry)
-    self._inflight = dispatched
-    self._admit()
 
   def _admit(self) -> None:
+    """Waiting requests into free slots, lowest first; while others decode, no more than the
+    round's prompt-token budget (they wait for these prefills)."""
     budget = self.prefill_tokens_per_round
-    live = any(o is not None for o in self._owners)
-    while self._waiting and None in self._owners and (budget > 0 or not live):
+    decoding = any(o is not None for o in self._owners)
+    while self._waiting and None in self._owners and (budget > 0 or not decoding):
       request = self._waiting.pop(0)
       if request.cancelled:
         self._bump("cancelled")
@@ -243,14 +257,17 @@ class Scheduler:
       prefix = self.engine.prefill(request.prompt, slot_engine.row_key(seed),
                                    (request.temperature, request.top_k, request.top_p))
       self._state = self.engine.insert(prefix, self._state, slot)
-      live = self._owners[slot] = _Live(request, slot, self.tokenizer, self.eos_ids)
-      self._inflight.append(([(0, live)], prefix.drawn))
+      self._owners[slot] = _Live(request, slot, self.tokenizer, self.eos_ids)
+      self._inflight.append(([(0, self._owners[slot])], prefix.drawn))
       budget -= len(request.prompt)
       self._bump("admitted")
 
   def _read(self, entry) -> None:
     rows, drawn = entry
-    rows = [(r, live) for r, live in rows if not live.done and self._owners[live.slot] is live]
+    for _, live in rows:
+      if live.request.cancelled and not live.done:
+        self._free(live, cancelled=True)
+    rows = [(r, live) for r, live in rows if not live.done]
     if not rows:
       return
     tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)  # waits for the device
@@ -346,7 +363,7 @@ class Scheduler:
       request.cancelled = True
 
   def _free(self, live: _Live, cancelled: bool = False) -> None:
-    if self._owners[live.slot] is live:
+    if self._owners[live.slot] is live:  # (a request at its token limit gave its slot up already)
       self._owners[live.slot] = None
     if live.finish_reason is None:
       live.finish_reason = "cancelled"
