@@ -160,6 +160,7 @@ def test_stop_strings_cut_the_text_streamed_or_not(client, model, offline):
   assert "".join(c.choices[0].text for c in streamed) == cut
 
 
+@pytest.mark.slow
 def test_seeded_sampling_equals_generate_with_that_seed(client, model):
   settings = dict(temperature=0.9, top_p=0.8)
   offline = model.generate(["a small cat"], max_new_tokens=15, seed=1234, **settings)[0]
@@ -168,6 +169,7 @@ def test_seeded_sampling_equals_generate_with_that_seed(client, model):
   assert answers == {offline}
 
 
+@pytest.mark.slow
 def test_logprobs_are_the_chosen_tokens_streamed_or_not(client):
   answer = client.chat.completions.create(
       model=NAME, messages=[SYSTEM, {"role": "user", "content": "big blue"}], max_tokens=6,

@@ -128,6 +128,7 @@ def test_cache_length_outside_the_context_is_refused(params):
     slots.SlotEngine(TINY, params, max_batch=2, cache_len=TINY.max_seq_len + 1)
 
 
+@pytest.mark.slow
 def test_a_tensor_parallel_mesh_decodes_the_same(params, slot_engine):
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
   split = slots.SlotEngine(TINY, params, max_batch=4, steps=3, mesh=mesh)
