@@ -142,3 +142,17 @@ def test_a_tensor_parallel_mesh_decodes_the_same(params, slot_engine):
     driver.step()
     out[name] = driver.out["a"]
   assert out["mesh"] == out["one device"]
+
+
+@pytest.mark.slow
+def test_warmup_compiles_every_shape_a_request_can_take(slot_engine):
+  slot_engine.warmup()
+  before = dict(engine.TRACE_COUNTS)
+  driver = _Driver(slot_engine)
+  for slot, n in enumerate([1, 17, 40, TINY.max_seq_len]):  # every prompt bucket
+    driver.admit(str(slot), _prompts([n], seed=n)[0], slot=slot, sampling=SAMPLED)
+  state = driver.state
+  for rows in slot_engine.row_buckets:
+    state, _ = slot_engine.generate(state, rows=rows)
+  slot_engine.generate(state, top_logprobs=slots.MAX_TOP_LOGPROBS)
+  assert dict(engine.TRACE_COUNTS) == before
