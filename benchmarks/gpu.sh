@@ -7,6 +7,7 @@
 #   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
+#   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
@@ -63,6 +64,8 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done ;;
+serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients beside static batches
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;
 hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
   cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;

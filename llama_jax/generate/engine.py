@@ -110,7 +110,8 @@ def prepare_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None,
   return _cast_and_split(params, jnp.dtype(cfg.dtype).name, fuse)
 
 
-def _context(mesh: Mesh | None, rules):
+def mesh_context(mesh: Mesh | None, rules):
+  """The model's activation constraints bound to `mesh` (by `rules`) while tracing; nothing off a mesh."""
   if mesh is None:
     import contextlib
     return contextlib.nullcontext()
@@ -144,7 +145,7 @@ def logits_of(cfg: ModelConfig, params: EngineParams, x: Array) -> Array:
   return M.Transformer(cfg).apply({"params": params.top}, x, method="norm_head")
 
 
-def _row_keys(keys: Array, index: Array) -> Array:
+def row_keys(keys: Array, index: Array) -> Array:
   # Folding in the token's index (not splitting a carried key) makes a token's randomness depend
   # only on the seed, its row and its index: chunked (streamed) and one-shot decoding agree.
   return jax.vmap(jax.random.fold_in)(keys, index)
@@ -164,7 +165,7 @@ def prefill(cfg: ModelConfig, params: EngineParams, tokens: Array, prompt_length
   row's first new token (drawn from the logits at its last prompt position)."""
   TRACE_COUNTS["prefill"] += 1
   b, p = tokens.shape
-  with _context(mesh, rules):
+  with mesh_context(mesh, rules):
     cache = init_cache(cfg, b, cache_len)
     if mesh is not None:
       cache = shard_cache(cache, mesh, rules)
@@ -173,7 +174,7 @@ def prefill(cfg: ModelConfig, params: EngineParams, tokens: Array, prompt_length
     # Only each row's last prompt position needs the (large) output head.
     last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
     logits = logits_of(cfg, params, last)[:, 0]  # (B, V)
-  first = sample(logits, _row_keys(keys, jnp.zeros((b,), jnp.int32)), sampling)
+  first = sample(logits, row_keys(keys, jnp.zeros((b,), jnp.int32)), sampling)
   valid = limits > 0
   new_tokens = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(jnp.where(valid, first, 0))
   lengths = valid.astype(jnp.int32)
@@ -202,10 +203,10 @@ def decode(cfg: ModelConfig, params: EngineParams, state: DecodeState, until: Ar
     # The last token sits at prompt_length + length - 1; finished rows are clamped inside the
     # cache (what they compute is thrown away).
     pos = jnp.minimum(s.prompt_lengths + s.lengths - 1, cache_len - 1)
-    with _context(mesh, rules):
+    with mesh_context(mesh, rules):
       x, cache = forward(cfg, params, last[:, None], pos[:, None], s.cache)
       logits = logits_of(cfg, params, x)[:, 0]  # (B, V)
-    new = sample(logits, _row_keys(s.keys, s.lengths), s.sampling)
+    new = sample(logits, row_keys(s.keys, s.lengths), s.sampling)
     active = ~s.done
     at = jnp.minimum(s.lengths, budget - 1)
     tokens = s.tokens.at[rows, at].set(jnp.where(active, new, s.tokens[rows, at]))
