@@ -9,20 +9,9 @@ answers (and the `</s>` ending each) is masked out of the loss. Here the templat
 the model's own Jinja template when its tokenizer has one, else vicuna_v1.1), and its `encode` gives
 the ids and the answer mask.
 
-Record formats (one JSON object per line of a .jsonl / .jsonl.gz / .jsonl.zst file):
-  sharegpt: {"conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}, as
-            FastChat's ShareGPT/Vicuna data; "user"/"assistant" are accepted as roles, "role" /
-            "content" as keys, and "messages" as the list's name (the OpenAI chat layout).
-  alpaca:   {"instruction": str, "input": str (optional), "output": str}, Stanford Alpaca's data.
-            The user turn is the instruction, followed by "\\n\\n" and the input when the input is
-            not blank; the output is the answer. (Alpaca's own "### Instruction:" prompt is not
-            used: the chat template is, so an Alpaca-tuned model chats like a ShareGPT-tuned one.)
-
-A record is bad, and skipped and counted with its file and line (or a DataError under
-`data.on_bad_record = "error"`), when it is not JSON, has no conversation list, a turn has an
-unknown role, an empty text or a system message after the first, the first turn after the system
-is the assistant's, or the user and the assistant do not alternate. A trailing user turn with no
-answer is dropped (nothing to learn from it); a record left with no answer is bad.
+Records are ShareGPT or Alpaca conversations (`llama_jax.data.conversations` reads and checks
+them). A bad record is skipped and counted with its file and line (or a DataError under
+`data.on_bad_record = "error"`).
 
 Length. A window holds seq_len + 1 tokens (inputs and shifted targets). FastChat truncates a
 conversation at the model's length; here, as the issue asks, a longer conversation is split at
