@@ -1,4 +1,7 @@
-"""Pretrain or fine-tune: python train.py --config configs/tiny.py --workdir runs/tiny [--config.x=...]"""
+"""Pretrain, fine-tune or align: python train.py --config configs/tiny.py --workdir runs/tiny [--config.x=...]
+
+config.recipe says what is trained: "lm" (default), "reward", "dpo" or "ppo" (llama_jax.align).
+"""
 
 import sys
 
@@ -15,8 +18,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from llama_jax.align import get_recipe  # config.recipe -> what the loop trains
   from llama_jax.train import TrainingError, train_and_evaluate
-  run_cli(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value), expected=(TrainingError,))
+  config = _CONFIG.value
+  run_cli(lambda: train_and_evaluate(config, _WORKDIR.value, get_recipe(config)), expected=(TrainingError,))
 
 
 def parse_flags(argv):

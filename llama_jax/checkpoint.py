@@ -105,8 +105,18 @@ def is_own_checkpoint(path: str) -> bool:
 
 
 def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> Any:
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(params_dir, abstract_params(config, shardings))
+  """The model's parameters. A tree saved with heads beside the model's parameters (a PPO policy's
+  value head, llama_jax.align) gives the model's part."""
+  return restore_tree(params_dir, abstract_params(config, shardings), partial=True)
+
+
+def restore_tree(params_dir: str, target: Any, partial: bool = False) -> Any:
+  """A saved parameter tree as `target`'s ShapeDtypeStructs say (shapes, dtypes, shardings);
+  `partial`: `target` may be a part of what was saved."""
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial))
 
 
 def restore_host_leaves(params_dir: str, config: ModelConfig,

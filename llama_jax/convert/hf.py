@@ -1,4 +1,5 @@
-"""Hugging Face `LlamaForCausalLM` checkpoints in and out.
+"""Hugging Face `LlamaForCausalLM` checkpoints in and out (and reward models out, as
+`LlamaForSequenceClassification`).
 
 Reads a directory with `config.json` and weights as safetensors (one file, or shards named by
 `model.safetensors.index.json`) or PyTorch `pytorch_model*.bin` (read with
@@ -203,16 +204,27 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Writes config.json and model.safetensors (or shards with model.safetensors.index.json when
   larger than `max_shard_bytes`), one tensor at a time; copies tokenizer.model along.
-  dtype: of the written weights, default the parameters' own."""
+  dtype: of the written weights, default the parameters' own.
+
+  A reward model's tree (a `score` head (dim,) instead of `output`, llama_jax.align) is written as
+  LlamaForSequenceClassification with one label: transformers reads the score at each row's last
+  token that is not `pad_token_id`, which is set to a piece text never encodes to (the tokenizer's
+  pad piece, else <unk>, which byte fallback never emits), so that the answer's final EOS is read,
+  as llama_jax reads it."""
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   if dtype is None:
     dtype = np.dtype(layout.get(params, ("tok_embeddings",)).dtype).name
   out_dtype = layout.np_dtype(dtype)
+  reward_model = "score" in params
+  backbone = config.replace(tie_embeddings=True) if reward_model else config  # no lm_head to write
   produce, specs = {}, []
-  for e, value in layout.export_stream(config, params):
+  for e, value in layout.export_stream(backbone, params):
     produce[e.name] = value
     specs.append((e.name, e.shape, out_dtype))
+  if reward_model:
+    produce["score.weight"] = lambda: np.asarray(params["score"])[None, :]
+    specs.append(("score.weight", (1, config.dim), out_dtype))
 
   # Shards in writing order, each under the limit unless one tensor alone is larger.
   shards, size = [[]], 0
@@ -235,12 +247,18 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-  bos, eos = 1, 2
+  bos, eos, pad = 1, 2, 0
   if tokenizer_path:
     from llama_jax.tokenizer import Tokenizer
     tok = Tokenizer(tokenizer_path)
     bos, eos = tok.bos_id, tok.eos_id
+    pad = tok.pad_id if tok.pad_id != tok.eos_id else tok.sp.unk_id()
     if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(directory, TOKENIZER)):
       shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+  hf_config = config_to_hf(config, out_dtype.name, bos, eos)
+  if reward_model:
+    hf_config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                     id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad,
+                     tie_word_embeddings=False)
   with open(os.path.join(directory, CONFIG), "w") as f:
-    json.dump(config_to_hf(config, out_dtype.name, bos, eos), f, indent=2)
+    json.dump(hf_config, f, indent=2)

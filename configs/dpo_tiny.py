@@ -1,0 +1,17 @@
+"""The alignment demo's DPO step: the SFT model of `configs/letters_sft_tiny.py` tuned on the letters
+task's preference pairs, its reference frozen.
+
+  python train.py --config configs/dpo_tiny.py --workdir runs/letters_dpo
+  python -m llama_jax.align check --model runs/letters_dpo
+"""
+
+from configs import dpo, reward_tiny
+
+
+def get_config():
+  config = reward_tiny.get_config()
+  config.recipe = "dpo"
+  config.dpo = dpo.get_config().dpo
+  config.num_steps = 100
+  config.optimizer.lr = 5e-4
+  return config
