@@ -18,6 +18,7 @@ def get_config():
   config.dpo = ml_collections.ConfigDict()
   config.dpo.beta = 0.1  # the KL strength: implicit rewards are beta * log(pi / pi_ref)
   config.dpo.loss = "sigmoid"  # "sigmoid" (DPO) or "ipo" (Azar et al. 2023)
+  config.dpo.nll_coef = 0.0  # weight of the chosen answers' NLL per token (Llama 3: 0.2); 0: plain DPO
 
   config.optimizer.lr = 5e-7
   config.optimizer.warmup_ratio = 0.1

@@ -26,6 +26,7 @@ def get_config():
   config.optimizer.lr = 3e-4
   config.ppo.prompt_len = 56
   config.ppo.max_new_tokens = 8
+  config.ppo.kl_coef = 0.2  # the tiny reward model's scores span about ±8
   config.data.sources = ml_collections.ConfigDict(dict(prompts=source("demo:letters_prompts", 1.0)))
   config.data.holdout_every = 10
   return config

@@ -16,11 +16,11 @@ def get_config():
   config.model = letters_tiny.get_config().model
   config.data.vocab_size = config.model.get_ref("vocab_size")
   config.init_from = "runs/letters_sft"
-  config.num_steps = 150
+  config.num_steps = 400
   config.batch_size = 32
   config.seq_len = 64
   config.log_every = 10
-  config.eval_every = 50
+  config.eval_every = 100
   config.checkpoint_every = 0
   config.optimizer.lr = 1e-3
   config.optimizer.warmup_ratio = 0.1

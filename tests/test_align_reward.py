@@ -9,7 +9,7 @@ import pytest
 from conftest import train_word_tokenizer
 from llama_jax.align import load_reward_model
 from llama_jax.align.heads import reward_params
-from llama_jax.align.reward import RewardModel
+from llama_jax import checkpoint
 from llama_jax.config import ModelConfig
 from llama_jax.tokenizer import Tokenizer, chat
 
@@ -22,7 +22,7 @@ def reward_model(tmp_path_factory):
                     max_seq_len=256)
   params = nn.unbox(reward_params(cfg, jax.random.key(0)))
   params["score"] = jax.random.normal(jax.random.key(1), (cfg.dim,))  # a trained head is not zero
-  RewardModel(cfg, params, tok).save(str(root / "saved"))
+  checkpoint.save_model(str(root / "saved"), cfg, params, tok.path)
   return load_reward_model(root / "saved"), root
 
 
@@ -45,7 +45,6 @@ def test_loads_and_scores_text_and_conversations(reward_model):
 
 
 def test_a_language_model_is_not_a_reward_model(tmp_path, reward_model):
-  from llama_jax import checkpoint
   from llama_jax.model import init_params
   rm, _ = reward_model
   checkpoint.save_model(str(tmp_path / "lm"), rm.config, nn.unbox(init_params(rm.config, jax.random.key(0))))

@@ -38,6 +38,7 @@ from llama_jax.data import pipeline
 from llama_jax.data.conversations import parse_turns
 from llama_jax.data.errors import DataError
 from llama_jax.data.mixture import Mixture
+from llama_jax.data.packing import Packer
 from llama_jax.data.records import JSONL, BadRecord, parse_json_line
 from llama_jax.data.sft import leading_space
 from llama_jax.data.sources import SourceStream
@@ -207,28 +208,14 @@ class Rows:
     return None if example is None else (example,)
 
 
-class Batcher:
-  """Batches of `rows` examples from the mixture, each field right-padded to its length (the
-  interface of `data.packing.Packer`, so `data.pipeline.DataIterator` runs it)."""
+class Batcher(Packer):
+  """A Packer whose rows are whole examples, each field right-padded to `length` (its state,
+  token counts and `keep` are the Packer's, so `data.pipeline.DataIterator` runs it)."""
 
   def __init__(self, mixture: Mixture, rows: int, fields: tuple[str, ...], length: int, pad_id: int,
                keep: slice = slice(None)):
-    self.mixture, self.rows, self.fields, self.length, self.pad_id = mixture, rows, fields, length, pad_id
-    self.keep = keep
-    self.emitted = np.zeros(len(mixture.names), np.int64)  # tokens put into batches, per source
-    self.finished = False
-
-  def get_state(self) -> dict[str, Any]:
-    return {"mixture": self.mixture.get_state(), "finished": self.finished,
-            "emitted": {n: int(t) for n, t in zip(self.mixture.names, self.emitted)}}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self.mixture.set_state(state["mixture"])
-    self.finished = bool(state["finished"])
-    self.emitted[:] = [state["emitted"][n] for n in self.mixture.names]
-
-  def source_tokens(self) -> dict[str, int]:
-    return {n: int(t) for n, t in zip(self.mixture.names, self.emitted)}
+    super().__init__(mixture, rows, length, document_attention=False, keep=keep)
+    self.fields, self.length, self.pad_id = fields, length, pad_id
 
   def next_batch(self) -> dict[str, np.ndarray] | None:
     if self.finished:

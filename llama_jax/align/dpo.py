@@ -4,11 +4,14 @@ The policy starts from `init_from` and the reference is that same model, frozen:
 copy of its parameters, never in the optimiser state. Each step runs the policy (forward and
 backward) and the reference (forward only) over the batch's chosen and rejected sequences,
 interleaved into one (2B, T) batch, sums each sequence's log-probabilities over its response tokens
-and takes `losses.dpo_loss` (`dpo.loss`: "sigmoid", or IPO's "ipo") with `dpo.beta`.
+and takes `losses.dpo_loss` (`dpo.loss`: "sigmoid", or IPO's "ipo") with `dpo.beta`. With
+`dpo.nll_coef` > 0 the chosen answers' negative log-likelihood per token is added with that weight
+(Llama 3, Dubey et al. 2024, §4.1.4: 0.2; TRL's `rpo_alpha`), which keeps the chosen answers likely
+while the rejected ones are pushed down.
 
 Metrics (means over pairs): dpo/loss, dpo/accuracy (the chosen reward above the rejected),
-dpo/margin, dpo/rewards_chosen, dpo/rewards_rejected (the implicit rewards β log π/π_ref), and the
-same on held-out pairs under eval/.
+dpo/margin, dpo/rewards_chosen, dpo/rewards_rejected (the implicit rewards β log π/π_ref), dpo/nll
+(the chosen answers' negative log-likelihood per token), and the same on held-out pairs under eval/.
 """
 
 from __future__ import annotations
@@ -46,10 +49,15 @@ class DPO(recipe.PairsRecipe):
     ref = jax.lax.stop_gradient(sequence_logps(model_cfg, reference, tokens, mask)).reshape(-1, 2)
     loss, chosen, rejected = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
                                       float(config.dpo.beta), config.dpo.loss)
+    chosen_tokens = jnp.maximum(jnp.sum(mask.reshape(-1, 2, mask.shape[1])[:, 0, 1:], axis=1), 1.0)
+    nll = -policy[:, 0] / chosen_tokens
     sums = {"dpo/loss": loss, "dpo/accuracy": (chosen > rejected).astype(jnp.float32),
-            "dpo/margin": chosen - rejected, "dpo/rewards_chosen": chosen, "dpo/rewards_rejected": rejected}
+            "dpo/margin": chosen - rejected, "dpo/rewards_chosen": chosen, "dpo/rewards_rejected": rejected,
+            "dpo/nll": nll}
     sums = {k: jnp.sum(v * valid) for k, v in sums.items()}
-    return sums["dpo/loss"], jnp.sum(valid), sums
+    nll_coef = float(config.dpo.get("nll_coef", 0.0))
+    total = sums["dpo/loss"] + nll_coef * sums["dpo/nll"] if nll_coef else sums["dpo/loss"]
+    return total, jnp.sum(valid), sums
 
   def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
     """2B sequences of T tokens; the policy's forward and backward (6N per token) and the

@@ -104,7 +104,7 @@ def response_outputs(cfg: ModelConfig, params, tokens: Array, index: Array, targ
 
 
 def _zeros(shape, axes, dtype):
-  return nn.Partitioned(jnp.zeros(shape, dtype), names=axes)
+  return nn.LogicallyPartitioned(jnp.zeros(shape, dtype), names=axes)
 
 
 def reward_params(cfg: ModelConfig, rng: Array):

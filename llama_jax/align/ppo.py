@@ -145,28 +145,16 @@ class PPO(loop.LanguageModel):
     if rm_cfg.max_seq_len < p.prompt_len + p.max_new_tokens:
       raise ConfigError(f"ppo.reward_model {p.reward_model}: its max_seq_len ({rm_cfg.max_seq_len}) is "
                         f"shorter than ppo.prompt_len + ppo.max_new_tokens")
-    rm_sharding = jax.tree.map(lambda x: x.sharding, rm.params)
     frozen = {"reference": recipe.frozen_copy(model_cfg, model_part(reference.params), ref_sharding),
-              "reward": recipe.frozen_copy(rm_cfg, rm.params, rm_sharding)}
+              "reward": recipe.frozen_copy(rm_cfg, rm.params)}
     tokenizer = reference.tokenizer
     del reference, rm
     rollout = Rollout(config, model_cfg, rm_cfg, mesh, rules, run, frozen, tokenizer)
     return dataclasses.replace(run, step=rollout.step, eval=rollout.evaluate)
 
   def evaluate(self, config, run: loop.Training, params, tokenizer) -> dict:
-    sums, count = {}, 0.0
-    it = self.make_iterator(config, tokenizer, "eval")
-    for _ in range(int(config.data.eval_batches)):
-      try:
-        local = next(it)
-      except StopIteration:
-        break
-      batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in local.items()}
-      n, batch_sums = jax.device_get(run.eval(params, batch))
-      count += float(n)
-      for k, v in batch_sums.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: v / count for k, v in sums.items()} if count else {}
+    return recipe.eval_means(config, run, lambda batch: run.eval(params, batch),
+                             self.make_iterator(config, tokenizer, "eval"))
 
 
 class Rollout:
@@ -257,7 +245,7 @@ class Rollout:
 
   def step(self, state, batch):
     """One rollout batch and `epochs` x `minibatches` updates; state.step counts rollouts."""
-    step = state.step
+    step = jnp.copy(state.step)  # the updates donate the state, its step with it
     prompt, lengths, response, response_lengths, valid = self.generate(
         state.params, batch["prompt"], batch["prompt_mask"], step, greedy=False)
     experience, count, sums = self.experience(state.params, self.frozen, prompt, lengths, response,

@@ -26,19 +26,17 @@ from llama_jax.train import loop
 from llama_jax.train.step import gradient_step
 
 
-def frozen_copy(cfg: ModelConfig, params: Any, shardings: Any) -> Any:
-  """A copy of `params` placed by `shardings`, the model's matrices in the compute dtype (heads and
-  norms as they are): a frozen model never shares buffers with a trained one, whose state the
-  step donates."""
+def frozen_copy(cfg: ModelConfig, params: Any, shardings: Any = None) -> Any:
+  """A copy of `params` placed by `shardings` (default: where they lie), the model's matrices in
+  the compute dtype (heads and norms as they are): a frozen model never shares buffers with a
+  trained one, whose state the step donates."""
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+
   def cast(path, x):
     top = getattr(path[0], "key", None)
     return x.astype(cfg.dtype) if top in MODEL_KEYS and x.ndim >= 2 else x.copy()
   return jax.jit(lambda p: jax.tree_util.tree_map_with_path(cast, p), out_shardings=shardings)(params)
-
-
-def frozen_shardings(params: Any, shardings: Any) -> Any:
-  """The shardings of `frozen_copy(params)` (the trained parameters' own)."""
-  return jax.tree.map(lambda _, s: s, params, shardings)
 
 
 def require(config, field: str, why: str) -> str:
@@ -92,22 +90,27 @@ class PairsRecipe(loop.LanguageModel):
                                eval=lambda params, batch: evaluate(params, batch, frozen))
 
   def evaluate(self, config, run: loop.Training, params, tokenizer) -> dict:
-    """The objective's metrics over the held-out pairs (`data.eval_batches` batches), as eval/..."""
-    total_count, sums = 0.0, {}
-    it = self.make_iterator(config, tokenizer, "eval")
-    for _ in range(int(config.data.eval_batches)):
-      try:
-        local = next(it)
-      except StopIteration:
-        break
-      batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in local.items()}
-      _, count, batch_sums = jax.device_get(run.eval(params, batch))
-      total_count += float(count)
-      for k, v in batch_sums.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    if not total_count:
-      return {}
-    return {"eval/" + k.split("/", 1)[1]: v / total_count for k, v in sums.items()}
+    """The objective's metrics over the held-out pairs, as eval/..."""
+    means = eval_means(config, run, lambda batch: run.eval(params, batch)[1:],
+                       self.make_iterator(config, tokenizer, "eval"))
+    return {"eval/" + k.split("/", 1)[1]: v for k, v in means.items()}
+
+
+def eval_means(config, run: loop.Training, fn, it) -> dict:
+  """Means of the sums `fn(global batch) -> (count, {name: sum})` over `data.eval_batches` batches
+  of the held-out iterator `it`."""
+  total, sums = 0.0, {}
+  for _ in range(int(config.data.eval_batches)):
+    try:
+      local = next(it)
+    except StopIteration:
+      break
+    batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in local.items()}
+    count, batch_sums = jax.device_get(fn(batch))
+    total += float(count)
+    for k, v in batch_sums.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {k: v / total for k, v in sums.items()} if total else {}
 
 
 def pair_rows(batch: dict) -> tuple[Any, Any, Any]:

@@ -115,10 +115,6 @@ class RewardModel:
         sequences.append(chat.encode(list(item), self.tokenizer)[0])
     return self.score_tokens(sequences)
 
-  def save(self, directory: str) -> None:
-    checkpoint.save_model(directory, self.config, self.params,
-                          self.tokenizer.path if self.tokenizer else None)
-
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
     """config.json and safetensors of a transformers.LlamaForSequenceClassification (one label)."""
     from llama_jax.convert import hf
@@ -141,7 +137,7 @@ def abstract_reward_params(cfg: ModelConfig, mesh: Mesh | None = None, rules=sha
 
 def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_overrides) -> RewardModel:
   """A trained reward model: a reward run's workdir (its latest step), one of its step directories,
-  or a saved RewardModel. With a `mesh`, straight into its shards (by `rules`)."""
+  or a directory `checkpoint.save_model` wrote. With a `mesh`, straight into its shards (by `rules`)."""
   rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
   params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
   try:

@@ -10,26 +10,28 @@ request asks for.
 Sources (`data.source("demo:letters_prefs", ...)`), written once into the cache directory like
 `sft_demo`'s (no download):
   letters_text     plain text for pretraining: the words in their three forms, and chats whose
-         answers take a random form
+                   answers take a random form
   letters_chat     ShareGPT conversations: the requests answered in a random one of the three
-         forms (SFT data of mixed quality: a model tuned on it follows about a third)
-  letters_prefs    preference records {"prompt", "chosen", "rejected"}: the word in the requested
-         form against the same word in another form
+                   forms (SFT data of mixed quality: a model tuned on it follows about a third)
+  letters_prefs    preference records {"prompt", "chosen", "rejected"}: a word of the kind in the
+                   requested form against the same word in another form (3 in 5), a word of
+                   another kind or a cut-off word in the requested form (1 in 5 each), so that a
+                   reward model learns what a valid answer is, not only its letter case
   letters_prompts  prompt records {"prompt"} for PPO
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
 from llama_jax.data import corpus
 from llama_jax.data.conversations import plain_text
 from llama_jax.data.errors import DataError
+from llama_jax.data.records import write_jsonl_once
 
 NAMES = ("letters_text", "letters_chat", "letters_prefs", "letters_prompts")
-VERSION = 1  # part of the file names: bump when what is written changes
+VERSION = 2  # part of the file names: bump when what is written changes
 
 KINDS = {
   "fruit": ("apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum"),
@@ -85,6 +87,17 @@ def _answer(rng: random.Random, kind: str, form: str | None = None) -> str:
   return FORMS[form or rng.choice(sorted(FORMS))](word)
 
 
+def _rejected(rng: random.Random, word: str, kind: str, form: str) -> str:
+  """An answer that does not follow the request."""
+  draw = rng.random()
+  if draw < 0.6:
+    return FORMS[rng.choice([f for f in sorted(FORMS) if FORMS[f](word) != FORMS[form](word)])](word)
+  if draw < 0.8:
+    return FORMS[form](rng.choice(KINDS[rng.choice([k for k in sorted(KINDS) if k != kind])]))
+  cuts = [word[:n] for n in range(1, len(word)) if word[:n] not in KINDS[kind]]
+  return FORMS[form](rng.choice(cuts))
+
+
 def records(name: str, seed: int = 0, n: int = 4000) -> list[dict]:
   rng = random.Random(f"{name}-{seed}")
   out = []
@@ -94,8 +107,7 @@ def records(name: str, seed: int = 0, n: int = 4000) -> list[dict]:
       out.append({"prompt": prompt})
     elif name == "letters_prefs":
       word = rng.choice(KINDS[kind])
-      other = rng.choice([f for f in sorted(FORMS) if FORMS[f](word) != FORMS[form](word)])
-      out.append({"prompt": prompt, "chosen": FORMS[form](word), "rejected": FORMS[other](word)})
+      out.append({"prompt": prompt, "chosen": FORMS[form](word), "rejected": _rejected(rng, word, kind, form)})
     elif name == "letters_chat":
       out.append({"conversations": [{"from": "human", "value": prompt},
                      {"from": "gpt", "value": _answer(rng, kind)}]})
@@ -114,12 +126,4 @@ def resolve(name: str, cache_dir: str = "") -> str:
   if name not in NAMES:
     raise DataError(f"no demo source 'demo:{name}'")
   directory = os.path.join(os.path.expanduser(cache_dir or corpus.default_cache_dir()), "preference_demo")
-  path = os.path.join(directory, f"{name}-v{VERSION}.jsonl")
-  if not os.path.isfile(path):
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for record in records(name):
-        f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-  return path
+  return write_jsonl_once(os.path.join(directory, f"{name}-v{VERSION}.jsonl"), lambda: records(name))

@@ -253,8 +253,8 @@ def train_and_evaluate(config, workdir: str, recipe=None) -> dict:
       state = run.init(jax.random.key(config.seed))
       start_step = 0
     evaluate = functools.partial(recipe.evaluate, config, run, tokenizer=tokenizer)
-    return _loop(config, workdir, model_cfg, state, start_step, run.step, evaluate, train_iter,
-                 tokenizer, manager, run.batch_sharding, mesh, recipe)
+    return _loop(config, workdir, model_cfg, state, start_step, run.step, evaluate, train_iter, manager,
+                 run.batch_sharding, mesh, recipe)
 
 
 def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
@@ -303,8 +303,8 @@ def _source_tokens(train_iter) -> dict:
   return total
 
 
-def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train_iter, tokenizer,
-          manager, batch_sharding, mesh, recipe) -> dict:
+def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train_iter, manager,
+          batch_sharding, mesh, recipe) -> dict:
   from tqdm import tqdm
 
   is_main = jax.process_index() == 0
