@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import train_word_tokenizer
-from llama_jax.align import load_reward_model
+from llama_jax import load_reward_model  # the public API
 from llama_jax.align.heads import reward_params
 from llama_jax import checkpoint
 from llama_jax.config import ModelConfig

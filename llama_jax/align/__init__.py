@@ -9,9 +9,9 @@
   reward    the reward-model recipe; `load_reward_model`, scoring text, the Hugging Face export
   dpo       the DPO recipe (frozen reference = the init_from model)
   ppo       the PPO recipe: rollouts by the generation engine, scoring, GAE, clipped updates
-  demo      a preference task a program checks (answers in the requested letter case), its data
-            and the share of preferred answers a model gives
-  __main__  `python -m llama_jax.align demo|check|export`
+  demo      the letters demo's measure: the share of a model's greedy answers in the requested
+            form (the task and its data: `data.preference_demo`)
+  __main__  `python -m llama_jax.align check|export`
 """
 
 from __future__ import annotations
