@@ -45,6 +45,9 @@ from llama_jax.data.sources import SourceStream
 from llama_jax.tokenizer import chat
 
 PAIR_FIELDS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
+# Records are rendered and encoded one at a time, so a large chunk gains nothing; a small one keeps
+# the first batch quick and a small repeating source from being read over and over in one chunk.
+CHUNK_CHARS = 1 << 15
 PROMPT_FIELDS = ("prompt", "prompt_mask")
 
 
@@ -262,7 +265,7 @@ def make_batcher(data_cfg, tokenizer, length: int, rows: int, seed: int, split: 
       raise DataError(f"source {s['name']}: {e}") from None
     stream = RecordStream(
         s["name"], s["files"], s["format"], s["text_field"], s["epochs"], seed, tokenizer, select,
-        process_index, process_count, int(data_cfg.chunk_chars), data_cfg.on_bad_record,
+        process_index, process_count, min(int(data_cfg.chunk_chars), CHUNK_CHARS), data_cfg.on_bad_record,
         int(data_cfg.num_threads), events,
         shard_files=pipeline.shard_files(data_cfg, len(s["files"]), process_count),
         encode=lambda obj, t=template: encode(obj, t, tokenizer, length))
