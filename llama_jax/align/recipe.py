@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from llama_jax.align import data as align_data
 from llama_jax.align.heads import MODEL_KEYS
@@ -50,7 +51,6 @@ def require(config, field: str, why: str) -> str:
 
 class PairsRecipe(loop.LanguageModel):
   """Reward model and DPO: batches of preference pairs, an objective, evaluation on held-out pairs."""
-  prefix = ""  # the metrics' namespace ("rm", "dpo")
   params_fn = staticmethod(init_params)  # boxed parameters of a random start
 
   def count_steps(self, config, tokenizer) -> int:
@@ -116,7 +116,6 @@ def eval_means(config, run: loop.Training, fn, it) -> dict:
 def pair_rows(batch: dict) -> tuple[Any, Any, Any]:
   """(tokens, response mask, valid) of a pairs batch, chosen and rejected interleaved row by row:
   (2B, T+1), (2B, T+1), (B,). Interleaving (not concatenating) keeps each device's pairs on it."""
-  import jax.numpy as jnp
   tokens = jnp.stack([batch["chosen"], batch["rejected"]], axis=1)
   mask = jnp.stack([batch["chosen_mask"], batch["rejected_mask"]], axis=1)
   b, _, t = tokens.shape
