@@ -23,13 +23,13 @@ import json
 import sys
 
 
-def _with_config(kind: str, argv: list[str]) -> None:
+def _train_or_decode(kind: str, argv: list[str]) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", "configs/tinyllama_1b.py", "Config file.", lock_config=True)
-  flags.DEFINE_integer("warmup", 3, "train, dpo: untimed steps (compilation).")
-  flags.DEFINE_integer("steps", 10, "train, dpo, ppo: timed steps (ppo: per stage).")
+  flags.DEFINE_integer("warmup", 3, "train: untimed steps (compilation).")
+  flags.DEFINE_integer("steps", 10, "train: timed steps.")
   flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
   flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
   if kind == "convert":
     from llama_jax.bench import convert
     return convert.main(rest)
-  _with_config(kind, rest)
+  _train_or_decode(kind, rest)
   return 0
 
 
