@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0  # global gradient norm
   config.optimizer.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
   config.optimizer.z_loss = 0.0  # PaLM's auxiliary log(Z)^2 loss weight; 0: off
+  config.optimizer.moments_dtype = "float32"  # Adam's moments; "bfloat16" halves the optimizer state
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = 1  # pure data parallelism (parameters replicated)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import train_word_tokenizer
+from conftest import train_word_tokenizer, write_hf_tokenizer
 from llama_jax import load_reward_model  # the public API
 from llama_jax.align.heads import reward_params
 from llama_jax import checkpoint
@@ -69,4 +69,38 @@ def test_export_scores_equal_transformers_sequence_classifier(reward_model, tmp_
     ids[r, :len(s)] = s
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != hf.config.pad_token_id)).logits
+  np.testing.assert_allclose(ours, theirs[:, 0].numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["llama3", "chatml"])
+def test_export_with_a_hugging_face_tokenizer_reads_the_answers_end(style, tmp_path):
+  """Llama 3's tokenizer has no pad or unknown token and two EOS ids; ChatML's pad token is its EOS:
+  the exported pad_token_id is none of the EOS ids, so transformers reads the score at the answer's
+  end marker, where llama_jax reads it."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  folder = write_hf_tokenizer(tmp_path / "tok", style)
+  tok = Tokenizer(str(folder))
+  cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=64)
+  params = nn.unbox(reward_params(cfg, jax.random.key(0)))
+  params["score"] = jax.random.normal(jax.random.key(1), (cfg.dim,))
+  checkpoint.save_model(str(tmp_path / "saved"), cfg, params, str(folder))
+  rm = load_reward_model(tmp_path / "saved")
+  rm.export_hf(str(tmp_path / "hf"))
+  hf = transformers.LlamaForSequenceClassification.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  pad = hf.config.pad_token_id
+  assert pad is not None and pad not in tok.eos_ids
+  conversations = [[{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog sat"}],
+                   [{"role": "user", "content": "one two three four"}, {"role": "assistant", "content": "five"}]]
+  template = chat.template_for(tok)
+  sequences = [template.encode(c, tok)[0] for c in conversations]
+  assert all(s[-1] != pad for s in sequences)
+  ours = rm.score(conversations)
+  width = max(map(len, sequences))
+  ids = np.full((len(sequences), width), pad)
+  mask = np.zeros((len(sequences), width), np.int64)
+  for r, s in enumerate(sequences):
+    ids[r, :len(s)], mask[r, :len(s)] = s, 1
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
   np.testing.assert_allclose(ours, theirs[:, 0].numpy(), atol=1e-5, rtol=1e-5)

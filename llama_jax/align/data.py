@@ -40,7 +40,6 @@ from llama_jax.data.errors import DataError
 from llama_jax.data.mixture import Mixture
 from llama_jax.data.packing import Packer
 from llama_jax.data.records import JSONL, BadRecord, parse_json_line
-from llama_jax.data.sft import leading_space
 from llama_jax.data.sources import SourceStream
 from llama_jax.tokenizer import chat
 
@@ -49,13 +48,6 @@ PAIR_FIELDS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
 # the first batch quick and a small repeating source from being read over and over in one chunk.
 CHUNK_CHARS = 1 << 15
 PROMPT_FIELDS = ("prompt", "prompt_mask")
-
-
-def chat_template(tokenizer, name: str = ""):
-  """The template a source names, or the model's own where the tokenizer layer knows it."""
-  if hasattr(chat, "template_for"):
-    return chat.template_for(tokenizer, name or None)
-  return chat.get_template(name or chat.DEFAULT_TEMPLATE)
 
 
 @dataclasses.dataclass
@@ -131,11 +123,10 @@ def _common_prefix(a: np.ndarray, b: list[int]) -> int:
 def encode_response(template, tokenizer, prompt: list[dict], answer: list[dict],
                     prompt_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
   """(ids, response mask) of prompt + answer: the mask covers the answers' tokens (their end
-  markers included) after the generation prompt, and the lone space token a first answer word may
-  start with (`sft.leading_space`)."""
+  markers included) after the generation prompt, as the template's `encode` marks them (the lone
+  space token a first answer word may start with included)."""
   ids, answer_mask = template.encode(prompt + answer, tokenizer)
   ids, answer_mask = np.asarray(ids, np.int32), np.asarray(answer_mask, bool)
-  answer_mask |= leading_space(ids, answer_mask, tokenizer)
   answer_mask[:_common_prefix(ids, prompt_ids)] = False
   return ids, answer_mask
 
@@ -260,7 +251,7 @@ def make_batcher(data_cfg, tokenizer, length: int, rows: int, seed: int, split: 
   sources, weights = {}, {}
   for s in pipeline.resolve_sources(data_cfg, split):
     try:
-      template = chat_template(tokenizer, s["template"])
+      template = chat.template_for(tokenizer, s["template"])  # "auto": the tokenizer's own
     except ValueError as e:
       raise DataError(f"source {s['name']}: {e}") from None
     stream = RecordStream(

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import itertools
 
-from llama_jax.align.data import chat_template
 from llama_jax.data import preference_demo as task
 from llama_jax.generate import generate_tokens
+from llama_jax.tokenizer import chat
 
 
 def all_requests() -> list[str]:
@@ -22,8 +22,8 @@ def all_requests() -> list[str]:
 def greedy_answers(model, prompts: list[str], template: str = "vicuna_v1.1", max_new_tokens: int = 8) -> list[str]:
   """Each prompt as one user turn, answered greedily, as text (without the EOS)."""
   tok = model.tokenizer
-  chat = chat_template(tok, template)
-  ids = [chat.encode_prompt([{"role": "user", "content": p}], tok) for p in prompts]
+  rendering = chat.template_for(tok, template)
+  ids = [rendering.encode_prompt([{"role": "user", "content": p}], tok) for p in prompts]
   new = generate_tokens(model.config, model.params, ids, max_new_tokens, eos_ids=tok.eos_ids, mesh=model.mesh,
                         rules=model.rules)
   return [tok.decode_continuation(i, [t for t in n if t not in tok.eos_ids]) for i, n in zip(ids, new)]

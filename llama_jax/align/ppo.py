@@ -114,7 +114,7 @@ class PPO(loop.LanguageModel):
     dtype = model_cfg.param_dtype
     params = dict(loaded.params, value_head={"kernel": jnp.zeros((model_cfg.dim,), dtype),
                                               "bias": jnp.zeros((), dtype)})
-    return loop.state_from_pretrained(loaded, config.init_from, model_cfg, run, params=params)
+    return loop.state_from_pretrained(loaded, run, params=params)
 
   def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
     """Sequence tokens of a rollout; no MFU (generation and updates differ too much to sum:
@@ -166,7 +166,6 @@ class Rollout:
     self.run, self.frozen, self.seed = run, frozen, int(config.seed)
     self.accum = int(config.optimizer.grad_accum_steps)
     self.updates = int(self.p.epochs) * int(self.p.minibatches)
-    self.engine_cfg = engine.engine_config(model_cfg)
     # The init model's tokenizer is the run's (the workdir inherits it); LLaMA's ids without one.
     self.eos_ids = jnp.asarray(list(tokenizer.eos_ids) if tokenizer else [2], jnp.int32)
     self.pad_id = int(tokenizer.pad_id) if tokenizer else 0
@@ -186,11 +185,11 @@ class Rollout:
     sampling = jax.tree.map(jnp.asarray, SamplingParams.make(b, temperature, int(self.p.top_k),
                                                              float(self.p.top_p)))
     keys = _row_keys(self.seed, step, b)
-    weights = engine.prepare_params(self.engine_cfg, model_part(params), self.mesh, self.rules)
-    state = engine.prefill(self.engine_cfg, weights, prompt, lengths, jnp.where(valid, n, 0), keys, sampling,
+    weights = engine.prepare_params(self.cfg, model_part(params), self.mesh, self.rules)
+    state = engine.prefill(self.cfg, weights, prompt, lengths, jnp.where(valid, n, 0), keys, sampling,
                            self.eos_ids, cache_len=prompt.shape[1] + n, budget=n, mesh=self.mesh,
                            rules=self.rules)
-    state = engine.decode(self.engine_cfg, weights, state, jnp.asarray(n, jnp.int32), mesh=self.mesh,
+    state = engine.decode(self.cfg, weights, state, jnp.asarray(n, jnp.int32), mesh=self.mesh,
                           rules=self.rules)
     return prompt, lengths, state.tokens, state.lengths, valid
 

@@ -28,11 +28,10 @@ from jax.sharding import Mesh
 
 from llama_jax import checkpoint, sharding
 from llama_jax.align import recipe
-from llama_jax.align.data import chat_template
 from llama_jax.align.heads import last_index, reward_params, rewards
 from llama_jax.align.losses import reward_loss
 from llama_jax.config import ModelConfig
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, chat
 from llama_jax.train import loop
 from llama_jax.train import metrics as metrics_lib
 
@@ -44,7 +43,7 @@ class RewardRecipe(recipe.PairsRecipe):
   def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run):
     params = {k: v for k, v in loaded.params.items() if k != "output"}
     params["score"] = jnp.zeros((model_cfg.dim,), model_cfg.param_dtype)
-    return loop.state_from_pretrained(loaded, config.init_from, model_cfg, run, params=params)
+    return loop.state_from_pretrained(loaded, run, params=params)
 
   def objective(self, config, model_cfg: ModelConfig, params, batch: dict, frozen):
     tokens, mask, valid = recipe.pair_rows(batch)
@@ -100,19 +99,20 @@ class RewardModel:
         out[start:start + len(chunk)] = np.asarray(_scores(self.config, self.params, tokens, last))
     return out
 
-  def score(self, items: Sequence[str | Sequence[dict]], template: str = "") -> np.ndarray:
+  def score(self, items: Sequence[str | Sequence[dict]], template: str = "auto") -> np.ndarray:
     """One score per item: a conversation (messages ending with the assistant's answer, rendered
-    with the chat template, as the model was trained) or a string (BOS, the text, EOS)."""
+    with the chat template `template`, as the model was trained; "auto": the model's own, else
+    vicuna_v1.1) or a string (BOS, the text, EOS)."""
     if self.tokenizer is None:
       raise ValueError("this reward model has no tokenizer: score token ids with score_tokens")
-    chat = None
+    rendering = None
     sequences = []
     for item in items:
       if isinstance(item, str):
         sequences.append(self.tokenizer.encode(item, bos=True, eos=True))
       else:
-        chat = chat or chat_template(self.tokenizer, template)
-        sequences.append(chat.encode(list(item), self.tokenizer)[0])
+        rendering = rendering or chat.template_for(self.tokenizer, template or None)
+        sequences.append(rendering.encode(list(item), self.tokenizer)[0])
     return self.score_tokens(sequences)
 
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
@@ -140,10 +140,11 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
   or a directory `checkpoint.save_model` wrote. With a `mesh`, straight into its shards (by `rules`)."""
   rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
   params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
-  try:
-    params = checkpoint.restore_tree(params_dir, abstract_reward_params(cfg, mesh, rules))
-  except ValueError as e:
-    raise ValueError(f"{path}: not a reward model (a backbone with a 'score' head): {str(e)[:300]}") from None
+  keys = checkpoint.saved_keys(params_dir)
+  if keys is not None and "score" not in keys:
+    raise ValueError(f"{path}: not a reward model (a backbone with a 'score' head); its parameters: "
+                     f"{', '.join(keys)}")
+  params = checkpoint.restore_tree(params_dir, abstract_reward_params(cfg, mesh, rules))
   if config_overrides:
     cfg = cfg.replace(**config_overrides)
   return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)

@@ -13,8 +13,11 @@
   python -m llama_jax.bench convert [...]
       time and peak memory of checkpoint conversion (`bench.convert`)
 
-`--profile_dir DIR` (train, decode) writes a jax.profiler trace; `benchmarks/profile_summary.py`
+`--profile_dir DIR` (train, decode, dpo, ppo) writes a jax.profiler trace; `benchmarks/profile_summary.py`
 summarises it. GPU tables in BENCHMARKS.md come from `benchmarks/gpu.sh`.
+
+Configs are files: a relative `--config` is found from the working directory (the default, from
+the repository's root), and a missing one is one line naming the path tried.
 """
 
 from __future__ import annotations
@@ -23,45 +26,48 @@ import json
 import sys
 
 
+DEFAULT_CONFIG = "configs/tinyllama_1b.py"
+
+
 def _train_or_decode(kind: str, argv: list[str]) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", "configs/tinyllama_1b.py", "Config file.", lock_config=True)
-  flags.DEFINE_integer("warmup", 3, "train: untimed steps (compilation).")
-  flags.DEFINE_integer("steps", 10, "train: timed steps.")
+  from llama_jax.train.cli import parse_flags
+
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.", lock_config=True)
+  flags.DEFINE_integer("warmup", 3, "train, dpo: untimed steps (compilation).")
+  flags.DEFINE_integer("steps", 10, "train, dpo, ppo: timed steps.")
   flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
   flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
   flags.DEFINE_integer("repeats", 5, "decode: timed repetitions (median).")
-  flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the run here.")
+  flags.DEFINE_bool("fuse", True, "decode: wq|wk|wv and w1|w3 as one matmul each (engine.fuse_layer).")
+  flags.DEFINE_string("profile_dir", "", "Write a jax.profiler trace of the timed region here.")
   FLAGS = flags.FLAGS
 
   def run(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
-    import contextlib
-
-    import jax
     from llama_jax.errors import run_cli
-    trace = jax.profiler.trace(FLAGS.profile_dir) if FLAGS.profile_dir else contextlib.nullcontext()
-    with trace:
-      if kind == "train":
-        from llama_jax.bench.train import bench_train
-        result = run_cli(lambda: bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps))
-      elif kind == "dpo":
-        from llama_jax.bench.dpo import bench_dpo
-        result = run_cli(lambda: bench_dpo(FLAGS.config, FLAGS.warmup, FLAGS.steps))
-      elif kind == "ppo":
-        from llama_jax.bench.ppo import bench_ppo
-        result = run_cli(lambda: bench_ppo(FLAGS.config, FLAGS.warmup, FLAGS.steps))
-      else:
-        from llama_jax.bench.decode import bench_decode
-        result = run_cli(lambda: bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len,
-                                              FLAGS.new_tokens, FLAGS.repeats))
+    if kind == "train":
+      from llama_jax.bench.train import bench_train
+      result = run_cli(lambda: bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
+    elif kind == "dpo":
+      from llama_jax.bench.dpo import bench_dpo
+      result = run_cli(lambda: bench_dpo(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
+    elif kind == "ppo":
+      from llama_jax.bench.ppo import bench_ppo
+      result = run_cli(lambda: bench_ppo(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
+    else:
+      from llama_jax.bench.decode import bench_decode
+      result = run_cli(lambda: bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len,
+                                            FLAGS.new_tokens, FLAGS.repeats, FLAGS.profile_dir,
+                                            FLAGS.fuse))
     print(json.dumps(result))
 
-  app.run(run, argv=[f"llama_jax.bench {kind}"] + argv)
+  app.run(run, argv=[f"llama_jax.bench {kind}"] + argv,
+          flags_parser=lambda args: parse_flags(args, default_config=DEFAULT_CONFIG))
 
 
 def main(argv: list[str]) -> int:

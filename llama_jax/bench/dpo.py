@@ -10,8 +10,6 @@ against the device's dense peak.
 
 from __future__ import annotations
 
-import time
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -19,7 +17,7 @@ import numpy as np
 from llama_jax import sharding
 from llama_jax.align.dpo import DPO
 from llama_jax.align.recipe import frozen_copy
-from llama_jax.bench.common import device_info
+from llama_jax.bench.common import device_info, time_steps
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
 from llama_jax.train import metrics
@@ -46,7 +44,9 @@ class RandomReference(DPO):
     return frozen_copy(model_cfg, params, shardings), shardings
 
 
-def bench_dpo(config, warmup: int, steps: int) -> dict:
+def bench_dpo(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
+  """`steps` timed steps after `warmup` untimed ones; with `profile_dir`, a jax.profiler trace of
+  the timed steps only."""
   if "dpo" not in config:
     raise ValueError("the config has no dpo block: use a DPO config (configs/dpo_tinyllama_1b.py)")
   model_cfg = ModelConfig.from_dict(config.model)
@@ -58,16 +58,7 @@ def bench_dpo(config, warmup: int, steps: int) -> dict:
   with sharding.activation_rules(mesh, config.mesh.rules):
     batch = jax.device_put(synthetic_pairs(model_cfg.vocab_size, b, t + 1, (t + 1) // 2), run.batch_sharding)
     state = run.init(jax.random.key(0))
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-      state, m = run.step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = run.step(state, batch)
-    loss = float(m["dpo/loss"])  # the host sync that ends the timed region
-    step_s = (time.perf_counter() - t0) / steps
+    state, compile_s, step_s, loss = time_steps(run.step, state, batch, warmup, steps, "dpo/loss", profile_dir)
   tokens, flops = recipe.throughput(config, model_cfg)
   peak = config.peak_flops_per_device or metrics.peak_flops(jax.devices()[0], model_cfg.dtype)
   return {"tokens_per_s": round(tokens / step_s, 1), "pairs_per_s": round(b / step_s, 2),

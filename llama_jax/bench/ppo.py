@@ -24,7 +24,7 @@ from llama_jax import sharding
 from llama_jax.align.heads import model_part, policy_params, reward_params
 from llama_jax.align.ppo import Rollout, validate as validate_ppo
 from llama_jax.align.recipe import frozen_copy
-from llama_jax.bench.common import device_info
+from llama_jax.bench.common import device_info, profiled
 from llama_jax.config import ModelConfig
 from llama_jax.train import loop, metrics
 
@@ -37,7 +37,9 @@ def _timed(fn, repeats: int):
   return out, (time.perf_counter() - t0) / repeats
 
 
-def bench_ppo(config, warmup: int, steps: int) -> dict:
+def bench_ppo(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
+  """Each stage once untimed (compilation), then `steps` timed repeats; with `profile_dir`, a
+  jax.profiler trace of the timed whole steps."""
   del warmup  # each stage is run once untimed (compilation) before its timed repeats
   if "ppo" not in config:
     raise ValueError("the config has no ppo block: use a PPO config (configs/ppo_tinyllama_1b.py)")
@@ -81,11 +83,12 @@ def bench_ppo(config, warmup: int, steps: int) -> dict:
     update_s = (time.perf_counter() - t0) / steps
     state, m = rollout.step(state, batch)  # compilation of what is left
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = rollout.step(state, batch)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t0) / steps
+    with profiled(profile_dir):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = rollout.step(state, batch)
+      jax.block_until_ready(m)
+      step_s = (time.perf_counter() - t0) / steps
   n = p.max_new_tokens
   head = 6.0 * model_cfg.dim * model_cfg.vocab_size
   update_flops = rows * (length * (metrics.flops_per_token(model_cfg, length) - head) + n * head)

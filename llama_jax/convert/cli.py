@@ -4,7 +4,8 @@
       SRC: our saved model or training workdir (its latest step), a Hugging Face LLaMA directory
       (config.json + safetensors or pytorch_model*.bin) or a Meta directory (params.json +
       consolidated.NN.pth). --to orbax (default) writes what `Model.save` writes; --to hf writes
-      config.json + safetensors for transformers. --dtype defaults to the dtype SRC is stored in.
+      config.json + generation_config.json + safetensors + the tokenizer's files for transformers.
+      --dtype defaults to the dtype SRC is stored in.
 
   Vicuna-style deltas (FastChat's apply_delta / make_delta):
   python -m llama_jax.convert --input BASE --delta DELTA --output DST
@@ -100,10 +101,11 @@ def convert(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
   args = parse_args(argv)
   from llama_jax.convert import CheckpointError
+  from llama_jax.tokenizer import TokenizerError
   start = time.perf_counter()
   try:
     convert(args)
-  except (CheckpointError, OSError) as e:
+  except (CheckpointError, TokenizerError, OSError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {args.output} ({args.to}) in {time.perf_counter() - start:.1f}s")

@@ -91,10 +91,10 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
         file_format(f, fmt)
     except DataError as e:
       raise DataError(f"{where}.{name}: {e}") from None
-    template = str(s.get("template", "") or chat.DEFAULT_TEMPLATE)
-    if fmt in CONVERSATION_FORMATS and template not in chat.TEMPLATES:
+    template = str(s.get("template", "") or chat.AUTO)
+    if fmt in CONVERSATION_FORMATS and template not in chat.NAMES:
       raise DataError(f"{where}.{name}.template: unknown chat template {template!r}; known: "
-                      + ", ".join(chat.TEMPLATES))
+                      + ", ".join(chat.NAMES))
     out.append(dict(name=name, files=files, format=fmt, text_field=str(s.get("text_field", "text")),
                     template=template, weight=weight, epochs=0 if split == "eval" else epochs))
   if not out:
@@ -129,8 +129,8 @@ def shard_files(data_cfg, n_files: int, process_count: int) -> bool:
 
 def _tokenizer(tokenizer):
   if isinstance(tokenizer, str):
-    from llama_jax.tokenizer import Tokenizer
-    return Tokenizer(tokenizer)
+    from llama_jax.tokenizer import load_tokenizer
+    return load_tokenizer(tokenizer)
   return tokenizer
 
 
@@ -154,7 +154,8 @@ def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: 
     by_files = dict(shard_files=shard_files(data_cfg, len(s["files"]), process_count))
     if s["format"] in CONVERSATION_FORMATS:
       from llama_jax.data.sft import ConversationStream
-      stream = ConversationStream(*args, **by_files, template=s["template"], max_len=seq_len + 1)
+      template = chat.template_for(tokenizer, s["template"])  # "auto": the tokenizer's own
+      stream = ConversationStream(*args, **by_files, template=template, max_len=seq_len + 1)
       windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id, split_docs=False)
     else:
       stream = SourceStream(*args, **by_files)

@@ -22,7 +22,6 @@ import os
 import zlib
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 
 from llama_jax.data.errors import DataError
 

@@ -1,8 +1,13 @@
 """The training loop: `train_and_evaluate(config, workdir, recipe)`.
 
 One jitted `train_step` over a `data x fsdp x tensor` mesh; sharded initialisation; Orbax
-checkpoints that resume exactly (parameters, optimiser state, step and data-iterator state);
-SIGTERM/SIGINT save and exit; metrics to `workdir/metrics.jsonl` and TensorBoard.
+checkpoints that resume exactly (parameters, optimiser state, step and data-iterator state), from
+the newest checkpoint that reads; SIGTERM/SIGINT save and exit; metrics to `workdir/metrics.jsonl`
+and TensorBoard.
+
+A run holds its workdir alone (`workdir.hold`) and checks everything (the config against the
+workdir's model, init_from, the tokenizer, the data's first batch) before it writes a byte there,
+so a refused run leaves the workdir as it found it.
 
 What is trained is a recipe (`config.recipe`): `LanguageModel` here (pretraining and SFT, the
 default "lm"); `llama_jax.align` has "reward", "dpo" and "ppo". A recipe supplies the state's
@@ -13,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import shutil
 import signal
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -29,8 +36,9 @@ from llama_jax import checkpoint, data, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
 from llama_jax.sharding import ConfigError
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from llama_jax.train import metrics as metrics_lib
+from llama_jax.train import workdir as workdir_lib
 from llama_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama_jax.train.step import TrainState, eval_step, make_train_step
 
@@ -42,15 +50,17 @@ class TrainingError(RuntimeError):
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save before exiting.
+  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save before exiting; says so at once.
 
-  LLAMA_JAX_PREEMPT_AT_STEP=N sends this process a SIGTERM after step N: a preemption at a known
-  step, through the real handler, for tests and for rehearsing a cluster's preemption handling."""
+  LLAMA_JAX_PREEMPT_AT_STEP=N sends this process a signal after step N (LLAMA_JAX_PREEMPT_SIGNAL,
+  default SIGTERM; SIGINT is a Ctrl-C, SIGKILL a crash): a preemption at a known step, through the
+  real handler, for tests and for rehearsing a cluster's preemption handling."""
 
   def __init__(self):
     self.signum = 0
     self._previous = {}
     self._preempt_at = int(os.environ.get("LLAMA_JAX_PREEMPT_AT_STEP") or 0)
+    self._preempt_with = signal.Signals[os.environ.get("LLAMA_JAX_PREEMPT_SIGNAL") or "SIGTERM"]
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -61,7 +71,12 @@ class _StopSignal:
     if self.signum:  # a second signal: give up on saving
       signal.signal(signum, self._previous[signum])
       os.kill(os.getpid(), signum)
+      return
     self.signum = signum
+    if jax.process_index() == 0:  # now, not at the end of the step: a silence invites a second one
+      name = signal.Signals(signum).name
+      os.write(2, f"\ninterrupted ({name}): saving a checkpoint after this step, then exiting; interrupt "
+                  "again to exit at once without saving\n".encode())
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -69,7 +84,7 @@ class _StopSignal:
 
   def requested(self, step: int, sync_every: int) -> bool:
     if step == self._preempt_at:
-      signal.raise_signal(signal.SIGTERM)
+      signal.raise_signal(self._preempt_with)
     if jax.process_count() == 1:
       return bool(self.signum)
     if step % sync_every:  # agreeing across hosts is a collective: not every step
@@ -102,25 +117,48 @@ def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig) -> str:
-  """Tokenizer into the workdir (trained on first use), model config and run config beside it."""
-  tok_dest = os.path.join(workdir, checkpoint.TOKENIZER)
+def _tokenizer_source(config, workdir: str) -> str:
+  """Where the run's tokenizer is read from (nothing is written to the workdir yet): the workdir's
+  own; on first use data.tokenizer if set, else the init_from checkpoint's (so fine-tuning keeps its
+  vocabulary, chat template and EOS ids), else one trained on the sources (cached outside the
+  workdir). Process 0 decides; every process gets its path."""
+  source = None
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.path.isfile(tok_dest):
-      inherited = os.path.join(config.init_from, checkpoint.TOKENIZER) if config.init_from else ""
-      if not config.data.tokenizer and os.path.isfile(inherited):
-        source = inherited  # fine-tuning keeps the checkpoint's vocabulary
-      else:
-        source = data.ensure_tokenizer(config.data, workdir)
-      if os.path.abspath(source) != os.path.abspath(tok_dest):
-        shutil.copyfile(source, tok_dest + ".tmp")
-        os.replace(tok_dest + ".tmp", tok_dest)
-    checkpoint.write_model_config(workdir, model_cfg)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    source = workdir
+    if not has_tokenizer(workdir):
+      source = None
+      if config.init_from and not config.data.tokenizer:
+        from llama_jax.convert.source import open_source
+        source = open_source(config.init_from).tokenizer_path
+      source = source or data.ensure_tokenizer(config.data, workdir)
+  source = checkpoint.gather_json(source)[0]
+  if not os.path.exists(source):
+    raise ConfigError(f"the tokenizer {source} is not visible on process {jax.process_index()}: give "
+                      "data.tokenizer (or data.cache_dir) a path that every host sees")
+  return source
+
+
+def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+  """After every check: the tokenizer, the model config and the run config into the workdir, each
+  written whole, and only where it changed (re-running a finished run rewrites nothing)."""
+  if jax.process_index() == 0:
+    if os.path.abspath(tokenizer.folder) != os.path.abspath(workdir):
+      _save_tokenizer(tokenizer, workdir)
+    workdir_lib.write_if_changed(os.path.join(workdir, checkpoint.MODEL_CONFIG),
+                                 checkpoint.model_config_json(model_cfg))
+    workdir_lib.write_if_changed(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   multihost_utils.sync_global_devices("workdir ready")
-  return tok_dest
+
+
+def _save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
+  """Written beside, then moved in with the tokenizer's own file last: a workdir that has that
+  file has the rest (a run killed mid-write starts over)."""
+  tmp = os.path.join(workdir, "tokenizer.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tokenizer.save(tmp)
+  for name in sorted(os.listdir(tmp), key=lambda n: n in ("tokenizer.json", checkpoint.TOKENIZER)):
+    os.replace(os.path.join(tmp, name), os.path.join(workdir, name))
+  os.rmdir(tmp)
 
 
 @dataclasses.dataclass
@@ -194,7 +232,7 @@ class LanguageModel:
     return load(config.init_from, mesh=mesh, rules=rules)
 
   def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run: Training) -> TrainState:
-    return state_from_pretrained(loaded, config.init_from, model_cfg, run)
+    return state_from_pretrained(loaded, run)
 
   def evaluate(self, config, run: Training, params, tokenizer) -> dict:
     return _evaluate(config, self, run.eval, params, tokenizer, run.batch_sharding)
@@ -218,43 +256,63 @@ def train_and_evaluate(config, workdir: str, recipe=None) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   rules = sharding.as_rules(config.mesh.rules)
   validate(config, model_cfg, mesh)
+  workdir_lib.check_path(workdir)
 
-  tokenizer = Tokenizer(_prepare_workdir(config, workdir, model_cfg))
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                      f"{model_cfg.vocab_size}")
+  with workdir_lib.hold(workdir, jax.process_index() == 0, checkpoint.gather_json):
+    resuming = bool(checkpoint.checkpoint_steps(workdir))
+    if resuming:
+      workdir_lib.check_same_model(workdir, model_cfg)
+    elif config.init_from:
+      _check_init_from(config.init_from, model_cfg)
+    tokenizer = load_tokenizer(_tokenizer_source(config, workdir))
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
+                        f"{model_cfg.vocab_size}")
+    if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
+      config.num_steps = recipe.count_steps(config, tokenizer)
+      log.info("num_steps: %d (the data's epochs)", config.num_steps)
 
-  if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
-    config.num_steps = recipe.count_steps(config, tokenizer)
-    log.info("num_steps: %d (the data's epochs)", config.num_steps)
-  run = recipe.make_training(config, model_cfg, mesh)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  train_iter = recipe.make_iterator(config, tokenizer, "train")
+    run = recipe.make_training(config, model_cfg, mesh)
+    train_iter = recipe.make_iterator(config, tokenizer, "train")
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints, create=False) if resuming else None
+    try:
+      pretrained = None
+      if not resuming and config.init_from:
+        # Straight into the mesh's shards: no device ever holds the whole model. Loaded outside the
+        # activation rules, which would bind the restore's own abstract targets to this mesh.
+        pretrained = recipe.load_pretrained(config, mesh, rules)
+      with sharding.activation_rules(mesh, rules):
+        if resuming:
+          state, start_step = _resume(workdir, manager, run, train_iter)
+        elif pretrained is not None:
+          state = recipe.from_pretrained(pretrained, config, model_cfg, run)
+          start_step = 0
+        else:
+          state = run.init(jax.random.key(config.seed))
+          start_step = 0
+        first = _first_batch(config, train_iter, start_step)
+        # Everything checked: from here on the run writes into its workdir.
+        _prepare_workdir(config, workdir, model_cfg, tokenizer)
+        manager = manager or checkpoint.make_manager(workdir, config.keep_checkpoints)
+        batches = itertools.chain([first] if first is not None else [], train_iter)
+        evaluate = functools.partial(recipe.evaluate, config, run, tokenizer=tokenizer)
+        return _loop(config, workdir, model_cfg, state, start_step, run, recipe, evaluate, batches,
+                     train_iter, manager)
+    finally:
+      train_iter.close()
+      if manager is not None:
+        manager.close()  # waits for the last save, before the lock is let go
 
-  start_step = manager.latest_step()
-  pretrained = None
-  if start_step is None and config.init_from:
-    # Straight into the mesh's shards: no device ever holds the whole model. Loaded outside the
-    # activation rules, which would bind the restore's own abstract targets to this mesh.
-    pretrained = recipe.load_pretrained(config, mesh, rules)
-  with sharding.activation_rules(mesh, rules):
-    if start_step is not None:
-      params, opt_state, meta, data_state = checkpoint.restore_state(
-          manager, start_step, run.placed("params"), run.placed("opt_state"))
-      state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=params, opt_state=opt_state,
-                         nonfinite_steps=jnp.zeros((), jnp.int32))
-      state = jax.device_put(state, run.state_sharding)
-      train_iter.set_state(data_state)
-      log.info("resumed from %s at step %d", workdir, start_step)
-    elif pretrained is not None:
-      state = recipe.from_pretrained(pretrained, config, model_cfg, run)
-      start_step = 0
-    else:
-      state = run.init(jax.random.key(config.seed))
-      start_step = 0
-    evaluate = functools.partial(recipe.evaluate, config, run, tokenizer=tokenizer)
-    return _loop(config, workdir, model_cfg, state, start_step, run.step, evaluate, train_iter, manager,
-                 run.batch_sharding, mesh, recipe)
+
+def _check_init_from(path: str, model_cfg: ModelConfig) -> None:
+  """Fine-tuning: the checkpoint exists, reads, and has the config's shape (its parameters are
+  loaded only once everything else is checked too)."""
+  from llama_jax.convert import source
+  try:
+    loaded = source.open_source(path).config
+  except checkpoint.CheckpointError as e:
+    raise ConfigError(f"init_from {e}") from None
+  check_shape(loaded, f"init_from {path}", model_cfg)
 
 
 def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
@@ -266,11 +324,48 @@ def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
                         f"but {getattr(loaded, name)} in the checkpoint")
 
 
-def state_from_pretrained(loaded, path: str, model_cfg: ModelConfig, run: Training,
-                          params: Any = None) -> TrainState:
-  """Fine-tuning: parameters of a loaded checkpoint (any kind), or `params` made from them (with a
-  recipe's head), and a fresh optimiser state."""
-  check_shape(loaded.config, f"init_from {path}", model_cfg)
+def _say(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _resume(workdir: str, manager, run: Training, train_iter) -> tuple[TrainState, int]:
+  """The state of the newest checkpoint that reads; unreadable newer ones are named, one line
+  each, and moved aside (never deleted) once an older one has restored."""
+  step, (params, opt_state, _, data_state), skipped = checkpoint.restore_newest(
+      manager, run.placed("params"), run.placed("opt_state"), warn=lambda m: _say(f"warning: {m}"))
+  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
+                     nonfinite_steps=jnp.zeros((), jnp.int32))
+  state = jax.device_put(state, run.state_sharding)
+  train_iter.set_state(data_state)
+  if skipped:
+    moved = checkpoint.set_aside(manager, skipped)
+    where = (f"step {skipped[0]} is kept in {moved[0]}" if len(skipped) == 1 else
+             f"steps {', '.join(map(str, skipped))} are kept in {os.path.dirname(moved[0])}") if moved else ""
+    _say(f"resumed from step {step}; the unreadable {where}")
+  else:
+    log.info("resumed from %s at step %d", workdir, step)
+  return state, step
+
+
+def _first_batch(config, train_iter, start_step: int) -> dict | None:
+  """The run's first batch, read before anything is written (data that give none are refused
+  then); None when a resumed run's data are already exhausted."""
+  if start_step >= config.num_steps:
+    return None
+  try:
+    return next(train_iter)
+  except StopIteration:
+    if start_step:
+      return None
+    raise data.DataError(f"data.sources give not one batch of {config.batch_size} sequences of "
+                         f"{config.seq_len} tokens before every source reaches its epoch limit") from None
+
+
+def state_from_pretrained(loaded, run: Training, params: Any = None) -> TrainState:
+  """Fine-tuning: parameters of a loaded checkpoint (any kind, its shape checked by
+  `_check_init_from`), or `params` made from them (with a recipe's head), and a fresh optimiser
+  state."""
   params = jax.device_put(loaded.params if params is None else params, run.state_sharding.params)
   init_opt = jax.jit(run.tx.init, out_shardings=run.state_sharding.opt_state)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params),
@@ -303,12 +398,23 @@ def _source_tokens(train_iter) -> dict:
   return total
 
 
-def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train_iter, manager,
-          batch_sharding, mesh, recipe) -> dict:
+def progress_bar(total: int, initial: int, enabled: bool, file=None):
   from tqdm import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step", file=file)
 
+
+def restart_clock(bar, step: int) -> None:
+  """Counts `bar`'s rate and ETA from the end of the first step: its time is compilation (minutes
+  for a large model), and tqdm's average would carry it into the ETA for many steps."""
+  bar.reset(total=bar.total)
+  bar.n = bar.initial = bar.last_print_n = step
+  bar.refresh()
+
+
+def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, evaluate, batches,
+          train_iter, manager) -> dict:
   is_main = jax.process_index() == 0
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
   tokens_per_step, flops_per_step = recipe.throughput(config, model_cfg)
   peak = config.peak_flops_per_device or metrics_lib.peak_flops(jax.devices()[0], model_cfg.dtype)
   last: dict = {}
@@ -319,33 +425,35 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
 
   def check_finite(step):
     if int(state.nonfinite_steps):
-      raise TrainingError(
-          f"non-finite loss or gradient at or before step {step}: stopping; the last checkpoint "
-          f"(step {manager.latest_step()}) is kept. Lower optimizer.lr or check the data.")
+      kept = manager.latest_step()
+      outcome = ("before the first checkpoint: nothing to resume from" if kept is None else
+                 f"stopping; the last checkpoint (step {kept}) is kept")
+      raise TrainingError(f"non-finite loss or gradient at or before step {step}, {outcome}. Lower "
+                          "optimizer.lr or check the data.")
 
-  bar = tqdm(total=config.num_steps, initial=start_step, disable=not is_main, dynamic_ncols=True,
-             unit="step")
+  bar = progress_bar(config.num_steps, start_step, is_main)
   timer = metrics_lib.StepTimer()
   step = start_step
   try:
     with _StopSignal() as stop:
       while step < config.num_steps:
         try:
-          local = next(train_iter)
+          local = next(batches)
         except StopIteration:  # every source reached its epoch limit
           for event in train_iter.events():
             bar.write(f"data: {event}")
           bar.write(f"data exhausted after {step} steps (every source reached its epoch limit)")
           break
-        batch = _global_batch(local, batch_sharding)
-        state, step_metrics = step_fn(state, batch)
+        batch = _global_batch(local, run.batch_sharding)
+        state, step_metrics = run.step(state, batch)
         step += 1
         if timer.started:
           timer.count_step()
+          bar.update(1)
         else:  # the first step compiles: time from its end
           jax.block_until_ready(step_metrics)
           timer.start()
-        bar.update(1)
+          restart_clock(bar, step)
         last_step = step == config.num_steps
         row = {}
 
@@ -357,7 +465,7 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
           if step_time is not None:
             row["perf/step_time_s"] = step_time
             row["perf/tokens_per_s"] = tokens_per_step / step_time
-            if peak and flops_per_step:  # unknown peak (a CPU): no MFU rather than a made-up one
+            if peak and flops_per_step:  # unknown peak (a CPU) or FLOPs: no MFU rather than a made-up one
               row["perf/mfu"] = flops_per_step / step_time / (peak * jax.device_count())
           row.update({f"data/tokens/{k}": v for k, v in _source_tokens(train_iter).items()})
           for event in train_iter.events():
@@ -367,7 +475,7 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
         if config.eval_every and (step % config.eval_every == 0 or last_step):
           jax.block_until_ready(step_metrics)  # the steps so far are training time
           with timer.paused():  # evaluation is not
-            eval_row = eval_fn(state.params)
+            eval_row = evaluate(state.params)
           if eval_row:
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
           row.update(eval_row)
@@ -391,5 +499,4 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
   finally:
     bar.close()
     writer.close()
-    manager.close()
   return last
