@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model shape and run-time options (llama_jax.config.ModelConfig documents each field).
   config.model = to_config_dict(preset("tiny"))
+  # What is trained: "lm" (next-token prediction: pretraining, SFT), or llama_jax.align's "reward"
+  # (a reward model), "dpo" or "ppo", each with its own block (configs/reward_tiny.py, ...).
+  config.recipe = "lm"
 
   config.num_steps = 1000  # optimiser steps; 0: one pass over the data's epoch limits (fine-tuning)
   config.batch_size = 32  # global sequences per step, over all devices and hosts

@@ -257,11 +257,32 @@ def is_own_checkpoint(path: str) -> bool:
 
 
 def load_params(params_dir: str, config: ModelConfig, shardings: Any = None) -> Any:
+  """The model's parameters. A tree saved with heads beside the model's parameters (a PPO policy's
+  value head, llama_jax.align) gives the model's part."""
+  return restore_tree(params_dir, abstract_params(config, shardings), partial=True)
+
+
+def restore_tree(params_dir: str, target: Any, partial: bool = False) -> Any:
+  """A saved parameter tree as `target`'s ShapeDtypeStructs say (shapes, dtypes, shardings);
+  `partial`: `target` may be a part of what was saved. A checkpoint that cannot be read is one
+  CheckpointError line."""
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(params_dir, abstract_params(config, shardings))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=partial))
   except Exception as e:  # noqa: BLE001 -- Orbax wraps tensorstore's errors in plain Exceptions
     raise CheckpointError(f"{unreadable(params_dir, e)}{_other_steps(params_dir)}") from e
+
+
+def saved_keys(params_dir: str) -> list[str] | None:
+  """The top-level keys of a saved parameter tree, from its metadata (None where that does not
+  read: restoring then says why)."""
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      return sorted(ckptr.metadata(params_dir).item_metadata.tree)
+  except Exception:  # noqa: BLE001 -- a damaged checkpoint: its restore names the file
+    return None
 
 
 def restore_host_leaves(params_dir: str, config: ModelConfig,

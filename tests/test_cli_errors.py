@@ -14,7 +14,7 @@ from test_workdir import one_line, saved, snapshot  # noqa: F401 (saved: a fixtu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP_LEVEL_KEYS = ("batch_size, checkpoint_every, data, eval_every, init_from, keep_checkpoints, log_every, "
-                  "mesh, model, num_steps, optimizer, peak_flops_per_device, seed, seq_len")
+                  "mesh, model, num_steps, optimizer, peak_flops_per_device, recipe, seed, seq_len")
 
 # (name, train.py flags after --config=CFG --workdir=RUN (CFG: the test config; `{...}` filled in),
 #  the workdir before (existing: a directory with files; absent; file), the line, the exit code)

@@ -4,12 +4,16 @@
       the real train_step, sharding and optimiser on synthetic tokens (`bench.train`)
   python -m llama_jax.bench decode --config configs/tinyllama_1b.py --batch_size B --prompt_len P --new_tokens N
       the real generation engine on random weights (`bench.decode`)
+  python -m llama_jax.bench dpo --config configs/dpo_tinyllama_1b.py
+      the real DPO step (policy and frozen reference) on synthetic pairs (`bench.dpo`)
+  python -m llama_jax.bench ppo --config configs/ppo_tinyllama_1b.py
+      PPO's rollout, scoring, update and whole step on random weights (`bench.ppo`)
   python -m llama_jax.bench data [...]
       the data pipeline's tokens/s and memory on this machine (`bench.data`)
   python -m llama_jax.bench convert [...]
       time and peak memory of checkpoint conversion (`bench.convert`)
 
-`--profile_dir DIR` (train, decode) writes a jax.profiler trace; `benchmarks/profile_summary.py`
+`--profile_dir DIR` (train, decode, dpo, ppo) writes a jax.profiler trace; `benchmarks/profile_summary.py`
 summarises it. GPU tables in BENCHMARKS.md come from `benchmarks/gpu.sh`.
 
 Configs are files: a relative `--config` is found from the working directory (the default, from
@@ -32,8 +36,8 @@ def _train_or_decode(kind: str, argv: list[str]) -> None:
   from llama_jax.train.cli import parse_flags
 
   config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.", lock_config=True)
-  flags.DEFINE_integer("warmup", 3, "train: untimed steps (compilation).")
-  flags.DEFINE_integer("steps", 10, "train: timed steps.")
+  flags.DEFINE_integer("warmup", 3, "train, dpo: untimed steps (compilation).")
+  flags.DEFINE_integer("steps", 10, "train, dpo, ppo: timed steps.")
   flags.DEFINE_integer("batch_size", 1, "decode: prompts per batch.")
   flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens.")
   flags.DEFINE_integer("new_tokens", 256, "decode: tokens generated per prompt.")
@@ -49,6 +53,12 @@ def _train_or_decode(kind: str, argv: list[str]) -> None:
     if kind == "train":
       from llama_jax.bench.train import bench_train
       result = run_cli(lambda: bench_train(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
+    elif kind == "dpo":
+      from llama_jax.bench.dpo import bench_dpo
+      result = run_cli(lambda: bench_dpo(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
+    elif kind == "ppo":
+      from llama_jax.bench.ppo import bench_ppo
+      result = run_cli(lambda: bench_ppo(FLAGS.config, FLAGS.warmup, FLAGS.steps, FLAGS.profile_dir))
     else:
       from llama_jax.bench.decode import bench_decode
       result = run_cli(lambda: bench_decode(FLAGS.config, FLAGS.batch_size, FLAGS.prompt_len,
@@ -61,7 +71,7 @@ def _train_or_decode(kind: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-  kinds = ("train", "decode", "data", "convert")
+  kinds = ("train", "decode", "dpo", "ppo", "data", "convert")
   if not argv or argv[0] not in kinds:
     print(f"usage: python -m llama_jax.bench {{{'|'.join(kinds)}}} [flags]", file=sys.stderr)
     return 2

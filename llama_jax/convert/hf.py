@@ -1,4 +1,5 @@
-"""Hugging Face `LlamaForCausalLM` checkpoints in and out.
+"""Hugging Face `LlamaForCausalLM` checkpoints in and out (and reward models out, as
+`LlamaForSequenceClassification`).
 
 Reads a directory with `config.json` and weights as safetensors (one file, or shards named by
 `model.safetensors.index.json`) or PyTorch `pytorch_model*.bin` (read with
@@ -209,16 +210,26 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   files for transformers (`Tokenizer.save(for_transformers=True)`: a SentencePiece model also as
   a tokenizer.json). The tokenizer's BOS/EOS/pad ids go into config.json and generation_config.json
   (several EOS ids as a list), with the sampling defaults of its own generation_config.json.
-  dtype: of the written weights, default the parameters' own."""
+  dtype: of the written weights, default the parameters' own.
+
+  A reward model's tree (a `score` head (dim,) instead of `output`, llama_jax.align) is written as
+  LlamaForSequenceClassification with one label (and no generation_config.json): transformers
+  reads the score at each row's last token that is not `pad_token_id`, which is set to a token no
+  answer ends with (`_score_pad_id`), so that the answer's final EOS is read, as llama_jax reads it."""
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   if dtype is None:
     dtype = np.dtype(layout.get(params, ("tok_embeddings",)).dtype).name
   out_dtype = layout.np_dtype(dtype)
+  reward_model = "score" in params
+  backbone = config.replace(tie_embeddings=True) if reward_model else config  # no lm_head to write
   produce, specs = {}, []
-  for e, value in layout.export_stream(config, params):
+  for e, value in layout.export_stream(backbone, params):
     produce[e.name] = value
     specs.append((e.name, e.shape, out_dtype))
+  if reward_model:
+    produce["score.weight"] = lambda: np.asarray(params["score"])[None, :]
+    specs.append(("score.weight", (1, config.dim), out_dtype))
 
   # Shards in writing order, each under the limit unless one tensor alone is larger.
   shards, size = [[]], 0
@@ -241,7 +252,7 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-  bos, eos, pad, generation = 1, [2], None, {}
+  bos, eos, pad, generation, tok = 1, [2], None, {}, None
   if tokenizer_path:
     from llama_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer_path)
@@ -251,11 +262,36 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
     tok.save(directory, for_transformers=True)
     bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
     pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
+  if reward_model:
+    pad = _score_pad_id(tok, pad, eos)
   eos = eos[0] if len(eos) == 1 else eos
+  hf_config = config_to_hf(config, out_dtype.name, bos, eos, pad)
+  if reward_model:
+    hf_config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                     id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
   with open(os.path.join(directory, CONFIG), "w") as f:
-    json.dump(config_to_hf(config, out_dtype.name, bos, eos, pad), f, indent=2)
+    json.dump(hf_config, f, indent=2)
+  if reward_model:  # a classifier generates nothing
+    return
   generation.update(bos_token_id=bos, eos_token_id=eos)
   if pad is not None:
     generation["pad_token_id"] = pad
   with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
     json.dump(generation, f, indent=2)
+
+
+def _score_pad_id(tok, pad: int | None, eos_ids: list[int]) -> int:
+  """A reward model's pad_token_id: not an EOS (an answer's last token, where the score is read).
+  The tokenizer's pad token, else its unknown token (which byte fallback never emits), else BOS
+  (only ever a sequence's first token); LLaMA's <unk> (0) without a tokenizer."""
+  if pad is not None and pad not in eos_ids:
+    return pad
+  if tok is None:
+    return 0
+  for name in ("unk_token", "bos_token"):
+    token = tok.special_tokens_map.get(name)
+    i = tok.token_to_id(token) if token else None
+    if i is not None and i not in eos_ids:
+      return i
+  raise CheckpointError(f"{tok.path}: the tokenizer has no pad, unknown or BOS token that is not an EOS, "
+                        "for the reward model's pad_token_id")

@@ -127,7 +127,7 @@ def config_fields(path: str = DEFAULT_CONFIG) -> list[tuple[str, str, str]]:
 
 def help_text() -> str:
   lines = [
-      "Pretrain or fine-tune a LLaMA model.",
+      "Pretrain, fine-tune or align a LLaMA model (config.recipe: lm, reward, dpo, ppo).",
       "",
       "usage: python train.py --config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]",
       "",
@@ -159,9 +159,11 @@ def main() -> None:
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from llama_jax.align import get_recipe  # config.recipe -> what the loop trains
     from llama_jax.train import TrainingError, train_and_evaluate
     try:
-      run_cli(lambda: train_and_evaluate(config.value, workdir.value), expected=(TrainingError,))
+      run_cli(lambda: train_and_evaluate(config.value, workdir.value, get_recipe(config.value)),
+              expected=(TrainingError,))
     except KeyboardInterrupt:  # a second Ctrl-C, while the first one's checkpoint was being saved
       print("interrupted again: exiting without saving", file=sys.stderr)
       sys.exit(130)

@@ -1,4 +1,4 @@
-"""The pretraining (and fine-tuning) loop: `train_and_evaluate(config, workdir)`.
+"""The training loop: `train_and_evaluate(config, workdir, recipe)`.
 
 One jitted `train_step` over a `data x fsdp x tensor` mesh; sharded initialisation; Orbax
 checkpoints that resume exactly (parameters, optimiser state, step and data-iterator state), from
@@ -8,6 +8,10 @@ and TensorBoard.
 A run holds its workdir alone (`workdir.hold`) and checks everything (the config against the
 workdir's model, init_from, the tokenizer, the data's first batch) before it writes a byte there,
 so a refused run leaves the workdir as it found it.
+
+What is trained is a recipe (`config.recipe`): `LanguageModel` here (pretraining and SFT, the
+default "lm"); `llama_jax.align` has "reward", "dpo" and "ppo". A recipe supplies the state's
+initialisation and shardings, the step, the data and the evaluation; the loop is the same.
 """
 
 from __future__ import annotations
@@ -175,13 +179,16 @@ class Training:
                         getattr(self.abstract_state, field), getattr(self.state_sharding, field))
 
 
-def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
+def make_training(config, model_cfg: ModelConfig, mesh, params_fn=init_params) -> Training:
+  """The LM's training; other recipes pass `params_fn(cfg, rng) -> boxed params` (the model with a
+  head of their own) and replace `step` and `eval`. The one place the optimiser meets the
+  parameters it trains."""
   rules = sharding.as_rules(config.mesh.rules)
   lr_schedule = learning_rate_schedule(config.optimizer, config.num_steps)
   tx = make_optimizer(config.optimizer, config.num_steps)
 
   def init_state(rng):
-    params = init_params(model_cfg, rng)
+    params = params_fn(model_cfg, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       nonfinite_steps=jnp.zeros((), jnp.int32))
 
@@ -199,9 +206,51 @@ def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
   return Training(tx, lr_schedule, nn.unbox(boxed), state_sharding, batch_sharding, init, step, evaluate)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains until `config.num_steps` (resuming from `workdir` if it holds a checkpoint); returns the
-  last logged metrics."""
+class LanguageModel:
+  """The recipe "lm": next-token prediction on packed text or conversations (pretraining, SFT).
+
+  A recipe is all the loop asks of what it trains; llama_jax.align's ("reward", "dpo", "ppo")
+  have the same methods."""
+  metric = "train/loss"  # shown on the progress bar
+
+  def count_steps(self, config, tokenizer) -> int:
+    """num_steps 0: the steps the data's epoch limits give."""
+    return data.count_batches(config.data, tokenizer, seq_len=config.seq_len,
+                              global_batch_size=config.batch_size, seed=config.seed)
+
+  def make_training(self, config, model_cfg: ModelConfig, mesh) -> Training:
+    return make_training(config, model_cfg, mesh)
+
+  def make_iterator(self, config, tokenizer, split: str):
+    return data.make_iterator(
+        config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
+        seed=config.seed, split=split, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def load_pretrained(self, config, mesh, rules):
+    from llama_jax.api import load
+    return load(config.init_from, mesh=mesh, rules=rules)
+
+  def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run: Training) -> TrainState:
+    return state_from_pretrained(loaded, run)
+
+  def evaluate(self, config, run: Training, params, tokenizer) -> dict:
+    return _evaluate(config, self, run.eval, params, tokenizer, run.batch_sharding)
+
+  def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
+    """(tokens, model FLOPs) of one step, for perf/tokens_per_s and perf/mfu (FLOPs 0: no MFU)."""
+    tokens = config.batch_size * config.seq_len
+    return tokens, metrics_lib.flops_per_token(model_cfg, config.seq_len) * tokens
+
+
+def train_and_evaluate(config, workdir: str, recipe=None) -> dict:
+  """Trains `recipe` (default: the language model, config.recipe "lm") until `config.num_steps`
+  (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  if recipe is None:
+    if config.get("recipe", "lm") != "lm":
+      raise ConfigError(f"config.recipe {config.recipe!r} is not the language model: pass its recipe "
+                        "(llama_jax.align.get_recipe(config)), as train.py does")
+    recipe = LanguageModel()
   sharding.initialize_distributed()
   model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -220,28 +269,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
       raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                         f"{model_cfg.vocab_size}")
     if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
-      config.num_steps = data.count_batches(config.data, tokenizer, seq_len=config.seq_len,
-                                            global_batch_size=config.batch_size, seed=config.seed)
+      config.num_steps = recipe.count_steps(config, tokenizer)
       log.info("num_steps: %d (the data's epochs)", config.num_steps)
 
-    run = make_training(config, model_cfg, mesh)
-    train_iter = data.make_iterator(
-        config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
-        seed=config.seed, split="train", process_index=jax.process_index(),
-        process_count=jax.process_count())
+    run = recipe.make_training(config, model_cfg, mesh)
+    train_iter = recipe.make_iterator(config, tokenizer, "train")
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints, create=False) if resuming else None
     try:
       pretrained = None
       if not resuming and config.init_from:
         # Straight into the mesh's shards: no device ever holds the whole model. Loaded outside the
         # activation rules, which would bind the restore's own abstract targets to this mesh.
-        from llama_jax.api import load
-        pretrained = load(config.init_from, mesh=mesh, rules=rules)
+        pretrained = recipe.load_pretrained(config, mesh, rules)
       with sharding.activation_rules(mesh, rules):
         if resuming:
           state, start_step = _resume(workdir, manager, run, train_iter)
         elif pretrained is not None:
-          state = _state_from_checkpoint(pretrained, run.tx, run.state_sharding)
+          state = recipe.from_pretrained(pretrained, config, model_cfg, run)
           start_step = 0
         else:
           state = run.init(jax.random.key(config.seed))
@@ -251,8 +295,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _prepare_workdir(config, workdir, model_cfg, tokenizer)
         manager = manager or checkpoint.make_manager(workdir, config.keep_checkpoints)
         batches = itertools.chain([first] if first is not None else [], train_iter)
-        return _loop(config, workdir, model_cfg, state, start_step, run, batches, train_iter, tokenizer,
-                     manager)
+        evaluate = functools.partial(recipe.evaluate, config, run, tokenizer=tokenizer)
+        return _loop(config, workdir, model_cfg, state, start_step, run, recipe, evaluate, batches,
+                     train_iter, manager)
     finally:
       train_iter.close()
       if manager is not None:
@@ -267,10 +312,15 @@ def _check_init_from(path: str, model_cfg: ModelConfig) -> None:
     loaded = source.open_source(path).config
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"init_from {e}") from None
+  check_shape(loaded, f"init_from {path}", model_cfg)
+
+
+def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
+  """A checkpoint's shape is the config's, or a one-line error naming the field."""
   shape_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
   for name in shape_fields:
     if getattr(loaded, name) != getattr(model_cfg, name):
-      raise ConfigError(f"init_from {path}: model.{name} is {getattr(model_cfg, name)} in the config "
+      raise ConfigError(f"{what}: model.{name} is {getattr(model_cfg, name)} in the config "
                         f"but {getattr(loaded, name)} in the checkpoint")
 
 
@@ -312,19 +362,18 @@ def _first_batch(config, train_iter, start_step: int) -> dict | None:
                          f"{config.seq_len} tokens before every source reaches its epoch limit") from None
 
 
-def _state_from_checkpoint(loaded, tx, state_sharding) -> TrainState:
+def state_from_pretrained(loaded, run: Training, params: Any = None) -> TrainState:
   """Fine-tuning: parameters of a loaded checkpoint (any kind, its shape checked by
-  `_check_init_from`), fresh optimiser state."""
-  params = jax.device_put(loaded.params, state_sharding.params)
-  init_opt = jax.jit(tx.init, out_shardings=state_sharding.opt_state)
+  `_check_init_from`), or `params` made from them (with a recipe's head), and a fresh optimiser
+  state."""
+  params = jax.device_put(loaded.params if params is None else params, run.state_sharding.params)
+  init_opt = jax.jit(run.tx.init, out_shardings=run.state_sharding.opt_state)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params),
                     nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
-def _evaluate(config, eval_fn, params, tokenizer, batch_sharding) -> dict:
-  it = data.make_iterator(
-      config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
-      seed=config.seed, split="eval", process_index=jax.process_index(), process_count=jax.process_count())
+def _evaluate(config, recipe, eval_fn, params, tokenizer, batch_sharding) -> dict:
+  it = recipe.make_iterator(config, tokenizer, "eval")
   nll, count = 0.0, 0.0
   for _ in range(int(config.data.eval_batches)):
     try:
@@ -362,12 +411,11 @@ def restart_clock(bar, step: int) -> None:
   bar.refresh()
 
 
-def _loop(config, workdir, model_cfg, state, start_step, run: Training, batches, train_iter, tokenizer,
-          manager) -> dict:
+def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, evaluate, batches,
+          train_iter, manager) -> dict:
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
-  tokens_per_step = config.batch_size * config.seq_len
-  flops_per_step = metrics_lib.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
+  tokens_per_step, flops_per_step = recipe.throughput(config, model_cfg)
   peak = config.peak_flops_per_device or metrics_lib.peak_flops(jax.devices()[0], model_cfg.dtype)
   last: dict = {}
 
@@ -417,20 +465,19 @@ def _loop(config, workdir, model_cfg, state, start_step, run: Training, batches,
           if step_time is not None:
             row["perf/step_time_s"] = step_time
             row["perf/tokens_per_s"] = tokens_per_step / step_time
-            if peak:  # unknown peak (a CPU): no MFU rather than a made-up one
+            if peak and flops_per_step:  # unknown peak (a CPU) or FLOPs: no MFU rather than a made-up one
               row["perf/mfu"] = flops_per_step / step_time / (peak * jax.device_count())
           row.update({f"data/tokens/{k}": v for k, v in _source_tokens(train_iter).items()})
           for event in train_iter.events():
             bar.write(f"data: {event}")
-          bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row.get('perf/tokens_per_s', 0):.0f}")
+          bar.set_postfix(loss=f"{row[recipe.metric]:.3f}", tok_s=f"{row.get('perf/tokens_per_s', 0):.0f}")
 
         if config.eval_every and (step % config.eval_every == 0 or last_step):
           jax.block_until_ready(step_metrics)  # the steps so far are training time
           with timer.paused():  # evaluation is not
-            eval_row = _evaluate(config, run.eval, state.params, tokenizer, run.batch_sharding)
+            eval_row = evaluate(state.params)
           if eval_row:
-            bar.write(f"step {step}: eval loss {eval_row['eval/loss']:.4f}, "
-                      f"perplexity {eval_row['eval/perplexity']:.2f}")
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
           row.update(eval_row)
 
         if row:
