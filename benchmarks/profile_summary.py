@@ -15,7 +15,8 @@ def kind(name: str) -> str:
   n = name.lower()
   if any(k in n for k in ("cudnn", "flash", "fmha", "custom-call", "custom_call")):
     return "attention (cuDNN)"
-  if any(k in n for k in ("gemm", "dot", "cublas", "matmul", "triton_gemm")):
+  # cuBLAS's Hopper kernels are "nvjet_*", its matrix-vector ones "gemv*"; XLA's Triton ones "gemm_fusion*"
+  if any(k in n for k in ("gemm", "gemv", "nvjet", "xmma", "cutlass", "dot", "cublas", "matmul")):
     return "matmul"
   if "copy" in n or "transpose" in n:
     return "copy/transpose"
@@ -45,6 +46,8 @@ def main():
       for ev in line.events:
         stats = dict(ev.stats)
         op = str(stats.get("hlo_op", ev.name))
+        if op.startswith("command_buffer"):  # a CUDA graph: its kernels carry their own names
+          op = f"{ev.name} [{op}]"
         by_op[op] += ev.duration_ns
         count[op] += 1
         by_kind[kind(op + " " + ev.name)] += ev.duration_ns

@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model shape and run-time options (llama_jax.config.ModelConfig documents each field).
   config.model = to_config_dict(preset("tiny"))
+  # What is trained: "lm" (next-token prediction: pretraining, SFT), or llama_jax.align's "reward"
+  # (a reward model), "dpo" or "ppo", each with its own block (configs/reward_tiny.py, ...).
+  config.recipe = "lm"
 
   config.num_steps = 1000  # optimiser steps; 0: one pass over the data's epoch limits (fine-tuning)
   config.batch_size = 32  # global sequences per step, over all devices and hosts
@@ -39,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0  # global gradient norm
   config.optimizer.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
   config.optimizer.z_loss = 0.0  # PaLM's auxiliary log(Z)^2 loss weight; 0: off
+  config.optimizer.moments_dtype = "float32"  # Adam's moments; "bfloat16" halves the optimizer state
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = 1  # pure data parallelism (parameters replicated)

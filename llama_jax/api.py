@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from llama_jax import checkpoint, sharding
 from llama_jax.config import ModelConfig
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -50,10 +50,13 @@ class Model:
                     top_p=top_p, top_k=top_k, seed=seed, **kwargs)
 
   def save(self, directory: str) -> None:
-    checkpoint.save_model(directory, self.config, self.params,
-                          self.tokenizer.path if self.tokenizer else None)
+    checkpoint.save_model(directory, self.config, self.params)
+    if self.tokenizer is not None:
+      self.tokenizer.save(directory)
 
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
+    """config.json, generation_config.json, safetensors and the tokenizer's files, which
+    transformers' AutoModelForCausalLM, GenerationConfig and AutoTokenizer load."""
     from llama_jax.convert import hf
     hf.export_hf(self.config, self.params, directory,
                  tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype)
@@ -61,7 +64,8 @@ class Model:
 
 def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | None = None,
          mesh: Mesh | None = None, rules=None, **config_overrides) -> Model:
-  """Loads any checkpoint this project reads. `dtype` sets the compute dtype; `config_overrides`
+  """Loads any checkpoint this project reads, with its tokenizer (`tokenizer`: a tokenizer.json, a
+  SentencePiece .model or a folder holding one, instead of the checkpoint's own). `dtype` sets the compute dtype; `config_overrides`
   change other run-time fields (attention_impl, remat_policy, ...) but not the shape. With a `mesh`
   the parameters go straight into their shards over it (by `rules`, default
   `sharding.DEFAULT_RULES`), so a model larger than one device loads and none holds all of it."""
@@ -72,6 +76,11 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
     raise FileNotFoundError(f"checkpoint path does not exist: {path}")
   src = source.open_source(path)
   config = src.config
+  tokenizer_path = tokenizer or src.tokenizer_path
+  tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+  if tok is not None and tok.vocab_size > config.vocab_size:
+    raise TokenizerError(f"{tokenizer_path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                         f"embedding has {config.vocab_size} rows; pass the tokenizer the model was trained with")
   if dtype is not None:
     config_overrides["dtype"] = dtype
   if src.kind == "lora":
@@ -93,5 +102,4 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
       params = jax.tree.map(jnp.asarray, params)
   if config_overrides:
     config = config.replace(**config_overrides)
-  tokenizer_path = tokenizer or src.tokenizer_path
-  return Model(config, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
+  return Model(config, params, tok, mesh, rules)

@@ -1,8 +1,9 @@
 """The project's own checkpoints, in Orbax: saved models, training workdirs, and reading them.
 
 Two layouts, one parameter format:
-  a saved model:      DIR/model_config.json, DIR/params/ (Orbax), DIR/tokenizer.model (optional)
-  a training workdir: DIR/model_config.json, DIR/tokenizer.model, DIR/checkpoints/<step>/{params,
+  a saved model:      DIR/model_config.json, DIR/params/ (Orbax), the tokenizer's files (optional:
+                      tokenizer.model or tokenizer.json, with tokenizer_config.json etc.)
+  a training workdir: DIR/model_config.json, the tokenizer's files, DIR/checkpoints/<step>/{params,
                       opt_state, meta, data}/ written by an Orbax CheckpointManager
                       (`make_manager`, `save_state`, `restore_state`). Orbax writes a step to a
                       temporary name and renames it when complete, so a save killed mid-write is
@@ -13,13 +14,21 @@ A LoRA run's workdir (`config.lora`) also has DIR/lora.json (the adapters' shape
 model); its steps' `params` are the adapters alone (`llama_jax.lora`).
 Items of a training step: `params` and `opt_state` (sharded arrays, restorable onto any mesh),
 `meta` (step, seed) and `data` (every process's data-iterator state, gathered into one JSON).
+
+A checkpoint that cannot be read (a truncated or overwritten array file, an emptied `_METADATA` or
+`manifest.ocdbt`) raises `CheckpointError`, one line naming the directory and the file or parameter;
+resuming falls back to the next older step (`restore_newest`) and moves the unreadable ones aside,
+never deleting them (`set_aside`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -35,21 +44,157 @@ from llama_jax.config import ModelConfig
 MODEL_CONFIG = "model_config.json"
 QUANTIZATION = "quantization.json"
 LORA = "lora.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's file (a tokenizer.json folder has others)
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"  # beside CHECKPOINTS: unreadable steps, moved out of the manager's way
+
+
+class CheckpointError(ValueError):
+  """A checkpoint this project cannot read: the message names the file, field or tensor."""
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+  """Writes `path` whole or not at all: a temporary file beside it, synced, then renamed over it."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def model_config_json(config: ModelConfig) -> str:
+  return json.dumps(config.to_dict(), indent=2)
 
 
 def write_model_config(directory: str, config: ModelConfig) -> None:
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, MODEL_CONFIG + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
-  os.replace(tmp, os.path.join(directory, MODEL_CONFIG))
+  write_atomic(os.path.join(directory, MODEL_CONFIG), model_config_json(config))
 
 
 def read_model_config(directory: str) -> ModelConfig:
-  with open(os.path.join(directory, MODEL_CONFIG)) as f:
-    return ModelConfig.from_dict(json.load(f))
+  path = os.path.join(directory, MODEL_CONFIG)
+  try:
+    with open(path) as f:
+      return ModelConfig.from_dict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+  except (TypeError, ValueError) as e:  # a JSON that is not a model config
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+# --- naming what is damaged: Orbax and tensorstore report a bad file deep inside long messages
+
+_JSON_FILES = ("_METADATA", "_sharding", "_CHECKPOINT_METADATA", "metadata")  # "metadata": a JSON item
+_TENSORSTORE_CODE = re.compile(r"^[A-Z_]+: ")
+_DRIVER = re.compile(r'Error opening "[^"]*" driver: ')
+_LOCAL_FILE = re.compile(r'Error (?:decoding|reading) local file "([^"]+)": (.*)')
+_OCDBT_KEY = re.compile(r'Error reading "([^"/]+)/[^"]*" in OCDBT database at local file "([^"]+)": (.*)')
+
+
+def _first_bad_file(directory: str) -> str | None:
+  """The first of an Orbax item's small metadata files that is empty or not JSON, as 'name: why'."""
+  candidates = [os.path.join(directory, name) for name in _JSON_FILES]
+  for root, _, names in os.walk(directory):
+    for name in sorted(names):
+      if name == "manifest.ocdbt" or os.path.basename(root) == "array_metadatas":
+        candidates.append(os.path.join(root, name))
+  for path in candidates:
+    if not os.path.isfile(path):
+      continue
+    where = os.path.relpath(path, directory)
+    if os.path.getsize(path) == 0:
+      return f"{where}: the file is empty"
+    if not path.endswith(".ocdbt"):
+      try:
+        with open(path, "rb") as f:
+          json.loads(f.read())
+      except (ValueError, UnicodeDecodeError) as e:
+        return f"{where}: not JSON ({e})"
+  return None
+
+
+def _is_abandoned_read(error: BaseException | None) -> bool:
+  seen = 0
+  while error is not None and seen < 10:
+    text = str(error)
+    if (isinstance(error, GeneratorExit) or "error while reading array index" in text
+        or text == "Event loop is closed"):  # a read finishing after its restore gave up
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
+
+
+class _AbandonedReads(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("never retrieved" in str(record.msg) and _is_abandoned_read(error))
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, Orbax's other array reads of the same restore are left behind: asyncio
+  logs each failed one as "Task exception was never retrieved", and those closed by the garbage
+  collector turn their GeneratorExit into an Exception (`except BaseException` around the read in
+  orbax's serialization.py) that Python prints as "Exception ignored in <coroutine>", and reads that
+  finish after the restore's event loop closed print "Event loop is closed": 160 lines and more for
+  one damaged file, all saying what the CheckpointError already says in one."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedReads())
+
+
+def unreadable(directory: str, error: BaseException) -> CheckpointError:
+  """`error`, raised while reading the Orbax checkpoint `directory` (one item, or a training step's
+  directory of items), as one line naming the item and the file or parameter that failed."""
+  _quiet_abandoned_reads()
+  chain, e = [], error
+  while e is not None and len(chain) < 20:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in reversed(chain):  # the innermost tensorstore message names the file or the parameter
+    text = _DRIVER.sub("", _TENSORSTORE_CODE.sub("", str(e).split(" [tensorstore_spec")[0].strip()))
+    local = _LOCAL_FILE.search(text)
+    if local:
+      path, reason = local.groups()
+      return CheckpointError(f"checkpoint {os.path.dirname(path)} cannot be read: "
+                             f"{os.path.basename(path)}: {reason}")
+    key = _OCDBT_KEY.search(text)
+    if key:
+      param, item, reason = key.groups()
+      return CheckpointError(f"checkpoint {item.rstrip('/')} cannot be read: parameter {param}: {reason}")
+  if not os.path.isdir(directory):
+    return CheckpointError(f"checkpoint {directory} cannot be read: no such directory")
+  # A JSON file Orbax could not parse (its error names no file): the item, or a step's items.
+  items = [directory] + [os.path.join(directory, n) for n in sorted(os.listdir(directory))
+                         if os.path.isdir(os.path.join(directory, n))]
+  for item in items:
+    bad = _first_bad_file(item)
+    if bad:
+      return CheckpointError(f"checkpoint {item} cannot be read: {bad}")
+  message = " ".join(str(error).split())
+  message = message if len(message) <= 300 else message[:300] + "..."
+  return CheckpointError(f"checkpoint {directory} cannot be read: {type(error).__name__}: {message}")
+
+
+def _other_steps(params_dir: str) -> str:
+  """For a step of a training workdir, where to find the workdir's other steps ('' otherwise)."""
+  step_dir = os.path.dirname(params_dir)
+  root = os.path.dirname(step_dir)
+  if os.path.basename(root) != CHECKPOINTS or not os.path.basename(step_dir).isdigit():
+    return ""
+  others = [s for s in checkpoint_steps(os.path.dirname(root)) if str(s) != os.path.basename(step_dir)]
+  if not others:
+    return ""
+  return (f" (the workdir's other checkpoints: steps {', '.join(map(str, others))}; pass "
+          f"{os.path.join(root, str(others[-1]))} to use one)")
 
 
 def abstract_params(config: ModelConfig, shardings: Any = None) -> Any:
@@ -67,8 +212,11 @@ def read_quantization(directory: str) -> dict | None:
   path = os.path.join(directory, QUANTIZATION)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
 
 
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None,
@@ -89,20 +237,26 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
   write_model_config(directory, config)
   quant_file = os.path.join(directory, QUANTIZATION)
   if weights:
-    with open(quant_file, "w") as f:
-      json.dump({**(quantization or {}), "weights": weights}, f, indent=2)
+    write_atomic(quant_file, json.dumps({**(quantization or {}), "weights": weights}, indent=2))
   elif os.path.exists(quant_file):
     os.remove(quant_file)
-  if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.join(directory, TOKENIZER):
-    shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+  if tokenizer_path:  # a file or folder `load_tokenizer` reads; its files are written beside
+    from llama_jax.tokenizer import load_tokenizer
+    load_tokenizer(tokenizer_path).save(directory)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The complete steps of a training workdir, oldest first (Orbax renames a step into place when
+  it is complete, so a step directory is one)."""
+  root = os.path.join(workdir, CHECKPOINTS)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(name) for name in os.listdir(root) if name.isdigit())
 
 
 def latest_step(workdir: str) -> int | None:
-  root = os.path.join(workdir, CHECKPOINTS)
-  if not os.path.isdir(root):
-    return None
-  steps = [int(name) for name in os.listdir(root) if name.isdigit()]
-  return max(steps) if steps else None
+  steps = checkpoint_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def find_params_dir(path: str) -> tuple[str, str]:
@@ -132,13 +286,37 @@ def is_own_checkpoint(path: str) -> bool:
 
 def load_params(params_dir: str, config: ModelConfig, shardings: Any = None,
                 quantization: dict | None = None) -> Any:
-  """The parameters, placed by `shardings` (of the plain tree; quantized weights follow them)."""
+  """The model's parameters, placed by `shardings` (of the plain tree; quantized weights, described
+  by `quantization` (`read_quantization`), follow them). A tree saved with heads beside the model's
+  parameters (a PPO policy's value head, llama_jax.align) gives the model's part."""
   abstract = abstract_params(config, shardings)
   if quantization:
     abstract = projection.abstract_saved(abstract, quantization["weights"])
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(params_dir, abstract)
+  params = restore_tree(params_dir, abstract, partial=True)
   return projection.from_saved(params, quantization["weights"]) if quantization else params
+
+
+def restore_tree(params_dir: str, target: Any, partial: bool = False) -> Any:
+  """A saved parameter tree as `target`'s ShapeDtypeStructs say (shapes, dtypes, shardings);
+  `partial`: `target` may be a part of what was saved. A checkpoint that cannot be read is one
+  CheckpointError line."""
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=partial))
+  except Exception as e:  # noqa: BLE001 -- Orbax wraps tensorstore's errors in plain Exceptions
+    raise CheckpointError(f"{unreadable(params_dir, e)}{_other_steps(params_dir)}") from e
+
+
+def saved_keys(params_dir: str) -> list[str] | None:
+  """The top-level keys of a saved parameter tree, from its metadata (None where that does not
+  read: restoring then says why)."""
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      return sorted(ckptr.metadata(params_dir).item_metadata.tree)
+  except Exception:  # noqa: BLE001 -- a damaged checkpoint: its restore names the file
+    return None
 
 
 def restore_host_leaves(params_dir: str, config: ModelConfig,
@@ -151,25 +329,31 @@ def restore_host_leaves(params_dir: str, config: ModelConfig,
       path = tuple(k.key for k in key_path)
       item = traverse_util.unflatten_dict({path: leaf})
       args = traverse_util.unflatten_dict({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
-      out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=args, partial_restore=True))
+      try:
+        out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+      except Exception as e:  # noqa: BLE001 -- as in load_params
+        raise CheckpointError(f"{unreadable(params_dir, e)}{_other_steps(params_dir)}") from e
       out = traverse_util.flatten_dict(out)[path]
       yield path, out
       del out  # before the next restore: two parameters at once would be the peak
 
 
 def model_files(path: str) -> tuple[str, ModelConfig, str | None]:
-  """(params directory, config, tokenizer path or None) of a saved model or a training workdir."""
+  """(params directory, config, tokenizer path or None) of a saved model or a training workdir;
+  the tokenizer path is the folder holding its files."""
+  from llama_jax.tokenizer import has_tokenizer
   params_dir, config_dir = find_params_dir(path)
-  tokenizer = os.path.join(config_dir, TOKENIZER)
-  return params_dir, read_model_config(config_dir), (tokenizer if os.path.isfile(tokenizer) else None)
+  return params_dir, read_model_config(config_dir), (config_dir if has_tokenizer(config_dir) else None)
 
 
 # --- training workdirs: the state of a run, step by step
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
+  """`create=False` reads an existing workdir without writing to it (resuming: the first write of a
+  run comes after every check)."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max(int(keep), 1), create=True, enable_async_checkpointing=True)
+      max_to_keep=max(int(keep), 1), create=create, enable_async_checkpointing=True)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINTS)), options=options,
       item_names=("params", "opt_state", "meta", "data"))
@@ -201,15 +385,52 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, rng_seed: int, 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
   """(params, opt_state, meta, this process's data state) at `step`, placed as the abstract
   targets' shardings say (which may be another mesh than the one that saved)."""
-  out = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state),
-      meta=ocp.args.JsonRestore(),
-      data=ocp.args.JsonRestore(),
-  ))
-  states = out.data["processes"]
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        meta=ocp.args.JsonRestore(),
+        data=ocp.args.JsonRestore(),
+    ))
+    states = out.data["processes"]
+  except Exception as e:  # noqa: BLE001 -- as in load_params
+    raise unreadable(os.path.join(str(manager.directory), str(step)), e) from e
   if len(states) != jax.process_count():
     raise ValueError(
         f"checkpoint step {step} was written by {len(states)} processes, this run has "
         f"{jax.process_count()}: the data iterators cannot resume exactly")
   return out.params, out.opt_state, out.meta, states[jax.process_index()]
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_params, abstract_opt_state,
+                   warn) -> tuple[int, tuple, list[int]]:
+  """(step, `restore_state`'s tuple, the newer steps that could not be read) for the newest step
+  that reads; each unreadable one is reported through `warn`, in one line, and left where it is."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  skipped = []
+  for step in steps:
+    try:
+      return step, restore_state(manager, step, abstract_params, abstract_opt_state), skipped
+    except CheckpointError as e:
+      warn(str(e))
+      skipped.append(step)
+  raise CheckpointError(f"no checkpoint in {manager.directory} can be read (steps "
+                        f"{', '.join(map(str, steps))}); nothing was moved or deleted")
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+  """Moves unreadable steps to DAMAGED beside the checkpoints (kept for a look, out of the way of
+  the steps the resumed run saves again); their new paths."""
+  moved = []
+  if jax.process_index() == 0:
+    root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED)
+    os.makedirs(root, exist_ok=True)
+    for step in steps:
+      target, n = os.path.join(root, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(root, f"{step}.{n}"), n + 1
+      os.rename(os.path.join(str(manager.directory), str(step)), target)
+      moved.append(target)
+  multihost_utils.sync_global_devices("damaged checkpoints set aside")
+  manager.reload()
+  return moved

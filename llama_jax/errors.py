@@ -14,13 +14,25 @@ T = TypeVar("T")
 EXPECTED = (ValueError, OSError, KeyError)
 
 
-def run_cli(fn: Callable[[], T], expected: tuple = ()) -> T:
+class UsageError(ValueError):
+  """A command line that cannot run (a missing file, an unknown flag or key): exit code 2, as
+  absl and argparse give for a bad flag; other expected errors give 1."""
+
+
+def quiet_logs() -> None:
+  """Leaves out log lines that tell a user nothing: JAX probing for a TPU on every CPU/GPU run
+  ("Unable to initialize backend 'tpu'", INFO, shown by absl's handler under app.run)."""
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def run_cli(fn: Callable[[], T], expected: tuple = ()) -> T:
+  quiet_logs()
   try:
     return fn()
   except EXPECTED + tuple(expected) as e:
     if os.environ.get("LLAMA_JAX_TRACEBACK"):
       raise
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2 if isinstance(e, UsageError) else 1)

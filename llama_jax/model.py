@@ -8,9 +8,10 @@ of each head (the Hugging Face layout); Meta checkpoints are permuted on convers
 At the `jit` boundary the model is a pure function:
   logits = Transformer(cfg).apply({'params': p}, tokens, positions, segment_ids=...)
 
-Decoding reuses the pieces (`embed`, `Block`, `head`) with a key/value cache: `Attention` takes an
-optional cache object of one layer and returns it updated; what the cache holds and how it is
-written is `llama_jax.generate.cache`'s business, not the model's.
+Decoding reuses the pieces (`embed`, `Block`, `norm_head`) with a key/value cache: `Attention` takes
+an optional cache object of one layer and returns it updated; what the cache holds and how it is
+written is `llama_jax.generate.cache`'s business, not the model's. With a cache and no mask the call
+is a prefill from position 0 (causal over its own keys); with a mask it attends over the cache.
 
 Dimension letters: B batch, T query length, S key length, D model dim, N query heads,
 K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V vocabulary, L layers.
@@ -56,6 +57,8 @@ PROJECTIONS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention
                "w2": ("feed_forward", 1)}
 # Projections that read the same input (GPTQ gathers one Hessian for each such group).
 SHARED_INPUTS = (("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",))
+# The model's own top-level parameters; a recipe's tree may hold heads beside them (llama_jax.align).
+MODEL_KEYS = ("tok_embeddings", "layers", "norm", "output")
 
 
 class LayerCache(Protocol):
@@ -85,9 +88,11 @@ def _weight(module: nn.Module, name: str, shape, axes):
 
 
 def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes) -> Array:
-  """One projection: the weight `name` applied by `equation` in the compute dtype. Every matmul
-  weight of a block goes through here. Applied with `mutable=["projection_inputs"]`, the inputs are
-  recorded (GPTQ's calibration reads them); otherwise `sow` does nothing."""
+  """One projection: the weight `name` (logical `shape`) contracted with x as `equation` says, in
+  the compute dtype (`projection.project`: a plain weight stored in param_dtype and cast, as one
+  2-D matmul; or a structured one, quantized or with LoRA adapters). Every matmul weight of a block
+  goes through here. Applied with `mutable=["projection_inputs"]`, the inputs are recorded (GPTQ's
+  calibration reads them); otherwise `sow` does nothing."""
   module.sow("projection_inputs", name, x)
   w = _weight(module, name, shape, axes)
   return projection.project(equation, x, w, module.cfg.dtype)
@@ -162,30 +167,47 @@ class Attention(nn.Module):
                cache: LayerCache | None = None) -> tuple[Array, LayerCache | None]:
     cfg = self.cfg
     d, n, kv, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
-                        "q_proj")  # (B, T, N, H)
-    k = checkpoint_name(_project(self, "wk", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
-                        "k_proj")  # (B, T, K, H)
-    v = checkpoint_name(_project(self, "wv", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
-                        "v_proj")  # (B, T, K, H)
+    if self.has_variable("params", "wqkv"):
+      # The engine's fused layout (`generate.engine.prepare_params`): wq, wk, wv side by side, one
+      # matmul instead of three, which a one-token decode step is launch-bound on.
+      qkv = _project(self, "wqkv", "BTD,DCH->BTCH", x, (d, n + 2 * kv, h), (EMBED, HEADS, HEAD_DIM))
+      q, k, v = jnp.split(qkv, [n, n + kv], axis=2)  # (B, T, N | K | K, H)
+    else:
+      q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
+                          "q_proj")  # (B, T, N, H)
+      k = checkpoint_name(_project(self, "wk", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                          "k_proj")  # (B, T, K, H)
+      v = checkpoint_name(_project(self, "wv", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                          "v_proj")  # (B, T, K, H)
     q, k = rotary(q, rope), rotary(k, rope)
 
     kv_layout = "BSKH"
-    if cache is not None:  # attend over everything cached so far, this call's keys included
+    if cache is not None:
       cache = cache.write(k, v, positions)
-      k, v = cache.read(cfg.dtype)
-      kv_layout = cache.layout
+      if mask is not None:  # decoding: attend over everything cached so far, this call's keys included
+        k, v = cache.read(cfg.dtype)
+        kv_layout = cache.layout
+      # No mask: a prefill from position 0 into an empty cache, so this call's own keys are all
+      # there is to see (causal), and the fused kernel can run on them.
 
-    if cfg.attention_impl == "cudnn":
-      if kv_layout != "BSKH":
-        k, v = (jnp.einsum(f"{kv_layout}->BSKH", a) for a in (k, v))
-      out = cudnn_attention(q, k, v, mask)
-    else:
-      if mask is None:  # plain causal over a sequence that starts at position 0
+    if mask is None:  # plain causal over a sequence that starts at position 0
+      if cfg.attention_impl == "cudnn":
+        out = cudnn_attention(q, k, v, None)
+      else:
         idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        mask = attention_mask(idx, idx)
+        out = xla_attention(q, k, v, attention_mask(idx, idx))
+    elif cfg.attention_impl == "cudnn" and kv_layout == "BSKH":  # packed documents in training
+      out = cudnn_attention(q, k, v, mask)
+    else:  # and every masked attention over the cache (one query per row, per-row positions)
       out = xla_attention(q, k, v, mask, kv_layout)
-    out = _project(self, "wo", "BTNH,NHD->BTD", out, (n, h, d), (HEADS, HEAD_DIM, EMBED))
+    if self.has_variable("params", "wo_t"):
+      # The engine's layout: wo transposed, (D, N*H), so that a one-token step's contraction runs
+      # over the weight's minor axis (XLA turns a matrix-vector product into a multiply and a
+      # reduction; over the major axis that reduction first writes the weight-sized product).
+      out = _project(self, "wo_t", "BTF,DF->BTD", out.reshape(*out.shape[:2], n * h), (d, n * h),
+                     (EMBED, HEADS))
+    else:
+      out = _project(self, "wo", "BTNH,NHD->BTD", out, (n, h, d), (HEADS, HEAD_DIM, EMBED))
     return checkpoint_name(out, "attn_out"), cache
 
 
@@ -195,8 +217,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d, f = self.cfg.dim, self.cfg.hidden_dim
-    gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
-    up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
+    if self.has_variable("params", "w13"):  # the engine's fused layout: w1 and w3 side by side
+      gate, up = jnp.split(_project(self, "w13", "BTD,DF->BTF", x, (d, 2 * f), (EMBED, MLP)), 2, axis=-1)
+    else:
+      gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
+      up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
     out = _project(self, "w2", "BTF,FD->BTD", jax.nn.silu(gate) * up, (f, d), (MLP, EMBED))
     return checkpoint_name(out, "ffn_out")
 
@@ -226,6 +251,28 @@ class _ScannedBlock(nn.Module):
       block = nn.remat(Block, policy=REMAT[self.cfg.remat_policy], prevent_cse=False)
     x, _ = block(self.cfg, name="block")(x, positions, rope, mask)
     return x, None
+
+
+@jax.custom_vjp
+def output_logits(x: Array, w: Array) -> Array:
+  """x (B, T, D) @ w (D, V) -> float32 logits, accumulated and returned in float32 (the loss's
+  softmax wants them exact), while the backward pass runs in x's dtype: the float32 cotangent of
+  the logits would otherwise turn the head's two gradient matmuls, the largest of the model, into
+  float32 (TF32) ones (measured on an H200, TinyLlama batch 8 x 2048: 17 ms of a 231 ms step)."""
+  return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+
+
+def _output_logits_fwd(x, w):
+  return output_logits(x, w), (x, w)
+
+
+def _output_logits_bwd(residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)  # (B, T, V)
+  return jnp.einsum("BTV,DV->BTD", g, w), jnp.einsum("BTD,BTV->DV", x, g).astype(w.dtype)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
 
 
 class Transformer(nn.Module):
@@ -270,7 +317,9 @@ class Transformer(nn.Module):
   def head(self, x: Array) -> Array:
     """Logits in float32: (B, T, D) -> (B, T, V)."""
     w = self.tok_embeddings.T if self.cfg.tie_embeddings else self.output
-    return projection.project("BTD,DV->BTV", x, w, x.dtype, out_dtype=jnp.float32)
+    if projection.is_structured(w):  # a quantized head: dequantized inside its matmul
+      return projection.project("BTD,DV->BTV", x, w, x.dtype, out_dtype=jnp.float32)
+    return output_logits(x, w.astype(x.dtype))
 
   def norm_head(self, x: Array) -> Array:
     """The final RMSNorm and the output head: (B, T, D) last block output -> float32 logits."""

@@ -23,3 +23,123 @@ def train_word_tokenizer(root, vocab_size: int):
                                  vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
                                  minloglevel=2)
   return root / "sp.model"
+
+
+# --- Hugging Face tokenizer folders, built with the `tokenizers` library (no download)
+
+HF_WORDS = ("the cat sat on a mat dog ran to big small red blue tree house hello world what is color "
+            "of sky sea grass green name fruit apple say good morning how are you fine thanks 你好 世界 "
+            "中文 😀 🎉 café naïve def return self").split()
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2_CHAT = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message "
+               "= messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false "
+               "%}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 "
+               "== 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
+               "system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = "
+               "message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+               "content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() "
+               "+ ' ' + eos_token }}{% endif %}{% endfor %}")
+ZEPHYR_CHAT = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + "
+               "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + "
+               "message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  "
+               "+ message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n"
+               "{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def _hf_corpus():
+  import random
+  rng = random.Random(0)
+  lines = [" ".join(rng.choice(HF_WORDS) for _ in range(rng.randint(3, 15))) for _ in range(1500)]
+  return lines + ["def f(x):\n    return x  +  1\n\n\tindent"] * 30 + ["user assistant system"] * 30
+
+
+def write_hf_tokenizer(folder, style: str, vocab_size: int = 500, **config):
+  """A tokenizer folder in the style of a real model family, trained on a small corpus:
+    llama3  byte-level BPE with Llama 3's pre-tokenizer, <|begin_of_text|> prepended, header tokens,
+            eos <|eot_id|> and generation_config.json's two EOS ids, the Llama 3 chat template
+    chatml  GPT-2 byte-level BPE (tokenizer_class GPT2Tokenizer, as SmolLM2), <|im_start|> /
+            <|im_end|> / <|endoftext|>, no BOS added, the ChatML template
+    llama2  SentencePiece-style BPE with byte fallback (Llama 2's tokenizer.json layout: normalizer
+            prepending "▁", <0xXX> byte pieces at ids 3..258), tokenizer_class LlamaTokenizerFast,
+            <s> prepended, the Llama 2 chat template
+  `config` entries go into tokenizer_config.json (e.g. legacy, tokenizer_class, chat_template)."""
+  import json
+  import os
+
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+  from tokenizers import processors, trainers
+  os.makedirs(folder, exist_ok=True)
+  corpus = _hf_corpus()
+  if style in ("llama3", "chatml"):
+    tok = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    if style == "llama3":
+      tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+      tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if style == "llama3":
+      specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+      tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+      bos = tok.token_to_id(specials[0])
+      tok.post_processor = processors.Sequence([
+          processors.ByteLevel(trim_offsets=False),
+          processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                        special_tokens=[("<|begin_of_text|>", bos)])])
+      cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0], "eos_token": "<|eot_id|>",
+             "chat_template": LLAMA3_CHAT, "clean_up_tokenization_spaces": False}
+      generation = {"bos_token_id": bos, "eos_token_id": [tok.token_to_id(specials[1]), tok.token_to_id("<|eot_id|>")],
+                    "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    else:
+      specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+      tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+      tok.post_processor = processors.ByteLevel(trim_offsets=False)
+      cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+             "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "add_prefix_space": False,
+             "chat_template": CHATML, "clean_up_tokenization_spaces": False}
+      generation = {"bos_token_id": tok.token_to_id("<|im_start|>"), "eos_token_id": tok.token_to_id("<|im_end|>")}
+    tok.save(os.path.join(folder, "tokenizer.json"))
+  elif style == "llama2":
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"] + byte_pieces))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    path = os.path.join(folder, "tokenizer.json")
+    tok.save(path)
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+    # Llama 2's byte pieces are vocabulary entries, not added tokens.
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(spec, f, ensure_ascii=False)
+    cfg = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "legacy": False, "pad_token": None,
+           "chat_template": LLAMA2_CHAT, "clean_up_tokenization_spaces": False}
+    generation = {"bos_token_id": 1, "eos_token_id": 2}
+  else:
+    raise ValueError(style)
+  cfg.update(config)
+  with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({k: v for k, v in cfg.items() if v is not ...}, f, ensure_ascii=False)  # ...: leave the key out
+  with open(os.path.join(folder, "generation_config.json"), "w") as f:
+    json.dump(generation, f)
+  if not os.path.exists(os.path.join(folder, "config.json")):  # what AutoTokenizer reads the model type from
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                 "vocab_size": max(tok.get_vocab().values()) + 1}, f)
+  return folder

@@ -62,7 +62,7 @@ def test_segments_concatenate_and_mark_exactly_the_answers(name):
   if name == "llama-2":
     assert answers == ["Hi there. </s>", "I am good. </s>"]
   else:
-    assert answers == ["Hi there.</s>", "I am good.</s>"]
+    assert answers == [f"Hi there.{t.stop_token}", f"I am good.{t.stop_token}"]
   # the prompt for turn 2 is the training text up to the second answer
   prompt = t.render_prompt(CONVERSATION[:3])
   assert t.render(CONVERSATION).startswith(prompt)
@@ -94,3 +94,109 @@ def test_encode_maps_markers_to_ids_and_masks_answers(tokenizer):
   # the generation prompt's ids are a prefix of the training ids
   prompt = t.encode_prompt(CONVERSATION[:3], tokenizer)
   assert ids[:len(prompt)] == prompt
+
+
+# --- Jinja templates, against transformers' apply_chat_template on the same folders
+
+import transformers  # noqa: E402
+from conftest import CHATML, LLAMA2_CHAT, LLAMA3_CHAT, ZEPHYR_CHAT, write_hf_tokenizer  # noqa: E402
+
+from llama_jax.tokenizer import load_tokenizer  # noqa: E402
+
+SYSTEM = [{"role": "system", "content": "You are terse."}]
+UNICODE = [{"role": "user", "content": "  你好 😀\n\nwhat is  the color?"},
+           {"role": "assistant", "content": "Blue 🎉, café."}]
+JINJA = {  # name: (tokenizer style, template)
+    "chatml": ("chatml", CHATML),
+    "llama3": ("llama3", LLAMA3_CHAT),
+    "llama2": ("llama2", LLAMA2_CHAT),
+    "zephyr": ("chatml", ZEPHYR_CHAT),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(JINJA))
+def jinja_folder(request, tmp_path_factory):
+  style, template = JINJA[request.param]
+  return write_hf_tokenizer(tmp_path_factory.mktemp(request.param), style, chat_template=template)
+
+
+@pytest.mark.parametrize("messages", [CONVERSATION, SYSTEM + CONVERSATION, UNICODE], ids=["plain", "system", "unicode"])
+def test_jinja_renders_and_encodes_as_transformers(jinja_folder, messages):
+  tok, theirs = load_tokenizer(jinja_folder), transformers.AutoTokenizer.from_pretrained(jinja_folder)
+  template = chat.template_for(tok)
+  assert isinstance(template, chat.JinjaTemplate)
+  assert template.render(messages) == theirs.apply_chat_template(messages, tokenize=False)
+  prompt = messages[:-1]
+  assert template.render_prompt(prompt) == theirs.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+  ids, mask = template.encode(messages, tok)
+  assert ids == theirs.apply_chat_template(messages)["input_ids"]
+  assert template.encode_prompt(prompt, tok) == theirs.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"]
+  # The answer tokens are the assistants' contents and the end marker after each; nothing else.
+  answers = [m["content"].strip() for m in messages if m["role"] == "assistant"]
+  runs, run = [], []
+  for i, m in zip(ids, mask):
+    if m:
+      run.append(i)
+    elif run:
+      runs, run = runs + [run], []
+  runs += [run] if run else []
+  assert [tok.decode(r).strip() for r in runs] == answers
+  assert all(r[-1] in tok.eos_ids for r in runs)  # each answer ends with the template's end token
+  assert not any(a in tok.decode([i for i, m in zip(ids, mask) if not m]) for a in answers)
+
+
+def test_jinja_answer_mask_equals_transformers_generation_blocks(tmp_path):
+  # transformers marks the assistant's tokens itself where a template wraps them in
+  # {% generation %}: the mask derived from the rendered turns must be the same.
+  tracked = CHATML.replace("message['content'] + '<|im_end|>' + '\n'}}",
+                           "''}}{% if message['role'] == 'assistant' %}{% generation %}"
+                           "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+                           "{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}")
+  folder = write_hf_tokenizer(tmp_path, "chatml", chat_template=tracked)
+  tok, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+  for messages in (CONVERSATION, SYSTEM + CONVERSATION, UNICODE):
+    out = theirs.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = chat.template_for(tok).encode(messages, tok)
+    assert ids == out["input_ids"] and [int(m) for m in mask] == out["assistant_masks"]
+
+
+def test_builtin_chatml_is_the_chatml_template(tmp_path):
+  tok = load_tokenizer(write_hf_tokenizer(tmp_path, "chatml"))
+  builtin, jinja = chat.get_template("chatml"), chat.JinjaTemplate(CHATML)
+  for messages in (CONVERSATION, SYSTEM + CONVERSATION, UNICODE):
+    assert builtin.render(messages) == jinja.render(messages)
+    assert builtin.render_prompt(messages[:-1]) == jinja.render_prompt(messages[:-1])
+    assert builtin.encode(messages, tok)[0] == jinja.encode(messages, tok)[0]
+  assert tok.token_to_id("<|im_end|>") in builtin.stop_ids(tok)
+
+
+def test_template_for_picks_the_models_own_unless_named(jinja_folder, tokenizer):
+  tok = load_tokenizer(jinja_folder)
+  assert isinstance(chat.template_for(tok, "auto"), chat.JinjaTemplate)
+  assert chat.template_for(tok, "llama-2") is chat.get_template("llama-2")
+  assert chat.template_for(tokenizer) is chat.get_template("vicuna_v1.1")  # SentencePiece, no template
+  with_system = chat.template_for(tok).with_system("Be kind.")
+  assert with_system.render(CONVERSATION) == chat.template_for(tok).render(
+      [{"role": "system", "content": "Be kind."}] + CONVERSATION)
+
+
+def test_jinja_errors_are_one_line():
+  with pytest.raises(ValueError, match="No filter named 'shout'") as e:
+    chat.JinjaTemplate("{{ messages[0]['content'] | shout }}")
+  assert "\n" not in str(e.value)
+  t = chat.JinjaTemplate(LLAMA2_CHAT, {"bos_token": "<s>", "eos_token": "</s>"})
+  with pytest.raises(ValueError, match="Conversation roles must alternate") as e:
+    t.render([CONVERSATION[0], CONVERSATION[0]])
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="chat template"):
+    chat.JinjaTemplate("{{ ().__class__.__mro__ }}").render(CONVERSATION)  # the sandbox
+  with pytest.raises(ValueError, match="chat template"):
+    chat.JinjaTemplate("{% set ns = namespace() %}{% set ns._x = 1 %}").render(CONVERSATION)
+
+
+def test_jinja_tojson_and_sandbox_helpers_match_transformers(tmp_path):
+  template = ("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2, sort_keys=True) }}|"
+              "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}")
+  folder = write_hf_tokenizer(tmp_path, "chatml", chat_template=template)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  assert chat.template_for(load_tokenizer(folder)).render(UNICODE) == theirs.apply_chat_template(UNICODE, tokenize=False)

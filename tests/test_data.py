@@ -140,6 +140,30 @@ def test_packing_keeps_every_token_once_per_epoch(tmp_path, tok):
   assert batches[-1]["loss_mask"][-1].sum() == 0 and batches[0]["loss_mask"].all()
 
 
+@pytest.mark.parametrize("document_attention", [False, True])
+def test_documents_shorter_than_a_window_keep_their_last_token(tmp_path, tok, document_attention):
+  # Every document here is a few tokens: several share each window. Each keeps its EOS in the
+  # stream, and every target that is a document's own token (its EOS included) counts in the loss.
+  docs = make_docs("doc", 40, 21, 1, 3)
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs), 1.0, 1)}, document_attention=document_attention)
+  batches = list(data.make_iterator(cfg, tok, seq_len=32, global_batch_size=2, seed=0))
+  seen, stream = docs_of_stream(tok, batches)
+  assert sorted(seen) == sorted(docs)
+  lengths = [len(tok.encode(d, bos=True, eos=True)) for d in docs]
+  real = stream[:sum(lengths)]  # one source, one file: the documents in order, then padding
+  assert (real == tok.eos_id).sum() == (real == tok.bos_id).sum() == len(docs)
+  # Windows of 33 tokens do not overlap: an EOS is a target unless it opens a window.
+  eos_targets = sum(1 for p in np.flatnonzero(real == tok.eos_id) if p % 33)
+  targets = np.concatenate([b["targets"] for b in batches])
+  mask = np.concatenate([b["loss_mask"] for b in batches])
+  assert ((targets == tok.eos_id) & (mask == 1)).sum() == eos_targets
+  starts = range(0, len(real), 33)  # a window's first token is no window's target
+  if document_attention:  # and a BOS is not predicted across documents
+    assert mask.sum() == len(real) - len(docs) - sum(1 for p in starts if real[p] != tok.bos_id)
+  else:
+    assert mask.sum() == len(real) - len(starts)
+
+
 def test_packing_two_sources_counts_every_token(tmp_path, tok):
   docs_a, docs_b = make_docs("doc", 30, 16), make_docs("src", 20, 17, 50, 900)
   cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs_a), 0.3, 1),

@@ -327,3 +327,25 @@ def test_short_text_is_an_error_naming_the_file(tmp_path):
   no_text.write_text('{"text": "the"}\n{"title": "x"}\n')
   with pytest.raises(EvalDataError, match=r'no_text.jsonl:2: line has no string field "text"'):
     perplexity.perplexity_file(model, str(no_text))
+
+
+def test_cli_perplexity_on_a_tokenizer_json_folder(tmp_path, capsys):
+  # A Hugging Face folder with a Llama 3-style tokenizer.json: the text's ids are AutoTokenizer's.
+  from conftest import write_hf_tokenizer
+
+  from llama_jax.evaluate.__main__ import main
+  folder = write_hf_tokenizer(tmp_path / "model", "llama3")
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  torch_model = transformers.LlamaForCausalLM(config).eval()
+  torch_model.save_pretrained(folder)
+  text = "你好 the cat 😀 sat on the mat\n\n  and the dog ran far away from the big red tree house " * 3
+  (tmp_path / "text.txt").write_text(text)
+  assert main(["perplexity", "--model", str(folder), "--data", str(tmp_path / "text.txt"), "--seq_len", "32",
+               "--no_progress"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  tokens = transformers.AutoTokenizer.from_pretrained(folder)(data.read_text(str(tmp_path / "text.txt")))["input_ids"]
+  ref = _torch_guide_perplexity(torch_model, tokens, 32, 32)
+  assert result["tokens"] == ref["tokens"] and len(tokens) > 64
+  np.testing.assert_allclose(result["perplexity"], ref["perplexity"], rtol=1e-4)

@@ -118,3 +118,111 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, case):
   assert "Traceback" not in r.stderr
   lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and expected in lines[0], r.stderr
+
+
+# --- Hugging Face folders with a tokenizer.json: sampling defaults, templates, bad input
+
+def test_generation_config_defaults_apply_unless_a_flag_is_given():
+  from llama_jax.generate.cli import parse_args, resolve_sampling
+  generation = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 12}
+  args = parse_args(["--checkpoint", "x", "--top_p", "0.5"])
+  resolve_sampling(args, generation)
+  assert (args.temperature, args.top_p, args.top_k, args.max_new_tokens) == (0.7, 0.5, 20, 12)
+  args = parse_args(["--checkpoint", "x"])
+  resolve_sampling(args, {"do_sample": False, "temperature": 0.7})
+  assert (args.temperature, args.top_p, args.top_k, args.max_new_tokens) == (0.0, 0.9, 0, 256)
+  args = parse_args(["--checkpoint", "x", "--temperature", "1.0"])
+  resolve_sampling(args, {"do_sample": False})
+  assert args.temperature == 1.0
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+  """A random tiny model exported as a Hugging Face folder with a Llama 3-style tokenizer.json."""
+  from conftest import write_hf_tokenizer
+
+  from llama_jax.tokenizer import load_tokenizer
+  root = tmp_path_factory.mktemp("hf")
+  tok = load_tokenizer(write_hf_tokenizer(root / "tok", "llama3"))
+  cfg = TINY.replace(vocab_size=512)
+  llama_jax.Model(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0))), tok).export_hf(str(root / "model"))
+  return root / "model"
+
+
+def _variant(source, destination, **files):
+  import shutil
+  shutil.copytree(source, destination)
+  for name, content in files.items():
+    path = destination / name.replace("__", ".")
+    if content is None:
+      path.unlink()
+    elif isinstance(content, dict):
+      config = json.loads(path.read_text()) if path.exists() else {}
+      config.update(content)
+      path.write_text(json.dumps(config))
+    else:
+      path.write_text(content)
+  return destination
+
+
+def _one_error_line(capsys, argv, stdin=""):
+  code, _ = _main(argv, stdin=stdin)
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+  return lines[0]
+
+
+def test_hf_folder_bad_input_is_one_clear_line(hf_checkpoint, tmp_path, capsys):
+  from conftest import write_hf_tokenizer
+  bad_json = _variant(hf_checkpoint, tmp_path / "bad_json", tokenizer__json="{not json")
+  assert "not valid JSON" in _one_error_line(capsys, ["--checkpoint", bad_json, "--prompt", "hi"])
+  assert "tokenizer.json" in _one_error_line(capsys, ["--checkpoint", hf_checkpoint, "--tokenizer",
+                                                      bad_json / "tokenizer.json", "--prompt", "hi"])
+  raises = _variant(hf_checkpoint, tmp_path / "raises",
+                    tokenizer_config__json={"chat_template": "{{ raise_exception('this model does not chat') }}"})
+  assert "chat template: this model does not chat" in _one_error_line(
+      capsys, ["--checkpoint", raises, "--chat", *GREEDY], stdin="hi\n")
+  filters = _variant(hf_checkpoint, tmp_path / "filter", tokenizer_config__json={"chat_template": "{{ messages | shout }}"})
+  assert "No filter named 'shout'" in _one_error_line(capsys, ["--checkpoint", filters, "--chat", *GREEDY], stdin="hi\n")
+  big = _variant(hf_checkpoint, tmp_path / "big", tokenizer__json=None, tokenizer_config__json=None)
+  write_hf_tokenizer(big, "llama3")
+  import tokenizers
+  reserved = tokenizers.Tokenizer.from_file(str(big / "tokenizer.json"))
+  reserved.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(100)])  # as Llama 3's
+  reserved.save(str(big / "tokenizer.json"))
+  line = _one_error_line(capsys, ["--checkpoint", big, "--prompt", "hi"])
+  assert "tokens but the model's embedding has 512 rows" in line
+  bare = _variant(hf_checkpoint, tmp_path / "bare", tokenizer__json=None, tokenizer_config__json=None)
+  line = _one_error_line(capsys, ["--checkpoint", bare, "--prompt", "hi"])
+  assert "has no tokenizer" in line and "--tokenizer PATH" in line
+
+
+def test_hf_folder_chat_uses_its_template_and_stops_at_any_eos(hf_checkpoint):
+  import transformers
+
+  from llama_jax.generate.generator import generate_tokens
+  model = llama_jax.load(hf_checkpoint)
+  theirs = transformers.AutoTokenizer.from_pretrained(hf_checkpoint)
+  code, out = _main(["--checkpoint", hf_checkpoint, "--chat", *GREEDY], stdin="the cat\n")
+  assert code == 0
+  ids = theirs.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True)["input_ids"]
+  new = generate_tokens(model.config, model.params, [ids], 8, eos_ids=model.tokenizer.eos_ids)[0]
+  answer = model.tokenizer.decode([t for t in new if t not in model.tokenizer.eos_ids]).strip()
+  assert out.splitlines() == [f"assistant: {answer}"]
+  assert len(model.tokenizer.eos_ids) == 2
+
+
+def test_generation_stops_at_an_eos_id_of_generation_config(hf_checkpoint, tmp_path):
+  # Make the token the model picks first one of generation_config.json's EOS ids: generation ends there.
+  model = llama_jax.load(hf_checkpoint)
+  prompt = model.tokenizer.encode("the cat")
+  first = model.generate([prompt], max_new_tokens=1)[0][-1]
+  assert first not in model.tokenizer.eos_ids
+  generation = json.loads((hf_checkpoint / "generation_config.json").read_text())
+  variant = _variant(hf_checkpoint, tmp_path / "stop",
+                     generation_config__json={"eos_token_id": list(model.tokenizer.eos_ids) + [first]})
+  code, out = _main(["--checkpoint", variant, "--prompt", "the cat", "--output", "-", *GREEDY])
+  record = json.loads(out)
+  assert code == 0 and record["num_tokens"] == 1 and record["stopped_at_eos"] and record["completion"] == ""
+  assert generation["eos_token_id"] == list(model.tokenizer.eos_ids)  # the export wrote them all

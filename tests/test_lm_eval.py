@@ -113,3 +113,31 @@ def test_lm_eval_command_line_runs_a_task_on_disk(lm, tmp_path):
   results = [p for p in (tmp_path / "out").rglob("results*.json")]
   acc = json.loads(results[0].read_text())["results"]["tiny_mc"]["acc,none"]
   assert acc == 0.5  # the same context, labels alternating: one choice is always picked
+
+
+def test_tokenizer_json_without_bos_matches_transformers(tmp_path):
+  # A ChatML-style tokenizer.json adds no BOS: the rolling windows start from EOS (lm-eval's HFLM's
+  # prefix token then), and the text's ids are transformers'.
+  import transformers
+  from conftest import write_hf_tokenizer
+  folder = write_hf_tokenizer(tmp_path, "chatml", tokenizer_class="PreTrainedTokenizerFast", bos_token=...)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+  model.save_pretrained(folder)
+  lm = lm_eval_harness.LlamaJaxLM(path=str(folder), batch_size=4, max_length=16)
+  assert lm.tok.bos_id is None is theirs.bos_token_id and not lm.tok.add_bos
+  text = "你好 the cat sat on a mat 😀 and the dog ran to the big red tree house"
+  [ours] = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+  tokens = theirs(text)["input_ids"]
+  assert lm.tok.encode(text, bos=False) == tokens and len(tokens) > 16
+  ref = 0.0
+  for context, predicted in map(lm_utils.make_disjoint_window,
+                                lm_utils.get_rolling_token_windows(tokens, theirs.eos_token_id, 16, 1)):
+    ref += _torch_logprobs(model, list(context) + list(predicted))[0][len(context) - 1:].sum()
+  np.testing.assert_allclose(ours, ref, rtol=1e-4)

@@ -252,3 +252,27 @@ def test_save_load_round_trip(tmp_path):
 def test_load_missing_path_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     llama_jax.load(tmp_path / "nope")
+
+
+def test_output_head_gradients_run_in_the_compute_dtype_and_match_float32():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 40)) * 0.1, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(2, 3, 40)), jnp.float32)
+
+  def loss(fn, x, w):
+    return jnp.sum(fn(x, w) * t)
+
+  plain = lambda x, w: jnp.einsum("BTD,DV->BTV", x, w)  # noqa: E731
+  for ours, ref in zip(jax.grad(loss, (1, 2))(M.output_logits, x, w), jax.grad(loss, (1, 2))(plain, x, w)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+  # bfloat16 inputs: float32 logits, bfloat16 gradients (no float32 matmul in the backward pass)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  assert M.output_logits(xb, wb).dtype == jnp.float32
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: loss(M.output_logits, x, w), (0, 1)))(xb, wb)
+  backward = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]  # the forward's is inside
+  assert len(backward) == 2 and all(v.aval.dtype == jnp.bfloat16 for e in backward for v in e.invars)
+  gx, gw = jax.grad(lambda x, w: loss(M.output_logits, x, w), (0, 1))(xb, wb)
+  ref_x, ref_w = jax.grad(loss, (1, 2))(plain, x, w)
+  assert float(jnp.linalg.norm(gx.astype(jnp.float32) - ref_x) / jnp.linalg.norm(ref_x)) < 1e-2
+  assert float(jnp.linalg.norm(gw.astype(jnp.float32) - ref_w) / jnp.linalg.norm(ref_w)) < 1e-2

@@ -304,8 +304,12 @@ def test_decode_step_makes_no_full_precision_copy_of_the_weights():
   params = nn.unbox(M.init_params(cfg, jax.random.key(0)))
   q, _ = quantize_params(cfg, params, Grid(8), Options("rtn"))
   prepared = engine.prepare_params(cfg, q)
-  assert projection.is_quantized(prepared.layers[0]["attention"]["wq"])
-  assert prepared.layers[0]["attention"]["wq"].scales.dtype == jnp.float16  # not cast: as stored
+  # The fused decode layout (engine.fuse_layer): wq|wk|wv and w1|w3 side by side, still integers;
+  # wo stays wo (not transposed: its groups run along its inputs).
+  attention, ffn = prepared.layers[0]["attention"], prepared.layers[0]["feed_forward"]
+  assert set(attention) == {"wqkv", "wo"} and set(ffn) == {"w13", "w2"}
+  assert all(map(projection.is_quantized, (attention["wqkv"], attention["wo"], ffn["w13"], ffn["w2"])))
+  assert attention["wqkv"].scales.dtype == jnp.float16  # not cast: as stored
   from llama_jax.generate.generator import make_batch
   from llama_jax.generate.sampling import SamplingParams
   batch = make_batch(cfg, [[1, 2, 3]], [0], 8)

@@ -96,6 +96,18 @@ def expected_vicuna(tok, pairs):
   return ids, mask
 
 
+def one_window(tmp_path, tok, record, ids):
+  """The batch of a source holding one conversation that is exactly one window (seq_len + 1
+  tokens: nothing split, nothing truncated); its inputs and targets are `ids`, shifted."""
+  path = write_jsonl(tmp_path / "c.jsonl", [record])
+  cfg = config({"chat": data.source(path, 1.0, epochs=1, format="sharegpt")})
+  batches = list(data.make_iterator(cfg, tok, seq_len=len(ids) - 1, global_batch_size=1))
+  assert len(batches) == 1
+  np.testing.assert_array_equal(batches[0]["inputs"][0], ids[:-1])
+  np.testing.assert_array_equal(batches[0]["targets"][0], ids[1:])
+  return batches[0]
+
+
 def test_mask_covers_exactly_the_assistant_tokens(tmp_path, tok):
   pairs = [("Good morning, how are you?", "I am fine, thanks!"),
            ("Tell me about cats.", "They are small animals that like to sleep."),
@@ -105,14 +117,7 @@ def test_mask_covers_exactly_the_assistant_tokens(tmp_path, tok):
   # "Ω" is not in the vocabulary: the space before it is a token of its own, and it counts (the
   # generation prompt ends at "ASSISTANT:", so the model has to produce that space).
   assert tok.sp.id_to_piece(tok.sp.encode("Ω is omega.")[0]) == "\u2581"
-  path = write_jsonl(tmp_path / "c.jsonl", [sharegpt(pairs)])
-  # The conversation is exactly one window (seq_len + 1 tokens): nothing split, nothing truncated.
-  cfg = config({"chat": data.source(path, 1.0, epochs=1, format="sharegpt")})
-  batches = list(data.make_iterator(cfg, tok, seq_len=len(ids) - 1, global_batch_size=1))
-  assert len(batches) == 1
-  b = batches[0]
-  np.testing.assert_array_equal(b["inputs"][0], ids[:-1])
-  np.testing.assert_array_equal(b["targets"][0], ids[1:])
+  b = one_window(tmp_path, tok, sharegpt(pairs), ids)
   np.testing.assert_array_equal(b["loss_mask"][0], np.array(mask[1:], np.float32))  # shifted: targets
   np.testing.assert_array_equal(b["segment_ids"][0], 1)
   np.testing.assert_array_equal(b["positions"][0], np.arange(len(ids) - 1))
@@ -386,3 +391,24 @@ def test_a_tokenizer_trains_on_conversation_sources(tmp_path):
   # Trained on the rendered text (system line and role tags included), not on the JSON.
   pieces = {tok.sp.id_to_piece(i) for i in range(tok.vocab_size)}
   assert "▁ASSISTANT" in pieces and not any("conversations" in p or "gpt" in p for p in pieces)
+
+
+def test_auto_template_is_the_models_own(tmp_path):
+  # A tokenizer.json folder with a ChatML template: the source's default template ("auto") is the
+  # model's own, so the ids are transformers' apply_chat_template's and the loss counts the answers
+  # and the <|im_end|> after each.
+  import transformers
+  from conftest import write_hf_tokenizer
+
+  from llama_jax.tokenizer import load_tokenizer
+  folder = write_hf_tokenizer(tmp_path / "tok", "chatml")
+  tok, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+  pairs = CHATS[1]
+  messages = [{"role": "system", "content": "Be brief."}]
+  for q, a in pairs:
+    messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+  ids = theirs.apply_chat_template(messages)["input_ids"]
+  b = one_window(tmp_path, tok, sharegpt(pairs, system="Be brief."), ids)
+  counted = [t for t, m in zip(b["targets"][0], b["loss_mask"][0]) if m]
+  assert tok.decode(counted) == "".join(a for _, a in pairs)
+  assert counted.count(tok.token_to_id("<|im_end|>")) == len(pairs) and counted[-1] == tok.eos_id

@@ -105,3 +105,36 @@ def test_extend_resizes_checkpoint_rows_with_the_mean(models, tmp_path, capsys):
                "--output", str(tmp_path / "m2.model"), "--checkpoint", str(tmp_path / "ckpt"),
                "--checkpoint_output", str(tmp_path / "r2")]) == 1
   assert "is not the base tokenizer's" in capsys.readouterr().err
+
+
+def test_export_for_transformers_gives_sentencepiece_ids(models, tmp_path):
+  import transformers
+
+  from llama_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+  tok = Tokenizer(models / "merged.model")
+  assert isinstance(tok, SentencePieceTokenizer)
+  tok.save(tmp_path, for_transformers=True)
+  theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+  assert isinstance(ours, HFTokenizer)
+  rng = random.Random(3)
+  pieces = LATIN + GREEK + ["日本語", "😀", " ", "  ", "\t", "\n", "    ", "2024", "x1", "(", ")", ":"]
+  texts = ["the river", " leading", "   three spaces", "tabs\tand\n\nnewlines", "", " ", "λόγος 日本 😀🎉"]
+  texts += ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 30)))
+            for _ in range(400)]
+  for text in texts:
+    ids = tok.encode(text)
+    assert theirs(text)["input_ids"] == ids == ours.encode(text), text
+    assert theirs.decode(ids, skip_special_tokens=True) == tok.decode(ids) == ours.decode(ids), text
+  assert (theirs.bos_token_id, theirs.eos_token_id) == (tok.bos_id, tok.eos_id)
+  # The folder's own SentencePiece model is still there for sentencepiece readers.
+  assert Tokenizer(tmp_path / "tokenizer.model").encode("the river") == tok.encode("the river")
+
+
+def test_sentencepiece_reads_special_strings_only_with_offsets(models):
+  tok = Tokenizer(models / "base.model")
+  text = "the river</s>stone"
+  assert tok.eos_id not in tok.encode(text, bos=False)  # sentencepiece: "</s>" is text
+  tokens = tok.encode_with_offsets(text)
+  assert [i for i, _, _ in tokens].count(tok.eos_id) == 1
+  assert all(text[b:e] == "</s>" for i, b, e in tokens if i == tok.eos_id)
+  assert "".join(text[b:e] for _, b, e in tokens).replace(" ", "") == text.replace(" ", "")

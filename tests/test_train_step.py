@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from llama_jax.config import ModelConfig
@@ -113,3 +114,85 @@ def test_loss_falls_on_a_learnable_sequence():
     state, metrics = step(state, batch)
     losses.append(float(metrics["train/loss"]))
   assert losses[0] > 3.5 and losses[-1] < 0.5, (losses[0], losses[-1])
+
+
+def test_bfloat16_moments_follow_float32_adamw_and_store_half_the_bytes():
+  import ml_collections
+  from llama_jax.train.optimizer import make_optimizer
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32),
+            "norm": jnp.ones((8,), jnp.float32)}
+  base = dict(lr=1e-2, warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.95,
+              eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    tx = make_optimizer(ml_collections.ConfigDict(dict(base, moments_dtype=dtype)), 100)
+    state, p = tx.init(params), params
+    for step in range(20):
+      grads = jax.tree.map(lambda x: jnp.sin(x * (step + 1)), p)
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    runs[dtype] = (p, state)
+  moments = [x for x in jax.tree.leaves(runs["bfloat16"][1]) if x.ndim]
+  assert moments and all(x.dtype == jnp.bfloat16 for x in moments)
+  for a, b in zip(jax.tree.leaves(runs["float32"][0]), jax.tree.leaves(runs["bfloat16"][0])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-3)
+
+
+def test_reported_loss_is_the_mean_over_counted_tokens_only():
+  # An independent reference: optax's cross-entropy of the model's logits, averaged over the
+  # unmasked positions (a loss divided by every position would be smaller by the masked share).
+  opt = _opt()
+  tx = make_optimizer(opt, 100)
+  state = _state(tx)
+  batch = _batch(3, 12, seed=5)
+  batch["loss_mask"][0, :7] = 0.0  # a third of the first row masked, on top of the random mask
+  _, metrics = jax.jit(make_train_step(CFG, tx, opt, learning_rate_schedule(opt, 100)))(state, batch)
+  from llama_jax.model import forward
+  logits = forward(CFG, state.params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]))
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(batch["targets"])))
+  mask = batch["loss_mask"]
+  np.testing.assert_allclose(float(metrics["train/loss"]), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+  assert abs((ce * mask).sum() / mask.size - float(metrics["train/loss"])) > 1e-3
+
+
+def test_the_optimizer_clips_the_global_norm_before_adamw():
+  # The reference chain written out with optax: clip_by_global_norm(1.0), then AdamW. Gradients
+  # whose norms vary around the threshold make the two differ if clipping were missing (Adam's
+  # update is scale-free only for a constant scale).
+  opt = _opt(warmup_steps=0, clip_norm=1.0)
+  ours = make_optimizer(opt, 100)
+  schedule = learning_rate_schedule(opt, 100)
+  adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                      mask=decay_mask)
+  reference = optax.chain(optax.clip_by_global_norm(1.0), adamw)
+  params = nn.unbox(init_params(CFG, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  states = [tx.init(params) for tx in (ours, reference, adamw)]
+  outs = [params, params, params]
+  for scale in (30.0, 0.2, 5.0, 0.05):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32) * scale, params)
+    grads = jax.tree.map(lambda g: g / optax.tree.norm(grads) * scale, grads)  # global norm = scale
+    for i, tx in enumerate((ours, reference, adamw)):
+      updates, states[i] = tx.update(grads, states[i], outs[i])
+      outs[i] = optax.apply_updates(outs[i], updates)
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  unclipped = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[2])))
+  assert unclipped > 1e-4  # the test can tell clipping from no clipping
+
+
+def test_adamw_decays_matrices_and_leaves_norm_weights_alone():
+  # With zero gradients AdamW's update is the decoupled decay alone: p <- p (1 - lr * wd) where
+  # the mask says so. RMSNorm weights (ones) must come out exactly unchanged.
+  opt = _opt(warmup_steps=0, weight_decay=0.5, lr=0.1, min_lr_ratio=1.0)
+  tx = make_optimizer(opt, 10)
+  params = nn.unbox(init_params(CFG, jax.random.key(0)))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(new["norm"]["weight"]), np.asarray(params["norm"]["weight"]))
+  np.testing.assert_array_equal(np.asarray(new["layers"]["block"]["ffn_norm"]["weight"]),
+                                np.asarray(params["layers"]["block"]["ffn_norm"]["weight"]))
+  w = params["layers"]["block"]["attention"]["wq"]
+  np.testing.assert_allclose(np.asarray(new["layers"]["block"]["attention"]["wq"]),
+                             np.asarray(w) * (1 - 0.1 * 0.5), rtol=1e-6)

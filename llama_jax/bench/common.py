@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import jax
 
 # Peak memory bandwidth per device (vendors' datasheets), matched as metrics.PEAK_FLOPS is: every
@@ -30,3 +33,27 @@ def device_info() -> dict:
   stats = device.memory_stats() or {}
   return {"device": f"{jax.device_count()}x {device.device_kind}",
           "peak_mem_gb": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)}
+
+
+def profiled(profile_dir: str):
+  """A jax.profiler trace into `profile_dir` around the timed region only (not the compilation
+  and autotuning before it, which would swamp a kernel summary); nothing if empty."""
+  return jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
+
+
+def time_steps(step, state, batch, warmup: int, steps: int, metric: str, profile_dir: str = ""):
+  """(state, seconds of the `warmup` untimed steps (compilation, autotuning), seconds per timed
+  step, the last step's `metric`), reading the metric being the host sync that ends the timed
+  region; with `profile_dir`, a jax.profiler trace of the timed steps only."""
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  with profiled(profile_dir):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, batch)
+    value = float(m[metric])
+    step_s = (time.perf_counter() - t0) / steps
+  return state, compile_s, step_s, value

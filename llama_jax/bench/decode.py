@@ -24,21 +24,23 @@ import numpy as np
 
 from llama_jax import model as M
 from llama_jax import projection
-from llama_jax.bench.common import device_info, peak_bandwidth
+from llama_jax.bench.common import device_info, peak_bandwidth, profiled
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine
 from llama_jax.generate.generator import make_batch
 from llama_jax.generate.sampling import SamplingParams
 from llama_jax.model import param_shapes
+from llama_jax.train import metrics
 
 
 QUANTIZE = {"int8": (8, 0), "int4": (4, 128)}  # bits, default group size (0: per output channel)
 
 
-def random_engine_params(cfg: ModelConfig, seed: int = 0, quantize: str = "",
+def random_engine_params(cfg: ModelConfig, seed: int = 0, fuse: bool = True, quantize: str = "",
                          group_size: int | None = None) -> engine.EngineParams:
-  """N(0, 0.02) matrices and unit norm weights, per layer, in the compute dtype; with `quantize`
-  ("int8" or "int4") the block projections quantized by round-to-nearest."""
+  """N(0, 0.02) matrices and unit norm weights, per layer, in the compute dtype (and the fused
+  decode layout, `engine.fuse_layer`, unless `fuse` is False); with `quantize` ("int8" or "int4")
+  the block projections quantized by round-to-nearest."""
   from llama_jax.quantize.grid import Grid
   from llama_jax.quantize.rtn import quantize_weight
   if quantize and quantize not in QUANTIZE:
@@ -67,23 +69,27 @@ def random_engine_params(cfg: ModelConfig, seed: int = 0, quantize: str = "",
   shapes = nn.unbox(param_shapes(cfg))
   block = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["layers"]["block"])
   top = {k: v for k, v in shapes.items() if k != "layers"}
+  fused = jax.jit(engine.fuse_layer) if fuse else (lambda layer: layer)
   return engine.EngineParams(
       jax.tree_util.tree_map_with_path(make, top),
-      tuple(jax.tree_util.tree_map_with_path(make, block) for _ in range(cfg.n_layers)))
+      tuple(fused(jax.tree_util.tree_map_with_path(make, block)) for _ in range(cfg.n_layers)))
 
 
 def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repeats: int = 5,
-                 quantize: str = "", group_size: int | None = None) -> dict:
-  """`config` is a training config (its `model` block)."""
+                 profile_dir: str = "", fuse: bool = True, quantize: str = "",
+                 group_size: int | None = None) -> dict:
+  """`config` is a training config (its `model` block). With `profile_dir`, a jax.profiler trace
+  of the timed repeats only."""
   t_start = time.perf_counter()
-  cfg = engine.engine_config(ModelConfig.from_dict(config.model))
+  cfg = ModelConfig.from_dict(config.model)
   if prompt_len < 1 or new_tokens < 1:
     raise ValueError(f"prompt_len and new_tokens must be >= 1, got {prompt_len} and {new_tokens}")
   if prompt_len + new_tokens - 1 > cfg.max_seq_len:
     raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} does not fit the model's context "
                      f"of {cfg.max_seq_len} tokens (the last new token needs no slot: at most "
                      f"{cfg.max_seq_len - prompt_len + 1} new tokens)")
-  params = jax.block_until_ready(random_engine_params(cfg, quantize=quantize, group_size=group_size))
+  params = jax.block_until_ready(random_engine_params(cfg, fuse=fuse, quantize=quantize,
+                                                      group_size=group_size))
   init_s = time.perf_counter() - t_start
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (batch_size, prompt_len)).tolist()
@@ -106,10 +112,11 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
   run()
   compile_s = time.perf_counter() - t0
   prefill_s, decode_s = [], []
-  for _ in range(repeats):
-    p, d, state = run()
-    prefill_s.append(p)
-    decode_s.append(d)
+  with profiled(profile_dir):
+    for _ in range(repeats):
+      p, d, state = run()
+      prefill_s.append(p)
+      decode_s.append(d)
   steps = int(state.steps)  # the first token comes from the prefill
   made = np.asarray(state.lengths)[:batch_size]
   if int(made.min()) != new_tokens:
@@ -124,13 +131,19 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
   if cfg.tie_embeddings:
     step_bytes += projection.nbytes(embedding)
   bandwidth = peak_bandwidth(jax.devices()[0])
-  return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+  # Prefill model FLOPs: the forward third of train.metrics' count (2N + 2LTD a token, causal
+  # attention over the prompt), less the output head, which runs on each row's last token only.
+  per_token = metrics.flops_per_token(cfg, prompt_len) / 3 - 2 * cfg.dim * cfg.vocab_size
+  peak = metrics.peak_flops(jax.devices()[0], cfg.dtype)
+  prefill_mfu = batch_size * prompt_len * per_token / p / (peak * jax.device_count()) if peak else None
+  return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "fused": fuse,
           "dtype": cfg.dtype, "quantize": quantize or "none", "cache_len": batch.cache_len,
           "weight_gb": round(weight_bytes / 1e9, 3), "step_read_gb": round(step_bytes / 1e9, 3),
           "floor_ms_per_step": round(1000 * step_bytes / bandwidth, 3) if bandwidth else None,
           "prefill_s": round(p, 5), "prefill_tokens_per_s": round(batch_size * prompt_len / p, 1),
-          "decode_s": round(d, 5), "decode_ms_per_step": round(1000 * d / steps, 3),
-          "decode_tokens_per_s": round(batch_size * steps / d, 1),
+          "prefill_mfu": round(prefill_mfu, 4) if prefill_mfu else None,
+          "decode_s": round(d, 5), "decode_ms_per_step": round(1000 * d / steps, 3) if steps else None,
+          "decode_tokens_per_s": round(batch_size * steps / d, 1) if steps else None,
           "total_tokens_per_s": round(batch_size * new_tokens / (p + d), 1),
           "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
           "process_s": round(time.perf_counter() - t_start, 1), **device_info()}

@@ -20,14 +20,14 @@ import numpy as np
 
 from llama_jax import model as M
 from llama_jax import projection
-from llama_jax.bench.common import device_info
+from llama_jax.bench.common import device_info, profiled
 from llama_jax.config import ModelConfig
 from llama_jax.quantize.grid import Grid
 from llama_jax.quantize.layers import Options, quantize_params
 
 
 def bench_quantize(config, bits: int, method: str, group_size: int, samples: int, seq_len: int,
-                   act_order: bool = False, batch_size: int = 8) -> dict:
+                   act_order: bool = False, batch_size: int = 8, profile_dir: str = "") -> dict:
   cfg = ModelConfig.from_dict(config.model)
   if seq_len > cfg.max_seq_len:
     raise ValueError(f"--calibration_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
@@ -41,11 +41,12 @@ def bench_quantize(config, bits: int, method: str, group_size: int, samples: int
     if line.startswith("layers."):
       marks.append((int(line.split(".")[1]), time.perf_counter()))
 
-  start = time.perf_counter()
-  quantized, report = quantize_params(cfg, params, grid, options, tokens if method == "gptq" else None,
-                                      log=log)
-  jax.block_until_ready(quantized)
-  seconds = time.perf_counter() - start
+  with profiled(profile_dir):  # the whole pass: its compilations are part of the wait, block by block
+    start = time.perf_counter()
+    quantized, report = quantize_params(cfg, params, grid, options, tokens if method == "gptq" else None,
+                                        log=log)
+    jax.block_until_ready(quantized)
+    seconds = time.perf_counter() - start
   ends = {layer: t for layer, t in marks}  # the last weight of each block
   layer_s = np.diff([start] + [ends[i] for i in sorted(ends)])
   out = {"bits": bits, "method": method, "group_size": group_size, "calibration_samples": samples,

@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
 from llama_jax import sharding
-from llama_jax.bench.common import device_info
+from llama_jax.bench.common import device_info, time_steps
 from llama_jax.config import ModelConfig
 from llama_jax.train import metrics
 from llama_jax.train.loop import make_training, validate
@@ -26,7 +24,9 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict:
           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
-def bench_train(config, warmup: int, steps: int) -> dict:
+def bench_train(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
+  """Median-free: `steps` timed steps after `warmup` untimed ones (compilation, autotuning). With
+  `profile_dir`, a jax.profiler trace of the timed steps only."""
   model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   validate(config, model_cfg, mesh)
@@ -35,16 +35,8 @@ def bench_train(config, warmup: int, steps: int) -> dict:
   with sharding.activation_rules(mesh, config.mesh.rules):
     batch = jax.device_put(synthetic_batch(model_cfg.vocab_size, b, t), run.batch_sharding)
     state = run.init(jax.random.key(0))
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-      state, m = run.step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = run.step(state, batch)
-    loss = float(m["train/loss"])  # the host sync that ends the timed region
-    step_s = (time.perf_counter() - t0) / steps
+    state, compile_s, step_s, loss = time_steps(run.step, state, batch, warmup, steps, "train/loss",
+                                                profile_dir)
   tokens_per_s = b * t / step_s
   peak = config.peak_flops_per_device or metrics.peak_flops(jax.devices()[0], model_cfg.dtype)
   flops = metrics.flops_per_token(model_cfg, t) * tokens_per_s

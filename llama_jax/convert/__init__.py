@@ -12,6 +12,6 @@ Loading streams tensor by tensor into preallocated arrays, so host memory stays 
 the model; weights are read with safetensors or `torch.load(weights_only=True)`, never unpickled.
 """
 
+from llama_jax.checkpoint import CheckpointError  # one error type for every checkpoint this project reads
 
-class CheckpointError(ValueError):
-  """A checkpoint this project cannot read: the message names the file, field or tensor."""
+__all__ = ["CheckpointError"]

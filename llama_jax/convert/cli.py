@@ -4,7 +4,8 @@
       SRC: our saved model or training workdir (its latest step), a Hugging Face LLaMA directory
       (config.json + safetensors or pytorch_model*.bin) or a Meta directory (params.json +
       consolidated.NN.pth). --to orbax (default) writes what `Model.save` writes; --to hf writes
-      config.json + safetensors for transformers. --dtype defaults to the dtype SRC is stored in.
+      config.json + generation_config.json + safetensors + the tokenizer's files for transformers.
+      --dtype defaults to the dtype SRC is stored in.
 
   Vicuna-style deltas (FastChat's apply_delta / make_delta):
   python -m llama_jax.convert --input BASE --delta DELTA --output DST
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   try:
     convert(args)
-  except (ValueError, OSError) as e:  # CheckpointError, and bad input found by the model's code
+  except (ValueError, OSError) as e:  # CheckpointError, TokenizerError, and bad input the model's code finds
     print(f"convert: error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {args.output} ({args.to}) in {time.perf_counter() - start:.1f}s")

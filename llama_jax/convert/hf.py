@@ -1,9 +1,11 @@
-"""Hugging Face `LlamaForCausalLM` checkpoints in and out.
+"""Hugging Face `LlamaForCausalLM` checkpoints in and out (and reward models out, as
+`LlamaForSequenceClassification`).
 
 Reads a directory with `config.json` and weights as safetensors (one file, or shards named by
 `model.safetensors.index.json`) or PyTorch `pytorch_model*.bin` (read with
 `torch.load(weights_only=True)`, which unpickles tensors only); writes `config.json` and safetensors
-that `transformers.LlamaForCausalLM.from_pretrained` loads. The tensor names and layouts are
+that `transformers.LlamaForCausalLM.from_pretrained` loads, with the tokenizer's files and
+generation_config.json. The tensor names and layouts are
 `transformers/models/llama/modeling_llama.py`'s; `layout.py` maps them onto our tree.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,7 +22,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.convert import CheckpointError, layout, safetensors_io, torch_io
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.model"
+GENERATION_CONFIG = "generation_config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' long-standing default shard size (5GB)
@@ -82,9 +83,10 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
     raise CheckpointError(f"{file}: {e}") from None
 
 
-def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2) -> dict:
+def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int | None = 1, eos_id: int | list[int] | None = 2,
+                 pad_id: int | None = None) -> dict:
   """config.json for `LlamaConfig`; rope_theta is written both ways so that transformers 4 (top
-  level) and 5 (`rope_parameters`) read it."""
+  level) and 5 (`rope_parameters`) read it. eos_id: one id or several (every one ends generation)."""
   return {
       "architectures": ["LlamaForCausalLM"],
       "model_type": "llama",
@@ -106,6 +108,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2)
       "mlp_bias": False,
       "bos_token_id": bos_id,
       "eos_token_id": eos_id,
+      "pad_token_id": pad_id,
       "initializer_range": 0.02,
       "use_cache": True,
       "torch_dtype": dtype,
@@ -182,12 +185,13 @@ def stored_dtype(directory: str) -> str:
 
 
 def tokenizer_in(directory: str) -> str | None:
-  path = os.path.join(directory, TOKENIZER)
-  return path if os.path.isfile(path) else None
+  """The directory if it holds a tokenizer (tokenizer.json or tokenizer.model), else None."""
+  from llama_jax.tokenizer import has_tokenizer
+  return directory if has_tokenizer(directory) else None
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, dict, str | None]:
-  """(config, numpy parameter tree in `dtype`, tokenizer.model path or None)."""
+  """(config, numpy parameter tree in `dtype`, the tokenizer's folder or None)."""
   directory = os.fspath(path)
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
@@ -202,8 +206,17 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
               tokenizer_path: str | None = None, dtype: str | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Writes config.json and model.safetensors (or shards with model.safetensors.index.json when
-  larger than `max_shard_bytes`), one tensor at a time; copies tokenizer.model along.
-  dtype: of the written weights, default the parameters' own."""
+  larger than `max_shard_bytes`), one tensor at a time, generation_config.json, and the tokenizer's
+  files for transformers (`Tokenizer.save(for_transformers=True)`: a SentencePiece model also as
+  a tokenizer.json). The tokenizer's BOS/EOS/pad ids go into config.json and generation_config.json
+  (several EOS ids as a list), with the sampling defaults of its own generation_config.json.
+  dtype: of the written weights, default the parameters' own. A quantized model is refused (float
+  weights only).
+
+  A reward model's tree (a `score` head (dim,) instead of `output`, llama_jax.align) is written as
+  LlamaForSequenceClassification with one label (and no generation_config.json): transformers
+  reads the score at each row's last token that is not `pad_token_id`, which is set to a token no
+  answer ends with (`_score_pad_id`), so that the answer's final EOS is read, as llama_jax reads it."""
   from llama_jax import projection
   if projection.describe(params):
     raise CheckpointError("the model is quantized: a Hugging Face export takes float weights (export "
@@ -213,10 +226,15 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   if dtype is None:
     dtype = np.dtype(layout.get(params, ("tok_embeddings",)).dtype).name
   out_dtype = layout.np_dtype(dtype)
+  reward_model = "score" in params
+  backbone = config.replace(tie_embeddings=True) if reward_model else config  # no lm_head to write
   produce, specs = {}, []
-  for e, value in layout.export_stream(config, params):
+  for e, value in layout.export_stream(backbone, params):
     produce[e.name] = value
     specs.append((e.name, e.shape, out_dtype))
+  if reward_model:
+    produce["score.weight"] = lambda: np.asarray(params["score"])[None, :]
+    specs.append(("score.weight", (1, config.dim), out_dtype))
 
   # Shards in writing order, each under the limit unless one tensor alone is larger.
   shards, size = [[]], 0
@@ -239,12 +257,46 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-  bos, eos = 1, 2
+  bos, eos, pad, generation, tok = 1, [2], None, {}, None
   if tokenizer_path:
-    from llama_jax.tokenizer import Tokenizer
-    tok = Tokenizer(tokenizer_path)
-    bos, eos = tok.bos_id, tok.eos_id
-    if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(directory, TOKENIZER)):
-      shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER))
+    from llama_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_path)
+    if tok.vocab_size > config.vocab_size:
+      raise CheckpointError(f"{tokenizer_path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                            f"embedding has {config.vocab_size} rows")
+    tok.save(directory, for_transformers=True)
+    bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
+    pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
+  if reward_model:
+    pad = _score_pad_id(tok, pad, eos)
+  eos = eos[0] if len(eos) == 1 else eos
+  hf_config = config_to_hf(config, out_dtype.name, bos, eos, pad)
+  if reward_model:
+    hf_config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                     id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
   with open(os.path.join(directory, CONFIG), "w") as f:
-    json.dump(config_to_hf(config, out_dtype.name, bos, eos), f, indent=2)
+    json.dump(hf_config, f, indent=2)
+  if reward_model:  # a classifier generates nothing
+    return
+  generation.update(bos_token_id=bos, eos_token_id=eos)
+  if pad is not None:
+    generation["pad_token_id"] = pad
+  with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
+    json.dump(generation, f, indent=2)
+
+
+def _score_pad_id(tok, pad: int | None, eos_ids: list[int]) -> int:
+  """A reward model's pad_token_id: not an EOS (an answer's last token, where the score is read).
+  The tokenizer's pad token, else its unknown token (which byte fallback never emits), else BOS
+  (only ever a sequence's first token); LLaMA's <unk> (0) without a tokenizer."""
+  if pad is not None and pad not in eos_ids:
+    return pad
+  if tok is None:
+    return 0
+  for name in ("unk_token", "bos_token"):
+    token = tok.special_tokens_map.get(name)
+    i = tok.token_to_id(token) if token else None
+    if i is not None and i not in eos_ids:
+      return i
+  raise CheckpointError(f"{tok.path}: the tokenizer has no pad, unknown or BOS token that is not an EOS, "
+                        "for the reward model's pad_token_id")

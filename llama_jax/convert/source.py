@@ -25,7 +25,7 @@ class Source:
   path: str
   kind: str  # "orbax", "hf", "meta", or "lora" (a LoRA run's workdir: adapters over a base model)
   config: ModelConfig
-  tokenizer_path: str | None
+  tokenizer_path: str | None  # what `load_tokenizer` reads: the folder holding its files, or a .model
   stored_dtype: str
   stream: Callable[[], Iterator[tuple[str, np.ndarray, str]]]
   params_dir: str | None = None  # our own checkpoints: the Orbax parameter directory

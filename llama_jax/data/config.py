@@ -6,7 +6,7 @@ import ml_collections
 
 
 def source(path: str, weight: float, epochs: int = 0, text_field: str = "text",
-           format: str = "", template: str = "vicuna_v1.1") -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
+           format: str = "", template: str = "auto") -> ml_collections.ConfigDict:  # pylint: disable=redefined-builtin
   """One entry of `data.sources` / `data.eval_sources`."""
   return ml_collections.ConfigDict(dict(
       path=path,  # a file, a glob, "embedded:<name>" (the interpreter's corpus), "demo:chat" (sft_demo)
@@ -16,7 +16,9 @@ def source(path: str, weight: float, epochs: int = 0, text_field: str = "text",
       # "" (by extension), "txt", "jsonl", "jsonl.gz", "jsonl.zst" or "parquet"; or conversations
       # (llama_jax.data.sft): "sharegpt" or "alpaca", in .jsonl[.gz|.zst] files, loss on the answers
       format=format,
-      template=template,  # the chat template of a conversation source (llama_jax.tokenizer.chat.TEMPLATES)
+      # the chat template of a conversation source: "auto" (the model's own when its tokenizer has
+      # one, else vicuna_v1.1) or a built-in of llama_jax.tokenizer.chat.TEMPLATES
+      template=template,
   ))
 
 
@@ -34,7 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_sources = ml_collections.ConfigDict()
   c.holdout_every = 100  # with no eval_sources: 1 record in this many goes to eval (0: none)
   c.eval_batches = 8  # eval/loss is the mean over this fixed set of batches
-  c.tokenizer = ""  # a sentencepiece .model; "": train one on the sources on first use (cached)
+  # a tokenizer.json, a SentencePiece .model or a folder holding one; "": the init_from checkpoint's,
+  # else a SentencePiece model trained on the sources on first use (cached)
+  c.tokenizer = ""
   c.vocab_size = 4096  # vocabulary of a tokenizer trained on first use (must equal model.vocab_size)
   c.tokenizer_train_chars = 20_000_000  # characters sampled (by weight) to train that tokenizer
   c.cache_dir = ""  # embedded corpus and trained tokenizers; "": $LLAMA_JAX_CACHE or ~/.cache/llama_jax
@@ -46,6 +50,6 @@ def default_config() -> ml_collections.ConfigDict:
   # run whatever the process count, for exact reproducibility; every host tokenises everything).
   c.shard_by = "auto"
   c.prefetch = 4  # batches prepared ahead in a background thread
-  c.num_threads = 0  # sentencepiece encoding threads; 0: all cores
-  c.chunk_chars = 1 << 20  # characters read and encoded per call into sentencepiece (per source)
+  c.num_threads = 0  # sentencepiece encoding threads; 0: all cores (a tokenizer.json: its own pool)
+  c.chunk_chars = 1 << 20  # characters read and encoded per call into the tokenizer (per source)
   return c

@@ -37,11 +37,26 @@ def parse_conversation(fmt: str, raw: bytes | str) -> list[dict] | None:
   return _check(messages)
 
 
+def parse_turns(turns, key: str, answered: bool = True) -> list[dict]:
+  """Checked messages of one list of turns in the sharegpt layout (the list under `key` of a record:
+  preference records have several). `answered`: it must end with an answer (a trailing user turn
+  is dropped); otherwise it is a prompt and must end with the user's turn."""
+  if not answered:
+    messages = _turns(turns, key)
+    if messages[-1]["role"] != "user":
+      raise BadRecord(f"{key}: a prompt must end with a user turn")
+    return _check(messages + [{"role": "assistant", "content": "-", "where": key}])[:-1]
+  return _check(_turns(turns, key))
+
+
 def _sharegpt(obj: dict) -> list[dict]:
-  key = "conversations" if "conversations" in obj else "messages"
-  turns = obj.get(key)
+  key = "messages" if "messages" in obj and "conversations" not in obj else "conversations"
+  return _turns(obj.get(key), key)
+
+
+def _turns(turns, key: str) -> list[dict]:
   if not isinstance(turns, list) or not turns:
-    raise BadRecord("no 'conversations' list")
+    raise BadRecord(f"no {key!r} list")
   messages = []
   for k, turn in enumerate(turns):
     if not isinstance(turn, dict):

@@ -80,8 +80,10 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
       from llama_jax.data import books
       path = books.resolve(path[len("books:"):], data_cfg.cache_dir)
     elif path.startswith("demo:"):
-      from llama_jax.data import sft_demo
-      path = sft_demo.resolve(path[len("demo:"):], data_cfg.cache_dir)
+      from llama_jax.data import preference_demo, sft_demo
+      name = path[len("demo:"):]
+      demo = preference_demo if name in preference_demo.NAMES else sft_demo
+      path = demo.resolve(name, data_cfg.cache_dir)
     try:
       files = expand(path)
       fmt = str(s.get("format", "") or "")
@@ -89,10 +91,10 @@ def resolve_sources(data_cfg, split: str = "train") -> list[dict[str, Any]]:
         file_format(f, fmt)
     except DataError as e:
       raise DataError(f"{where}.{name}: {e}") from None
-    template = str(s.get("template", "") or chat.DEFAULT_TEMPLATE)
-    if fmt in CONVERSATION_FORMATS and template not in chat.TEMPLATES:
+    template = str(s.get("template", "") or chat.AUTO)
+    if fmt in CONVERSATION_FORMATS and template not in chat.NAMES:
       raise DataError(f"{where}.{name}.template: unknown chat template {template!r}; known: "
-                      + ", ".join(chat.TEMPLATES))
+                      + ", ".join(chat.NAMES))
     out.append(dict(name=name, files=files, format=fmt, text_field=str(s.get("text_field", "text")),
                     template=template, weight=weight, epochs=0 if split == "eval" else epochs))
   if not out:
@@ -127,8 +129,8 @@ def shard_files(data_cfg, n_files: int, process_count: int) -> bool:
 
 def _tokenizer(tokenizer):
   if isinstance(tokenizer, str):
-    from llama_jax.tokenizer import Tokenizer
-    return Tokenizer(tokenizer)
+    from llama_jax.tokenizer import load_tokenizer
+    return load_tokenizer(tokenizer)
   return tokenizer
 
 
@@ -152,7 +154,8 @@ def make_packer(data_cfg, tokenizer, seq_len: int, rows: int, seed: int, split: 
     by_files = dict(shard_files=shard_files(data_cfg, len(s["files"]), process_count))
     if s["format"] in CONVERSATION_FORMATS:
       from llama_jax.data.sft import ConversationStream
-      stream = ConversationStream(*args, **by_files, template=s["template"], max_len=seq_len + 1)
+      template = chat.template_for(tokenizer, s["template"])  # "auto": the tokenizer's own
+      stream = ConversationStream(*args, **by_files, template=template, max_len=seq_len + 1)
       windows[s["name"]] = Windows(stream, seq_len + 1, tokenizer.pad_id, split_docs=False)
     else:
       stream = SourceStream(*args, **by_files)
@@ -311,23 +314,28 @@ class DataIterator:
 
 
 def make_iterator(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0,
-                  split: str = "train", process_index: int = 0, process_count: int = 1) -> DataIterator:
-  """An iterator of packed batches of this process's `global_batch_size // process_count` rows."""
+                  split: str = "train", process_index: int = 0, process_count: int = 1,
+                  packer: Callable[..., Packer] | None = None) -> DataIterator:
+  """An iterator of packed batches of this process's `global_batch_size // process_count` rows.
+  `packer` (default `make_packer`, same arguments) makes the batches: llama_jax.align's batch
+  preference pairs and prompts instead of packing text."""
   if global_batch_size % process_count:
     raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
   if seq_len <= 0 or global_batch_size <= 0:
     raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
   tokenizer = _tokenizer(tokenizer)
   rows = global_batch_size // process_count
+  packer = packer or make_packer
 
   def make(events: list[str]) -> Packer:
-    return make_packer(data_cfg, tokenizer, seq_len, rows, seed, split, process_index, process_count, events)
+    return packer(data_cfg, tokenizer, seq_len, rows, seed, split, process_index, process_count, events)
 
   max_batches = int(data_cfg.eval_batches) if split == "eval" else None
   return DataIterator(make, max_batches, int(data_cfg.prefetch), split)
 
 
-def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0) -> int:
+def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0,
+                  packer: Callable[..., Packer] | None = None) -> int:
   """How many global batches the training iterator yields before every source reaches its epoch
   limit: the steps of a fine-tuning run (`num_steps: 0`). It packs the data once (reading every
   epoch), counting rows only; every source needs an epoch limit."""
@@ -340,7 +348,8 @@ def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
     raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
   # The rows of a single process's packer; its batches are global_batch_size rows, the last one
   # completed with padding rows.
-  packer = make_packer(data_cfg, _tokenizer(tokenizer), seq_len, global_batch_size, seed, "train", 0, 1, [])
+  packer = (packer or make_packer)(data_cfg, _tokenizer(tokenizer), seq_len, global_batch_size, seed,
+                                   "train", 0, 1, [])
   rows = 0
   while packer.mixture.next_window() is not None:
     rows += 1

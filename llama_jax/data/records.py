@@ -20,9 +20,8 @@ import itertools
 import json
 import os
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 
 from llama_jax.data.errors import DataError
 
@@ -146,6 +145,19 @@ def parse(fmt: str, raw: Any, field: str) -> str | None:
   if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
     raise BadRecord(f"no text field {field!r}")
   return obj[field]
+
+
+def write_jsonl_once(path: str, make_records: Callable[[], Iterable[dict]]) -> str:
+  """`path`, written on first use as the JSON lines of `make_records()` (under a temporary name,
+  then renamed, so that no reader sees half a file); the bundled demos' data."""
+  if not os.path.isfile(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for record in make_records():
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+  return path
 
 
 def file_key(path: str) -> int:

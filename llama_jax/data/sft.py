@@ -4,24 +4,14 @@ with a loss mask that counts only the assistant's answers.
 Vicuna (Chiang et al. 2023, "Vicuna: An Open-Source Chatbot Impressing GPT-4 with 90% ChatGPT
 Quality") fine-tunes LLaMA on ShareGPT conversations with FastChat's `fastchat/train/train.py`:
 each conversation is rendered with the `vicuna_v1.1` template and everything but the assistant's
-answers (and the `</s>` ending each) is masked out of the loss. Here the template is
-`llama_jax.tokenizer.chat` (the same object `generate.py --chat` prompts with) and `ChatTemplate.encode`
-gives the ids and the answer mask.
+answers (and the `</s>` ending each) is masked out of the loss. Here the template is the source's
+`template` from `llama_jax.tokenizer.chat` (the same object `generate.py --chat` prompts with; "auto":
+the model's own Jinja template when its tokenizer has one, else vicuna_v1.1), and its `encode` gives
+the ids and the answer mask.
 
-Record formats (one JSON object per line of a .jsonl / .jsonl.gz / .jsonl.zst file):
-  sharegpt: {"conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}, as
-            FastChat's ShareGPT/Vicuna data; "user"/"assistant" are accepted as roles, "role" /
-            "content" as keys, and "messages" as the list's name (the OpenAI chat layout).
-  alpaca:   {"instruction": str, "input": str (optional), "output": str}, Stanford Alpaca's data.
-            The user turn is the instruction, followed by "\\n\\n" and the input when the input is
-            not blank; the output is the answer. (Alpaca's own "### Instruction:" prompt is not
-            used: the chat template is, so an Alpaca-tuned model chats like a ShareGPT-tuned one.)
-
-A record is bad, and skipped and counted with its file and line (or a DataError under
-`data.on_bad_record = "error"`), when it is not JSON, has no conversation list, a turn has an
-unknown role, an empty text or a system message after the first, the first turn after the system
-is the assistant's, or the user and the assistant do not alternate. A trailing user turn with no
-answer is dropped (nothing to learn from it); a record left with no answer is bad.
+Records are ShareGPT or Alpaca conversations (`llama_jax.data.conversations` reads and checks
+them). A bad record is skipped and counted with its file and line (or a DataError under
+`data.on_bad_record = "error"`).
 
 Length. A window holds seq_len + 1 tokens (inputs and shifted targets). FastChat truncates a
 conversation at the model's length; here, as the issue asks, a longer conversation is split at
@@ -42,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from llama_jax.data.conversations import parse_conversation
-from llama_jax.data.records import CONVERSATION_FORMATS, MAX_WARNINGS, BadRecord
+from llama_jax.data.records import CONVERSATION_FORMATS, MAX_WARNINGS
 from llama_jax.data.sources import SourceStream
 from llama_jax.tokenizer import chat
 
@@ -63,7 +53,7 @@ class Piece:
   truncated: bool  # one pair that did not fit alone, cut at max_len
 
 
-def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], tokenizer,
+def split_conversation(template: chat.ChatTemplate | chat.JinjaTemplate, messages: Sequence[dict], tokenizer,
                        max_len: int) -> list[Piece]:
   """The conversation as pieces of at most `max_len` tokens, split between (user, assistant)
   pairs: each piece takes as many following pairs as fit; each has the system line."""
@@ -74,8 +64,7 @@ def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], to
 
   def encode(first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
     ids, mask = template.encode(system + turns[2 * first:2 * end], tokenizer)
-    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
-    return ids, mask | leading_space(ids, mask, tokenizer)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
   ids, mask = encode(0, pairs)
   if len(ids) <= max_len:  # the common case: one encoding
@@ -98,19 +87,6 @@ def split_conversation(template: chat.ChatTemplate, messages: Sequence[dict], to
   return pieces
 
 
-def leading_space(ids: np.ndarray, answer: np.ndarray, tokenizer) -> np.ndarray:
-  """Whitespace-only tokens right before an answer. The generation prompt ends at the assistant's
-  tag ("ASSISTANT:"), so the space after it is the model's to produce; `ChatTemplate.segments`
-  counts it as prompt, which only matters when the tokenizer gives the space a token of its own
-  ("▁" before a rare first character): then the first token the model must generate would never be
-  trained."""
-  before = np.zeros(len(ids), bool)
-  before[:-1] = answer[1:] & ~answer[:-1]
-  for i in np.flatnonzero(before):
-    before[i] = not tokenizer.sp.id_to_piece(int(ids[i])).replace("\u2581", "").strip()
-  return before
-
-
 # --- the stream of a conversation source
 
 @dataclasses.dataclass
@@ -129,8 +105,9 @@ class ConversationStream(SourceStream):
   answers counts as no document, and a source left with none ends instead of looping), and counts
   the truncated turns in the stream position (so the count resumes with a checkpoint)."""
 
-  def __init__(self, *args, template: str, max_len: int, **kwargs):
-    self.template, self.max_len = chat.get_template(template), max_len
+  def __init__(self, *args, template: str | chat.ChatTemplate | chat.JinjaTemplate, max_len: int, **kwargs):
+    self.template = chat.get_template(template) if isinstance(template, str) else template
+    self.max_len = max_len
     self.chunk_mask: np.ndarray | None = None
     self._truncated = 0  # truncated turns in the chunk being read
     super().__init__(*args, **kwargs)

@@ -12,13 +12,13 @@ embedded corpus (`corpus.py`).
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import random
 import sys
 
 from llama_jax.data import corpus
 from llama_jax.data.errors import DataError
+from llama_jax.data.records import write_jsonl_once
 
 NAMES = ("chat",)
 VERSION = 1  # part of the file name: bump when what is written changes
@@ -78,11 +78,4 @@ def resolve(name: str, cache_dir: str = "") -> str:
     raise DataError(f"no demo source 'demo:{name}'; known: {', '.join('demo:' + n for n in NAMES)}")
   directory = os.path.join(os.path.expanduser(cache_dir or corpus.default_cache_dir()), "sft_demo")
   path = os.path.join(directory, f"{name}-py{sys.version_info[0]}{sys.version_info[1]}-v{VERSION}.jsonl")
-  if not os.path.isfile(path):
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for record in conversations():
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  return path
+  return write_jsonl_once(path, conversations)

@@ -25,7 +25,8 @@ log = logging.getLogger("llama_jax.data")
 
 class SourceStream:
   """One source's documents for one split and one process, read in chunks of about `chunk_chars`
-  characters and tokenised in one sentencepiece call per chunk, with BOS/EOS per document.
+  characters and tokenised in one batch call per chunk (the tokenizer's threads), with BOS/EOS per
+  document.
 
   `select(file_key, record) -> bool` picks the records of this split; of those, this process takes
   every `process_count`-th (counted within the epoch, over all files in the epoch's order), so the
@@ -111,18 +112,13 @@ class SourceStream:
     self.chunk = self._encode(texts)
 
   def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All documents of a chunk as one int32 array with BOS/EOS, and each one's [start, end)."""
-    tok = self.tokenizer
-    ids = tok.sp.encode(texts, num_threads=self.num_threads) if texts else []
-    lens = np.fromiter((len(x) + 2 for x in ids), np.int64, count=len(ids))
+    """All documents of a chunk as one int32 array, each with the tokenizer's BOS (if it adds one)
+    and EOS, and each one's [start, end)."""
+    ids = self.tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=self.num_threads) if texts else []
+    lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
     ends = np.cumsum(lens)
-    starts = ends - lens
-    tokens = np.empty(int(ends[-1]) if len(ends) else 0, np.int32)
-    body = np.ones(len(tokens), bool)
-    body[starts] = body[ends - 1] = False
-    tokens[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(body.sum()))
-    tokens[starts], tokens[ends - 1] = tok.bos_id, tok.eos_id
-    return tokens, starts, ends
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(ends[-1]) if len(ends) else 0)
+    return tokens, ends - lens, ends
 
   def parse_record(self, fmt: str, raw: Any, path: str, record: int) -> Any:
     """The document of a raw record (None or empty: skipped silently); raises BadRecord with the reason.

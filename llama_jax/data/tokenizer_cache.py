@@ -44,13 +44,14 @@ def _sample(specs: list[dict], select, chars: int) -> Iterator[str]:
 
 
 def ensure_tokenizer(data_cfg, workdir: str | None = None) -> str:
-  """The sentencepiece model path: `data_cfg.tokenizer` if set, else one trained on the training
-  sources (BPE, byte fallback, `data_cfg.vocab_size`) and cached under `data_cfg.cache_dir`."""
+  """The tokenizer's path: `data_cfg.tokenizer` if set (a file or a folder), else a sentencepiece
+  model trained on the training sources (BPE, byte fallback, `data_cfg.vocab_size`) and cached
+  under `data_cfg.cache_dir`."""
   del workdir  # the caller copies the model into its workdir
   if data_cfg.tokenizer:
     path = os.path.expanduser(data_cfg.tokenizer)
-    if not os.path.isfile(path):
-      raise DataError(f"data.tokenizer: no such file {path}")
+    if not os.path.exists(path):
+      raise DataError(f"data.tokenizer: no such file or directory {path}")
     return path
   from llama_jax.tokenizer import train as sp_train
   specs = resolve_sources(data_cfg, "train")
@@ -69,12 +70,22 @@ def ensure_tokenizer(data_cfg, workdir: str | None = None) -> str:
   os.makedirs(tmp, exist_ok=True)
   # Held-out records stay out of the tokenizer's training text too.
   select = selector(data_cfg, "train")
+  texts = [0]  # documents sampled: none means every source is empty
+
+  def counted():
+    for text in _sample(specs, select, int(data_cfg.tokenizer_train_chars)):
+      texts[0] += bool(text.strip())
+      yield text
+
   try:
-    sp_train.train(_sample(specs, select, int(data_cfg.tokenizer_train_chars)), int(data_cfg.vocab_size),
-                   os.path.join(tmp, "tokenizer"), max_chars=int(data_cfg.tokenizer_train_chars),
-                   num_threads=int(data_cfg.num_threads))
+    sp_train.train(counted(), int(data_cfg.vocab_size), os.path.join(tmp, "tokenizer"),
+                   max_chars=int(data_cfg.tokenizer_train_chars), num_threads=int(data_cfg.num_threads))
   except RuntimeError as e:  # sentencepiece's errors, e.g. a vocabulary too large for the text
     shutil.rmtree(tmp, ignore_errors=True)
+    if not texts[0]:
+      names = ", ".join(s["name"] for s in specs)
+      raise DataError(f"data.sources hold no text to train a tokenizer on ({names} "
+                      f"{'are' if len(specs) > 1 else 'is'} empty)") from None
     raise DataError(f"training the tokenizer on data.sources failed: {e}") from None
   with open(os.path.join(tmp, "sources.json"), "w") as f:
     f.write(key)

@@ -7,6 +7,10 @@
 
 Prints a table with one row per model, then (last line) JSON: the metrics of a single model, or a
 list of {"model": PATH, ...metrics} for several.
+
+`lm_eval_command` is `llama-jax-lm-eval`: lm-eval-harness's command line with our model registered.
+lm-eval is an optional dependency (the `lm_eval` extra): it pulls in PyTorch and the Hugging Face
+stack, which a JAX install does not otherwise need; without it the command says what to install.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
-    p.add_argument("--tokenizer", default=None, help="a SentencePiece .model for checkpoints without one")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer.json, a SentencePiece .model or a folder holding one (default: the checkpoint's)")
     p.add_argument("--no_progress", action="store_true")
   commands.choices["perplexity"].add_argument("--seq_len", type=int, default=None,
                                               help="window length in tokens (default: the model's max_seq_len)")
@@ -53,7 +58,7 @@ def _evaluate(args, path: str) -> dict:
   except ValueError as e:  # a config this project cannot read
     raise EvalDataError(path, str(e)) from None
   if model.tokenizer is None:
-    raise EvalDataError(path, "the checkpoint has no tokenizer.model; pass --tokenizer")
+    raise EvalDataError(path, "the checkpoint has no tokenizer (tokenizer.json or tokenizer.model); pass --tokenizer")
   progress = not args.no_progress
   if args.command == "perplexity":
     seq_len = args.seq_len or model.config.max_seq_len
@@ -87,6 +92,17 @@ def main(argv=None) -> int:
   else:
     print(json.dumps(rows))
   return 0
+
+
+def lm_eval_command() -> None:
+  try:
+    import lm_eval  # noqa: F401
+  except ImportError:
+    print("error: llama-jax-lm-eval needs lm-eval, an optional dependency: pip install 'llama_jax[lm_eval]'",
+          file=sys.stderr)
+    sys.exit(1)
+  from llama_jax.evaluate import lm_eval_harness
+  lm_eval_harness.main()
 
 
 if __name__ == "__main__":

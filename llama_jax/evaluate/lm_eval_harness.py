@@ -44,9 +44,12 @@ class LlamaJaxLM(LM):
         raise ValueError("llama_jax needs model_args path=CHECKPOINT")
       model = llama_jax.load(path, dtype=dtype, tokenizer=tokenizer)
     if model.tokenizer is None:
-      raise ValueError("the checkpoint has no tokenizer.model; pass model_args tokenizer=PATH")
+      raise ValueError("the checkpoint has no tokenizer (tokenizer.json or tokenizer.model); pass "
+                       "model_args tokenizer=PATH")
     self.model = model
     self.tok = model.tokenizer
+    # The first token's context: BOS, or EOS for a tokenizer with none (lm-eval's HFLM does the same).
+    self._prefix_token = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
     # "auto" (lm-eval's batch-size search) is not supported: a fixed size keeps compilations few.
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
     self.max_length = int(max_length or model.config.max_seq_len)
@@ -67,7 +70,7 @@ class LlamaJaxLM(LM):
     for i, (text,) in enumerate(r.args for r in requests):
       # lm-eval's windows: max_length predictions each, the last one with a full context.
       windows = lm_utils.get_rolling_token_windows(
-          token_list=self.tok.encode(text, bos=False), prefix_token=self.tok.bos_id,
+          token_list=self.tok.encode(text, bos=False), prefix_token=self._prefix_token,
           max_seq_len=self.max_length, context_len=1)
       for context, predicted in map(lm_utils.make_disjoint_window, windows):
         reqs.append(Request(list(context) + list(predicted), len(context)))

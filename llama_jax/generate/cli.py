@@ -2,11 +2,16 @@
 
   python generate.py --checkpoint DIR --prompt "Once upon a time"
   python generate.py --checkpoint DIR --prompt_file prompts.jsonl --output out.jsonl
-  python generate.py --checkpoint DIR --chat [--template vicuna_v1.1] [--system "..."]
+  python generate.py --checkpoint DIR --chat [--template auto|vicuna_v1.1|llama-2|chatml|raw] [--system "..."]
 
 DIR is anything `llama_jax.load` reads: a saved model, a training workdir (its latest step), a
-Hugging Face or a Meta LLaMA directory. Defaults follow Meta's example scripts (temperature 0.6,
-top-p 0.9). The engine is `llama_jax.generate.engine`; chat templates are `llama_jax.tokenizer.chat`.
+Hugging Face or a Meta LLaMA directory, with its tokenizer (tokenizer.json or tokenizer.model;
+--tokenizer gives another). Sampling: a flag given wins; else the checkpoint's
+generation_config.json (temperature, top_p, top_k, max_new_tokens; do_sample=false: greedy); else
+Meta's example scripts' defaults (temperature 0.6, top-p 0.9). Generation stops at any of the
+tokenizer's EOS ids (generation_config.json may list several). --chat uses the model's own chat
+template when it has one (--template auto), else Vicuna v1.1. The engine is
+`llama_jax.generate.engine`; chat templates are `llama_jax.tokenizer.chat`.
 """
 
 from __future__ import annotations
@@ -23,26 +28,45 @@ class UsageError(ValueError):
   """Bad input the user can fix; reported as one line."""
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+  """--help shows each flag's default, where it has one."""
+
+  def _get_help_string(self, action):
+    default = action.default
+    if default is None or default is False or default == [] or default is argparse.SUPPRESS or (
+        "%(default)" in (action.help or "")):
+      return action.help
+    return f"{action.help or ''} (default: %(default)s)".strip()
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from llama_jax.tokenizer import chat
-  p = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0],
+                              formatter_class=_ShowDefaults)
   p.add_argument("--checkpoint", required=True, help="model directory or training workdir")
-  p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's own)")
+  p.add_argument("--tokenizer", help="a tokenizer.json, a SentencePiece .model or a folder holding one "
+                 "(default: the checkpoint's own)")
   p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
   p.add_argument("--prompt_file", help="prompts, one per line, or .jsonl with a 'prompt' field")
   p.add_argument("--output", help="write results as jsonl to this file, or '-' for stdout")
-  p.add_argument("--max_new_tokens", type=int, default=256)
-  p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
-  p.add_argument("--top_p", type=float, default=0.9)
-  p.add_argument("--top_k", type=int, default=0, help="0: no top-k cut")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+  p.add_argument("--max_new_tokens", type=int,
+                 help="tokens to generate at most (and no further than the model's context); default: "
+                      f"generation_config.json's, else {SAMPLING_DEFAULTS['max_new_tokens']}")
+  p.add_argument("--temperature", type=float,
+                 help=f"0: greedy; default: generation_config.json's, else {SAMPLING_DEFAULTS['temperature']}")
+  p.add_argument("--top_p", type=float, help="nucleus sampling: the smallest set of this mass; default: "
+                 f"generation_config.json's, else {SAMPLING_DEFAULTS['top_p']}")
+  p.add_argument("--top_k", type=int, help="0: no top-k cut; default: generation_config.json's, else 0")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                 help="compute dtype (default: the checkpoint's)")
   p.add_argument("--tensor", type=int, default=1, help="split the model over this many devices")
   p.add_argument("--no_stream", action="store_true", help="print a single prompt's text at the end")
   p.add_argument("--stats", action="store_true", help="report tokens per second on stderr")
   p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
-  p.add_argument("--template", default=chat.DEFAULT_TEMPLATE, choices=sorted(chat.TEMPLATES))
+  p.add_argument("--template", default=chat.AUTO, choices=chat.NAMES,
+                 help="the conversation template of --chat; auto: the model's own, else vicuna_v1.1")
   p.add_argument("--system", help="replace the template's system line")
   return p.parse_args(argv)
 
@@ -84,12 +108,27 @@ def load_model(args):
   import llama_jax
   if not os.path.exists(args.checkpoint):
     raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
-  if args.tokenizer and not os.path.isfile(args.tokenizer):
-    raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
+  if args.tokenizer and not os.path.exists(args.tokenizer):
+    raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
   model = llama_jax.load(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
   if model.tokenizer is None:
-    raise UsageError(f"{args.checkpoint} has no tokenizer.model; pass --tokenizer")
+    raise UsageError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer.model); pass "
+                     "--tokenizer PATH (a tokenizer.json, a SentencePiece .model or a folder holding one)")
   return model
+
+
+SAMPLING_DEFAULTS = dict(max_new_tokens=256, temperature=0.6, top_p=0.9, top_k=0)  # Meta's examples
+
+
+def resolve_sampling(args, generation_config: dict) -> None:
+  """Each sampling flag left unset takes generation_config.json's value, else SAMPLING_DEFAULTS;
+  do_sample=false there means greedy (temperature 0), as transformers reads it."""
+  from_file = {k: generation_config[k] for k in SAMPLING_DEFAULTS if generation_config.get(k) is not None}
+  if generation_config.get("do_sample") is False:
+    from_file["temperature"] = 0.0
+  for name, default in SAMPLING_DEFAULTS.items():
+    if getattr(args, name) is None:
+      setattr(args, name, type(default)(from_file.get(name, default)))
 
 
 def make_mesh(args, config):
@@ -113,9 +152,22 @@ def check_lengths(model, prompts: list[str]) -> list[list[int]]:
   return ids
 
 
+def note_context_limit(max_new_tokens: int, context: int, longest_prompt: int | None = None) -> None:
+  """Says once, on stderr, when generation will stop at the model's context before
+  --max_new_tokens (it would otherwise stop there silently). `longest_prompt`: None in a chat."""
+  if longest_prompt is None and max_new_tokens >= context:
+    print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
+          "each answer stops at the context", file=sys.stderr)
+  elif longest_prompt is not None and longest_prompt + max_new_tokens > context:
+    print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
+          f"a prompt of {longest_prompt} tokens gets at most {max(context - longest_prompt, 0)} new ones",
+          file=sys.stderr)
+
+
 def run_prompts(args, model, mesh, prompts, out: TextIO) -> None:
   from llama_jax.generate import TextStreamer, generate
   ids = check_lengths(model, prompts)
+  note_context_limit(args.max_new_tokens, model.config.max_seq_len, max(map(len, ids)))
   eos_ids = list(model.tokenizer.eos_ids)
   options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                  top_k=args.top_k, seed=args.seed, batch_size=args.batch_size, mesh=mesh)
@@ -174,12 +226,15 @@ def fit_history(template, history, user, tokenizer, budget: int):
 
 
 def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
-  from llama_jax.generate import TextStreamer, generate
+  from llama_jax.generate import TextStreamer
+  from llama_jax.generate.generator import generate_tokens
   from llama_jax.tokenizer import chat
-  template = chat.get_template(args.template).with_system(args.system)
   tok = model.tokenizer
+  template = chat.template_for(tok, args.template).with_system(args.system)
+  stop_ids = template.stop_ids(tok)
   # Leave room for a full answer when the context allows it; a long message still gets the rest.
   budget = max(model.config.max_seq_len - args.max_new_tokens, 1)
+  note_context_limit(args.max_new_tokens, model.config.max_seq_len)
   interactive = stdin.isatty()
   history: list[dict] = []
   turn = 0
@@ -213,13 +268,15 @@ def run_chat(args, model, mesh, stdin: TextIO, out: TextIO) -> None:
       out.flush()
 
     # The answer alone (no prompt context): shown after the "ASSISTANT: " tag, as it is stored.
-    streamer = TextStreamer(tok, write, tok.eos_ids)
-    result = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, seed=args.seed + turn, stream=streamer,
-                      mesh=mesh)[0]
+    streamer = TextStreamer(tok, write, stop_ids)
+    result = generate_tokens(model.config, model.params, [ids], args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             seed=args.seed + turn, eos_ids=stop_ids, stream=streamer,
+                             mesh=mesh or model.mesh, rules=model.rules)[0]
+    streamer.flush()
     out.write("\n")
     out.flush()
-    answer = tok.decode([t for t in result[len(ids):] if t not in tok.eos_ids]).strip()
+    answer = tok.decode([t for t in result if t not in stop_ids]).strip()
     history = history + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     turn += 1
 
@@ -230,7 +287,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
   try:
     if args.chat and (args.prompt or args.prompt_file):
       raise UsageError("--chat reads its messages from stdin; drop --prompt/--prompt_file")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
       raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
       raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -238,8 +295,14 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     if not args.chat and not prompts:
       raise UsageError("no prompts: give --prompt, --prompt_file or --chat")
     from llama_jax.generate import sampling
-    sampling.check(args.temperature, args.top_k, args.top_p)  # the ranges, before loading
+    flags = [getattr(args, k) for k in ("temperature", "top_k", "top_p")]
+    sampling.check(*(SAMPLING_DEFAULTS[k] if v is None else v  # the flags given, before loading
+                     for k, v in zip(("temperature", "top_k", "top_p"), flags)))
     model = load_model(args)
+    resolve_sampling(args, model.tokenizer.generation_config)
+    sampling.check(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+      raise UsageError(f"generation_config.json: max_new_tokens must be >= 1, got {args.max_new_tokens}")
     mesh = make_mesh(args, model.config)
     if args.chat:
       run_chat(args, model, mesh, stdin, stdout)

@@ -1,10 +1,12 @@
 """The generation engine: one prefill pass into a preallocated KV cache, then a jitted while loop.
 
 The shape of Meta's `llama/generation.py` and Gemma's sampler loop (`gemma/text/_sampler_loop.py`):
-  prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once and
+  prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once,
                        split into one tree per layer (a layer's weights sliced out of the stacked
-                       tensors inside the loop would be copied at every step); quantized weights
-                       stay integers, dequantized inside each matmul (`llama_jax.projection`);
+                       tensors inside the loop would be copied at every step), and with the
+                       projections that read the same input side by side (`fuse_layer`);
+                       quantized weights stay integers, dequantized inside each matmul
+                       (`llama_jax.projection`);
   prefill(...)         runs every prompt of the batch in one forward pass, writing the cache, and
                        draws each row's first new token from the logits at its last prompt token;
   decode(...)          a `lax.while_loop` making one token per step for every unfinished row, each
@@ -65,11 +67,42 @@ class DecodeState(NamedTuple):
   logits: Array | None  # (B, N, V) float32 logits each token was drawn from (tests only)
 
 
-def engine_config(cfg: ModelConfig) -> ModelConfig:
-  """The model config the engine runs: XLA attention, since cached attention is a (B, T, S) masked
-  attention at per-row positions (the fused cuDNN kernel is for training's causal attention; a
-  one-token decode step gains nothing from it)."""
-  return cfg if cfg.attention_impl == "xla" else cfg.replace(attention_impl="xla")
+def fuse_layer(layer: Any) -> Any:
+  """One block's parameters in the decode layout: wq|wk|wv as one `wqkv` (D, N + 2K, H) and w1|w3
+  as one `w13` (D, 2F), so a step reads x once and launches one matmul where it launched three
+  (attention) or two (feed-forward); and wo transposed (`wo_t`, (D, N*H)). The model's Attention
+  and FeedForward take either layout.
+
+  Quantized weights fuse too (`projection.concatenate`: their integers and scales side by side),
+  but a quantized wo stays `wo` (its groups run along its inputs; transposed they would not). A
+  layer with LoRA adapters is left as it is: its adapters apply to each projection on its own."""
+  if any(isinstance(w, projection.LoraWeight)
+         for w in jax.tree.leaves(layer, is_leaf=projection.is_structured)):
+    return layer
+  attention, ffn = dict(layer["attention"]), dict(layer["feed_forward"])
+
+  def fuse(module: dict, names: tuple[str, ...], fused: str) -> None:
+    weights = [module[k] for k in names]
+    if projection.concatenates(weights, axis=1):
+      for k in names:
+        del module[k]
+      module[fused] = projection.concatenate(weights, axis=1)
+
+  fuse(attention, ("wq", "wk", "wv"), "wqkv")
+  fuse(ffn, ("w1", "w3"), "w13")
+  if not projection.is_structured(attention["wo"]):
+    wo = attention.pop("wo")  # (N, H, D) -> (D, N*H): see model.Attention
+    attention["wo_t"] = wo.reshape(-1, wo.shape[-1]).T
+  return {**layer, "attention": attention, "feed_forward": ffn}
+
+
+def _fusable(mesh: Mesh | None, rules) -> bool:
+  # Side by side, the heads of a tensor-parallel split would no longer line up with their shards.
+  if mesh is None:
+    return True
+  table = dict(rules)
+  axes = [a for name in (M.HEADS, M.KV_HEADS, M.MLP) for a in jax.tree.leaves(table.get(name))]
+  return all(mesh.shape[a] == 1 for a in axes)
 
 
 def _cast(x, dtype):
@@ -78,29 +111,33 @@ def _cast(x, dtype):
   return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _cast_and_split(params, dtype) -> EngineParams:
+@functools.partial(jax.jit, static_argnames=("dtype", "fuse"))
+def _cast_and_split(params, dtype, fuse: bool) -> EngineParams:
   cast = jax.tree.map(lambda x: _cast(x, dtype), params, is_leaf=projection.is_quantized)
   top = {k: v for k, v in cast.items() if k != "layers"}
   stacked = cast["layers"]["block"]
   n = jax.tree.leaves(stacked)[0].shape[0]
-  return EngineParams(top, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)))
+  layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+  return EngineParams(top, tuple(map(fuse_layer, layers)) if fuse else layers)
 
 
 def prepare_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None,
-                   rules=sharding.DEFAULT_RULES) -> EngineParams:
+                   rules=sharding.DEFAULT_RULES, fuse: bool | None = None) -> EngineParams:
   """Stacked model parameters -> EngineParams, placed on `mesh` by `rules` if given. A copy of the
-  weights in the compute dtype, made once per model rather than at every step; quantized weights
-  are kept as they are (the decode step dequantizes inside each matmul)."""
+  weights in the compute dtype (and, unless the mesh splits heads, in the fused decode layout of
+  `fuse_layer`), made once per model rather than at every step; quantized weights are kept as they
+  are (the decode step dequantizes inside each matmul)."""
   if isinstance(params, EngineParams):
     return params
   if mesh is not None:
     params = jax.device_put(params, projection.shardings_like(
         params, sharding.param_shardings(cfg, mesh, rules)))
-  return _cast_and_split(params, jnp.dtype(cfg.dtype).name)
+  fuse = _fusable(mesh, rules) if fuse is None else fuse
+  return _cast_and_split(params, jnp.dtype(cfg.dtype).name, fuse)
 
 
-def _context(mesh: Mesh | None, rules):
+def mesh_context(mesh: Mesh | None, rules):
+  """The model's activation constraints bound to `mesh` (by `rules`) while tracing; nothing off a mesh."""
   if mesh is None:
     import contextlib
     return contextlib.nullcontext()
@@ -108,14 +145,18 @@ def _context(mesh: Mesh | None, rules):
 
 
 def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
-            cache: tuple[KVCache, ...]) -> tuple[Array, tuple[KVCache, ...]]:
-  """The blocks over tokens (B, T) at positions (B, T), writing and attending over the cache:
-  (last block's output (B, T, D), the new cache). The layers are a Python loop: each reads its own
+            cache: tuple[KVCache, ...], prefill: bool = False) -> tuple[Array, tuple[KVCache, ...]]:
+  """The blocks over tokens (B, T) at positions (B, T), writing the cache: (last block's output
+  (B, T, D), the new cache). A `prefill` starts at position 0 in an empty cache and attends
+  causally over its own keys (flash attention where the config says cudnn); otherwise each query
+  attends over the cache up to its position. The layers are a Python loop: each reads its own
   weights and cache buffers where they lie."""
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
-  slots = jnp.arange(cache[0].length)
-  mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
+  mask = None
+  if not prefill:
+    slots = jnp.arange(cache[0].length)
+    mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
   rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
   block = M.Block(cfg)
   new_cache = []
@@ -130,7 +171,7 @@ def logits_of(cfg: ModelConfig, params: EngineParams, x: Array) -> Array:
   return M.Transformer(cfg).apply({"params": params.top}, x, method="norm_head")
 
 
-def _row_keys(keys: Array, index: Array) -> Array:
+def row_keys(keys: Array, index: Array) -> Array:
   # Folding in the token's index (not splitting a carried key) makes a token's randomness depend
   # only on the seed, its row and its index: chunked (streamed) and one-shot decoding agree.
   return jax.vmap(jax.random.fold_in)(keys, index)
@@ -150,16 +191,16 @@ def prefill(cfg: ModelConfig, params: EngineParams, tokens: Array, prompt_length
   row's first new token (drawn from the logits at its last prompt position)."""
   TRACE_COUNTS["prefill"] += 1
   b, p = tokens.shape
-  with _context(mesh, rules):
+  with mesh_context(mesh, rules):
     cache = init_cache(cfg, b, cache_len)
     if mesh is not None:
       cache = shard_cache(cache, mesh, rules)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    x, cache = forward(cfg, params, tokens, positions, cache)
+    x, cache = forward(cfg, params, tokens, positions, cache, prefill=True)
     # Only each row's last prompt position needs the (large) output head.
     last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)  # (B, 1, D)
     logits = logits_of(cfg, params, last)[:, 0]  # (B, V)
-  first = sample(logits, _row_keys(keys, jnp.zeros((b,), jnp.int32)), sampling)
+  first = sample(logits, row_keys(keys, jnp.zeros((b,), jnp.int32)), sampling)
   valid = limits > 0
   new_tokens = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(jnp.where(valid, first, 0))
   lengths = valid.astype(jnp.int32)
@@ -188,10 +229,10 @@ def decode(cfg: ModelConfig, params: EngineParams, state: DecodeState, until: Ar
     # The last token sits at prompt_length + length - 1; finished rows are clamped inside the
     # cache (what they compute is thrown away).
     pos = jnp.minimum(s.prompt_lengths + s.lengths - 1, cache_len - 1)
-    with _context(mesh, rules):
+    with mesh_context(mesh, rules):
       x, cache = forward(cfg, params, last[:, None], pos[:, None], s.cache)
       logits = logits_of(cfg, params, x)[:, 0]  # (B, V)
-    new = sample(logits, _row_keys(s.keys, s.lengths), s.sampling)
+    new = sample(logits, row_keys(s.keys, s.lengths), s.sampling)
     active = ~s.done
     at = jnp.minimum(s.lengths, budget - 1)
     tokens = s.tokens.at[rows, at].set(jnp.where(active, new, s.tokens[rows, at]))

@@ -107,7 +107,6 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
                       _per_prompt(top_p, n, "top_p")))
   SamplingParams.stack(settings)  # checks every value before any work
   rules = sharding.as_rules(rules)
-  cfg = engine.engine_config(cfg)
   params = engine.prepare_params(cfg, params, mesh, rules)
   batch_size = batch_size or min(n, 64)
   root = jax.random.key(seed)

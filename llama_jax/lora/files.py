@@ -15,7 +15,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import orbax.checkpoint as ocp
 
 from llama_jax import checkpoint, projection, sharding
 from llama_jax.config import ModelConfig
@@ -24,12 +23,15 @@ from llama_jax.lora.config import LoraConfig
 
 
 def write_info(workdir: str, lora: LoraConfig, base_path: str, base_fingerprint: str) -> None:
+  """lora.json, written whole, and only where it changed (a resumed run rewrites nothing)."""
   info = {**lora.to_dict(), "base": os.path.abspath(base_path) if base_path else "",
           "base_fingerprint": base_fingerprint}
-  tmp = os.path.join(workdir, checkpoint.LORA + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, checkpoint.LORA))
+  text, path = json.dumps(info, indent=2), os.path.join(workdir, checkpoint.LORA)
+  if os.path.isfile(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  checkpoint.write_atomic(path, text)
 
 
 def read_info(workdir: str) -> tuple[LoraConfig, dict]:
@@ -37,8 +39,11 @@ def read_info(workdir: str) -> tuple[LoraConfig, dict]:
   path = os.path.join(workdir, checkpoint.LORA)
   if not os.path.isfile(path):
     path = os.path.join(checkpoint.find_params_dir(workdir)[1], checkpoint.LORA)
-  with open(path) as f:
-    info = json.load(f)
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except json.JSONDecodeError as e:
+    raise checkpoint.CheckpointError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
   fields = ("rank", "alpha", "dropout", "target_modules", "quantize_base")
   return LoraConfig.from_dict({k: info[k] for k in fields if k in info}), info
 
@@ -102,7 +107,8 @@ def abstract_adapters(cfg: ModelConfig, lora: LoraConfig) -> Any:
 
 def restore_adapters(workdir: str, cfg: ModelConfig, lora: LoraConfig, mesh=None,
                      rules=sharding.DEFAULT_RULES) -> Any:
-  """The adapters of the workdir's latest step (or of the step directory given)."""
+  """The adapters of the workdir's latest step (or of the step directory given); a recipe's heads
+  saved beside them (a reward model's score) are left out."""
   params_dir, _ = checkpoint.find_params_dir(workdir)
   boxed = abstract_adapters(cfg, lora)
   shapes = nn.unbox(boxed)
@@ -112,8 +118,7 @@ def restore_adapters(workdir: str, cfg: ModelConfig, lora: LoraConfig, mesh=None
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(params_dir, target)
+  return checkpoint.restore_tree(params_dir, target, partial=True)
 
 
 def adapt(workdir: str, base_cfg: ModelConfig, base_params: Any, base_where: str, merge: bool | None = None,

@@ -1,17 +1,29 @@
-"""The pretraining (and fine-tuning) loop: `train_and_evaluate(config, workdir)`.
+"""The training loop: `train_and_evaluate(config, workdir, recipe)`.
 
 One jitted `train_step` over a `data x fsdp x tensor` mesh; sharded initialisation; Orbax
-checkpoints that resume exactly (parameters, optimiser state, step and data-iterator state);
-SIGTERM/SIGINT save and exit; metrics to `workdir/metrics.jsonl` and TensorBoard.
+checkpoints that resume exactly (parameters, optimiser state, step and data-iterator state), from
+the newest checkpoint that reads; SIGTERM/SIGINT save and exit; metrics to `workdir/metrics.jsonl`
+and TensorBoard.
+
+A run holds its workdir alone (`workdir.hold`) and checks everything (the config against the
+workdir's model, init_from, the tokenizer, the data's first batch) before it writes a byte there,
+so a refused run leaves the workdir as it found it.
+
+What is trained is a recipe (`config.recipe`): `LanguageModel` here (pretraining and SFT, the
+default "lm"); `llama_jax.align` has "reward", "dpo" and "ppo". A recipe supplies the state's
+initialisation and shardings, the step, the data and the evaluation; the loop is the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 import os
 import shutil
 import signal
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -25,8 +37,9 @@ from llama_jax.config import ModelConfig
 from llama_jax.lora import training as lora_training
 from llama_jax.model import init_params
 from llama_jax.sharding import ConfigError
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from llama_jax.train import metrics as metrics_lib
+from llama_jax.train import workdir as workdir_lib
 from llama_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama_jax.train.step import TrainState, eval_step, make_train_step
 
@@ -38,15 +51,17 @@ class TrainingError(RuntimeError):
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save before exiting.
+  """Turns SIGTERM/SIGINT into a flag the loop polls, so it can save before exiting; says so at once.
 
-  LLAMA_JAX_PREEMPT_AT_STEP=N sends this process a SIGTERM after step N: a preemption at a known
-  step, through the real handler, for tests and for rehearsing a cluster's preemption handling."""
+  LLAMA_JAX_PREEMPT_AT_STEP=N sends this process a signal after step N (LLAMA_JAX_PREEMPT_SIGNAL,
+  default SIGTERM; SIGINT is a Ctrl-C, SIGKILL a crash): a preemption at a known step, through the
+  real handler, for tests and for rehearsing a cluster's preemption handling."""
 
   def __init__(self):
     self.signum = 0
     self._previous = {}
     self._preempt_at = int(os.environ.get("LLAMA_JAX_PREEMPT_AT_STEP") or 0)
+    self._preempt_with = signal.Signals[os.environ.get("LLAMA_JAX_PREEMPT_SIGNAL") or "SIGTERM"]
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,7 +72,12 @@ class _StopSignal:
     if self.signum:  # a second signal: give up on saving
       signal.signal(signum, self._previous[signum])
       os.kill(os.getpid(), signum)
+      return
     self.signum = signum
+    if jax.process_index() == 0:  # now, not at the end of the step: a silence invites a second one
+      name = signal.Signals(signum).name
+      os.write(2, f"\ninterrupted ({name}): saving a checkpoint after this step, then exiting; interrupt "
+                  "again to exit at once without saving\n".encode())
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -65,7 +85,7 @@ class _StopSignal:
 
   def requested(self, step: int, sync_every: int) -> bool:
     if step == self._preempt_at:
-      signal.raise_signal(signal.SIGTERM)
+      signal.raise_signal(self._preempt_with)
     if jax.process_count() == 1:
       return bool(self.signum)
     if step % sync_every:  # agreeing across hosts is a collective: not every step
@@ -98,25 +118,48 @@ def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig) -> str:
-  """Tokenizer into the workdir (trained on first use), model config and run config beside it."""
-  tok_dest = os.path.join(workdir, checkpoint.TOKENIZER)
+def _tokenizer_source(config, workdir: str) -> str:
+  """Where the run's tokenizer is read from (nothing is written to the workdir yet): the workdir's
+  own; on first use data.tokenizer if set, else the init_from checkpoint's (so fine-tuning keeps its
+  vocabulary, chat template and EOS ids), else one trained on the sources (cached outside the
+  workdir). Process 0 decides; every process gets its path."""
+  source = None
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.path.isfile(tok_dest):
-      inherited = os.path.join(config.init_from, checkpoint.TOKENIZER) if config.init_from else ""
-      if not config.data.tokenizer and os.path.isfile(inherited):
-        source = inherited  # fine-tuning keeps the checkpoint's vocabulary
-      else:
-        source = data.ensure_tokenizer(config.data, workdir)
-      if os.path.abspath(source) != os.path.abspath(tok_dest):
-        shutil.copyfile(source, tok_dest + ".tmp")
-        os.replace(tok_dest + ".tmp", tok_dest)
-    checkpoint.write_model_config(workdir, model_cfg)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    source = workdir
+    if not has_tokenizer(workdir):
+      source = None
+      if config.init_from and not config.data.tokenizer:
+        from llama_jax.convert.source import open_source
+        source = open_source(config.init_from).tokenizer_path
+      source = source or data.ensure_tokenizer(config.data, workdir)
+  source = checkpoint.gather_json(source)[0]
+  if not os.path.exists(source):
+    raise ConfigError(f"the tokenizer {source} is not visible on process {jax.process_index()}: give "
+                      "data.tokenizer (or data.cache_dir) a path that every host sees")
+  return source
+
+
+def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+  """After every check: the tokenizer, the model config and the run config into the workdir, each
+  written whole, and only where it changed (re-running a finished run rewrites nothing)."""
+  if jax.process_index() == 0:
+    if os.path.abspath(tokenizer.folder) != os.path.abspath(workdir):
+      _save_tokenizer(tokenizer, workdir)
+    workdir_lib.write_if_changed(os.path.join(workdir, checkpoint.MODEL_CONFIG),
+                                 checkpoint.model_config_json(model_cfg))
+    workdir_lib.write_if_changed(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   multihost_utils.sync_global_devices("workdir ready")
-  return tok_dest
+
+
+def _save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
+  """Written beside, then moved in with the tokenizer's own file last: a workdir that has that
+  file has the rest (a run killed mid-write starts over)."""
+  tmp = os.path.join(workdir, "tokenizer.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tokenizer.save(tmp)
+  for name in sorted(os.listdir(tmp), key=lambda n: n in ("tokenizer.json", checkpoint.TOKENIZER)):
+    os.replace(os.path.join(tmp, name), os.path.join(workdir, name))
+  os.rmdir(tmp)
 
 
 @dataclasses.dataclass
@@ -129,8 +172,9 @@ class Training:
   batch_sharding: Any
   init: Callable  # rng -> sharded TrainState, initialised in place (never whole on one device)
   step: Callable  # (state, batch) -> (state, metrics), state donated
-  eval: Callable  # (state, batch) -> (sum of NLL, token count)
-  # LoRA (`config.lora.rank` > 0): the adapters train, the base is `state.frozen`; None otherwise.
+  eval: Callable  # (state, batch) -> the recipe's evaluation sums (the LM: sum of NLL, token count)
+  # LoRA (`config.lora.rank` > 0): the adapters (and a recipe's heads) train, the base model is
+  # `state.frozen`; None where every parameter trains.
   adapters: lora_training.Adapters | None = None
   init_frozen: Callable | None = None  # rng -> the frozen base of a run without init_from
 
@@ -139,37 +183,43 @@ class Training:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         getattr(self.abstract_state, field), getattr(self.state_sharding, field))
 
-  def frozen(self, base: Any, rng) -> Any:
-    """A LoRA run's frozen base: a loaded model's parameters (None: the run's own random
-    initialisation), placed; None where every parameter trains."""
+  @property
+  def view(self) -> Callable | None:
+    """For `train.step.gradient_step`: (params, frozen, step) -> what the model is applied to (LoRA:
+    the frozen base with the adapters attached, their dropout keyed by the step); None where
+    `params` is the model."""
+    return None if self.adapters is None else self.adapters.view
+
+  def model_params(self, state: TrainState) -> Any:
+    """What the model is evaluated with: `state.params`, or (LoRA) the frozen base with the adapters
+    attached, no dropout. Jittable."""
+    return state.params if self.adapters is None else self.adapters.eval_view(state.params, state.frozen)
+
+  def frozen(self, base: Any) -> Any:
+    """A LoRA run's frozen base from a loaded model's parameters (None: the run's own random
+    initialisation, from config.seed), placed; only the parts the recipe's model has (a reward
+    model has no output head). None where every parameter trains."""
     if self.adapters is None:
       return None
     if base is None:
-      return self.init_frozen(rng)
+      return self.init_frozen(jax.random.key(self.adapters.seed))
+    base = {k: v for k, v in base.items() if k in self.abstract_state.frozen}
     return jax.jit(self.adapters.base, out_shardings=self.state_sharding.frozen)(base)
 
-  def from_base(self, base: Any, rng) -> TrainState:
-    """A fresh run over a loaded model's parameters: fine-tuning all of them, or (LoRA) adapters
-    beside them."""
-    if self.adapters is None:
-      params = jax.device_put(base, self.state_sharding.params)
-    else:
-      params = jax.jit(lambda r: nn.unbox(self.adapters.init(r)), out_shardings=self.state_sharding.params)(rng)
-    init_opt = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params),
-                      nonfinite_steps=jnp.zeros((), jnp.int32), frozen=self.frozen(base, rng))
 
-
-def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
+def make_training(config, model_cfg: ModelConfig, mesh, params_fn=init_params) -> Training:
+  """The LM's training; other recipes pass `params_fn(cfg, rng) -> boxed params` (the model with a
+  head of their own) and replace `step` and `eval`. The one place the optimiser meets the
+  parameters it trains."""
   rules = sharding.as_rules(config.mesh.rules)
   lr_schedule = learning_rate_schedule(config.optimizer, config.num_steps)
   tx = make_optimizer(config.optimizer, config.num_steps)
   adapters = lora_training.plan(config, model_cfg)  # None unless config.lora trains adapters only
 
   def init_state(rng):
-    params, frozen = init_params(model_cfg, rng), None
-    if adapters is not None:
-      params, frozen = adapters.init(rng), adapters.base(params)
+    params, frozen = params_fn(model_cfg, rng), None
+    if adapters is not None:  # fresh adapters and the recipe's heads train; the model is frozen
+      params, frozen = adapters.split(params, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       nonfinite_steps=jnp.zeros((), jnp.int32), frozen=frozen)
 
@@ -177,8 +227,9 @@ def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
   boxed = jax.eval_shape(init_state, jax.random.key(0))
   state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
   if adapters is not None:  # the base as the model's parameters are placed, quantized or not
+    plain = sharding.param_shardings(model_cfg, mesh, rules)
     state_sharding = state_sharding.replace(frozen=adapters.frozen_shardings(
-        nn.unbox(boxed.frozen), sharding.param_shardings(model_cfg, mesh, rules)))
+        nn.unbox(boxed.frozen), {k: plain[k] for k in boxed.frozen}))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   init = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding)
   document_attention = bool(config.data.get("document_attention", False))
@@ -186,88 +237,206 @@ def make_training(config, model_cfg: ModelConfig, mesh) -> Training:
                                  view=adapters.view if adapters else None),
                  in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                  donate_argnums=0)
-
-  def model_params(state):
-    return state.params if adapters is None else adapters.eval_view(state.params, state.frozen)
-  evaluate = jax.jit(lambda state, batch: eval_step(model_params(state), batch, cfg=model_cfg,
-                                                    document_attention=document_attention),
-                     in_shardings=(state_sharding, batch_sharding))
   init_frozen = None
   if adapters is not None:
     init_frozen = jax.jit(lambda rng: nn.unbox(init_state(rng)).frozen, out_shardings=state_sharding.frozen)
-  return Training(tx, lr_schedule, nn.unbox(boxed), state_sharding, batch_sharding, init, step, evaluate,
-                  adapters, init_frozen)
+  run = Training(tx, lr_schedule, nn.unbox(boxed), state_sharding, batch_sharding, init, step, None,
+                 adapters, init_frozen)
+  run.eval = jax.jit(lambda state, batch: eval_step(run.model_params(state), batch, cfg=model_cfg,
+                                                    document_attention=document_attention),
+                     in_shardings=(state_sharding, batch_sharding))
+  return run
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains until `config.num_steps` (resuming from `workdir` if it holds a checkpoint); returns the
-  last logged metrics."""
+class LanguageModel:
+  """The recipe "lm": next-token prediction on packed text or conversations (pretraining, SFT).
+
+  A recipe is all the loop asks of what it trains; llama_jax.align's ("reward", "dpo", "ppo")
+  have the same methods."""
+  metric = "train/loss"  # shown on the progress bar
+
+  def count_steps(self, config, tokenizer) -> int:
+    """num_steps 0: the steps the data's epoch limits give."""
+    return data.count_batches(config.data, tokenizer, seq_len=config.seq_len,
+                              global_batch_size=config.batch_size, seed=config.seed)
+
+  def make_training(self, config, model_cfg: ModelConfig, mesh) -> Training:
+    return make_training(config, model_cfg, mesh)
+
+  def make_iterator(self, config, tokenizer, split: str):
+    return data.make_iterator(
+        config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
+        seed=config.seed, split=split, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def load_pretrained(self, config, mesh, rules):
+    from llama_jax.api import load
+    return load(config.init_from, mesh=mesh, rules=rules)
+
+  def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run: Training) -> TrainState:
+    return state_from_pretrained(loaded, run)
+
+  def evaluate(self, config, run: Training, state: TrainState, tokenizer) -> dict:
+    return _evaluate(config, self, run.eval, state, tokenizer, run.batch_sharding)
+
+  def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
+    """(tokens, model FLOPs) of one step, for perf/tokens_per_s and perf/mfu (FLOPs 0: no MFU)."""
+    tokens = config.batch_size * config.seq_len
+    return tokens, metrics_lib.flops_per_token(model_cfg, config.seq_len) * tokens
+
+
+def train_and_evaluate(config, workdir: str, recipe=None) -> dict:
+  """Trains `recipe` (default: the language model, config.recipe "lm") until `config.num_steps`
+  (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  if recipe is None:
+    if config.get("recipe", "lm") != "lm":
+      raise ConfigError(f"config.recipe {config.recipe!r} is not the language model: pass its recipe "
+                        "(llama_jax.align.get_recipe(config)), as train.py does")
+    recipe = LanguageModel()
   sharding.initialize_distributed()
   model_cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   rules = sharding.as_rules(config.mesh.rules)
   validate(config, model_cfg, mesh)
+  workdir_lib.check_path(workdir)
 
-  tokenizer = Tokenizer(_prepare_workdir(config, workdir, model_cfg))
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                      f"{model_cfg.vocab_size}")
+  with workdir_lib.hold(workdir, jax.process_index() == 0, checkpoint.gather_json):
+    resuming = bool(checkpoint.checkpoint_steps(workdir))
+    lora = lora_training.settings(config)  # None unless config.lora trains adapters only
+    if resuming:
+      workdir_lib.check_same_model(workdir, model_cfg)
+      lora_training.check_resume(workdir, lora)
+    # A LoRA run's checkpoints hold its adapters only: resuming loads the frozen base again.
+    load_base = bool(config.init_from) and (not resuming or lora is not None)
+    if load_base:
+      _check_init_from(config.init_from, model_cfg, lora is not None)
+    tokenizer = load_tokenizer(_tokenizer_source(config, workdir))
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
+                        f"{model_cfg.vocab_size}")
+    if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
+      config.num_steps = recipe.count_steps(config, tokenizer)
+      log.info("num_steps: %d (the data's epochs)", config.num_steps)
 
-  if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
-    config.num_steps = data.count_batches(config.data, tokenizer, seq_len=config.seq_len,
-                                          global_batch_size=config.batch_size, seed=config.seed)
-    log.info("num_steps: %d (the data's epochs)", config.num_steps)
-  run = make_training(config, model_cfg, mesh)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  train_iter = data.make_iterator(
-      config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
-      seed=config.seed, split="train", process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-  start_step = manager.latest_step()
-  pretrained = None
-  # A LoRA run's checkpoints hold its adapters only: resuming loads the frozen base again.
-  if config.init_from and (start_step is None or run.adapters is not None):
-    # Straight into the mesh's shards: no device ever holds the whole model. Loaded outside the
-    # activation rules, which would bind the restore's own abstract targets to this mesh.
-    from llama_jax.api import load
-    pretrained = load(config.init_from, mesh=mesh, rules=rules)
-  with sharding.activation_rules(mesh, rules):
-    if start_step is not None:
-      params, opt_state, meta, data_state = checkpoint.restore_state(
-          manager, start_step, run.placed("params"), run.placed("opt_state"))
-      state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=params, opt_state=opt_state,
-                         nonfinite_steps=jnp.zeros((), jnp.int32),
-                         frozen=run.frozen(pretrained and pretrained.params, jax.random.key(config.seed)))
-      state = jax.device_put(state, run.state_sharding)
-      train_iter.set_state(data_state)
-      log.info("resumed from %s at step %d", workdir, start_step)
-    elif pretrained is not None:
-      state = _state_from_checkpoint(pretrained, config.init_from, model_cfg, run, config.seed)
-      start_step = 0
-    else:
-      state = run.init(jax.random.key(config.seed))
-      start_step = 0
-    if run.adapters is not None:
-      run.adapters.record(workdir, state.frozen, config.init_from)
-    return _loop(config, workdir, model_cfg, state, start_step, run.step, run.eval, train_iter,
-                 tokenizer, manager, run.batch_sharding, mesh)
+    run = recipe.make_training(config, model_cfg, mesh)
+    train_iter = recipe.make_iterator(config, tokenizer, "train")
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints, create=False) if resuming else None
+    try:
+      pretrained = None
+      if load_base:
+        # Straight into the mesh's shards: no device ever holds the whole model. Loaded outside the
+        # activation rules, which would bind the restore's own abstract targets to this mesh.
+        pretrained = recipe.load_pretrained(config, mesh, rules)
+      with sharding.activation_rules(mesh, rules):
+        if resuming:
+          state, start_step = _resume(workdir, manager, run, train_iter,
+                                      run.frozen(pretrained.params if pretrained else None))
+        elif pretrained is not None:
+          state = recipe.from_pretrained(pretrained, config, model_cfg, run)
+          start_step = 0
+        else:
+          state = run.init(jax.random.key(config.seed))
+          start_step = 0
+        del pretrained  # a LoRA run keeps its base in state.frozen; nothing else needs it
+        base_fingerprint = run.adapters.check_base(workdir, state.frozen) if run.adapters else None
+        first = _first_batch(config, train_iter, start_step)
+        # Everything checked: from here on the run writes into its workdir.
+        _prepare_workdir(config, workdir, model_cfg, tokenizer)
+        if run.adapters is not None and jax.process_index() == 0:
+          run.adapters.write_info(workdir, base_fingerprint)
+        manager = manager or checkpoint.make_manager(workdir, config.keep_checkpoints)
+        batches = itertools.chain([first] if first is not None else [], train_iter)
+        evaluate = functools.partial(recipe.evaluate, config, run, tokenizer=tokenizer)
+        return _loop(config, workdir, model_cfg, state, start_step, run, recipe, evaluate, batches,
+                     train_iter, manager)
+    finally:
+      train_iter.close()
+      if manager is not None:
+        manager.close()  # waits for the last save, before the lock is let go
 
 
-def _state_from_checkpoint(loaded, path: str, model_cfg: ModelConfig, run: Training, seed: int) -> TrainState:
-  """Fine-tuning: parameters of a loaded checkpoint (any kind), fresh optimiser state."""
+def _check_init_from(path: str, model_cfg: ModelConfig, trains_adapters: bool) -> None:
+  """Fine-tuning: the checkpoint exists, reads, and has the config's shape (its parameters are
+  loaded only once everything else is checked too); a quantized one is a LoRA run's frozen base."""
+  from llama_jax.convert import source
+  try:
+    src = source.open_source(path)
+  except checkpoint.CheckpointError as e:
+    raise ConfigError(f"init_from {e}") from None
+  check_shape(src.config, f"init_from {path}", model_cfg)
+  if src.quantization and not trains_adapters:
+    raise ConfigError(f"init_from {path} is quantized: its integer weights do not train; train LoRA "
+                      "adapters over it (config.lora.rank > 0) or start from the float model")
+
+
+def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
+  """A checkpoint's shape is the config's, or a one-line error naming the field."""
   shape_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
   for name in shape_fields:
-    if getattr(loaded.config, name) != getattr(model_cfg, name):
-      raise ConfigError(f"init_from {path}: model.{name} is {getattr(model_cfg, name)} in the config "
-                        f"but {getattr(loaded.config, name)} in the checkpoint")
-  return run.from_base(loaded.params, jax.random.key(seed))
+    if getattr(loaded, name) != getattr(model_cfg, name):
+      raise ConfigError(f"{what}: model.{name} is {getattr(model_cfg, name)} in the config "
+                        f"but {getattr(loaded, name)} in the checkpoint")
 
 
-def _evaluate(config, eval_fn, state, tokenizer, batch_sharding) -> dict:
-  it = data.make_iterator(
-      config.data, tokenizer, seq_len=config.seq_len, global_batch_size=config.batch_size,
-      seed=config.seed, split="eval", process_index=jax.process_index(), process_count=jax.process_count())
+def _say(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _resume(workdir: str, manager, run: Training, train_iter, frozen: Any) -> tuple[TrainState, int]:
+  """The state of the newest checkpoint that reads (`frozen`: a LoRA run's base, which its
+  checkpoints do not hold); unreadable newer ones are named, one line each, and moved aside (never
+  deleted) once an older one has restored."""
+  step, (params, opt_state, _, data_state), skipped = checkpoint.restore_newest(
+      manager, run.placed("params"), run.placed("opt_state"), warn=lambda m: _say(f"warning: {m}"))
+  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
+                     nonfinite_steps=jnp.zeros((), jnp.int32), frozen=frozen)
+  state = jax.device_put(state, run.state_sharding)
+  train_iter.set_state(data_state)
+  if skipped:
+    moved = checkpoint.set_aside(manager, skipped)
+    where = (f"step {skipped[0]} is kept in {moved[0]}" if len(skipped) == 1 else
+             f"steps {', '.join(map(str, skipped))} are kept in {os.path.dirname(moved[0])}") if moved else ""
+    _say(f"resumed from step {step}; the unreadable {where}")
+  else:
+    log.info("resumed from %s at step %d", workdir, step)
+  return state, step
+
+
+def _first_batch(config, train_iter, start_step: int) -> dict | None:
+  """The run's first batch, read before anything is written (data that give none are refused
+  then); None when a resumed run's data are already exhausted."""
+  if start_step >= config.num_steps:
+    return None
+  try:
+    return next(train_iter)
+  except StopIteration:
+    if start_step:
+      return None
+    raise data.DataError(f"data.sources give not one batch of {config.batch_size} sequences of "
+                         f"{config.seq_len} tokens before every source reaches its epoch limit") from None
+
+
+def state_from_pretrained(loaded, run: Training, params: Any = None) -> TrainState:
+  """Fine-tuning: parameters of a loaded checkpoint (any kind, its shape checked by
+  `_check_init_from`), or `params` made from them (with a recipe's head), and a fresh optimiser
+  state. A LoRA run trains fresh adapters (and the recipe's heads) beside them, frozen."""
+  params = loaded.params if params is None else params
+  frozen = None
+  if run.adapters is not None:
+    frozen = run.frozen(params)
+    heads = {k: v for k, v in params.items() if k not in run.abstract_state.frozen}
+    rng = jax.random.key(run.adapters.seed)
+    params = jax.jit(lambda h: {**nn.unbox(run.adapters.init(rng)), **h},
+                     out_shardings=run.state_sharding.params)(heads)
+  params = jax.device_put(params, run.state_sharding.params)
+  init_opt = jax.jit(run.tx.init, out_shardings=run.state_sharding.opt_state)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt(params),
+                    nonfinite_steps=jnp.zeros((), jnp.int32), frozen=frozen)
+
+
+def _evaluate(config, recipe, eval_fn, state, tokenizer, batch_sharding) -> dict:
+  it = recipe.make_iterator(config, tokenizer, "eval")
   nll, count = 0.0, 0.0
   for _ in range(int(config.data.eval_batches)):
     try:
@@ -292,14 +461,24 @@ def _source_tokens(train_iter) -> dict:
   return total
 
 
-def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train_iter, tokenizer,
-          manager, batch_sharding, mesh) -> dict:
+def progress_bar(total: int, initial: int, enabled: bool, file=None):
   from tqdm import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step", file=file)
 
+
+def restart_clock(bar, step: int) -> None:
+  """Counts `bar`'s rate and ETA from the end of the first step: its time is compilation (minutes
+  for a large model), and tqdm's average would carry it into the ETA for many steps."""
+  bar.reset(total=bar.total)
+  bar.n = bar.initial = bar.last_print_n = step
+  bar.refresh()
+
+
+def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, evaluate, batches,
+          train_iter, manager) -> dict:
   is_main = jax.process_index() == 0
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  tokens_per_step = config.batch_size * config.seq_len
-  flops_per_step = metrics_lib.flops_per_token(model_cfg, config.seq_len) * tokens_per_step
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
+  tokens_per_step, flops_per_step = recipe.throughput(config, model_cfg)
   peak = config.peak_flops_per_device or metrics_lib.peak_flops(jax.devices()[0], model_cfg.dtype)
   last: dict = {}
 
@@ -309,33 +488,35 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
 
   def check_finite(step):
     if int(state.nonfinite_steps):
-      raise TrainingError(
-          f"non-finite loss or gradient at or before step {step}: stopping; the last checkpoint "
-          f"(step {manager.latest_step()}) is kept. Lower optimizer.lr or check the data.")
+      kept = manager.latest_step()
+      outcome = ("before the first checkpoint: nothing to resume from" if kept is None else
+                 f"stopping; the last checkpoint (step {kept}) is kept")
+      raise TrainingError(f"non-finite loss or gradient at or before step {step}, {outcome}. Lower "
+                          "optimizer.lr or check the data.")
 
-  bar = tqdm(total=config.num_steps, initial=start_step, disable=not is_main, dynamic_ncols=True,
-             unit="step")
+  bar = progress_bar(config.num_steps, start_step, is_main)
   timer = metrics_lib.StepTimer()
   step = start_step
   try:
     with _StopSignal() as stop:
       while step < config.num_steps:
         try:
-          local = next(train_iter)
+          local = next(batches)
         except StopIteration:  # every source reached its epoch limit
           for event in train_iter.events():
             bar.write(f"data: {event}")
           bar.write(f"data exhausted after {step} steps (every source reached its epoch limit)")
           break
-        batch = _global_batch(local, batch_sharding)
-        state, step_metrics = step_fn(state, batch)
+        batch = _global_batch(local, run.batch_sharding)
+        state, step_metrics = run.step(state, batch)
         step += 1
         if timer.started:
           timer.count_step()
+          bar.update(1)
         else:  # the first step compiles: time from its end
           jax.block_until_ready(step_metrics)
           timer.start()
-        bar.update(1)
+          restart_clock(bar, step)
         last_step = step == config.num_steps
         row = {}
 
@@ -347,20 +528,19 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
           if step_time is not None:
             row["perf/step_time_s"] = step_time
             row["perf/tokens_per_s"] = tokens_per_step / step_time
-            if peak:  # unknown peak (a CPU): no MFU rather than a made-up one
+            if peak and flops_per_step:  # unknown peak (a CPU) or FLOPs: no MFU rather than a made-up one
               row["perf/mfu"] = flops_per_step / step_time / (peak * jax.device_count())
           row.update({f"data/tokens/{k}": v for k, v in _source_tokens(train_iter).items()})
           for event in train_iter.events():
             bar.write(f"data: {event}")
-          bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row.get('perf/tokens_per_s', 0):.0f}")
+          bar.set_postfix(loss=f"{row[recipe.metric]:.3f}", tok_s=f"{row.get('perf/tokens_per_s', 0):.0f}")
 
         if config.eval_every and (step % config.eval_every == 0 or last_step):
           jax.block_until_ready(step_metrics)  # the steps so far are training time
           with timer.paused():  # evaluation is not
-            eval_row = _evaluate(config, eval_fn, state, tokenizer, batch_sharding)
+            eval_row = evaluate(state)
           if eval_row:
-            bar.write(f"step {step}: eval loss {eval_row['eval/loss']:.4f}, "
-                      f"perplexity {eval_row['eval/perplexity']:.2f}")
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_row.items()))
           row.update(eval_row)
 
         if row:
@@ -382,5 +562,4 @@ def _loop(config, workdir, model_cfg, state, start_step, step_fn, eval_fn, train
   finally:
     bar.close()
     writer.close()
-    manager.close()
   return last

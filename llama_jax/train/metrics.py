@@ -1,8 +1,14 @@
 """Throughput accounting and the one metrics writer (JSON lines + TensorBoard events).
 
+The writer flushes both files at every log line, so a killed run leaves every step it logged; a
+resumed run first drops the rows after its checkpoint's step from metrics.jsonl and starts its
+TensorBoard file with a SessionLog START at the step after it, which TensorBoard reads as "forget
+the events from here on" (tf.summary's purge of orphaned data), so each step is shown once.
+
 Model FLOPs per token (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B):
   6 * N                 forward (2N) and backward (4N) of every matmul weight, N excluding the
-                        embedding table (a lookup, not a matmul) but including the output head;
+                        embedding table (a lookup, not a matmul) and the RMSNorm weights (vectors)
+                        but including the output head;
   + 6 * L * T * D       attention scores and weighted values: 2 matmuls of 2*T*D FLOPs per token per
                         layer forward, x3 with the backward pass, halved because a causal mask needs
                         only the lower triangle.
@@ -41,7 +47,9 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  matmul_params = num_params(cfg) - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
+  norm_weights = (2 * cfg.n_layers + 1) * cfg.dim  # vectors, not matmul weights
+  lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim  # tied: the table is the head too
+  matmul_params = num_params(cfg) - lookup - norm_weights
   return 6.0 * matmul_params + 6.0 * cfg.n_layers * seq_len * cfg.dim
 
 
@@ -90,34 +98,93 @@ class StepTimer:
 
 
 class MetricsWriter:
-  """Writes `DIR/metrics.jsonl` and TensorBoard events in DIR; only process 0 writes."""
+  """Writes `DIR/metrics.jsonl` and TensorBoard events in DIR; only process 0 writes. A run that
+  resumes at `start_step` replaces what a crashed run logged after it; files are opened at the
+  first row, so a run that logs nothing leaves the workdir's files as they were."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
+    self.workdir = workdir
+    self.start_step = int(start_step)
+    self._jsonl = None
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(workdir)
-      except ImportError:  # TensorBoard files are a convenience; the JSON lines are the record
-        self._tb = None
+      _drop_rows_after(os.path.join(workdir, "metrics.jsonl"), self.start_step)
+
+  def _open(self) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    try:
+      self._tb = _EventFile(self.workdir, purge_from=self.start_step + 1)
+    except ImportError:  # TensorBoard files are a convenience; the JSON lines are the record
+      self._tb = None
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
+    if self._jsonl is None:
+      self._open()
     row = {"step": int(step)}
+    scalars = {}
     for key, value in metrics.items():
       value = float(value)
       row[key] = value if math.isfinite(value) else str(value)
-      if self._tb is not None and math.isfinite(value):
-        self._tb.add_scalar(key, value, int(step))
+      if math.isfinite(value):
+        scalars[key] = value
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.write(int(step), scalars)
 
   def close(self) -> None:
-    if self.enabled:
+    if self._jsonl is not None:
       self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl (atomically, and only if there is something to drop) without the rows
+  after `step`: a crashed run logged them, and the resumed run logs them again."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by the crash
+      continue
+    if row_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    from llama_jax.checkpoint import write_atomic
+    write_atomic(path, "".join(kept))
+
+
+class _EventFile:
+  """A TensorBoard event file written synchronously: tensorboardX's SummaryWriter queues events for
+  a thread that flushes every two minutes, so a killed run lost them; here each row is on disk
+  when `write` returns."""
+
+  def __init__(self, logdir: str, purge_from: int):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.proto.summary_pb2 import Summary
+    self._event, self._summary = Event, Summary
+    # The pid in the name: a resumed run may start within the second its killed predecessor did.
+    self._writer = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+    self._writer.write_event(Event(step=purge_from, wall_time=time.time(),
+                                   session_log=SessionLog(status=SessionLog.START)))
+    self._writer.flush()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._writer.write_event(self._event(step=step, wall_time=time.time(), summary=self._summary(value=values)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()

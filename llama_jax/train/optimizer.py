@@ -1,9 +1,15 @@
 """AdamW with linear warmup, cosine decay and global-norm clipping: the LLaMA paper's recipe
-(section 2.2: β1 0.9, β2 0.95, weight decay 0.1, clipping at 1.0, 2000 warmup steps, decay to 10%)."""
+(section 2.2: β1 0.9, β2 0.95, weight decay 0.1, clipping at 1.0, 2000 warmup steps, decay to 10%).
+
+`optimizer.moments_dtype = "bfloat16"` stores Adam's two moments in bfloat16 (updated in float32):
+the optimizer state drops from 8 to 4 bytes a parameter, which is what lets LLaMA-2-13B (float32
+parameters and gradients) train on two 141 GB GPUs.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -28,9 +34,39 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.GradientTransformation:
+  """optax.scale_by_adam (Kingma & Ba 2015, bias-corrected) with both moments stored in
+  `moments_dtype`; the arithmetic is float32 whatever the storage."""
+  moments_dtype = jnp.dtype(moments_dtype)
+
+  def init(params):
+    zeros = lambda p: jnp.zeros(p.shape, moments_dtype)  # noqa: E731
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
+                                  nu=jax.tree.map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
+    count = optax.safe_increment(state.count)
+    c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+    out = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, updates)
+    store = lambda x: x.astype(moments_dtype)  # noqa: E731
+    return out, optax.ScaleByAdamState(count=count, mu=jax.tree.map(store, mu), nu=jax.tree.map(store, nu))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(opt_cfg.clip_norm),
-      optax.adamw(learning_rate_schedule(opt_cfg, num_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
-                  eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=decay_mask),
-  )
+  moments_dtype = str(opt_cfg.get("moments_dtype", "float32"))
+  if moments_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"optimizer.moments_dtype must be 'float32' or 'bfloat16', got {moments_dtype!r}")
+  if moments_dtype == "float32":  # optax's own AdamW
+    adam = optax.adamw(learning_rate_schedule(opt_cfg, num_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+                       eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+  else:  # the same chain (optax.adamw's), moments stored in bfloat16
+    adam = optax.chain(scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, moments_dtype),
+                       optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
+                       optax.scale_by_learning_rate(learning_rate_schedule(opt_cfg, num_steps)))
+  return optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), adam)

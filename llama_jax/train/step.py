@@ -48,43 +48,51 @@ def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float, document_attentio
   return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
-def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
-               grad_accum_steps: int = 1, z_loss: float = 0.0, lr_schedule=None,
-               document_attention: bool = False, view=None):
-  """`view(params, frozen, step)`, where given, is what the model is applied to (LoRA: the frozen
-  base with the trained adapters attached); gradients are taken with respect to `params` only."""
+def gradient_step(state: TrainState, batch: dict, objective, *, tx: optax.GradientTransformation,
+                  grad_accum_steps: int = 1, lr_schedule=None, view=None):
+  """One optimiser update of `objective(params, micro_batch) -> (loss sum, count, {name: sum})`,
+  the sums taken over micro-batches and divided once by the total count (so micro-batching gives
+  the one-batch update exactly). Every recipe's step is this with its own objective: the LM's
+  counts tokens, DPO's and the reward model's count pairs, PPO's response tokens.
+
+  `view(params, frozen, step)`, where given (`train.loop.Training.view`), is what the objective is
+  applied to (LoRA: the frozen base with the trained adapters attached); gradients are taken with
+  respect to `state.params` only.
+
+  Returns (state, metrics, count): each summed metric divided by the count, `train/grad_norm` and
+  `train/lr`."""
   def micro_grads(micro):
-    def objective(params):
+    def value(params):
       if view is not None:
         params = view(params, state.frozen, state.step)
-      total, count, nll = _loss_sums(params, cfg, micro, z_loss, document_attention)
-      return total, (count, nll)
-    (_, (count, nll)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    return grads, count, nll
+      total, count, sums = objective(params, micro)
+      return total, (count, sums)
+    (_, (count, sums)), grads = jax.value_and_grad(value, has_aux=True)(state.params)
+    return grads, count, sums
 
   if grad_accum_steps == 1:
-    grads, count, nll = micro_grads(batch)
+    grads, count, sums = micro_grads(batch)
   else:
-    # (B, T) -> (k, B/k, T): micro-batch i takes rows i, i+k, ... so each one stays spread over
+    # (B, ...) -> (k, B/k, ...): micro-batch i takes rows i, i+k, ... so each one stays spread over
     # the data-parallel devices instead of living on one of them.
     micro = jax.tree.map(
         lambda x: nn.with_logical_constraint(
-            x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), (None, BATCH, LENGTH)),
+            x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1),
+            (None, BATCH) + (LENGTH,) * (x.ndim - 1)),
         batch)
 
     def accumulate(carry, mb):
-      g, c, n = micro_grads(mb)
-      return jax.tree.map(jnp.add, carry, (g, c, n)), None
+      return jax.tree.map(jnp.add, carry, micro_grads(mb)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-             jnp.zeros((), jnp.float32))
-    (grads, count, nll), _ = jax.lax.scan(accumulate, zeros, micro)
+    shapes = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, count, sums), _ = jax.lax.scan(accumulate, zeros, micro)
 
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
-  loss = nll / count
+  metrics = {k: v / count for k, v in sums.items()}
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(grad_norm) & jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
 
   def apply(s):
     updates, opt_state = tx.update(grads, s.opt_state, s.params)
@@ -94,9 +102,22 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
   state = jax.lax.cond(finite, apply, lambda s: s, state)
   state = state.replace(step=state.step + 1,
                         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
-  metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens": count}
+  metrics["train/grad_norm"] = grad_norm
   if lr_schedule is not None:
     metrics["train/lr"] = lr_schedule(state.step - 1)
+  return state, metrics, count
+
+
+def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
+               grad_accum_steps: int = 1, z_loss: float = 0.0, lr_schedule=None,
+               document_attention: bool = False, view=None):
+  def objective(params, micro):
+    total, count, nll = _loss_sums(params, cfg, micro, z_loss, document_attention)
+    return total, count, {"train/loss": nll}
+
+  state, metrics, count = gradient_step(state, batch, objective, tx=tx, grad_accum_steps=grad_accum_steps,
+                                        lr_schedule=lr_schedule, view=view)
+  metrics["train/tokens"] = count
   return state, metrics
 
 

@@ -1,0 +1,73 @@
+# Every GPU table of BENCHMARKS.md, by section: bash benchmarks/gpu.sh SECTION [SECTION ...]
+#   env        the card, the driver, the package versions
+#   train      training throughput, TinyLlama-1.1B shape, batch 8 x 2048 (+ variants), and the
+#              PyTorch reference (transformers eager) in the same call
+#   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
+#   xlaflags   decode under XLA flag variants (command buffers over the whole loop)
+#   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
+#   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
+#   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
+#   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
+#   hlo        the decode loop's optimized HLO (to count its kernels)
+#   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
+#   decode1    the decode table on the first GPU of a several-GPU machine
+# Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
+. benchmarks/gpu_setup.sh
+T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
+D="python3 -m llama_jax.bench decode --config configs/tinyllama_1b.py"
+run() {  # run SECTION ENV... COMMAND...: one benchmark, its last line (JSON) kept
+  local section=$1; shift
+  echo "== $*"
+  env "$@" > $OUT/last.log 2>&1
+  tail -1 $OUT/last.log | tee -a $OUT/$section.jsonl
+  grep -E "^E[0-9]|Error|error:" $OUT/last.log | tail -3
+}
+for section in "$@"; do case $section in
+env)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())" ;;
+train)
+  run train XLA_FLAGS= $T
+  run train XLA_FLAGS= $T --config.optimizer.grad_accum_steps=2 --config.batch_size=16
+  run train XLA_FLAGS= $T --config.model.loss_chunk_len=512
+  timeout 300 python3 benchmarks/reference_torch.py train 2>&1 | tail -1 | tee -a $OUT/train.jsonl ;;
+decode)
+  for b in 1 16; do
+    run decode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
+    run decode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+  done
+  run decode XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5 ;;
+xlaflags)  # decode's matrix-vector products: XLA rewrites a dot with one row into multiply + reduce
+  for f in "--xla_gpu_enable_dot_strength_reduction=false" "--xla_gpu_enable_triton_gemm=false" \
+           "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_enable_triton_gemm=false"; do
+    run xlaflags XLA_FLAGS="$f" $D --batch_size 1 --prompt_len 128 --new_tokens 256
+    run xlaflags XLA_FLAGS="$f" $D --batch_size 16 --prompt_len 128 --new_tokens 256
+  done ;;
+reference)
+  for b in 1 16; do
+    timeout 200 python3 benchmarks/reference_torch.py decode --batch_size $b --cache static 2>&1 | tail -1 | tee -a $OUT/reference.jsonl
+  done ;;
+first)
+  python3 benchmarks/first_token.py --config configs/tinyllama_1b.py --workdir /tmp/first_token 2>&1 | tee -a $OUT/first.jsonl ;;
+profile)  # the timed region only: compilation and autotuning stay out of the trace
+  $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pd > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pd --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_decode.txt
+  $T --steps 3 --warmup 2 --profile_dir /tmp/pt > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pt --top 40 2>&1 | grep -v Deprecation | tee $OUT/profile_train.txt ;;
+fsdp)  # every GPU of the machine (2 or 4): TinyLlama, then the LLaMA-2 7B and 13B shapes, FSDP
+  N=$(nvidia-smi -L | wc -l); S="--steps 5 --warmup 2"
+  run fsdp XLA_FLAGS= $T --config.batch_size=$((8 * N))
+  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
+  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
+decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
+  for b in 1 16; do
+    run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
+    run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+  done ;;
+serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients beside static batches
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;
+hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
+  XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
+  cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;
+*) echo "unknown section $section" ;;
+esac; done

@@ -1,0 +1,150 @@
+"""Reward models: the recipe "reward", and loading, scoring and exporting a trained one.
+
+The model is the LLaMA backbone with a scalar head `score` on the hidden state of a sequence's last
+token (the EOS that ends the answer), trained on preference pairs with the Bradley-Terry loss
+-log σ(r_chosen - r_rejected) (InstructGPT, Ouyang et al. 2022, §3.5; TRL's RewardTrainer). It
+starts from `init_from` (an SFT model: its output head is dropped) or from scratch. Metrics (means
+over pairs): rm/loss, rm/accuracy (the chosen answer scored higher), rm/margin (r_c - r_r), and the
+same on held-out pairs under eval/.
+
+  rm = load_reward_model("runs/rm")            # a reward run's workdir (its latest step) or step dir
+  rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
+  rm.score(["raw text is scored as BOS text EOS"])
+  rm.export_hf("hf_rm")                        # transformers.LlamaForSequenceClassification
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax import checkpoint, sharding
+from llama_jax.align import recipe
+from llama_jax.align.heads import last_index, reward_params, rewards
+from llama_jax.align.losses import reward_loss
+from llama_jax.config import ModelConfig
+from llama_jax.tokenizer import Tokenizer, chat
+from llama_jax.train import loop
+from llama_jax.train import metrics as metrics_lib
+
+
+class RewardRecipe(recipe.PairsRecipe):
+  metric = "rm/loss"
+  params_fn = staticmethod(reward_params)
+
+  def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run):
+    params = {k: v for k, v in loaded.params.items() if k != "output"}
+    params["score"] = jnp.zeros((model_cfg.dim,), model_cfg.param_dtype)
+    return loop.state_from_pretrained(loaded, run, params=params)
+
+  def objective(self, config, model_cfg: ModelConfig, params, batch: dict, frozen):
+    tokens, mask, valid = recipe.pair_rows(batch)
+    r = rewards(model_cfg, params, tokens, last_index(mask)).reshape(-1, 2)
+    chosen, rejected = r[:, 0], r[:, 1]
+    sums = {"rm/loss": reward_loss(chosen, rejected), "rm/accuracy": (chosen > rejected).astype(jnp.float32),
+            "rm/margin": chosen - rejected}
+    sums = {k: jnp.sum(v * valid) for k, v in sums.items()}
+    return sums["rm/loss"], jnp.sum(valid), sums
+
+  def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
+    """2B sequences of T + 1 tokens, forward and backward, without the output head."""
+    t = config.seq_len + 1
+    tokens = 2 * config.batch_size * t
+    per_token = metrics_lib.flops_per_token(model_cfg, t) - 6.0 * model_cfg.vocab_size * model_cfg.dim
+    return tokens, per_token * tokens
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(cfg: ModelConfig, params, tokens, last):
+  return rewards(cfg, params, tokens, last)
+
+
+@dataclasses.dataclass
+class RewardModel:
+  config: ModelConfig
+  params: Any  # {tok_embeddings, layers, norm, score}
+  tokenizer: Tokenizer | None = None
+  mesh: Mesh | None = None
+  rules: tuple = sharding.DEFAULT_RULES
+
+  def score_tokens(self, sequences: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
+    """float32 (n,): the score of each token sequence, read at its last token."""
+    sequences = [list(map(int, s)) for s in sequences]
+    for i, s in enumerate(sequences):
+      if not s:
+        raise ValueError(f"sequence {i} is empty")
+      if len(s) > self.config.max_seq_len:
+        raise ValueError(f"sequence {i} has {len(s)} tokens, more than the model's {self.config.max_seq_len}")
+      if min(s) < 0 or max(s) >= self.config.vocab_size:
+        raise ValueError(f"sequence {i}: token ids must lie in [0, {self.config.vocab_size})")
+    out = np.zeros(len(sequences), np.float32)
+    context = sharding.activation_rules(self.mesh, self.rules) if self.mesh else contextlib.nullcontext()
+    for start in range(0, len(sequences), batch_size):
+      chunk = sequences[start:start + batch_size]
+      # Lengths in powers of two: a handful of compilations serve every call.
+      length = min(max(16, 1 << (max(map(len, chunk)) - 1).bit_length()), self.config.max_seq_len)
+      tokens = np.zeros((len(chunk), length), np.int32)
+      for r, s in enumerate(chunk):
+        tokens[r, :len(s)] = s
+      last = np.array([len(s) - 1 for s in chunk], np.int32)
+      with context:
+        out[start:start + len(chunk)] = np.asarray(_scores(self.config, self.params, tokens, last))
+    return out
+
+  def score(self, items: Sequence[str | Sequence[dict]], template: str = "auto") -> np.ndarray:
+    """One score per item: a conversation (messages ending with the assistant's answer, rendered
+    with the chat template `template`, as the model was trained; "auto": the model's own, else
+    vicuna_v1.1) or a string (BOS, the text, EOS)."""
+    if self.tokenizer is None:
+      raise ValueError("this reward model has no tokenizer: score token ids with score_tokens")
+    rendering = None
+    sequences = []
+    for item in items:
+      if isinstance(item, str):
+        sequences.append(self.tokenizer.encode(item, bos=True, eos=True))
+      else:
+        rendering = rendering or chat.template_for(self.tokenizer, template or None)
+        sequences.append(rendering.encode(list(item), self.tokenizer)[0])
+    return self.score_tokens(sequences)
+
+  def export_hf(self, directory: str, dtype: str | None = None) -> None:
+    """config.json and safetensors of a transformers.LlamaForSequenceClassification (one label)."""
+    from llama_jax.convert import hf
+    hf.export_hf(self.config, self.params, directory,
+                 tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype)
+
+
+def abstract_reward_params(cfg: ModelConfig, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+  """ShapeDtypeStructs of a reward model's parameters, placed on `mesh` by `rules` (default: the
+  first device)."""
+  boxed = jax.eval_shape(lambda: reward_params(cfg, jax.random.key(0)))
+  if mesh is not None:
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), nn.unbox(boxed),
+                      shardings)
+
+
+def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_overrides) -> RewardModel:
+  """A trained reward model: a reward run's workdir (its latest step), one of its step directories,
+  or a directory `checkpoint.save_model` wrote. With a `mesh`, straight into its shards (by `rules`)."""
+  rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
+  params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
+  keys = checkpoint.saved_keys(params_dir)
+  if keys is not None and "score" not in keys:
+    raise ValueError(f"{path}: not a reward model (a backbone with a 'score' head); its parameters: "
+                     f"{', '.join(keys)}")
+  params = checkpoint.restore_tree(params_dir, abstract_reward_params(cfg, mesh, rules))
+  if config_overrides:
+    cfg = cfg.replace(**config_overrides)
+  return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)

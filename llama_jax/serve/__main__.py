@@ -1,0 +1,98 @@
+"""`python -m llama_jax.serve --checkpoint DIR`: an OpenAI-compatible server for one model.
+
+  python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max_batch 64]
+      [--api_key KEY] [--warmup] [--max_len N] [--tensor T] [--dtype bfloat16]
+
+DIR is anything `llama_jax.load` reads (with a tokenizer). `--tensor T` splits the model over T
+devices (tensor parallel, as `generate.py --tensor`); the key may also come from the environment
+(LLAMA_JAX_API_KEY), which keeps it out of the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m llama_jax.serve", description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True,
+                 help="model directory, training workdir, Hugging Face or Meta directory")
+  p.add_argument("--tokenizer", help="tokenizer model (default: the checkpoint's own)")
+  p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max_batch", type=int, default=64, help="requests decoded together (KV-cache slots)")
+  p.add_argument("--max_len", type=int,
+                 help="tokens per slot, prompt and answer together (default: the model's context)")
+  p.add_argument("--decode_steps", type=int, default=8, help="decode steps per device call")
+  p.add_argument("--api_key", default=os.environ.get("LLAMA_JAX_API_KEY"),
+                 help="require 'Authorization: Bearer KEY' on /v1 (default: $LLAMA_JAX_API_KEY)")
+  p.add_argument("--warmup", action="store_true", help="compile every shape before serving")
+  p.add_argument("--model_name", help="the name clients use (default: the checkpoint directory's name)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+  p.add_argument("--tensor", type=int, default=1, help="split the model over this many devices")
+  p.add_argument("--max_body_bytes", type=int, default=4 << 20, help="largest request body accepted")
+  p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+  def run():
+    from llama_jax.generate.cli import UsageError, make_mesh
+    for name in ("max_batch", "decode_steps", "max_body_bytes", "tensor"):
+      if getattr(args, name) < 1:
+        raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port < 65536:
+      raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.tokenizer and not os.path.isfile(args.tokenizer):
+      raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
+    try:
+      import fastapi  # noqa: F401
+      import uvicorn
+    except ImportError as e:
+      raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'llama_jax[serve]'") from None
+
+    import llama_jax
+    from llama_jax.convert.source import open_source
+    from llama_jax.serve.server import build, listen
+    # The checks and the mesh need the config alone; then the weights load straight into their shards.
+    config = open_source(args.checkpoint).config
+    if args.max_len is not None and not 0 < args.max_len <= config.max_seq_len:
+      raise UsageError(f"--max_len must be in [1, {config.max_seq_len}] (the model's context), "
+                       f"got {args.max_len}")
+    mesh = make_mesh(args, config)
+    model = llama_jax.load(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
+    if model.tokenizer is None:
+      raise UsageError(f"{args.checkpoint} has no tokenizer; pass --tokenizer")
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    sock = listen(args.host, args.port)  # a taken port fails here, before the long warmup
+    served = build(model, model_name=name, max_batch=args.max_batch, max_len=args.max_len,
+                   decode_steps=args.decode_steps, api_key=args.api_key, warmup=args.warmup,
+                   max_body_bytes=args.max_body_bytes)
+    print(f"serving {name!r} on http://{args.host}:{sock.getsockname()[1]} ({args.max_batch} slots of "
+          f"{served.engine.cache_len} tokens{', API key required' if args.api_key else ''})",
+          file=sys.stderr, flush=True)
+    try:
+      # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again.
+      uvicorn.Server(uvicorn.Config(served.app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
+    except KeyboardInterrupt:
+      pass
+    finally:
+      served.scheduler.stop()
+    return 0
+
+  from llama_jax.errors import run_cli
+  try:
+    return run_cli(run)
+  except KeyboardInterrupt:  # before serving started (loading, warmup)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,382 @@
+"""The scheduler: which requests hold the engine's slots, when prompts are prefilled, and what each
+request has produced so far. Plain Python on one thread, with a queue in and callbacks out.
+
+JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
+generate and detokenize threads. Each round
+  1. admits waiting requests into free slots (prefill + insert, queued on the device behind the
+     running call; a bounded number of prompt tokens per round, so the others never stall long),
+  2. dispatches a `generate` call for the live slots (JAX returns at once),
+  3. while the device runs it, reads what was dispatched before (the previous call's tokens, the
+     new requests' first tokens), turns tokens into text and ends requests: EOS, `max_tokens`, a
+     stop string, a cancel.
+So the device always has the next call queued while the host works. A request whose last token is
+already in flight gives its slot up before the next call; one that ends otherwise (EOS, a stop
+string, a cancel) has been given one more call's steps by the time the host knows, and those tokens
+are dropped (JetStream accepts the same).
+
+Text: each request has a `TextStreamer` (incremental detokenization) and a stop-string check that
+holds back any tail that could still become a stop string, so the deltas it emits concatenate to
+exactly the final text, streamed or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import secrets
+import threading
+from typing import Callable, Sequence
+
+import numpy as np
+
+from llama_jax.generate import slots as slot_engine
+from llama_jax.generate.streaming import TextStreamer
+
+log = logging.getLogger(__name__)
+
+_WAKE = object()  # put in the inbox to make an idle loop look again (cancel, resume, stop)
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+  token: int
+  text: str  # the token's own text, as it reads after the token before it
+  raw: bytes  # its bytes; a byte-fallback piece (<0xE2>) is that byte, though alone no character
+  logprob: float
+  offset: int = 0  # characters of the answer's token texts before it
+  top: list["TokenLogprob"] = dataclasses.field(default_factory=list)  # the likeliest, best first
+
+
+def token_text(tokenizer, eos_ids: frozenset[int], context: int | None, token: int) -> tuple[str, bytes]:
+  """(text, bytes) of one token after `context` (the token before it, None at the start)."""
+  if token in eos_ids:
+    return "", b""
+  piece = tokenizer.id_to_piece(token) if hasattr(tokenizer, "id_to_piece") else ""
+  if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    raw = bytes([int(piece[3:5], 16)])
+    return raw.decode("utf-8", errors="replace"), raw
+  text = tokenizer.decode_continuation([] if context is None else [context], [token])
+  return text, text.encode("utf-8")
+
+
+@dataclasses.dataclass
+class Output:
+  """One event of a request, in order: new text (possibly empty), the tokens it came from (counted
+  ones only) and, on the last event, why it ended and the usage counts."""
+  text: str
+  tokens: list[int]
+  logprobs: list[TokenLogprob] | None = None
+  finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "error"
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """What a client asked for, checked by the HTTP layer. `emit` is called on the scheduler's
+  thread with each `Output`; it must not block."""
+  prompt: list[int]
+  max_tokens: int
+  emit: Callable[[Output], None]
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int | None = None  # None: a fresh random seed
+  stop: Sequence[str] = ()
+  logprobs: int | None = None  # alternatives per token (0..20); None: no log-probabilities
+  ignore_eos: bool = False  # go on to max_tokens past EOS ids (benchmarks)
+  # A chat answer is text of its own (no space before its first word); a completion continues
+  # its prompt's text (the space kept, as `Model.generate` returns it).
+  continues_prompt: bool = True
+  cancelled: bool = False  # set by `Scheduler.cancel` from any thread
+
+
+class _Live:
+  """The host's record of one admitted request."""
+
+  def __init__(self, request: Request, slot: int, tokenizer, eos_ids: frozenset[int]):
+    self.request, self.slot = request, slot
+    context = request.prompt if request.continues_prompt else []
+    self.streamer = TextStreamer(tokenizer, lambda _: None, eos_ids, context)
+    self.last_token = context[-1] if context else None  # for each token's own text (logprobs)
+    self.text_offset = 0
+    self.dispatched = 1  # tokens asked of the device so far (the first comes with the prefill)
+    self.count = 0  # tokens read and counted towards completion_tokens
+    self.emitted = 0  # characters of streamer.text already sent
+    self.final_len: int | None = None  # where the text ends, once a stop string is found
+    self.finish_reason: str | None = None
+
+  @property
+  def done(self) -> bool:
+    return self.finish_reason is not None
+
+
+class Scheduler:
+  """Runs `engine` (a `slots.SlotEngine`) for the requests `submit`ted to it, on its own thread."""
+
+  def __init__(self, engine: slot_engine.SlotEngine, tokenizer, eos_ids: Sequence[int],
+               prefill_tokens_per_round: int = 2048):
+    self.engine, self.tokenizer = engine, tokenizer
+    self.eos_ids = frozenset(int(i) for i in eos_ids)
+    self.prefill_tokens_per_round = prefill_tokens_per_round
+    self._inbox: queue.Queue = queue.Queue()
+    self._waiting: list[Request] = []
+    self._owners: list[_Live | None] = [None] * engine.max_batch
+    # Device results not yet read, in dispatch order: ([(row, request's record)], slots.Step).
+    self._inflight: list[tuple[list[tuple[int, _Live]], slot_engine.Step]] = []
+    self._state = None
+    self._running = threading.Event()
+    self._running.set()
+    self._stopping = False
+    self._changed = threading.Condition()
+    self._counts = dict(admitted=0, finished=0, cancelled=0, cancel_calls=0, errors=0)
+    self._thread = threading.Thread(target=self._loop, name="llama_jax-scheduler", daemon=True)
+
+  # --- any thread
+
+  def start(self) -> "Scheduler":
+    self._state = self.engine.init()
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._stopping = True
+    self._running.set()
+    self._inbox.put(_WAKE)
+    self._thread.join()
+
+  def submit(self, request: Request) -> None:
+    self._inbox.put(request)
+
+  def cancel(self, request: Request) -> None:
+    """The client is gone: free its slot (or drop it from the queue) at the next round."""
+    if not request.cancelled:
+      request.cancelled = True
+      self._bump("cancel_calls")
+      self._inbox.put(_WAKE)
+
+  def pause(self) -> None:
+    """No more decode steps until `resume` (admission and prefill go on). For tests that need a
+    request to stay live, and for draining."""
+    self._running.clear()
+
+  def resume(self) -> None:
+    self._running.set()
+    self._inbox.put(_WAKE)
+
+  def stats(self) -> dict[str, int]:
+    with self._changed:
+      live = sum(o is not None for o in self._owners)
+      return dict(self._counts, live=live, waiting=len(self._waiting) + self._inbox.qsize(),
+                  slots=len(self._owners))
+
+  def wait_until(self, predicate: Callable[[dict], bool], timeout: float | None = None) -> bool:
+    """Blocks until predicate(stats()) holds (or the timeout passes); its value."""
+    with self._changed:
+      return self._changed.wait_for(lambda: predicate(self.stats()), timeout)
+
+  # --- the scheduler's thread
+
+  def _bump(self, name: str, n: int = 1) -> None:
+    with self._changed:
+      self._counts[name] += n
+      self._changed.notify_all()
+
+  def _loop(self) -> None:
+    while not self._stopping:
+      self._take_inbox(block=self._idle())
+      if self._stopping:
+        break
+      try:
+        self._round()
+      except Exception as e:  # pylint: disable=broad-except
+        # A failed device call (out of memory, a bug): every request in flight gets an error,
+        # the slots start over, and the server goes on serving.
+        log.exception("engine failure; failing the requests in flight")
+        self._fail_all(f"engine failure: {type(e).__name__}: {e}")
+      with self._changed:
+        self._changed.notify_all()
+    self._fail_all("the server is shutting down")
+
+  def _idle(self) -> bool:
+    live = any(o is not None for o in self._owners)
+    admissible = self._waiting and None in self._owners
+    return not self._inflight and not admissible and not (live and self._running.is_set())
+
+  def _take_inbox(self, block: bool) -> None:
+    try:
+      item = self._inbox.get(block=block)
+      while True:
+        if item is not _WAKE:
+          self._waiting.append(item)
+        item = self._inbox.get_nowait()
+    except queue.Empty:
+      pass
+
+  def _round(self) -> None:
+    for live in self._owners:
+      if live is None:
+        continue
+      if live.request.cancelled:
+        self._free(live, cancelled=True)
+      elif live.dispatched >= live.request.max_tokens:
+        # Its last token is already being made: the slot is free for the next request now, and
+        # the tokens in flight are still read (they are the call's outputs, not the slot's).
+        self._owners[live.slot] = None
+    self._admit()
+    live = [(s, o) for s, o in enumerate(self._owners) if o is not None]
+    dispatched = []
+    if self._running.is_set() and live:
+      wants_top = any(o.request.logprobs for _, o in live)
+      k = slot_engine.max_top_logprobs(self.engine.cfg) if wants_top else 0
+      rows = self.engine.rows_for(live[-1][0] + 1)
+      self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k)
+      for _, o in live:
+        o.dispatched += self.engine.steps
+      dispatched = [(live, step)]
+    # The device runs the step just dispatched while the host reads what came before it (the
+    # previous step, and the first tokens of the requests just admitted).
+    pending, self._inflight = self._inflight, dispatched
+    for entry in pending:
+      self._read(entry)
+
+  def _admit(self) -> None:
+    """Waiting requests into free slots, lowest first; while others decode, no more than the
+    round's prompt-token budget (they wait for these prefills)."""
+    budget = self.prefill_tokens_per_round
+    decoding = any(o is not None for o in self._owners)
+    while self._waiting and None in self._owners and (budget > 0 or not decoding):
+      request = self._waiting.pop(0)
+      if request.cancelled:
+        self._bump("cancelled")
+        continue
+      slot = self._owners.index(None)
+      seed = secrets.randbits(32) if request.seed is None else request.seed
+      prefix = self.engine.prefill(request.prompt, slot_engine.row_key(seed),
+                                   (request.temperature, request.top_k, request.top_p))
+      self._state = self.engine.insert(prefix, self._state, slot)
+      self._owners[slot] = _Live(request, slot, self.tokenizer, self.eos_ids)
+      self._inflight.append(([(0, self._owners[slot])], prefix.drawn))
+      budget -= len(request.prompt)
+      self._bump("admitted")
+
+  def _read(self, entry) -> None:
+    rows, drawn = entry
+    for _, live in rows:
+      if live.request.cancelled and not live.done:
+        self._free(live, cancelled=True)
+    rows = [(r, live) for r, live in rows if not live.done]
+    if not rows:
+      return
+    tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)  # waits for the device
+    top = None
+    if drawn.top_tokens is not None and any(live.request.logprobs for _, live in rows):
+      top = np.asarray(drawn.top_tokens), np.asarray(drawn.top_logprobs)
+    for r, live in rows:
+      self._consume(live, tokens[r], logprobs[r], None if top is None else (top[0][r], top[1][r]))
+
+  def _consume(self, live: _Live, tokens: np.ndarray, logprobs: np.ndarray, top) -> None:
+    """A request's next tokens: counted up to its end, turned into text, emitted."""
+    request = live.request
+    counted: list[int] = []
+    for token in tokens.tolist():
+      counted.append(token)
+      live.count += 1
+      if token in self.eos_ids and not request.ignore_eos:
+        live.finish_reason = "stop"
+        break
+      if request.stop:  # token by token only where a stop string could end the text mid-chunk
+        live.streamer([token])
+        if self._stop_found(live):
+          live.finish_reason = "stop"
+          break
+      if live.count >= request.max_tokens:
+        live.finish_reason = "length"
+        break
+    if not request.stop:
+      live.streamer([t for t in counted if t not in self.eos_ids])
+    if live.done and live.final_len is None:
+      live.streamer.flush()  # an unfinished character at the very end
+      if request.stop and self._stop_found(live):
+        live.finish_reason = "stop"
+    token_logprobs = None
+    if request.logprobs is not None:
+      token_logprobs = [self._token_logprob(live, t, token, logprobs, top) for t, token in enumerate(counted)]
+    self._emit(live, counted, token_logprobs)
+    if live.done:
+      self._free(live)
+
+  def _token_logprob(self, live: _Live, t: int, token: int, logprobs, top) -> TokenLogprob:
+    context = live.last_token
+    entry = TokenLogprob(token, *token_text(self.tokenizer, self.eos_ids, context, token),
+                         float(logprobs[t]), live.text_offset)
+    if top is not None:
+      n = live.request.logprobs
+      for alt, value in zip(top[0][t, :n].tolist(), top[1][t, :n].tolist()):
+        entry.top.append(TokenLogprob(alt, *token_text(self.tokenizer, self.eos_ids, context, alt), value,
+                                      live.text_offset))
+    live.last_token = token
+    live.text_offset += len(entry.text)
+    return entry
+
+  def _stop_found(self, live: _Live) -> bool:
+    text, stops = live.streamer.text, live.request.stop
+    hits = [i for i in (text.find(s, live.emitted) for s in stops) if i >= 0]
+    if hits:
+      live.final_len = min(hits)
+    return bool(hits)
+
+  def _sendable_end(self, live: _Live) -> int:
+    """How much of the text can go out: all of it once the request is done; before that, all but
+    a tail that is the beginning of some stop string."""
+    text = live.streamer.text
+    if live.final_len is not None:
+      return live.final_len
+    if live.done:
+      return len(text)
+    hold = 0
+    for stop in live.request.stop:
+      for n in range(min(len(stop) - 1, len(text)), hold, -1):
+        if text.endswith(stop[:n]):
+          hold = n
+          break
+    return len(text) - hold
+
+  def _emit(self, live: _Live, tokens: list[int], logprobs: list[TokenLogprob] | None) -> None:
+    end = max(self._sendable_end(live), live.emitted)
+    text = live.streamer.text[live.emitted:end]
+    live.emitted = end
+    if not (text or tokens or live.done):
+      return
+    final = live.done
+    out = Output(text, tokens, logprobs, live.finish_reason if final else None,
+                 len(live.request.prompt) if final else 0, live.count if final else 0)
+    self._deliver(live.request, out)
+
+  def _deliver(self, request: Request, out: Output) -> None:
+    try:
+      request.emit(out)
+    except Exception:  # pylint: disable=broad-except
+      log.exception("a request's output callback failed; cancelling it")
+      request.cancelled = True
+
+  def _free(self, live: _Live, cancelled: bool = False) -> None:
+    if self._owners[live.slot] is live:  # (a request at its token limit gave its slot up already)
+      self._owners[live.slot] = None
+    if live.finish_reason is None:
+      live.finish_reason = "cancelled"
+    self._bump("cancelled" if cancelled else "finished")
+
+  def _fail_all(self, message: str) -> None:
+    self._take_inbox(block=False)
+    failed = [live.request for live in self._owners if live is not None] + self._waiting
+    for request in failed:
+      self._deliver(request, Output("", [], finish_reason="error", error=message))
+    self._owners = [None] * len(self._owners)
+    self._waiting = []
+    self._bump("errors", len(failed))
+    self._inflight = []
+    if not self._stopping:
+      self._state = self.engine.init()

@@ -1,0 +1,215 @@
+"""The alignment recipes through the real entry point: `train.py` trains a reward model, DPO and PPO
+(and GRPO) from a tiny model, writes their metrics, and resumes exactly after a SIGTERM (PPO's
+rollouts included); the results load through the public API. Plus fast checks of the recipes'
+pieces: DPO's loss is log 2 while the policy is its reference, and PPO's sequence assembly."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import checkpoint
+from llama_jax.align.heads import reward_params
+from llama_jax.config import ModelConfig
+from llama_jax.model import init_params
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizer import train as sp_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "red blue green cat dog sky sea tree big small yes no one two three apple pear".split()
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tokenizer, a random 'SFT' model and a random reward model with it, pairs and prompts."""
+  root = tmp_path_factory.mktemp("align")
+  rng = random.Random(0)
+  texts = [" ".join(rng.choices(WORDS, k=8)) for _ in range(500)]
+  tok = Tokenizer(sp_train.train(texts, CFG.vocab_size, str(root / "tok"), num_threads=1))
+  checkpoint.save_model(str(root / "sft"), CFG, nn.unbox(init_params(CFG, jax.random.key(0))), tok.path)
+  params = nn.unbox(reward_params(CFG, jax.random.key(1)))
+  params["score"] = jax.random.normal(jax.random.key(2), (CFG.dim,))
+  checkpoint.save_model(str(root / "rm"), CFG, params, tok.path)
+  with open(root / "pairs.jsonl", "w") as f, open(root / "prompts.jsonl", "w") as g:
+    for _ in range(300):
+      prompt = " ".join(rng.choices(WORDS, k=3)) + "?"
+      chosen, rejected = rng.sample(WORDS, 2)
+      f.write(json.dumps({"prompt": prompt, "chosen": chosen + ".", "rejected": rejected + " " + chosen}) + "\n")
+      g.write(json.dumps({"prompt": prompt}) + "\n")
+  return root
+
+
+def write_config(path, setup, base, **fields):
+  overrides = "\n".join(f"  config.{k} = {v!r}" for k, v in fields.items())
+  source = "prompts" if base == "ppo_tiny" else "pairs"
+  path.write_text(textwrap.dedent(f"""\
+      import ml_collections
+      from configs import {base}
+      from llama_jax.data.config import source
+
+      def get_config():
+        config = {base}.get_config()
+        config.init_from = {str(setup / 'sft')!r}
+        config.data.sources = ml_collections.ConfigDict(dict(
+            {source}=source({str(setup / (source + '.jsonl'))!r}, 1.0, template="raw")))
+        config.data.holdout_every = 10
+        config.data.eval_batches = 2
+        config.data.prefetch = 1
+        config.data.num_threads = 1
+        for k, v in {CFG.to_dict()!r}.items():
+          config.model[k] = v
+        config.batch_size = 4
+        config.seq_len = 16
+        config.num_steps = 6
+        config.log_every = 1
+        config.eval_every = 3
+        config.checkpoint_every = 0
+        config.optimizer.warmup_steps = 0
+        config.optimizer.warmup_ratio = 0.0
+      """) + overrides + "\n  return config\n")
+  return str(path)
+
+
+def run_train(config, workdir, *flags, env=None):
+  environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                     JAX_DEFAULT_MATMUL_PRECISION="highest", **(env or {}))
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--config={config}",
+                         f"--workdir={workdir}", *flags], cwd=REPO, env=environment, capture_output=True,
+                        text=True, timeout=600)
+  return proc.returncode, proc.stderr
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def straight_and_preempted(tmp_path, config, keys, flags=()):
+  """The run straight through, and the same run stopped by SIGTERM after step 3 and restarted:
+  the last metrics are the same."""
+  code, err = run_train(config, tmp_path / "straight", *flags)
+  assert code == 0, err[-3000:]
+  code, err = run_train(config, tmp_path / "preempted", *flags, env={"LLAMA_JAX_PREEMPT_AT_STEP": "3"})
+  assert code == 128 + signal.SIGTERM, err[-3000:]
+  assert os.listdir(tmp_path / "preempted" / "checkpoints") == ["3"]
+  code, err = run_train(config, tmp_path / "preempted", *flags)
+  assert code == 0, err[-3000:]
+  straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "preempted")
+  assert [r["step"] for r in straight] == list(range(1, 7))
+  for key in keys:
+    np.testing.assert_allclose(resumed[-1][key], straight[-1][key], rtol=1e-5, atol=1e-6, err_msg=key)
+  return straight
+
+
+@pytest.mark.slow
+def test_reward_model_trains_resumes_and_loads(setup, tmp_path):
+  config = write_config(tmp_path / "cfg.py", setup, "reward_tiny", **{"optimizer.lr": 3e-3})
+  rows = straight_and_preempted(tmp_path, config, ["rm/loss", "rm/accuracy", "rm/margin", "eval/loss"])
+  for key in ("rm/loss", "rm/accuracy", "rm/margin", "train/grad_norm", "train/lr", "perf/tokens_per_s"):
+    assert key in rows[-1], key  # (the first step is compilation: no perf/ numbers)
+  assert {"eval/loss", "eval/accuracy", "eval/margin"} <= set(rows[2]) and "eval/loss" not in rows[0]
+  assert rows[0]["rm/loss"] == pytest.approx(math.log(2), abs=1e-6)  # the head starts at zero
+  assert rows[-1]["rm/loss"] < rows[0]["rm/loss"]
+  from llama_jax.align import load_reward_model
+  rm = load_reward_model(tmp_path / "straight")
+  assert np.isfinite(rm.score(["red cat", "blue dog"])).all()
+
+
+@pytest.mark.slow
+def test_dpo_trains_and_resumes_exactly(setup, tmp_path):
+  config = write_config(tmp_path / "cfg.py", setup, "dpo_tiny", **{"optimizer.lr": 3e-3})
+  keys = ["dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/rewards_chosen", "dpo/rewards_rejected"]
+  rows = straight_and_preempted(tmp_path, config, keys + ["eval/loss"])
+  # The first step's loss is taken before its update: the policy is still the reference.
+  assert rows[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert rows[0]["dpo/margin"] == pytest.approx(0.0, abs=1e-6)
+  assert rows[-1]["dpo/loss"] < rows[0]["dpo/loss"] and rows[-1]["dpo/margin"] > 0
+  assert {"eval/" + k.split("/")[1] for k in keys} <= set(rows[2])
+  import llama_jax
+  assert llama_jax.load(tmp_path / "straight").config == CFG
+
+
+@pytest.mark.slow
+def test_ppo_trains_resumes_exactly_and_loads_as_a_model(setup, tmp_path):
+  config = write_config(tmp_path / "cfg.py", setup, "ppo_tiny", **{
+      "ppo.reward_model": str(setup / "rm"), "ppo.prompt_len": 12, "ppo.max_new_tokens": 6,
+      "optimizer.lr": 1e-3})
+  keys = ["ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/clipfrac"]
+  rows = straight_and_preempted(tmp_path, config, keys + ["eval/reward_mean"])
+  assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference's
+  assert {"eval/reward_mean", "eval/kl"} <= set(rows[2])
+  import llama_jax  # the policy's tree holds a value head beside the model: it loads as the model
+  model = llama_jax.load(tmp_path / "straight")
+  assert len(model.generate(["red cat?"], max_new_tokens=3)) == 1
+  code, err = run_train(config, tmp_path / "grpo", "--config.ppo.advantage=grpo", "--config.ppo.group_size=2",
+                        "--config.num_steps=2", "--config.eval_every=0")
+  assert code == 0, err[-3000:]
+  grpo = metrics(tmp_path / "grpo")
+  assert "ppo/k3_kl" in grpo[-1] and "ppo/value_loss" not in grpo[-1]
+
+
+def test_unknown_recipe_and_missing_models_are_config_errors():
+  from configs import ppo_tiny
+  from llama_jax import sharding
+  from llama_jax.align import get_recipe
+  from llama_jax.align.ppo import validate
+  config = ppo_tiny.get_config()
+  config.recipe = "rlhf"
+  with pytest.raises(sharding.ConfigError, match="unknown config.recipe 'rlhf'"):
+    get_recipe(config)
+  mesh = sharding.make_mesh(1, -1, 1)
+  config.ppo.reward_model = ""
+  with pytest.raises(sharding.ConfigError, match="config.ppo.reward_model is empty"):
+    validate(config, CFG, mesh)
+  config.ppo.reward_model, config.ppo.minibatches = "rm", 3
+  with pytest.raises(sharding.ConfigError, match="ppo.minibatches"):
+    validate(config, CFG, mesh)
+
+
+def test_dpo_objective_is_log_two_at_the_reference_and_adds_the_chosen_nll():
+  from ml_collections import ConfigDict
+  from llama_jax.align.dpo import DPO
+  from llama_jax.model import forward
+  params = nn.unbox(init_params(CFG, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.integers(3, CFG.vocab_size, (3, 9)), jnp.int32) for k in ("chosen", "rejected")}
+  for side in ("chosen", "rejected"):
+    batch[side + "_mask"] = jnp.asarray(np.arange(9) >= 4, jnp.float32)[None].repeat(3, 0)
+  batch["chosen_mask"] = batch["chosen_mask"].at[2].set(0)  # a padding row does not count
+  totals = {}
+  for coef in (0.0, 0.2):
+    config = ConfigDict({"dpo": {"beta": 0.1, "loss": "sigmoid", "nll_coef": coef}})
+    objective = jax.jit(lambda p, b, ref, config=config: DPO().objective(config, CFG, p, b, ref))
+    totals[coef], count, sums = objective(params, batch, params)
+  assert float(count) == 2
+  np.testing.assert_allclose(totals[0.0] / count, math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(sums["dpo/accuracy"], 0.0)
+  # The chosen answers' NLL per token, from the model's logits.
+  logits = np.asarray(forward(CFG, params, batch["chosen"]), np.float64)[:, :-1]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  target = np.take_along_axis(logp, np.asarray(batch["chosen"])[:, 1:, None], axis=-1)[..., 0]
+  m = np.asarray(batch["chosen_mask"])[:, 1:]
+  nll = -(target * m).sum(1)[:2] / m.sum(1)[:2]
+  np.testing.assert_allclose(sums["dpo/nll"], nll.sum(), rtol=1e-5)
+  np.testing.assert_allclose(totals[0.2], totals[0.0] + 0.2 * nll.sum(), rtol=1e-5)
+
+
+def test_ppo_assembles_each_response_right_after_its_prompt():
+  from llama_jax.align.ppo import assemble
+  prompt = jnp.array([[1, 5, 6, 0], [1, 7, 0, 0]])
+  response = jnp.array([[8, 9, 2], [4, 4, 4]])
+  tokens, index = assemble(prompt, jnp.array([3, 2]), response, jnp.array([3, 1]), pad_id=0)
+  np.testing.assert_array_equal(tokens, [[1, 5, 6, 8, 9, 2, 0], [1, 7, 4, 0, 0, 0, 0]])
+  # position i of a row holds the token before response token i
+  np.testing.assert_array_equal(index, [[2, 3, 4], [1, 2, 3]])

@@ -1,0 +1,305 @@
+"""The OpenAI-compatible server, through the real `openai` client and raw HTTP: answers equal
+`Model.generate`'s for the same prompts whatever runs beside them, streamed chunks concatenate to
+the whole answer, bad requests get OpenAI's error JSON, and a client that leaves frees its slot.
+
+One server (in-process uvicorn on a free port of 127.0.0.1) serves the module; it compiles lazily,
+one prompt bucket at a time, so the fast tests pay for the shapes they use only.
+"""
+
+import concurrent.futures
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import httpx
+import jax
+import numpy as np
+import openai
+import pytest
+from conftest import train_word_tokenizer
+
+import llama_jax
+from llama_jax import model as M
+from llama_jax.config import ModelConfig
+from llama_jax.serve.app import create_app
+from llama_jax.serve.server import BackgroundServer, Served, build
+from llama_jax.tokenizer import Tokenizer, chat
+
+NAME = "tiny-chat"
+CONTEXT = 64
+WORDS = "the cat sat on a mat dog ran to big small red blue tree house".split()
+SYSTEM = {"role": "system", "content": "be brief"}  # the default Vicuna system line fills the context
+TIMEOUT = 300  # seconds; a safety net for a hung server on a busy machine, not a time budget
+# A request that runs to its max_tokens whatever is drawn (the default temperature is OpenAI's 1).
+ENDLESS = {"model": NAME, "prompt": "the cat", "max_tokens": 40, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  tok = Tokenizer(train_word_tokenizer(tmp_path_factory.mktemp("tok"), 300))
+  cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=tok.vocab_size,
+                    multiple_of=16, max_seq_len=CONTEXT)
+  return llama_jax.Model(cfg, nn.unbox(M.init_params(cfg, jax.random.key(3))), tok)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+  background = BackgroundServer(build(model, model_name=NAME, max_batch=8, decode_steps=4,
+                                      max_body_bytes=64 << 10)).start()
+  yield background
+  background.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+def _mixed_prompts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  prompts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(n)]
+  return prompts, [int(rng.integers(1, 30)) for _ in range(n)]
+
+
+MIXED, MIXED_LIMITS = _mixed_prompts(32)
+OFFLINE_LIMIT = 30
+
+
+def _chat_ids(model, messages):
+  return chat.get_template().encode_prompt(messages, model.tokenizer)
+
+
+CHAT = [SYSTEM, {"role": "user", "content": "the dog ran to the tree"}]
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+  """prompt ids -> Model.generate's greedy new ids for them, in one batched call at the longest
+  limit the tests use (greedy tokens don't depend on the limit, so each test cuts its own)."""
+  texts = MIXED + ["the cat sat on", "a big red", "the red house"]
+  prompts = [model.tokenizer.encode(p) for p in texts] + [_chat_ids(model, CHAT)]
+  rows = model.generate(prompts, max_new_tokens=OFFLINE_LIMIT)
+  return {tuple(p): row[len(p):] for p, row in zip(prompts, rows)}
+
+
+def _answer(model, offline, prompt, limit, continues_prompt=True):
+  """(text, completion tokens) of a prompt's offline answer, cut at `limit` tokens or its EOS: the
+  text a completion continues its prompt with (Model.generate's), or a chat answer alone."""
+  tok = model.tokenizer
+  ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+  new = offline[tuple(ids)][:limit]
+  if any(t in tok.eos_ids for t in new):
+    new = new[:next(i for i, t in enumerate(new) if t in tok.eos_ids) + 1]
+  text = [t for t in new if t not in tok.eos_ids]
+  return (tok.decode_continuation(ids, text) if continues_prompt else tok.decode(text)), len(new)
+
+
+def test_models_and_health(client, server):
+  assert [m.id for m in client.models.list().data] == [NAME]
+  health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+  assert health["status"] == "ok" and health["slots"] == 8
+
+
+def test_greedy_answers_equal_generate(client, model, offline):
+  prompts = ["the cat sat on", "a big red"]
+  expected = [_answer(model, offline, p, 12) for p in prompts]
+  got = client.completions.create(model=NAME, prompt=prompts, max_tokens=12, temperature=0)
+  assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [t for t, _ in expected]
+  assert got.usage.completion_tokens == sum(n for _, n in expected)
+  assert got.usage.prompt_tokens == sum(len(model.tokenizer.encode(p)) for p in prompts)
+
+
+@pytest.mark.slow
+def test_32_concurrent_clients_each_get_their_offline_answer(client, model, server, offline):
+  prompts, limits = MIXED, MIXED_LIMITS
+  expected = [_answer(model, offline, p, m) for p, m in zip(prompts, limits)]
+
+  def ask(i):
+    if i % 2:  # half stream, half wait for the whole answer
+      chunks = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=limits[i],
+                                         temperature=0, stream=True)
+      chunks = list(chunks)
+      return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+    answer = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=limits[i], temperature=0)
+    return answer.choices[0].text, answer.usage.completion_tokens
+
+  before = server.served.scheduler.stats()
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    answers = list(pool.map(ask, range(32)))
+  assert answers == expected
+  after = server.served.scheduler.stats()
+  assert after["finished"] - before["finished"] == 32 and after["live"] == 0
+
+
+def test_chat_answers_equal_generate_streamed_or_not(client, model, offline):
+  expected = _answer(model, offline, _chat_ids(model, CHAT), 20, continues_prompt=False)
+  whole = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=20, temperature=0)
+  chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=20,
+                                               temperature=0, stream=True,
+                                               stream_options={"include_usage": True}))
+  assert (whole.choices[0].message.content, whole.usage.completion_tokens) == expected
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[0]
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+  assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(client, model, offline):
+  prompt = "the red house"
+  text, _ = _answer(model, offline, prompt, 30)
+  stop = text[len(text) // 2:len(text) // 2 + 3]  # three characters from the middle of the answer
+  cut = text[:text.index(stop)]
+  whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
+  streamed = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0,
+                                            stop=stop, stream=True))
+  assert whole.choices[0].text == cut and whole.choices[0].finish_reason == "stop"
+  assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+@pytest.mark.slow
+def test_seeded_sampling_equals_generate_with_that_seed(client, model):
+  settings = dict(temperature=0.9, top_p=0.8)
+  offline = model.generate(["a small cat"], max_new_tokens=15, seed=1234, **settings)[0]
+  answers = {client.completions.create(model=NAME, prompt="a small cat", max_tokens=15, seed=1234,
+                                       **settings).choices[0].text for _ in range(2)}
+  assert answers == {offline}
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_chosen_tokens_streamed_or_not(client):
+  answer = client.chat.completions.create(
+      model=NAME, messages=[SYSTEM, {"role": "user", "content": "big blue"}], max_tokens=6,
+      temperature=0, logprobs=True, top_logprobs=3)
+  content = answer.choices[0].logprobs.content
+  assert len(content) == answer.usage.completion_tokens
+  for entry in content:
+    assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+    assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the best one
+  ask = dict(model=NAME, prompt="the small dog", max_tokens=9, temperature=0, logprobs=2)
+  whole = client.completions.create(**ask).choices[0].logprobs
+  chunks = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True)]
+  assert [t for c in chunks for t in c.tokens] == whole.tokens and len(whole.tokens) == 9
+  assert [o for c in chunks for o in c.text_offset] == whole.text_offset
+  assert whole.text_offset == list(np.cumsum([0] + [len(t) for t in whole.tokens[:-1]]))
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "tiny-chat", "prompt": "the cat", ', None),  # malformed JSON
+    ({"model": "gpt-4", "prompt": "the cat"}, "model"),
+    ({"model": NAME, "prompt": "the cat", "max_tokens": 0}, "max_tokens"),
+    ({"model": NAME, "prompt": "the cat", "max_tokens": CONTEXT}, "max_tokens"),  # past the context
+    ({"model": NAME, "prompt": " ".join(["tree"] * CONTEXT)}, "prompt"),  # longer than the context
+    ({"model": NAME, "prompt": "the cat", "temperature": -0.5}, "temperature"),
+    ({"model": NAME, "prompt": "the cat", "top_p": 0}, "top_p"),
+    ({"model": NAME, "prompt": "the cat", "top_p": 1.5}, "top_p"),
+    ({"model": NAME, "prompt": "the cat", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": NAME, "prompt": "x" * (65 << 10)}, None),  # over the body limit
+    ({"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"model": NAME}, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, param):
+  route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+  content = body if isinstance(body, str) else json.dumps(body)
+  response = httpx.post(server.url + route, content=content, headers={"Content-Type": "application/json"},
+                        timeout=TIMEOUT)
+  assert response.status_code == 400, response.text
+  error = response.json()["error"]
+  assert error["type"] == "invalid_request_error" and error["message"]
+  if param is not None:
+    assert error["param"] == param
+  ok = httpx.post(server.url + "/v1/completions", json=dict(ENDLESS, max_tokens=2), timeout=TIMEOUT)
+  assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_the_openai_client_sees_bad_request_errors(client):
+  with pytest.raises(openai.BadRequestError, match="temperature"):
+    client.completions.create(model=NAME, prompt="the cat", temperature=-1)
+
+
+def test_a_wrong_api_key_gets_401(server, model):
+  # A second app on the same scheduler (and compiled engine), this one with a key.
+  served = server.served
+  keyed = BackgroundServer(Served(create_app(served.scheduler, model.tokenizer, model_name=NAME,
+                                             max_len=CONTEXT, vocab_size=model.config.vocab_size,
+                                             encode_chat=lambda m: [1], api_key="sesame"),
+                                  served.scheduler, served.engine)).start()
+  try:
+    for key in ("wrong", None):
+      headers = {"Authorization": f"Bearer {key}"} if key else {}
+      response = httpx.get(keyed.url + "/v1/models", headers=headers, timeout=TIMEOUT)
+      assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+      openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT).models.list()
+    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)
+    answer = good.completions.create(model=NAME, prompt="the cat", max_tokens=3, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 3
+  finally:
+    keyed.uvicorn.should_exit = True
+    keyed.thread.join()
+    keyed.socket.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+  scheduler = server.served.scheduler
+  before = scheduler.stats()
+  scheduler.pause()  # no decode steps: the request stays live after its first token
+  try:
+    body = dict(ENDLESS, stream=True)
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as response:
+      lines = response.iter_lines()  # held: a dropped line iterator closes the connection
+      first = next(line for line in lines if line.startswith("data: "))
+      assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+      assert scheduler.stats()["live"] == 1
+    # Leaving the block closed the connection; the server notices and cancels the request.
+    assert scheduler.wait_until(lambda s: s["cancel_calls"] > before["cancel_calls"], timeout=120)
+  finally:
+    scheduler.resume()
+  assert scheduler.wait_until(lambda s: s["live"] == 0, timeout=120)
+  stats = scheduler.stats()
+  assert stats["cancelled"] == before["cancelled"] + 1 and stats["finished"] == before["finished"]
+
+
+def test_command_line_refuses_bad_flags_in_one_line():
+  result = subprocess.run([sys.executable, "-m", "llama_jax.serve", "--checkpoint", "/no/such/dir"],
+                          capture_output=True, text=True)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith("error: /no/such/dir")
+
+
+@pytest.mark.slow
+def test_the_command_line_serves_a_saved_model(model, tmp_path):
+  model.save(str(tmp_path / "tiny"))
+  proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(tmp_path / "tiny"),
+                           "--port", "0", "--max_batch", "2", "--api_key", "k"],
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    # The port it bound is in its "serving" line.
+    line = next(line for line in proc.stderr if "serving" in line or "error" in line)
+    url = re.search(r"http://[\d.]+:\d+", line).group(0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=TIMEOUT)
+    answer = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0)
+    assert answer.usage.completion_tokens == 4 and answer.model == "tiny"
+  finally:
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_its_slot(server):
+  scheduler = server.served.scheduler
+  before = scheduler.stats()
+  scheduler.pause()
+  try:
+    body = json.dumps(ENDLESS).encode()
+    with socket.create_connection((server.host, server.port)) as conn:
+      conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+      assert scheduler.wait_until(lambda s: s["admitted"] > before["admitted"], timeout=TIMEOUT)
+    assert scheduler.wait_until(lambda s: s["cancel_calls"] > before["cancel_calls"], timeout=TIMEOUT)
+  finally:
+    scheduler.resume()
+  assert scheduler.wait_until(lambda s: s["live"] == 0, timeout=TIMEOUT)
+  assert scheduler.stats()["cancelled"] == before["cancelled"] + 1
