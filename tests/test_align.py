@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 from llama_jax import checkpoint
 from llama_jax.align.heads import reward_params
 from llama_jax.config import ModelConfig
@@ -82,7 +84,7 @@ def write_config(path, setup, base, **fields):
 
 
 def run_train(config, workdir, *flags, env=None):
-  environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                      JAX_DEFAULT_MATMUL_PRECISION="highest", **(env or {}))
   proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--config={config}",
                          f"--workdir={workdir}", *flags], cwd=REPO, env=environment, capture_output=True,

@@ -43,6 +43,7 @@ CASES = [
     ("init_from that does not exist", ["--config.init_from={tmp}/nope", "--config.data.tokenizer="], "absent",
      "error: init_from {tmp}/nope: no such file or directory", 1),
 ]
+from conftest import xla_flags
 
 
 @pytest.mark.parametrize("name, flags, before, expected, code", CASES,
@@ -94,7 +95,7 @@ def test_bench_outside_the_repository_names_the_config_path_it_tried(tmp_path):
 def test_bench_reads_a_config_file_given_by_its_path_from_anywhere(tmp_path):
   # configs/tiny.py imports `configs.default`: its package's parent goes on the path
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   r = subprocess.run([sys.executable, "-m", "llama_jax.bench", "train", f"--config={REPO}/configs/tiny.py",
                       "--config.model.n_layers=1", "--config.model.dim=32", "--config.model.n_heads=2",
                       "--config.model.n_kv_heads=2", "--config.model.vocab_size=64", "--config.batch_size=2",

@@ -19,6 +19,8 @@ import sentencepiece as spm
 import torch
 import transformers
 
+from conftest import xla_flags
+
 import llama_jax
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
@@ -256,7 +258,7 @@ def test_trained_model_knows_the_answers_random_model_does_not(trained_and_rando
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   return subprocess.run([sys.executable, "-m", "llama_jax.evaluate", *args, "--no_progress"],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 

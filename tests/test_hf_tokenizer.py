@@ -7,7 +7,7 @@ import random
 
 import pytest
 import transformers
-from conftest import HF_WORDS, write_hf_tokenizer
+from conftest import HF_WORDS, write_hf_tokenizer, xla_flags
 
 from llama_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, TokenizerError, load_tokenizer
 
@@ -212,7 +212,7 @@ def test_a_tokenizer_json_model_end_to_end(tmp_path):
         config.batch_size = 2
         config.mesh.fsdp = -1
       """) + overrides + "\n  return config\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   proc = subprocess.run([sys.executable, "train.py", f"--config={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'run'}"],
                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,6 +14,8 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
+from conftest import xla_flags
+
 from llama_jax.evaluate import lm_eval_harness
 from test_evaluate import REPO, hf_model, sp_path  # noqa: F401  (fixtures: the same tiny model)
 
@@ -103,7 +105,7 @@ def test_lm_eval_command_line_runs_a_task_on_disk(lm, tmp_path):
       f"    test: {docs}\ntest_split: test\noutput_type: multiple_choice\n"
       'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
       'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
   out = subprocess.run(
       [sys.executable, "-m", "llama_jax.evaluate.lm_eval_harness", "--model", "llama_jax", "--model_args",
        f"path={os.path.dirname(lm.tok.path)}", "--tasks", "tiny_mc", "--include_path",

@@ -14,6 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 from llama_jax import data
 from llama_jax.tokenizer import chat
 from llama_jax.data import sft
@@ -353,7 +355,7 @@ def test_fine_tuned_tiny_model_answers_word_for_word(tmp_path, tok):
         config.optimizer.lr = 1e-2
         config.mesh.fsdp = -1
       """) + overrides + "\n  return config\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   proc = subprocess.run([sys.executable, "train.py", f"--config={tmp_path / 'cfg.py'}",
                          f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)

@@ -16,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly "
          "kings and queens of python code def return class import for in range print").split()
+from conftest import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def write_config(path, corpus, **fields):
 
 def run_train(config_path, workdir, *flags, devices=1, env=None, wait=True):
   environment = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                     XLA_FLAGS=xla_flags(devices),
                      JAX_DEFAULT_MATMUL_PRECISION="highest", **(env or {}))
   cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={config_path}",
          f"--workdir={workdir}", *flags]
