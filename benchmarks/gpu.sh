@@ -11,6 +11,10 @@
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
+#   quantize   decode at bf16 against weight-only int8 (per channel) and int4 (groups of 128)
+#   gptq       GPTQ of the whole model, 128 calibration windows of 2048 tokens (as the paper)
+#   lora       training steps: full fine-tuning against LoRA r=16 on a float base and on an int4 base
+#   align      DPO steps (policy + frozen reference) and PPO steps (rollout, scoring, updates)
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 . benchmarks/gpu_setup.sh
 T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
@@ -69,5 +73,21 @@ serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients besi
 hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
   cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;
+quantize)
+  for b in 1 16; do
+    for q in int8 int4; do
+      run quantize XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --quantize $q
+    done
+  done ;;
+gptq)
+  run gptq XLA_FLAGS= python3 -m llama_jax.bench quantize --config configs/tinyllama_1b.py --bits 4 --method gptq --group_size 128 --calibration_samples 128 --calibration_len 2048 ;;
+lora)
+  run lora XLA_FLAGS= $T --steps 10 --config.lora.rank=16
+  run lora XLA_FLAGS= $T --steps 10 --config.lora.rank=16 --config.lora.quantize_base=int4 ;;
+align)  # DPO: 8 pairs x 1024 tokens a step; PPO: 64 prompts of 256 tokens, 256 new tokens each
+  A="python3 -m llama_jax.bench"
+  run align XLA_FLAGS= $A dpo --config configs/dpo_tinyllama_1b.py --warmup 3 --steps 10
+  run align XLA_FLAGS= $A dpo --config configs/dpo_tinyllama_1b.py --warmup 3 --steps 10 --config.batch_size=16
+  run align XLA_FLAGS= $A ppo --config configs/ppo_tinyllama_1b.py --steps 3 ;;
 *) echo "unknown section $section" ;;
 esac; done
