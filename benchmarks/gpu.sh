@@ -14,6 +14,9 @@
 #   quantize   decode at bf16 against weight-only int8 (per channel) and int4 (groups of 128)
 #   gptq       GPTQ of the whole model, 128 calibration windows of 2048 tokens (as the paper)
 #   lora       training steps: full fine-tuning against LoRA r=16 on a float base and on an int4 base
+#   moments    bfloat16 against float32 Adam moments: the tiny model on the bundled corpus, 1000
+#              steps, seeds 0 and 1 of each (benchmarks/compare_curves.py puts the curves side by side)
+#   largest    LLaMA-2-7B training steps on one GPU with bfloat16 moments (a card of > 100 GB only)
 #   align      DPO steps (policy + frozen reference) and PPO steps (rollout, scoring, updates)
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 . benchmarks/gpu_setup.sh
@@ -84,6 +87,20 @@ gptq)
 lora)
   run lora XLA_FLAGS= $T --steps 10 --config.lora.rank=16
   run lora XLA_FLAGS= $T --steps 10 --config.lora.rank=16 --config.lora.quantize_base=int4 ;;
+moments)
+  for m in float32 bfloat16; do
+    for seed in 0 1; do
+      python3 train.py --config configs/default.py --workdir /tmp/moments/${m}_$seed --config.seed=$seed \
+        --config.optimizer.moments_dtype=$m --config.eval_every=100 > $OUT/last.log 2>&1 || tail -5 $OUT/last.log
+      cp /tmp/moments/${m}_$seed/metrics.jsonl $OUT/moments_${m}_$seed.jsonl
+    done
+  done
+  python3 benchmarks/compare_curves.py $OUT/moments_*.jsonl | tee $OUT/moments.txt ;;
+largest)  # 6.74B x 12 bytes (float32 parameters and gradients, bfloat16 moments) = 81 GB + activations
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  if [ "$mem" -lt 100000 ]; then echo "largest: a card of > 100 GB only (this one: $mem MiB)"; continue; fi
+  run largest XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py --warmup 2 --steps 5 \
+    --config.optimizer.moments_dtype=bfloat16 --config.batch_size=1 --config.model.remat_policy=full ;;
 align)  # DPO: 8 pairs x 1024 tokens a step; PPO: 64 prompts of 256 tokens, 256 new tokens each
   A="python3 -m llama_jax.bench"
   run align XLA_FLAGS= $A dpo --config configs/dpo_tinyllama_1b.py --warmup 3 --steps 10

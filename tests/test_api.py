@@ -41,3 +41,21 @@ def test_load_onto_a_mesh_places_every_parameter_in_its_shards_directly(hf_dir, 
   reference = llama_jax.load(hf_dir)
   tokens = np.array([[1, 5, 9, 2]])
   np.testing.assert_allclose(model.logits(tokens), reference.logits(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_training_recipes_load_init_from_onto_the_run_mesh(hf_dir):
+  # train_and_evaluate loads config.init_from (and DPO/PPO their frozen models) through these two
+  # entry points: both must hand the run's mesh and rules to the load, so no device holds it all.
+  import ml_collections
+
+  from llama_jax.align import recipe
+  from llama_jax.train.loop import LanguageModel
+  mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+  rules = sharding.as_rules(sharding.DEFAULT_RULES)
+  config = ml_collections.ConfigDict({"init_from": hf_dir})
+  pretrained = LanguageModel().load_pretrained(config, mesh, rules)
+  frozen = recipe.load_frozen_model(hf_dir, pretrained.config, mesh, rules, "init_from")
+  for loaded in (pretrained, frozen):
+    w1 = loaded.params["layers"]["block"]["feed_forward"]["w1"]
+    assert isinstance(w1.sharding, jax.sharding.NamedSharding) and w1.sharding.mesh == mesh
+    assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.size < w1.size
