@@ -11,7 +11,7 @@
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
-#   quantize   decode at bf16 against weight-only int8 (per channel) and int4 (groups of 128)
+#   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   gptq       GPTQ of the whole model, 128 calibration windows of 2048 tokens (as the paper)
 #   lora       training steps: full fine-tuning against LoRA r=16 on a float base and on an int4 base
 #   moments    bfloat16 against float32 Adam moments: the tiny model on the bundled corpus, 1000
@@ -78,8 +78,8 @@ hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;
 quantize)
   for b in 1 16; do
-    for q in int8 int4; do
-      run quantize XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --quantize $q
+    for q in none int8 int4; do  # none: the bf16 row of the same call
+      run quantize XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --quantize=${q/none/}
     done
   done ;;
 gptq)
