@@ -162,9 +162,8 @@ def test_warmup_compiles_every_shape_a_request_can_take(slot_engine):
   slot_engine.warmup()
   before = dict(engine.TRACE_COUNTS)
   driver = _Driver(slot_engine)
-  for slot, n in enumerate([1, 17, 40, TINY.max_seq_len]):  # every prompt bucket
-    driver.admit(str(slot), _prompts([n], seed=n)[0], slot=slot, sampling=SAMPLED)
-  # Batched prefills of every row count and prompt bucket (counts that split or pad included).
+  # Batched prefills (the server's way in) of every row count and prompt bucket (counts that split
+  # or pad included).
   for count in range(1, slot_engine.max_batch + 1):
     for n in (1, 17, 40, TINY.max_seq_len):
       driver.admit_together([(f"{count}.{n}.{i}", _prompts([n], seed=i)[0], i, SAMPLED, i)

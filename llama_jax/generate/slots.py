@@ -5,12 +5,23 @@ decode state of `max_batch` slots, each slot one request's row of a preallocated
   prefill(params, tokens) -> Prefix        one prompt through the blocks into a cache of its own
                                            bucket length, and its first new token;
   insert(prefix, state, slot) -> state     that cache and token copied into a free slot;
-  generate(params, state) -> (state, Step) `steps` decode steps for every slot at once, each slot
-                                           at its own position, returning the tokens drawn.
+  generate(params, state) -> (state, Step) decode steps for every slot at once, each slot at its
+                                           own position, returning the tokens drawn.
+The server uses two changes of that API, for throughput under load:
+  prefill_insert(params, state, tokens (R, P), slots) -> (state, Step)
+      R prompts of one length bucket prefilled in one call, their keys and values written straight
+      into their slots (no cache of their own, no copy), where JetStream prefills one prompt per
+      call: a server at 64 clients admits a few prompts per round, each a small matmul alone;
+  generate(..., count, steps=S, attend=A)
+      `count` <= S steps (data: one compilation serves every call length, so the host can ask for
+      longer calls when nobody waits), over the first A positions of the cache only (a window
+      copied once per call): a step reads the part of the cache its live slots fill, as paged
+      attention (vLLM) reads a request's blocks, in place of the whole `max_len` of every slot.
 The host side (the server's scheduler) decides which slots are live, when a request ends (EOS, its
-token limit, a stop string) and when to prefill; the device never waits for it. A slot whose
-request has ended keeps decoding garbage until the next insert overwrites it, which costs nothing
-extra: the step's shapes are fixed at `max_batch` rows either way.
+token limit, a stop string), when to prefill, how long a call is and how much of the cache it
+needs; the device never waits for it. A slot whose request has ended keeps decoding garbage until
+the next insert overwrites it, which costs nothing extra: the step's shapes are fixed at the row
+bucket either way.
 
 The blocks, the output head, the cache and the sampler are the engine's (`engine.forward`,
 `engine.logits_of`, `cache.KVCache`, `sampling.sample`); only the state around them differs from
@@ -18,11 +29,13 @@ The blocks, the output head, the cache and the sampler are the engine's (`engine
 fold_in(fold_in(key(seed), row), index), with row 0 for a request of one prompt, so a request with
 a seed draws what `generate_tokens(..., seed=seed)` draws for the same prompt alone.
 
-Compilation: `prefill` and `insert` once per prompt-length bucket (powers of two from
-`generator.MIN_PROMPT_BUCKET` up to the cache length), `generate` once per row bucket (the leading
-slots it runs: 1, 4, 16, ..., max_batch) and once more with the most likely alternatives of each
-token (OpenAI's `logprobs`);
-`SlotEngine.warmup` compiles them all before the first request.
+Compilation: `prefill_insert` once per (row bucket, prompt bucket) whose padded tokens fit
+`prefill_tokens` (prompt buckets: powers of two from `generator.MIN_PROMPT_BUCKET` up to the cache
+length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket); `generate` once per row bucket (the leading
+slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
+more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
+length), and once more for all slots with the most likely alternatives of each token (OpenAI's
+`logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
 """
 
 from __future__ import annotations
@@ -404,12 +417,11 @@ class SlotEngine:
                     attend=attend, top_logprobs=top_logprobs, **self._static)
 
   def warmup(self) -> None:
-    """Compiles every prompt bucket's prefill and insert, every batched prefill shape and every
-    generate variant (each row bucket and window, and all rows with alternatives), so no request
-    waits for a compilation. Its state is thrown away."""
+    """Compiles what a request's way through the server can take: every batched prefill shape
+    and every generate variant (each row bucket and window, and all rows with alternatives), so no
+    request waits for a compilation. (The one-prompt `prefill` and `insert`, which the server does
+    not use, compile when first called.) Its state is thrown away."""
     state = self.init()
-    for p in self.prompt_buckets:
-      state = self.insert(self.prefill([0] * p, row_key(0), (0.0, 0, 1.0)), state, 0)
     for r, p in self.prefill_shapes:
       state, _ = self.prefill_into(state, [[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)
     for rows, attend, top in self.generate_shapes:
