@@ -118,6 +118,14 @@ class _Live:
     return self.finish_reason is not None
 
 
+def _fetch_early(step: slot_engine.Step) -> None:
+  """Asks for a call's outputs on the host as soon as the device has them (as JetStream's generate
+  thread does), so reading them later does not wait for the copy after the computation."""
+  for array in step:
+    if array is not None:
+      array.copy_to_host_async()
+
+
 class Scheduler:
   """Runs `engine` (a `slots.SlotEngine`) for the requests `submit`ted to it, on its own thread."""
 
@@ -248,6 +256,7 @@ class Scheduler:
                                                need=need)
       for _, o in live:
         o.dispatched += steps
+      _fetch_early(step)
       dispatched = [(live, step, steps)]
     # The device runs the step just dispatched while the host reads what came before it (the
     # previous step, and the first tokens of the requests just admitted).
@@ -298,6 +307,7 @@ class Scheduler:
     for live in admitted:
       self._owners[live.slot] = live
     for chosen, drawn in calls:
+      _fetch_early(drawn)
       self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)], drawn, 1))
     self._bump("admitted", len(admitted))
 
