@@ -48,8 +48,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model):
+  # Attention windows from 16 positions, so that the tiny context has several.
   background = BackgroundServer(build(model, model_name=NAME, max_batch=8, decode_steps=4,
-                                      max_body_bytes=64 << 10)).start()
+                                      max_body_bytes=64 << 10, min_attend=16)).start()
   yield background
   background.stop()
 

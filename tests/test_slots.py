@@ -25,7 +25,8 @@ def params():
 
 @pytest.fixture(scope="module")
 def slot_engine(params):
-  return slots.SlotEngine(TINY, params, max_batch=4, steps=3)
+  # Windows from 16 positions, so that the tiny cache has several (16, 24, 32, 48, 64).
+  return slots.SlotEngine(TINY, params, max_batch=4, steps=3, min_attend=16)
 
 
 def _prompts(lengths, seed=1):
@@ -45,12 +46,23 @@ class _Driver:
     self.out[name] = [int(prefix.drawn.tokens[0, 0])]
     self.owner[slot] = name
 
-  def step(self, rows=None):
-    self.state, drawn = self.eng.generate(self.state, rows=rows)
+  def admit_together(self, admissions):
+    """[(name, prompt, slot, sampling, seed)] through one `prefill_into`."""
+    names, prompts, slots_, sampling, seeds = zip(*admissions)
+    self.state, calls = self.eng.prefill_into(self.state, list(prompts), list(seeds), list(sampling),
+                                              list(slots_))
+    for chosen, drawn in calls:
+      for row, i in enumerate(chosen):
+        self.out[names[i]] = [int(drawn.tokens[row, 0])]
+        self.owner[slots_[i]] = names[i]
+    return calls
+
+  def step(self, rows=None, steps=None, need=None):
+    self.state, drawn = self.eng.generate(self.state, rows=rows, steps=steps, need=need)
     tokens = np.asarray(drawn.tokens)
-    assert tokens.shape == (rows or self.eng.max_batch, self.eng.steps)
+    assert tokens.shape == (rows or self.eng.max_batch, self.eng.max_steps)
     for slot, name in self.owner.items():
-      self.out[name] += tokens[slot].tolist()
+      self.out[name] += tokens[slot, :steps or self.eng.steps].tolist()
 
   def leave(self, slot):
     del self.owner[slot]
@@ -112,14 +124,15 @@ def test_logprobs_are_the_full_forward_log_softmax(params, slot_engine):
   prefix = slot_engine.prefill(prompt, slots.row_key(0), GREEDY)
   state = slot_engine.insert(prefix, state, 1)
   state, drawn = slot_engine.generate(state, top_logprobs=5)
-  tokens = [int(prefix.drawn.tokens[0, 0])] + np.asarray(drawn.tokens[1]).tolist()
-  logprobs = [float(prefix.drawn.logprobs[0, 0])] + np.asarray(drawn.logprobs[1]).tolist()
+  steps = slot_engine.steps
+  tokens = [int(prefix.drawn.tokens[0, 0])] + np.asarray(drawn.tokens[1, :steps]).tolist()
+  logprobs = [float(prefix.drawn.logprobs[0, 0])] + np.asarray(drawn.logprobs[1, :steps]).tolist()
   full = np.asarray(M.forward(TINY, params, jnp.asarray([prompt + tokens])))[0]
   reference = jax.nn.log_softmax(full[len(prompt) - 1:len(prompt) - 1 + len(tokens)], axis=-1)
   np.testing.assert_allclose(logprobs, reference[np.arange(len(tokens)), tokens], rtol=1e-4, atol=1e-4)
-  top = np.asarray(drawn.top_tokens[1])  # (steps, 5) for tokens 1..
+  top = np.asarray(drawn.top_tokens[1, :steps])  # (steps, 5) for tokens 1..
   np.testing.assert_array_equal(top[:, 0], tokens[1:])  # greedy: the best is the one drawn
-  np.testing.assert_allclose(np.asarray(drawn.top_logprobs[1]),
+  np.testing.assert_allclose(np.asarray(drawn.top_logprobs[1, :steps]),
                              np.sort(reference[1:], axis=-1)[:, ::-1][:, :5], rtol=1e-4, atol=1e-4)
 
 
@@ -149,10 +162,117 @@ def test_warmup_compiles_every_shape_a_request_can_take(slot_engine):
   slot_engine.warmup()
   before = dict(engine.TRACE_COUNTS)
   driver = _Driver(slot_engine)
-  for slot, n in enumerate([1, 17, 40, TINY.max_seq_len]):  # every prompt bucket
-    driver.admit(str(slot), _prompts([n], seed=n)[0], slot=slot, sampling=SAMPLED)
+  # Batched prefills (the server's way in) of every row count and prompt bucket (counts that split
+  # or pad included).
+  for count in range(1, slot_engine.max_batch + 1):
+    for n in (1, 17, 40, TINY.max_seq_len):
+      driver.admit_together([(f"{count}.{n}.{i}", _prompts([n], seed=i)[0], i, SAMPLED, i)
+                             for i in range(count)])
   state = driver.state
   for rows in slot_engine.row_buckets:
+    for need in range(1, TINY.max_seq_len + 2):  # every window, and past the cache's end
+      for steps in (1, slot_engine.steps, slot_engine.max_steps):  # call lengths are data
+        state, _ = slot_engine.generate(state, rows=rows, steps=steps, need=need)
     state, _ = slot_engine.generate(state, rows=rows)
-  slot_engine.generate(state, top_logprobs=slots.MAX_TOP_LOGPROBS)
+  slot_engine.generate(state, top_logprobs=slots.MAX_TOP_LOGPROBS, need=5)
   assert dict(engine.TRACE_COUNTS) == before
+
+
+def test_batched_prefill_gives_each_prompt_what_it_gets_alone(slot_engine):
+  """Prompts of two length buckets into scattered slots, greedy beside seeded sampling, in calls
+  that pad (3 prompts in a 4-row call); then the same one prompt per call: the same first tokens
+  and log-probabilities, and the same tokens decoded after."""
+  lengths = [5, 20, 3, 9]  # buckets 16, 32, 16, 16
+  prompts = _prompts(lengths, seed=8)
+  sampling = [GREEDY, SAMPLED, SAMPLED, GREEDY]
+  seeds = [0, 7, 2 ** 40 + 11, -3]  # any int: its low 32 bits count, as row_key's
+  where = [2, 0, 3, 1]
+  together, alone = _Driver(slot_engine), _Driver(slot_engine)
+  calls = together.admit_together([(str(i), prompts[i], where[i], sampling[i], seeds[i]) for i in range(4)])
+  assert sorted(len(drawn.tokens) for _, drawn in calls) == [1, 4]  # the 32 bucket alone, three padded to 4
+  for i in range(4):
+    alone.admit(str(i), prompts[i], where[i], sampling[i], seeds[i])
+  logprobs = {}
+  for chosen, drawn in calls:
+    for row, i in enumerate(chosen):
+      logprobs[i] = float(drawn.logprobs[row, 0])
+  for i in range(4):
+    prefix = slot_engine.prefill(prompts[i], slots.row_key(seeds[i]), sampling[i])
+    assert logprobs[i] == pytest.approx(float(prefix.drawn.logprobs[0, 0]), abs=1e-5)
+  for driver in (together, alone):
+    driver.step()
+    driver.step()
+  assert together.out == alone.out and all(len(v) == 7 for v in together.out.values())
+
+
+def test_a_batched_prefill_leaves_the_other_slots_alone(params, slot_engine):
+  a, b, c = _prompts([6, 11, 4], seed=9)
+  driver = _Driver(slot_engine)
+  driver.admit_together([("a", a, 1, GREEDY, 0)])
+  driver.step()
+  driver.admit_together([("b", b, 0, GREEDY, 0), ("c", c, 3, GREEDY, 0)])  # padded: 2 of 4 rows
+  driver.step()
+  driver.step()
+  expected = generate_tokens(TINY, params, [a, b, c], 10)
+  assert driver.out == {"a": expected[0][:10], "b": expected[1][:7], "c": expected[2][:7]}
+
+
+def test_prefill_calls_pad_small_counts_and_split_large_ones(params):
+  eng = slots.SlotEngine(TINY, params, max_batch=64, steps=3, prefill_tokens=256)
+  assert eng.row_buckets == [1, 4, 16, 64]
+  assert eng.prefill_rows(16) == [1, 4, 16] and eng.prefill_rows(64) == [1, 4] and eng.prefill_rows(512) == [1]
+  assert eng.split(3, 16) == [4]  # one padding row: cheaper than three calls
+  assert eng.split(5, 16) == [4, 1]  # 16 rows would be eleven of padding
+  assert eng.split(9, 16) == [16]
+  assert eng.split(40, 16) == [16, 16, 16]
+  assert eng.split(6, 64) == [4, 4]
+  assert eng.split(3, 512) == [1, 1, 1]
+
+
+def test_attention_over_the_live_window_equals_the_whole_cache(slot_engine):
+  """The same requests decoded over the smallest window that covers them and over the whole
+  cache: the same tokens and log-probabilities, and the same cache afterwards where it was
+  written (the window's writes are copied back)."""
+  assert slot_engine.attend_buckets == [16, 24, 32, 48, 64]
+  prompts = _prompts([5, 9, 3], seed=10)
+  results = []
+  for windowed in (True, False):
+    driver = _Driver(slot_engine)
+    driver.admit_together([(str(i), p, i, GREEDY, 0) for i, p in enumerate(prompts)])
+    logprobs = []
+    for _ in range(3):
+      need = max(len(p) + len(driver.out[str(i)]) - 1 + slot_engine.steps for i, p in enumerate(prompts))
+      assert need <= 20  # a window of 24 of the 64 positions, while the live slots fit
+      driver.state, drawn = slot_engine.generate(driver.state, rows=4, need=need if windowed else None)
+      for i in range(3):
+        driver.out[str(i)] += np.asarray(drawn.tokens[i, :slot_engine.steps]).tolist()
+      logprobs.append(np.asarray(drawn.logprobs[:3, :slot_engine.steps]))
+    written = [len(p) + len(driver.out[str(i)]) - 1 for i, p in enumerate(prompts)]
+    cache = [np.asarray(driver.state.cache[0].k[i, :, :written[i]]) for i in range(3)]
+    results.append((driver.out, np.stack(logprobs), cache))
+  (out_w, lp_w, cache_w), (out_f, lp_f, cache_f) = results
+  assert out_w == out_f
+  np.testing.assert_allclose(lp_w, lp_f, rtol=1e-5, atol=1e-5)
+  for w, f in zip(cache_w, cache_f):
+    np.testing.assert_allclose(w, f, rtol=1e-5, atol=1e-5)
+
+
+def test_a_longer_call_draws_what_shorter_calls_draw(slot_engine):
+  prompt = _prompts([7], seed=12)[0]
+  out = []
+  for calls in ([12], [3, 3, 3, 3], [1, 6, 5]):
+    driver = _Driver(slot_engine)
+    driver.admit("a", prompt, slot=0, sampling=SAMPLED, seed=5)
+    for steps in calls:
+      driver.step(rows=1, steps=steps)
+    out.append(driver.out["a"])
+  assert len(out[0]) == 13 and out[0] == out[1] == out[2]
+  with pytest.raises(ValueError, match="steps"):
+    slot_engine.generate(slot_engine.init(), steps=slot_engine.max_steps + 1)
+
+
+def test_seed_key_in_a_call_is_row_key_of_the_seed():
+  seeds = [0, 5, 2 ** 31 + 3, 2 ** 32 + 7, -1, 2 ** 63 - 1]
+  inside = jax.jit(jax.vmap(slots.seed_key))(np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32))
+  for s, key in zip(seeds, inside):
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(slots.row_key(s)))

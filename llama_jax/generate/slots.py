@@ -5,12 +5,23 @@ decode state of `max_batch` slots, each slot one request's row of a preallocated
   prefill(params, tokens) -> Prefix        one prompt through the blocks into a cache of its own
                                            bucket length, and its first new token;
   insert(prefix, state, slot) -> state     that cache and token copied into a free slot;
-  generate(params, state) -> (state, Step) `steps` decode steps for every slot at once, each slot
-                                           at its own position, returning the tokens drawn.
+  generate(params, state) -> (state, Step) decode steps for every slot at once, each slot at its
+                                           own position, returning the tokens drawn.
+The server uses two changes of that API, for throughput under load:
+  prefill_insert(params, state, tokens (R, P), slots) -> (state, Step)
+      R prompts of one length bucket prefilled in one call, their keys and values written straight
+      into their slots (no cache of their own, no copy), where JetStream prefills one prompt per
+      call: a server at 64 clients admits a few prompts per round, each a small matmul alone;
+  generate(..., count, steps=S, attend=A)
+      `count` <= S steps (data: one compilation serves every call length, so the host can ask for
+      longer calls when nobody waits), over the first A positions of the cache only (a window
+      copied once per call): a step reads the part of the cache its live slots fill, as paged
+      attention (vLLM) reads a request's blocks, in place of the whole `max_len` of every slot.
 The host side (the server's scheduler) decides which slots are live, when a request ends (EOS, its
-token limit, a stop string) and when to prefill; the device never waits for it. A slot whose
-request has ended keeps decoding garbage until the next insert overwrites it, which costs nothing
-extra: the step's shapes are fixed at `max_batch` rows either way.
+token limit, a stop string), when to prefill, how long a call is and how much of the cache it
+needs; the device never waits for it. A slot whose request has ended keeps decoding garbage until
+the next insert overwrites it, which costs nothing extra: the step's shapes are fixed at the row
+bucket either way.
 
 The blocks, the output head, the cache and the sampler are the engine's (`engine.forward`,
 `engine.logits_of`, `cache.KVCache`, `sampling.sample`); only the state around them differs from
@@ -18,11 +29,13 @@ The blocks, the output head, the cache and the sampler are the engine's (`engine
 fold_in(fold_in(key(seed), row), index), with row 0 for a request of one prompt, so a request with
 a seed draws what `generate_tokens(..., seed=seed)` draws for the same prompt alone.
 
-Compilation: `prefill` and `insert` once per prompt-length bucket (powers of two from
-`generator.MIN_PROMPT_BUCKET` up to the cache length), `generate` once per row bucket (the leading
-slots it runs: 1, 4, 16, ..., max_batch) and once more with the most likely alternatives of each
-token (OpenAI's `logprobs`);
-`SlotEngine.warmup` compiles them all before the first request.
+Compilation: `prefill_insert` once per (row bucket, prompt bucket) whose padded tokens fit
+`prefill_tokens` (prompt buckets: powers of two from `generator.MIN_PROMPT_BUCKET` up to the cache
+length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket); `generate` once per row bucket (the leading
+slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
+more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
+length), and once more for all slots with the most likely alternatives of each token (OpenAI's
+`logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from jax.sharding import Mesh
 from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine
-from llama_jax.generate.cache import KVCache, init_cache, shard_cache
+from llama_jax.generate.cache import KVCache, RowWriter, init_cache, shard_cache, window, write_back
 from llama_jax.generate.generator import MIN_PROMPT_BUCKET, bucket
 from llama_jax.generate.sampling import SamplingParams, sample
 
@@ -80,6 +93,13 @@ def max_top_logprobs(cfg: ModelConfig) -> int:
 
 def row_key(seed: int) -> Array:
   """A one-prompt request's key: row 0 of `generate_tokens`' keys for the same seed."""
+  return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def seed_key(seed: Array) -> Array:
+  """`row_key` inside a jitted function, from the seed's low 32 bits (uint32): what `jax.random.key`
+  makes of a Python int seed while 64-bit types are off (JAX's default), so a batch of requests
+  passes its seeds as one small array instead of one key computation each."""
   return jax.random.fold_in(jax.random.key(seed), 0)
 
 
@@ -148,59 +168,116 @@ def insert(prefix: Prefix, state: Slots, slot: Array) -> Slots:
                jax.tree.map(put, state.sampling, prefix.sampling))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "rows", "top_logprobs", "mesh", "rules"),
-                   donate_argnames=("state",))
-def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, *, steps: int = 1,
-             rows: int | None = None, top_logprobs: int = 0, mesh: Mesh | None = None,
-             rules=sharding.DEFAULT_RULES) -> tuple[Slots, Step]:
-  """`steps` decode steps for slots 0..rows-1 (default: all): each feeds its latest token at its
-  position and draws the next. Positions are clamped inside the cache; a slot past its end is one
-  the host has finished. Returns tokens for those rows only.
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules"), donate_argnames=("state",))
+def prefill_insert(cfg: ModelConfig, params: engine.EngineParams, state: Slots, tokens: Array,
+                   lengths: Array, slots: Array, seeds: Array, sampling: SamplingParams, *,
+                   mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> tuple[Slots, Step]:
+  """Prefill and insert for R prompts in one call: tokens (R, P) right-padded prompts of `lengths`
+  (R,) tokens; each prompt's keys and values go straight into row `slots[r]` of the state's cache
+  (positions 0..P-1) and its first new token, drawn from the logits at its last prompt position,
+  becomes that slot's next input. Returns the state and those first tokens (R rows, 1 token, with
+  their alternatives: R rows are cheap). A slot >= max_batch marks a padding row: computed, never
+  stored. Each row gets what `prefill` + `insert` give it alone: rows of a prefill never see each
+  other, and a pad position is written before a query can attend to it (see `insert`)."""
+  engine.TRACE_COUNTS["slots.prefill_insert"] += 1
+  r, p = tokens.shape
+  keys = jax.vmap(seed_key)(seeds)
+  with engine.mesh_context(mesh, rules):
+    writers = tuple(RowWriter(c, slots) for c in state.cache)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (r, p))
+    x, writers = engine.forward(cfg, params, tokens, positions, writers, prefill=True)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (R, 1, D)
+    logits = engine.logits_of(cfg, params, last)[:, 0]  # (R, V)
+  drawn = _draw(logits, keys, jnp.zeros((r,), jnp.int32), sampling, max_top_logprobs(cfg))
+  put = lambda a, value: a.at[slots].set(value, mode="drop")
+  return Slots(tuple(w.cache for w in writers),
+               put(state.tokens, drawn.tokens[:, 0]),
+               put(state.positions, lengths),
+               put(state.index, jnp.ones_like(lengths)),
+               put(state.keys, keys),
+               jax.tree.map(put, state.sampling, sampling)), drawn
 
-  Fewer rows is the light-load case: the host fills the lowest free slot first, so a few requests
-  sit in the first slots, and a step reads their part of the cache and computes their rows only
-  (the part is copied out and back once per call, not per step)."""
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "rows", "attend", "top_logprobs", "mesh",
+                                             "rules"),
+                   donate_argnames=("state",))
+def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count: Array, *,
+             steps: int = 1, rows: int | None = None, attend: int | None = None, top_logprobs: int = 0,
+             mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> tuple[Slots, Step]:
+  """`count` (<= `steps`, traced) decode steps for slots 0..rows-1 (default: all): each feeds its
+  latest token at its position and draws the next. Returns (rows, steps) tokens, of which the
+  first `count` columns were drawn (the rest are zeros): one compilation serves every call length.
+
+  Each query attends over cache positions 0..attend-1 only (default: the whole cache): the host
+  picks `attend` above every live slot's last position in this call, so a batch of short requests
+  reads the part of the cache they fill, not all of it. Fewer rows is the light-load case: the
+  host fills the lowest free slot first, so a few requests sit in the first slots and a step
+  computes their rows only. Either way the call copies that window of the cache out once, runs
+  its steps on the copy and writes back only the entries they wrote. Positions are clamped inside
+  the window: a slot past it is one the host has finished (what it draws is thrown away)."""
   engine.TRACE_COUNTS["slots.generate"] += 1
   b = state.tokens.shape[0]
   rows = rows or b
-  full, state = state, jax.tree.map(lambda a: a[:rows], state) if rows < b else state
-  last_slot = state.cache[0].length - 1
+  attend = attend or state.cache[0].length
+  windowed = rows < b or attend < state.cache[0].length
+  cache = window(state.cache, rows, attend) if windowed else state.cache
+  tokens, start, index = state.tokens[:rows], state.positions[:rows], state.index[:rows]
+  keys, sampling = state.keys[:rows], jax.tree.map(lambda a: a[:rows], state.sampling)
+  zeros = lambda dtype, *shape: jnp.zeros((rows, steps, *shape), dtype)
+  out = Step(zeros(jnp.int32), zeros(jnp.float32),
+             zeros(jnp.int32, top_logprobs) if top_logprobs else None,
+             zeros(jnp.float32, top_logprobs) if top_logprobs else None)
 
-  def step(s: Slots, _):
-    positions = jnp.minimum(s.positions, last_slot)
+  def step(t, carry):
+    cache, tokens, out = carry
+    positions = jnp.minimum(start + t, attend - 1)
     with engine.mesh_context(mesh, rules):
-      x, cache = engine.forward(cfg, params, s.tokens[:, None], positions[:, None], s.cache)
-      logits = engine.logits_of(cfg, params, x)[:, 0]  # (B, V)
-    drawn = _draw(logits, s.keys, s.index, s.sampling, top_logprobs)
-    s = s._replace(cache=cache, tokens=drawn.tokens[:, 0], positions=s.positions + 1, index=s.index + 1)
-    return s, jax.tree.map(lambda a: a[:, 0], drawn)
+      x, cache = engine.forward(cfg, params, tokens[:, None], positions[:, None], cache)
+      logits = engine.logits_of(cfg, params, x)[:, 0]  # (rows, V)
+    drawn = _draw(logits, keys, index + t, sampling, top_logprobs)
+    out = jax.tree.map(lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, t, axis=1), out, drawn)
+    return cache, drawn.tokens[:, 0], out
 
-  state, drawn = jax.lax.scan(step, state, None, length=steps)
-  if rows < b:
-    state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), full, state)
-  return state, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), drawn)  # (rows, steps, ...)
+  cache, tokens, out = jax.lax.fori_loop(0, count, step, (cache, tokens, out))
+  if windowed:
+    written = jnp.minimum(start[:, None] + jnp.arange(steps)[None], attend - 1)  # (rows, steps)
+    cache = write_back(state.cache, cache, written)
+  set_rows = lambda whole, part: whole.at[:rows].set(part) if rows < b else part
+  return state._replace(cache=cache, tokens=set_rows(state.tokens, tokens),
+                        positions=set_rows(state.positions, start + count),
+                        index=set_rows(state.index, index + count)), out
+
+
+MIN_ATTEND = 128  # the shortest attention window a decode call compiles for (positions)
 
 
 class SlotEngine:
-  """The three functions bound to one model, its mesh and the serving shapes; the host's handle.
+  """The functions bound to one model, its mesh and the serving shapes; the host's handle.
 
   `max_batch` slots of `cache_len` positions each (prompt and answer together). Prompts are padded
-  to power-of-two buckets; `steps` decode steps run per `generate` call, so the host syncs once
-  per `steps` tokens of every slot rather than once per token."""
+  to power-of-two buckets and prefilled together, up to `prefill_tokens` (padded) prompt tokens per
+  call (`prefill_into`). A `generate` call runs `steps` decode steps by default and up to
+  `max_steps` (the host asks for more where it knows no slot will be waiting for them), so the
+  host syncs once per several tokens of every slot rather than once per token; the call attends
+  over a window of the cache just long enough for its live slots (`attend_buckets`)."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
-               steps: int = 8, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+               steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,
+               min_attend: int = MIN_ATTEND, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
     cache_len = cache_len or cfg.max_seq_len
     if not 0 < cache_len <= cfg.max_seq_len:
       raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), "
                        f"got {cache_len}")
-    if max_batch < 1 or steps < 1:
-      raise ValueError(f"max_batch and steps must be >= 1, got {max_batch} and {steps}")
+    max_steps = max_steps or 4 * steps
+    if max_batch < 1 or steps < 1 or max_steps < steps or prefill_tokens < 1:
+      raise ValueError(f"max_batch, steps and prefill_tokens must be >= 1 and max_steps >= steps, got "
+                       f"{max_batch}, {steps}, {prefill_tokens} and {max_steps}")
     self.cfg = cfg
     self.rules = sharding.as_rules(rules)
     self.mesh = mesh
     self.params = engine.prepare_params(self.cfg, params, mesh, self.rules)
-    self.max_batch, self.cache_len, self.steps = max_batch, cache_len, steps
+    self.max_batch, self.cache_len, self.steps, self.max_steps = max_batch, cache_len, steps, max_steps
+    self.prefill_tokens, self.min_attend = prefill_tokens, min_attend
     self._static = dict(mesh=mesh, rules=self.rules)
 
   @property
@@ -214,19 +291,79 @@ class SlotEngine:
   def init(self) -> Slots:
     return init_slots(self.cfg, max_batch=self.max_batch, cache_len=self.cache_len, **self._static)
 
-  def prefill(self, prompt: list[int], key: Array, sampling: tuple[float, int, float]) -> Prefix:
-    """One prompt of 1..cache_len token ids; sampling is (temperature, top_k, top_p), checked."""
+  def _prompt_array(self, prompt: list[int]) -> tuple[np.ndarray, int]:
     n = len(prompt)
     if not 0 < n <= self.cache_len:
       raise ValueError(f"a prompt of {n} tokens does not fit the cache of {self.cache_len}")
     tokens = np.zeros((bucket(n, MIN_PROMPT_BUCKET, self.cache_len),), np.int32)
     tokens[:n] = prompt
+    return tokens, n
+
+  def prefill(self, prompt: list[int], key: Array, sampling: tuple[float, int, float]) -> Prefix:
+    """One prompt of 1..cache_len token ids; sampling is (temperature, top_k, top_p), checked."""
+    tokens, n = self._prompt_array(prompt)
     settings = jax.tree.map(lambda a: jnp.asarray(a[0]), SamplingParams.stack([sampling]))
     return prefill(self.cfg, self.params, jnp.asarray(tokens), jnp.int32(n), key, settings,
                    **self._static)
 
   def insert(self, prefix: Prefix, state: Slots, slot: int) -> Slots:
     return insert(prefix, state, jnp.int32(slot))
+
+  # --- batched prefill
+
+  def prefill_rows(self, length_bucket: int) -> list[int]:
+    """How many prompts of a length bucket one `prefill_insert` call may take: the row buckets
+    whose padded tokens fit `prefill_tokens` (one prompt always fits)."""
+    return [r for r in self.row_buckets if r == 1 or r * length_bucket <= self.prefill_tokens]
+
+  @property
+  def prefill_shapes(self) -> list[tuple[int, int]]:
+    """(rows, prompt bucket) of every batched prefill compiled."""
+    return [(r, p) for p in self.prompt_buckets for r in self.prefill_rows(p)]
+
+  def split(self, count: int, length_bucket: int) -> list[int]:
+    """`count` prompts of one length bucket as row buckets of calls: a bucket above what is left
+    when its padding rows are no more than the prompts it carries (at most twice the compute),
+    else the largest bucket that they fill."""
+    sizes, calls = self.prefill_rows(length_bucket), []
+    while count > 0:
+      up = next((r for r in sizes if r >= count), sizes[-1])
+      if up > count and up - count > count:
+        up = max(r for r in sizes if r <= count)
+      calls.append(up)
+      count -= min(up, count)
+    return calls
+
+  def prefill_into(self, state: Slots, prompts: list[list[int]], seeds: list[int],
+                   sampling: list[tuple[float, int, float]], slots: list[int]
+                   ) -> tuple[Slots, list[tuple[list[int], Step]]]:
+    """Prompts into their slots, prefilled together: prompts of one length bucket share calls
+    (`split`). Returns the state and, per call, which of the prompts (indices into the lists) its
+    rows hold, in order, beside the first tokens it drew (`Step`, one row per prompt then padding).
+    A seed is any int (its low 32 bits count, as `row_key`'s); sampling settings are checked."""
+    SamplingParams.stack(sampling)
+    arrays = [self._prompt_array(p) for p in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, (tokens, _) in enumerate(arrays):
+      groups.setdefault(tokens.shape[0], []).append(i)
+    calls = []
+    for p, members in groups.items():
+      for r in self.split(len(members), p):
+        chosen, members = members[:r], members[r:]
+        pad = r - len(chosen)
+        tokens = np.zeros((r, p), np.int32)
+        for row, i in enumerate(chosen):
+          tokens[row] = arrays[i][0]
+        lengths = np.asarray([arrays[i][1] for i in chosen] + [1] * pad, np.int32)
+        where = np.asarray([slots[i] for i in chosen] + [self.max_batch] * pad, np.int32)
+        row_seeds = np.asarray([seeds[i] & 0xFFFFFFFF for i in chosen] + [0] * pad, np.uint32)
+        settings = SamplingParams.stack([sampling[i] for i in chosen] + [(0.0, 0, 1.0)] * pad)
+        state, drawn = prefill_insert(self.cfg, self.params, state, tokens, lengths, where, row_seeds,
+                                      settings, **self._static)
+        calls.append((chosen, drawn))
+    return state, calls
+
+  # --- decode
 
   @property
   def row_buckets(self) -> list[int]:
@@ -238,21 +375,55 @@ class SlotEngine:
     """The smallest row bucket that covers slots 0..live_slots-1."""
     return next(r for r in self.row_buckets if r >= live_slots)
 
-  def generate(self, state: Slots, rows: int | None = None, top_logprobs: int = 0) -> tuple[Slots, Step]:
-    """Alternatives (`top_logprobs`) are compiled for all slots only: light load with logprobs
-    runs every slot."""
+  @property
+  def attend_buckets(self) -> list[int]:
+    """Attention windows a decode call may read: powers of two from `min_attend` and the points
+    halfway between them (128, 192, 256, 384, ...), then the whole cache; a window at most 1.5x
+    what the live slots need."""
+    sizes, p = set(), 1
+    while p < self.cache_len:
+      sizes.update(w for w in (p, p + p // 2) if self.min_attend <= w < self.cache_len)
+      p *= 2
+    return sorted(sizes) + [self.cache_len]
+
+  def windowed(self, rows: int) -> bool:
+    """Whether calls of `rows` slots have a window per attend bucket (else the whole cache): only
+    where the cache the rows read is a large part of a step's memory traffic (a quarter of the slots
+    or more); fewer rows mostly read the weights, and each window is one more compilation."""
+    return rows * 4 >= self.max_batch
+
+  @property
+  def generate_shapes(self) -> list[tuple[int, int, int]]:
+    """(rows, attend, top_logprobs) of every `generate` compiled."""
+    shapes = [(r, a, 0) for r in self.row_buckets
+              for a in (self.attend_buckets if self.windowed(r) else [self.cache_len])]
+    return shapes + [(self.max_batch, self.cache_len, max_top_logprobs(self.cfg))]
+
+  def generate(self, state: Slots, rows: int | None = None, top_logprobs: int = 0,
+               steps: int | None = None, need: int | None = None) -> tuple[Slots, Step]:
+    """`steps` decode steps (default `self.steps`, at most `max_steps`) for the leading `rows`
+    slots. `need`: one past the last position any live slot attends to in this call (default: the
+    whole cache); the call reads the smallest window that covers it. Returns `max_steps` tokens per
+    row, of which the first `steps` were drawn. Alternatives (`top_logprobs`) are compiled for all
+    slots and the whole cache only: light load with logprobs runs every slot."""
+    steps = steps or self.steps
+    if not 0 < steps <= self.max_steps:
+      raise ValueError(f"steps must be in [1, {self.max_steps}], got {steps}")
     rows = self.max_batch if top_logprobs or rows is None else rows
-    return generate(self.cfg, self.params, state, steps=self.steps, rows=rows,
-                    top_logprobs=top_logprobs, **self._static)
+    attend = self.cache_len
+    if need is not None and not top_logprobs and self.windowed(rows):
+      attend = next(a for a in self.attend_buckets if a >= min(need, self.cache_len))
+    return generate(self.cfg, self.params, state, np.int32(steps), steps=self.max_steps, rows=rows,
+                    attend=attend, top_logprobs=top_logprobs, **self._static)
 
   def warmup(self) -> None:
-    """Compiles every prompt bucket's prefill and insert and every generate variant (each row
-    bucket, and all rows with alternatives), so no request waits for a compilation. Its state is
-    thrown away."""
+    """Compiles what a request's way through the server can take: every batched prefill shape
+    and every generate variant (each row bucket and window, and all rows with alternatives), so no
+    request waits for a compilation. (The one-prompt `prefill` and `insert`, which the server does
+    not use, compile when first called.) Its state is thrown away."""
     state = self.init()
-    for p in self.prompt_buckets:
-      state = self.insert(self.prefill([0] * p, row_key(0), (0.0, 0, 1.0)), state, 0)
-    for rows in self.row_buckets:
-      state, step = self.generate(state, rows=rows)
-    state, step = self.generate(state, top_logprobs=max_top_logprobs(self.cfg))
+    for r, p in self.prefill_shapes:
+      state, _ = self.prefill_into(state, [[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)
+    for rows, attend, top in self.generate_shapes:
+      state, step = self.generate(state, rows=rows, top_logprobs=top, need=attend)
     jax.block_until_ready(step)

@@ -2,6 +2,7 @@
 
   python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max_batch 64]
       [--api_key KEY] [--warmup] [--max_len N] [--tensor T] [--dtype bfloat16]
+      [--decode_steps 8] [--max_decode_steps 32] [--prefill_tokens 4096]
 
 DIR is anything `llama_jax.load` reads (with a tokenizer). `--tensor T` splits the model over T
 devices (tensor parallel, as `generate.py --tensor`); the key may also come from the environment
@@ -28,6 +29,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--max_len", type=int,
                  help="tokens per slot, prompt and answer together (default: the model's context)")
   p.add_argument("--decode_steps", type=int, default=8, help="decode steps per device call")
+  p.add_argument("--max_decode_steps", type=int,
+                 help="most decode steps per call, taken while no request waits for a slot "
+                      "(default: 4 x --decode_steps)")
+  p.add_argument("--prefill_tokens", type=int, default=4096,
+                 help="most (padded) prompt tokens prefilled together in one device call")
   p.add_argument("--api_key", default=os.environ.get("LLAMA_JAX_API_KEY"),
                  help="require 'Authorization: Bearer KEY' on /v1 (default: $LLAMA_JAX_API_KEY)")
   p.add_argument("--warmup", action="store_true", help="compile every shape before serving")
@@ -45,9 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def run():
     from llama_jax.generate.cli import UsageError, make_mesh
-    for name in ("max_batch", "decode_steps", "max_body_bytes", "tensor"):
+    for name in ("max_batch", "decode_steps", "prefill_tokens", "max_body_bytes", "tensor"):
       if getattr(args, name) < 1:
         raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_decode_steps is not None and args.max_decode_steps < args.decode_steps:
+      raise UsageError(f"--max_decode_steps must be >= --decode_steps ({args.decode_steps}), "
+                       f"got {args.max_decode_steps}")
     if not 0 <= args.port < 65536:
       raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.tokenizer and not os.path.isfile(args.tokenizer):
@@ -73,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     sock = listen(args.host, args.port)  # a taken port fails here, before the long warmup
     served = build(model, model_name=name, max_batch=args.max_batch, max_len=args.max_len,
-                   decode_steps=args.decode_steps, api_key=args.api_key, warmup=args.warmup,
+                   decode_steps=args.decode_steps, max_decode_steps=args.max_decode_steps,
+                   prefill_tokens=args.prefill_tokens, api_key=args.api_key, warmup=args.warmup,
                    max_body_bytes=args.max_body_bytes)
     print(f"serving {name!r} on http://{args.host}:{sock.getsockname()[1]} ({args.max_batch} slots of "
           f"{served.engine.cache_len} tokens{', API key required' if args.api_key else ''})",

@@ -3,9 +3,14 @@ request has produced so far. Plain Python on one thread, with a queue in and cal
 
 JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
 generate and detokenize threads. Each round
-  1. admits waiting requests into free slots (prefill + insert, queued on the device behind the
-     running call; a bounded number of prompt tokens per round, so the others never stall long),
-  2. dispatches a `generate` call for the live slots (JAX returns at once),
+  1. admits waiting requests into free slots, prefilled together (`SlotEngine.prefill_into`: the
+     round's new prompts in a few batched calls that write straight into their slots, queued on
+     the device behind the running call; a bounded number of prompt tokens per round, so the
+     others never stall long). JetStream prefills one prompt per call; vLLM's scheduler, like this
+     one, spends a per-round token budget on the waiting prompts together;
+  2. dispatches a `generate` call for the live slots (JAX returns at once): `steps` decode steps,
+     or up to `max_steps` while no request waits and no slot would idle long (`_steps_for`), over
+     the part of the cache the live slots fill (`need`);
   3. while the device runs it, reads what was dispatched before (the previous call's tokens, the
      new requests' first tokens), turns tokens into text and ends requests: EOS, `max_tokens`, a
      stop string, a cancel.
@@ -113,19 +118,29 @@ class _Live:
     return self.finish_reason is not None
 
 
+def _fetch_early(step: slot_engine.Step) -> None:
+  """Asks for a call's outputs on the host as soon as the device has them (as JetStream's generate
+  thread does), so reading them later does not wait for the copy after the computation."""
+  for array in step:
+    if array is not None:
+      array.copy_to_host_async()
+
+
 class Scheduler:
   """Runs `engine` (a `slots.SlotEngine`) for the requests `submit`ted to it, on its own thread."""
 
   def __init__(self, engine: slot_engine.SlotEngine, tokenizer, eos_ids: Sequence[int],
-               prefill_tokens_per_round: int = 2048):
+               prefill_tokens_per_round: int | None = None):
     self.engine, self.tokenizer = engine, tokenizer
     self.eos_ids = frozenset(int(i) for i in eos_ids)
-    self.prefill_tokens_per_round = prefill_tokens_per_round
+    # Default: what one batched prefill call takes, so a round's admissions are about one call.
+    self.prefill_tokens_per_round = prefill_tokens_per_round or engine.prefill_tokens
     self._inbox: queue.Queue = queue.Queue()
     self._waiting: list[Request] = []
     self._owners: list[_Live | None] = [None] * engine.max_batch
-    # Device results not yet read, in dispatch order: ([(row, request's record)], slots.Step).
-    self._inflight: list[tuple[list[tuple[int, _Live]], slot_engine.Step]] = []
+    # Device results not yet read, in dispatch order: ([(row, request's record)], slots.Step, how
+    # many of its tokens per row were drawn).
+    self._inflight: list[tuple[list[tuple[int, _Live]], slot_engine.Step, int]] = []
     self._state = None
     self._running = threading.Event()
     self._running.set()
@@ -231,39 +246,73 @@ class Scheduler:
     if self._running.is_set() and live:
       wants_top = any(o.request.logprobs for _, o in live)
       k = slot_engine.max_top_logprobs(self.engine.cfg) if wants_top else 0
+      steps = self._steps_for([o for _, o in live])
+      # One past the last position a live slot feeds in this call (a request's tokens past its
+      # max_tokens are never read, so its positions past that need no window).
+      need = max(len(o.request.prompt) + min(o.dispatched + steps, o.request.max_tokens) - 1
+                 for _, o in live)
       rows = self.engine.rows_for(live[-1][0] + 1)
-      self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k)
+      self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k, steps=steps,
+                                               need=need)
       for _, o in live:
-        o.dispatched += self.engine.steps
-      dispatched = [(live, step)]
+        o.dispatched += steps
+      _fetch_early(step)
+      dispatched = [(live, step, steps)]
     # The device runs the step just dispatched while the host reads what came before it (the
     # previous step, and the first tokens of the requests just admitted).
     pending, self._inflight = self._inflight, dispatched
     for entry in pending:
       self._read(entry)
 
+  def _steps_for(self, live: list[_Live]) -> int:
+    """Decode steps for the next call: the engine's `steps`, or a multiple of it up to `max_steps`
+    while nobody waits for a slot and the longer call leaves slots idle for at most an eighth of
+    its slot-steps (a slot whose request reaches max_tokens mid-call idles for the rest of it; one
+    that meets EOS or a stop string early is not foreseen). Fewer, longer calls: less host work
+    per token, and the device queue stays ahead of the host."""
+    base, best = self.engine.steps, self.engine.steps
+    if self._waiting:
+      return base
+    steps = 2 * base
+    while steps <= self.engine.max_steps:
+      idle = sum(max(0, steps - (o.request.max_tokens - o.dispatched)) for o in live)
+      if idle * 8 > steps * len(live):
+        break
+      best, steps = steps, 2 * steps
+    return best
+
   def _admit(self) -> None:
-    """Waiting requests into free slots, lowest first; while others decode, no more than the
-    round's prompt-token budget (they wait for these prefills)."""
+    """Waiting requests into free slots, lowest first, prefilled together; while others decode, no
+    more than the round's prompt-token budget (they wait for these prefills)."""
     budget = self.prefill_tokens_per_round
     decoding = any(o is not None for o in self._owners)
-    while self._waiting and None in self._owners and (budget > 0 or not decoding):
+    admitted: list[_Live] = []
+    seeds = []
+    free = [s for s, o in enumerate(self._owners) if o is None]
+    while self._waiting and free and (budget > 0 or not decoding):
       request = self._waiting.pop(0)
       if request.cancelled:
         self._bump("cancelled")
         continue
-      slot = self._owners.index(None)
-      seed = secrets.randbits(32) if request.seed is None else request.seed
-      prefix = self.engine.prefill(request.prompt, slot_engine.row_key(seed),
-                                   (request.temperature, request.top_k, request.top_p))
-      self._state = self.engine.insert(prefix, self._state, slot)
-      self._owners[slot] = _Live(request, slot, self.tokenizer, self.eos_ids)
-      self._inflight.append(([(0, self._owners[slot])], prefix.drawn))
+      slot = free.pop(0)
+      seeds.append(secrets.randbits(32) if request.seed is None else request.seed)
+      admitted.append(_Live(request, slot, self.tokenizer, self.eos_ids))
       budget -= len(request.prompt)
-      self._bump("admitted")
+    if not admitted:
+      return
+    requests = [live.request for live in admitted]
+    self._state, calls = self.engine.prefill_into(
+        self._state, [r.prompt for r in requests], seeds,
+        [(r.temperature, r.top_k, r.top_p) for r in requests], [live.slot for live in admitted])
+    for live in admitted:
+      self._owners[live.slot] = live
+    for chosen, drawn in calls:
+      _fetch_early(drawn)
+      self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)], drawn, 1))
+    self._bump("admitted", len(admitted))
 
   def _read(self, entry) -> None:
-    rows, drawn = entry
+    rows, drawn, count = entry
     for _, live in rows:
       if live.request.cancelled and not live.done:
         self._free(live, cancelled=True)
@@ -275,7 +324,8 @@ class Scheduler:
     if drawn.top_tokens is not None and any(live.request.logprobs for _, live in rows):
       top = np.asarray(drawn.top_tokens), np.asarray(drawn.top_logprobs)
     for r, live in rows:
-      self._consume(live, tokens[r], logprobs[r], None if top is None else (top[0][r], top[1][r]))
+      top_r = None if top is None else (top[0][r, :count], top[1][r, :count])
+      self._consume(live, tokens[r, :count], logprobs[r, :count], top_r)
 
   def _consume(self, live: _Live, tokens: np.ndarray, logprobs: np.ndarray, top) -> None:
     """A request's next tokens: counted up to its end, turned into text, emitted."""

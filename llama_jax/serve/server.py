@@ -11,7 +11,7 @@ import socket
 import threading
 from typing import Any
 
-from llama_jax.generate.slots import SlotEngine
+from llama_jax.generate.slots import MIN_ATTEND, SlotEngine
 from llama_jax.serve.app import DEFAULT_MAX_BODY_BYTES, chat_encoder, create_app
 from llama_jax.serve.scheduler import Scheduler
 
@@ -26,16 +26,21 @@ class Served:
 
 
 def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = None,
-          decode_steps: int = 8, api_key: str | None = None, warmup: bool = False,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template=None) -> Served:
+          decode_steps: int = 8, max_decode_steps: int | None = None, prefill_tokens: int = 4096,
+          api_key: str | None = None, warmup: bool = False,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template=None,
+          min_attend: int = MIN_ATTEND) -> Served:
   """A `llama_jax.Model` (with a tokenizer) -> its engine, a running scheduler and the app. The
-  engine runs where the model's parameters lie (`model.mesh`, `model.rules`)."""
+  engine runs where the model's parameters lie (`model.mesh`, `model.rules`). `min_attend` is the
+  shortest attention window compiled (tests of tiny contexts lower it)."""
   if model.tokenizer is None:
     raise ValueError("serving needs a tokenizer; the checkpoint has none (pass --tokenizer)")
   engine = SlotEngine(model.config, model.params, max_batch=max_batch, cache_len=max_len,
-                      steps=decode_steps, mesh=model.mesh, rules=model.rules)
+                      steps=decode_steps, max_steps=max_decode_steps, prefill_tokens=prefill_tokens,
+                      min_attend=min_attend, mesh=model.mesh, rules=model.rules)
   if warmup:
-    log.info("compiling %d prompt buckets and the decode step", len(engine.prompt_buckets))
+    log.info("compiling %d prompt buckets, %d batched prefills and %d decode calls",
+             len(engine.prompt_buckets), len(engine.prefill_shapes), len(engine.generate_shapes))
     engine.warmup()
   scheduler = Scheduler(engine, model.tokenizer, model.tokenizer.eos_ids).start()
   app = create_app(scheduler, model.tokenizer, model_name=model_name, max_len=engine.cache_len,

@@ -1,0 +1,87 @@
+"""The scheduler's rounds, driven by hand on the test's thread (no HTTP, no scheduler thread): a
+round's waiting requests are prefilled together and decode what they decode alone, and calls grow
+longer only while no request waits and no slot would idle long."""
+
+import types
+
+import flax.linen as nn
+import jax
+import pytest
+from conftest import train_word_tokenizer
+
+from llama_jax import model as M
+from llama_jax.config import ModelConfig
+from llama_jax.generate import generate_tokens, slots
+from llama_jax.serve.scheduler import Request, Scheduler, _Live
+from llama_jax.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return Tokenizer(train_word_tokenizer(tmp_path_factory.mktemp("tok"), 300))
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+  cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                    multiple_of=16, max_seq_len=64)
+  params = nn.unbox(M.init_params(cfg, jax.random.key(4)))
+  return cfg, params, slots.SlotEngine(cfg, params, max_batch=4, steps=2, max_steps=8, min_attend=16)
+
+
+def _request(prompt, max_tokens, outputs):
+  return Request(prompt=prompt, max_tokens=max_tokens, emit=outputs.append, temperature=0.0,
+                 ignore_eos=True)
+
+
+def test_a_round_prefills_its_waiting_requests_together(setup, tokenizer):
+  cfg, params, engine = setup
+  scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
+  scheduler._state = engine.init()
+  calls = []
+  prefill_into = engine.prefill_into
+
+  def counted(state, prompts, *args):
+    calls.append(len(prompts))
+    return prefill_into(state, prompts, *args)
+
+  engine.prefill_into = counted
+  try:
+    prompts = [tokenizer.encode(t) for t in ("the cat sat", "a big red dog ran", "blue tree")]
+    limits = [9, 14, 5]
+    outputs = [[] for _ in prompts]
+    for prompt, limit, out in zip(prompts, limits, outputs):
+      scheduler.submit(_request(prompt, limit, out))
+    rounds = 0
+    while any(not out or out[-1].finish_reason is None for out in outputs):
+      scheduler._take_inbox(block=False)
+      scheduler._round()
+      rounds += 1
+      assert rounds < 50
+  finally:
+    engine.prefill_into = prefill_into
+  assert calls == [3]  # one round admitted all three, in one call (prompts of one bucket)
+  expected = generate_tokens(cfg, params, prompts, max(limits))
+  for out, want, limit in zip(outputs, expected, limits):
+    assert [t for o in out for t in o.tokens] == want[:limit]
+    assert out[-1].finish_reason == "length" and out[-1].completion_tokens == limit
+  assert scheduler.stats()["live"] == 0
+
+
+def test_calls_grow_only_while_nobody_waits_and_no_slot_would_idle_long(setup, tokenizer):
+  _, _, engine = setup  # steps 2, max_steps 8
+  scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
+
+  def live(remaining):
+    record = _Live(_request([1, 2], 100, []), 0, tokenizer, tokenizer.eos_ids)
+    record.dispatched = 100 - remaining
+    return record
+
+  assert scheduler._steps_for([live(50)]) == 8
+  assert scheduler._steps_for([live(5)]) == 4  # 8 steps would leave its slot idle for 3 of them
+  assert scheduler._steps_for([live(1)]) == 2  # the engine's steps, whatever idles
+  assert scheduler._steps_for([live(50)] * 7 + [live(1)]) == 8  # 7 idle slot-steps of 64
+  assert scheduler._steps_for([live(50)] * 5 + [live(1)]) == 4  # 8: 7 of 48 is over an eighth
+  assert scheduler._steps_for([live(50)] * 3 + [live(1)]) == 2
+  scheduler._waiting.append(_request([1], 4, []))
+  assert scheduler._steps_for([live(50)]) == 2  # someone waits for a slot: short calls
