@@ -12,8 +12,9 @@
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
+#   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
 #   gptq       GPTQ of the whole model, 128 calibration windows of 2048 tokens (as the paper)
-#   lora       training steps: full fine-tuning against LoRA r=16 on a float base and on an int4 base
+#   lora       training steps: full training beside LoRA r=16 on a float base and on an int4 base
 #   moments    bfloat16 against float32 Adam moments: the tiny model on the bundled corpus, 1000
 #              steps, seeds 0 and 1 of each (benchmarks/compare_curves.py puts the curves side by side)
 #   largest    LLaMA-2-7B training steps on one GPU with bfloat16 moments (a card of > 100 GB only)
@@ -82,20 +83,18 @@ quantize)
       run quantize XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --quantize=${q/none/}
     done
   done ;;
+qmatmul)
+  python3 benchmarks/quantized_matmul.py 2>&1 | grep '^{' | tee -a $OUT/qmatmul.jsonl
+  XLA_FLAGS=--xla_gpu_triton_gemm_any=true python3 benchmarks/quantized_matmul.py --only bf16,int8_current,int8_dequantize_dot,int4_current,int4_dequantize_dot 2>&1 \
+    | grep '^{' | sed 's/}$/, "xla_flags": "--xla_gpu_triton_gemm_any=true"}/' | tee -a $OUT/qmatmul.jsonl ;;
 gptq)
   run gptq XLA_FLAGS= python3 -m llama_jax.bench quantize --config configs/tinyllama_1b.py --bits 4 --method gptq --group_size 128 --calibration_samples 128 --calibration_len 2048 ;;
 lora)
+  run lora XLA_FLAGS= $T --steps 10
   run lora XLA_FLAGS= $T --steps 10 --config.lora.rank=16
   run lora XLA_FLAGS= $T --steps 10 --config.lora.rank=16 --config.lora.quantize_base=int4 ;;
 moments)
-  for m in float32 bfloat16; do
-    for seed in 0 1; do
-      python3 train.py --config configs/default.py --workdir /tmp/moments/${m}_$seed --config.seed=$seed \
-        --config.optimizer.moments_dtype=$m --config.eval_every=100 > $OUT/last.log 2>&1 || tail -5 $OUT/last.log
-      cp /tmp/moments/${m}_$seed/metrics.jsonl $OUT/moments_${m}_$seed.jsonl
-    done
-  done
-  python3 benchmarks/compare_curves.py $OUT/moments_*.jsonl | tee $OUT/moments.txt ;;
+  bash benchmarks/moments.sh $OUT/moments ;;
 largest)  # 6.74B x 12 bytes (float32 parameters and gradients, bfloat16 moments) = 81 GB + activations
   mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   if [ "$mem" -lt 100000 ]; then echo "largest: a card of > 100 GB only (this one: $mem MiB)"; continue; fi
