@@ -32,7 +32,8 @@ def layer_step(x, layer, matmul):
   x = x + matmul(a.astype(x.dtype), layer["wo"]).astype(x.dtype)
   b = matmul(x, layer["w13"])
   h = (jax.nn.silu(b[:, :5632]) * b[:, 5632:]).astype(x.dtype)
-  return x + matmul(h, layer["w2"]).astype(x.dtype) * 1e-3
+  x = x + matmul(h, layer["w2"]).astype(x.dtype)
+  return (x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6)).astype(x.dtype)
 
 
 def make_weights(kind: str, n_layers: int, seed: int = 0):

@@ -211,15 +211,28 @@ def concatenate(weights: list, axis: int) -> Any:
 
 # --- the matmul
 
+def _pins_conversion() -> bool:
+  """Whether the int-to-float conversion must be tied to its use (`signed_groups`' `after`). XLA's
+  CPU backend hoists a loop-invariant conversion out of the decode loop, making a full-precision
+  copy of the model; the GPU backend does not (measured on an H200, benchmarks/quantized_matmul.py:
+  the same peak memory with and without), and there the tie costs 1.7x at one row and 2.2x at 16
+  (int8: it keeps the conversion out of the dot's fusion)."""
+  return jax.default_backend() == "cpu"
+
+
 def _quantized_matmul(x: Array, qt: QuantizedTensor, dtype) -> Array:
   """x (M, K) @ the (K, O) weight -> (M, O) float32."""
   m, gs = x.shape[0], qt.group_size
-  if qt.n_groups > 1 and m > gs:
-    # Many tokens: the (M, G, O) partial products would outweigh the (K, O) weight itself.
+  pin = _pins_conversion()
+  # Several rows over many groups: dequantize the one weight, then one matmul. On a GPU from 2 rows
+  # (H200, int4 g128, 16 rows: 1.52 ms a decode step's matmuls, against 1.99 through per-group
+  # partial products); on the CPU from more rows than a group has, where the (M, G, O) partial
+  # products would outweigh the (K, O) weight itself.
+  if qt.n_groups > 1 and m > (gs if pin else 1):
     w = dequantize(qt, dtype, after=x).reshape(qt.in_features, qt.out_features)
     return jnp.einsum("MK,KO->MO", x, w, preferred_element_type=jnp.float32)
   xg = x.reshape(m, qt.n_groups, gs)  # (M, G, C)
-  ints = signed_groups(qt, dtype, after=x)
+  ints = signed_groups(qt, dtype, after=x if pin else None)
   width = gs // len(ints)  # 4-bit: the group's two halves multiply the two nibbles
   partial = sum(jnp.einsum("MGC,GCO->MGO", xg[..., i * width:(i + 1) * width], q,
                            preferred_element_type=jnp.float32) for i, q in enumerate(ints))

@@ -93,8 +93,11 @@ def test_int8_values_round_trip(symmetric):
 
 @pytest.mark.parametrize("bits, group_size, symmetric", [(8, 0, True), (8, 16, False), (4, 16, True),
                                                          (4, 32, False)])
-@pytest.mark.parametrize("tokens", [3, 40])  # fewer than a group (decoding) and more (prefill)
-def test_quantized_matmul_equals_the_dequantized_weight(bits, group_size, symmetric, tokens):
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # fewer than a group (decoding) and more (prefill)
+@pytest.mark.parametrize("pinned", [True, False])  # the CPU's formulations, and the GPU's
+def test_quantized_matmul_equals_the_dequantized_weight(bits, group_size, symmetric, tokens, pinned,
+                                                        monkeypatch):
+  monkeypatch.setattr(projection, "_pins_conversion", lambda: pinned)
   rng = np.random.default_rng(2)
   w = jnp.asarray(rng.normal(size=(4, 16, 64)) * 0.05, jnp.float32)  # wo-like: (N, H) -> D
   qt = rtn.quantize_weight(w, Grid(bits, group_size, symmetric), n_in=2)
