@@ -27,6 +27,9 @@ def test_flops_per_token_is_six_n_plus_six_l_t_d(cfg):
   t = 128
   expected = 6 * n + 6 * cfg.n_layers * t * cfg.dim
   np.testing.assert_allclose(metrics.flops_per_token(cfg, t), expected, rtol=1e-3)
+  # A frozen base (LoRA): forward and input gradients only, 4 per weight; attention unchanged.
+  np.testing.assert_allclose(metrics.flops_per_token(cfg, t, frozen_weights=True),
+                             4 * n + 6 * cfg.n_layers * t * cfg.dim, rtol=1e-3)
 
 
 class _Device:

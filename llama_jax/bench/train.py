@@ -39,7 +39,8 @@ def bench_train(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
                                                 profile_dir)
   tokens_per_s = b * t / step_s
   peak = config.peak_flops_per_device or metrics.peak_flops(jax.devices()[0], model_cfg.dtype)
-  flops = metrics.flops_per_token(model_cfg, t) * tokens_per_s
+  frozen = run.adapters is not None  # LoRA: the base gets no weight gradients
+  flops = metrics.flops_per_token(model_cfg, t, frozen) * tokens_per_s
   return {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 5),
           "mfu": round(flops / (peak * jax.device_count()), 4) if peak else None,
           "model_tflops_per_s_per_device": round(flops / jax.device_count() / 1e12, 1),

@@ -282,7 +282,8 @@ class LanguageModel:
   def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
     """(tokens, model FLOPs) of one step, for perf/tokens_per_s and perf/mfu (FLOPs 0: no MFU)."""
     tokens = config.batch_size * config.seq_len
-    return tokens, metrics_lib.flops_per_token(model_cfg, config.seq_len) * tokens
+    frozen = lora_training.settings(config) is not None  # LoRA: the base gets no weight gradients
+    return tokens, metrics_lib.flops_per_token(model_cfg, config.seq_len, frozen) * tokens
 
 
 def train_and_evaluate(config, workdir: str, recipe=None) -> dict:

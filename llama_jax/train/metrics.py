@@ -46,11 +46,14 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, frozen_weights: bool = False) -> float:
+  """Model FLOPs of one trained token: 6 per matmul weight (forward 2, input and weight gradients
+  2 each) and causal attention's 6LTD. `frozen_weights` (LoRA's frozen base): no weight gradients,
+  4 per weight; the low-rank adapters' own FLOPs (rank << width) are not counted."""
   norm_weights = (2 * cfg.n_layers + 1) * cfg.dim  # vectors, not matmul weights
   lookup = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim  # tied: the table is the head too
   matmul_params = num_params(cfg) - lookup - norm_weights
-  return 6.0 * matmul_params + 6.0 * cfg.n_layers * seq_len * cfg.dim
+  return (4.0 if frozen_weights else 6.0) * matmul_params + 6.0 * cfg.n_layers * seq_len * cfg.dim
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
