@@ -138,31 +138,3 @@ def test_sentencepiece_reads_special_strings_only_with_offsets(models):
   assert [i for i, _, _ in tokens].count(tok.eos_id) == 1
   assert all(text[b:e] == "</s>" for i, b, e in tokens if i == tok.eos_id)
   assert "".join(text[b:e] for _, b, e in tokens).replace(" ", "") == text.replace(" ", "")
-
-
-def test_export_splits_words_only_where_no_piece_crosses_a_space(models, tmp_path):
-  # The tokenizer.json splits a text at each run of "▁" (words the Rust library caches) only when
-  # no piece holds a "▁" after another character; a model trained without whitespace splitting
-  # learns such pieces, and its export reads the whole text as one word, with the same ids.
-  import sentencepiece as spm
-  from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-  from llama_jax.tokenizer import spm_json
-  proto = sp_pb2.ModelProto()
-  proto.ParseFromString((models / "merged.model").read_bytes())
-  assert spm_json.splits_at_spaces(proto)
-  assert spm_json.convert(Tokenizer(models / "merged.model")).pre_tokenizer is not None
-
-  text = "\n".join(["the river and the stone"] * 200 + corpus(LATIN, 100, 5))
-  (tmp_path / "phrases.txt").write_text(text)
-  spm.SentencePieceTrainer.train(input=str(tmp_path / "phrases.txt"), model_prefix=str(tmp_path / "joined"),
-                                 vocab_size=400, model_type="bpe", split_by_whitespace=False,
-                                 byte_fallback=True, normalization_rule_name="identity",
-                                 remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
-  joined = Tokenizer(tmp_path / "joined.model")
-  proto.ParseFromString((tmp_path / "joined.model").read_bytes())
-  assert not spm_json.splits_at_spaces(proto)  # it learned pieces across words ("e▁r", ...)
-  converted = spm_json.convert(joined)
-  assert converted.pre_tokenizer is None
-  for line in ["the river and the stone", "  the  river", "stone the river", "x the river y"]:
-    assert converted.encode(line, add_special_tokens=False).ids == joined.encode(line, bos=False), line

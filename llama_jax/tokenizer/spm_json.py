@@ -2,16 +2,9 @@
 
 The layout is the one transformers 4 wrote for LLaMA 1/2 (`convert_slow_tokenizer.LlamaConverter`,
 legacy mode), which reads text as sentencepiece does: a normalizer that prepends "▁" (the dummy
-prefix) and turns spaces into "▁", BPE with byte fallback, the control pieces as special added
-tokens, user-defined pieces as added tokens, and a post-processor that prepends BOS when the
-tokenizer adds one.
-
-Words. LLaMA's layout has no pre-tokenizer: a whole text is one word for BPE, which then merges
-over the whole text at once and caches nothing. Where no piece of the vocabulary holds a "▁" after
-another character (sentencepiece's whitespace splitting, on by default, never learns one: LLaMA's
-vocabulary has none), no merge can join the end of one space-led word to the next, so the text is
-split into words that start at each run of "▁" (`_WORDS`) and the ids are the same; the Rust
-library then merges short words and caches them (measured: `python -m llama_jax.bench data`).
+prefix) and turns spaces into "▁", no pre-tokenizer (a text is one word), BPE with byte fallback,
+the control pieces as special added tokens, user-defined pieces as added tokens, and a
+post-processor that prepends BOS when the tokenizer adds one.
 
 Merges. sentencepiece's BPE merges, at each step, the adjacent pair whose union is the piece with
 the best score, and its pieces are stored best first; so a merge's rank is the id of the piece it
@@ -24,7 +17,7 @@ whitespace kept (LLaMA's settings and `tokenizer.train`'s); anything else is a T
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from llama_jax.tokenizer.files import TokenizerError
@@ -32,17 +25,6 @@ from llama_jax.tokenizer.files import TokenizerError
 _NORMAL = sp_pb2.ModelProto.SentencePiece.NORMAL
 _USER = sp_pb2.ModelProto.SentencePiece.USER_DEFINED
 _SPECIAL = (sp_pb2.ModelProto.SentencePiece.CONTROL, sp_pb2.ModelProto.SentencePiece.UNKNOWN)
-
-
-def _words():
-  """A word is a run of "▁" and the characters after it up to the next run."""
-  return pre_tokenizers.Split(Regex("▁+"), behavior="merged_with_next")
-
-
-def splits_at_spaces(proto: "sp_pb2.ModelProto") -> bool:
-  """Whether no merge can cross the start of a space-led word: no normal piece holds a "▁" after
-  another character (leading runs of "▁", indentation pieces, are inside one word)."""
-  return not any("▁" in p.piece.lstrip("▁") for p in proto.pieces if p.type == _NORMAL)
 
 
 def merges(proto: "sp_pb2.ModelProto") -> list[tuple[str, str]]:
@@ -77,8 +59,6 @@ def convert(tokenizer) -> Tokenizer:
                              byte_fallback=spec.byte_fallback))
   steps = [normalizers.Prepend("▁")] if norm.add_dummy_prefix else []
   tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
-  if splits_at_spaces(proto):
-    tok.pre_tokenizer = _words()
   tail = [decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []
   tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + tail)
   tok.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
