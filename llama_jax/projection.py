@@ -231,6 +231,8 @@ def _quantized_matmul(x: Array, qt: QuantizedTensor, dtype) -> Array:
   if qt.n_groups > 1 and m > (gs if pin else 1):
     w = dequantize(qt, dtype, after=x).reshape(qt.in_features, qt.out_features)
     return jnp.einsum("MK,KO->MO", x, w, preferred_element_type=jnp.float32)
+  if pin:  # XLA's CPU backend has no bf16 x bf16 -> f32 batched dot; the CPU gains nothing from bf16
+    x, dtype = x.astype(jnp.float32), jnp.float32
   xg = x.reshape(m, qt.n_groups, gs)  # (M, G, C)
   ints = signed_groups(qt, dtype, after=x if pin else None)
   width = gs // len(ints)  # 4-bit: the group's two halves multiply the two nibbles

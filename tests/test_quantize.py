@@ -107,6 +107,18 @@ def test_quantized_matmul_equals_the_dequantized_weight(bits, group_size, symmet
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_quantized_matmul_in_bfloat16_on_the_cpu(tokens):
+  # bf16 compute on the CPU (a GPU config run there): the per-group products must still compile.
+  rng = np.random.default_rng(4)
+  w = jnp.asarray(rng.normal(size=(64, 32)) * 0.05, jnp.float32)
+  qt = rtn.quantize_weight(w, Grid(4, 16), n_in=1)
+  x = jnp.asarray(rng.normal(size=(tokens, 64)), jnp.bfloat16)
+  ours = projection.project("TD,DO->TO", x, qt, jnp.bfloat16, out_dtype=jnp.float32)
+  ref = jnp.einsum("TD,DO->TO", x.astype(jnp.float32), projection.dequantize(qt), precision="highest")
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-2, atol=2e-2)
+
+
 def test_round_to_nearest_error_is_within_half_a_step():
   rng = np.random.default_rng(3)
   w = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
