@@ -80,7 +80,18 @@ def as_rules(rules) -> tuple[tuple[str, Any], ...]:
   sequence of pairs (a config's lists included)."""
   def axes(a):
     return tuple(a) if isinstance(a, (list, tuple)) else a
-  return tuple((str(name), axes(a)) for name, a in rules)
+
+  def mesh_axes_ok(a) -> bool:
+    return a is None or isinstance(a, str) or (isinstance(a, (list, tuple)) and all(isinstance(x, str) for x in a))
+
+  try:
+    pairs = [(name, a) for name, a in rules]
+  except (TypeError, ValueError):
+    pairs = None
+  if pairs is None or not all(isinstance(name, str) and mesh_axes_ok(a) for name, a in pairs):
+    raise ConfigError(f"mesh.rules must be (logical axis, mesh axes) pairs, as sharding.DEFAULT_RULES "
+                      f"is; got {rules!r}")
+  return tuple((name, axes(a)) for name, a in pairs)
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:

@@ -30,6 +30,8 @@ CASES = [
      "weight?", 2),
     ("value of the wrong type", ["--config.num_steps=abc"], "existing",
      "error: flag --config.num_steps=abc: invalid literal for int() with base 10: 'abc'", 2),
+    ("mesh rules that are not pairs", ["--config.mesh.rules=2"], "existing",
+     "error: mesh.rules must be (logical axis, mesh axes) pairs, as sharding.DEFAULT_RULES is; got (2,)", 1),
     ("workdir that is a file", [], "file", "error: --workdir {run} is a file, not a directory", 1),
     pytest.param(  # found at the first batch, after the model is initialised: seconds
         "all sources empty, tokenizer given",
