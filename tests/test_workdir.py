@@ -328,3 +328,24 @@ def test_metrics_writer_drops_rows_after_the_resumed_step_and_writes_lazily(tmp_
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
   assert _tensorboard_steps(tmp_path) == [5]
   writer.close()
+
+
+def test_after_a_failed_restore_only_closed_loop_callbacks_are_silenced():
+  # Reads abandoned by a failed restore may finish after its event loop closed and be printed
+  # through sys.excepthook (tensorstore's thread) or threading.excepthook: silenced; anything else
+  # still prints.
+  code = "\n".join([
+      "import sys, threading",
+      "from llama_jax import checkpoint",
+      "checkpoint._quiet_abandoned_reads()",
+      "sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)",
+      "def closed(): raise RuntimeError('Event loop is closed')",
+      "t = threading.Thread(target=closed); t.start(); t.join()",
+      "def other(): raise KeyError('thread error kept')",
+      "t = threading.Thread(target=other); t.start(); t.join()",
+      "sys.excepthook(ValueError, ValueError('kept'), None)",
+  ])
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+  assert "Event loop is closed" not in err
+  assert "ValueError: kept" in err and "thread error kept" in err
