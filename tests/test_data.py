@@ -339,6 +339,7 @@ def test_bad_configs_are_data_errors(tmp_path, tok):
                             global_batch_size=1))
 
 
+@pytest.mark.slow
 def test_default_corpus_end_to_end(tmp_path):
   cfg = data.default_config()
   cfg.cache_dir = str(tmp_path / "cache")

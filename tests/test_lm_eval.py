@@ -76,6 +76,7 @@ def test_loglikelihood_rolling_matches_transformers(hf_model):
                              rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_until_is_greedy_and_stops(lm, hf_model):
   _, torch_model = hf_model
   contexts = ["the cat sat on", "a dog ran"]

@@ -34,6 +34,7 @@ def _request(prompt, max_tokens, outputs):
                  ignore_eos=True)
 
 
+@pytest.mark.slow
 def test_a_round_prefills_its_waiting_requests_together(setup, tokenizer):
   cfg, params, engine = setup
   scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
