@@ -86,3 +86,29 @@ def test_calls_grow_only_while_nobody_waits_and_no_slot_would_idle_long(setup, t
   assert scheduler._steps_for([live(50)] * 3 + [live(1)]) == 2
   scheduler._waiting.append(_request([1], 4, []))
   assert scheduler._steps_for([live(50)]) == 2  # someone waits for a slot: short calls
+
+
+def test_a_failing_prefill_answers_every_request_of_its_round(setup, tokenizer):
+  # The round's requests leave the waiting list before the device call: if it raises (out of
+  # memory, say), each must still get its error answer, or its client would wait forever.
+  _, _, engine = setup
+  scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
+  scheduler._state = engine.init()
+  outputs = [[] for _ in range(3)]
+  for out in outputs:
+    scheduler.submit(_request(tokenizer.encode("the cat sat"), 4, out))
+  scheduler._take_inbox(block=False)
+  prefill_into = engine.prefill_into
+
+  def fails(*args):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  engine.prefill_into = fails
+  try:
+    with pytest.raises(RuntimeError):
+      scheduler._round()
+    scheduler._fail_all("engine failure: RuntimeError")  # what the scheduler's loop does next
+  finally:
+    engine.prefill_into = prefill_into
+  for out in outputs:
+    assert len(out) == 1 and out[0].finish_reason == "error"

@@ -300,12 +300,13 @@ class Scheduler:
       budget -= len(request.prompt)
     if not admitted:
       return
+    # Owned before the device call: if it raises, `_fail_all` answers these requests with the rest.
+    for live in admitted:
+      self._owners[live.slot] = live
     requests = [live.request for live in admitted]
     self._state, calls = self.engine.prefill_into(
         self._state, [r.prompt for r in requests], seeds,
         [(r.temperature, r.top_k, r.top_p) for r in requests], [live.slot for live in admitted])
-    for live in admitted:
-      self._owners[live.slot] = live
     for chosen, drawn in calls:
       _fetch_early(drawn)
       self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)], drawn, 1))
