@@ -310,3 +310,17 @@ def test_train_py_runs_lora_resumes_exactly_and_rejects_unknown_modules(corpus, 
   code, _, err = run_train(lora_cfg, tmp_path / "bad", "--config.lora.rank=4",
                            "--config.lora.target_modules=wq,attn")
   assert code == 1 and "no module 'attn' in the model" in err and "Traceback" not in err, err[-2000:]
+
+  # A LoRA run killed before its first checkpoint leaves lora.json alone in its workdir: a fresh
+  # LoRA run there (onto another base) and a full run there both start, and the full run's
+  # checkpoints load as a whole model, not as adapters.
+  info = json.loads((tmp_path / "straight" / "lora.json").read_text())
+  for name in ("killed_then_lora", "killed_then_full"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "lora.json").write_text(json.dumps({**info, "base_fingerprint": "another base"}))
+  code, _, err = run_train(lora_cfg, tmp_path / "killed_then_lora", *flags, "--config.num_steps=2")
+  assert code == 0, err[-3000:]
+  code, _, err = run_train(base_cfg, tmp_path / "killed_then_full", "--config.num_steps=2")
+  assert code == 0, err[-3000:]
+  assert not (tmp_path / "killed_then_full" / "lora.json").exists()
+  assert np.isfinite(llama_jax.load(tmp_path / "killed_then_full").logits(np.array([[1, 5, 9]]))).all()

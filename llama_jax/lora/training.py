@@ -74,12 +74,13 @@ class Adapters:
     """The base's shardings: the model's, quantized weights following them."""
     return projection.shardings_like(abstract_frozen, plain_shardings)
 
-  def check_base(self, workdir: str, frozen: Any) -> str:
-    """The base's fingerprint, checked against lora.json's where the workdir has one: a run that
-    resumes onto another base than the one its adapters were trained on is an error. Writes
+  def check_base(self, workdir: str, frozen: Any, resuming: bool) -> str:
+    """The base's fingerprint, checked against lora.json's where the run resumes: a run that
+    resumes onto another base than the one its adapters were trained on is an error (a fresh run
+    has no adapters yet: its lora.json, if any, is a killed run's, and is rewritten). Writes
     nothing."""
     fingerprint = adapters_lib.fingerprint(frozen)  # every process: a device computation
-    if os.path.isfile(os.path.join(workdir, checkpoint.LORA)):
+    if resuming and os.path.isfile(os.path.join(workdir, checkpoint.LORA)):
       _, info = files.read_info(workdir)
       if info.get("base_fingerprint") not in (None, fingerprint):
         raise ConfigError(f"{workdir}: its adapters were trained on a base with hash "
@@ -91,6 +92,15 @@ class Adapters:
   def write_info(self, workdir: str, fingerprint: str) -> None:
     """lora.json in the workdir: the adapters' settings and which base they belong to."""
     files.write_info(workdir, self.lora, self.init_from, fingerprint)
+
+
+def forget(workdir: str) -> None:
+  """Removes a workdir's lora.json (a full training run starting there: its checkpoints will hold
+  the whole model, and readers must not take them for adapters)."""
+  try:
+    os.remove(os.path.join(workdir, checkpoint.LORA))
+  except FileNotFoundError:
+    pass
 
 
 def settings(config) -> LoraConfig | None:

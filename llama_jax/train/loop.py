@@ -339,12 +339,16 @@ def train_and_evaluate(config, workdir: str, recipe=None) -> dict:
           state = run.init(jax.random.key(config.seed))
           start_step = 0
         del pretrained  # a LoRA run keeps its base in state.frozen; nothing else needs it
-        base_fingerprint = run.adapters.check_base(workdir, state.frozen) if run.adapters else None
+        base_fingerprint = (run.adapters.check_base(workdir, state.frozen, resuming)
+                            if run.adapters else None)
         first = _first_batch(config, train_iter, start_step)
         # Everything checked: from here on the run writes into its workdir.
         _prepare_workdir(config, workdir, model_cfg, tokenizer)
-        if run.adapters is not None and jax.process_index() == 0:
-          run.adapters.write_info(workdir, base_fingerprint)
+        if jax.process_index() == 0:
+          if run.adapters is not None:
+            run.adapters.write_info(workdir, base_fingerprint)
+          elif not resuming:  # a LoRA run killed before its first checkpoint left it: not this run's
+            lora_training.forget(workdir)
         manager = manager or checkpoint.make_manager(workdir, config.keep_checkpoints)
         batches = itertools.chain([first] if first is not None else [], train_iter)
         evaluate = functools.partial(recipe.evaluate, config, run, tokenizer=tokenizer)
