@@ -231,6 +231,27 @@ def test_a_lora_run_loads_merged_and_merges_on_the_command_line(lora_run, params
   assert os.path.isfile(root / "peft" / peft_format.WEIGHTS)
 
 
+def test_a_lora_reward_run_loads_as_a_reward_model(lora_run, params, tmp_path):
+  # A reward run with config.lora saves its adapters and its score head; the reward model is the
+  # base's backbone with the adapters merged, under that head (what PPO's reward_model reads).
+  from llama_jax import load_reward_model
+  from llama_jax.align.reward import RewardModel
+  root, lora, ab = lora_run
+  score = jnp.asarray(np.random.default_rng(7).normal(size=(TINY.dim,)), jnp.float32)
+  run = tmp_path / "reward_run"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(run / checkpoint.CHECKPOINTS / "3" / "params"), {**ab, "score": score})
+  checkpoint.write_model_config(str(run), TINY)
+  backbone = {k: v for k, v in params.items() if k != "output"}  # what the run's frozen base held
+  files.write_info(str(run), lora, str(root / "base"), adapters_lib.fingerprint(backbone))
+  rm = load_reward_model(run)
+  assert "output" not in rm.params and not projection.is_structured(rm.params["layers"]["block"]["attention"]["wq"])
+  merged = {k: v for k, v in adapters_lib.merge(params, ab, lora).items() if k != "output"}
+  expected = RewardModel(TINY, {**merged, "score": score}).score_tokens(TOKENS.tolist())
+  np.testing.assert_allclose(rm.score_tokens(TOKENS.tolist()), expected, rtol=1e-5, atol=1e-5)
+  assert np.ptp(expected) > 0
+
+
 def _run_over_int8(tmp_path, params):
   """A LoRA run over an int8 checkpoint of `python -m llama_jax.quantize`: (its base, adapters, the
   run loaded)."""

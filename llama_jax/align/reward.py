@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -140,6 +141,11 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
   or a directory `checkpoint.save_model` wrote. With a `mesh`, straight into its shards (by `rules`)."""
   rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
   params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
+  if os.path.isfile(os.path.join(str(path), checkpoint.LORA)):
+    params, cfg = _lora_reward_params(str(path), params_dir, mesh, rules)
+    if config_overrides:
+      cfg = cfg.replace(**config_overrides)
+    return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
   keys = checkpoint.saved_keys(params_dir)
   if keys is not None and "score" not in keys:
     raise ValueError(f"{path}: not a reward model (a backbone with a 'score' head); its parameters: "
@@ -148,3 +154,16 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
   if config_overrides:
     cfg = cfg.replace(**config_overrides)
   return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
+
+
+def _lora_reward_params(workdir: str, params_dir: str, mesh: Mesh | None, rules) -> tuple[Any, ModelConfig]:
+  """A LoRA reward run (config.lora): its base's backbone (lora.json's `base`) with the adapters
+  applied (merged, or attached over a quantized base), and the run's own score head."""
+  from llama_jax.api import load
+  from llama_jax.lora import files
+  base_where = files.base_path(workdir)
+  base = load(base_where, mesh=mesh, rules=rules)
+  backbone = {k: v for k, v in base.params.items() if k != "output"}
+  cfg, params, _ = files.adapt(workdir, base.config, backbone, base_where, mesh=mesh, rules=rules)
+  head = {"score": abstract_reward_params(cfg, mesh, rules)["score"]}
+  return {**params, **checkpoint.restore_tree(params_dir, head, partial=True)}, cfg

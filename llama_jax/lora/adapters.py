@@ -132,16 +132,27 @@ def merge(params: Any, adapters: Any, lora: LoraConfig, dtype=None) -> Any:
   return {**params, "layers": {**params["layers"], "block": block}}
 
 
+def _evenly_spaced(leaf: jax.Array, count: int) -> np.ndarray:
+  """Up to `count` evenly spaced values of an array, picked on its devices and replicated before
+  they come to the host (on several hosts, a slice of a sharded array spans other hosts' devices)."""
+  stride = max(1, leaf.size // count)
+  pick = lambda x: jnp.ravel(x)[::stride][:count]  # noqa: E731
+  where = getattr(leaf, "sharding", None)
+  if isinstance(where, jax.sharding.NamedSharding):
+    replicated = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+    return np.asarray(jax.jit(pick, out_shardings=replicated)(leaf))
+  return np.asarray(jax.device_get(pick(leaf)))
+
+
 def fingerprint(params: Any) -> str:
-  """A hash of a parameter tree that tells one base model from another: shapes, and up to 4096
-  values of every array, evenly spaced, rounded to bfloat16 (so a bfloat16 copy of a float32 base
-  is the same base). The values are picked on the device; only they come to the host."""
+  """A hash of a model's blocks (`params["layers"]`, what every recipe's model shares: a reward
+  model has no output head) that tells one base model from another: shapes, and up to 4096 values
+  of every array, evenly spaced, rounded to bfloat16 (so a bfloat16 copy of a float32 base is the
+  same base). The values are picked on the device; only they come to the host."""
   digest = hashlib.sha256()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params.get("layers", params))
   for path, leaf in leaves:
-    flat = jnp.ravel(leaf)
-    stride = max(1, flat.size // 4096)
-    sample = np.asarray(jax.device_get(flat[::stride][:4096]))
+    sample = _evenly_spaced(leaf, 4096)
     if np.issubdtype(sample.dtype, np.floating) or sample.dtype == ml_dtypes.bfloat16:
       sample = sample.astype(np.float32).astype(ml_dtypes.bfloat16)
     digest.update(jax.tree_util.keystr(path).encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -82,17 +83,25 @@ def base_quantization(lora: LoraConfig, cfg: ModelConfig, base: str = "") -> dic
   return out
 
 
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+  """tree[path[0]][path[1]]..., or None where a key is missing."""
+  for k in path:
+    if not isinstance(tree, Mapping) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
 def prepare_base(params: Any, description: dict | None) -> Any:
   """The frozen base as the adapters see it: every weight that `description` names quantized by
-  round-to-nearest on its grid, unless it is quantized already (a quantized checkpoint)."""
+  round-to-nearest on its grid, unless it is quantized already (a quantized checkpoint). A weight
+  the recipe's model does not have (a quantized output head, under a reward model) is skipped."""
   from llama_jax.quantize import rtn
   from llama_jax.quantize.grid import Grid
   for name, d in (description or {}).items():
     path = tuple(name.split("/"))
-    w = params
-    for k in path:
-      w = w[k]
-    if projection.is_quantized(w):
+    w = _lookup(params, path)
+    if w is None or projection.is_quantized(w):
       continue
     grid = Grid(int(d["bits"]), int(d["group_size"]), bool(d["symmetric"]))
     qt = rtn.quantize_weight(w, grid, int(d["n_in"]), n_lead=w.ndim - len(d["shape"]), name=name)
