@@ -270,6 +270,12 @@ def _run_over_int8(tmp_path, params):
 
 def test_a_lora_run_over_a_quantized_base_keeps_it_quantized(tmp_path, params):
   _, attached, loaded = _run_over_int8(tmp_path, params)
+  # Nothing a fine-tuning run can start from (its adapters stay attached to integers): one line.
+  from llama_jax.sharding import ConfigError
+  from llama_jax.train.loop import _check_init_from
+  with pytest.raises(ConfigError, match="is a LoRA run over a quantized base"):
+    _check_init_from(str(tmp_path / "run"), TINY, trains_adapters=False)
+  _check_init_from(str(tmp_path / "base"), TINY, trains_adapters=False)  # the float base is fine
   wq = loaded.params["layers"]["block"]["attention"]["wq"]
   assert isinstance(wq, projection.LoraWeight) and projection.is_quantized(wq.base)
   np.testing.assert_allclose(loaded.logits(TOKENS), _logits(TINY, attached), rtol=1e-5, atol=1e-5)

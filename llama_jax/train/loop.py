@@ -372,6 +372,14 @@ def _check_init_from(path: str, model_cfg: ModelConfig, trains_adapters: bool) -
   if src.quantization and not trains_adapters:
     raise ConfigError(f"init_from {path} is quantized: its integer weights do not train; train LoRA "
                       "adapters over it (config.lora.rank > 0) or start from the float model")
+  if src.kind == "lora":
+    from llama_jax.lora import files
+    lora, info = files.read_info(path)
+    if files.base_quantization(lora, src.config, info.get("base") or ""):
+      # Loaded, its adapters stay attached to integer weights: nothing a run can start from.
+      raise ConfigError(f"init_from {path} is a LoRA run over a quantized base: train new adapters over "
+                        f"that base (init_from {info.get('base') or 'its base'}), or merge the adapters "
+                        "into a float copy of the base first")
 
 
 def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
