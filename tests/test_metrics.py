@@ -64,3 +64,27 @@ def test_step_timer_leaves_out_evaluation_but_keeps_the_steps_before_it():
   timer.count_step()
   timer.count_step()
   assert timer.lap() == pytest.approx(1.0)  # the next window starts where this one ended
+
+
+def test_dpo_and_reward_flops_count_a_frozen_lora_base_at_four_per_weight():
+  # With config.lora the policy's (or backbone's) weights get no gradients: 2 FLOPs a weight less.
+  from configs import dpo_tiny, reward_tiny
+  from llama_jax.align.dpo import DPO
+  from llama_jax.align.reward import RewardRecipe
+  from llama_jax.config import ModelConfig
+  for module, recipe, t, head in ((dpo_tiny, DPO(), 0, False), (reward_tiny, RewardRecipe(), 1, True)):
+    config = module.get_config()
+    cfg = ModelConfig.from_dict(config.model)
+    tokens, full = recipe.throughput(config, cfg)
+    config.lora.rank = 4
+    same_tokens, lora = recipe.throughput(config, cfg)
+    seq = config.seq_len + t
+    saved = metrics.flops_per_token(cfg, seq) - metrics.flops_per_token(cfg, seq, frozen_weights=True)
+    if head:  # a reward model has no output head
+      saved -= 2 * cfg.vocab_size * cfg.dim
+    assert same_tokens == tokens and saved > 0
+    np.testing.assert_allclose(full - lora, saved * tokens, rtol=1e-9)
+  config = dpo_tiny.get_config()
+  cfg = ModelConfig.from_dict(config.model)
+  tokens, full = DPO().throughput(config, cfg)
+  np.testing.assert_allclose(full, metrics.flops_per_token(cfg, config.seq_len) * tokens * 8 / 6, rtol=1e-9)

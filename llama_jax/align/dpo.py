@@ -24,6 +24,7 @@ from llama_jax.align import recipe
 from llama_jax.align.heads import sequence_logps
 from llama_jax.align.losses import DPO_LOSSES, dpo_loss
 from llama_jax.config import ModelConfig
+from llama_jax.lora.training import settings as lora_settings
 from llama_jax.sharding import ConfigError, as_rules
 from llama_jax.train import metrics as metrics_lib
 
@@ -63,7 +64,9 @@ class DPO(recipe.PairsRecipe):
     return total, jnp.sum(valid), sums
 
   def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
-    """2B sequences of T tokens; the policy's forward and backward (6N per token) and the
-    reference's forward (2N): 8/6 of a training step's FLOPs."""
+    """2B sequences of T tokens; the policy's forward and backward (6N per token; LoRA: 4N, no
+    weight gradients) and the reference's forward (2N)."""
     tokens = 2 * config.batch_size * config.seq_len
-    return tokens, metrics_lib.flops_per_token(model_cfg, config.seq_len) * tokens * 8 / 6
+    policy = metrics_lib.flops_per_token(model_cfg, config.seq_len, lora_settings(config) is not None)
+    reference = metrics_lib.flops_per_token(model_cfg, config.seq_len) / 3
+    return tokens, (policy + reference) * tokens

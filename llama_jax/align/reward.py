@@ -32,6 +32,7 @@ from llama_jax.align import recipe
 from llama_jax.align.heads import last_index, reward_params, rewards
 from llama_jax.align.losses import reward_loss
 from llama_jax.config import ModelConfig
+from llama_jax.lora.training import settings as lora_settings
 from llama_jax.tokenizer import Tokenizer, chat
 from llama_jax.train import loop
 from llama_jax.train import metrics as metrics_lib
@@ -56,10 +57,13 @@ class RewardRecipe(recipe.PairsRecipe):
     return sums["rm/loss"], jnp.sum(valid), sums
 
   def throughput(self, config, model_cfg: ModelConfig) -> tuple[int, float]:
-    """2B sequences of T + 1 tokens, forward and backward, without the output head."""
+    """2B sequences of T + 1 tokens, forward and backward, without the output head (LoRA: the
+    frozen backbone's 4 FLOPs a weight, `train.metrics.flops_per_token`)."""
     t = config.seq_len + 1
     tokens = 2 * config.batch_size * t
-    per_token = metrics_lib.flops_per_token(model_cfg, t) - 6.0 * model_cfg.vocab_size * model_cfg.dim
+    frozen = lora_settings(config) is not None
+    head = (4.0 if frozen else 6.0) * model_cfg.vocab_size * model_cfg.dim
+    per_token = metrics_lib.flops_per_token(model_cfg, t, frozen) - head
     return tokens, per_token * tokens
 
 
