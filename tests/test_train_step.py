@@ -196,3 +196,25 @@ def test_adamw_decays_matrices_and_leaves_norm_weights_alone():
   w = params["layers"]["block"]["attention"]["wq"]
   np.testing.assert_allclose(np.asarray(new["layers"]["block"]["attention"]["wq"]),
                              np.asarray(w) * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def test_each_micro_batch_gets_a_draw_of_its_own():
+  # LoRA's dropout key comes from the view's `draw`: micro-batches of one step must not share it.
+  # A view that scales the parameter by (1 + draw) makes the summed gradient tell the draws apart.
+  from llama_jax.train.step import gradient_step
+  params = {"w": jnp.ones((3,))}
+  tx = optax.sgd(0.0)
+  state = TrainState(step=jnp.asarray(5, jnp.int32), params=params, opt_state=tx.init(params),
+                     nonfinite_steps=jnp.zeros((), jnp.int32))
+  view = lambda p, frozen, draw: {"w": p["w"] * (1 + draw)}  # noqa: E731
+  def objective(p, micro):
+    total = jnp.sum(p["w"]) * micro["x"].shape[0]
+    return total, jnp.float32(1), {"loss": total}
+
+  batch = {"x": jnp.ones((4, 2))}
+  for accum in (1, 2):
+    _, metrics, count = gradient_step(state, batch, objective, tx=tx, grad_accum_steps=accum, view=view)
+    draws = [5 * accum + i for i in range(accum)]  # step 5: draws 5; and 10, 11
+    rows = 4 // accum
+    expected = sum((1 + d) * rows for d in draws) / accum  # summed over micro-batches, over the count
+    np.testing.assert_allclose(metrics["train/grad_norm"], expected * np.sqrt(3), rtol=1e-6)

@@ -58,13 +58,13 @@ class Adapters:
     heads = {k: v for k, v in params.items() if k != "layers"}  # the adapters are under "layers"
     return {**adapters_lib.attach(frozen, params, self.lora, key), **heads}
 
-  def view(self, params: Any, frozen: Any, step: jax.Array) -> Any:
-    """What the loss applies the model to at `step`: the base with the adapters attached (and the
-    recipe's heads), with a fresh dropout key each step (a function of the seed and the step, so a
-    resumed run draws the same masks)."""
+  def view(self, params: Any, frozen: Any, draw: jax.Array) -> Any:
+    """What the loss applies the model to: the base with the adapters attached (and the recipe's
+    heads), with a dropout key of its own for each `draw` (a step's micro-batch: a function of the
+    seed, the step and the micro-batch, so a resumed run draws the same masks)."""
     key = None
     if self.lora.dropout:
-      key = jax.random.fold_in(jax.random.key(self.seed ^ 0x10A), step)
+      key = jax.random.fold_in(jax.random.key(self.seed ^ 0x10A), draw)
     return self._attached(params, frozen, key)
 
   def eval_view(self, params: Any, frozen: Any) -> Any:

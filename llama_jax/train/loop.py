@@ -185,9 +185,9 @@ class Training:
 
   @property
   def view(self) -> Callable | None:
-    """For `train.step.gradient_step`: (params, frozen, step) -> what the model is applied to (LoRA:
-    the frozen base with the adapters attached, their dropout keyed by the step); None where
-    `params` is the model."""
+    """For `train.step.gradient_step`: (params, frozen, draw) -> what the model is applied to (LoRA:
+    the frozen base with the adapters attached, their dropout keyed by the step's micro-batch);
+    None where `params` is the model."""
     return None if self.adapters is None else self.adapters.view
 
   def model_params(self, state: TrainState) -> Any:

@@ -55,16 +55,17 @@ def gradient_step(state: TrainState, batch: dict, objective, *, tx: optax.Gradie
   the one-batch update exactly). Every recipe's step is this with its own objective: the LM's
   counts tokens, DPO's and the reward model's count pairs, PPO's response tokens.
 
-  `view(params, frozen, step)`, where given (`train.loop.Training.view`), is what the objective is
-  applied to (LoRA: the frozen base with the trained adapters attached); gradients are taken with
-  respect to `state.params` only.
+  `view(params, frozen, draw)`, where given (`train.loop.Training.view`), is what the objective is
+  applied to (LoRA: the frozen base with the trained adapters attached, its dropout keyed by
+  `draw`, one per micro-batch of each step); gradients are taken with respect to `state.params`
+  only.
 
   Returns (state, metrics, count): each summed metric divided by the count, `train/grad_norm` and
   `train/lr`."""
-  def micro_grads(micro):
+  def micro_grads(micro, index=0):
     def value(params):
-      if view is not None:
-        params = view(params, state.frozen, state.step)
+      if view is not None:  # a draw of its own for each micro-batch (LoRA's dropout masks)
+        params = view(params, state.frozen, state.step * grad_accum_steps + index)
       total, count, sums = objective(params, micro)
       return total, (count, sums)
     (_, (count, sums)), grads = jax.value_and_grad(value, has_aux=True)(state.params)
@@ -81,12 +82,13 @@ def gradient_step(state: TrainState, batch: dict, objective, *, tx: optax.Gradie
             (None, BATCH) + (LENGTH,) * (x.ndim - 1)),
         batch)
 
-    def accumulate(carry, mb):
-      return jax.tree.map(jnp.add, carry, micro_grads(mb)), None
+    def accumulate(carry, indexed):
+      index, mb = indexed
+      return jax.tree.map(jnp.add, carry, micro_grads(mb, index)), None
 
     shapes = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, count, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+    (grads, count, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
 
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
