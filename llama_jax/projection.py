@@ -13,10 +13,12 @@ the model, the engine and the checkpoints need to carry and apply them. A stacke
 pytree has a leading layers axis on every array leaf; `nn.scan` and the engine slice it like any
 other parameter.
 
-The quantized matmul never makes a full-precision copy of the model: for a few tokens (decoding)
-each group's partial product is taken straight from the integers and scaled afterwards (XLA fuses
-the int-to-float conversion into the dot's operand); for many tokens (prefill, training) one
-projection's weight is dequantized for its matmul and dropped after it.
+The quantized matmul never makes a full-precision copy of the model. Each group's partial product
+is taken from the integers converted to the compute dtype and scaled afterwards (always for int8's
+one group per output channel, and for int4 at few rows); for int4 over many rows (on a GPU from
+2, on the CPU past a group's width) one projection's weight is dequantized for its matmul and
+dropped after it. The conversion is a fusion of XLA's own, not part of the matmul kernel: quantized
+weights save memory, and on a GPU they are not faster than bf16 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -212,11 +214,13 @@ def concatenate(weights: list, axis: int) -> Any:
 # --- the matmul
 
 def _pins_conversion() -> bool:
-  """Whether the int-to-float conversion must be tied to its use (`signed_groups`' `after`). XLA's
-  CPU backend hoists a loop-invariant conversion out of the decode loop, making a full-precision
-  copy of the model; the GPU backend does not (measured on an H200, benchmarks/quantized_matmul.py:
-  the same peak memory with and without), and there the tie costs 1.7x at one row and 2.2x at 16
-  (int8: it keeps the conversion out of the dot's fusion)."""
+  """Whether the conversion of the per-group products' integers must be tied to its use
+  (`signed_groups`' `after`). XLA's CPU backend hoists a loop-invariant conversion out of the decode
+  loop, making a full-precision copy of the model; the GPU backend did not (measured on an H200,
+  benchmarks/quantized_matmul.py: the same peak memory with and without), and there the tie costs
+  1.7x at one row and 2.2x at 16 (int8: it keeps the conversion out of the dot's fusion). The
+  whole-weight dequantization of `_quantized_matmul`'s many-rows branch stays tied everywhere
+  (measured that way; untied, a GPU's hoisting was not checked)."""
   return jax.default_backend() == "cpu"
 
 

@@ -54,7 +54,8 @@ def base_path(workdir: str) -> str:
   _, info = read_info(workdir)
   if not info.get("base"):
     raise ValueError(f"{workdir}: the adapters' base model was a random initialisation (the run had "
-                     "no init_from): name a base with --base")
+                     "no init_from), which the workdir does not hold: merge them into a saved base with "
+                     "`python -m llama_jax.convert --input RUN --merge_lora --base BASE --output DIR`")
   return info["base"]
 
 
