@@ -39,8 +39,8 @@ def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = 
                       steps=decode_steps, max_steps=max_decode_steps, prefill_tokens=prefill_tokens,
                       min_attend=min_attend, mesh=model.mesh, rules=model.rules)
   if warmup:
-    log.info("compiling %d prompt buckets, %d batched prefills and %d decode calls",
-             len(engine.prompt_buckets), len(engine.prefill_shapes), len(engine.generate_shapes))
+    log.info("compiling %d batched prefills (%d prompt buckets) and %d decode calls",
+             len(engine.prefill_shapes), len(engine.prompt_buckets), len(engine.generate_shapes))
     engine.warmup()
   scheduler = Scheduler(engine, model.tokenizer, model.tokenizer.eos_ids).start()
   app = create_app(scheduler, model.tokenizer, model_name=model_name, max_len=engine.cache_len,
