@@ -2,7 +2,9 @@
 
   python benchmarks/quantized_matmul.py [--rows 1,16] [--steps 50]
 
-A decode step of the TinyLlama-1.1B shape without attention: 22 layers of x @ wqkv (2048 x 2560),
+Also the same weights stored transposed, (out, in) (`*_transposed`): a one-row product is then a
+row reduction over contiguous inputs, where (in, out) makes it a column reduction. A decode step of
+the TinyLlama-1.1B shape without attention: 22 layers of x @ wqkv (2048 x 2560),
 @ wo (2048 x 2048), @ w13 (2048 x 11264), @ w2 (5632 x 2048), `steps` times inside one jitted
 `fori_loop` (the weights are loop-invariant there, as in the engine's decode loop: a formulation
 whose dequantization XLA hoists out of the loop shows as a peak memory of the bf16 weights).
@@ -44,6 +46,11 @@ def make_weights(kind: str, n_layers: int, seed: int = 0):
       w = jax.random.normal(jax.random.key(seed * 1000 + i * 10 + j), shape, jnp.float32) * 0.02
       if kind == "bf16":
         layer[name] = w.astype(jnp.bfloat16)
+      elif kind == "bf16_t":  # (out, in): each output a dot over contiguous inputs
+        layer[name] = w.T.astype(jnp.bfloat16)
+      elif kind == "int8_t":  # int8 per output channel, stored (out, in), scales (out,)
+        scale = jnp.max(jnp.abs(w), axis=0) / 127
+        layer[name] = (jnp.round(w / scale).astype(jnp.int8).T, scale.astype(jnp.float16))
       else:
         grid = Grid(8, 0) if kind == "int8" else Grid(4, 128)
         layer[name] = jax.jit(lambda w: quantize_weight(w, grid, 1, name=name))(w)
@@ -91,8 +98,21 @@ def dequantize_then_dot(x, qt):
   return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
+def transposed(x, w):
+  return jnp.einsum("MK,OK->MO", x, w, preferred_element_type=jnp.float32)
+
+
+def int8_transposed(x, w):
+  """Integers (out, in) converted in the dot's operand, the per-channel scale applied after."""
+  q, scale = w
+  y = jnp.einsum("MK,OK->MO", x, q.astype(x.dtype), preferred_element_type=jnp.float32)
+  return y * scale.astype(jnp.float32)
+
+
 FORMULATIONS = {
     "bf16": ("bf16", plain),
+    "bf16_transposed": ("bf16_t", transposed),
+    "int8_transposed": ("int8_t", int8_transposed),
     "int8_current": ("int8", current),
     "int8_no_after": ("int8", current_no_after),
     "int8_multiply_reduce": ("int8", multiply_reduce),
@@ -112,7 +132,8 @@ def main() -> None:
   p.add_argument("--layers", type=int, default=LAYERS)
   p.add_argument("--only", default="", help="comma-separated formulation names")
   args = p.parse_args()
-  weights = {k: make_weights(k, args.layers) for k in ("bf16", "int8", "int4")}
+  kinds = {FORMULATIONS[n][0] for n in (args.only.split(",") if args.only else FORMULATIONS)}
+  weights = {k: make_weights(k, args.layers) for k in sorted(kinds)}
   names = args.only.split(",") if args.only else list(FORMULATIONS)
   for rows in map(int, args.rows.split(",")):
     x0 = jax.random.normal(jax.random.key(1), (rows, 2048), jnp.float32).astype(jnp.bfloat16)
