@@ -95,6 +95,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_writes_metrics_checkpoint_and_tensorboard(corpus, tmp_path):
   config = write_config(tmp_path / "cfg.py", corpus, eval_every=6, num_steps=12)
   code, out, err = run_train(config, tmp_path / "run")
