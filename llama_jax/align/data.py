@@ -217,12 +217,8 @@ class Batcher(Packer):
     batch = {f: np.zeros((self.rows, self.length), np.float32) if f.endswith("_mask")
              else np.full((self.rows, self.length), self.pad_id, np.int32) for f in self.fields}
     for r in range(self.rows):
-      item = self.mixture.next_window()
+      item = self._next_window("usable records")
       if item is None:
-        if not self.mixture.rows.any():
-          raise DataError("no usable records in any source of this split (for this process): "
-                          + ", ".join(self.mixture.names))
-        self.finished = True
         if r == 0:
           return None
         break

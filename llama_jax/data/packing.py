@@ -40,6 +40,17 @@ class Packer:
   def source_tokens(self) -> dict[str, int]:
     return {n: int(t) for n, t in zip(self.mixture.names, self.emitted)}
 
+  def _next_window(self, what: str):
+    """The mixture's next window, or None where every source has ended (the packer is then
+    finished); an error where no source ever gave one (`what`: what the sources hold)."""
+    item = self.mixture.next_window()
+    if item is None:
+      if not self.mixture.rows.any():
+        raise DataError(f"no {what} in any source of this split (for this process): "
+                        + ", ".join(self.mixture.names))
+      self.finished = True
+    return item
+
   def next_batch(self) -> dict[str, np.ndarray] | None:
     """The next batch, or None when the sources are exhausted. The last batch is completed with
     padding rows (loss_mask 0), so no token is dropped."""
@@ -50,12 +61,8 @@ class Packer:
     piece = np.full((self.rows, length), -1, np.int32)
     counted = np.zeros((self.rows, length), bool)
     for r in range(self.rows):
-      item = self.mixture.next_window()
+      item = self._next_window("documents")
       if item is None:
-        if not self.mixture.rows.any():
-          raise DataError("no documents in any source of this split (for this process): "
-                          + ", ".join(self.mixture.names))
-        self.finished = True
         if r == 0:
           return None
         break
