@@ -147,14 +147,12 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
   params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
   if os.path.isfile(os.path.join(str(path), checkpoint.LORA)):
     params, cfg = _lora_reward_params(str(path), params_dir, mesh, rules)
-    if config_overrides:
-      cfg = cfg.replace(**config_overrides)
-    return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
-  keys = checkpoint.saved_keys(params_dir)
-  if keys is not None and "score" not in keys:
-    raise ValueError(f"{path}: not a reward model (a backbone with a 'score' head); its parameters: "
-                     f"{', '.join(keys)}")
-  params = checkpoint.restore_tree(params_dir, abstract_reward_params(cfg, mesh, rules))
+  else:
+    keys = checkpoint.saved_keys(params_dir)
+    if keys is not None and "score" not in keys:
+      raise ValueError(f"{path}: not a reward model (a backbone with a 'score' head); its parameters: "
+                       f"{', '.join(keys)}")
+    params = checkpoint.restore_tree(params_dir, abstract_reward_params(cfg, mesh, rules))
   if config_overrides:
     cfg = cfg.replace(**config_overrides)
   return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
