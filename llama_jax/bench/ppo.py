@@ -13,6 +13,7 @@ the recipe applies it), and causal attention.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import flax.linen as nn
@@ -27,6 +28,11 @@ from llama_jax.align.recipe import frozen_copy
 from llama_jax.bench.common import device_info, profiled
 from llama_jax.config import ModelConfig
 from llama_jax.train import loop, metrics
+
+
+def _progress(stage: str, t0: float) -> None:
+  """A stage's end on stderr: on a 1.1B model each stage's compilation takes a minute or more."""
+  print(f"bench ppo: {stage} done at {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _timed(fn, repeats: int):
@@ -54,6 +60,7 @@ def bench_ppo(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
   run = loop.make_training(config, model_cfg, mesh, params_fn=policy_params)
   b, length = config.batch_size * p.group_size, p.prompt_len + p.max_new_tokens
   rows = b // p.minibatches
+  start = time.perf_counter()
   with sharding.activation_rules(mesh, rules):
     state = run.init(jax.random.key(0))
     rm_params = jax.jit(lambda rng: nn.unbox(reward_params(model_cfg, rng)))(jax.random.key(1))
@@ -68,11 +75,13 @@ def bench_ppo(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
     step = jnp.zeros((), jnp.int32)
     generated, rollout_s = _timed(lambda: rollout.generate(state.params, batch["prompt"], batch["prompt_mask"],
                                                            step, greedy=False), steps)
+    _progress("rollout", start)
     made = int(np.asarray(generated[3]).min())
     if made != p.max_new_tokens:
       raise RuntimeError(f"rows made {made} tokens, not {p.max_new_tokens}")
     (experience, _, _), score_s = _timed(lambda: rollout.experience(state.params, frozen, *generated,
                                                                     greedy=False), steps)
+    _progress("scoring", start)
     order = jnp.arange(rows)
     state, _ = rollout.update(state, experience, order)  # compilation
     jax.block_until_ready(state)
@@ -81,8 +90,10 @@ def bench_ppo(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
       state, m = rollout.update(state, experience, order)
     jax.block_until_ready(m)
     update_s = (time.perf_counter() - t0) / steps
+    _progress("update", start)
     state, m = rollout.step(state, batch)  # compilation of what is left
     jax.block_until_ready(m)
+    _progress("first whole step", start)
     with profiled(profile_dir):
       t0 = time.perf_counter()
       for _ in range(steps):
