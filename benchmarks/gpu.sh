@@ -8,6 +8,8 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
+#   serveprofile  the same at 16 and 64 clients with the scheduler's counters and a kernel summary
+#              of the server at 64 clients
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
@@ -74,6 +76,10 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
   done ;;
 serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients beside static batches
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;
+serveprofile)  # 16 and 64 clients, the scheduler's counters, and a trace of the server at 64 clients
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load --clients 16,64 --profile_dir /tmp/sp 2>&1 \
+    | tee $OUT/serve_load.txt | tail -16
+  python3 benchmarks/profile_summary.py /tmp/sp --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_serve.txt | head -40 ;;
 hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
   cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;

@@ -35,12 +35,18 @@ def main():
   path = sorted(glob.glob(f"{args.dir}/**/*.xplane.pb", recursive=True))[-1]
   data = ProfileData.from_file(path)
   by_op, by_kind, count = collections.Counter(), collections.Counter(), collections.Counter()
+  by_module, module_count = collections.Counter(), collections.Counter()
   first, last = None, None
   for plane in data.planes:
     if not re.match(r"/device:GPU:\d+", plane.name):
       continue
     print(f"{plane.name}: lines {[line.name for line in plane.lines]}")
     for line in plane.lines:
+      if "module" in line.name.lower():  # one event per program run: which programs take the time
+        for ev in line.events:
+          name = re.sub(r"\(\d+\)$", "", ev.name)
+          by_module[name] += ev.duration_ns
+          module_count[name] += 1
       if "xla ops" in line.name.lower() or "module" in line.name.lower() or "step" in line.name.lower():
         continue  # summary lines that repeat the kernels' time
       for ev in line.events:
@@ -59,6 +65,10 @@ def main():
         f"({100 * total / max(span, 1):.0f}% busy); {sum(count.values())} kernels")
   for k, v in by_kind.most_common():
     print(f"  {k:28s} {v / 1e6:10.1f} ms {100 * v / total:5.1f}%")
+  if by_module:
+    print("programs (XLA modules, wall time on the device):")
+    for name, v in by_module.most_common(12):
+      print(f"  {name[:70]:70s} {v / 1e6:9.1f} ms x{module_count[name]}")
   print(f"top {args.top} ops:")
   for op, v in by_op.most_common(args.top):
     print(f"  {op[:70]:70s} {v / 1e6:9.2f} ms x{count[op]}")

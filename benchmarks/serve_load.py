@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--temperature", type=float, default=0.0, help="both sides; 0: greedy")
   p.add_argument("--workdir", default="/tmp/serve_load")
   p.add_argument("--stage", choices=("all", "static"), default="all", help=argparse.SUPPRESS)
+  p.add_argument("--profile_dir", default="", help="a jax.profiler trace of the server during the level "
+                 "of --profile_clients clients (the server's /start_profile and /stop_profile)")
+  p.add_argument("--profile_clients", type=int, default=64)
   p.add_argument("--server_timeout", type=float, default=900, help="seconds to wait for the server's warmup")
   return p.parse_args(argv)
 
@@ -158,7 +161,7 @@ def start_server(args, port: int) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "llama_jax.serve", "--checkpoint", os.path.join(args.workdir, "model"),
          "--port", str(port), "--max_batch", str(max(levels(args))), "--max_len", str(args.max_len),
          "--decode_steps", str(args.decode_steps), "--warmup", "--model_name", "bench",
-         "--log_level", "warning"]
+         "--log_level", "warning"] + (["--profile_dir", args.profile_dir] if args.profile_dir else [])
   return subprocess.Popen(cmd, cwd=REPO, stdout=sys.stderr)  # stdout: the table only
 
 
@@ -240,6 +243,26 @@ def steady_rate(results: list[dict], start: float, last_sent: float) -> float:
   return made / max(last_sent - start, 1e-9)
 
 
+WORK = ("decode_calls", "decode_steps", "live_slot_steps", "row_steps", "attend_steps", "prefill_calls",
+        "prefill_tokens_padded", "prompt_tokens", "round_s", "device_wait_s")
+
+
+def engine_work(before: dict, after: dict, seconds: float) -> dict:
+  """What the scheduler did during a level (its /health counters' differences): steps per decode
+  call, the share of computed rows that were live slots, the mean attention window, prefill calls
+  and padding, and how the scheduler thread's time split: blocked on the device, working, idle."""
+  d = {k: after[k] - before[k] for k in WORK}
+  calls, steps = max(d["decode_calls"], 1), max(d["decode_steps"], 1)
+  wait, busy = d["device_wait_s"], d["round_s"] - d["device_wait_s"]
+  return {"decode_calls": d["decode_calls"], "steps_per_call": round(d["decode_steps"] / calls, 2),
+          "live_rows_share": round(d["live_slot_steps"] / max(d["row_steps"], 1), 3),
+          "mean_rows": round(d["row_steps"] / steps, 1), "mean_window": round(d["attend_steps"] / steps, 1),
+          "prefill_calls": d["prefill_calls"], "prompt_tokens": d["prompt_tokens"],
+          "prefill_padding": round(d["prefill_tokens_padded"] / max(d["prompt_tokens"], 1), 3),
+          "host_wait_share": round(wait / seconds, 3), "host_work_share": round(busy / seconds, 3),
+          "ms_per_decode_call": round(1000 * seconds / calls, 2)}
+
+
 def token_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
   rng = np.random.default_rng(seed)
   return [[1] + rng.integers(3, vocab, n - 1).tolist() for n in lengths]
@@ -258,6 +281,7 @@ def main(argv=None) -> int:
   result = json.loads(child.stdout.strip().splitlines()[-1])
   with open(os.path.join(args.workdir, "model", "model_config.json")) as f:
     vocab = json.load(f)["vocab_size"]
+  import httpx
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   server = start_server(args, port)
@@ -268,7 +292,14 @@ def main(argv=None) -> int:
     rows = []
     for clients in levels(args):
       p, a = mix(args, requests_for(args, clients), seed=clients)
+      profile = args.profile_dir and clients == args.profile_clients
+      if profile:
+        httpx.post(url + "/start_profile", timeout=60).raise_for_status()
+      before = httpx.get(url + "/health", timeout=10).json()
       row = asyncio.run(load_level(url, clients, token_prompts(p, vocab, clients), a, args.temperature))
+      row["engine"] = engine_work(before, httpx.get(url + "/health", timeout=10).json(), row["seconds"])
+      if profile:
+        httpx.post(url + "/stop_profile", timeout=300).raise_for_status()
       row["static_tokens_per_s"] = result[f"static_{clients}_tokens_per_s"]
       row["vs_static"] = round(row["tokens_per_s"] / row["static_tokens_per_s"], 3)
       row["steady_vs_static"] = round(row["steady_tokens_per_s"] / row["static_tokens_per_s"], 3)
@@ -286,6 +317,9 @@ def main(argv=None) -> int:
     print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:,.0f} | "
           f"{r['steady_tokens_per_s']:,.0f} | {r['ttft_p50_ms']:,.1f} | {r['ttft_p99_ms']:,.1f} | "
           f"{r['static_tokens_per_s']:,.0f} | {r['vs_static']:.2f} | {r['steady_vs_static']:.2f} |")
+  print("\nthe scheduler during each level (engine_work):")
+  for r in rows:
+    print(f"  {r['clients']} clients: {json.dumps(r['engine'])}")
   goal = [r for r in rows if r["clients"] == 64]
   if goal:
     print(f"\ngoal (64 clients >= 0.70 of the static batch): all {goal[0]['vs_static']:.2f}, "

@@ -40,7 +40,9 @@ length), and once more for all slots with the most likely alternatives of each t
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -291,11 +293,15 @@ class SlotEngine:
   def init(self) -> Slots:
     return init_slots(self.cfg, max_batch=self.max_batch, cache_len=self.cache_len, **self._static)
 
+  def prompt_bucket(self, n: int) -> int:
+    """The padded length a prompt of n tokens is prefilled at."""
+    return bucket(n, MIN_PROMPT_BUCKET, self.cache_len)
+
   def _prompt_array(self, prompt: list[int]) -> tuple[np.ndarray, int]:
     n = len(prompt)
     if not 0 < n <= self.cache_len:
       raise ValueError(f"a prompt of {n} tokens does not fit the cache of {self.cache_len}")
-    tokens = np.zeros((bucket(n, MIN_PROMPT_BUCKET, self.cache_len),), np.int32)
+    tokens = np.zeros((self.prompt_bucket(n),), np.int32)
     tokens[:n] = prompt
     return tokens, n
 
@@ -341,12 +347,19 @@ class SlotEngine:
     (`split`). Returns the state and, per call, which of the prompts (indices into the lists) its
     rows hold, in order, beside the first tokens it drew (`Step`, one row per prompt then padding).
     A seed is any int (its low 32 bits count, as `row_key`'s); sampling settings are checked."""
+    calls = []
+    for chosen, args in self._prefill_calls(prompts, seeds, sampling, slots):
+      state, drawn = prefill_insert(self.cfg, self.params, state, *args, **self._static)
+      calls.append((chosen, drawn))
+    return state, calls
+
+  def _prefill_calls(self, prompts, seeds, sampling, slots):
+    """(which prompts, prefill_insert's arguments after the state) of each batched prefill call."""
     SamplingParams.stack(sampling)
     arrays = [self._prompt_array(p) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, (tokens, _) in enumerate(arrays):
       groups.setdefault(tokens.shape[0], []).append(i)
-    calls = []
     for p, members in groups.items():
       for r in self.split(len(members), p):
         chosen, members = members[:r], members[r:]
@@ -358,10 +371,7 @@ class SlotEngine:
         where = np.asarray([slots[i] for i in chosen] + [self.max_batch] * pad, np.int32)
         row_seeds = np.asarray([seeds[i] & 0xFFFFFFFF for i in chosen] + [0] * pad, np.uint32)
         settings = SamplingParams.stack([sampling[i] for i in chosen] + [(0.0, 0, 1.0)] * pad)
-        state, drawn = prefill_insert(self.cfg, self.params, state, tokens, lengths, where, row_seeds,
-                                      settings, **self._static)
-        calls.append((chosen, drawn))
-    return state, calls
+        yield chosen, (tokens, lengths, where, row_seeds, settings)
 
   # --- decode
 
@@ -406,22 +416,43 @@ class SlotEngine:
     whole cache); the call reads the smallest window that covers it. Returns `max_steps` tokens per
     row, of which the first `steps` were drawn. Alternatives (`top_logprobs`) are compiled for all
     slots and the whole cache only: light load with logprobs runs every slot."""
+    count, options = self._generate_args(rows, top_logprobs, steps, need)
+    return generate(self.cfg, self.params, state, count, **options)
+
+  def _generate_args(self, rows, top_logprobs, steps, need) -> tuple[np.ndarray, dict]:
+    """(count, the static options) of `generate`'s call."""
     steps = steps or self.steps
     if not 0 < steps <= self.max_steps:
       raise ValueError(f"steps must be in [1, {self.max_steps}], got {steps}")
     rows = self.max_batch if top_logprobs or rows is None else rows
-    attend = self.cache_len
-    if need is not None and not top_logprobs and self.windowed(rows):
-      attend = next(a for a in self.attend_buckets if a >= min(need, self.cache_len))
-    return generate(self.cfg, self.params, state, np.int32(steps), steps=self.max_steps, rows=rows,
-                    attend=attend, top_logprobs=top_logprobs, **self._static)
+    return np.int32(steps), dict(steps=self.max_steps, rows=rows, attend=self.attend_for(rows, top_logprobs, need),
+                                 top_logprobs=top_logprobs, **self._static)
 
-  def warmup(self) -> None:
+  def attend_for(self, rows: int, top_logprobs: int, need: int | None) -> int:
+    """The attention window a `generate` call of `rows` slots reads for `need` positions."""
+    if need is None or top_logprobs or not self.windowed(rows):
+      return self.cache_len
+    return next(a for a in self.attend_buckets if a >= min(need, self.cache_len))
+
+  def warmup(self, threads: int | None = None) -> None:
     """Compiles what a request's way through the server can take: every batched prefill shape
     and every generate variant (each row bucket and window, and all rows with alternatives), so no
     request waits for a compilation. (The one-prompt `prefill` and `insert`, which the server does
-    not use, compile when first called.) Its state is thrown away."""
+    not use, compile when first called.) XLA compiles `threads` programs at a time (default: up to
+    8, one per CPU): a program's tracing holds the GIL, its compilation and autotuning do not. The
+    compiled programs are the ones later calls use (same arguments: `jit`'s cache is shared
+    between `lower().compile()` and calls); each is then called once, and its state thrown away."""
     state = self.init()
+    programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, *args, **self._static)
+                for r, p in self.prefill_shapes
+                for _, args in self._prefill_calls([[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)]
+    for rows, attend, top in self.generate_shapes:
+      count, options = self._generate_args(rows, top, None, attend)
+      programs.append(functools.partial(generate.lower, self.cfg, self.params, state, count, **options))
+    threads = threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama_jax-warmup") as pool:
+      for compiled in pool.map(lambda lower: lower().compile(), programs):
+        del compiled
     for r, p in self.prefill_shapes:
       state, _ = self.prefill_into(state, [[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)
     for rows, attend, top in self.generate_shapes:

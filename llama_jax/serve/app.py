@@ -255,8 +255,11 @@ def _stream(run: _Run, chunks: Callable[[int, Output], list[dict]], head: list[d
 
 def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int, vocab_size: int,
                encode_chat: Callable[[list[dict]], list[int]], api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, created: int | None = None) -> Any:
-  """The ASGI app. `encode_chat(messages) -> ids` renders a conversation's generation prompt."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, created: int | None = None,
+               profile_dir: str | None = None) -> Any:
+  """The ASGI app. `encode_chat(messages) -> ids` renders a conversation's generation prompt.
+  With `profile_dir`, `POST /start_profile` and `POST /stop_profile` bracket a jax.profiler trace
+  written there (vLLM's endpoints of the same names): a loaded server's kernels and gaps."""
   server = Server(scheduler, tokenizer, model_name, max_len, encode_chat, vocab_size,
                   created or P.now())
   app = FastAPI(title="llama_jax", docs_url=None, redoc_url=None, openapi_url=None)
@@ -283,6 +286,25 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
   @app.get("/health")
   async def health():
     return {"status": "ok", **scheduler.stats()}
+
+  if profile_dir:
+    import jax
+
+    @app.post("/start_profile")
+    async def start_profile():
+      try:
+        jax.profiler.start_trace(profile_dir)
+      except RuntimeError as e:  # one already running
+        raise P.InvalidRequest(str(e)) from None
+      return {"profiling": profile_dir}
+
+    @app.post("/stop_profile")
+    async def stop_profile():
+      try:
+        jax.profiler.stop_trace()
+      except RuntimeError as e:  # none running
+        raise P.InvalidRequest(str(e)) from None
+      return {"written": profile_dir}
 
   @app.get("/v1/models")
   async def models():

@@ -31,6 +31,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -147,6 +148,13 @@ class Scheduler:
     self._stopping = False
     self._changed = threading.Condition()
     self._counts = dict(admitted=0, finished=0, cancelled=0, cancel_calls=0, errors=0)
+    # Where the engine's time goes, for /health and the load benchmark: decode calls, their steps,
+    # live slots x steps against the row bucket's rows x steps (the rest computes idle slots), the
+    # attention window read; batched prefill calls and their padded tokens against the prompts'
+    # own; the seconds the scheduler's thread spent in rounds and, inside them, blocked on the device.
+    self._work = dict(decode_calls=0, decode_steps=0, live_slot_steps=0, row_steps=0, attend_steps=0,
+                      prefill_calls=0, prefill_tokens_padded=0, prompt_tokens=0, round_s=0.0,
+                      device_wait_s=0.0)
     self._thread = threading.Thread(target=self._loop, name="llama_jax-scheduler", daemon=True)
 
   # --- any thread
@@ -185,7 +193,7 @@ class Scheduler:
     with self._changed:
       live = sum(o is not None for o in self._owners)
       return dict(self._counts, live=live, waiting=len(self._waiting) + self._inbox.qsize(),
-                  slots=len(self._owners))
+                  slots=len(self._owners), **{k: round(v, 4) for k, v in self._work.items()})
 
   def wait_until(self, predicate: Callable[[dict], bool], timeout: float | None = None) -> bool:
     """Blocks until predicate(stats()) holds (or the timeout passes); its value."""
@@ -205,7 +213,9 @@ class Scheduler:
       if self._stopping:
         break
       try:
+        start = time.perf_counter()
         self._round()
+        self._work["round_s"] += time.perf_counter() - start
       except Exception as e:  # pylint: disable=broad-except
         # A failed device call (out of memory, a bug): every request in flight gets an error,
         # the slots start over, and the server goes on serving.
@@ -254,6 +264,12 @@ class Scheduler:
       rows = self.engine.rows_for(live[-1][0] + 1)
       self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k, steps=steps,
                                                need=need)
+      w = self._work
+      w["decode_calls"] += 1
+      w["decode_steps"] += steps
+      w["live_slot_steps"] += steps * len(live)
+      w["row_steps"] += steps * (self.engine.max_batch if k else rows)
+      w["attend_steps"] += steps * self.engine.attend_for(rows, k, need)
       for _, o in live:
         o.dispatched += steps
       _fetch_early(step)
@@ -307,7 +323,11 @@ class Scheduler:
     self._state, calls = self.engine.prefill_into(
         self._state, [r.prompt for r in requests], seeds,
         [(r.temperature, r.top_k, r.top_p) for r in requests], [live.slot for live in admitted])
+    self._work["prefill_calls"] += len(calls)
+    self._work["prompt_tokens"] += sum(len(r.prompt) for r in requests)
     for chosen, drawn in calls:
+      rows = drawn.tokens.shape[0]
+      self._work["prefill_tokens_padded"] += rows * self.engine.prompt_bucket(len(requests[chosen[0]].prompt))
       _fetch_early(drawn)
       self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)], drawn, 1))
     self._bump("admitted", len(admitted))
@@ -320,7 +340,9 @@ class Scheduler:
     rows = [(r, live) for r, live in rows if not live.done]
     if not rows:
       return
+    start = time.perf_counter()
     tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)  # waits for the device
+    self._work["device_wait_s"] += time.perf_counter() - start
     top = None
     if drawn.top_tokens is not None and any(live.request.logprobs for _, live in rows):
       top = np.asarray(drawn.top_tokens), np.asarray(drawn.top_logprobs)

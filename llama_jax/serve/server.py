@@ -29,10 +29,11 @@ def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = 
           decode_steps: int = 8, max_decode_steps: int | None = None, prefill_tokens: int = 4096,
           api_key: str | None = None, warmup: bool = False,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template=None,
-          min_attend: int = MIN_ATTEND) -> Served:
+          min_attend: int = MIN_ATTEND, profile_dir: str | None = None) -> Served:
   """A `llama_jax.Model` (with a tokenizer) -> its engine, a running scheduler and the app. The
   engine runs where the model's parameters lie (`model.mesh`, `model.rules`). `min_attend` is the
-  shortest attention window compiled (tests of tiny contexts lower it)."""
+  shortest attention window compiled (tests of tiny contexts lower it); `profile_dir` adds the
+  profiling endpoints (`create_app`)."""
   if model.tokenizer is None:
     raise ValueError("serving needs a tokenizer; the checkpoint has none (pass --tokenizer)")
   engine = SlotEngine(model.config, model.params, max_batch=max_batch, cache_len=max_len,
@@ -46,7 +47,7 @@ def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = 
   app = create_app(scheduler, model.tokenizer, model_name=model_name, max_len=engine.cache_len,
                    vocab_size=model.config.vocab_size,
                    encode_chat=chat_encoder(model.tokenizer, chat_template), api_key=api_key,
-                   max_body_bytes=max_body_bytes)
+                   max_body_bytes=max_body_bytes, profile_dir=profile_dir)
   return Served(app, scheduler, engine)
 
 
