@@ -291,7 +291,12 @@ class SlotEngine:
     return sizes
 
   def init(self) -> Slots:
-    return init_slots(self.cfg, max_batch=self.max_batch, cache_len=self.cache_len, **self._static)
+    """Empty slots, committed to their devices: a jitted call's outputs are committed (the
+    parameters are), and `jit` compiles once for uncommitted and once more for committed arguments
+    of the same shapes, so a state that starts uncommitted makes every call after the first
+    compile again (what warmup compiled would then not be what serving runs)."""
+    state = init_slots(self.cfg, max_batch=self.max_batch, cache_len=self.cache_len, **self._static)
+    return jax.device_put(state, jax.tree.map(lambda a: a.sharding, state))
 
   def prompt_bucket(self, n: int) -> int:
     """The padded length a prompt of n tokens is prefilled at."""
