@@ -10,6 +10,8 @@
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
 #   serveprofile  the same at 16 and 64 clients with the scheduler's counters and a kernel summary
 #              of the server at 64 clients
+#   dispatch   a server decode call: time to return against time to finish (benchmarks/serve_dispatch.py),
+#              beside the static batch's decode at 64 rows
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   decode1    the decode table on the first GPU of a several-GPU machine
@@ -80,6 +82,9 @@ serveprofile)  # 16 and 64 clients, the scheduler's counters, and a trace of the
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load --clients 16,64 --profile_dir /tmp/sp 2>&1 \
     | tee $OUT/serve_load.txt | tail -16
   python3 benchmarks/profile_summary.py /tmp/sp --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_serve.txt | head -40 ;;
+dispatch)  # whether a server decode call returns before the device is done; ms/step by window at 64 rows
+  python3 benchmarks/serve_dispatch.py 2>&1 | grep '^{' | tee -a $OUT/dispatch.jsonl
+  run dispatch XLA_FLAGS= $D --batch_size 64 --prompt_len 227 --new_tokens 185 --repeats 3 ;;
 hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
   cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;
