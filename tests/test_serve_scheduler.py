@@ -40,13 +40,14 @@ def test_a_round_prefills_its_waiting_requests_together(setup, tokenizer):
   scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
   scheduler._state = engine.init()
   calls = []
-  prefill_into = engine.prefill_into
+  prefill_plan = engine.prefill_plan
 
-  def counted(state, prompts, *args):
-    calls.append(len(prompts))
-    return prefill_into(state, prompts, *args)
+  def counted(prompts, *args):
+    plan = prefill_plan(prompts, *args)
+    calls.extend(len(chosen) for chosen, _ in plan)
+    return plan
 
-  engine.prefill_into = counted
+  engine.prefill_plan = counted
   try:
     prompts = [tokenizer.encode(t) for t in ("the cat sat", "a big red dog ran", "blue tree")]
     limits = [9, 14, 5]
@@ -60,7 +61,7 @@ def test_a_round_prefills_its_waiting_requests_together(setup, tokenizer):
       rounds += 1
       assert rounds < 50
   finally:
-    engine.prefill_into = prefill_into
+    engine.prefill_plan = prefill_plan
   assert calls == [3]  # one round admitted all three, in one call (prompts of one bucket)
   expected = generate_tokens(cfg, params, prompts, max(limits))
   for out, want, limit in zip(outputs, expected, limits):
@@ -98,17 +99,17 @@ def test_a_failing_prefill_answers_every_request_of_its_round(setup, tokenizer):
   for out in outputs:
     scheduler.submit(_request(tokenizer.encode("the cat sat"), 4, out))
   scheduler._take_inbox(block=False)
-  prefill_into = engine.prefill_into
+  prefill_call = engine.prefill_call
 
   def fails(*args):
     raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
 
-  engine.prefill_into = fails
+  engine.prefill_call = fails
   try:
     with pytest.raises(RuntimeError):
       scheduler._round()
     scheduler._fail_all("engine failure: RuntimeError")  # what the scheduler's loop does next
   finally:
-    engine.prefill_into = prefill_into
+    engine.prefill_call = prefill_call
   for out in outputs:
     assert len(out) == 1 and out[0].finish_reason == "error"

@@ -353,13 +353,21 @@ class SlotEngine:
     rows hold, in order, beside the first tokens it drew (`Step`, one row per prompt then padding).
     A seed is any int (its low 32 bits count, as `row_key`'s); sampling settings are checked."""
     calls = []
-    for chosen, args in self._prefill_calls(prompts, seeds, sampling, slots):
-      state, drawn = prefill_insert(self.cfg, self.params, state, *args, **self._static)
+    for chosen, args in self.prefill_plan(prompts, seeds, sampling, slots):
+      state, drawn = self.prefill_call(state, args)
       calls.append((chosen, drawn))
     return state, calls
 
+  def prefill_call(self, state: Slots, args: tuple) -> tuple[Slots, Step]:
+    """One call of a `prefill_plan`: (the state, the first tokens it drew)."""
+    return prefill_insert(self.cfg, self.params, state, *args, **self._static)
+
+  def prefill_plan(self, prompts, seeds, sampling, slots) -> list[tuple[list[int], tuple]]:
+    """`prefill_into`'s calls, made on the host alone: (which of the prompts its rows hold, its
+    arguments for `prefill_call`) per call. Checks the prompts and sampling settings."""
+    return list(self._prefill_calls(prompts, seeds, sampling, slots))
+
   def _prefill_calls(self, prompts, seeds, sampling, slots):
-    """(which prompts, prefill_insert's arguments after the state) of each batched prefill call."""
     SamplingParams.stack(sampling)
     arrays = [self._prompt_array(p) for p in prompts]
     groups: dict[int, list[int]] = {}
@@ -450,7 +458,7 @@ class SlotEngine:
     state = self.init()
     programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, *args, **self._static)
                 for r, p in self.prefill_shapes
-                for _, args in self._prefill_calls([[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)]
+                for _, args in self.prefill_plan([[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)]
     for rows, attend, top in self.generate_shapes:
       count, options = self._generate_args(rows, top, None, attend)
       programs.append(functools.partial(generate.lower, self.cfg, self.params, state, count, **options))

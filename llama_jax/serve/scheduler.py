@@ -1,5 +1,7 @@
 """The scheduler: which requests hold the engine's slots, when prompts are prefilled, and what each
-request has produced so far. Plain Python on one thread, with a queue in and callbacks out.
+request has produced so far. Plain Python on one thread, with a queue in and callbacks out, and
+a second thread that makes the device calls in the order they are asked for (on a GPU a decode
+call returns only once its loop has run: see `Scheduler.__init__`).
 
 JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
 generate and detokenize threads. Each round
@@ -8,7 +10,7 @@ generate and detokenize threads. Each round
      the device behind the running call; a bounded number of prompt tokens per round, so the
      others never stall long). JetStream prefills one prompt per call; vLLM's scheduler, like this
      one, spends a per-round token budget on the waiting prompts together;
-  2. dispatches a `generate` call for the live slots (JAX returns at once): `steps` decode steps,
+  2. dispatches a `generate` call for the live slots (to the device thread): `steps` decode steps,
      or up to `max_steps` while no request waits and no slot would idle long (`_steps_for`), over
      the part of the cache the live slots fill (`need`);
   3. while the device runs it, reads what was dispatched before (the previous call's tokens, the
@@ -26,6 +28,7 @@ exactly the final text, streamed or not.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -139,9 +142,15 @@ class Scheduler:
     self._inbox: queue.Queue = queue.Queue()
     self._waiting: list[Request] = []
     self._owners: list[_Live | None] = [None] * engine.max_batch
-    # Device results not yet read, in dispatch order: ([(row, request's record)], slots.Step, how
-    # many of its tokens per row were drawn).
-    self._inflight: list[tuple[list[tuple[int, _Live]], slot_engine.Step, int]] = []
+    # Device results not yet read, in dispatch order: ([(row, request's record)], the call's future
+    # slots.Step, how many of its tokens per row were drawn).
+    self._inflight: list[tuple[list[tuple[int, _Live]], concurrent.futures.Future, int]] = []
+    # The device calls run on a thread of their own, in the order they are submitted, and only
+    # that thread touches the engine's state: on a GPU a decode call's loop (its trip count is
+    # data) is driven from the host, so the call returns only when the device is done with it;
+    # were it made here, the host could not read one call's tokens while the next one runs.
+    self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama_jax-device")
+    self._last_call: concurrent.futures.Future | None = None
     self._state = None
     self._running = threading.Event()
     self._running.set()
@@ -169,6 +178,7 @@ class Scheduler:
     self._running.set()
     self._inbox.put(_WAKE)
     self._thread.join()
+    self._device.shutdown(wait=True)
 
   def submit(self, request: Request) -> None:
     self._inbox.put(request)
@@ -262,8 +272,7 @@ class Scheduler:
       need = max(len(o.request.prompt) + min(o.dispatched + steps, o.request.max_tokens) - 1
                  for _, o in live)
       rows = self.engine.rows_for(live[-1][0] + 1)
-      self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=k, steps=steps,
-                                               need=need)
+      call = self._on_device(self._generate, rows, k, steps, need)
       w = self._work
       w["decode_calls"] += 1
       w["decode_steps"] += steps
@@ -272,13 +281,34 @@ class Scheduler:
       w["attend_steps"] += steps * self.engine.attend_for(rows, k, need)
       for _, o in live:
         o.dispatched += steps
-      _fetch_early(step)
-      dispatched = [(live, step, steps)]
+      dispatched = [(live, call, steps)]
     # The device runs the step just dispatched while the host reads what came before it (the
     # previous step, and the first tokens of the requests just admitted).
     pending, self._inflight = self._inflight, dispatched
     for entry in pending:
       self._read(entry)
+
+  # --- the device thread
+
+  def _on_device(self, fn, *args) -> concurrent.futures.Future:
+    self._last_call = self._device.submit(fn, *args)
+    return self._last_call
+
+  def _generate(self, rows: int, top_logprobs: int, steps: int, need: int) -> slot_engine.Step:
+    self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=top_logprobs,
+                                             steps=steps, need=need)
+    _fetch_early(step)
+    return step
+
+  def _prefill(self, args: tuple) -> slot_engine.Step:
+    self._state, drawn = self.engine.prefill_call(self._state, args)
+    _fetch_early(drawn)
+    return drawn
+
+  def _reset(self) -> None:
+    self._state = self.engine.init()
+
+  # --- the scheduler's thread, again
 
   def _steps_for(self, live: list[_Live]) -> int:
     """Decode steps for the next call: the engine's `steps`, or a multiple of it up to `max_steps`
@@ -320,20 +350,19 @@ class Scheduler:
     for live in admitted:
       self._owners[live.slot] = live
     requests = [live.request for live in admitted]
-    self._state, calls = self.engine.prefill_into(
-        self._state, [r.prompt for r in requests], seeds,
-        [(r.temperature, r.top_k, r.top_p) for r in requests], [live.slot for live in admitted])
-    self._work["prefill_calls"] += len(calls)
+    plan = self.engine.prefill_plan([r.prompt for r in requests], seeds,
+                                    [(r.temperature, r.top_k, r.top_p) for r in requests],
+                                    [live.slot for live in admitted])
+    self._work["prefill_calls"] += len(plan)
     self._work["prompt_tokens"] += sum(len(r.prompt) for r in requests)
-    for chosen, drawn in calls:
-      rows = drawn.tokens.shape[0]
-      self._work["prefill_tokens_padded"] += rows * self.engine.prompt_bucket(len(requests[chosen[0]].prompt))
-      _fetch_early(drawn)
-      self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)], drawn, 1))
+    for chosen, args in plan:
+      self._work["prefill_tokens_padded"] += args[0].size  # the call's (rows, bucket) tokens
+      self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)],
+                             self._on_device(self._prefill, args), 1))
     self._bump("admitted", len(admitted))
 
   def _read(self, entry) -> None:
-    rows, drawn, count = entry
+    rows, call, count = entry
     for _, live in rows:
       if live.request.cancelled and not live.done:
         self._free(live, cancelled=True)
@@ -341,7 +370,8 @@ class Scheduler:
     if not rows:
       return
     start = time.perf_counter()
-    tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)  # waits for the device
+    drawn = call.result()  # waits for the device (and raises what the call raised)
+    tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)
     self._work["device_wait_s"] += time.perf_counter() - start
     top = None
     if drawn.top_tokens is not None and any(live.request.logprobs for _, live in rows):
@@ -451,5 +481,7 @@ class Scheduler:
     self._waiting = []
     self._bump("errors", len(failed))
     self._inflight = []
+    if self._last_call is not None:  # the calls still queued run (or fail) before the state resets
+      concurrent.futures.wait([self._last_call])
     if not self._stopping:
-      self._state = self.engine.init()
+      self._on_device(self._reset).result()

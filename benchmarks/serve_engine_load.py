@@ -1,0 +1,153 @@
+"""The server's scheduler and engine under load without HTTP: closed-loop clients in-process, the
+device calls made on the scheduler's device thread (as served) and, for comparison, inline on the
+scheduler's own thread (as before that thread existed), beside the static batch, in one process.
+
+  python benchmarks/serve_engine_load.py [--clients 64] [--preset tinyllama_1b]
+
+Same load as `serve_load.py` (its `mix`: prompts and answers log-normal around medians 200 and
+160 tokens, token-id prompts, every answer exactly its `max_tokens`), same model shape with random
+weights, `--max_batch` = clients, `--max_len 1024`. Each client's next request is submitted from
+the callback that receives its previous answer's end (no HTTP, no streaming, no event loop): what
+is left of the gap to the static batch is the scheduler's and the engine's. Windows from
+`--min_attend` (512 by default: fewer programs to compile). Warmup first (its seconds are
+reported: the warmup compiles on `--warmup_threads` threads), then each mode twice (the first is
+untimed), one JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serve_load  # noqa: E402  (the load's mix)
+
+import llama_jax  # noqa: E402
+from llama_jax.bench.common import device_info  # noqa: E402
+from llama_jax.generate import engine, generate_tokens  # noqa: E402
+from llama_jax.generate.slots import SlotEngine  # noqa: E402
+from llama_jax.model import init_params  # noqa: E402
+from llama_jax.serve.scheduler import Request, Scheduler  # noqa: E402
+
+
+class _Tokens:
+  """Token ids as text (the scheduler decodes what it emits): each id its own word."""
+  eos_ids = ()
+
+  def decode(self, ids):
+    return "".join(f" {i}" for i in ids)
+
+  def decode_continuation(self, prompt_ids, new_ids):
+    return self.decode(new_ids)
+
+
+def _inline(self, fn, *args):
+  """The scheduler's device calls on its own thread (the behaviour before the device thread)."""
+  future = concurrent.futures.Future()
+  try:
+    future.set_result(fn(*args))
+  except Exception as e:  # noqa: BLE001
+    future.set_exception(e)
+  return future
+
+
+def run_level(scheduler: Scheduler, clients: int, prompts, answers) -> dict:
+  queue = list(zip(prompts, answers))[::-1]
+  lock, done = threading.Lock(), threading.Event()
+  made = [0]
+  outstanding = [0]
+  last_sent = [0.0]
+
+  def send():
+    with lock:
+      if not queue:
+        return
+      prompt, answer = queue.pop()
+      outstanding[0] += 1
+      last_sent[0] = time.perf_counter()
+    scheduler.submit(Request(prompt=prompt, max_tokens=answer, emit=on_output, ignore_eos=True))
+
+  def on_output(out):
+    if out.finish_reason is None:
+      return
+    with lock:
+      made[0] += out.completion_tokens
+      outstanding[0] -= 1
+      finished = not queue and outstanding[0] == 0
+    if finished:
+      done.set()
+    else:
+      send()
+
+  t0 = time.perf_counter()
+  for _ in range(clients):
+    send()
+  done.wait()
+  seconds = time.perf_counter() - t0
+  return {"clients": clients, "requests": len(prompts), "tokens": made[0], "seconds": round(seconds, 2),
+          "tokens_per_s": round(made[0] / seconds, 1)}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="tinyllama_1b")
+  p.add_argument("--clients", type=int, default=64)
+  p.add_argument("--max_len", type=int, default=1024)
+  p.add_argument("--min_attend", type=int, default=512)
+  p.add_argument("--warmup_threads", type=int, default=0, help="0: the engine's default")
+  p.add_argument("--modes", default="device_thread,inline")
+  p.add_argument("--dtype", default="bfloat16")
+  args, rest = p.parse_known_args()
+  load = serve_load.parse_args(rest)
+  cfg = llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False)
+  params = jax.device_put(jax.jit(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))(), jax.devices()[0])
+
+  # The static batch at the mix's mean lengths (as serve_load's).
+  lengths, outs = serve_load.mix(load, 4096, seed=1)
+  pl, n = int(np.mean(lengths)), int(np.mean(outs))
+  rng = np.random.default_rng(2)
+  static_prompts = rng.integers(3, cfg.vocab_size, (args.clients, pl)).tolist()
+  prepared = engine.prepare_params(cfg, params)
+  run = lambda: generate_tokens(cfg, prepared, static_prompts, n, batch_size=args.clients, eos_ids=())
+  run()
+  t0 = time.perf_counter()
+  run()
+  static = args.clients * n / (time.perf_counter() - t0)
+  print(json.dumps({"static_tokens_per_s": round(static, 1), "prompt_len": pl, "new_tokens": n}), flush=True)
+
+  eng = SlotEngine(cfg, params, max_batch=args.clients, cache_len=args.max_len, min_attend=args.min_attend)
+  t0 = time.perf_counter()
+  eng.warmup(threads=args.warmup_threads or None)
+  print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1),
+                    "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
+  tokenizer = _Tokens()
+  prompt_lengths, answers = serve_load.mix(load, serve_load.requests_for(load, args.clients), seed=args.clients)
+  prompts = serve_load.token_prompts(prompt_lengths, cfg.vocab_size, args.clients)
+  for mode in args.modes.split(","):
+    scheduler = Scheduler(eng, tokenizer, ())
+    if mode == "inline":
+      scheduler._on_device = _inline.__get__(scheduler)
+    scheduler.start()
+    try:
+      for timed in (False, True):
+        before = scheduler.stats()
+        row = run_level(scheduler, args.clients, prompts, answers)
+        if timed:
+          work = serve_load.engine_work(before, scheduler.stats(), row["seconds"])
+          print(json.dumps({"mode": mode, **row, "vs_static": round(row["tokens_per_s"] / static, 3),
+                            "engine": work, **device_info()}), flush=True)
+    finally:
+      scheduler.stop()
+
+
+if __name__ == "__main__":
+  main()
