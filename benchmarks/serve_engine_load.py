@@ -130,7 +130,8 @@ def main() -> None:
   print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1),
                     "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
   tokenizer = _Tokens()
-  prompt_lengths, answers = serve_load.mix(load, serve_load.requests_for(load, args.clients), seed=args.clients)
+  count = serve_load.requests_for(load, args.clients)
+  prompt_lengths, answers = serve_load.mix(load, count, seed=args.clients)
   prompts = serve_load.token_prompts(prompt_lengths, cfg.vocab_size, args.clients)
   for mode in args.modes.split(","):
     scheduler = Scheduler(eng, tokenizer, ())

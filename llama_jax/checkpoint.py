@@ -141,7 +141,9 @@ def _quiet_abandoned_reads() -> None:
   one damaged file, all saying what the CheckpointError already says in one. A read's callback that
   finds the loop closed from tensorstore's own thread is printed through `sys.excepthook` (seen
   once in 100s of runs: a bare "Traceback ... RuntimeError: Event loop is closed"), or
-  `threading.excepthook` from a Python thread: those hooks skip it too, and only it."""
+  `threading.excepthook` from a Python thread: those hooks skip it too, and only it. Installed
+  before each restore, not after its failure: an abandoned read can print before the failure
+  reaches `unreadable` (seen in a full test run: four such tracebacks ahead of the one-line error)."""
   previous = sys.unraisablehook
   if getattr(previous, "quiets_abandoned_reads", False):
     return
@@ -314,6 +316,7 @@ def restore_tree(params_dir: str, target: Any, partial: bool = False) -> Any:
   """A saved parameter tree as `target`'s ShapeDtypeStructs say (shapes, dtypes, shardings);
   `partial`: `target` may be a part of what was saved. A checkpoint that cannot be read is one
   CheckpointError line."""
+  _quiet_abandoned_reads()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
       return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
@@ -338,6 +341,7 @@ def restore_host_leaves(params_dir: str, config: ModelConfig,
   """(path, numpy array in `dtype`, default as stored) for each parameter, one at a time: each is
   its own partial restore, so host memory holds one parameter rather than the model."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(abstract_params(config))
+  _quiet_abandoned_reads()
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     for key_path, leaf in leaves:
       path = tuple(k.key for k in key_path)
@@ -399,6 +403,7 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, rng_seed: int, 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
   """(params, opt_state, meta, this process's data state) at `step`, placed as the abstract
   targets' shardings say (which may be another mesh than the one that saved)."""
+  _quiet_abandoned_reads()
   try:
     out = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),

@@ -221,18 +221,27 @@ def test_the_openai_client_sees_bad_request_errors(client):
     client.completions.create(model=NAME, prompt="the cat", temperature=-1)
 
 
-def test_a_wrong_api_key_gets_401(server, model):
-  # A second app on the same scheduler (and compiled engine), this one with a key.
+def test_a_wrong_api_key_gets_401(server, model, tmp_path):
+  # A second app on the same scheduler (and compiled engine), this one with a key and profiling.
   served = server.served
   keyed = BackgroundServer(Served(create_app(served.scheduler, model.tokenizer, model_name=NAME,
                                              max_len=CONTEXT, vocab_size=model.config.vocab_size,
-                                             encode_chat=lambda m: [1], api_key="sesame"),
+                                             encode_chat=lambda m: [1], api_key="sesame",
+                                             profile_dir=str(tmp_path / "trace")),
                                   served.scheduler, served.engine)).start()
   try:
     for key in ("wrong", None):
       headers = {"Authorization": f"Bearer {key}"} if key else {}
-      response = httpx.get(keyed.url + "/v1/models", headers=headers, timeout=TIMEOUT)
-      assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+      for method, path in (("GET", "/v1/models"), ("POST", "/start_profile"), ("POST", "/stop_profile")):
+        response = httpx.request(method, keyed.url + path, headers=headers, timeout=TIMEOUT)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(keyed.url + "/health", timeout=TIMEOUT).status_code == 200  # a load balancer's probe
+    # With the key, a trace of the server: a second start while one runs is refused (400).
+    auth = {"Authorization": "Bearer sesame"}
+    assert httpx.post(keyed.url + "/start_profile", headers=auth, timeout=TIMEOUT).status_code == 200
+    assert httpx.post(keyed.url + "/start_profile", headers=auth, timeout=TIMEOUT).status_code == 400
+    assert httpx.post(keyed.url + "/stop_profile", headers=auth, timeout=TIMEOUT).status_code == 200
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))
     with pytest.raises(openai.AuthenticationError):
       openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0, timeout=TIMEOUT).models.list()
     good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)

@@ -438,8 +438,9 @@ class SlotEngine:
     if not 0 < steps <= self.max_steps:
       raise ValueError(f"steps must be in [1, {self.max_steps}], got {steps}")
     rows = self.max_batch if top_logprobs or rows is None else rows
-    return np.int32(steps), dict(steps=self.max_steps, rows=rows, attend=self.attend_for(rows, top_logprobs, need),
-                                 top_logprobs=top_logprobs, **self._static)
+    attend = self.attend_for(rows, top_logprobs, need)
+    return np.int32(steps), dict(steps=self.max_steps, rows=rows, attend=attend, top_logprobs=top_logprobs,
+                                 **self._static)
 
   def attend_for(self, rows: int, top_logprobs: int, need: int | None) -> int:
     """The attention window a `generate` call of `rows` slots reads for `need` positions."""

@@ -34,7 +34,8 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 class _Guard:
-  """Pure ASGI middleware in front of the routes: the API key (before any body is read), then the
+  """Pure ASGI middleware in front of the routes: the API key on every route but `/health` (before
+  any body is read; unknown routes too, so a wrong key learns nothing of what exists), then the
   body size, counted as it arrives (a `Content-Length` is not trusted) and replayed to the app."""
 
   def __init__(self, app, api_key: str | None, max_body_bytes: int):
@@ -43,7 +44,7 @@ class _Guard:
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
-    if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
+    if self.api_key and scope["path"] != "/health" and not self._authorized(scope):
       return await _send_json(send, 401, P.error_body(
           "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"))
     if scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -290,8 +291,10 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
   if profile_dir:
     import jax
 
+    # Plain functions (FastAPI runs them on its thread pool): writing a trace out takes seconds,
+    # which the event loop, streaming every answer, must not wait for.
     @app.post("/start_profile")
-    async def start_profile():
+    def start_profile():
       try:
         jax.profiler.start_trace(profile_dir)
       except RuntimeError as e:  # one already running
@@ -299,7 +302,7 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
       return {"profiling": profile_dir}
 
     @app.post("/stop_profile")
-    async def stop_profile():
+    def stop_profile():
       try:
         jax.profiler.stop_trace()
       except RuntimeError as e:  # none running

@@ -295,17 +295,22 @@ class Scheduler:
     return self._last_call
 
   def _generate(self, rows: int, top_logprobs: int, steps: int, need: int) -> slot_engine.Step:
+    if self._state is None:  # a reset after a failure failed (out of memory): try again
+      self._state = self.engine.init()
     self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=top_logprobs,
                                              steps=steps, need=need)
     _fetch_early(step)
     return step
 
   def _prefill(self, args: tuple) -> slot_engine.Step:
+    if self._state is None:
+      self._state = self.engine.init()
     self._state, drawn = self.engine.prefill_call(self._state, args)
     _fetch_early(drawn)
     return drawn
 
   def _reset(self) -> None:
+    self._state = None  # the old cache goes before the new one is allocated
     self._state = self.engine.init()
 
   # --- the scheduler's thread, again
@@ -324,7 +329,8 @@ class Scheduler:
       return base
     steps = 2 * base
     while steps <= self.engine.max_steps:
-      idle = sum(2 * steps - left for left in (o.request.max_tokens - o.dispatched for o in live) if left < steps)
+      left = [o.request.max_tokens - o.dispatched for o in live]  # tokens each still has to make
+      idle = sum(2 * steps - n for n in left if n < steps)
       if idle * 8 > steps * len(live):
         break
       best, steps = steps, 2 * steps
@@ -370,10 +376,12 @@ class Scheduler:
       if live.request.cancelled and not live.done:
         self._free(live, cancelled=True)
     rows = [(r, live) for r, live in rows if not live.done]
+    start = time.perf_counter()
+    # Waits for the device, and raises what the call raised even when none of its rows is wanted
+    # any more: a failed call (its state lost) must fail the requests in flight, not the next ones.
+    drawn = call.result()
     if not rows:
       return
-    start = time.perf_counter()
-    drawn = call.result()  # waits for the device (and raises what the call raised)
     tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)
     self._work["device_wait_s"] += time.perf_counter() - start
     top = None
@@ -487,4 +495,7 @@ class Scheduler:
     if self._last_call is not None:  # the calls still queued run (or fail) before the state resets
       concurrent.futures.wait([self._last_call])
     if not self._stopping:
-      self._on_device(self._reset).result()
+      try:
+        self._on_device(self._reset).result()
+      except Exception:  # pylint: disable=broad-except
+        log.exception("could not reset the engine's state; the next device call tries again")
