@@ -108,7 +108,9 @@ def main() -> None:
   p.add_argument("--dtype", default="bfloat16")
   args, rest = p.parse_known_args()
   load = serve_load.parse_args(rest)
-  cfg = llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False)
+  context = max(llama_jax.preset(args.preset).max_seq_len, args.max_len)  # a small preset's, stretched
+  cfg = llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False,
+                         max_seq_len=context)
   params = jax.device_put(jax.jit(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))(), jax.devices()[0])
 
   # The static batch at the mix's mean lengths (as serve_load's).

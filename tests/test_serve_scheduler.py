@@ -79,15 +79,12 @@ def test_calls_grow_only_while_nobody_waits_and_no_slot_would_idle_long(setup, t
     record.dispatched = 100 - remaining
     return record
 
-  # A slot whose request ends in the call idles for the rest of it and for the whole call after
-  # (its client's next request comes only once this call's tokens are read).
   assert scheduler._steps_for([live(50)]) == 8
-  assert scheduler._steps_for([live(5)]) == 4  # 8 steps: idle for 3 of them and 8 after
+  assert scheduler._steps_for([live(5)]) == 4  # 8 steps would leave its slot idle for 3 of them
   assert scheduler._steps_for([live(1)]) == 2  # the engine's steps, whatever idles
-  assert scheduler._steps_for([live(50)] * 63 + [live(1)]) == 8  # 8: 7 + 8 idle slot-steps of 512
-  assert scheduler._steps_for([live(50)] * 13 + [live(1)]) == 4  # 4: 7 of 56; 8: 15 of 112 is over an eighth
-  assert scheduler._steps_for([live(50)] * 7 + [live(1)]) == 2  # 4: 3 + 4 of 32 is over an eighth
-  assert scheduler._steps_for([live(50)] * 7 + [live(9)]) == 8  # ends after the longest call
+  assert scheduler._steps_for([live(50)] * 7 + [live(1)]) == 8  # 7 idle slot-steps of 64
+  assert scheduler._steps_for([live(50)] * 5 + [live(1)]) == 4  # 8: 7 of 48 is over an eighth
+  assert scheduler._steps_for([live(50)] * 3 + [live(1)]) == 2
   scheduler._waiting.append(_request([1], 4, []))
   assert scheduler._steps_for([live(50)]) == 2  # someone waits for a slot: short calls
 
