@@ -11,7 +11,8 @@ the callback that receives its previous answer's end (no HTTP, no streaming, no 
 is left of the gap to the static batch is the scheduler's and the engine's. Windows from
 `--min_attend` (512 by default: fewer programs to compile). Warmup first (its seconds are
 reported: the warmup compiles on `--warmup_threads` threads), then each mode twice (the first is
-untimed), one JSON line each.
+untimed), one JSON line each; `engine_steady` is the scheduler's work until the last request is
+sent (every client busy), `engine` the whole level with the drain at its end.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run_level(scheduler: Scheduler, clients: int, prompts, answers) -> dict:
   made = [0]
   outstanding = [0]
   last_sent = [0.0]
+  at_last_send: list[dict] = []  # the scheduler's counters when the last request goes in
 
   def send():
     with lock:
@@ -74,6 +76,8 @@ def run_level(scheduler: Scheduler, clients: int, prompts, answers) -> dict:
       prompt, answer = queue.pop()
       outstanding[0] += 1
       last_sent[0] = time.perf_counter()
+      if not queue:
+        at_last_send.append(scheduler.stats())
     scheduler.submit(Request(prompt=prompt, max_tokens=answer, emit=on_output, ignore_eos=True))
 
   def on_output(out):
@@ -94,7 +98,8 @@ def run_level(scheduler: Scheduler, clients: int, prompts, answers) -> dict:
   done.wait()
   seconds = time.perf_counter() - t0
   return {"clients": clients, "requests": len(prompts), "tokens": made[0], "seconds": round(seconds, 2),
-          "tokens_per_s": round(made[0] / seconds, 1)}
+          "tokens_per_s": round(made[0] / seconds, 1), "steady_seconds": round(last_sent[0] - t0, 2),
+          "at_last_send": at_last_send[0]}
 
 
 def main() -> None:
@@ -146,8 +151,12 @@ def main() -> None:
         row = run_level(scheduler, args.clients, prompts, answers)
         if timed:
           work = serve_load.engine_work(before, scheduler.stats(), row["seconds"])
+          # While every client has a request in (until the last is sent): without the drain at the end.
+          steady = serve_load.engine_work(before, row.pop("at_last_send"), row["steady_seconds"])
+          # (its snapshot falls inside a round, so the thread's time shares would be off: left out)
+          steady = {k: v for k, v in steady.items() if not k.startswith("host_")}
           print(json.dumps({"mode": mode, **row, "vs_static": round(row["tokens_per_s"] / static, 3),
-                            "engine": work, **device_info()}), flush=True)
+                            "engine": work, "engine_steady": steady, **device_info()}), flush=True)
     finally:
       scheduler.stop()
 
