@@ -465,8 +465,7 @@ class SlotEngine:
       programs.append(functools.partial(generate.lower, self.cfg, self.params, state, count, **options))
     threads = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama_jax-warmup") as pool:
-      for compiled in pool.map(lambda lower: lower().compile(), programs):
-        del compiled
+      list(pool.map(lambda lower: lower().compile(), programs))  # (raises what a compilation raised)
     for r, p in self.prefill_shapes:
       state, _ = self.prefill_into(state, [[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)
     for rows, attend, top in self.generate_shapes:
