@@ -10,6 +10,7 @@
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
 #   serveprofile  the same at 16 and 64 clients with the scheduler's counters and a kernel summary
 #              of the server at 64 clients
+#   serveengine  the scheduler and engine under 64 in-process clients, no HTTP (benchmarks/serve_engine_load.py)
 #   dispatch   a server decode call: time to return against time to finish (benchmarks/serve_dispatch.py),
 #              beside the static batch's decode at 64 rows
 #   hlo        the decode loop's optimized HLO (to count its kernels)
@@ -82,6 +83,8 @@ serveprofile)  # 16 and 64 clients, the scheduler's counters, and a trace of the
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load --clients 16,64 --profile_dir /tmp/sp 2>&1 \
     | tee $OUT/serve_load.txt | tail -16
   python3 benchmarks/profile_summary.py /tmp/sp --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_serve.txt | head -40 ;;
+serveengine)  # the scheduler and engine without HTTP, 64 closed-loop clients, beside the static batch
+  python3 benchmarks/serve_engine_load.py 2>&1 | grep '^{' | tee -a $OUT/serve_engine.jsonl ;;
 dispatch)  # whether a server decode call returns before the device is done; ms/step by window at 64 rows
   python3 benchmarks/serve_dispatch.py 2>&1 | grep '^{' | tee -a $OUT/dispatch.jsonl
   run dispatch XLA_FLAGS= $D --batch_size 64 --prompt_len 227 --new_tokens 185 --repeats 3 ;;
