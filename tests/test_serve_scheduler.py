@@ -1,7 +1,9 @@
 """The scheduler's rounds, driven by hand on the test's thread (no HTTP, no scheduler thread): a
-round's waiting requests are prefilled together and decode what they decode alone, and calls grow
-longer only while no request waits and no slot would idle long."""
+round's waiting requests are prefilled together and decode what they decode alone, calls grow
+longer only while no request waits and no slot would idle long, and a round waits briefly for
+arrivals only while that costs the device nothing."""
 
+import concurrent.futures
 import types
 
 import flax.linen as nn
@@ -113,3 +115,27 @@ def test_a_failing_prefill_answers_every_request_of_its_round(setup, tokenizer):
     engine.prefill_call = prefill_call
   for out in outputs:
     assert len(out) == 1 and out[0].finish_reason == "error"
+
+
+def test_a_round_waits_briefly_for_arrivals_only_while_the_device_is_busy_and_slots_are_free(setup, tokenizer):
+  # A client whose answer just ended sends its next request a few ms later: if it arrives while
+  # the device still runs the call in flight, it joins the next call rather than the one after.
+  _, _, engine = setup
+  scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
+  running = concurrent.futures.Future()  # a decode call the device thread is still in
+  arrived = _request([1, 2], 4, [])
+  scheduler._inbox.put(arrived)
+
+  scheduler._await_arrivals()  # nothing in flight: the device is idle, the round goes on at once
+  assert scheduler._waiting == [] and scheduler._inbox.qsize() == 1
+
+  scheduler._inflight = [([], running, 1)]
+  scheduler._owners = [object()] * engine.max_batch  # every slot taken: nobody could join
+  scheduler._await_arrivals()
+  assert scheduler._waiting == [] and scheduler._inbox.qsize() == 1
+
+  scheduler._owners[-1] = None
+  scheduler._await_arrivals()  # a free slot and a busy device: the request is taken in
+  assert scheduler._waiting == [arrived] and scheduler._inbox.qsize() == 0
+  running.set_result(None)
+

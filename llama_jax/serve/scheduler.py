@@ -45,6 +45,10 @@ from llama_jax.generate.streaming import TextStreamer
 log = logging.getLogger(__name__)
 
 _WAKE = object()  # put in the inbox to make an idle loop look again (cancel, resume, stop)
+# How long a round may wait for new requests while the device is busy with the call in flight
+# and slots are free (`Scheduler._await_arrivals`): a client whose answer just ended sends its
+# next request within a few milliseconds; a decode call runs for tens of them.
+ARRIVAL_GRACE_S = 0.005
 
 
 @dataclasses.dataclass
@@ -220,6 +224,7 @@ class Scheduler:
   def _loop(self) -> None:
     while not self._stopping:
       self._take_inbox(block=self._idle())
+      self._await_arrivals()
       if self._stopping:
         break
       try:
@@ -239,6 +244,33 @@ class Scheduler:
     live = any(o is not None for o in self._owners)
     admissible = self._waiting and None in self._owners
     return not self._inflight and not admissible and not (live and self._running.is_set())
+
+  def _device_busy(self) -> bool:
+    """Whether the last decode call dispatched is still running (or queued) on the device."""
+    if not self._inflight:
+      return False
+    call = self._inflight[-1][1]
+    if not call.done():  # the device thread is still in it (on a GPU: until its loop has run)
+      return True
+    return call.exception() is None and not call.result().tokens.is_ready()
+
+  def _await_arrivals(self) -> None:
+    """Before a round: while slots are free, nobody waits and the device still runs the call in
+    flight, wait up to ARRIVAL_GRACE_S for a request to come in. One that arrives then joins the
+    next call instead of the one after it (its slot would otherwise idle through a whole call);
+    the wait costs the device nothing, as it is busy meanwhile."""
+    if self._waiting or None not in self._owners:
+      return
+    deadline = time.perf_counter() + ARRIVAL_GRACE_S
+    while time.perf_counter() < deadline and self._device_busy():  # looked at every millisecond
+      try:
+        item = self._inbox.get(timeout=0.001)
+      except queue.Empty:
+        continue
+      if item is not _WAKE:
+        self._waiting.append(item)
+      self._take_inbox(block=False)
+      return
 
   def _take_inbox(self, block: bool) -> None:
     try:
