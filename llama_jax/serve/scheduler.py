@@ -5,6 +5,8 @@ call returns only once its loop has run: see `Scheduler.__init__`).
 
 JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
 generate and detokenize threads. Each round
+  0. while the device runs the call in flight and slots are free, waits a few ms for requests
+     (`_await_arrivals`): one that arrives then joins the next call, not the one after;
   1. admits waiting requests into free slots, prefilled together (`SlotEngine.prefill_into`: the
      round's new prompts in a few batched calls that write straight into their slots, queued on
      the device behind the running call; a bounded number of prompt tokens per round, so the
