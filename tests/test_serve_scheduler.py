@@ -139,3 +139,17 @@ def test_a_round_waits_briefly_for_arrivals_only_while_the_device_is_busy_and_sl
   assert scheduler._waiting == [arrived] and scheduler._inbox.qsize() == 0
   running.set_result(None)
 
+
+def test_a_failed_call_raises_even_when_none_of_its_rows_is_wanted(setup, tokenizer):
+  # Its requests ended (EOS, a stop string, a cancel) before it was read; the call still failed,
+  # and the state it took is gone: the error must reach the scheduler's loop (which fails the
+  # requests in flight and resets the state), not surface on some later request's call.
+  _, _, engine = setup
+  scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
+  ended = _Live(_request([1, 2], 4, []), 0, tokenizer, tokenizer.eos_ids)
+  ended.finish_reason = "stop"
+  failed = concurrent.futures.Future()
+  failed.set_exception(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    scheduler._read(([(0, ended)], failed, 1))
+
