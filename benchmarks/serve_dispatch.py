@@ -18,14 +18,18 @@ import argparse
 import json
 import time
 
-import flax.linen as nn
+import os
+import sys
+
 import jax
 import numpy as np
 
-import llama_jax
-from llama_jax.bench.common import device_info
-from llama_jax.generate.slots import SlotEngine
-from llama_jax.model import init_params
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serve_load  # noqa: E402  (the random model)
+
+import llama_jax  # noqa: E402
+from llama_jax.bench.common import device_info  # noqa: E402
+from llama_jax.generate.slots import SlotEngine  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +43,7 @@ def main() -> None:
   p.add_argument("--calls", type=int, default=8)
   args = p.parse_args()
   cfg = llama_jax.preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
-  params = jax.jit(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))()
+  params = serve_load.random_params(cfg)
   eng = SlotEngine(cfg, params, max_batch=args.rows, cache_len=args.cache_len, steps=8, max_steps=32)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (args.rows, args.prompt_len)).tolist()

@@ -25,8 +25,6 @@ import sys
 import threading
 import time
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +34,6 @@ import llama_jax  # noqa: E402
 from llama_jax.bench.common import device_info  # noqa: E402
 from llama_jax.generate import engine, generate_tokens  # noqa: E402
 from llama_jax.generate.slots import SlotEngine  # noqa: E402
-from llama_jax.model import init_params  # noqa: E402
 from llama_jax.serve.scheduler import Request, Scheduler  # noqa: E402
 
 
@@ -116,7 +113,7 @@ def main() -> None:
   context = max(llama_jax.preset(args.preset).max_seq_len, args.max_len)  # a small preset's, stretched
   cfg = llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False,
                          max_seq_len=context)
-  params = jax.device_put(jax.jit(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))(), jax.devices()[0])
+  params = serve_load.random_params(cfg)
 
   # The static batch at the mix's mean lengths (as serve_load's).
   lengths, outs = serve_load.mix(load, 4096, seed=1)

@@ -88,14 +88,20 @@ def model_config(args):
   return llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False)
 
 
-def make_checkpoint(args, directory: str) -> None:
+def random_params(cfg):
+  """The model's parameters with random weights, on the default device (committed, as a loaded
+  model's are)."""
   import flax.linen as nn
   import jax
+  from llama_jax.model import init_params
+  return jax.device_put(jax.jit(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))(), jax.devices()[0])
+
+
+def make_checkpoint(args, directory: str) -> None:
   import sentencepiece as spm
   from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
   import llama_jax
-  from llama_jax.model import init_params
   from llama_jax.tokenizer import Tokenizer
   cfg = model_config(args)
   os.makedirs(directory, exist_ok=True)
@@ -114,7 +120,7 @@ def make_checkpoint(args, directory: str) -> None:
     piece.piece, piece.type = f"<x{len(proto.pieces)}>", sp_pb2.ModelProto.SentencePiece.USER_DEFINED
   with open(prefix + ".model", "wb") as f:
     f.write(proto.SerializeToString())
-  params = jax.jit(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))()
+  params = random_params(cfg)
   llama_jax.Model(cfg, params, Tokenizer(prefix + ".model")).save(os.path.join(directory, "model"))
 
 

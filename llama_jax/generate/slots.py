@@ -365,14 +365,12 @@ class SlotEngine:
   def prefill_plan(self, prompts, seeds, sampling, slots) -> list[tuple[list[int], tuple]]:
     """`prefill_into`'s calls, made on the host alone: (which of the prompts its rows hold, its
     arguments for `prefill_call`) per call. Checks the prompts and sampling settings."""
-    return list(self._prefill_calls(prompts, seeds, sampling, slots))
-
-  def _prefill_calls(self, prompts, seeds, sampling, slots):
     SamplingParams.stack(sampling)
     arrays = [self._prompt_array(p) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, (tokens, _) in enumerate(arrays):
       groups.setdefault(tokens.shape[0], []).append(i)
+    plan = []
     for p, members in groups.items():
       for r in self.split(len(members), p):
         chosen, members = members[:r], members[r:]
@@ -384,7 +382,8 @@ class SlotEngine:
         where = np.asarray([slots[i] for i in chosen] + [self.max_batch] * pad, np.int32)
         row_seeds = np.asarray([seeds[i] & 0xFFFFFFFF for i in chosen] + [0] * pad, np.uint32)
         settings = SamplingParams.stack([sampling[i] for i in chosen] + [(0.0, 0, 1.0)] * pad)
-        yield chosen, (tokens, lengths, where, row_seeds, settings)
+        plan.append((chosen, (tokens, lengths, where, row_seeds, settings)))
+    return plan
 
   # --- decode
 

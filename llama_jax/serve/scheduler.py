@@ -328,18 +328,19 @@ class Scheduler:
     self._last_call = self._device.submit(fn, *args)
     return self._last_call
 
-  def _generate(self, rows: int, top_logprobs: int, steps: int, need: int) -> slot_engine.Step:
+  def _slots(self) -> slot_engine.Slots:
     if self._state is None:  # a reset after a failure failed (out of memory): try again
       self._state = self.engine.init()
-    self._state, step = self.engine.generate(self._state, rows=rows, top_logprobs=top_logprobs,
+    return self._state
+
+  def _generate(self, rows: int, top_logprobs: int, steps: int, need: int) -> slot_engine.Step:
+    self._state, step = self.engine.generate(self._slots(), rows=rows, top_logprobs=top_logprobs,
                                              steps=steps, need=need)
     _fetch_early(step)
     return step
 
   def _prefill(self, args: tuple) -> slot_engine.Step:
-    if self._state is None:
-      self._state = self.engine.init()
-    self._state, drawn = self.engine.prefill_call(self._state, args)
+    self._state, drawn = self.engine.prefill_call(self._slots(), args)
     _fetch_early(drawn)
     return drawn
 
