@@ -15,6 +15,8 @@
 #              beside the static batch's decode at 64 rows
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
+#   bigmodels  LLaMA-2-7B variants (batch, remat policy, XLA's collective scheduling) on every GPU,
+#              13B on every GPU, 7B on two of them when the cards hold it (> 100 GB)
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -72,6 +74,18 @@ fsdp)  # every GPU of the machine (2 or 4): TinyLlama, then the LLaMA-2 7B and 1
   run fsdp XLA_FLAGS= $T --config.batch_size=$((8 * N))
   run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
   run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
+bigmodels)  # where the 7B step's time goes on several GPUs: what is rematerialised, collective overlap
+  N=$(nvidia-smi -L | wc -l); mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  LHS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_all_gather=true --xla_gpu_enable_pipelined_reduce_scatter=true --xla_gpu_enable_while_loop_double_buffering=true"
+  run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
+  run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((2 * N)) --config.model.remat_policy=none
+  run bigmodels XLA_FLAGS="$LHS" $B7 --config.batch_size=$((4 * N))
+  run bigmodels XLA_FLAGS= timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 \
+    --warmup 2 --config.batch_size=$((2 * N)) --config.model.remat_policy=full
+  if [ "$mem" -gt 100000 ]; then
+    run bigmodels CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS= $B7 --config.batch_size=4 --config.model.remat_policy=none
+  fi ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
