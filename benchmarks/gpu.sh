@@ -81,11 +81,20 @@ bigmodels)  # where the 7B step's time goes on several GPUs: what is remateriali
   run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
   run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((2 * N)) --config.model.remat_policy=none
   run bigmodels XLA_FLAGS="$LHS" $B7 --config.batch_size=$((4 * N))
-  run bigmodels XLA_FLAGS= timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 \
-    --warmup 2 --config.batch_size=$((2 * N)) --config.model.remat_policy=full
+  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  run bigmodels XLA_FLAGS= $B13 --config.batch_size=$((2 * N)) --config.model.remat_policy=full
   if [ "$mem" -gt 100000 ]; then
     run bigmodels CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS= $B7 --config.batch_size=4 --config.model.remat_policy=none
   fi ;;
+bigbatch)  # the 7B and 13B steps with more sequences a GPU (cards of > 100 GB) and the projections saved
+  N=$(nvidia-smi -L | wc -l)
+  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((8 * N))
+  run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((6 * N))
+  run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=save_matmuls
+  run bigbatch XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
+  run bigbatch XLA_FLAGS= $B13 --config.batch_size=$((4 * N)) ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
