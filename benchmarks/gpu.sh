@@ -14,6 +14,8 @@
 #   dispatch   a server decode call: time to return against time to finish (benchmarks/serve_dispatch.py),
 #              beside the static batch's decode at 64 rows
 #   hlo        the decode loop's optimized HLO (to count its kernels)
+#   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
+#              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   bigmodels  LLaMA-2-7B variants (batch, remat policy, XLA's collective scheduling) on every GPU,
 #              13B on every GPU, 7B on two of them when the cards hold it (> 100 GB)
@@ -111,6 +113,15 @@ serveengine)  # the scheduler and engine without HTTP, 64 closed-loop clients, b
 dispatch)  # whether a server decode call returns before the device is done; ms/step by window at 64 rows
   python3 benchmarks/serve_dispatch.py 2>&1 | grep '^{' | tee -a $OUT/dispatch.jsonl
   run dispatch XLA_FLAGS= $D --batch_size 64 --prompt_len 227 --new_tokens 185 --repeats 3 ;;
+graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
+  G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+  for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do
+    for b in 1 64; do
+      run graphs XLA_FLAGS="$f" $D --batch_size $b --prompt_len 128 --new_tokens 256
+    done
+    echo "== XLA_FLAGS=$f serve_dispatch.py"
+    XLA_FLAGS="$f" python3 benchmarks/serve_dispatch.py --windows 512 2>&1 | grep '^{' | tee -a $OUT/graphs.jsonl
+  done ;;
 hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
   cp "$(ls -S /tmp/dump/*jit_decode*after_optimizations.txt | head -1)" $OUT/decode_hlo.txt; ls -la $OUT/decode_hlo.txt ;;
