@@ -14,6 +14,8 @@
 #   dispatch   a server decode call: time to return against time to finish (benchmarks/serve_dispatch.py),
 #              beside the static batch's decode at 64 rows
 #   hlo        the decode loop's optimized HLO (to count its kernels)
+#   ragged     the ragged decode-attention kernel: its tests compiled for the GPU, a server decode
+#              call's step cost and tokens beside XLA's, the engine under 64 clients with each
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -113,6 +115,11 @@ serveengine)  # the scheduler and engine without HTTP, 64 closed-loop clients, b
 dispatch)  # whether a server decode call returns before the device is done; ms/step by window at 64 rows
   python3 benchmarks/serve_dispatch.py 2>&1 | grep '^{' | tee -a $OUT/dispatch.jsonl
   run dispatch XLA_FLAGS= $D --batch_size 64 --prompt_len 227 --new_tokens 185 --repeats 3 ;;
+ragged)  # decode attention reading each slot's own length (Pallas) against XLA's over the window
+  python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k "not slot_engine" 2>&1 | tail -3
+  python3 benchmarks/serve_dispatch.py --decode_attention xla,pallas 2>&1 | grep '^{' | tee -a $OUT/ragged.jsonl
+  python3 benchmarks/serve_engine_load.py --modes device_thread --decode_attention xla,pallas 2>&1 \
+    | grep '^{' | tee -a $OUT/ragged.jsonl ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do

@@ -41,17 +41,31 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=27, help="decode steps per call (of max_steps 32)")
   p.add_argument("--windows", default="512,1024")
   p.add_argument("--calls", type=int, default=8)
+  p.add_argument("--decode_attention", default="auto", help="comma separated: auto, xla, pallas")
   args = p.parse_args()
   cfg = llama_jax.preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
   params = serve_load.random_params(cfg)
-  eng = SlotEngine(cfg, params, max_batch=args.rows, cache_len=args.cache_len, steps=8, max_steps=32)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (args.rows, args.prompt_len)).tolist()
-  state, _ = eng.prefill_into(eng.init(), prompts, list(range(args.rows)), [(0.0, 0, 1.0)] * args.rows,
-                              list(range(args.rows)))
+  first = None  # the first choice's greedy tokens of each window's first call, to compare the others with
+  for choice in args.decode_attention.split(","):
+    eng = SlotEngine(cfg, params, max_batch=args.rows, cache_len=args.cache_len, steps=8, max_steps=32,
+                     decode_attention=choice)
+    state, _ = eng.prefill_into(eng.init(), prompts, list(range(args.rows)), [(0.0, 0, 1.0)] * args.rows,
+                                list(range(args.rows)))
+    tokens = time_calls(eng, state, args, first)
+    first = first or tokens
+    del eng, state
+
+
+def time_calls(eng, state, args, first) -> dict:
+  """Times each window's calls (one JSON line a window); its first call's tokens, by window."""
+  tokens = {}
   for window in map(int, args.windows.split(",")):
-    state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window)  # compilation
-    jax.block_until_ready(step)
+    # The first call compiles; it starts from the prefilled state only for the first window.
+    state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window)
+    tokens[window] = np.asarray(step.tokens)[:, :args.steps]
+    agree = None if first is None else round(float(np.mean(tokens[window] == first[window])), 4)
     returned, ready = [], []
     for _ in range(args.calls):
       t0 = time.perf_counter()
@@ -65,14 +79,16 @@ def main() -> None:
     dispatched = time.perf_counter() - t0
     jax.block_until_ready(step)
     total = time.perf_counter() - t0
-    print(json.dumps({"rows": args.rows, "window": eng.attend_for(args.rows, 0, window), "steps": args.steps,
+    print(json.dumps({"rows": args.rows, "decode_attention": eng.cfg.decode_attention,
+                      "window": eng.attend_for(args.rows, 0, window), "steps": args.steps,
                       "call_returns_ms": round(1000 * float(np.median(returned)), 2),
                       "call_ready_ms": round(1000 * float(np.median(ready)), 2),
                       "back_to_back_dispatch_ms": round(1000 * dispatched, 1),
                       "back_to_back_total_ms": round(1000 * total, 1),
                       "ms_per_step": round(1000 * total / (args.calls * args.steps), 3),
-                      "tokens_per_s": round(args.calls * args.steps * args.rows / total, 1), **device_info()}),
-          flush=True)
+                      "tokens_per_s": round(args.calls * args.steps * args.rows / total, 1),
+                      "tokens_agree_with_first_choice": agree, **device_info()}), flush=True)
+  return tokens
 
 
 if __name__ == "__main__":

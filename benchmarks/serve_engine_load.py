@@ -107,6 +107,8 @@ def main() -> None:
   p.add_argument("--min_attend", type=int, default=512)
   p.add_argument("--warmup_threads", type=int, default=0, help="0: the engine's default")
   p.add_argument("--modes", default="device_thread,inline")
+  p.add_argument("--decode_attention", default="auto", help="comma separated: auto, xla, pallas (an "
+                 "engine each, every mode on each)")
   p.add_argument("--dtype", default="bfloat16")
   args, rest = p.parse_known_args()
   load = serve_load.parse_args(rest)
@@ -128,34 +130,43 @@ def main() -> None:
   static = args.clients * n / (time.perf_counter() - t0)
   print(json.dumps({"static_tokens_per_s": round(static, 1), "prompt_len": pl, "new_tokens": n}), flush=True)
 
-  eng = SlotEngine(cfg, params, max_batch=args.clients, cache_len=args.max_len, min_attend=args.min_attend)
-  t0 = time.perf_counter()
-  eng.warmup(threads=args.warmup_threads or None)
-  print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1),
-                    "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
   tokenizer = _Tokens()
   count = serve_load.requests_for(load, args.clients)
   prompt_lengths, answers = serve_load.mix(load, count, seed=args.clients)
   prompts = serve_load.token_prompts(prompt_lengths, cfg.vocab_size, args.clients)
-  for mode in args.modes.split(","):
-    scheduler = Scheduler(eng, tokenizer, ())
-    if mode == "inline":
-      scheduler._on_device = _inline.__get__(scheduler)
-    scheduler.start()
-    try:
-      for timed in (False, True):
-        before = scheduler.stats()
-        row = run_level(scheduler, args.clients, prompts, answers)
-        if timed:
-          work = serve_load.engine_work(before, scheduler.stats(), row["seconds"])
-          # While every client has a request in (until the last is sent): without the drain at the end.
-          steady = serve_load.engine_work(before, row.pop("at_last_send"), row["steady_seconds"])
-          # (its snapshot falls inside a round, so the thread's time shares would be off: left out)
-          steady = {k: v for k, v in steady.items() if not k.startswith("host_")}
-          print(json.dumps({"mode": mode, **row, "vs_static": round(row["tokens_per_s"] / static, 3),
-                            "engine": work, "engine_steady": steady, **device_info()}), flush=True)
-    finally:
-      scheduler.stop()
+  for choice in args.decode_attention.split(","):
+    eng = SlotEngine(cfg, params, max_batch=args.clients, cache_len=args.max_len, min_attend=args.min_attend,
+                     decode_attention=choice)
+    t0 = time.perf_counter()
+    eng.warmup(threads=args.warmup_threads or None)
+    print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1), "decode_attention": eng.cfg.decode_attention,
+                      "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
+    for mode in args.modes.split(","):
+      run_mode(eng, mode, tokenizer, args, prompts, answers, static)
+    del eng
+
+
+def run_mode(eng, mode, tokenizer, args, prompts, answers, static) -> None:
+  """One closed-loop level (after an untimed one) through a scheduler over `eng`: a JSON line."""
+  scheduler = Scheduler(eng, tokenizer, ())
+  if mode == "inline":
+    scheduler._on_device = _inline.__get__(scheduler)
+  scheduler.start()
+  try:
+    for timed in (False, True):
+      before = scheduler.stats()
+      row = run_level(scheduler, args.clients, prompts, answers)
+      if timed:
+        work = serve_load.engine_work(before, scheduler.stats(), row["seconds"])
+        # While every client has a request in (until the last is sent): without the drain at the end.
+        steady = serve_load.engine_work(before, row.pop("at_last_send"), row["steady_seconds"])
+        # (its snapshot falls inside a round, so the thread's time shares would be off: left out)
+        steady = {k: v for k, v in steady.items() if not k.startswith("host_")}
+        print(json.dumps({"mode": mode, "decode_attention": eng.cfg.decode_attention, **row,
+                          "vs_static": round(row["tokens_per_s"] / static, 3), "engine": work,
+                          "engine_steady": steady, **device_info()}), flush=True)
+  finally:
+    scheduler.stop()
 
 
 if __name__ == "__main__":

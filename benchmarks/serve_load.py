@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max_answer", type=int, default=511)
   p.add_argument("--max_len", type=int, default=1024, help="the server's tokens per slot")
   p.add_argument("--decode_steps", type=int, default=8, help="the server's decode steps per call")
+  p.add_argument("--decode_attention", default="auto", help="the server's (auto, xla, pallas)")
   p.add_argument("--temperature", type=float, default=0.0, help="both sides; 0: greedy")
   p.add_argument("--workdir", default="/tmp/serve_load")
   p.add_argument("--stage", choices=("all", "static"), default="all", help=argparse.SUPPRESS)
@@ -166,7 +167,8 @@ def free_port() -> int:
 def start_server(args, port: int) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "llama_jax.serve", "--checkpoint", os.path.join(args.workdir, "model"),
          "--port", str(port), "--max_batch", str(max(levels(args))), "--max_len", str(args.max_len),
-         "--decode_steps", str(args.decode_steps), "--warmup", "--model_name", "bench",
+         "--decode_steps", str(args.decode_steps), "--decode_attention", args.decode_attention,
+         "--warmup", "--model_name", "bench",
          "--log_level", "warning"] + (["--profile_dir", args.profile_dir] if args.profile_dir else [])
   return subprocess.Popen(cmd, cwd=REPO, stdout=sys.stderr)  # stdout: the table only
 

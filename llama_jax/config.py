@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_matmuls")
 ATTENTION_IMPLS = ("xla", "cudnn")
+DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -31,6 +32,9 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of the parameters
   tie_embeddings: bool = False  # output head reuses tok_embeddings
   attention_impl: str = "xla"  # "xla" everywhere, "cudnn" (flash attention) on NVIDIA GPUs
+  # One query a row over the KV cache: "xla" reads the whole cache and masks; "pallas" reads each
+  # row's filled positions only (`kernels.decode_attention`; the server's engine picks it on a GPU)
+  decode_attention: str = "xla"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
   loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
@@ -55,6 +59,9 @@ class ModelConfig:
       raise ValueError(f"model.dtype and model.param_dtype must be one of {DTYPES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.decode_attention not in DECODE_ATTENTION_IMPLS:
+      raise ValueError(f"model.decode_attention must be one of {DECODE_ATTENTION_IMPLS}, "
+                       f"got {self.decode_attention!r}")
     if self.loss_chunk_len < 0:
       raise ValueError(f"model.loss_chunk_len must be >= 0, got {self.loss_chunk_len}")
     if self.remat_policy not in REMAT_POLICIES:

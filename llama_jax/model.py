@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import projection
 from llama_jax.config import ModelConfig
+from llama_jax.kernels import decode_attention
 
 Array = jax.Array
 Rope = tuple[Array, Array]  # (sin, cos), each (B, T, 1, H/2) float32
@@ -198,6 +199,11 @@ class Attention(nn.Module):
         out = xla_attention(q, k, v, attention_mask(idx, idx))
     elif cfg.attention_impl == "cudnn" and kv_layout == "BSKH":  # packed documents in training
       out = cudnn_attention(q, k, v, mask)
+    elif (cfg.decode_attention == "pallas" and kv_layout == "BKSH" and x.shape[1] == 1
+          and decode_attention.supported(k.shape[2])):
+      # A decode step: each row reads its own filled positions, 0..position (the mask's row).
+      lengths = jnp.minimum(positions[:, 0] + 1, k.shape[2])
+      out = decode_attention.ragged_decode_attention(q, k, v, lengths)
     else:  # and every masked attention over the cache (one query per row, per-row positions)
       out = xla_attention(q, k, v, mask, kv_layout)
     if self.has_variable("params", "wo_t"):

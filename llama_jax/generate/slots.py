@@ -250,6 +250,18 @@ def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count:
                         index=set_rows(state.index, index + count)), out
 
 
+def resolve_decode_attention(choice: str, mesh: Mesh | None) -> str:
+  """"auto": the ragged kernel (`kernels.decode_attention`: each slot reads its own length, not the
+  window of the longest) on one GPU; XLA elsewhere. Over several devices the Pallas call is not
+  partitioned by XLA (it would gather the cache), so "auto" keeps XLA there too."""
+  if choice == "auto":
+    one_device = mesh is None or mesh.devices.size == 1
+    return "pallas" if jax.default_backend() == "gpu" and one_device else "xla"
+  if choice not in ("xla", "pallas"):
+    raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {choice!r}")
+  return choice
+
+
 MIN_ATTEND = 128  # the shortest attention window a decode call compiles for (positions)
 
 
@@ -265,7 +277,8 @@ class SlotEngine:
 
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
                steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,
-               min_attend: int = MIN_ATTEND, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+               min_attend: int = MIN_ATTEND, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
+               decode_attention: str = "auto"):
     cache_len = cache_len or cfg.max_seq_len
     if not 0 < cache_len <= cfg.max_seq_len:
       raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), "
@@ -274,7 +287,7 @@ class SlotEngine:
     if max_batch < 1 or steps < 1 or max_steps < steps or prefill_tokens < 1:
       raise ValueError(f"max_batch, steps and prefill_tokens must be >= 1 and max_steps >= steps, got "
                        f"{max_batch}, {steps}, {prefill_tokens} and {max_steps}")
-    self.cfg = cfg
+    self.cfg = cfg.replace(decode_attention=resolve_decode_attention(decode_attention, mesh))
     self.rules = sharding.as_rules(rules)
     self.mesh = mesh
     self.params = engine.prepare_params(self.cfg, params, mesh, self.rules)
