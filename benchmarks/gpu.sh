@@ -16,6 +16,9 @@
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   ragged     the ragged decode-attention kernel: its tests compiled for the GPU, a server decode
 #              call's step cost and tokens beside XLA's, the engine under 64 clients with each
+#   staticsteps  a server decode call whose loop count XLA knows (a program per call length) against
+#              one whose count is data: does the call return before the device is done, and the engine
+#              under 64 clients with each
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -124,6 +127,10 @@ ragged)  # decode attention reading each slot's own length (Pallas) against XLA'
   python3 benchmarks/serve_dispatch.py --decode_attention xla,pallas 2>&1 | grep '^{' | tee -a $OUT/ragged.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --decode_attention xla,pallas 2>&1 \
     | grep '^{' | tee -a $OUT/ragged.jsonl ;;
+staticsteps)  # the decode call's trip count compiled in (call_lengths) or data
+  python3 benchmarks/serve_dispatch.py --steps 32 --static_steps 1,0 2>&1 | grep '^{' | tee -a $OUT/staticsteps.jsonl
+  python3 benchmarks/serve_engine_load.py --modes device_thread --static_steps 1,0 2>&1 \
+    | grep '^{' | tee -a $OUT/staticsteps.jsonl ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do

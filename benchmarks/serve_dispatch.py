@@ -15,6 +15,7 @@ Random weights; one JSON line per window.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -42,15 +43,17 @@ def main() -> None:
   p.add_argument("--windows", default="512,1024")
   p.add_argument("--calls", type=int, default=8)
   p.add_argument("--decode_attention", default="auto", help="comma separated: auto, xla, pallas")
+  p.add_argument("--static_steps", default="1", help="comma separated 1 (a program per call length: "
+                 "--steps must be 8, 16 or 32 for it) or 0 (the call length is data)")
   args = p.parse_args()
   cfg = llama_jax.preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
   params = serve_load.random_params(cfg)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, cfg.vocab_size, (args.rows, args.prompt_len)).tolist()
   first = None  # the first choice's greedy tokens of each window's first call, to compare the others with
-  for choice in args.decode_attention.split(","):
+  for choice, fixed in itertools.product(args.decode_attention.split(","), args.static_steps.split(",")):
     eng = SlotEngine(cfg, params, max_batch=args.rows, cache_len=args.cache_len, steps=8, max_steps=32,
-                     decode_attention=choice)
+                     decode_attention=choice, static_steps=bool(int(fixed)))
     state, _ = eng.prefill_into(eng.init(), prompts, list(range(args.rows)), [(0.0, 0, 1.0)] * args.rows,
                                 list(range(args.rows)))
     tokens = time_calls(eng, state, args, first)
@@ -80,6 +83,7 @@ def time_calls(eng, state, args, first) -> dict:
     jax.block_until_ready(step)
     total = time.perf_counter() - t0
     print(json.dumps({"rows": args.rows, "decode_attention": eng.cfg.decode_attention,
+                      "static_count": args.steps in eng.call_lengths and eng.static_steps,
                       "window": eng.attend_for(args.rows, 0, window), "steps": args.steps,
                       "call_returns_ms": round(1000 * float(np.median(returned)), 2),
                       "call_ready_ms": round(1000 * float(np.median(ready)), 2),

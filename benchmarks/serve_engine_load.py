@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import sys
@@ -109,6 +110,8 @@ def main() -> None:
   p.add_argument("--modes", default="device_thread,inline")
   p.add_argument("--decode_attention", default="auto", help="comma separated: auto, xla, pallas (an "
                  "engine each, every mode on each)")
+  p.add_argument("--static_steps", default="1", help="comma separated 1 (a program per call length) "
+                 "or 0 (the call length is data): an engine each")
   p.add_argument("--dtype", default="bfloat16")
   args, rest = p.parse_known_args()
   load = serve_load.parse_args(rest)
@@ -134,12 +137,13 @@ def main() -> None:
   count = serve_load.requests_for(load, args.clients)
   prompt_lengths, answers = serve_load.mix(load, count, seed=args.clients)
   prompts = serve_load.token_prompts(prompt_lengths, cfg.vocab_size, args.clients)
-  for choice in args.decode_attention.split(","):
+  for choice, fixed in itertools.product(args.decode_attention.split(","), args.static_steps.split(",")):
     eng = SlotEngine(cfg, params, max_batch=args.clients, cache_len=args.max_len, min_attend=args.min_attend,
-                     decode_attention=choice)
+                     decode_attention=choice, static_steps=bool(int(fixed)))
     t0 = time.perf_counter()
     eng.warmup(threads=args.warmup_threads or None)
     print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1), "decode_attention": eng.cfg.decode_attention,
+                      "static_steps": eng.static_steps,
                       "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
     for mode in args.modes.split(","):
       run_mode(eng, mode, tokenizer, args, prompts, answers, static)
@@ -162,7 +166,8 @@ def run_mode(eng, mode, tokenizer, args, prompts, answers, static) -> None:
         steady = serve_load.engine_work(before, row.pop("at_last_send"), row["steady_seconds"])
         # (its snapshot falls inside a round, so the thread's time shares would be off: left out)
         steady = {k: v for k, v in steady.items() if not k.startswith("host_")}
-        print(json.dumps({"mode": mode, "decode_attention": eng.cfg.decode_attention, **row,
+        print(json.dumps({"mode": mode, "decode_attention": eng.cfg.decode_attention,
+                          "static_steps": eng.static_steps, **row,
                           "vs_static": round(row["tokens_per_s"] / static, 3), "engine": work,
                           "engine_steady": steady, **device_info()}), flush=True)
   finally:

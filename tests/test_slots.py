@@ -107,6 +107,22 @@ def test_light_load_runs_the_leading_slots_only_and_decodes_the_same(params, slo
   assert driver.out["a"] == expected[0] and driver.out["b"] == expected[1][:7]
 
 
+def test_call_lengths_compiled_or_data_decode_the_same(params, slot_engine):
+  """A call length the engine compiles for (a trip count XLA knows) and one it does not (the loop
+  count is data) continue each other exactly, with or without `static_steps`."""
+  assert slot_engine.call_lengths == [3, 6, 12] and slot_engine.static_steps
+  a, b = _prompts([6, 14], seed=9)
+  expected = generate_tokens(TINY, params, [a, b], 1 + 3 + 2 + 6 + 1)
+  for eng in (slot_engine, slots.SlotEngine(TINY, params, max_batch=4, steps=3, min_attend=16,
+                                            static_steps=False)):
+    driver = _Driver(eng)
+    driver.admit("a", a, slot=0)
+    driver.admit("b", b, slot=1)
+    for steps in (3, 2, 6, 1):
+      driver.step(rows=4, steps=steps)
+    assert [driver.out["a"], driver.out["b"]] == expected
+
+
 def test_new_prompts_and_settings_of_a_bucket_reuse_the_compiled_functions(slot_engine):
   driver = _Driver(slot_engine)
   driver.admit("x", _prompts([4])[0], slot=0)
@@ -193,7 +209,7 @@ def test_warmup_compiles_every_shape_a_request_can_take(params):
       state = driver.state
       for rows in slot_engine.row_buckets:
         for need in range(1, TINY.max_seq_len + 2):  # every window, and past the cache's end
-          for steps in (1, slot_engine.steps, slot_engine.max_steps):  # call lengths are data
+          for steps in slot_engine.call_lengths:  # one program each (the scheduler's lengths)
             state, _ = slot_engine.generate(state, rows=rows, steps=steps, need=need)
         state, _ = slot_engine.generate(state, rows=rows)
       state, _ = slot_engine.generate(state, top_logprobs=slots.MAX_TOP_LOGPROBS, need=5)

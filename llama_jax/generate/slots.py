@@ -13,8 +13,10 @@ The server uses two changes of that API, for throughput under load:
       into their slots (no cache of their own, no copy), where JetStream prefills one prompt per
       call: a server at 64 clients admits a few prompts per round, each a small matmul alone;
   generate(..., count, steps=S, attend=A)
-      `count` <= S steps (data: one compilation serves every call length, so the host can ask for
-      longer calls when nobody waits), over the first A positions of the cache only (a window
+      `count` <= S steps (one compilation per call length the host may ask for, so the loop's trip
+      count is known to XLA: a GPU then runs the call without the host, and the next call can be
+      dispatched while it runs; `static_steps=False` makes it data instead, one compilation for
+      every length), over the first A positions of the cache only (a window
       copied once per call): a step reads the part of the cache its live slots fill, as paged
       attention (vLLM) reads a request's blocks, in place of the whole `max_len` of every slot.
 The host side (the server's scheduler) decides which slots are live, when a request ends (EOS, its
@@ -31,7 +33,8 @@ a seed draws what `generate_tokens(..., seed=seed)` draws for the same prompt al
 
 Compilation: `prefill_insert` once per (row bucket, prompt bucket) whose padded tokens fit
 `prefill_tokens` (prompt buckets: powers of two from `generator.MIN_PROMPT_BUCKET` up to the cache
-length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket); `generate` once per row bucket (the leading
+length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket); `generate` once per call
+length (`call_lengths`) and row bucket (the leading
 slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
 more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
 length), and once more for all slots with the most likely alternatives of each token (OpenAI's
@@ -201,14 +204,19 @@ def prefill_insert(cfg: ModelConfig, params: engine.EngineParams, state: Slots, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "rows", "attend", "top_logprobs", "mesh",
-                                             "rules"),
+                                             "rules", "static_count"),
                    donate_argnames=("state",))
 def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count: Array, *,
              steps: int = 1, rows: int | None = None, attend: int | None = None, top_logprobs: int = 0,
-             mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> tuple[Slots, Step]:
+             mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
+             static_count: int = 0) -> tuple[Slots, Step]:
   """`count` (<= `steps`, traced) decode steps for slots 0..rows-1 (default: all): each feeds its
   latest token at its position and draws the next. Returns (rows, steps) tokens, of which the
   first `count` columns were drawn (the rest are zeros): one compilation serves every call length.
+  `static_count` > 0 replaces `count` by that many steps, known at compile time: a loop whose
+  trip count XLA knows, which a GPU runs without copying a predicate back to the host each step
+  (a data trip count holds the calling thread until the loop is done), at one compilation per
+  call length.
 
   Each query attends over cache positions 0..attend-1 only (default: the whole cache): the host
   picks `attend` above every live slot's last position in this call, so a batch of short requests
@@ -240,6 +248,8 @@ def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count:
     out = jax.tree.map(lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, t, axis=1), out, drawn)
     return cache, drawn.tokens[:, 0], out
 
+  if static_count:
+    count = static_count
   cache, tokens, out = jax.lax.fori_loop(0, count, step, (cache, tokens, out))
   if windowed:
     written = jnp.minimum(start[:, None] + jnp.arange(steps)[None], attend - 1)  # (rows, steps)
@@ -278,7 +288,7 @@ class SlotEngine:
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
                steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,
                min_attend: int = MIN_ATTEND, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
-               decode_attention: str = "auto"):
+               decode_attention: str = "auto", static_steps: bool = True):
     cache_len = cache_len or cfg.max_seq_len
     if not 0 < cache_len <= cfg.max_seq_len:
       raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), "
@@ -293,6 +303,7 @@ class SlotEngine:
     self.params = engine.prepare_params(self.cfg, params, mesh, self.rules)
     self.max_batch, self.cache_len, self.steps, self.max_steps = max_batch, cache_len, steps, max_steps
     self.prefill_tokens, self.min_attend = prefill_tokens, min_attend
+    self.static_steps = static_steps
     self._static = dict(mesh=mesh, rules=self.rules)
 
   @property
@@ -428,11 +439,25 @@ class SlotEngine:
     return rows * 4 >= self.max_batch
 
   @property
-  def generate_shapes(self) -> list[tuple[int, int, int]]:
-    """(rows, attend, top_logprobs) of every `generate` compiled."""
+  def call_lengths(self) -> list[int]:
+    """The decode steps a call is compiled for with `static_steps`: `steps` doubled up to
+    `max_steps` (the lengths the scheduler asks for); any other length runs a loop whose trip
+    count is data (compiled on first use)."""
+    sizes, s = [], self.steps
+    while s <= self.max_steps:
+      sizes.append(s)
+      s *= 2
+    return sizes
+
+  @property
+  def generate_shapes(self) -> list[tuple[int, int, int, int]]:
+    """(rows, attend, top_logprobs, steps) of every `generate` compiled; steps 0: any length (a
+    data trip count, without `static_steps`)."""
+    lengths = self.call_lengths if self.static_steps else [0]
     shapes = [(r, a, 0) for r in self.row_buckets
               for a in (self.attend_buckets if self.windowed(r) else [self.cache_len])]
-    return shapes + [(self.max_batch, self.cache_len, max_top_logprobs(self.cfg))]
+    shapes.append((self.max_batch, self.cache_len, max_top_logprobs(self.cfg)))
+    return [(r, a, top, n) for r, a, top in shapes for n in lengths]
 
   def generate(self, state: Slots, rows: int | None = None, top_logprobs: int = 0,
                steps: int | None = None, need: int | None = None) -> tuple[Slots, Step]:
@@ -451,8 +476,9 @@ class SlotEngine:
       raise ValueError(f"steps must be in [1, {self.max_steps}], got {steps}")
     rows = self.max_batch if top_logprobs or rows is None else rows
     attend = self.attend_for(rows, top_logprobs, need)
+    static_count = steps if self.static_steps and steps in self.call_lengths else 0
     return np.int32(steps), dict(steps=self.max_steps, rows=rows, attend=attend, top_logprobs=top_logprobs,
-                                 **self._static)
+                                 static_count=static_count, **self._static)
 
   def attend_for(self, rows: int, top_logprobs: int, need: int | None) -> int:
     """The attention window a `generate` call of `rows` slots reads for `need` positions."""
@@ -472,14 +498,14 @@ class SlotEngine:
     programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, *args, **self._static)
                 for r, p in self.prefill_shapes
                 for _, args in self.prefill_plan([[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)]
-    for rows, attend, top in self.generate_shapes:
-      count, options = self._generate_args(rows, top, None, attend)
+    for rows, attend, top, steps in self.generate_shapes:
+      count, options = self._generate_args(rows, top, steps or None, attend)
       programs.append(functools.partial(generate.lower, self.cfg, self.params, state, count, **options))
     threads = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama_jax-warmup") as pool:
       list(pool.map(lambda lower: lower().compile(), programs))  # (raises what a compilation raised)
     for r, p in self.prefill_shapes:
       state, _ = self.prefill_into(state, [[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)
-    for rows, attend, top in self.generate_shapes:
-      state, step = self.generate(state, rows=rows, top_logprobs=top, need=attend)
+    for rows, attend, top, steps in self.generate_shapes:
+      state, step = self.generate(state, rows=rows, top_logprobs=top, steps=steps or None, need=attend)
     jax.block_until_ready(step)

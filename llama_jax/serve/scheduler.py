@@ -360,15 +360,15 @@ class Scheduler:
     CPU, calls fell from 28 to 12.5 steps while live rows rose only from 67.8% to 69.4%, and a call
     costs ~2.6 ms beyond its steps on an H200, estimated as 27 x (1.826 - 1.729) ms: the server's
     27-step calls against the static batch's steps at the same window. Reverted.)"""
-    base, best = self.engine.steps, self.engine.steps
+    lengths = self.engine.call_lengths  # the engine's steps, doubled up to its max_steps
+    best = lengths[0]
     if self._waiting:
-      return base
-    steps = 2 * base
-    while steps <= self.engine.max_steps:
+      return best
+    for steps in lengths[1:]:
       idle = sum(max(0, steps - (o.request.max_tokens - o.dispatched)) for o in live)
       if idle * 8 > steps * len(live):
         break
-      best, steps = steps, 2 * steps
+      best = steps
     return best
 
   def _admit(self) -> None:
