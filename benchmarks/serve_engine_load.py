@@ -142,8 +142,8 @@ def main() -> None:
                      decode_attention=choice, static_steps=bool(int(fixed)))
     t0 = time.perf_counter()
     eng.warmup(threads=args.warmup_threads or None)
-    print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1), "decode_attention": eng.cfg.decode_attention,
-                      "static_steps": eng.static_steps,
+    print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1),
+                      "decode_attention": eng.cfg.decode_attention, "static_steps": eng.static_steps,
                       "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
     for mode in args.modes.split(","):
       run_mode(eng, mode, tokenizer, args, prompts, answers, static)

@@ -33,9 +33,9 @@ a seed draws what `generate_tokens(..., seed=seed)` draws for the same prompt al
 
 Compilation: `prefill_insert` once per (row bucket, prompt bucket) whose padded tokens fit
 `prefill_tokens` (prompt buckets: powers of two from `generator.MIN_PROMPT_BUCKET` up to the cache
-length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket); `generate` once per call
-length (`call_lengths`) and row bucket (the leading
-slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
+length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket);
+`generate` once per call length (`call_lengths`) and row bucket (the leading slots it runs: 1, 4,
+16, ..., max_batch) and, for the row buckets of a quarter of the slots or
 more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
 length), and once more for all slots with the most likely alternatives of each token (OpenAI's
 `logprobs`). `SlotEngine.warmup` compiles the server's before the first request.

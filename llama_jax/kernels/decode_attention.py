@@ -32,7 +32,8 @@ def ragged_decode_attention(q: Array, k: Array, v: Array, lengths: Array, *,
                             interpret: bool | None = None) -> Array:
   """q (B, 1, N, H); k, v (B, K, S, H); lengths (B,) in 1..S: row b attends over k[b, :, :lengths[b]].
   Returns (B, 1, N, H) in q's dtype. Grouped-query: the N query heads are K groups of N/K."""
-  from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode  # pylint: disable=import-outside-toplevel
+  # Imported where used: Pallas and its Triton lowering load only for a model that runs the kernel.
+  from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode  # noqa: PLC0415
   b, t, n, h = q.shape
   kv_heads, length = k.shape[1], k.shape[2]
   if t != 1:
@@ -45,7 +46,8 @@ def ragged_decode_attention(q: Array, k: Array, v: Array, lengths: Array, *,
   group = n // kv_heads
   one_head = functools.partial(
       pallas_decode.decode_attn_unbatched, sm_scale=h ** -0.5,
-      block_h=max(16, 1 << (group - 1).bit_length()),  # Triton's dot: >= 16 rows, a power of two; padding rows masked
+      # Triton's dot takes >= 16 rows, a power of two: the query heads of a group, padded (masked).
+      block_h=max(16, 1 << (group - 1).bit_length()),
       block_k=split, k_splits=length // split, num_warps=None, num_stages=2, grid=None,
       interpret=interpret, debug=False, return_residuals=False, normalize_output=True)
   # Over rows (each with its length), then over KV heads (sharing it): (B, K, G, H).
