@@ -73,6 +73,11 @@ def test_a_slot_engine_on_the_kernel_decodes_what_generate_tokens_decodes(monkey
   eng = slots.SlotEngine(TINY, params, max_batch=4, steps=3, min_attend=16, decode_attention="pallas")
   assert eng.cfg.decode_attention == "pallas"
   assert slots.SlotEngine(TINY, params, max_batch=4).cfg.decode_attention == "xla"  # "auto" on a CPU
+  two = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))  # (conftest: 8 CPU devices)
+  assert two.devices.size == 2
+  with pytest.raises(ValueError, match="one device"):
+    slots.resolve_decode_attention("pallas", two)
+  assert slots.resolve_decode_attention("auto", two) == "xla"
   rng = np.random.default_rng(1)
   prompts = [[1] + rng.integers(3, TINY.vocab_size, n - 1).tolist() for n in (5, 20, 11)]
   state, calls = eng.prefill_into(eng.init(), prompts, [0, 0, 0], [(0.0, 0, 1.0)] * 3, [0, 1, 2])

@@ -263,11 +263,13 @@ def resolve_decode_attention(choice: str, mesh: Mesh | None) -> str:
   """"auto": the ragged kernel (`kernels.decode_attention`: each slot reads its own length, not the
   window of the longest) on one GPU; XLA elsewhere. Over several devices the Pallas call is not
   partitioned by XLA (it would gather the cache), so "auto" keeps XLA there too."""
+  one_device = mesh is None or mesh.devices.size == 1
   if choice == "auto":
-    one_device = mesh is None or mesh.devices.size == 1
     return "pallas" if jax.default_backend() == "gpu" and one_device else "xla"
   if choice not in ("xla", "pallas"):
     raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {choice!r}")
+  if choice == "pallas" and not one_device:
+    raise ValueError(f"decode_attention 'pallas' runs on one device; this mesh has {mesh.devices.size}")
   return choice
 
 
