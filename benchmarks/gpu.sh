@@ -16,6 +16,7 @@
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   ragged     the ragged decode-attention kernel: its tests compiled for the GPU, a server decode
 #              call's step cost and tokens beside XLA's, the engine under 64 clients with each
+#              (raggedcheck: the tests and the kernel's error only)
 #   staticsteps  a server decode call whose loop count XLA knows (a program per call length) against
 #              one whose count is data: does the call return before the device is done, and the engine
 #              under 64 clients with each
@@ -118,12 +119,11 @@ serveengine)  # the scheduler and engine without HTTP, 64 closed-loop clients, b
 dispatch)  # whether a server decode call returns before the device is done; ms/step by window at 64 rows
   python3 benchmarks/serve_dispatch.py 2>&1 | grep '^{' | tee -a $OUT/dispatch.jsonl
   run dispatch XLA_FLAGS= $D --batch_size 64 --prompt_len 227 --new_tokens 185 --repeats 3 ;;
-raggedcheck)  # the kernel's tests and its error at serving shapes only
-  python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_decode_attention.py -k "not slot_engine" 2>&1 | tail -3
-  python3 benchmarks/decode_attention_check.py 2>&1 | grep '^{' | tee -a $OUT/ragged.jsonl ;;
-ragged)  # decode attention reading each slot's own length (Pallas) against XLA's over the window
+ragged|raggedcheck)  # decode attention reading each slot's own length (Pallas) against XLA's over
+  # the window; raggedcheck: the kernel's tests and its error at serving shapes only
   python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_decode_attention.py -k "not slot_engine" 2>&1 | tail -3
   python3 benchmarks/decode_attention_check.py 2>&1 | grep '^{' | tee -a $OUT/ragged.jsonl
+  [ "$section" = raggedcheck ] && continue
   python3 benchmarks/serve_dispatch.py --decode_attention xla,pallas 2>&1 | grep '^{' | tee -a $OUT/ragged.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --decode_attention xla,pallas 2>&1 \
     | grep '^{' | tee -a $OUT/ragged.jsonl ;;

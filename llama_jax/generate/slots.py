@@ -54,7 +54,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax import sharding
-from llama_jax.config import ModelConfig
+from llama_jax.config import DECODE_ATTENTION_IMPLS, ModelConfig
 from llama_jax.generate import engine
 from llama_jax.generate.cache import KVCache, RowWriter, init_cache, shard_cache, window, write_back
 from llama_jax.generate.generator import MIN_PROMPT_BUCKET, bucket
@@ -266,8 +266,8 @@ def resolve_decode_attention(choice: str, mesh: Mesh | None) -> str:
   one_device = mesh is None or mesh.devices.size == 1
   if choice == "auto":
     return "pallas" if jax.default_backend() == "gpu" and one_device else "xla"
-  if choice not in ("xla", "pallas"):
-    raise ValueError(f"decode_attention must be 'auto', 'xla' or 'pallas', got {choice!r}")
+  if choice not in DECODE_ATTENTION_IMPLS:
+    raise ValueError(f"decode_attention must be 'auto' or one of {DECODE_ATTENTION_IMPLS}, got {choice!r}")
   if choice == "pallas" and not one_device:
     raise ValueError(f"decode_attention 'pallas' runs on one device; this mesh has {mesh.devices.size}")
   return choice

@@ -23,9 +23,13 @@ Array = jax.Array
 SPLIT_LENGTHS = (64, 32, 16)  # positions one program reduces: the longest that divides the cache
 
 
+def _split_length(length: int) -> int | None:
+  return next((s for s in SPLIT_LENGTHS if length % s == 0), None)
+
+
 def supported(length: int) -> bool:
   """Whether a cache of `length` positions splits into whole stretches for the kernel."""
-  return any(length % s == 0 for s in SPLIT_LENGTHS)
+  return _split_length(length) is not None
 
 
 def ragged_decode_attention(q: Array, k: Array, v: Array, lengths: Array, *,
@@ -38,7 +42,7 @@ def ragged_decode_attention(q: Array, k: Array, v: Array, lengths: Array, *,
   kv_heads, length = k.shape[1], k.shape[2]
   if t != 1:
     raise ValueError(f"ragged decode attention takes one query a row, got {t}")
-  split = next((s for s in SPLIT_LENGTHS if length % s == 0), None)
+  split = _split_length(length)
   if split is None:
     raise ValueError(f"cache length {length} is not a multiple of {SPLIT_LENGTHS[-1]}")
   if interpret is None:
