@@ -20,6 +20,9 @@
 #   staticsteps  a server decode call whose loop count XLA knows (a program per call length) against
 #              one whose count is data: does the call return before the device is done, and the engine
 #              under 64 clients with each
+#   pack       prompts packed side by side in prefill rows against one prompt a row, with XLA's and
+#              cuDNN's prefill attention: the engine under 64 clients, each prefill shape's time, and
+#              the masked attention's error (benchmarks/packed_attention_check.py)
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -131,6 +134,10 @@ staticsteps)  # the decode call's trip count compiled in (call_lengths) or data
   python3 benchmarks/serve_dispatch.py --steps 32 --static_steps 1,0 2>&1 | grep '^{' | tee -a $OUT/staticsteps.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --static_steps 1,0 2>&1 \
     | grep '^{' | tee -a $OUT/staticsteps.jsonl ;;
+pack)  # prompts packed side by side in prefill rows (a segment mask) against one prompt a row
+  python3 benchmarks/packed_attention_check.py 2>&1 | grep '^{' | tee -a $OUT/pack.jsonl
+  python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn,xla --pack_prompts 1,0 \
+    --time_prefill 2>&1 | grep '^{' | tee -a $OUT/pack.jsonl ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do

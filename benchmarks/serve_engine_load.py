@@ -112,15 +112,47 @@ def main() -> None:
                  "engine each, every mode on each)")
   p.add_argument("--static_steps", default="1", help="comma separated 1 (a program per call length) "
                  "or 0 (the call length is data): an engine each")
+  p.add_argument("--pack_prompts", default="1", help="comma separated 1 (prompts packed side by side "
+                 "in prefill rows) or 0 (one a row): an engine each")
+  p.add_argument("--attention_impl", default="xla", help="comma separated: xla, cudnn (the model's "
+                 "prefill attention; the static batch is measured again with each)")
+  p.add_argument("--time_prefill", action="store_true", help="also time each compiled prefill shape alone")
   p.add_argument("--dtype", default="bfloat16")
   args, rest = p.parse_known_args()
   load = serve_load.parse_args(rest)
   context = max(llama_jax.preset(args.preset).max_seq_len, args.max_len)  # a small preset's, stretched
-  cfg = llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False,
-                         max_seq_len=context)
-  params = serve_load.random_params(cfg)
+  tokenizer = _Tokens()
+  count = serve_load.requests_for(load, args.clients)
+  prompt_lengths, answers = serve_load.mix(load, count, seed=args.clients)
+  params = None
+  for impl in args.attention_impl.split(","):
+    cfg = llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False,
+                           max_seq_len=context, attention_impl=impl)
+    params = params or serve_load.random_params(cfg)
+    static = static_batch(cfg, params, args, load)
+    prompts = serve_load.token_prompts(prompt_lengths, cfg.vocab_size, args.clients)
+    for choice, fixed, pack in itertools.product(args.decode_attention.split(","), args.static_steps.split(","),
+                                                 args.pack_prompts.split(",")):
+      eng = SlotEngine(cfg, params, max_batch=args.clients, cache_len=args.max_len, min_attend=args.min_attend,
+                       decode_attention=choice, static_steps=bool(int(fixed)), pack_prompts=bool(int(pack)))
+      t0 = time.perf_counter()
+      eng.warmup(threads=args.warmup_threads or None)
+      print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1), **_engine_options(eng),
+                        "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
+      if args.time_prefill:
+        print(json.dumps({**_engine_options(eng), "prefill_ms": time_prefill(eng)}), flush=True)
+      for mode in args.modes.split(","):
+        run_mode(eng, mode, tokenizer, args, prompts, answers, static)
+      del eng
 
-  # The static batch at the mix's mean lengths (as serve_load's).
+
+def _engine_options(eng) -> dict:
+  return {"attention_impl": eng.cfg.attention_impl, "decode_attention": eng.cfg.decode_attention,
+          "static_steps": eng.static_steps, "pack_prompts": eng.pack_prompts}
+
+
+def static_batch(cfg, params, args, load) -> float:
+  """`generate_tokens`' tokens/s at the mix's mean lengths (as serve_load's), after an untimed call."""
   lengths, outs = serve_load.mix(load, 4096, seed=1)
   pl, n = int(np.mean(lengths)), int(np.mean(outs))
   rng = np.random.default_rng(2)
@@ -131,23 +163,26 @@ def main() -> None:
   t0 = time.perf_counter()
   run()
   static = args.clients * n / (time.perf_counter() - t0)
-  print(json.dumps({"static_tokens_per_s": round(static, 1), "prompt_len": pl, "new_tokens": n}), flush=True)
+  print(json.dumps({"attention_impl": cfg.attention_impl, "static_tokens_per_s": round(static, 1),
+                    "prompt_len": pl, "new_tokens": n}), flush=True)
+  return static
 
-  tokenizer = _Tokens()
-  count = serve_load.requests_for(load, args.clients)
-  prompt_lengths, answers = serve_load.mix(load, count, seed=args.clients)
-  prompts = serve_load.token_prompts(prompt_lengths, cfg.vocab_size, args.clients)
-  for choice, fixed in itertools.product(args.decode_attention.split(","), args.static_steps.split(",")):
-    eng = SlotEngine(cfg, params, max_batch=args.clients, cache_len=args.max_len, min_attend=args.min_attend,
-                     decode_attention=choice, static_steps=bool(int(fixed)))
-    t0 = time.perf_counter()
-    eng.warmup(threads=args.warmup_threads or None)
-    print(json.dumps({"warmup_s": round(time.perf_counter() - t0, 1),
-                      "decode_attention": eng.cfg.decode_attention, "static_steps": eng.static_steps,
-                      "programs": len(eng.prefill_shapes) + len(eng.generate_shapes)}), flush=True)
-    for mode in args.modes.split(","):
-      run_mode(eng, mode, tokenizer, args, prompts, answers, static)
-    del eng
+
+def time_prefill(eng, repeats: int = 5) -> dict[str, float]:
+  """Milliseconds a compiled prefill call of each shape takes alone (its rows all padding, which
+  costs what prompts do), the best of `repeats` calls each."""
+  import jax
+  state, times = eng.init(), {}
+  for r, length in eng.prefill_shapes:
+    call = eng._empty_call(r, length)
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      state, drawn = eng.prefill_call(state, call)
+      jax.block_until_ready(drawn)
+      best = min(best, time.perf_counter() - t0)
+    times[f"{r}x{length}"] = round(1000 * best, 3)
+  return times
 
 
 def run_mode(eng, mode, tokenizer, args, prompts, answers, static) -> None:
@@ -166,8 +201,7 @@ def run_mode(eng, mode, tokenizer, args, prompts, answers, static) -> None:
         steady = serve_load.engine_work(before, row.pop("at_last_send"), row["steady_seconds"])
         # (its snapshot falls inside a round, so the thread's time shares would be off: left out)
         steady = {k: v for k, v in steady.items() if not k.startswith("host_")}
-        print(json.dumps({"mode": mode, "decode_attention": eng.cfg.decode_attention,
-                          "static_steps": eng.static_steps, **row,
+        print(json.dumps({"mode": mode, **_engine_options(eng), **row,
                           "vs_static": round(row["tokens_per_s"] / static, 3), "engine": work,
                           "engine_steady": steady, **device_info()}), flush=True)
   finally:

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max_len", type=int, default=1024, help="the server's tokens per slot")
   p.add_argument("--decode_steps", type=int, default=8, help="the server's decode steps per call")
   p.add_argument("--decode_attention", default="auto", help="the server's (auto, xla, pallas)")
+  p.add_argument("--attention_impl", default="xla", help="the model's (xla, cudnn: flash attention in "
+                 "prefill, as configs/tinyllama_1b.py trains), both sides")
   p.add_argument("--temperature", type=float, default=0.0, help="both sides; 0: greedy")
   p.add_argument("--workdir", default="/tmp/serve_load")
   p.add_argument("--stage", choices=("all", "static"), default="all", help=argparse.SUPPRESS)
@@ -86,7 +88,8 @@ def requests_for(args, clients: int) -> int:
 
 def model_config(args):
   import llama_jax
-  return llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False)
+  return llama_jax.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, scan_layers=False,
+                          attention_impl=args.attention_impl)
 
 
 def random_params(cfg):

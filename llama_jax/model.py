@@ -65,6 +65,9 @@ MODEL_KEYS = ("tok_embeddings", "layers", "norm", "output")
 class LayerCache(Protocol):
   """What `Attention` needs of one layer's key/value cache (`generate.cache.KVCache` is one)."""
   layout: str  # the einsum letters of the keys and values it returns, e.g. "BKSH"
+  # A prefill's writer (`generate.cache.RowWriter`): nothing is read back, this call's own keys
+  # are all its queries attend over (under the mask, if any: prompts packed into one row).
+  write_only: bool
 
   def write(self, k: Array, v: Array, positions: Array) -> "LayerCache":
     """The cache with k, v (B, T, K, H) written at positions (B, T)."""
@@ -185,11 +188,12 @@ class Attention(nn.Module):
     kv_layout = "BSKH"
     if cache is not None:
       cache = cache.write(k, v, positions)
-      if mask is not None:  # decoding: attend over everything cached so far, this call's keys included
+      if mask is not None and not cache.write_only:
+        # Decoding: attend over everything cached so far, this call's keys included.
         k, v = cache.read(cfg.dtype)
         kv_layout = cache.layout
-      # No mask: a prefill from position 0 into an empty cache, so this call's own keys are all
-      # there is to see (causal), and the fused kernel can run on them.
+      # Otherwise a prefill from position 0: this call's own keys are all there is to see (causal,
+      # or the mask of prompts packed side by side), and the fused kernel can run on them.
 
     if mask is None:  # plain causal over a sequence that starts at position 0
       if cfg.attention_impl == "cudnn":
@@ -197,7 +201,7 @@ class Attention(nn.Module):
       else:
         idx = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         out = xla_attention(q, k, v, attention_mask(idx, idx))
-    elif cfg.attention_impl == "cudnn" and kv_layout == "BSKH":  # packed documents in training
+    elif cfg.attention_impl == "cudnn" and kv_layout == "BSKH":  # packed documents or prompts
       out = cudnn_attention(q, k, v, mask)
     elif (cfg.decode_attention == "pallas" and kv_layout == "BKSH" and x.shape[1] == 1
           and decode_attention.supported(k.shape[2])):

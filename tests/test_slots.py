@@ -221,18 +221,27 @@ def test_warmup_compiles_every_shape_a_request_can_take(params):
   assert dict(engine.TRACE_COUNTS) == before
 
 
-def test_batched_prefill_gives_each_prompt_what_it_gets_alone(slot_engine):
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_prefill_gives_each_prompt_what_it_gets_alone(params, slot_engine, packed):
   """Prompts of two length buckets into scattered slots, greedy beside seeded sampling, in calls
-  that pad (3 prompts in a 4-row call); then the same one prompt per call: the same first tokens
-  and log-probabilities, and the same tokens decoded after."""
+  that pad: packed, all four side by side in one row; one a row, three in a 4-row call of 16 and
+  the 32 bucket alone. Then the same one prompt per call: the
+  same first tokens and log-probabilities, and the same tokens decoded after (so the same keys and
+  values in the cache)."""
   lengths = [5, 20, 3, 9]  # buckets 16, 32, 16, 16
   prompts = _prompts(lengths, seed=8)
   sampling = [GREEDY, SAMPLED, SAMPLED, GREEDY]
   seeds = [0, 7, 2 ** 40 + 11, -3]  # any int: its low 32 bits count, as row_key's
   where = [2, 0, 3, 1]
-  together, alone = _Driver(slot_engine), _Driver(slot_engine)
+  eng = slot_engine if packed else slots.SlotEngine(TINY, params, max_batch=4, steps=3, min_attend=16,
+                                                    pack_prompts=False)
+  together, alone = _Driver(eng), _Driver(eng)
   calls = together.admit_together([(str(i), prompts[i], where[i], sampling[i], seeds[i]) for i in range(4)])
-  assert sorted(len(drawn.tokens) for _, drawn in calls) == [1, 4]  # the 32 bucket alone, three padded to 4
+  if packed:  # all four side by side in one row of 64, longest first, then 27 tokens of padding
+    assert eng.pack(lengths) == [((1, 64), [[1, 3, 0, 2]])]
+    assert [chosen for chosen, _ in calls] == [[1, 3, 0, 2]]
+  else:
+    assert sorted(len(drawn.tokens) for _, drawn in calls) == [1, 4]  # the 32 bucket alone, three padded to 4
   for i in range(4):
     alone.admit(str(i), prompts[i], where[i], sampling[i], seeds[i])
   logprobs = {}
@@ -240,7 +249,7 @@ def test_batched_prefill_gives_each_prompt_what_it_gets_alone(slot_engine):
     for row, i in enumerate(chosen):
       logprobs[i] = float(drawn.logprobs[row, 0])
   for i in range(4):
-    prefix = slot_engine.prefill(prompts[i], slots.row_key(seeds[i]), sampling[i])
+    prefix = eng.prefill(prompts[i], slots.row_key(seeds[i]), sampling[i])
     assert logprobs[i] == pytest.approx(float(prefix.drawn.logprobs[0, 0]), abs=1e-5)
   for driver in (together, alone):
     driver.step()
@@ -270,6 +279,25 @@ def test_prefill_calls_pad_small_counts_and_split_large_ones(params):
   assert eng.split(40, 16) == [16, 16, 16]
   assert eng.split(6, 64) == [4, 4]
   assert eng.split(3, 512) == [1, 1, 1]
+
+
+def test_prompts_pack_into_the_rows_of_compiled_shapes(params):
+  """First fit, longest first, into the compiled calls of least padding, a call counted as
+  PREFILL_CALL_TOKENS more: one that takes them all, or the largest they fill and then the rest."""
+  eng = slots.SlotEngine(TINY.replace(max_seq_len=512), params, max_batch=64, steps=3, prefill_tokens=1024)
+  assert eng.prefill_shapes[:4] == [(1, 16), (4, 16), (16, 16), (64, 16)]
+  assert eng.pack([200]) == [((1, 256), [[0]])]
+  assert eng.pack([100, 60, 90]) == [((1, 256), [[0, 2, 1]])]  # 250 of 256
+  # 400 tokens: one call of 512 (cost 512 + 128) beats 256 + 128 (250 of them) and 256 + 128 more.
+  assert eng.pack([130, 120, 70, 50, 30]) == [((1, 512), [[0, 1, 2, 3, 4]])]
+  # 300 tokens: a row of 256 filled, then 50 in a call of 64 (cost 576), beats one call of 512.
+  assert eng.pack([130, 120, 50]) == [((1, 256), [[0, 1]]), ((1, 64), [[2]])]
+  # No two fit a row, and a call of 4 rows of 512 is past prefill_tokens: a call each.
+  assert eng.pack([300] * 3) == [((1, 512), [[0]]), ((1, 512), [[1]]), ((1, 512), [[2]])]
+  # At most max_batch prompts a call, however short.
+  calls = eng.pack([1] * 70)
+  assert sum(len(row) for _, rows in calls for row in rows) == 70
+  assert all(sum(len(row) for row in rows) <= 64 for _, rows in calls)
 
 
 def test_attention_over_the_live_window_equals_the_whole_cache(slot_engine):

@@ -29,6 +29,7 @@ class KVCache(NamedTuple):
   k: Array
   v: Array
   layout = "BKSH"
+  write_only = False
 
   @property
   def length(self) -> int:
@@ -41,10 +42,10 @@ class KVCache(NamedTuple):
     return self.write_rows(k, v, jnp.arange(k.shape[0]), positions)
 
   def write_rows(self, k: Array, v: Array, rows: Array, positions: Array) -> "KVCache":
-    """k, v (R, T, K, H) written into rows `rows` (R,) of the cache at positions (R, T). A row
-    index past the last row is dropped: that is how padding rows of a batched prefill write
-    nothing."""
-    where = (rows[:, None], slice(None), positions)
+    """k, v (R, T, K, H) written into rows `rows` of the cache at positions (R, T): rows (R,) one
+    cache row per input row, or (R, T) one per token (prompts packed side by side). A row index
+    past the last row is dropped: that is how a batched prefill's padding writes nothing."""
+    where = (rows if rows.ndim == 2 else rows[:, None], slice(None), positions)
     return KVCache(self.k.at[where].set(k.astype(self.k.dtype), mode="drop"),
                    self.v.at[where].set(v.astype(self.v.dtype), mode="drop"))
 
@@ -72,10 +73,13 @@ def write_back(whole: tuple[KVCache, ...], part: tuple[KVCache, ...], positions:
 
 
 class RowWriter:
-  """A batched prefill's view of the server's cache: its R prompts' keys and values go straight
-  into rows `rows` (R,) of the cache (a row past the last is padding and writes nothing). Nothing
-  is read through it: a prefill attends over its own keys. Satisfies `model.LayerCache`."""
+  """A batched prefill's view of the server's cache: its prompts' keys and values go straight
+  into the cache, input row r into cache row `rows[r]` (rows (R,)) or each token into its own
+  (rows (R, T): several prompts packed in one input row); an index past the last row is padding
+  and writes nothing. Nothing is read through it: a prefill attends over its own keys. Satisfies
+  `model.LayerCache`."""
   layout = "BKSH"
+  write_only = True
 
   def __init__(self, cache: KVCache, rows: Array):
     self.cache, self.rows = cache, rows

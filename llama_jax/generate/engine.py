@@ -145,16 +145,20 @@ def mesh_context(mesh: Mesh | None, rules):
 
 
 def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
-            cache: tuple[KVCache, ...], prefill: bool = False) -> tuple[Array, tuple[KVCache, ...]]:
+            cache: tuple[KVCache, ...], prefill: bool = False,
+            segments: Array | None = None) -> tuple[Array, tuple[KVCache, ...]]:
   """The blocks over tokens (B, T) at positions (B, T), writing the cache: (last block's output
   (B, T, D), the new cache). A `prefill` starts at position 0 in an empty cache and attends
-  causally over its own keys (flash attention where the config says cudnn); otherwise each query
-  attends over the cache up to its position. The layers are a Python loop: each reads its own
-  weights and cache buffers where they lie."""
+  causally over its own keys (flash attention where the config says cudnn), within each token's
+  segment if `segments` (B, T) are given (prompts packed side by side, each from position 0);
+  otherwise each query attends over the cache up to its position. The layers are a Python loop:
+  each reads its own weights and cache buffers where they lie."""
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
   mask = None
-  if not prefill:
+  if prefill and segments is not None:
+    mask = M.attention_mask(positions, positions, segments, segments)
+  elif not prefill:
     slots = jnp.arange(cache[0].length)
     mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
   rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)

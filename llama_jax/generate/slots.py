@@ -173,34 +173,49 @@ def insert(prefix: Prefix, state: Slots, slot: Array) -> Slots:
                jax.tree.map(put, state.sampling, prefix.sampling))
 
 
+class PrefillCall(NamedTuple):
+  """One batched prefill's arguments, made on the host (`SlotEngine.prefill_plan`): R rows of L
+  tokens, each row one prompt or (packed) several side by side, then padding; P prompts at most."""
+  tokens: np.ndarray  # (R, L) int32
+  positions: np.ndarray  # (R, L) int32 each token's position in its own prompt
+  segments: np.ndarray | None  # (R, L) int32 which prompt of the row a token is (padding: -1);
+  #                              None: one prompt per row, from its start (plain causal attention)
+  rows: np.ndarray  # (R, L) int32 the slot each token's keys and values go to (padding: max_batch)
+  ends: np.ndarray  # (P,) int32 where each prompt's last token is, as an index into the R*L tokens
+  lengths: np.ndarray  # (P,) int32 prompt tokens
+  slots: np.ndarray  # (P,) int32 (padding: max_batch)
+  seeds: np.ndarray  # (P,) uint32
+  sampling: SamplingParams  # (P,) each
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "rules"), donate_argnames=("state",))
-def prefill_insert(cfg: ModelConfig, params: engine.EngineParams, state: Slots, tokens: Array,
-                   lengths: Array, slots: Array, seeds: Array, sampling: SamplingParams, *,
+def prefill_insert(cfg: ModelConfig, params: engine.EngineParams, state: Slots, call: PrefillCall, *,
                    mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> tuple[Slots, Step]:
-  """Prefill and insert for R prompts in one call: tokens (R, P) right-padded prompts of `lengths`
-  (R,) tokens; each prompt's keys and values go straight into row `slots[r]` of the state's cache
-  (positions 0..P-1) and its first new token, drawn from the logits at its last prompt position,
-  becomes that slot's next input. Returns the state and those first tokens (R rows, 1 token, with
-  their alternatives: R rows are cheap). A slot >= max_batch marks a padding row: computed, never
-  stored. Each row gets what `prefill` + `insert` give it alone: rows of a prefill never see each
-  other, and a pad position is written before a query can attend to it (see `insert`)."""
+  """Prefill and insert for P prompts in one call (`PrefillCall`): each prompt's keys and values go
+  straight into its slot's row of the state's cache (positions 0..n-1) and its first new token,
+  drawn from the logits at its last prompt token, becomes that slot's next input. Returns the state
+  and those first tokens (P rows, 1 token, with their alternatives: P rows are cheap). A slot >=
+  max_batch marks padding: computed, never stored. Each prompt gets what `prefill` + `insert` give
+  it alone: a token attends only to the tokens of its own prompt (its row, or its segment of a
+  packed row) at or before its position, and a stale cache entry past a prompt is written before
+  a query can attend to it (see `insert`)."""
   engine.TRACE_COUNTS["slots.prefill_insert"] += 1
-  r, p = tokens.shape
-  keys = jax.vmap(seed_key)(seeds)
+  r, length = call.tokens.shape
+  keys = jax.vmap(seed_key)(call.seeds)
   with engine.mesh_context(mesh, rules):
-    writers = tuple(RowWriter(c, slots) for c in state.cache)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (r, p))
-    x, writers = engine.forward(cfg, params, tokens, positions, writers, prefill=True)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # (R, 1, D)
-    logits = engine.logits_of(cfg, params, last)[:, 0]  # (R, V)
-  drawn = _draw(logits, keys, jnp.zeros((r,), jnp.int32), sampling, max_top_logprobs(cfg))
-  put = lambda a, value: a.at[slots].set(value, mode="drop")
+    writers = tuple(RowWriter(c, call.rows) for c in state.cache)
+    x, writers = engine.forward(cfg, params, call.tokens, call.positions, writers, prefill=True,
+                                segments=call.segments)
+    last = jnp.take(x.reshape(r * length, x.shape[-1]), call.ends, axis=0)[:, None]  # (P, 1, D)
+    logits = engine.logits_of(cfg, params, last)[:, 0]  # (P, V)
+  drawn = _draw(logits, keys, jnp.zeros_like(call.lengths), call.sampling, max_top_logprobs(cfg))
+  put = lambda a, value: a.at[call.slots].set(value, mode="drop")
   return Slots(tuple(w.cache for w in writers),
                put(state.tokens, drawn.tokens[:, 0]),
-               put(state.positions, lengths),
-               put(state.index, jnp.ones_like(lengths)),
+               put(state.positions, call.lengths),
+               put(state.index, jnp.ones_like(call.lengths)),
                put(state.keys, keys),
-               jax.tree.map(put, state.sampling, sampling)), drawn
+               jax.tree.map(put, state.sampling, call.sampling)), drawn
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "rows", "attend", "top_logprobs", "mesh",
@@ -274,6 +289,11 @@ def resolve_decode_attention(choice: str, mesh: Mesh | None) -> str:
 
 
 MIN_ATTEND = 128  # the shortest attention window a decode call compiles for (positions)
+# What one more prefill call costs, in prompt tokens, when packing decides between one call with
+# more padding and several fuller ones: whatever its size, a call reads every weight once (2.2 GB
+# for TinyLlama, ~0.5 ms on an H200: the matmuls of ~100-150 tokens at half the peak) and launches
+# every layer's kernels.
+PREFILL_CALL_TOKENS = 128
 
 
 class SlotEngine:
@@ -289,7 +309,7 @@ class SlotEngine:
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
                steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,
                min_attend: int = MIN_ATTEND, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
-               decode_attention: str = "auto", static_steps: bool = True):
+               decode_attention: str = "auto", static_steps: bool = True, pack_prompts: bool = True):
     cache_len = cache_len or cfg.max_seq_len
     if not 0 < cache_len <= cfg.max_seq_len:
       raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), "
@@ -304,7 +324,7 @@ class SlotEngine:
     self.params = engine.prepare_params(self.cfg, params, mesh, self.rules)
     self.max_batch, self.cache_len, self.steps, self.max_steps = max_batch, cache_len, steps, max_steps
     self.prefill_tokens, self.min_attend = prefill_tokens, min_attend
-    self.static_steps = static_steps
+    self.static_steps, self.pack_prompts = static_steps, pack_prompts
     self._static = dict(mesh=mesh, rules=self.rules)
 
   @property
@@ -348,19 +368,24 @@ class SlotEngine:
   # --- batched prefill
 
   def prefill_rows(self, length_bucket: int) -> list[int]:
-    """How many prompts of a length bucket one `prefill_insert` call may take: the row buckets
-    whose padded tokens fit `prefill_tokens` (one prompt always fits)."""
+    """How many rows of a length bucket one `prefill_insert` call may take: the row buckets
+    whose padded tokens fit `prefill_tokens` (one row always fits)."""
     return [r for r in self.row_buckets if r == 1 or r * length_bucket <= self.prefill_tokens]
 
   @property
   def prefill_shapes(self) -> list[tuple[int, int]]:
-    """(rows, prompt bucket) of every batched prefill compiled."""
+    """(rows, row length) of every batched prefill compiled: row lengths are the prompt buckets."""
     return [(r, p) for p in self.prompt_buckets for r in self.prefill_rows(p)]
 
+  def prompts_per_call(self, rows: int, length: int) -> int:
+    """P, the most prompts a prefill call of that shape takes: one a row, or with `pack_prompts` as
+    many as fit (at most a prompt a token, and no more than there are slots)."""
+    return min(self.max_batch, rows * length) if self.pack_prompts else rows
+
   def split(self, count: int, length_bucket: int) -> list[int]:
-    """`count` prompts of one length bucket as row buckets of calls: a bucket above what is left
-    when its padding rows are no more than the prompts it carries (at most twice the compute),
-    else the largest bucket that they fill."""
+    """`count` prompts of one length bucket, one a row, as row buckets of calls: a bucket above
+    what is left when its padding rows are no more than the prompts it carries (at most twice the
+    compute), else the largest bucket that they fill."""
     sizes, calls = self.prefill_rows(length_bucket), []
     while count > 0:
       up = next((r for r in sizes if r >= count), sizes[-1])
@@ -370,45 +395,125 @@ class SlotEngine:
       count -= min(up, count)
     return calls
 
+  def _first_fit(self, order: list[int], lengths: list[int], shape: tuple[int, int]):
+    """Prompts (indices into `lengths`, longest first) into the rows of one call, each into the
+    first row with room: (the rows' prompts, the prompts left over)."""
+    r, length = shape
+    rows, room, left = [[] for _ in range(r)], [length] * r, []
+    room_for = self.prompts_per_call(r, length)
+    for i in order:
+      row = next((j for j in range(r) if lengths[i] <= room[j]), None)
+      if row is None or room_for == 0:
+        left.append(i)
+        continue
+      rows[row].append(i)
+      room[row] -= lengths[i]
+      room_for -= 1
+    return rows, left
+
+  def pack(self, lengths: list[int]) -> list[tuple[tuple[int, int], list[list[int]]]]:
+    """Prompts of these lengths as prefill calls: (the call's shape, each row's prompts). With
+    `pack_prompts`, whole prompts side by side in the rows of the compiled shapes (first fit,
+    longest first), in the calls of least padded tokens, counting `PREFILL_CALL_TOKENS` a call:
+    the smallest call that takes them all, or the largest call they fill and then the rest.
+    Without: one prompt a row, calls by length bucket (`split`)."""
+    if self.pack_prompts:
+      return self._pack(sorted(range(len(lengths)), key=lambda i: -lengths[i]), lengths)[1]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+      groups.setdefault(self.prompt_bucket(n), []).append(i)
+    calls = []
+    for p, members in groups.items():
+      for r in self.split(len(members), p):
+        chosen, members = members[:r], members[r:]
+        calls.append(((r, p), [[i] for i in chosen] + [[] for _ in range(r - len(chosen))]))
+    return calls
+
+  def _pack(self, left: list[int], lengths: list[int]) -> tuple[int, list]:
+    """(cost in tokens, calls) of packing the prompts `left` (longest first)."""
+    if not left:
+      return 0, []
+    size = lambda shape: shape[0] * shape[1]
+    fitting = sorted((shape for shape in self.prefill_shapes if shape[1] >= lengths[left[0]]),
+                     key=lambda shape: (size(shape), shape[1]))
+    total = sum(lengths[i] for i in left)
+    options = []
+    whole = next((shape for shape in fitting if not self._first_fit(left, lengths, shape)[1]), None)
+    if whole is not None:
+      options.append((size(whole) + PREFILL_CALL_TOKENS, [(whole, self._first_fit(left, lengths, whole)[0])]))
+    # The largest call they fill (of that size, the shortest rows: less attention), then the rest.
+    under = [shape for shape in fitting if size(shape) <= total]
+    first = min(under, key=lambda s: (-size(s), s[1])) if under else None if whole else fitting[-1]
+    if first is not None and first != whole:
+      rows, rest = self._first_fit(left, lengths, first)
+      cost, calls = self._pack(rest, lengths)
+      options.append((size(first) + PREFILL_CALL_TOKENS + cost, [(first, rows)] + calls))
+    return min(options, key=lambda option: option[0])
+
   def prefill_into(self, state: Slots, prompts: list[list[int]], seeds: list[int],
                    sampling: list[tuple[float, int, float]], slots: list[int]
                    ) -> tuple[Slots, list[tuple[list[int], Step]]]:
-    """Prompts into their slots, prefilled together: prompts of one length bucket share calls
-    (`split`). Returns the state and, per call, which of the prompts (indices into the lists) its
-    rows hold, in order, beside the first tokens it drew (`Step`, one row per prompt then padding).
-    A seed is any int (its low 32 bits count, as `row_key`'s); sampling settings are checked."""
+    """Prompts into their slots, prefilled together (`pack`). Returns the state and, per call,
+    which of the prompts (indices into the lists) it holds, in order, beside the first tokens it
+    drew (`Step`, one row per prompt in that order, then padding). A seed is any int (its low 32
+    bits count, as `row_key`'s); sampling settings are checked."""
     calls = []
     for chosen, args in self.prefill_plan(prompts, seeds, sampling, slots):
       state, drawn = self.prefill_call(state, args)
       calls.append((chosen, drawn))
     return state, calls
 
-  def prefill_call(self, state: Slots, args: tuple) -> tuple[Slots, Step]:
+  def prefill_call(self, state: Slots, call: PrefillCall) -> tuple[Slots, Step]:
     """One call of a `prefill_plan`: (the state, the first tokens it drew)."""
-    return prefill_insert(self.cfg, self.params, state, *args, **self._static)
+    return prefill_insert(self.cfg, self.params, state, call, **self._static)
 
-  def prefill_plan(self, prompts, seeds, sampling, slots) -> list[tuple[list[int], tuple]]:
-    """`prefill_into`'s calls, made on the host alone: (which of the prompts its rows hold, its
-    arguments for `prefill_call`) per call. Checks the prompts and sampling settings."""
+  def prefill_plan(self, prompts, seeds, sampling, slots) -> list[tuple[list[int], PrefillCall]]:
+    """`prefill_into`'s calls, made on the host alone: (which of the prompts it holds, its
+    `PrefillCall`) per call. Checks the prompts and sampling settings."""
     SamplingParams.stack(sampling)
-    arrays = [self._prompt_array(p) for p in prompts]
-    groups: dict[int, list[int]] = {}
-    for i, (tokens, _) in enumerate(arrays):
-      groups.setdefault(tokens.shape[0], []).append(i)
+    for prompt in prompts:
+      if not 0 < len(prompt) <= self.cache_len:
+        raise ValueError(f"a prompt of {len(prompt)} tokens does not fit the cache of {self.cache_len}")
     plan = []
-    for p, members in groups.items():
-      for r in self.split(len(members), p):
-        chosen, members = members[:r], members[r:]
-        pad = r - len(chosen)
-        tokens = np.zeros((r, p), np.int32)
-        for row, i in enumerate(chosen):
-          tokens[row] = arrays[i][0]
-        lengths = np.asarray([arrays[i][1] for i in chosen] + [1] * pad, np.int32)
-        where = np.asarray([slots[i] for i in chosen] + [self.max_batch] * pad, np.int32)
-        row_seeds = np.asarray([seeds[i] & 0xFFFFFFFF for i in chosen] + [0] * pad, np.uint32)
-        settings = SamplingParams.stack([sampling[i] for i in chosen] + [(0.0, 0, 1.0)] * pad)
-        plan.append((chosen, (tokens, lengths, where, row_seeds, settings)))
+    for (r, length), rows in self.pack([len(p) for p in prompts]):
+      chosen = [i for row in rows for i in row]
+      tokens, positions, segments, where = self._empty_rows(r, length)
+      ends = []
+      for row, members in enumerate(rows):
+        at = 0
+        for i in members:
+          n = len(prompts[i])
+          tokens[row, at:at + n] = prompts[i]
+          positions[row, at:at + n] = np.arange(n)
+          segments[row, at:at + n] = len(ends)
+          where[row, at:at + n] = slots[i]
+          ends.append(row * length + at + n - 1)
+          at += n
+        positions[row, at:] = np.arange(length - at)  # padding: a segment of its own, from 0
+      pad = self.prompts_per_call(r, length) - len(chosen)
+      plan.append((chosen, PrefillCall(
+          tokens, positions, segments if self.pack_prompts else None, where,
+          np.asarray(ends + [0] * pad, np.int32),
+          np.asarray([len(prompts[i]) for i in chosen] + [1] * pad, np.int32),
+          np.asarray([slots[i] for i in chosen] + [self.max_batch] * pad, np.int32),
+          np.asarray([seeds[i] & 0xFFFFFFFF for i in chosen] + [0] * pad, np.uint32),
+          SamplingParams.stack([sampling[i] for i in chosen] + [(0.0, 0, 1.0)] * pad))))
     return plan
+
+  def _empty_call(self, r: int, length: int) -> PrefillCall:
+    """A prefill call of that shape with nothing in it (every token and prompt padding)."""
+    tokens, positions, segments, where = self._empty_rows(r, length)
+    positions[:] = np.arange(length)
+    n = self.prompts_per_call(r, length)
+    return PrefillCall(tokens, positions, segments if self.pack_prompts else None, where,
+                       np.zeros((n,), np.int32), np.ones((n,), np.int32),
+                       np.full((n,), self.max_batch, np.int32), np.zeros((n,), np.uint32),
+                       SamplingParams.stack([(0.0, 0, 1.0)] * n))
+
+  def _empty_rows(self, r: int, length: int):
+    """(tokens, positions, segments, rows) of a prefill call of that shape holding nothing yet."""
+    return (np.zeros((r, length), np.int32), np.zeros((r, length), np.int32),
+            np.full((r, length), -1, np.int32), np.full((r, length), self.max_batch, np.int32))
 
   # --- decode
 
@@ -496,17 +601,17 @@ class SlotEngine:
     compiled programs are the ones later calls use (same arguments: `jit`'s cache is shared
     between `lower().compile()` and calls); each is then called once, and its state thrown away."""
     state = self.init()
-    programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, *args, **self._static)
-                for r, p in self.prefill_shapes
-                for _, args in self.prefill_plan([[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)]
+    empty = [self._empty_call(r, p) for r, p in self.prefill_shapes]
+    programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, call, **self._static)
+                for call in empty]
     for rows, attend, top, steps in self.generate_shapes:
       count, options = self._generate_args(rows, top, steps or None, attend)
       programs.append(functools.partial(generate.lower, self.cfg, self.params, state, count, **options))
     threads = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama_jax-warmup") as pool:
       list(pool.map(lambda lower: lower().compile(), programs))  # (raises what a compilation raised)
-    for r, p in self.prefill_shapes:
-      state, _ = self.prefill_into(state, [[0] * p] * r, [0] * r, [(0.0, 0, 1.0)] * r, [0] * r)
+    for call in empty:
+      state, _ = self.prefill_call(state, call)
     for rows, attend, top, steps in self.generate_shapes:
       state, step = self.generate(state, rows=rows, top_logprobs=top, steps=steps or None, need=attend)
     jax.block_until_ready(step)

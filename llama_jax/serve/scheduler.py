@@ -400,7 +400,7 @@ class Scheduler:
     self._work["prefill_calls"] += len(plan)
     self._work["prompt_tokens"] += sum(len(r.prompt) for r in requests)
     for chosen, args in plan:
-      self._work["prefill_tokens_padded"] += args[0].size  # the call's (rows, bucket) tokens
+      self._work["prefill_tokens_padded"] += args.tokens.size  # the call's (rows, length) tokens
       self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)],
                              self._on_device(self._prefill, args), 1))
     self._bump("admitted", len(admitted))
