@@ -23,6 +23,8 @@
 #   pack       prompts packed side by side in prefill rows against one prompt a row, with XLA's and
 #              cuDNN's prefill attention: the engine under 64 clients, each prefill shape's time, and
 #              the masked attention's error (benchmarks/packed_attention_check.py)
+#   prefillcalls  one batched prefill call by shape (benchmarks/prefill_calls.py): dispatch and device
+#              time, a trace of each; and a decode call whose loop is a CUDA graph with a known trip count
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -138,6 +140,14 @@ pack)  # prompts packed side by side in prefill rows (a segment mask) against on
   python3 benchmarks/packed_attention_check.py 2>&1 | grep '^{' | tee -a $OUT/pack.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn,xla --pack_prompts 1,0 \
     --time_prefill 2>&1 | grep '^{' | tee -a $OUT/pack.jsonl ;;
+prefillcalls)  # one batched prefill call by shape: host dispatch, ready, back to back, and a trace of each
+  python3 benchmarks/prefill_calls.py --profile_dir /tmp/pf 2>&1 | grep '^{' | tee -a $OUT/prefill_calls.jsonl
+  for d in /tmp/pf/*; do
+    echo "== $d"; python3 benchmarks/profile_summary.py $d --top 12 2>&1 | grep -v Deprecation | tee $OUT/profile_$(basename $d).txt
+  done
+  # a decode call with a known trip count and the loop inside a CUDA graph: does it return at once?
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" \
+    python3 benchmarks/serve_dispatch.py --steps 32 --windows 512 2>&1 | grep '^{' | tee -a $OUT/prefill_calls.jsonl ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do
