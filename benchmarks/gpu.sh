@@ -25,6 +25,7 @@
 #              the masked attention's error (benchmarks/packed_attention_check.py)
 #   prefillcalls  one batched prefill call by shape (benchmarks/prefill_calls.py): dispatch and device
 #              time, a trace of each; and a decode call whose loop is a CUDA graph with a known trip count
+#   hostsync   which constructs (a data-dependent cond, loops) make a call block the host (host_sync_check.py)
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -148,6 +149,10 @@ prefillcalls)  # one batched prefill call by shape: host dispatch, ready, back t
   # a decode call with a known trip count and the loop inside a CUDA graph: does it return at once?
   XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" \
     python3 benchmarks/serve_dispatch.py --steps 32 --windows 512 2>&1 | grep '^{' | tee -a $OUT/prefill_calls.jsonl ;;
+hostsync)  # which constructs make a jitted call block the host until the device is done
+  for f in "" "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+    echo "== XLA_FLAGS=$f"; XLA_FLAGS="$f" python3 benchmarks/host_sync_check.py 2>&1 | grep '^{' | tee -a $OUT/hostsync.jsonl
+  done ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do
