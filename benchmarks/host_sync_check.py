@@ -1,12 +1,17 @@
 """Which constructs make a jitted call hold the host until the device is done? A call that returns
 at once lets the host queue the next one while this one runs; one that blocks leaves the device
-idle while the host prepares the next. Each function below runs ~N ms of matmuls; printed: how long
-the Python call takes to return and how long until its output is ready (median of 5), per construct:
+idle while the host prepares the next. Each function runs a few ms of matmuls first, then the
+construct on (64, 32000) logits made from them; printed: how long the Python call takes to return
+and how long until its output is ready (median of 5):
 
-  plain         matmuls only
-  cond          the same, then a `lax.cond` whose predicate is data (as `sampling.sample`'s)
-  where         the cond's two branches both computed, one chosen by `jnp.where`
-  loop_static   a `fori_loop` of 32 steps with a trip count known at compile time
+  plain         the matmuls only
+  cond          then a `lax.cond` whose predicate is data (an input)
+  top_k         then `lax.top_k(logits, 20)` (the prefill's most likely alternatives)
+  sample        then `sampling.sample` with greedy rows (its conds: any sampled row, any cut)
+  draw          then `slots._draw` (sample, log-softmax, top 20): what a prefill call ends with
+  scatter       then a scatter into a (64, 4, 1024, 64) cache at (rows, positions) with mode="drop"
+                (how a prefill writes its keys and values)
+  loop_static   a `fori_loop` of 32 steps, trip count known at compile time
   loop_cond     the same with a `lax.cond` in each step
   loop_data     a `fori_loop` whose trip count is data
 
@@ -16,46 +21,73 @@ the Python call takes to return and how long until its output is ready (median o
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-N = 2048
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_jax.generate import slots  # noqa: E402
+from llama_jax.generate.sampling import SamplingParams, sample  # noqa: E402
+
+N, ROWS, VOCAB = int(os.environ.get("HOST_SYNC_N", 4096)), 64, 32000
 
 
-def chain(x, w, n=8):
+def chain(x, w, n=32):
   for _ in range(n):
     x = jnp.tanh(x @ w)
   return x
+
+
+def logits(x, head):
+  return (x[:ROWS] @ head).astype(jnp.float32)  # (64, 32000)
 
 
 def branch(x, flag):
   return jax.lax.cond(jnp.any(flag), lambda y: y * 2.0, lambda y: y, x)
 
 
+def scatter(x):
+  cache = jnp.zeros((ROWS, 4, 1024, 64), jnp.bfloat16)
+  rows = jnp.broadcast_to(jnp.arange(4)[:, None], (4, 1024)) * 16
+  positions = jnp.broadcast_to(jnp.arange(1024), (4, 1024))
+  values = x[:4096].reshape(4, 1024, 4, 1024)[..., :64]
+  return cache.at[rows, :, positions].set(values, mode="drop")
+
+
+GREEDY = SamplingParams(jnp.zeros((ROWS,)), jnp.zeros((ROWS,), jnp.int32), jnp.ones((ROWS,)))
+KEYS = jax.vmap(slots.row_key)(jnp.arange(ROWS))
+
 FUNCTIONS = {
-    "plain": lambda x, w, flag, n: chain(x, w),
-    "cond": lambda x, w, flag, n: branch(chain(x, w), flag),
-    "where": lambda x, w, flag, n: (lambda y: jnp.where(jnp.any(flag), y * 2.0, y))(chain(x, w)),
-    "loop_static": lambda x, w, flag, n: jax.lax.fori_loop(0, 32, lambda i, y: chain(y, w, 1), x),
-    "loop_cond": lambda x, w, flag, n: jax.lax.fori_loop(0, 32, lambda i, y: branch(chain(y, w, 1), flag), x),
-    "loop_data": lambda x, w, flag, n: jax.lax.fori_loop(0, n, lambda i, y: chain(y, w, 1), x),
+    "plain": lambda x, w, head, flag, n: chain(x, w),
+    "cond": lambda x, w, head, flag, n: branch(chain(x, w), flag),
+    "top_k": lambda x, w, head, flag, n: jax.lax.top_k(logits(chain(x, w), head), 20),
+    "sample": lambda x, w, head, flag, n: sample(logits(chain(x, w), head), KEYS, GREEDY),
+    "draw": lambda x, w, head, flag, n: slots._draw(logits(chain(x, w), head), KEYS, jnp.zeros((ROWS,), jnp.int32),
+                                                    GREEDY, 20),
+    "scatter": lambda x, w, head, flag, n: scatter(chain(x, w)),
+    "loop_static": lambda x, w, head, flag, n: jax.lax.fori_loop(0, 32, lambda i, y: chain(y, w, 1), x),
+    "loop_cond": lambda x, w, head, flag, n: jax.lax.fori_loop(0, 32, lambda i, y: branch(chain(y, w, 1), flag), x),
+    "loop_data": lambda x, w, head, flag, n: jax.lax.fori_loop(0, n, lambda i, y: chain(y, w, 1), x),
 }
 
 
 def main() -> None:
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(N, N)) / N ** 0.5, jnp.bfloat16)
-  w = jnp.asarray(np.random.default_rng(1).normal(size=(N, N)) / N ** 0.5, jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(N, N)) / N ** 0.5, jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(N, N)) / N ** 0.5, jnp.bfloat16)
+  head = jnp.asarray(rng.normal(size=(N, VOCAB)) / N ** 0.5, jnp.bfloat16)
   flag, n = jnp.zeros((4,), bool), jnp.int32(32)
   for name, fn in FUNCTIONS.items():
     f = jax.jit(fn)
-    jax.block_until_ready(f(x, w, flag, n))
+    jax.block_until_ready(f(x, w, head, flag, n))
     returned, ready = [], []
     for _ in range(5):
       t0 = time.perf_counter()
-      out = f(x, w, flag, n)
+      out = f(x, w, head, flag, n)
       returned.append(time.perf_counter() - t0)
       jax.block_until_ready(out)
       ready.append(time.perf_counter() - t0)
