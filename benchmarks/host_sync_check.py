@@ -54,7 +54,7 @@ def scatter(x):
   cache = jnp.zeros((ROWS, 4, 1024, 64), jnp.bfloat16)
   rows = jnp.broadcast_to(jnp.arange(4)[:, None], (4, 1024)) * 16
   positions = jnp.broadcast_to(jnp.arange(1024), (4, 1024))
-  values = x[:4096].reshape(4, 1024, 4, 1024)[..., :64]
+  values = jnp.broadcast_to(x[:4, :64].reshape(4, 1, 1, 64), (4, 1024, 4, 64))
   return cache.at[rows, :, positions].set(values, mode="drop")
 
 
