@@ -26,6 +26,8 @@
 #   prefillcalls  one batched prefill call by shape (benchmarks/prefill_calls.py): dispatch and device
 #              time, a trace of each; and a decode call whose loop is a CUDA graph with a known trip count
 #   hostsync   which constructs (a data-dependent cond, loops) make a call block the host (host_sync_check.py)
+#   asyncdecode  all-greedy decode calls (no branch in the loop: the call returns at once) against the
+#              general sampler's, and the engine under 64 clients with them, prompts packed or not
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -153,6 +155,11 @@ hostsync)  # which constructs make a jitted call block the host until the device
   for f in "" "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
     echo "== XLA_FLAGS=$f"; XLA_FLAGS="$f" python3 benchmarks/host_sync_check.py 2>&1 | grep '^{' | tee -a $OUT/hostsync.jsonl
   done ;;
+asyncdecode)  # an all-greedy decode call (no sampler branches: returns at once) against the general one;
+  # then the engine under 64 clients (greedy requests: all-greedy calls) with prompts packed or not
+  python3 benchmarks/serve_dispatch.py --steps 32 --windows 512 --greedy 0,1 2>&1 | grep '^{' | tee -a $OUT/asyncdecode.jsonl
+  python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn --pack_prompts 1,0 2>&1 \
+    | grep '^{' | tee -a $OUT/asyncdecode.jsonl ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do

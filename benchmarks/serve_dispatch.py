@@ -45,6 +45,8 @@ def main() -> None:
   p.add_argument("--decode_attention", default="auto", help="comma separated: auto, xla, pallas")
   p.add_argument("--static_steps", default="1", help="comma separated 1 (a program per call length: "
                  "--steps must be 8, 16 or 32 for it) or 0 (the call length is data)")
+  p.add_argument("--greedy", default="0", help="comma separated 1 (an all-greedy call: no sampler "
+                 "branches in the loop) or 0 (the general sampler)")
   args = p.parse_args()
   cfg = llama_jax.preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
   params = serve_load.random_params(cfg)
@@ -56,34 +58,36 @@ def main() -> None:
                      decode_attention=choice, static_steps=bool(int(fixed)))
     state, _ = eng.prefill_into(eng.init(), prompts, list(range(args.rows)), [(0.0, 0, 1.0)] * args.rows,
                                 list(range(args.rows)))
-    tokens = time_calls(eng, state, args, first)
+    for greedy in map(int, args.greedy.split(",")):  # each from where the one before left the slots
+      tokens, state = time_calls(eng, state, args, first, bool(greedy))
     first = first or tokens
     del eng, state
 
 
-def time_calls(eng, state, args, first) -> dict:
-  """Times each window's calls (one JSON line a window); its first call's tokens, by window."""
+def time_calls(eng, state, args, first, greedy: bool) -> tuple[dict, object]:
+  """Times each window's calls (one JSON line a window): (its first call's tokens by window, the
+  state after them)."""
   tokens = {}
   for window in map(int, args.windows.split(",")):
     # The first call compiles; it starts from the prefilled state only for the first window.
-    state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window)
+    state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window, greedy=greedy)
     tokens[window] = np.asarray(step.tokens)[:, :args.steps]
     agree = None if first is None else round(float(np.mean(tokens[window] == first[window])), 4)
     returned, ready = [], []
     for _ in range(args.calls):
       t0 = time.perf_counter()
-      state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window)
+      state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window, greedy=greedy)
       returned.append(time.perf_counter() - t0)
       jax.block_until_ready(step)
       ready.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in range(args.calls):  # back to back, as the scheduler would if nothing else ran
-      state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window)
+      state, step = eng.generate(state, rows=args.rows, steps=args.steps, need=window, greedy=greedy)
     dispatched = time.perf_counter() - t0
     jax.block_until_ready(step)
     total = time.perf_counter() - t0
     print(json.dumps({"rows": args.rows, "decode_attention": eng.cfg.decode_attention,
-                      "static_count": args.steps in eng.call_lengths and eng.static_steps,
+                      "static_count": args.steps in eng.call_lengths and eng.static_steps, "greedy": greedy,
                       "window": eng.attend_for(args.rows, 0, window), "steps": args.steps,
                       "call_returns_ms": round(1000 * float(np.median(returned)), 2),
                       "call_ready_ms": round(1000 * float(np.median(ready)), 2),
@@ -92,7 +96,7 @@ def time_calls(eng, state, args, first) -> dict:
                       "ms_per_step": round(1000 * total / (args.calls * args.steps), 3),
                       "tokens_per_s": round(args.calls * args.steps * args.rows / total, 1),
                       "tokens_agree_with_first_choice": agree, **device_info()}), flush=True)
-  return tokens
+  return tokens, state
 
 
 if __name__ == "__main__":

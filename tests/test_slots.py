@@ -57,8 +57,8 @@ class _Driver:
         self.owner[slots_[i]] = names[i]
     return calls
 
-  def step(self, rows=None, steps=None, need=None):
-    self.state, drawn = self.eng.generate(self.state, rows=rows, steps=steps, need=need)
+  def step(self, rows=None, steps=None, need=None, greedy=False):
+    self.state, drawn = self.eng.generate(self.state, rows=rows, steps=steps, need=need, greedy=greedy)
     tokens = np.asarray(drawn.tokens)
     assert tokens.shape == (rows or self.eng.max_batch, self.eng.max_steps)
     for slot, name in self.owner.items():
@@ -121,6 +121,19 @@ def test_call_lengths_compiled_or_data_decode_the_same(params, slot_engine):
     for steps in (3, 2, 6, 1):
       driver.step(rows=4, steps=steps)
     assert [driver.out["a"], driver.out["b"]] == expected
+
+
+def test_an_all_greedy_call_draws_what_the_sampler_draws_for_greedy_rows(params, slot_engine):
+  """`greedy=True` (the argmax, no sampler branches) continues and is continued by the general
+  calls exactly, for compiled call lengths and others."""
+  a, b = _prompts([9, 4], seed=10)
+  expected = generate_tokens(TINY, params, [a, b], 1 + 3 + 6 + 2 + 3)
+  driver = _Driver(slot_engine)
+  driver.admit("a", a, slot=0)
+  driver.admit("b", b, slot=2)
+  for steps, greedy in ((3, True), (6, False), (2, True), (3, True)):
+    driver.step(rows=4, steps=steps, greedy=greedy)
+  assert [driver.out["a"], driver.out["b"]] == expected
 
 
 def test_new_prompts_and_settings_of_a_bucket_reuse_the_compiled_functions(slot_engine):
@@ -210,7 +223,8 @@ def test_warmup_compiles_every_shape_a_request_can_take(params):
       for rows in slot_engine.row_buckets:
         for need in range(1, TINY.max_seq_len + 2):  # every window, and past the cache's end
           for steps in slot_engine.call_lengths:  # one program each (the scheduler's lengths)
-            state, _ = slot_engine.generate(state, rows=rows, steps=steps, need=need)
+            for greedy in (False, True):
+              state, _ = slot_engine.generate(state, rows=rows, steps=steps, need=need, greedy=greedy)
         state, _ = slot_engine.generate(state, rows=rows)
       state, _ = slot_engine.generate(state, top_logprobs=slots.MAX_TOP_LOGPROBS, need=5)
       driver.state = state
@@ -281,9 +295,10 @@ def test_prefill_calls_pad_small_counts_and_split_large_ones(params):
   assert eng.split(3, 512) == [1, 1, 1]
 
 
-def test_prompts_pack_into_the_rows_of_compiled_shapes(params):
+def test_prompts_pack_into_the_rows_of_compiled_shapes(params, monkeypatch):
   """First fit, longest first, into the compiled calls of least padding, a call counted as
   PREFILL_CALL_TOKENS more: one that takes them all, or the largest they fill and then the rest."""
+  monkeypatch.setattr(slots, "PREFILL_CALL_TOKENS", 128)
   eng = slots.SlotEngine(TINY.replace(max_seq_len=512), params, max_batch=64, steps=3, prefill_tokens=1024)
   assert eng.prefill_shapes[:4] == [(1, 16), (4, 16), (16, 16), (64, 16)]
   assert eng.pack([200]) == [((1, 256), [[0]])]
@@ -292,6 +307,8 @@ def test_prompts_pack_into_the_rows_of_compiled_shapes(params):
   assert eng.pack([130, 120, 70, 50, 30]) == [((1, 512), [[0, 1, 2, 3, 4]])]
   # 300 tokens: a row of 256 filled, then 50 in a call of 64 (cost 576), beats one call of 512.
   assert eng.pack([130, 120, 50]) == [((1, 256), [[0, 1]]), ((1, 64), [[2]])]
+  monkeypatch.setattr(slots, "PREFILL_CALL_TOKENS", 448)  # a dearer call: one of 512 instead
+  assert eng.pack([130, 120, 50]) == [((1, 512), [[0, 1, 2]])]
   # No two fit a row, and a call of 4 rows of 512 is past prefill_tokens: a call each.
   assert eng.pack([300] * 3) == [((1, 512), [[0]]), ((1, 512), [[1]]), ((1, 512), [[2]])]
   # At most max_batch prompts a call, however short.

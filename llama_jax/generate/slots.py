@@ -58,7 +58,7 @@ from llama_jax.config import DECODE_ATTENTION_IMPLS, ModelConfig
 from llama_jax.generate import engine
 from llama_jax.generate.cache import KVCache, RowWriter, init_cache, shard_cache, window, write_back
 from llama_jax.generate.generator import MIN_PROMPT_BUCKET, bucket
-from llama_jax.generate.sampling import SamplingParams, sample
+from llama_jax.generate.sampling import SamplingParams, greedy as most_likely, sample
 
 Array = jax.Array
 
@@ -109,10 +109,11 @@ def seed_key(seed: Array) -> Array:
 
 
 def _draw(logits: Array, keys: Array, index: Array, sampling: SamplingParams,
-          top_logprobs: int) -> Step:
+          top_logprobs: int, greedy: bool = False) -> Step:
   """(R, V) logits -> one token per row and its log-probabilities (of the model's distribution,
-  before temperature and cuts, as OpenAI reports them)."""
-  tokens = sample(logits, engine.row_keys(keys, index), sampling)
+  before temperature and cuts, as OpenAI reports them). `greedy`: every row is (the caller knows),
+  so the sampler's branches are left out (see `generate`)."""
+  tokens = most_likely(logits) if greedy else sample(logits, engine.row_keys(keys, index), sampling)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
   top_values, top_ids = (jax.lax.top_k(logp, top_logprobs) if top_logprobs else (None, None))
@@ -219,18 +220,24 @@ def prefill_insert(cfg: ModelConfig, params: engine.EngineParams, state: Slots, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "rows", "attend", "top_logprobs", "mesh",
-                                             "rules", "static_count"),
+                                             "rules", "static_count", "greedy"),
                    donate_argnames=("state",))
 def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count: Array, *,
              steps: int = 1, rows: int | None = None, attend: int | None = None, top_logprobs: int = 0,
              mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
-             static_count: int = 0) -> tuple[Slots, Step]:
+             static_count: int = 0, greedy: bool = False) -> tuple[Slots, Step]:
   """`count` (<= `steps`, traced) decode steps for slots 0..rows-1 (default: all): each feeds its
   latest token at its position and draws the next. Returns (rows, steps) tokens, of which the
   first `count` columns were drawn (the rest are zeros): one compilation serves every call length.
   `static_count` > 0 replaces `count` by that many steps, known at compile time: a loop whose
   trip count XLA knows, at one compilation per call length (measured on an H200: 2-3% less time a
-  step; the call still holds its thread until the loop is done, as with a data count).
+  step).
+
+  `greedy`: every row the call runs is greedy (the host knows its slots' settings), so each step
+  takes the argmax and the sampler's `lax.cond`s are left out. On a GPU a loop with a cond in its
+  body is driven from the host (the predicate copied back at every step), so the call holds the
+  host until the device is done; a loop of known trip count without one returns at once, and the
+  host queues the next calls while this one runs (`benchmarks/host_sync_check.py`).
 
   Each query attends over cache positions 0..attend-1 only (default: the whole cache): the host
   picks `attend` above every live slot's last position in this call, so a batch of short requests
@@ -258,7 +265,7 @@ def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count:
     with engine.mesh_context(mesh, rules):
       x, cache = engine.forward(cfg, params, tokens[:, None], positions[:, None], cache)
       logits = engine.logits_of(cfg, params, x)[:, 0]  # (rows, V)
-    drawn = _draw(logits, keys, index + t, sampling, top_logprobs)
+    drawn = _draw(logits, keys, index + t, sampling, top_logprobs, greedy)
     out = jax.tree.map(lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, t, axis=1), out, drawn)
     return cache, drawn.tokens[:, 0], out
 
@@ -290,10 +297,10 @@ def resolve_decode_attention(choice: str, mesh: Mesh | None) -> str:
 
 MIN_ATTEND = 128  # the shortest attention window a decode call compiles for (positions)
 # What one more prefill call costs, in prompt tokens, when packing decides between one call with
-# more padding and several fuller ones: whatever its size, a call reads every weight once (2.2 GB
-# for TinyLlama, ~0.5 ms on an H200: the matmuls of ~100-150 tokens at half the peak) and launches
-# every layer's kernels.
-PREFILL_CALL_TOKENS = 128
+# more padding and several fuller ones. Measured on an H200 (TinyLlama, `benchmarks/prefill_calls.py`):
+# a call's kernels take ~1.3 ms however few its tokens (every weight read once, ~400 kernels),
+# the time of ~450 more tokens at ~2.9 us each.
+PREFILL_CALL_TOKENS = 448
 
 
 class SlotEngine:
@@ -556,26 +563,29 @@ class SlotEngine:
     return sizes
 
   @property
-  def generate_shapes(self) -> list[tuple[int, int, int, int]]:
-    """(rows, attend, top_logprobs, steps) of every `generate` compiled; steps 0: any length (a
-    data trip count, without `static_steps`)."""
+  def generate_shapes(self) -> list[tuple[int, int, int, int, bool]]:
+    """(rows, attend, top_logprobs, steps, greedy) of every `generate` compiled; steps 0: any
+    length (a data trip count, without `static_steps`). Each shape twice, for greedy rows only and
+    for any, but alternatives only for any."""
     lengths = self.call_lengths if self.static_steps else [0]
-    shapes = [(r, a, 0) for r in self.row_buckets
-              for a in (self.attend_buckets if self.windowed(r) else [self.cache_len])]
-    shapes.append((self.max_batch, self.cache_len, max_top_logprobs(self.cfg)))
-    return [(r, a, top, n) for r, a, top in shapes for n in lengths]
+    shapes = [(r, a, 0, greedy) for r in self.row_buckets
+              for a in (self.attend_buckets if self.windowed(r) else [self.cache_len]) for greedy in (False, True)]
+    shapes.append((self.max_batch, self.cache_len, max_top_logprobs(self.cfg), False))
+    return [(r, a, top, n, greedy) for r, a, top, greedy in shapes for n in lengths]
 
   def generate(self, state: Slots, rows: int | None = None, top_logprobs: int = 0,
-               steps: int | None = None, need: int | None = None) -> tuple[Slots, Step]:
+               steps: int | None = None, need: int | None = None, greedy: bool = False) -> tuple[Slots, Step]:
     """`steps` decode steps (default `self.steps`, at most `max_steps`) for the leading `rows`
     slots. `need`: one past the last position any live slot attends to in this call (default: the
     whole cache); the call reads the smallest window that covers it. Returns `max_steps` tokens per
     row, of which the first `steps` were drawn. Alternatives (`top_logprobs`) are compiled for all
-    slots and the whole cache only: light load with logprobs runs every slot."""
-    count, options = self._generate_args(rows, top_logprobs, steps, need)
+    slots and the whole cache only: light load with logprobs runs every slot. `greedy`: every
+    live slot's temperature is 0 (a call that does not block the host; see `generate`); ignored
+    with alternatives."""
+    count, options = self._generate_args(rows, top_logprobs, steps, need, greedy)
     return generate(self.cfg, self.params, state, count, **options)
 
-  def _generate_args(self, rows, top_logprobs, steps, need) -> tuple[np.ndarray, dict]:
+  def _generate_args(self, rows, top_logprobs, steps, need, greedy=False) -> tuple[np.ndarray, dict]:
     """(count, the static options) of `generate`'s call."""
     steps = steps or self.steps
     if not 0 < steps <= self.max_steps:
@@ -584,7 +594,8 @@ class SlotEngine:
     attend = self.attend_for(rows, top_logprobs, need)
     static_count = steps if self.static_steps and steps in self.call_lengths else 0
     return np.int32(steps), dict(steps=self.max_steps, rows=rows, attend=attend, top_logprobs=top_logprobs,
-                                 static_count=static_count, **self._static)
+                                 static_count=static_count, greedy=bool(greedy and not top_logprobs),
+                                 **self._static)
 
   def attend_for(self, rows: int, top_logprobs: int, need: int | None) -> int:
     """The attention window a `generate` call of `rows` slots reads for `need` positions."""
@@ -604,14 +615,15 @@ class SlotEngine:
     empty = [self._empty_call(r, p) for r, p in self.prefill_shapes]
     programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, call, **self._static)
                 for call in empty]
-    for rows, attend, top, steps in self.generate_shapes:
-      count, options = self._generate_args(rows, top, steps or None, attend)
+    for rows, attend, top, steps, greedy in self.generate_shapes:
+      count, options = self._generate_args(rows, top, steps or None, attend, greedy)
       programs.append(functools.partial(generate.lower, self.cfg, self.params, state, count, **options))
     threads = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama_jax-warmup") as pool:
       list(pool.map(lambda lower: lower().compile(), programs))  # (raises what a compilation raised)
     for call in empty:
       state, _ = self.prefill_call(state, call)
-    for rows, attend, top, steps in self.generate_shapes:
-      state, step = self.generate(state, rows=rows, top_logprobs=top, steps=steps or None, need=attend)
+    for rows, attend, top, steps, greedy in self.generate_shapes:
+      state, step = self.generate(state, rows=rows, top_logprobs=top, steps=steps or None, need=attend,
+                                  greedy=greedy)
     jax.block_until_ready(step)

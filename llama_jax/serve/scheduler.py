@@ -1,7 +1,7 @@
 """The scheduler: which requests hold the engine's slots, when prompts are prefilled, and what each
 request has produced so far. Plain Python on one thread, with a queue in and callbacks out, and
 a second thread that makes the device calls in the order they are asked for (on a GPU a decode
-call returns only once its loop has run: see `Scheduler.__init__`).
+call whose rows sample returns only once its loop has run: see `Scheduler.__init__`).
 
 JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
 generate and detokenize threads. Each round
@@ -152,9 +152,11 @@ class Scheduler:
     # slots.Step, how many of its tokens per row were drawn).
     self._inflight: list[tuple[list[tuple[int, _Live]], concurrent.futures.Future, int]] = []
     # The device calls run on a thread of their own, in the order they are submitted, and only
-    # that thread touches the engine's state: on a GPU a decode call's loop (its trip count is
-    # data) is driven from the host, so the call returns only when the device is done with it;
-    # were it made here, the host could not read one call's tokens while the next one runs.
+    # that thread touches the engine's state: on a GPU a decode call whose loop has a branch in
+    # it (the sampler's, for rows that sample) or a trip count that is data is driven from the
+    # host, so the call returns only when the device is done with it; were it made here, the host
+    # could not read one call's tokens while the next one runs. (An all-greedy call of a compiled
+    # length returns at once: the thread then queues the next calls while the device runs it.)
     self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama_jax-device")
     self._last_call: concurrent.futures.Future | None = None
     self._state = None
@@ -306,7 +308,9 @@ class Scheduler:
       need = max(len(o.request.prompt) + min(o.dispatched + steps, o.request.max_tokens) - 1
                  for _, o in live)
       rows = self.engine.rows_for(live[-1][0] + 1)
-      call = self._on_device(self._generate, rows, k, steps, need)
+      # All greedy: a call without the sampler's branches, which returns before the device is done.
+      greedy = all(o.request.temperature == 0 for _, o in live)
+      call = self._on_device(self._generate, rows, k, steps, need, greedy)
       w = self._work
       w["decode_calls"] += 1
       w["decode_steps"] += steps
@@ -333,9 +337,9 @@ class Scheduler:
       self._state = self.engine.init()
     return self._state
 
-  def _generate(self, rows: int, top_logprobs: int, steps: int, need: int) -> slot_engine.Step:
+  def _generate(self, rows: int, top_logprobs: int, steps: int, need: int, greedy: bool) -> slot_engine.Step:
     self._state, step = self.engine.generate(self._slots(), rows=rows, top_logprobs=top_logprobs,
-                                             steps=steps, need=need)
+                                             steps=steps, need=need, greedy=greedy)
     _fetch_early(step)
     return step
 
