@@ -117,7 +117,7 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done ;;
 serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients beside static batches
-  python3 benchmarks/serve_load.py --workdir /tmp/serve_load 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;
 serveprofile)  # 16 and 64 clients, the scheduler's counters, and a trace of the server at 64 clients
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load --clients 16,64 --profile_dir /tmp/sp 2>&1 \
     | tee $OUT/serve_load.txt | tail -16
