@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Sequence
 
+SWITCH_INTERVAL_S = 0.0005  # how often a thread holding the GIL offers it to a waiting one (see `main`)
+
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m llama_jax.serve", description=__doc__.splitlines()[0])
@@ -94,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    prefill_tokens=args.prefill_tokens, api_key=args.api_key, warmup=args.warmup,
                    max_body_bytes=args.max_body_bytes, profile_dir=args.profile_dir,
                    decode_attention=args.decode_attention, static_steps=args.static_steps)
+    # The scheduler's threads and uvicorn's event loop share the GIL; a thread that wants it back
+    # waits up to the switch interval (5 ms by default) while another runs Python, a stall on the
+    # way to every device call. A server wants the handoffs sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     print(f"serving {name!r} on http://{args.host}:{sock.getsockname()[1]} ({args.max_batch} slots of "
           f"{served.engine.cache_len} tokens{', API key required' if args.api_key else ''})",
           file=sys.stderr, flush=True)

@@ -49,8 +49,12 @@ log = logging.getLogger(__name__)
 _WAKE = object()  # put in the inbox to make an idle loop look again (cancel, resume, stop)
 # How long a round may wait for new requests while the device is busy with the call in flight
 # and slots are free (`Scheduler._await_arrivals`): a client whose answer just ended sends its
-# next request within a few milliseconds; a decode call runs for tens of them.
+# next request within a few milliseconds (more through HTTP under load); a decode call runs for
+# tens of them. At least ARRIVAL_GRACE_S, and up to ARRIVAL_SHARE of a decode call's time (the
+# round starts as the call in flight starts; the rest of it is left for the round's work and the
+# next dispatch, which must reach the device before that call ends).
 ARRIVAL_GRACE_S = 0.005
+ARRIVAL_SHARE = 0.4
 
 
 @dataclasses.dataclass
@@ -149,8 +153,8 @@ class Scheduler:
     self._waiting: list[Request] = []
     self._owners: list[_Live | None] = [None] * engine.max_batch
     # Device results not yet read, in dispatch order: ([(row, request's record)], the call's future
-    # slots.Step, how many of its tokens per row were drawn).
-    self._inflight: list[tuple[list[tuple[int, _Live]], concurrent.futures.Future, int]] = []
+    # slots.Step, how many of its tokens per row were drawn, whether it is a decode call).
+    self._inflight: list[tuple[list[tuple[int, _Live]], concurrent.futures.Future, int, bool]] = []
     # The device calls run on a thread of their own, in the order they are submitted, and only
     # that thread touches the engine's state: on a GPU a decode call whose loop has a branch in
     # it (the sampler's, for rows that sample) or a trip count that is data is driven from the
@@ -172,6 +176,10 @@ class Scheduler:
     self._work = dict(decode_calls=0, decode_steps=0, live_slot_steps=0, row_steps=0, attend_steps=0,
                       prefill_calls=0, prefill_tokens_padded=0, prompt_tokens=0, round_s=0.0,
                       device_wait_s=0.0)
+    # When the last decode call's tokens were read, and a running mean of the time between two such
+    # reads (under load: what a decode call takes on the device), for `_await_arrivals`.
+    self._last_decode_read: float | None = None
+    self._decode_call_s = 0.0
     self._thread = threading.Thread(target=self._loop, name="llama_jax-scheduler", daemon=True)
 
   # --- any thread
@@ -259,22 +267,23 @@ class Scheduler:
     return call.exception() is None and not call.result().tokens.is_ready()
 
   def _await_arrivals(self) -> None:
-    """Before a round: while slots are free, nobody waits and the device still runs the call in
-    flight, wait up to ARRIVAL_GRACE_S for a request to come in. One that arrives then joins the
-    next call instead of the one after it (its slot would otherwise idle through a whole call);
-    the wait costs the device nothing, as it is busy meanwhile."""
-    if self._waiting or None not in self._owners:
+    """Before a round: while slots are free and the device still runs the call in flight, take in
+    the requests that come meanwhile, for up to ARRIVAL_GRACE_S or ARRIVAL_SHARE of a decode
+    call, whichever is longer. Those that arrive then join the next call instead of the one after
+    it (their slots would otherwise idle through a whole call); the wait costs the device nothing,
+    as it is busy meanwhile and the next call is dispatched before this one ends."""
+    free = self._owners.count(None)
+    if len(self._waiting) >= free:
       return
-    deadline = time.perf_counter() + ARRIVAL_GRACE_S
-    while time.perf_counter() < deadline and self._device_busy():  # looked at every millisecond
-      try:
+    deadline = time.perf_counter() + max(ARRIVAL_GRACE_S, ARRIVAL_SHARE * self._decode_call_s)
+    while time.perf_counter() < deadline and len(self._waiting) < free and self._device_busy():
+      try:  # looked at every millisecond
         item = self._inbox.get(timeout=0.001)
       except queue.Empty:
         continue
       if item is not _WAKE:
         self._waiting.append(item)
       self._take_inbox(block=False)
-      return
 
   def _take_inbox(self, block: bool) -> None:
     try:
@@ -319,7 +328,7 @@ class Scheduler:
       w["attend_steps"] += steps * self.engine.attend_for(rows, k, need)
       for _, o in live:
         o.dispatched += steps
-      dispatched = [(live, call, steps)]
+      dispatched = [(live, call, steps, True)]
     # The device runs the step just dispatched while the host reads what came before it (the
     # previous step, and the first tokens of the requests just admitted).
     pending, self._inflight = self._inflight, dispatched
@@ -406,11 +415,11 @@ class Scheduler:
     for chosen, args in plan:
       self._work["prefill_tokens_padded"] += args.tokens.size  # the call's (rows, length) tokens
       self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)],
-                             self._on_device(self._prefill, args), 1))
+                             self._on_device(self._prefill, args), 1, False))
     self._bump("admitted", len(admitted))
 
   def _read(self, entry) -> None:
-    rows, call, count = entry
+    rows, call, count, decode = entry
     for _, live in rows:
       if live.request.cancelled and not live.done:
         self._free(live, cancelled=True)
@@ -422,7 +431,12 @@ class Scheduler:
     if not rows:
       return
     tokens, logprobs = np.asarray(drawn.tokens), np.asarray(drawn.logprobs)
-    self._work["device_wait_s"] += time.perf_counter() - start
+    now = time.perf_counter()
+    self._work["device_wait_s"] += now - start
+    if decode:  # (a gap of over a second is the server idle, not a call)
+      if self._last_decode_read is not None and now - self._last_decode_read < 1.0:
+        self._decode_call_s += 0.2 * (now - self._last_decode_read - self._decode_call_s)
+      self._last_decode_read = now
     top = None
     if drawn.top_tokens is not None and any(live.request.logprobs for _, live in rows):
       top = np.asarray(drawn.top_tokens), np.asarray(drawn.top_logprobs)
