@@ -285,7 +285,7 @@ def test_the_command_line_serves_a_saved_model(model, tmp_path):
   model.save(str(tmp_path / "tiny"))
   proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(tmp_path / "tiny"),
                            "--port", "0", "--max_batch", "2", "--api_key", "k",
-                           "--no-static_steps", "--decode_attention", "xla"],
+                           "--no-static_steps", "--decode_attention", "xla", "--no-pack_prompts"],
                           stderr=subprocess.PIPE, text=True)
   try:
     # The port it bound is in its "serving" line.

@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--static_steps", action=argparse.BooleanOptionalAction, default=True,
                  help="compile each decode call length as its own program (a few %% faster a step on "
                       "a GPU; --no-static_steps: one program for every length, a shorter --warmup)")
+  p.add_argument("--pack_prompts", action=argparse.BooleanOptionalAction, default=True,
+                 help="prefill a round's prompts side by side in the rows of a call (less padding; "
+                      "--no-pack_prompts: one prompt a row)")
   p.add_argument("--profile_dir", help="enables POST /start_profile and /stop_profile: a jax.profiler "
                  "trace of the server under load, written here")
   p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
@@ -95,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    decode_steps=args.decode_steps, max_decode_steps=args.max_decode_steps,
                    prefill_tokens=args.prefill_tokens, api_key=args.api_key, warmup=args.warmup,
                    max_body_bytes=args.max_body_bytes, profile_dir=args.profile_dir,
-                   decode_attention=args.decode_attention, static_steps=args.static_steps)
+                   decode_attention=args.decode_attention, static_steps=args.static_steps,
+                   pack_prompts=args.pack_prompts)
     # The scheduler's threads and uvicorn's event loop share the GIL; a thread that wants it back
     # waits up to the switch interval (5 ms by default) while another runs Python, a stall on the
     # way to every device call. A server wants the handoffs sooner.
