@@ -129,7 +129,7 @@ def test_a_round_waits_briefly_for_arrivals_only_while_the_device_is_busy_and_sl
   scheduler._await_arrivals()  # nothing in flight: the device is idle, the round goes on at once
   assert scheduler._waiting == [] and scheduler._inbox.qsize() == 1
 
-  scheduler._inflight = [([], running, 1)]
+  scheduler._inflight = [([], running, 1, True)]
   scheduler._owners = [object()] * engine.max_batch  # every slot taken: nobody could join
   scheduler._await_arrivals()
   assert scheduler._waiting == [] and scheduler._inbox.qsize() == 1
@@ -151,5 +151,5 @@ def test_a_failed_call_raises_even_when_none_of_its_rows_is_wanted(setup, tokeni
   failed = concurrent.futures.Future()
   failed.set_exception(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
   with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
-    scheduler._read(([(0, ended)], failed, 1))
+    scheduler._read(([(0, ended)], failed, 1, True))
 
