@@ -444,10 +444,15 @@ class SlotEngine:
     fitting = sorted((shape for shape in self.prefill_shapes if shape[1] >= lengths[left[0]]),
                      key=lambda shape: (size(shape), shape[1]))
     total = sum(lengths[i] for i in left)
-    options = []
-    whole = next((shape for shape in fitting if not self._first_fit(left, lengths, shape)[1]), None)
-    if whole is not None:
-      options.append((size(whole) + PREFILL_CALL_TOKENS, [(whole, self._first_fit(left, lengths, whole)[0])]))
+    options, whole = [], None
+    for shape in fitting:  # the smallest call that takes them all
+      if size(shape) < total or self.prompts_per_call(*shape) < len(left):
+        continue
+      rows, rest = self._first_fit(left, lengths, shape)
+      if not rest:
+        whole = shape
+        options.append((size(shape) + PREFILL_CALL_TOKENS, [(shape, rows)]))
+        break
     # The largest call they fill (of that size, the shortest rows: less attention), then the rest.
     under = [shape for shape in fitting if size(shape) <= total]
     first = min(under, key=lambda s: (-size(s), s[1])) if under else None if whole else fitting[-1]
