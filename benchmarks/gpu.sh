@@ -8,6 +8,7 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
+#   servesampled  the same at 16 and 64 clients, sampled (temperature 0.8) on both sides
 #   serveprofile  the same at 16 and 64 clients with the scheduler's counters and a kernel summary
 #              of the server at 64 clients
 #   serveengine  the scheduler and engine under 64 in-process clients, no HTTP (benchmarks/serve_engine_load.py)
@@ -118,6 +119,10 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
   done ;;
 serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients beside static batches
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;
+servesampled)  # the same at 16 and 64 clients with sampled answers (temperature 0.8, both sides): the
+  # decode calls hold the host (the sampler's branch in the loop)
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn --temperature 0.8 \
+    --clients 16,64 2>&1 | tee $OUT/serve_sampled.txt | tail -12 ;;
 serveprofile)  # 16 and 64 clients, the scheduler's counters, and a trace of the server at 64 clients
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load --clients 16,64 --profile_dir /tmp/sp 2>&1 \
     | tee $OUT/serve_load.txt | tail -16
