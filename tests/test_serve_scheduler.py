@@ -137,6 +137,14 @@ def test_a_round_waits_briefly_for_arrivals_only_while_the_device_is_busy_and_sl
   scheduler._owners[-1] = None
   scheduler._await_arrivals()  # a free slot and a busy device: the request is taken in
   assert scheduler._waiting == [arrived] and scheduler._inbox.qsize() == 0
+
+  # Two more slots free and two more requests in: all three are taken in, not the first alone.
+  scheduler._owners[-3:] = [None] * 3
+  more = [_request([3], 2, []), _request([4], 2, [])]
+  for request in more:
+    scheduler._inbox.put(request)
+  scheduler._await_arrivals()
+  assert scheduler._waiting == [arrived, *more] and scheduler._inbox.qsize() == 0
   running.set_result(None)
 
 
