@@ -8,17 +8,20 @@ decode state of `max_batch` slots, each slot one request's row of a preallocated
   generate(params, state) -> (state, Step) decode steps for every slot at once, each slot at its
                                            own position, returning the tokens drawn.
 The server uses two changes of that API, for throughput under load:
-  prefill_insert(params, state, tokens (R, P), slots) -> (state, Step)
-      R prompts of one length bucket prefilled in one call, their keys and values written straight
-      into their slots (no cache of their own, no copy), where JetStream prefills one prompt per
-      call: a server at 64 clients admits a few prompts per round, each a small matmul alone;
+  prefill_insert(params, state, PrefillCall (R rows of L tokens)) -> (state, Step)
+      a round's prompts prefilled together, packed side by side in the call's rows (a segment
+      mask keeps each to itself), their keys and values written straight into their slots (no
+      cache of their own, no copy), where JetStream prefills one prompt per call: a server at 64
+      clients admits a few prompts per round, each a small matmul alone;
   generate(..., count, steps=S, attend=A)
       `count` <= S steps (compiled once per call length the host may ask for, so XLA knows the
       loop's trip count: on an H200 2-3% less time a step than a count that is data, which
       `static_steps=False` gives, one compilation for every length), over the first A positions
       of the cache only (a window
       copied once per call): a step reads the part of the cache its live slots fill, as paged
-      attention (vLLM) reads a request's blocks, in place of the whole `max_len` of every slot.
+      attention (vLLM) reads a request's blocks, in place of the whole `max_len` of every slot;
+      `greedy=True` where every row is greedy: no sampler branch in the loop, so on a GPU the
+      call returns before the device is done and the host queues the next ones behind it.
 The host side (the server's scheduler) decides which slots are live, when a request ends (EOS, its
 token limit, a stop string), when to prefill, how long a call is and how much of the cache it
 needs; the device never waits for it. A slot whose request has ended keeps decoding garbage until
@@ -31,11 +34,11 @@ The blocks, the output head, the cache and the sampler are the engine's (`engine
 fold_in(fold_in(key(seed), row), index), with row 0 for a request of one prompt, so a request with
 a seed draws what `generate_tokens(..., seed=seed)` draws for the same prompt alone.
 
-Compilation: `prefill_insert` once per (row bucket, prompt bucket) whose padded tokens fit
+Compilation: `prefill_insert` once per (row bucket, row length: a prompt bucket) whose tokens fit
 `prefill_tokens` (prompt buckets: powers of two from `generator.MIN_PROMPT_BUCKET` up to the cache
 length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket);
-`generate` once per call length (`call_lengths`) and row bucket (the leading slots it runs: 1, 4,
-16, ..., max_batch) and, for the row buckets of a quarter of the slots or
+`generate` once per call length (`call_lengths`), greedy or not, and row bucket (the leading
+slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
 more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
 length), and once more for all slots with the most likely alternatives of each token (OpenAI's
 `logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
