@@ -309,9 +309,9 @@ PREFILL_CALL_TOKENS = 448
 class SlotEngine:
   """The functions bound to one model, its mesh and the serving shapes; the host's handle.
 
-  `max_batch` slots of `cache_len` positions each (prompt and answer together). Prompts are padded
-  to power-of-two buckets and prefilled together, up to `prefill_tokens` (padded) prompt tokens per
-  call (`prefill_into`). A `generate` call runs `steps` decode steps by default and up to
+  `max_batch` slots of `cache_len` positions each (prompt and answer together). Prompts are
+  prefilled together, up to `prefill_tokens` (padded) prompt tokens per call, in rows of a
+  power-of-two length: packed side by side (`pack_prompts`, `pack`) or one a row (`prefill_into`). A `generate` call runs `steps` decode steps by default and up to
   `max_steps` (the host asks for more where it knows no slot will be waiting for them), so the
   host syncs once per several tokens of every slot rather than once per token; the call attends
   over a window of the cache just long enough for its live slots (`attend_buckets`)."""
