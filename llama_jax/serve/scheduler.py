@@ -5,10 +5,11 @@ call whose rows sample returns only once its loop has run: see `Scheduler.__init
 
 JetStream's orchestrator (`jetstream/core/orchestrator.py`) in one thread instead of its prefill,
 generate and detokenize threads. Each round
-  0. while the device runs the call in flight and slots are free, waits a few ms for requests
-     (`_await_arrivals`): one that arrives then joins the next call, not the one after;
+  0. while the device runs the call in flight and slots are free, takes in the requests that
+     arrive for a part of that call's time (`_await_arrivals`): they join the next call, not the
+     one after;
   1. admits waiting requests into free slots, prefilled together (`SlotEngine.prefill_into`: the
-     round's new prompts in a few batched calls that write straight into their slots, queued on
+     round's new prompts packed into a few batched calls that write straight into their slots, queued on
      the device behind the running call; a bounded number of prompt tokens per round, so the
      others never stall long). JetStream prefills one prompt per call; vLLM's scheduler, like this
      one, spends a per-round token budget on the waiting prompts together;
