@@ -9,8 +9,8 @@ generate and detokenize threads. Each round
      arrive for a part of that call's time (`_await_arrivals`): they join the next call, not the
      one after;
   1. admits waiting requests into free slots, prefilled together (`SlotEngine.prefill_into`: the
-     round's new prompts packed into a few batched calls that write straight into their slots, queued on
-     the device behind the running call; a bounded number of prompt tokens per round, so the
+     round's new prompts packed into a few batched calls that write straight into their slots,
+     queued on the device behind the running call; a bounded number of prompt tokens per round, so the
      others never stall long). JetStream prefills one prompt per call; vLLM's scheduler, like this
      one, spends a per-round token budget on the waiting prompts together;
   2. dispatches a `generate` call for the live slots (to the device thread): `steps` decode steps,
