@@ -10,8 +10,8 @@ generate and detokenize threads. Each round
      one after;
   1. admits waiting requests into free slots, prefilled together (`SlotEngine.prefill_into`: the
      round's new prompts packed into a few batched calls that write straight into their slots,
-     queued on the device behind the running call; a bounded number of prompt tokens per round, so the
-     others never stall long). JetStream prefills one prompt per call; vLLM's scheduler, like this
+     queued on the device behind the running call; a bounded number of prompt tokens per round,
+     so the others never stall long). JetStream prefills one prompt per call; vLLM's scheduler, like this
      one, spends a per-round token budget on the waiting prompts together;
   2. dispatches a `generate` call for the live slots (to the device thread): `steps` decode steps,
      or up to `max_steps` while no request waits and no slot would idle long (`_steps_for`), over
