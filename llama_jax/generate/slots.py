@@ -311,10 +311,11 @@ class SlotEngine:
 
   `max_batch` slots of `cache_len` positions each (prompt and answer together). Prompts are
   prefilled together, up to `prefill_tokens` (padded) prompt tokens per call, in rows of a
-  power-of-two length: packed side by side (`pack_prompts`, `pack`) or one a row (`prefill_into`). A `generate` call runs `steps` decode steps by default and up to
-  `max_steps` (the host asks for more where it knows no slot will be waiting for them), so the
-  host syncs once per several tokens of every slot rather than once per token; the call attends
-  over a window of the cache just long enough for its live slots (`attend_buckets`)."""
+  power-of-two length: packed side by side (`pack_prompts`, `pack`) or one a row (`prefill_into`).
+  A `generate` call runs `steps` decode steps by default and up to `max_steps` (the host asks for
+  more where it knows no slot will be waiting for them), so the host syncs once per several tokens
+  of every slot rather than once per token; the call attends over a window of the cache just long
+  enough for its live slots (`attend_buckets`)."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
                steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,
@@ -577,7 +578,8 @@ class SlotEngine:
     for any, but alternatives only for any."""
     lengths = self.call_lengths if self.static_steps else [0]
     shapes = [(r, a, 0, greedy) for r in self.row_buckets
-              for a in (self.attend_buckets if self.windowed(r) else [self.cache_len]) for greedy in (False, True)]
+              for a in (self.attend_buckets if self.windowed(r) else [self.cache_len])
+              for greedy in (False, True)]
     shapes.append((self.max_batch, self.cache_len, max_top_logprobs(self.cfg), False))
     return [(r, a, top, n, greedy) for r, a, top, greedy in shapes for n in lengths]
 
