@@ -46,7 +46,7 @@ def main() -> None:
   for pack in map(int, args.pack_prompts.split(",")):
     eng = SlotEngine(cfg, params, max_batch=64, cache_len=min(1024, cfg.max_seq_len), pack_prompts=bool(pack))
     state = eng.init()
-    calls = {shape: eng._empty_call(*shape) for shape in shapes}
+    calls = {shape: eng.empty_prefill(*shape) for shape in shapes}
     for call in calls.values():  # compile
       state, drawn = eng.prefill_call(state, call)
     jax.block_until_ready(drawn)

@@ -174,7 +174,7 @@ def time_prefill(eng, repeats: int = 5) -> dict[str, float]:
   import jax
   state, times = eng.init(), {}
   for r, length in eng.prefill_shapes:
-    call = eng._empty_call(r, length)
+    call = eng.empty_prefill(r, length)
     best = float("inf")
     for _ in range(repeats):
       t0 = time.perf_counter()

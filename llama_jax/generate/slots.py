@@ -516,8 +516,9 @@ class SlotEngine:
           SamplingParams.stack([sampling[i] for i in chosen] + [(0.0, 0, 1.0)] * pad))))
     return plan
 
-  def _empty_call(self, r: int, length: int) -> PrefillCall:
-    """A prefill call of that shape with nothing in it (every token and prompt padding)."""
+  def empty_prefill(self, r: int, length: int) -> PrefillCall:
+    """A prefill call of that shape with nothing in it (every token and prompt padding, which
+    costs what prompts do): what warmup compiles and benchmarks time."""
     tokens, positions, segments, where = self._empty_rows(r, length)
     positions[:] = np.arange(length)
     n = self.prompts_per_call(r, length)
@@ -622,7 +623,7 @@ class SlotEngine:
     compiled programs are the ones later calls use (same arguments: `jit`'s cache is shared
     between `lower().compile()` and calls); each is then called once, and its state thrown away."""
     state = self.init()
-    empty = [self._empty_call(r, p) for r, p in self.prefill_shapes]
+    empty = [self.empty_prefill(r, p) for r, p in self.prefill_shapes]
     programs = [functools.partial(prefill_insert.lower, self.cfg, self.params, state, call, **self._static)
                 for call in empty]
     for rows, attend, top, steps, greedy in self.generate_shapes:
