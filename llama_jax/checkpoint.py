@@ -127,9 +127,17 @@ def _is_abandoned_read(error: BaseException | None) -> bool:
 
 
 class _AbandonedReads(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for the array reads a failed restore left
+  behind: those that failed as it gave up (`_is_abandoned_read`), and Orbax's `async_deserialize`
+  tasks that failed as the one it raised did (each array of a checkpoint whose manifest is empty
+  fails alike; only the first failure is awaited). Other tasks' records pass."""
+
   def filter(self, record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    if "never retrieved" not in text:
+      return True
     error = record.exc_info[1] if record.exc_info else None
-    return not ("never retrieved" in str(record.msg) and _is_abandoned_read(error))
+    return not (_is_abandoned_read(error) or "coro=<async_deserialize()" in text)
 
 
 def _quiet_abandoned_reads() -> None:
