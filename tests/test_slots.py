@@ -239,9 +239,8 @@ def test_warmup_compiles_every_shape_a_request_can_take(params):
 def test_batched_prefill_gives_each_prompt_what_it_gets_alone(params, slot_engine, packed):
   """Prompts of two length buckets into scattered slots, greedy beside seeded sampling, in calls
   that pad: packed, all four side by side in one row; one a row, three in a 4-row call of 16 and
-  the 32 bucket alone. Then the same one prompt per call: the
-  same first tokens and log-probabilities, and the same tokens decoded after (so the same keys and
-  values in the cache)."""
+  the 32 bucket alone. Then the same one prompt per call: the same first tokens and
+  log-probabilities, and the same tokens decoded after (so the same keys and values in the cache)."""
   lengths = [5, 20, 3, 9]  # buckets 16, 32, 16, 16
   prompts = _prompts(lengths, seed=8)
   sampling = [GREEDY, SAMPLED, SAMPLED, GREEDY]
