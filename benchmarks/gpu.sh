@@ -29,6 +29,7 @@
 #   hostsync   which constructs (a data-dependent cond, loops) make a call block the host (host_sync_check.py)
 #   asyncdecode  all-greedy decode calls (no branch in the loop: the call returns at once) against the
 #              general sampler's, and the engine under 64 clients with them, prompts packed or not
+#   windows    the engine under 64 clients with decode windows from 512 and with the whole cache only
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -165,6 +166,11 @@ asyncdecode)  # an all-greedy decode call (no sampler branches: returns at once)
   python3 benchmarks/serve_dispatch.py --steps 32 --windows 512 --greedy 0,1 2>&1 | grep '^{' | tee -a $OUT/asyncdecode.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn --pack_prompts 1,0 2>&1 \
     | grep '^{' | tee -a $OUT/asyncdecode.jsonl ;;
+windows)  # do decode windows still pay for their programs now that each slot reads its own length?
+  for m in 512 1024; do  # 1024: one window, the whole cache (fewer programs, a shorter warmup)
+    python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn --min_attend $m 2>&1 \
+      | grep '^{' | tee -a $OUT/windows.jsonl
+  done ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do
