@@ -330,6 +330,12 @@ def test_metrics_writer_drops_rows_after_the_resumed_step_and_writes_lazily(tmp_
   writer.close()
 
 
+def _stderr_of(code: str) -> str:
+  """What a fresh Python process running `code` prints to stderr (on the CPU)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+
+
 def test_after_a_failed_restore_only_closed_loop_callbacks_are_silenced():
   # Reads abandoned by a failed restore may finish after its event loop closed and be printed
   # through sys.excepthook (tensorstore's thread) or threading.excepthook: silenced; anything else
@@ -345,8 +351,7 @@ def test_after_a_failed_restore_only_closed_loop_callbacks_are_silenced():
       "t = threading.Thread(target=other); t.start(); t.join()",
       "sys.excepthook(ValueError, ValueError('kept'), None)",
   ])
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+  err = _stderr_of(code)
   assert "Event loop is closed" not in err
   assert "ValueError: kept" in err and "thread error kept" in err
 
@@ -369,7 +374,6 @@ def test_after_a_failed_restore_its_abandoned_array_reads_are_not_reported():
       "asyncio.run(main())",
       "gc.collect()",
   ])
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+  err = _stderr_of(code)
   assert "DATA_LOSS" not in err
   assert err.count("never retrieved") == 1 and "task error kept" in err
