@@ -35,6 +35,9 @@
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   bigmodels  LLaMA-2-7B variants (batch, remat policy, XLA's collective scheduling) on every GPU,
 #              13B on every GPU, 7B on two of them when the cards hold it (> 100 GB)
+#   fourh100   four 80 GB cards (nvidia-h100-x4): LLaMA-2-13B (its config: bfloat16 moments) with the
+#              7B's remat policy and with full rematerialisation, the 7B step, and a profile of
+#              the 7B step (GPU 0's kernels, collectives apart); JAX may take 95% of each card
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -113,6 +116,15 @@ bigbatch)  # the 7B and 13B steps with more sequences a GPU (cards of > 100 GB) 
   run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=save_matmuls
   run bigbatch XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
   run bigbatch XLA_FLAGS= $B13 --config.batch_size=$((4 * N)) ;;
+fourh100)  # 13B and 7B on four 80 GB cards; JAX's default share of a card (75%) would not hold them
+  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
+  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  run fourh100 $M XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
+  run fourh100 $M XLA_FLAGS= $B13 --config.batch_size=$((2 * N)) --config.model.remat_policy=full
+  run fourh100 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
+  run fourh100 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --steps 3 --profile_dir /tmp/p7
+  python3 benchmarks/profile_summary.py /tmp/p7 --top 40 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b.txt ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256

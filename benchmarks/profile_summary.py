@@ -1,6 +1,10 @@
 """Where device time goes, from a jax.profiler trace: GPU kernel time by HLO op and by kind.
 
-  python benchmarks/profile_summary.py DIR [--top 25]
+  python benchmarks/profile_summary.py DIR [--top 25] [--device N]
+
+Several GPUs: by default every GPU's kernels are summed; `--device 0` keeps the first GPU's only.
+Collectives (NCCL) run on streams of their own beside the computation, so their time is listed
+apart and a GPU's "busy" share counts the computation's kernels only.
 """
 
 import argparse
@@ -13,6 +17,9 @@ from jax.profiler import ProfileData
 
 def kind(name: str) -> str:
   n = name.lower()
+  if any(k in n for k in ("nccl", "all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                          "collective-permute")):
+    return "collective (NCCL)"
   if any(k in n for k in ("cudnn", "flash", "fmha", "custom-call", "custom_call")):
     return "attention (cuDNN)"
   # cuBLAS's Hopper kernels are "nvjet_*", its matrix-vector ones "gemv*"; XLA's Triton ones "gemm_fusion*"
@@ -31,14 +38,18 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("dir")
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--device", type=int, default=None, help="one GPU's kernels only (default: all)")
   args = parser.parse_args()
   path = sorted(glob.glob(f"{args.dir}/**/*.xplane.pb", recursive=True))[-1]
   data = ProfileData.from_file(path)
   by_op, by_kind, count = collections.Counter(), collections.Counter(), collections.Counter()
   by_module, module_count = collections.Counter(), collections.Counter()
   first, last = None, None
+  computed = 0  # kernel time outside the collectives
   for plane in data.planes:
     if not re.match(r"/device:GPU:\d+", plane.name):
+      continue
+    if args.device is not None and plane.name != f"/device:GPU:{args.device}":
       continue
     print(f"{plane.name}: lines {[line.name for line in plane.lines]}")
     for line in plane.lines:
@@ -57,12 +68,15 @@ def main():
         by_op[op] += ev.duration_ns
         count[op] += 1
         by_kind[kind(op + " " + ev.name)] += ev.duration_ns
+        if kind(op + " " + ev.name) == "collective (NCCL)":
+          continue  # overlaps the computation: not part of the busy span's count
+        computed += ev.duration_ns
         first = ev.start_ns if first is None else min(first, ev.start_ns)
         last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
   total = sum(by_kind.values())
   span = (last - first) if first is not None else 0
-  print(f"kernel time {total / 1e6:.1f} ms over a span of {span / 1e6:.1f} ms "
-        f"({100 * total / max(span, 1):.0f}% busy); {sum(count.values())} kernels")
+  print(f"kernel time {total / 1e6:.1f} ms ({computed / 1e6:.1f} ms outside collectives) over a span of "
+        f"{span / 1e6:.1f} ms ({100 * computed / max(span, 1):.0f}% busy); {sum(count.values())} kernels")
   for k, v in by_kind.most_common():
     print(f"  {k:28s} {v / 1e6:10.1f} ms {100 * v / total:5.1f}%")
   if by_module:
