@@ -38,6 +38,9 @@
 #   fourh100   four 80 GB cards (nvidia-h100-x4): LLaMA-2-13B (its config: bfloat16 moments) with the
 #              7B's remat policy and with full rematerialisation, the 7B step, and a profile of
 #              the 7B step (GPU 0's kernels, collectives apart); JAX may take 95% of each card
+#   attnsave   the 7B step on every GPU with cuDNN attention's forward saved for the backward
+#              (remat dots_and_attention), with XLA's Triton GEMMs off, its profile; and 13B with
+#              JAX's pool cut to what 95% of an 80 GB H100 gives (on cards of > 100 GB)
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -125,6 +128,21 @@ fourh100)  # 13B and 7B on four 80 GB cards; JAX's default share of a card (75%)
   run fourh100 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
   run fourh100 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --steps 3 --profile_dir /tmp/p7
   python3 benchmarks/profile_summary.py /tmp/p7 --top 40 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b.txt ;;
+attnsave)
+  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=dots_and_attention
+  run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((6 * N)) --config.model.remat_policy=dots_and_attention
+  run attnsave $M XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $B7 --config.batch_size=$((4 * N))
+  if [ "$mem" -gt 100000 ]; then  # 0.95 x 81,559 MiB (an H100 80GB HBM3) = 77,481 MiB of this card
+    run attnsave XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.95 * 81559 / $mem, 4))") XLA_FLAGS= \
+      $B13 --config.batch_size=$((2 * N))
+  fi
+  run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=dots_and_attention \
+    --steps 3 --profile_dir /tmp/p7a
+  python3 benchmarks/profile_summary.py /tmp/p7a --top 30 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b_attn.txt ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256

@@ -15,21 +15,26 @@ import re
 from jax.profiler import ProfileData
 
 
-def kind(name: str) -> str:
-  n = name.lower()
-  if any(k in n for k in ("nccl", "all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                          "collective-permute")):
+def kind(op: str, kernel: str) -> str:
+  """A kernel's kind from its HLO op's name and its own: cuBLAS runs as `custom-call` ops too, so
+  the kernel's name decides between a matmul and cuDNN's attention."""
+  o, k = op.lower(), kernel.lower()
+  both = f"{o} {k}"
+  if any(s in both for s in ("nccl", "all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                             "collective-permute")):
     return "collective (NCCL)"
-  if any(k in n for k in ("cudnn", "flash", "fmha", "custom-call", "custom_call")):
+  if any(s in both for s in ("cudnn", "flash", "fmha", "sdpa", "dot_product_attention")):
     return "attention (cuDNN)"
   # cuBLAS's Hopper kernels are "nvjet_*", its matrix-vector ones "gemv*"; XLA's Triton ones "gemm_fusion*"
-  if any(k in n for k in ("gemm", "gemv", "nvjet", "xmma", "cutlass", "dot", "cublas", "matmul")):
+  if any(s in both for s in ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "matmul")) or "dot" in o:
     return "matmul"
-  if "copy" in n or "transpose" in n:
+  if "custom-call" in o or "custom_call" in o:
+    return "other custom call"
+  if "copy" in both or "transpose" in both:
     return "copy/transpose"
-  if "reduce" in n or "scatter" in n or "gather" in n:
+  if "reduce" in both or "scatter" in both or "gather" in both:
     return "reduce/scatter/gather"
-  if "fusion" in n or "loop" in n or "input" in n:
+  if "fusion" in both or "loop" in both or "input" in both:
     return "elementwise fusion"
   return "other"
 
@@ -67,8 +72,9 @@ def main():
           op = f"{ev.name} [{op}]"
         by_op[op] += ev.duration_ns
         count[op] += 1
-        by_kind[kind(op + " " + ev.name)] += ev.duration_ns
-        if kind(op + " " + ev.name) == "collective (NCCL)":
+        what = kind(op, ev.name)
+        by_kind[what] += ev.duration_ns
+        if what == "collective (NCCL)":
           continue  # overlaps the computation: not part of the busy span's count
         computed += ev.duration_ns
         first = ev.start_ns if first is None else min(first, ev.start_ns)

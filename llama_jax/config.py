@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_matmuls")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention", "save_matmuls")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")

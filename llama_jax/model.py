@@ -39,11 +39,22 @@ EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
     "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 BATCH, LENGTH, ACT_EMBED = "batch", "length", "act_embed"
 
+def _dots_and_attention(prim, *args, **params) -> bool:
+  """dots_no_batch, and the outputs of cuDNN's attention forward (its output and softmax
+  statistics: the residuals its backward reads), so that the backward pass does not run the
+  attention forward again. A sequence's keys are attended once per layer where dots_no_batch runs
+  that kernel twice; the saved output is (B, T, N, H) a layer. XLA's attention is batched dots,
+  which this policy recomputes as dots_no_batch does."""
+  return (prim.name.startswith("dot_product_attention_fwd")
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 # Remat policies by name: what each block saves for the backward pass instead of recomputing.
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_and_attention": _dots_and_attention,
     # The projections' outputs (tagged with checkpoint_name below): attention is recomputed.
     "save_matmuls": jax.checkpoint_policies.save_only_these_names(
         "q_proj", "k_proj", "v_proj", "attn_out", "ffn_gate", "ffn_up", "ffn_out"),

@@ -176,7 +176,8 @@ def test_segment_ids_keep_attention_inside_documents():
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
-                                     dict(remat_policy="save_matmuls"), dict(tie_embeddings=True)])
+                                     dict(remat_policy="save_matmuls"),
+                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True)])
 def test_variants_agree(variant):
   cfg = dataclasses.replace(TINY, **variant)
   params = _params(cfg)
@@ -194,6 +195,32 @@ def test_variants_agree(variant):
   g, g_ref = jax.grad(loss)(params), jax.grad(ref_loss)(params)
   for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_dots_and_attention_saves_the_attention_forward_for_the_backward():
+  """The policy's mechanism on a stand-in: a custom_vjp whose forward binds a primitive named as
+  cuDNN's (`dot_product_attention_fwd_wrapper`; cuDNN itself needs a GPU). Under dots_no_batch the
+  gradient runs that forward twice (once more to rebuild the residuals); under the policy, once."""
+  fwd_p = jax.extend.core.Primitive("dot_product_attention_fwd_wrapper")
+  fwd_p.def_impl(jnp.sin)
+  fwd_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+
+  @jax.custom_vjp
+  def attention(x):
+    return fwd_p.bind(x)
+
+  attention.defvjp(lambda x: (fwd_p.bind(x), x), lambda x, g: (g * jnp.cos(x),))
+
+  def block(w, x):
+    return jnp.tanh(attention(x @ w)) @ w
+
+  def forwards_run(policy):
+    f = jax.checkpoint(block, policy=M.REMAT[policy])
+    jaxpr = jax.make_jaxpr(jax.grad(lambda w, x: f(w, x).sum()))(jnp.ones((4, 4)), jnp.ones((2, 4)))
+    return str(jaxpr).count("dot_product_attention_fwd_wrapper")
+
+  assert forwards_run("dots_no_batch") == 2
+  assert forwards_run("dots_and_attention") == 1
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
