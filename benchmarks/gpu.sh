@@ -41,6 +41,9 @@
 #   attnsave   the 7B step on every GPU with cuDNN attention's forward saved for the backward
 #              (remat dots_and_attention), with XLA's Triton GEMMs off, its profile; and 13B with
 #              JAX's pool cut to what 95% of an 80 GB H100 gives (on cards of > 100 GB)
+#   bigconfigs the 7B and 13B configs as they are (remat dots_and_attention): 13B in an 80 GB
+#              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
+#              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -143,6 +146,18 @@ attnsave)
   run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=dots_and_attention \
     --steps 3 --profile_dir /tmp/p7a
   python3 benchmarks/profile_summary.py /tmp/p7a --top 30 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b_attn.txt ;;
+bigconfigs)
+  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  if [ "$mem" -gt 100000 ]; then
+    run bigconfigs XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.95 * 81559 / $mem, 4))") XLA_FLAGS= \
+      $B13 --config.batch_size=$((2 * N))
+    run bigconfigs CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS= $B7 --config.batch_size=8
+  fi
+  run bigconfigs CUDA_VISIBLE_DEVICES=0 $M XLA_FLAGS= $B7 --config.batch_size=4 --config.model.n_layers=8
+  run bigconfigs $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.n_layers=8 ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
