@@ -46,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--preset", default="tinyllama_1b")
   p.add_argument("--dtype", default="bfloat16", help="parameter and compute dtype")
   p.add_argument("--clients", default="1,16,64", help="concurrency levels, comma separated")
-  p.add_argument("--requests_per_client", type=int, default=6)
+  # 24: a level's ramp (every client's first prompt at once) and drain (the last, longest answers
+  # with ever fewer clients) are a few percent of it; at 6 (before 2026-11-27's session 8) the drain
+  # alone was ~16% of the 64-client level.
+  p.add_argument("--requests_per_client", type=int, default=24)
   p.add_argument("--min_requests", type=int, default=8, help="at least this many requests per level")
   p.add_argument("--prompt_median", type=int, default=200)
   p.add_argument("--answer_median", type=int, default=160)
@@ -215,7 +218,17 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int, temp
   return {"ttft": first, "tokens": tokens, "first_at": first_at, "end_at": time.perf_counter()}
 
 
-async def load_level(url: str, clients: int, prompts, answers, temperature: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a process and its threads (Linux /proc), seconds."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load_level(url: str, clients: int, prompts, answers, temperature: float,
+                     server_pid: int | None = None) -> dict:
+  """One level; beside the rates, the CPU each side used over it (a share of one core: above ~0.9
+  for the clients, they, not the server, would set the pace)."""
   import httpx
   queue = list(zip(prompts, answers))[::-1]
   results = []
@@ -230,16 +243,20 @@ async def load_level(url: str, clients: int, prompts, answers, temperature: floa
         last_sent[0] = time.perf_counter()
         results.append(await one_request(client, url, prompt, answer, temperature))
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    server_cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     await asyncio.gather(*(worker() for _ in range(clients)))
     seconds = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    server_cpu = cpu_seconds(server_pid) - server_cpu0 if server_pid else float("nan")
   ttft = np.asarray([r["ttft"] for r in results])
   total = sum(r["tokens"] for r in results)
   return {"clients": clients, "requests": len(results), "tokens": total, "seconds": round(seconds, 2),
           "tokens_per_s": round(total / seconds, 1),
           "steady_tokens_per_s": round(steady_rate(results, t0, last_sent[0]), 1),
           "ttft_p50_ms": round(1000 * float(np.percentile(ttft, 50)), 1),
-          "ttft_p99_ms": round(1000 * float(np.percentile(ttft, 99)), 1)}
+          "ttft_p99_ms": round(1000 * float(np.percentile(ttft, 99)), 1),
+          "client_cpu_share": round(client_cpu / seconds, 3), "server_cpu_share": round(server_cpu / seconds, 3)}
 
 
 def steady_rate(results: list[dict], start: float, last_sent: float) -> float:
@@ -307,7 +324,8 @@ def main(argv=None) -> int:
       if profile:
         httpx.post(url + "/start_profile", timeout=60).raise_for_status()
       before = httpx.get(url + "/health", timeout=10).json()
-      row = asyncio.run(load_level(url, clients, token_prompts(p, vocab, clients), a, args.temperature))
+      row = asyncio.run(load_level(url, clients, token_prompts(p, vocab, clients), a, args.temperature,
+                                   server.pid))
       row["engine"] = engine_work(before, httpx.get(url + "/health", timeout=10).json(), row["seconds"])
       if profile:
         httpx.post(url + "/stop_profile", timeout=300).raise_for_status()
