@@ -316,6 +316,21 @@ def test_prompts_pack_into_the_rows_of_compiled_shapes(params, monkeypatch):
   assert all(sum(len(row) for row in rows) <= 64 for _, rows in calls)
 
 
+def test_the_ragged_kernel_reads_the_whole_cache_without_windows(params):
+  """With the Pallas attention (each slot reads its own length) a call never copies a window: one
+  program per row bucket, call length and sampler kind, where XLA's attention has one per window
+  for the larger row buckets."""
+  kwargs = dict(max_batch=16, cache_len=64, steps=2, min_attend=16)
+  xla = slots.SlotEngine(TINY, params, decode_attention="xla", **kwargs)
+  ragged = slots.SlotEngine(TINY, params, decode_attention="pallas", **kwargs)
+  assert ragged.attend_for(16, 0, need=10) == 64 and xla.attend_for(16, 0, need=10) == 16
+  assert {a for _, a, *_ in ragged.generate_shapes} == {64}
+  lengths = len(ragged.call_lengths)
+  # rows 1, 4, 16, each greedy or not, and all rows with alternatives; XLA: 5 windows at 4 and 16
+  assert len(ragged.generate_shapes) == (3 * 2 + 1) * lengths
+  assert len(xla.generate_shapes) == (1 * 2 + 2 * 5 * 2 + 1) * lengths
+
+
 def test_attention_over_the_live_window_equals_the_whole_cache(slot_engine):
   """The same requests decoded over the smallest window that covers them and over the whole
   cache: the same tokens and log-probabilities, and the same cache afterwards where it was

@@ -40,7 +40,7 @@ length; `prefill` and `insert`, which the server no longer uses, once per prompt
 `generate` once per call length (`call_lengths`), greedy or not, and row bucket (the leading
 slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
 more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
-length), and once more for all slots with the most likely alternatives of each token (OpenAI's
+length; not with the ragged Pallas attention, which reads each slot's own length), and once more for all slots with the most likely alternatives of each token (OpenAI's
 `logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
 """
 
@@ -559,8 +559,11 @@ class SlotEngine:
   def windowed(self, rows: int) -> bool:
     """Whether calls of `rows` slots have a window per attend bucket (else the whole cache): only
     where the cache the rows read is a large part of a step's memory traffic (a quarter of the slots
-    or more); fewer rows mostly read the weights, and each window is one more compilation."""
-    return rows * 4 >= self.max_batch
+    or more); fewer rows mostly read the weights, and each window is one more compilation. Never
+    with the ragged Pallas attention: each slot reads its own length of the cache whatever the
+    window, so windows would only add programs (at the benchmark's 64 slots of 1,024 positions,
+    72 of its 121), and the copy of a window in and out."""
+    return self.cfg.decode_attention != "pallas" and rows * 4 >= self.max_batch
 
   @property
   def call_lengths(self) -> list[int]:
