@@ -44,8 +44,6 @@
 #   bigconfigs the 7B and 13B configs as they are (remat dots_and_attention): 13B in an 80 GB
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
-#   gather16   the 7B step on every GPU with its weights gathered in bfloat16 (mesh.gather_in_compute_dtype)
-#              beside the same call's float32 gathers, at 4 and 6 sequences a GPU; its profile
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -160,15 +158,6 @@ bigconfigs)
   fi
   run bigconfigs CUDA_VISIBLE_DEVICES=0 $M XLA_FLAGS= $B7 --config.batch_size=4 --config.model.n_layers=8
   run bigconfigs $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.n_layers=8 ;;
-gather16)
-  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
-  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
-  run gather16 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
-  run gather16 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.mesh.gather_in_compute_dtype=true
-  run gather16 $M XLA_FLAGS= $B7 --config.batch_size=$((6 * N)) --config.mesh.gather_in_compute_dtype=true
-  run gather16 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.mesh.gather_in_compute_dtype=true \
-    --steps 3 --profile_dir /tmp/p7g
-  python3 benchmarks/profile_summary.py /tmp/p7g --top 16 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b_gather16.txt ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256

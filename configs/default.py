@@ -49,9 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = -1  # parameters and optimiser state sharded, batch split; -1: all remaining devices
   config.mesh.tensor = 1  # Megatron-style split of heads and the FFN width
   config.mesh.rules = DEFAULT_RULES  # logical axis name -> mesh axes
-  # FSDP: gather the weights (and reduce-scatter their gradients) in the compute dtype instead of
-  # float32: half the collectives' bytes; the gradients' sum over devices is rounded to bfloat16.
-  config.mesh.gather_in_compute_dtype = False
 
   # LoRA: rank > 0 trains low-rank adapters of a frozen base (init_from) instead of the model;
   # llama_jax.lora.config documents each field.

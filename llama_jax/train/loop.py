@@ -234,8 +234,7 @@ def make_training(config, model_cfg: ModelConfig, mesh, params_fn=init_params) -
   init = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding)
   document_attention = bool(config.data.get("document_attention", False))
   step = jax.jit(make_train_step(model_cfg, tx, config.optimizer, lr_schedule, document_attention,
-                                 view=adapters.view if adapters else None,
-                                 gather_in_compute_dtype=bool(config.mesh.get("gather_in_compute_dtype", False))),
+                                 view=adapters.view if adapters else None),
                  in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                  donate_argnums=0)
   init_frozen = None

@@ -48,18 +48,6 @@ def _loss_sums(params, cfg: ModelConfig, batch, z_loss: float, document_attentio
   return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
-def matrices_in(params, dtype):
-  """`params` with every floating parameter of two or more axes cast to `dtype` (the norms' scales
-  stay as they are). The model casts each weight to its compute dtype where it uses it, so the
-  forward pass is the same; what changes under FSDP is where: each device casts its own shard, and
-  the all-gathers that assemble a layer's weights move bfloat16 instead of float32 (half the bytes),
-  as do the reduce-scatters of their gradients (summed across devices in bfloat16: each device's
-  share is already a bfloat16 matmul's output; only the sum over devices is rounded more)."""
-  def cast(p):
-    return p.astype(dtype) if p.ndim >= 2 and jnp.issubdtype(p.dtype, jnp.floating) else p
-  return jax.tree.map(cast, params)
-
-
 def gradient_step(state: TrainState, batch: dict, objective, *, tx: optax.GradientTransformation,
                   grad_accum_steps: int = 1, lr_schedule=None, view=None):
   """One optimiser update of `objective(params, micro_batch) -> (loss sum, count, {name: sum})`,
@@ -124,12 +112,8 @@ def gradient_step(state: TrainState, batch: dict, objective, *, tx: optax.Gradie
 
 def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.GradientTransformation,
                grad_accum_steps: int = 1, z_loss: float = 0.0, lr_schedule=None,
-               document_attention: bool = False, view=None, gather_in_compute_dtype: bool = False):
-  """`gather_in_compute_dtype`: the weights enter the model cast to its compute dtype
-  (`matrices_in`; the `mesh.gather_in_compute_dtype` option)."""
+               document_attention: bool = False, view=None):
   def objective(params, micro):
-    if gather_in_compute_dtype:
-      params = matrices_in(params, jnp.dtype(cfg.dtype))
     total, count, nll = _loss_sums(params, cfg, micro, z_loss, document_attention)
     return total, count, {"train/loss": nll}
 
@@ -146,8 +130,7 @@ def eval_step(params, batch: dict, *, cfg: ModelConfig, document_attention: bool
 
 
 def make_train_step(cfg: ModelConfig, tx, opt_cfg, lr_schedule, document_attention: bool = False,
-                    view=None, gather_in_compute_dtype: bool = False):
+                    view=None):
   return functools.partial(train_step, cfg=cfg, tx=tx, grad_accum_steps=int(opt_cfg.grad_accum_steps),
                            z_loss=float(opt_cfg.z_loss), lr_schedule=lr_schedule,
-                           document_attention=document_attention, view=view,
-                           gather_in_compute_dtype=gather_in_compute_dtype)
+                           document_attention=document_attention, view=view)
