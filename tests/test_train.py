@@ -242,3 +242,39 @@ def test_init_from_own_workdir_fine_tunes_with_its_tokenizer(corpus, tmp_path):
   # starts from the base's weights: the first loss is the base's after its 2 steps, not a fresh init's
   assert tuned[0]["train/loss"] < base[0]["train/loss"]
   assert (tmp_path / "tuned" / "tokenizer.model").read_bytes() == (corpus / "tok.model").read_bytes()
+
+
+def test_out_of_device_memory_is_one_line_with_what_to_change(corpus, tmp_path, monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED from anywhere in a run (here: the training loop, stood in for, as a
+  CPU does not run out) becomes `DeviceOutOfMemory`, a TrainingError (train.py prints it as one
+  line): XLA's words, JAX's memory share and the config's knobs. Other runtime errors pass as they are."""
+  import jax
+
+  from llama_jax.errors import run_cli
+  from llama_jax.train import loop
+  from llama_jax.train.cli import _load, check_config_file
+  path = write_config(tmp_path / "cfg.py", corpus)
+  check_config_file(path)
+  config = _load(path)
+  xla = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 53.01GiB with allocator GPU_0_bfc "
+         "on device 0. [tf-allocator-allocation-error=''] [executable_name='jit_train_step']")
+
+  def fails_with(message):
+    def loop_that_fails(*args, **kwargs):
+      raise jax.errors.JaxRuntimeError(message)
+    return loop_that_fails
+
+  monkeypatch.setattr(loop, "_loop", fails_with(xla))
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  with pytest.raises(loop.DeviceOutOfMemory) as raised:
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(raised.value)
+  assert "Out of memory while trying to allocate 53.01GiB with allocator GPU_0_bfc on device 0" in message
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95" in message and "batch_size (8;" in message
+  assert "'none'" in message and "'float32'" in message  # the config's remat policy and moments
+  with pytest.raises(SystemExit):  # the command line: one line on stderr, exit 1
+    run_cli(lambda: loop.train_and_evaluate(config, str(tmp_path / "run")), expected=(loop.TrainingError,))
+
+  monkeypatch.setattr(loop, "_loop", fails_with("INTERNAL: something else"))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))

@@ -21,6 +21,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -48,6 +49,32 @@ log = logging.getLogger("llama_jax")
 
 class TrainingError(RuntimeError):
   """The run cannot go on (a non-finite loss, ...); the last good checkpoint is kept."""
+
+
+class DeviceOutOfMemory(TrainingError):
+  """The run does not fit its devices' memory: XLA's own line, then what would make it fit."""
+
+
+def out_of_memory(error: Exception, config) -> DeviceOutOfMemory | None:
+  """XLA's RESOURCE_EXHAUSTED (an allocation the device's memory pool cannot give) as one line with
+  the knobs that shrink a step, or None for any other error. JAX's pool is a share of each device
+  (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default): on 80 GB cards that default leaves 60 GB, which
+  holds neither `configs/llama2_7b.py` nor `configs/llama2_13b.py`."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    return None
+  found = re.search(r"Out of memory.*?(?=\.\s|\s\[|$)", text, re.MULTILINE)
+  what = found.group(0).strip() if found else text.strip().splitlines()[0]
+  fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  pool = (f"JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION={fraction} of each device" if fraction else
+          "JAX takes 0.75 of each device by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it more)")
+  model, opt = config.model, config.optimizer
+  return DeviceOutOfMemory(
+      f"the device ran out of memory ({what}). {pool}; a step takes less with a smaller "
+      f"batch_size ({config.batch_size}; optimizer.grad_accum_steps keeps the batch), "
+      f"model.remat_policy 'dots_no_batch' or 'full' (now {model.get('remat_policy', 'none')!r}), "
+      f"optimizer.moments_dtype='bfloat16' (now {opt.get('moments_dtype', 'float32')!r}), or the "
+      f"parameters and optimizer state sharded over more devices (mesh.fsdp)")
 
 
 class _StopSignal:
@@ -288,7 +315,18 @@ class LanguageModel:
 
 def train_and_evaluate(config, workdir: str, recipe=None) -> dict:
   """Trains `recipe` (default: the language model, config.recipe "lm") until `config.num_steps`
-  (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics."""
+  (resuming from `workdir` if it holds a checkpoint); returns the last logged metrics. A run that
+  does not fit the devices' memory raises `DeviceOutOfMemory` (one line, what to change)."""
+  try:
+    return _train_and_evaluate(config, workdir, recipe)
+  except jax.errors.JaxRuntimeError as e:
+    oom = out_of_memory(e, config)
+    if oom is None:
+      raise
+    raise oom from e
+
+
+def _train_and_evaluate(config, workdir: str, recipe=None) -> dict:
   if recipe is None:
     if config.get("recipe", "lm") != "lm":
       raise ConfigError(f"config.recipe {config.recipe!r} is not the language model: pass its recipe "
