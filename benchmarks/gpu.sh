@@ -57,6 +57,13 @@
 . benchmarks/gpu_setup.sh
 T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
 D="python3 -m llama_jax.bench decode --config configs/tinyllama_1b.py"
+B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+N=$(nvidia-smi -L | wc -l)  # GPUs of this machine
+mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)  # MiB a card
+M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"  # 80 GB cards need it for the 7B and 13B configs
+# On a card of > 100 GB, JAX's pool cut to what 0.95 of an H100 80GB HBM3 (81,559 MiB) gives: 77,481 MiB
+H100POOL="XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.95 * 81559 / max(${mem:-0}, 1), 4))")"
 run() {  # run SECTION ENV... COMMAND...: one benchmark, its last line (JSON) kept
   local section=$1; shift
   echo "== $*"
@@ -97,63 +104,44 @@ profile)  # the timed region only: compilation and autotuning stay out of the tr
   $T --steps 3 --warmup 2 --profile_dir /tmp/pt > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pt --top 40 2>&1 | grep -v Deprecation | tee $OUT/profile_train.txt ;;
 fsdp)  # every GPU of the machine (2 or 4): TinyLlama, then the LLaMA-2 7B and 13B shapes, FSDP
-  N=$(nvidia-smi -L | wc -l); S="--steps 5 --warmup 2"
+  S="--steps 5 --warmup 2"
   run fsdp XLA_FLAGS= $T --config.batch_size=$((8 * N))
   run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
   run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
 bigmodels)  # where the 7B step's time goes on several GPUs: what is rematerialised, collective overlap
-  N=$(nvidia-smi -L | wc -l); mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
   LHS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_all_gather=true --xla_gpu_enable_pipelined_reduce_scatter=true --xla_gpu_enable_while_loop_double_buffering=true"
   run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
   run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((2 * N)) --config.model.remat_policy=none
   run bigmodels XLA_FLAGS="$LHS" $B7 --config.batch_size=$((4 * N))
-  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   run bigmodels XLA_FLAGS= $B13 --config.batch_size=$((2 * N)) --config.model.remat_policy=full
   if [ "$mem" -gt 100000 ]; then
     run bigmodels CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS= $B7 --config.batch_size=4 --config.model.remat_policy=none
   fi ;;
 bigbatch)  # the 7B and 13B steps with more sequences a GPU (cards of > 100 GB) and the projections saved
-  N=$(nvidia-smi -L | wc -l)
-  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
-  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((8 * N))
   run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((6 * N))
   run bigbatch XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=save_matmuls
   run bigbatch XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
   run bigbatch XLA_FLAGS= $B13 --config.batch_size=$((4 * N)) ;;
 fourh100)  # 13B and 7B on four 80 GB cards; JAX's default share of a card (75%) would not hold them
-  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
-  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
-  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   run fourh100 $M XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
   run fourh100 $M XLA_FLAGS= $B13 --config.batch_size=$((2 * N)) --config.model.remat_policy=full
   run fourh100 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
   run fourh100 $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --steps 3 --profile_dir /tmp/p7
   python3 benchmarks/profile_summary.py /tmp/p7 --top 40 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b.txt ;;
 attnsave)
-  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
-  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
-  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=dots_and_attention
   run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((6 * N)) --config.model.remat_policy=dots_and_attention
   run attnsave $M XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $B7 --config.batch_size=$((4 * N))
-  if [ "$mem" -gt 100000 ]; then  # 0.95 x 81,559 MiB (an H100 80GB HBM3) = 77,481 MiB of this card
-    run attnsave XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.95 * 81559 / $mem, 4))") XLA_FLAGS= \
-      $B13 --config.batch_size=$((2 * N))
+  if [ "$mem" -gt 100000 ]; then
+    run attnsave $H100POOL XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
   fi
   run attnsave $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.remat_policy=dots_and_attention \
     --steps 3 --profile_dir /tmp/p7a
   python3 benchmarks/profile_summary.py /tmp/p7a --top 30 --device 0 2>&1 | grep -v Deprecation | tee $OUT/profile_7b_attn.txt ;;
 bigconfigs)
-  N=$(nvidia-smi -L | wc -l); M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"
-  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-  B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
-  B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   if [ "$mem" -gt 100000 ]; then
-    run bigconfigs XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.95 * 81559 / $mem, 4))") XLA_FLAGS= \
-      $B13 --config.batch_size=$((2 * N))
+    run bigconfigs $H100POOL XLA_FLAGS= $B13 --config.batch_size=$((2 * N))
     run bigconfigs CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS= $B7 --config.batch_size=8
   fi
   run bigconfigs CUDA_VISIBLE_DEVICES=0 $M XLA_FLAGS= $B7 --config.batch_size=4 --config.model.n_layers=8
@@ -247,7 +235,6 @@ lora)
 moments)
   bash benchmarks/moments.sh $OUT/moments ;;
 largest)  # 6.74B x 12 bytes (float32 parameters and gradients, bfloat16 moments) = 81 GB + activations
-  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   if [ "$mem" -lt 100000 ]; then echo "largest: a card of > 100 GB only (this one: $mem MiB)"; continue; fi
   run largest XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py --warmup 2 --steps 5 \
     --config.optimizer.moments_dtype=bfloat16 --config.batch_size=1 --config.model.remat_policy=full ;;
