@@ -10,9 +10,9 @@ weights, `--max_batch` = clients, `--max_len 1024`. Each client's next request i
 the callback that receives its previous answer's end (no HTTP, no streaming, no event loop): what
 is left of the gap to the static batch is the scheduler's and the engine's. Windows from
 `--min_attend` (512 by default: fewer programs to compile) with XLA's decode attention only; the
-ragged Pallas kernel (the default on one GPU) reads each slot's own length and has no windows. Warmup first (its seconds are
-reported: the warmup compiles on `--warmup_threads` threads), then each mode twice (the first is
-untimed), one JSON line each; `engine_steady` is the scheduler's work until the last request is
+ragged Pallas kernel (the default on one GPU) reads each slot's own length and has no windows.
+Warmup first (its seconds are reported: the warmup compiles on `--warmup_threads` threads), then
+each mode twice (the first is untimed), one JSON line each; `engine_steady` is the scheduler's work until the last request is
 sent (every client busy), `engine` the whole level with the drain at its end.
 """
 

@@ -256,7 +256,8 @@ async def load_level(url: str, clients: int, prompts, answers, temperature: floa
           "steady_tokens_per_s": round(steady_rate(results, t0, last_sent[0]), 1),
           "ttft_p50_ms": round(1000 * float(np.percentile(ttft, 50)), 1),
           "ttft_p99_ms": round(1000 * float(np.percentile(ttft, 99)), 1),
-          "client_cpu_share": round(client_cpu / seconds, 3), "server_cpu_share": round(server_cpu / seconds, 3)}
+          "client_cpu_share": round(client_cpu / seconds, 3),
+          "server_cpu_share": round(server_cpu / seconds, 3)}
 
 
 def steady_rate(results: list[dict], start: float, last_sent: float) -> float:

@@ -39,6 +39,7 @@ EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS = (
     "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 BATCH, LENGTH, ACT_EMBED = "batch", "length", "act_embed"
 
+
 def _dots_and_attention(prim, *args, **params) -> bool:
   """dots_no_batch, and the outputs of cuDNN's attention forward (its output and softmax
   statistics: the residuals its backward reads), so that the backward pass does not run the

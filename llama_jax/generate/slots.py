@@ -38,9 +38,10 @@ Compilation: `prefill_insert` once per (row bucket, row length: a prompt bucket)
 `prefill_tokens` (prompt buckets: powers of two from `generator.MIN_PROMPT_BUCKET` up to the cache
 length; `prefill` and `insert`, which the server no longer uses, once per prompt bucket);
 `generate` once per call length (`call_lengths`), greedy or not, and row bucket (the leading
-slots it runs: 1, 4, 16, ..., max_batch) and, for the row buckets of a quarter of the slots or
-more, once per attention window (`attend_buckets`: 128, 192, 256, 384, ... up to the cache
-length; not with the ragged Pallas attention, which reads each slot's own length), and once more for all slots with the most likely alternatives of each token (OpenAI's
+slots it runs: 1, 4, 16, ..., max_batch) and, with XLA's decode attention, for the row buckets of
+a quarter of the slots or more, once per attention window (`attend_buckets`: 128, 192, 256, 384,
+... up to the cache length; the ragged Pallas attention reads each slot's own length and has no
+windows), and once more for all slots with the most likely alternatives of each token (OpenAI's
 `logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
 """
 

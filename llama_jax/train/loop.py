@@ -66,8 +66,8 @@ def out_of_memory(error: Exception, config) -> DeviceOutOfMemory | None:
   found = re.search(r"Out of memory.*?(?=\.\s|\s\[|$)", text, re.MULTILINE)
   what = found.group(0).strip() if found else text.strip().splitlines()[0]
   fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
-  pool = (f"JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION={fraction} of each device" if fraction else
-          "JAX takes 0.75 of each device by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it more)")
+  pool = (f"JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION={fraction} of each GPU" if fraction else
+          "on GPUs JAX takes 0.75 of each by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it more)")
   model, opt = config.model, config.optimizer
   return DeviceOutOfMemory(
       f"the device ran out of memory ({what}). {pool}; a step takes less with a smaller "
