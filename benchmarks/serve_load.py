@@ -21,8 +21,10 @@ process of its own so that each has the accelerator to itself:
 Time to first token is from sending a request to its first streamed token. Tokens/s: "all" is
 every answer token of a level over its wall time (first request sent to last answer done), which
 includes the drain at the end, when fewer than C requests are left; "steady" counts only until the
-last request is sent, while all C clients are busy. The goal: at 64 clients, at least 70% of the
-static batch's tokens/s. A markdown table, then one JSON line.
+last request is sent, while all C clients are busy. Each level also reports the CPU each side
+used (a share of one core: the load generator near 1 would mean it, not the server, set the pace).
+The goal: at 64 clients, at least 70% of the static batch's tokens/s. A markdown table, then one
+JSON line.
 """
 
 from __future__ import annotations
