@@ -44,8 +44,6 @@
 #   bigconfigs the 7B and 13B configs as they are (remat dots_and_attention): 13B in an 80 GB
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
-#   fuse       wq|wk|wv and w1|w3 as one matmul each (model.fuse_projections) beside the same call's
-#              unfused step: the 7B at 6 sequences a GPU on every GPU, TinyLlama on the first GPU
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -148,11 +146,6 @@ bigconfigs)
   fi
   run bigconfigs CUDA_VISIBLE_DEVICES=0 $M XLA_FLAGS= $B7 --config.batch_size=4 --config.model.n_layers=8
   run bigconfigs $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.n_layers=8 ;;
-fuse)
-  run fuse $M XLA_FLAGS= $B7 --config.batch_size=$((6 * N))
-  run fuse $M XLA_FLAGS= $B7 --config.batch_size=$((6 * N)) --config.model.fuse_projections=true
-  run fuse CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $T --steps 5 --warmup 2
-  run fuse CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $T --steps 5 --warmup 2 --config.model.fuse_projections=true ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256

@@ -37,10 +37,6 @@ class ModelConfig:
   decode_attention: str = "xla"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
-  # wq|wk|wv and w1|w3 each as one matmul (their weights concatenated where used, still stored and
-  # checkpointed apart): larger matmuls run nearer the card's peak. For data/FSDP meshes: with the
-  # heads split over a tensor axis the concatenation would gather them.
-  fuse_projections: bool = False
   loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
 
   def __post_init__(self):

@@ -20,7 +20,6 @@ K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -115,22 +114,6 @@ def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes)
   return projection.project(equation, x, w, module.cfg.dtype)
 
 
-def _project_together(module: nn.Module, names, equation: str, x: Array, shapes, axes) -> list[Array]:
-  """Projections of the same input (`names`, each its own parameter of logical `shapes`, `axes`)
-  as one matmul: the weights cast to the compute dtype and concatenated along their first output
-  axis, contracted once, the result split back (`ModelConfig.fuse_projections`). Structured
-  weights (quantized, LoRA) go one by one, as `_project` takes them."""
-  for name in names:
-    module.sow("projection_inputs", name, x)
-  weights = [_weight(module, n, s, a) for n, s, a in zip(names, shapes, axes)]
-  dtype = module.cfg.dtype
-  if any(map(projection.is_structured, weights)):
-    return [projection.project(equation, x, w, dtype) for w in weights]
-  fused = jnp.concatenate([w.astype(dtype) for w in weights], axis=1)  # (D, C1 + C2 + ..., ...)
-  out = projection.project(equation, x, fused, dtype)  # (B, T, C1 + C2 + ..., ...)
-  return jnp.split(out, list(itertools.accumulate(w.shape[1] for w in weights))[:-1], axis=2)
-
-
 def _constrain(x: Array, axes) -> Array:
   return nn.with_logical_constraint(x, axes)
 
@@ -205,11 +188,6 @@ class Attention(nn.Module):
       # matmul instead of three, which a one-token decode step is launch-bound on.
       qkv = _project(self, "wqkv", "BTD,DCH->BTCH", x, (d, n + 2 * kv, h), (EMBED, HEADS, HEAD_DIM))
       q, k, v = jnp.split(qkv, [n, n + kv], axis=2)  # (B, T, N | K | K, H)
-    elif cfg.fuse_projections:
-      q, k, v = _project_together(self, ("wq", "wk", "wv"), "BTD,DNH->BTNH", x,
-                                  ((d, n, h), (d, kv, h), (d, kv, h)),
-                                  ((EMBED, HEADS, HEAD_DIM),) + ((EMBED, KV_HEADS, HEAD_DIM),) * 2)
-      q, k, v = (checkpoint_name(y, name) for y, name in zip((q, k, v), ("q_proj", "k_proj", "v_proj")))
     else:
       q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
                           "q_proj")  # (B, T, N, H)
@@ -263,9 +241,6 @@ class FeedForward(nn.Module):
     d, f = self.cfg.dim, self.cfg.hidden_dim
     if self.has_variable("params", "w13"):  # the engine's fused layout: w1 and w3 side by side
       gate, up = jnp.split(_project(self, "w13", "BTD,DF->BTF", x, (d, 2 * f), (EMBED, MLP)), 2, axis=-1)
-    elif self.cfg.fuse_projections:
-      gate, up = _project_together(self, ("w1", "w3"), "BTD,DF->BTF", x, ((d, f),) * 2, ((EMBED, MLP),) * 2)
-      gate, up = checkpoint_name(gate, "ffn_gate"), checkpoint_name(up, "ffn_up")
     else:
       gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
       up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")

@@ -177,9 +177,7 @@ def test_segment_ids_keep_attention_inside_documents():
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
                                      dict(remat_policy="save_matmuls"),
-                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True),
-                                     dict(fuse_projections=True),
-                                     dict(fuse_projections=True, remat_policy="save_matmuls")])
+                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True)])
 def test_variants_agree(variant):
   cfg = dataclasses.replace(TINY, **variant)
   params = _params(cfg)
