@@ -221,6 +221,10 @@ def test_dots_and_attention_saves_the_attention_forward_for_the_backward():
 
   assert forwards_run("dots_no_batch") == 2
   assert forwards_run("dots_and_attention") == 1
+  # A tripwire: the name the policy matches is the one JAX's cuDNN attention binds (were it renamed,
+  # the policy would silently save nothing more than dots_no_batch).
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused
+  assert cudnn_fused._dot_product_attention_fwd_p_wrapper.name == "dot_product_attention_fwd_wrapper"
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
