@@ -281,10 +281,13 @@ def test_command_line_refuses_bad_flags_in_one_line():
 
 
 @pytest.mark.slow
-def test_the_command_line_serves_a_saved_model(model, tmp_path):
+def test_the_command_line_serves_a_saved_model(model, offline, tmp_path):
+  """`python -m llama_jax.serve` on a saved model, its weights split over two devices (`--tensor 2`:
+  the conftest's emulated CPU devices, which the subprocess inherits): the greedy answer is the
+  one-device offline answer."""
   model.save(str(tmp_path / "tiny"))
   proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(tmp_path / "tiny"),
-                           "--port", "0", "--max_batch", "2", "--api_key", "k",
+                           "--port", "0", "--max_batch", "2", "--api_key", "k", "--tensor", "2",
                            "--no-static_steps", "--decode_attention", "xla", "--no-pack_prompts"],
                           stderr=subprocess.PIPE, text=True)
   try:
@@ -292,8 +295,9 @@ def test_the_command_line_serves_a_saved_model(model, tmp_path):
     line = next(line for line in proc.stderr if "serving" in line or "error" in line)
     url = re.search(r"http://[\d.]+:\d+", line).group(0)
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=TIMEOUT)
-    answer = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0)
+    answer = client.completions.create(model="tiny", prompt="the red house", max_tokens=4, temperature=0)
     assert answer.usage.completion_tokens == 4 and answer.model == "tiny"
+    assert answer.choices[0].text == _answer(model, offline, "the red house", 4)[0]
   finally:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0
