@@ -8,6 +8,7 @@ one prompt bucket at a time, so the fast tests pay for the shapes they use only.
 
 import concurrent.futures
 import json
+import os
 import re
 import signal
 import socket
@@ -288,6 +289,7 @@ def test_the_command_line_serves_a_saved_model(model, offline, tmp_path):
   model.save(str(tmp_path / "tiny"))
   proc = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(tmp_path / "tiny"),
                            "--port", "0", "--max_batch", "2", "--api_key", "k", "--tensor", "2",
+                           "--compilation_cache", str(tmp_path / "programs"),
                            "--no-static_steps", "--decode_attention", "xla", "--no-pack_prompts"],
                           stderr=subprocess.PIPE, text=True)
   try:
@@ -298,6 +300,8 @@ def test_the_command_line_serves_a_saved_model(model, offline, tmp_path):
     answer = client.completions.create(model="tiny", prompt="the red house", max_tokens=4, temperature=0)
     assert answer.usage.completion_tokens == 4 and answer.model == "tiny"
     assert answer.choices[0].text == _answer(model, offline, "the red house", 4)[0]
+    # what it compiled is kept for the next start (conftest: entries of any compile time)
+    assert len(os.listdir(tmp_path / "programs")) > 0
   finally:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0

@@ -2,7 +2,7 @@
 
   python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max_batch 64]
       [--api_key KEY] [--warmup] [--max_len N] [--tensor T] [--dtype bfloat16]
-      [--decode_steps 8] [--max_decode_steps 32] [--prefill_tokens 4096]
+      [--decode_steps 8] [--max_decode_steps 32] [--prefill_tokens 4096] [--compilation_cache DIR]
 
 DIR is anything `llama_jax.load` reads (with a tokenizer). `--tensor T` splits the model over T
 devices (tensor parallel, as `generate.py --tensor`); the key may also come from the environment
@@ -18,6 +18,10 @@ import sys
 from typing import Sequence
 
 SWITCH_INTERVAL_S = 0.0005  # how often a thread holding the GIL offers it to a waiting one (see `main`)
+# A restart's warmup reads its programs back instead of compiling them again (JAX keys each entry
+# by the program, the flags, the devices and the versions, so nothing stale is read).
+DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                             "llama_jax", "compilation")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -52,6 +56,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--pack_prompts", action=argparse.BooleanOptionalAction, default=True,
                  help="prefill a round's prompts side by side in the rows of a call (less padding; "
                       "--no-pack_prompts: one prompt a row)")
+  p.add_argument("--compilation_cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE,
+                 help="JAX's persistent compilation cache: the warmup's programs kept for the next start "
+                      "(default: $JAX_COMPILATION_CACHE_DIR, else %(default)s; '' for none)")
   p.add_argument("--profile_dir", help="enables POST /start_profile and /stop_profile: a jax.profiler "
                  "trace of the server under load, written here")
   p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
@@ -80,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
       raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'llama_jax[serve]'") from None
 
+    import jax
+    if args.compilation_cache:  # before anything compiles
+      jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
+    else:  # '': none, whatever the environment says
+      jax.config.update("jax_enable_compilation_cache", False)
     import llama_jax
     from llama_jax.convert.source import open_source
     from llama_jax.serve.server import build, listen
