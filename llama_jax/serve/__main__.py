@@ -58,7 +58,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       "--no-pack_prompts: one prompt a row)")
   p.add_argument("--compilation_cache", default=os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE,
                  help="JAX's persistent compilation cache: the warmup's programs kept for the next start "
-                      "(default: $JAX_COMPILATION_CACHE_DIR, else %(default)s; '' for none)")
+                      f"(default: $JAX_COMPILATION_CACHE_DIR, else {DEFAULT_CACHE}; '' for none)")
   p.add_argument("--profile_dir", help="enables POST /start_profile and /stop_profile: a jax.profiler "
                  "trace of the server under load, written here")
   p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
