@@ -29,19 +29,18 @@
 #   hostsync   which constructs (a data-dependent cond, loops) make a call block the host (host_sync_check.py)
 #   asyncdecode  all-greedy decode calls (no branch in the loop: the call returns at once) against the
 #              general sampler's, and the engine under 64 clients with them, prompts packed or not
-#   windows    the engine under 64 clients with decode windows from 512 and with the whole cache only
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
 #   bigmodels  LLaMA-2-7B variants (batch, remat policy, XLA's collective scheduling) on every GPU,
 #              13B on every GPU, 7B on two of them when the cards hold it (> 100 GB)
-#   fourh100   four 80 GB cards (nvidia-h100-x4): LLaMA-2-13B (its config: bfloat16 moments) with the
-#              7B's remat policy and with full rematerialisation, the 7B step, and a profile of
-#              the 7B step (GPU 0's kernels, collectives apart); JAX may take 95% of each card
+#   fourh100   four 80 GB cards (nvidia-h100-x4): LLaMA-2-13B (its config: bfloat16 moments,
+#              dots_no_batch) and with full rematerialisation, the 7B step, and a profile of the
+#              7B step (GPU 0's kernels, collectives apart); JAX may take 95% of each card
 #   attnsave   the 7B step on every GPU with cuDNN attention's forward saved for the backward
 #              (remat dots_and_attention), with XLA's Triton GEMMs off, its profile; and 13B with
 #              JAX's pool cut to what 95% of an 80 GB H100 gives (on cards of > 100 GB)
-#   bigconfigs the 7B and 13B configs as they are (remat dots_and_attention): 13B in an 80 GB
+#   bigconfigs the 7B and 13B configs as they are (7B dots_and_attention, 13B dots_no_batch): 13B in an 80 GB
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   decode1    the decode table on the first GPU of a several-GPU machine
@@ -106,8 +105,8 @@ profile)  # the timed region only: compilation and autotuning stay out of the tr
 fsdp)  # every GPU of the machine (2 or 4): TinyLlama, then the LLaMA-2 7B and 13B shapes, FSDP
   S="--steps 5 --warmup 2"
   run fsdp XLA_FLAGS= $T --config.batch_size=$((8 * N))
-  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
-  run fsdp XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
+  run fsdp $M XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
+  run fsdp $M XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
 bigmodels)  # where the 7B step's time goes on several GPUs: what is rematerialised, collective overlap
   LHS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_all_gather=true --xla_gpu_enable_pipelined_reduce_scatter=true --xla_gpu_enable_while_loop_double_buffering=true"
   run bigmodels XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
@@ -199,11 +198,6 @@ asyncdecode)  # an all-greedy decode call (no sampler branches: returns at once)
   python3 benchmarks/serve_dispatch.py --steps 32 --windows 512 --greedy 0,1 2>&1 | grep '^{' | tee -a $OUT/asyncdecode.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn --pack_prompts 1,0 2>&1 \
     | grep '^{' | tee -a $OUT/asyncdecode.jsonl ;;
-windows)  # do decode windows still pay for their programs now that each slot reads its own length?
-  for m in 512 1024; do  # 1024: one window, the whole cache (fewer programs, a shorter warmup)
-    python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn --min_attend $m 2>&1 \
-      | grep '^{' | tee -a $OUT/windows.jsonl
-  done ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do

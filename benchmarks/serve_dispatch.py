@@ -40,7 +40,7 @@ def main() -> None:
   p.add_argument("--cache_len", type=int, default=1024)
   p.add_argument("--prompt_len", type=int, default=227)
   p.add_argument("--steps", type=int, default=27, help="decode steps per call (of max_steps 32)")
-  p.add_argument("--windows", default="512,1024")
+  p.add_argument("--windows", default="512,1024")  # with XLA's decode attention; the Pallas one reads the whole cache
   p.add_argument("--calls", type=int, default=8)
   p.add_argument("--decode_attention", default="auto", help="comma separated: auto, xla, pallas")
   p.add_argument("--static_steps", default="1", help="comma separated 1 (a program per call length: "

@@ -177,6 +177,7 @@ def start_server(args, port: int) -> subprocess.Popen:
          "--port", str(port), "--max_batch", str(max(levels(args))), "--max_len", str(args.max_len),
          "--decode_steps", str(args.decode_steps), "--decode_attention", args.decode_attention,
          "--warmup", "--model_name", "bench",
+         "--compilation_cache", "",  # server_ready_s: a cold warmup, whatever ran before on this machine
          "--log_level", "warning"] + (["--profile_dir", args.profile_dir] if args.profile_dir else [])
   return subprocess.Popen(cmd, cwd=REPO, stdout=sys.stderr)  # stdout: the table only
 

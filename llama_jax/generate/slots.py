@@ -563,7 +563,7 @@ class SlotEngine:
     or more); fewer rows mostly read the weights, and each window is one more compilation. Never
     with the ragged Pallas attention: each slot reads its own length of the cache whatever the
     window, so windows would only add programs (at the benchmark's 64 slots of 1,024 positions,
-    72 of its 121), and the copy of a window in and out."""
+    72 of its 121), and calls of all the slots no copy at all (fewer rows still copy theirs out)."""
     return self.cfg.decode_attention != "pallas" and rows * 4 >= self.max_batch
 
   @property

@@ -9,6 +9,6 @@
   cli        `train.py`'s command line: the config file, its overrides and --help
 """
 
-from llama_jax.train.loop import TrainingError, train_and_evaluate
+from llama_jax.train.loop import DeviceOutOfMemory, TrainingError, train_and_evaluate
 
-__all__ = ["TrainingError", "train_and_evaluate"]
+__all__ = ["DeviceOutOfMemory", "TrainingError", "train_and_evaluate"]

@@ -61,20 +61,22 @@ def out_of_memory(error: Exception, config) -> DeviceOutOfMemory | None:
   (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default): on 80 GB cards that default leaves 60 GB, which
   holds neither `configs/llama2_7b.py` nor `configs/llama2_13b.py`."""
   text = str(error)
-  if "RESOURCE_EXHAUSTED" not in text:
+  if not text.lstrip().startswith("RESOURCE_EXHAUSTED"):  # (a launch's resource limits say INTERNAL first)
     return None
   found = re.search(r"Out of memory.*?(?=\.\s|\s\[|$)", text, re.MULTILINE)
   what = found.group(0).strip() if found else text.strip().splitlines()[0]
   fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
   pool = (f"JAX takes XLA_PYTHON_CLIENT_MEM_FRACTION={fraction} of each GPU" if fraction else
-          "on GPUs JAX takes 0.75 of each by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it more)")
-  model, opt = config.model, config.optimizer
+          "On GPUs JAX takes 0.75 of each by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it more)")
+  policy = config.model.get("remat_policy", "none")
+  lighter = {"dots_no_batch": "'full'", "full": None}.get(policy, "'dots_no_batch' or 'full'")
+  remat = f"model.remat_policy {lighter} (now {policy!r}), " if lighter else ""
   return DeviceOutOfMemory(
-      f"the device ran out of memory ({what}). {pool}; a step takes less with a smaller "
-      f"batch_size ({config.batch_size}; optimizer.grad_accum_steps keeps the batch), "
-      f"model.remat_policy 'dots_no_batch' or 'full' (now {model.get('remat_policy', 'none')!r}), "
-      f"optimizer.moments_dtype='bfloat16' (now {opt.get('moments_dtype', 'float32')!r}), or the "
-      f"parameters and optimizer state sharded over more devices (mesh.fsdp)")
+      f"the device ran out of memory ({what}). {pool}; a step takes less with a smaller batch_size "
+      f"({config.batch_size}; optimizer.grad_accum_steps keeps the batch), {remat}"
+      f"optimizer.moments_dtype='bfloat16' (now {config.optimizer.get('moments_dtype', 'float32')!r}), "
+      f"or the parameters and optimizer state sharded over more devices (mesh.fsdp). XLA's report of "
+      f"the largest buffers: LLAMA_JAX_TRACEBACK=1")
 
 
 class _StopSignal:
