@@ -22,6 +22,7 @@ SWITCH_INTERVAL_S = 0.0005  # how often a thread holding the GIL offers it to a 
 # by the program, the flags, the devices and the versions, so nothing stale is read).
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                              "llama_jax", "compilation")
+DEFAULT_CACHE_BYTES = 4 << 30  # the default directory's cap (least recently used entries go first)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -90,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     if args.compilation_cache:  # before anything compiles
       jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compilation_cache))
+      if args.compilation_cache == DEFAULT_CACHE:  # a directory the user did not choose: bounded
+        jax.config.update("jax_compilation_cache_max_size", DEFAULT_CACHE_BYTES)
     else:  # '': none, whatever the environment says
       jax.config.update("jax_enable_compilation_cache", False)
     import llama_jax
