@@ -308,7 +308,9 @@ PREFILL_CALL_TOKENS = 448
 
 
 class SlotEngine:
-  """The functions bound to one model, its mesh and the serving shapes; the host's handle.
+  """The functions bound to one model, its mesh and the serving shapes; the host's handle. The
+  shapes (buckets, windows, call lengths) follow from the settings given here and are worked out
+  once: the scheduler asks for them every round.
 
   `max_batch` slots of `cache_len` positions each (prompt and answer together). Prompts are
   prefilled together, up to `prefill_tokens` (padded) prompt tokens per call, in rows of a
@@ -339,7 +341,7 @@ class SlotEngine:
     self.static_steps, self.pack_prompts = static_steps, pack_prompts
     self._static = dict(mesh=mesh, rules=self.rules)
 
-  @property
+  @functools.cached_property
   def prompt_buckets(self) -> list[int]:
     sizes, p = [], bucket(1, MIN_PROMPT_BUCKET, self.cache_len)
     while p not in sizes:
@@ -388,7 +390,7 @@ class SlotEngine:
     whose padded tokens fit `prefill_tokens` (one row always fits)."""
     return [r for r in self.row_buckets if r == 1 or r * length_bucket <= self.prefill_tokens]
 
-  @property
+  @functools.cached_property
   def prefill_shapes(self) -> list[tuple[int, int]]:
     """(rows, row length) of every batched prefill compiled: row lengths are the prompt buckets."""
     return [(r, p) for p in self.prompt_buckets for r in self.prefill_rows(p)]
@@ -536,7 +538,7 @@ class SlotEngine:
 
   # --- decode
 
-  @property
+  @functools.cached_property
   def row_buckets(self) -> list[int]:
     """How many leading slots a `generate` call may run: powers of 4, then all of them."""
     sizes = [r for r in (4 ** i for i in range(16)) if r < self.max_batch]
@@ -546,7 +548,7 @@ class SlotEngine:
     """The smallest row bucket that covers slots 0..live_slots-1."""
     return next(r for r in self.row_buckets if r >= live_slots)
 
-  @property
+  @functools.cached_property
   def attend_buckets(self) -> list[int]:
     """Attention windows a decode call may read: powers of two from `min_attend` and the points
     halfway between them (128, 192, 256, 384, ...), then the whole cache; a window at most 1.5x
@@ -566,7 +568,7 @@ class SlotEngine:
     72 of its 121), and calls of all the slots no copy at all (fewer rows still copy theirs out)."""
     return self.cfg.decode_attention != "pallas" and rows * 4 >= self.max_batch
 
-  @property
+  @functools.cached_property
   def call_lengths(self) -> list[int]:
     """The decode steps a call is compiled for with `static_steps`: `steps` doubled up to
     `max_steps` (the lengths the scheduler asks for); any other length runs a loop whose trip
@@ -577,7 +579,7 @@ class SlotEngine:
       s *= 2
     return sizes
 
-  @property
+  @functools.cached_property
   def generate_shapes(self) -> list[tuple[int, int, int, int, bool]]:
     """(rows, attend, top_logprobs, steps, greedy) of every `generate` compiled; steps 0: any
     length (a data trip count, without `static_steps`). Each shape twice, for greedy rows only and
