@@ -3,6 +3,8 @@
 #   train      training throughput, TinyLlama-1.1B shape, batch 8 x 2048 (+ variants), and the
 #              PyTorch reference (transformers eager) in the same call
 #   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
+#   kernels    the fused decode blocks (Pallas) against XLA's: agreement, kernel bandwidth, decode at
+#              batch 1, 16 and 64 with each, prefill of 2048, a trace (benchmarks/decode_kernels_check.py)
 #   xlaflags   decode under XLA flag variants (command buffers over the whole loop)
 #   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
@@ -85,6 +87,18 @@ decode)
     run decode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done
   run decode XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5 ;;
+kernels)  # the fused decode blocks (kernels.decode_block) against XLA's: agreement, each kernel's
+  # bandwidth, the decode table with each (and prefill, which reads the same output-major weights),
+  # and a trace of a batch-1 decode with the kernels
+  timeout 400 python3 benchmarks/decode_kernels_check.py --rows 1,16,64 2>&1 | grep -E '^\{|Error' | tee -a $OUT/kernels.jsonl
+  for b in 1 16 64; do
+    for k in xla pallas; do
+      run kernels XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+    done
+  done
+  run kernels XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5
+  $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pk --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
 xlaflags)  # decode's matrix-vector products: XLA rewrites a dot with one row into multiply + reduce
   for f in "--xla_gpu_enable_dot_strength_reduction=false" "--xla_gpu_enable_triton_gemm=false" \
            "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_enable_triton_gemm=false"; do

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention", "save_matmuls")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("xla", "pallas")
+DECODE_KERNELS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -35,6 +36,9 @@ class ModelConfig:
   # One query a row over the KV cache: "xla" reads the whole cache and masks; "pallas" reads each
   # row's filled positions only (`kernels.decode_attention`; the server's engine picks it on a GPU)
   decode_attention: str = "xla"
+  # A decode step's blocks: "pallas" runs each as five fused kernels (`kernels.decode_block`) where
+  # its weights and shapes allow, "xla" as `model.Block`; "auto" is pallas on one GPU, else xla.
+  decode_kernels: str = "auto"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
   loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
@@ -62,6 +66,8 @@ class ModelConfig:
     if self.decode_attention not in DECODE_ATTENTION_IMPLS:
       raise ValueError(f"model.decode_attention must be one of {DECODE_ATTENTION_IMPLS}, "
                        f"got {self.decode_attention!r}")
+    if self.decode_kernels not in DECODE_KERNELS:
+      raise ValueError(f"model.decode_kernels must be one of {DECODE_KERNELS}, got {self.decode_kernels!r}")
     if self.loss_chunk_len < 0:
       raise ValueError(f"model.loss_chunk_len must be >= 0, got {self.loss_chunk_len}")
     if self.remat_policy not in REMAT_POLICIES:

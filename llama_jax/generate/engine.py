@@ -37,6 +37,7 @@ from llama_jax import projection, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.generate.cache import KVCache, init_cache, shard_cache
 from llama_jax.generate.sampling import SamplingParams, sample
+from llama_jax.kernels import decode_block
 
 Array = jax.Array
 
@@ -68,14 +69,18 @@ class DecodeState(NamedTuple):
 
 
 def fuse_layer(layer: Any) -> Any:
-  """One block's parameters in the decode layout: wq|wk|wv as one `wqkv` (D, N + 2K, H) and w1|w3
-  as one `w13` (D, 2F), so a step reads x once and launches one matmul where it launched three
-  (attention) or two (feed-forward); and wo transposed (`wo_t`, (D, N*H)). The model's Attention
-  and FeedForward take either layout.
+  """One block's parameters in the decode layout: every projection output-major (out, in), with
+  the ones that read the same input stacked: `wqkv_t` ((N + 2K) * H, D), `wo_t` (D, N * H), `w13_t`
+  (w1 over w3, (2F, D)) and `w2_t` (D, F). A step reads x once and launches one matmul where it
+  launched three (attention) or two (feed-forward); output-major, a one-token matrix-vector product
+  reduces over each weight's minor axis (XLA turns it into a multiply and a reduction; over the
+  major axis that reduction first writes a weight-sized product), and each row of outputs is
+  contiguous, as the fused decode kernels read it (`kernels.matvec`). The model's Attention and
+  FeedForward take either layout.
 
-  Quantized weights fuse too (`projection.concatenate`: their integers and scales side by side),
-  but a quantized wo stays `wo` (its groups run along its inputs; transposed they would not). A
-  layer with LoRA adapters is left as it is: its adapters apply to each projection on its own."""
+  Quantized weights fuse too (`projection.concatenate`: their integers and scales side by side,
+  input-major as their groups run: `wqkv`, `w13`), and keep `wo` and `w2` as they are. A layer
+  with LoRA adapters is left as it is: its adapters apply to each projection on its own."""
   if any(isinstance(w, projection.LoraWeight)
          for w in jax.tree.leaves(layer, is_leaf=projection.is_structured)):
     return layer
@@ -83,16 +88,23 @@ def fuse_layer(layer: Any) -> Any:
 
   def fuse(module: dict, names: tuple[str, ...], fused: str) -> None:
     weights = [module[k] for k in names]
-    if projection.concatenates(weights, axis=1):
-      for k in names:
-        del module[k]
-      module[fused] = projection.concatenate(weights, axis=1)
+    if not projection.concatenates(weights, axis=1):
+      return
+    for k in names:
+      del module[k]
+    stacked = projection.concatenate(weights, axis=1)
+    if projection.is_structured(stacked):
+      module[fused] = stacked
+    else:  # (D, outputs...) -> (outputs, D)
+      module[fused + "_t"] = stacked.reshape(stacked.shape[0], -1).T
 
   fuse(attention, ("wq", "wk", "wv"), "wqkv")
   fuse(ffn, ("w1", "w3"), "w13")
   if not projection.is_structured(attention["wo"]):
-    wo = attention.pop("wo")  # (N, H, D) -> (D, N*H): see model.Attention
+    wo = attention.pop("wo")  # (N, H, D) -> (D, N*H)
     attention["wo_t"] = wo.reshape(-1, wo.shape[-1]).T
+  if not projection.is_structured(ffn["w2"]):
+    ffn["w2_t"] = ffn.pop("w2").T  # (F, D) -> (D, F)
   return {**layer, "attention": attention, "feed_forward": ffn}
 
 
@@ -144,17 +156,42 @@ def mesh_context(mesh: Mesh | None, rules):
   return sharding.activation_rules(mesh, rules)
 
 
+def decode_kernels(cfg: ModelConfig, mesh: Mesh | None) -> bool:
+  """Whether a decode step may run its blocks as fused Pallas kernels (`kernels.decode_block`):
+  cfg.decode_kernels "pallas", or "auto" on a GPU; on one device (XLA does not partition a Pallas
+  call: over a mesh it would gather the weights and the cache)."""
+  one_device = mesh is None or mesh.devices.size == 1
+  if cfg.decode_kernels == "pallas" and not one_device:
+    raise ValueError(f"decode_kernels 'pallas' runs on one device; this mesh has {mesh.devices.size}")
+  if cfg.decode_kernels == "auto":
+    return one_device and jax.default_backend() == "gpu"
+  return cfg.decode_kernels == "pallas"
+
+
 def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
             cache: tuple[KVCache, ...], prefill: bool = False,
-            segments: Array | None = None) -> tuple[Array, tuple[KVCache, ...]]:
+            segments: Array | None = None, mesh: Mesh | None = None) -> tuple[Array, tuple[KVCache, ...]]:
   """The blocks over tokens (B, T) at positions (B, T), writing the cache: (last block's output
   (B, T, D), the new cache). A `prefill` starts at position 0 in an empty cache and attends
   causally over its own keys (flash attention where the config says cudnn), within each token's
   segment if `segments` (B, T) are given (prompts packed side by side, each from position 0);
   otherwise each query attends over the cache up to its position. The layers are a Python loop:
-  each reads its own weights and cache buffers where they lie."""
+  each reads its own weights and cache buffers where they lie. A decode step (T = 1) runs each
+  block as five fused kernels where `decode_kernels` allows it and the layers are in the decode
+  layout (`kernels.decode_block`); `mesh` is the one the step runs on, if any."""
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
+  rows, length = tokens.shape
+  if (not prefill and length == 1 and decode_kernels(cfg, mesh)
+      and all(isinstance(c, KVCache) for c in cache)
+      and all(decode_block.applies(cfg, layer, rows) for layer in params.layers)):
+    sin, cos = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+    h, new_cache = x[:, 0], []
+    for layer_params, layer_cache in zip(params.layers, cache):
+      h, k, v = decode_block.block(cfg, layer_params, h, positions[:, 0], sin[:, 0, 0], cos[:, 0, 0],
+                                   layer_cache.k, layer_cache.v)
+      new_cache.append(KVCache(k, v))
+    return h[:, None], tuple(new_cache)
   mask = None
   if prefill and segments is not None:
     mask = M.attention_mask(positions, positions, segments, segments)
@@ -234,7 +271,7 @@ def decode(cfg: ModelConfig, params: EngineParams, state: DecodeState, until: Ar
     # cache (what they compute is thrown away).
     pos = jnp.minimum(s.prompt_lengths + s.lengths - 1, cache_len - 1)
     with mesh_context(mesh, rules):
-      x, cache = forward(cfg, params, last[:, None], pos[:, None], s.cache)
+      x, cache = forward(cfg, params, last[:, None], pos[:, None], s.cache, mesh=mesh)
       logits = logits_of(cfg, params, x)[:, 0]  # (B, V)
     new = sample(logits, row_keys(s.keys, s.lengths), s.sampling)
     active = ~s.done

@@ -267,7 +267,7 @@ def generate(cfg: ModelConfig, params: engine.EngineParams, state: Slots, count:
     cache, tokens, out = carry
     positions = jnp.minimum(start + t, attend - 1)
     with engine.mesh_context(mesh, rules):
-      x, cache = engine.forward(cfg, params, tokens[:, None], positions[:, None], cache)
+      x, cache = engine.forward(cfg, params, tokens[:, None], positions[:, None], cache, mesh=mesh)
       logits = engine.logits_of(cfg, params, x)[:, 0]  # (rows, V)
     drawn = _draw(logits, keys, index + t, sampling, top_logprobs, greedy)
     out = jax.tree.map(lambda o, d: jax.lax.dynamic_update_slice_in_dim(o, d, t, axis=1), out, drawn)

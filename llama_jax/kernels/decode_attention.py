@@ -70,3 +70,110 @@ def reference(q: Array, k: Array, v: Array, lengths: Array) -> Array:
   scores = jnp.where(live[:, None, None], scores, jnp.finfo(jnp.float32).min)
   out = jnp.einsum("BKGS,BKSH->BKGH", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
   return out.reshape(b, 1, n, h)
+
+
+ROTARY_BLOCK_K = 64  # cache positions per step of the fused kernel's loop
+
+
+def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
+                           v_cache: Array, *, n_heads: int, num_warps: int = 4, num_stages: int = 2,
+                           interpret: bool | None = None) -> tuple[Array, Array, Array]:
+  """A decode step's attention in one kernel: rotary embeddings, the cache write and attention.
+
+  qkv (B, C, H): each row's one token's projections before rotary, the N query heads, then K keys,
+  then K values (C = N + 2K; the engine's fused `wqkv_t`); sin, cos (B, H/2) float32 at each row's
+  position; positions (B,) int32; k_cache, v_cache (B, K, S, H), written in place. Program (b, k)
+  rotates its group's queries and its key, writes the key and value at positions[b], and attends
+  over positions 0..positions[b]: the cached ones, read in blocks of ROTARY_BLOCK_K (only those
+  the row has filled), and its own key, which it holds already. Returns (attention
+  output (B, N, H), k_cache, v_cache). Arithmetic as the model's (`model.rotary`, `xla_attention`):
+  rotary in float32, keys and queries rounded to the cache dtype, float32 scores and softmax."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
+  b, c, h = qkv.shape
+  kv_heads, length = k_cache.shape[1], k_cache.shape[2]
+  if c != n_heads + 2 * kv_heads or n_heads % kv_heads:
+    raise ValueError(f"qkv {qkv.shape} does not hold {n_heads} query heads and twice {kv_heads} KV heads")
+  if h % 32:
+    raise ValueError(f"the head dimension {h} must be a multiple of 32")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  group = n_heads // kv_heads
+  padded = max(16, 1 << (group - 1).bit_length())  # Triton's dot takes >= 16 rows
+  half = h // 2
+  scale = h ** -0.5
+  min_score = jnp.finfo(jnp.float32).min
+
+  def kernel(qkv_ref, sin_ref, cos_ref, pos_ref, k_in, v_in, o_ref, k_ref, v_ref):
+    del k_in, v_in  # the same buffers as k_ref, v_ref (aliased)
+    row, kv = pl.program_id(0), pl.program_id(1)
+    pos = pos_ref[row]
+    live = (jnp.arange(padded) < group)[:, None]
+    sin, cos = sin_ref[row, :][None, :], cos_ref[row, :][None, :]
+
+    def rotate(first, second):  # the two halves of a head, float32 -> rotated, in the cache dtype
+      return ((first * cos - second * sin).astype(k_ref.dtype),
+              (second * cos + first * sin).astype(k_ref.dtype))
+
+    def q_half(start):
+      return plgpu.load(qkv_ref.at[row, pl.ds(kv * group, padded), pl.ds(start, half)],
+                        mask=live, other=0).astype(jnp.float32)
+
+    q1, q2 = rotate(q_half(0), q_half(half))  # (padded, H/2) each
+    key_row = n_heads + kv
+    k1, k2 = rotate(qkv_ref[row, pl.ds(key_row, 1), pl.ds(0, half)].astype(jnp.float32),
+                    qkv_ref[row, pl.ds(key_row, 1), pl.ds(half, half)].astype(jnp.float32))  # (1, H/2)
+    v_new = qkv_ref[row, pl.ds(key_row + kv_heads, 1), :]  # (1, H)
+    # A position past the cache writes nothing (as the model's scatter, mode="drop"); its row's
+    # output is thrown away by the caller, which clamps the positions of rows it still uses.
+    inside = pos < length
+    slot = jnp.minimum(pos, length - 1)
+    plgpu.store(k_ref.at[row, kv, pl.ds(slot, 1), pl.ds(0, half)], k1,
+                mask=jnp.full((1, half), inside))
+    plgpu.store(k_ref.at[row, kv, pl.ds(slot, 1), pl.ds(half, half)], k2,
+                mask=jnp.full((1, half), inside))
+    plgpu.store(v_ref.at[row, kv, pl.ds(slot, 1), :], v_new.astype(v_ref.dtype),
+                mask=jnp.full((1, h), inside))
+
+    def body(i, carry):  # cached positions i*BK .. (i+1)*BK - 1, those < pos
+      out, m, l = carry
+      keys = pl.ds(i * ROTARY_BLOCK_K, ROTARY_BLOCK_K)
+      cached = (i * ROTARY_BLOCK_K + jnp.arange(ROTARY_BLOCK_K)) < filled  # (the last block's tail
+      # is neither loaded nor counted: a cache of any length)
+      load = lambda ref, cols: plgpu.load(ref.at[row, kv, keys, cols], mask=cached[:, None], other=0)
+      scores = (pl.dot(q1, load(k_ref, pl.ds(0, half)), trans_b=True)
+                + pl.dot(q2, load(k_ref, pl.ds(half, half)), trans_b=True)) * scale
+      scores = jnp.where(cached[None, :], scores, min_score)
+      m_next = jnp.maximum(m, jnp.max(scores, axis=1))
+      correction = jnp.exp(m - m_next)
+      p = jnp.exp(scores - m_next[:, None])
+      values = load(v_ref, slice(None))
+      out = out * correction[:, None] + pl.dot(p.astype(values.dtype), values)
+      return out, m_next, l * correction + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),
+            jnp.zeros((padded,), jnp.float32))
+    filled = jnp.minimum(pos, length)  # cached positions before this step's own
+    out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, ROTARY_BLOCK_K), body, init)
+    # This step's own key and value, held in registers (not read back from the cache).
+    own = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32), axis=1)
+           + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32), axis=1)) * scale
+    m_next = jnp.maximum(m, own)
+    correction = jnp.exp(m - m_next)
+    p_own = jnp.exp(own - m_next)
+    p_rounded = p_own.astype(v_new.dtype).astype(jnp.float32)
+    out = out * correction[:, None] + p_rounded[:, None] * v_new.astype(jnp.float32)
+    l = l * correction + p_own
+    plgpu.store(o_ref.at[row, pl.ds(kv * group, padded), :], (out / l[:, None]).astype(o_ref.dtype),
+                mask=live)
+
+  out, k_cache, v_cache = pl.pallas_call(
+      kernel, grid=(b, kv_heads),
+      out_shape=(jax.ShapeDtypeStruct((b, n_heads, h), qkv.dtype),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+      input_output_aliases={4: 1, 5: 2},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="rotary_cache_attention",
+  )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache)
+  return out, k_cache, v_cache

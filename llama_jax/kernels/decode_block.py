@@ -1,0 +1,61 @@
+"""One transformer block of a decode step (one token a row) as five Pallas kernels.
+
+XLA compiles a decode block into ~22 kernels, most of them 1-2 microseconds long (norms, rotary,
+the cache writes, softmax's pieces, SwiGLU, residual adds) between the matrix-vector products, and
+a batch-1 step is bound by those launches as much as by reading the weights. Here a block is
+
+  1. RMSNorm + wq|wk|wv                         `matvec(x, wqkv_t, norm=...)`
+  2. rotary, the cache write, attention         `decode_attention.rotary_cache_attention`
+  3. wo + the residual                          `matvec(attention, wo_t, residual=x)`
+  4. RMSNorm + w1|w3 + SwiGLU                   `matvec(x, w13_t, norm=..., gate_up=True)`
+  5. w2 + the residual                          `matvec(hidden, w2_t, residual=x)`
+
+on the engine's decode layout (`generate.engine.fuse_layer`: plain output-major weights), computing
+what `model.Block` computes (same roundings; attention accumulated blockwise). Where it does not
+apply (quantized or LoRA weights, a float32 model, shapes the kernels do not tile, a mesh) the
+engine runs `model.Block`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ModelConfig
+from llama_jax.kernels import decode_attention, matvec
+
+Array = jax.Array
+
+_WEIGHTS = (("attention", "wqkv_t"), ("attention", "wo_t"), ("feed_forward", "w13_t"),
+            ("feed_forward", "w2_t"))
+
+
+def applies(cfg: ModelConfig, layer: Any, rows: int) -> bool:
+  """Whether `block` runs this layer for `rows` rows."""
+  if jnp.dtype(cfg.dtype) not in (jnp.bfloat16, jnp.float16):
+    return False  # Triton's dot on float32 would round through TF32; the model's matmuls do not
+  if not all(isinstance(layer.get(m, {}).get(name), jax.Array) for m, name in _WEIGHTS):
+    return False
+  d, f, h = cfg.dim, cfg.hidden_dim, cfg.head_dim
+  return (matvec.supported(rows, d, (cfg.n_heads + 2 * cfg.n_kv_heads) * h)
+          and matvec.supported(rows, cfg.n_heads * h, d)
+          and matvec.supported(rows, d, 2 * f, gate_up=True)
+          and matvec.supported(rows, f, d) and h % 32 == 0)
+
+
+def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,
+          k_cache: Array, v_cache: Array) -> tuple[Array, Array, Array]:
+  """x (B, D) each row's one token; positions (B,); sin, cos (B, H/2) at those positions; the
+  layer's cache (B, K, S, H) each. Returns (the block's output (B, D), k_cache, v_cache)."""
+  rows = x.shape[0]
+  n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  attention, ffn = layer["attention"], layer["feed_forward"]
+  qkv = matvec.matvec(x, attention["wqkv_t"], norm=layer["attention_norm"]["weight"], eps=cfg.norm_eps)
+  out, k_cache, v_cache = decode_attention.rotary_cache_attention(
+      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
+  x = matvec.matvec(out.reshape(rows, n * h), attention["wo_t"], residual=x)
+  hidden = matvec.matvec(x, ffn["w13_t"], norm=layer["ffn_norm"]["weight"], eps=cfg.norm_eps,
+                         gate_up=True)
+  return matvec.matvec(hidden, ffn["w2_t"], residual=x), k_cache, v_cache
