@@ -75,6 +75,11 @@ def reference(q: Array, k: Array, v: Array, lengths: Array) -> Array:
 ROTARY_BLOCK_K = 64  # cache positions per step of the fused kernel's loop
 
 
+def _dot(a: Array, b: Array, b_contracted: int) -> Array:
+  """a @ b (b_contracted 0) or a @ b.T (1), accumulated in float32."""
+  return jax.lax.dot_general(a, b, (((1,), (b_contracted,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, num_warps: int = 4, num_stages: int = 2,
                            interpret: bool | None = None) -> tuple[Array, Array, Array]:
@@ -141,14 +146,13 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
       cached = (i * ROTARY_BLOCK_K + jnp.arange(ROTARY_BLOCK_K)) < filled  # (the last block's tail
       # is neither loaded nor counted: a cache of any length)
       load = lambda ref, cols: plgpu.load(ref.at[row, kv, keys, cols], mask=cached[:, None], other=0)
-      scores = (pl.dot(q1, load(k_ref, pl.ds(0, half)), trans_b=True)
-                + pl.dot(q2, load(k_ref, pl.ds(half, half)), trans_b=True)) * scale
+      scores = (_dot(q1, load(k_ref, pl.ds(0, half)), 1) + _dot(q2, load(k_ref, pl.ds(half, half)), 1)) * scale
       scores = jnp.where(cached[None, :], scores, min_score)
       m_next = jnp.maximum(m, jnp.max(scores, axis=1))
       correction = jnp.exp(m - m_next)
       p = jnp.exp(scores - m_next[:, None])
       values = load(v_ref, slice(None))
-      out = out * correction[:, None] + pl.dot(p.astype(values.dtype), values)
+      out = out * correction[:, None] + _dot(p.astype(values.dtype), values, 0)
       return out, m_next, l * correction + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),

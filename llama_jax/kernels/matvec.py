@@ -46,6 +46,11 @@ def _padded_rows(rows: int) -> int:
   return max(16, 1 << (rows - 1).bit_length())
 
 
+def _dot_t(a: Array, b: Array) -> Array:
+  """a @ b.T accumulated in float32 (Triton's dot: >= 16 rows and columns)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
             gate_up: bool):
   from jax.experimental import pallas as pl  # noqa: PLC0415
@@ -81,7 +86,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
       scale = g_ref[pl.ds(k * BLOCK_K, BLOCK_K)]
       xk = (xk.astype(jnp.float32) * inverse_rms).astype(x_ref.dtype) * scale[None, :]
     heads = (j * BLOCK_N, outputs + j * BLOCK_N) if gate_up else (j * BLOCK_N,)
-    return tuple(acc + pl.dot(xk, w_block(first, k), trans_b=True) for acc, first in zip(accs, heads))
+    return tuple(acc + _dot_t(xk, w_block(first, k)) for acc, first in zip(accs, heads))
 
   zeros = jnp.zeros((padded, BLOCK_N), jnp.float32)
   accs = jax.lax.fori_loop(0, steps, body, (zeros, zeros) if gate_up else (zeros,))
