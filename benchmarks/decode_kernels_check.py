@@ -4,10 +4,10 @@
 
 For each batch size, one JSON line each:
   agreement  the engine's greedy decode (random weights in the decode layout, 64 new tokens after a
-             128-token prompt) with `decode_kernels` xla and pallas: the logits of the first step
-             each draws (max abs difference, and its size beside the logits'), and how many tokens
-             the two agree on before their first difference (bf16 roundings differ: a near-tie may
-             go either way after that)
+             128-token prompt) with `decode_kernels` xla and pallas, and XLA's in float32 (the same
+             weights): for each pair, the logits of the first step the loop draws (max abs
+             difference, beside the logits' size) and how many tokens the two agree on before their
+             first difference (roundings differ: a near-tie may go either way after that)
   matvec     each fused matrix-vector kernel against the same computation in XLA: n_layers copies
              of the weight (so they do not sit in L2), one call running all of them, median of 20;
              the bandwidth each reaches (weight bytes / time)
@@ -54,21 +54,29 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
   batch = make_batch(cfg, prompts, list(range(rows)), new_tokens)
   b = batch.tokens.shape[0]
   runs = {}
-  for kernels in ("xla", "pallas"):
-    c = cfg.replace(decode_kernels=kernels)
-    state = engine.prefill(c, params, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+  float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
+                      ("pallas", cfg.replace(decode_kernels="pallas"), params),
+                      ("float32", cfg.replace(decode_kernels="xla", dtype="float32"), float32)):
+    state = engine.prefill(c, p, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
                            jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), b),
                            jax.tree.map(jnp.asarray, SamplingParams.make(b)), jnp.asarray([-1], jnp.int32),
                            cache_len=batch.cache_len, budget=batch.budget, record_logits=True)
-    runs[kernels] = engine.decode(c, params, state, jnp.array(batch.budget, jnp.int32))
-  xla, pallas = runs["xla"], runs["pallas"]
-  tokens_x, tokens_p = np.asarray(xla.tokens)[:rows], np.asarray(pallas.tokens)[:rows]
-  same = [int(np.argmax(np.append(tx != tp, True))) for tx, tp in zip(tokens_x, tokens_p)]
-  # Column 1: the first token the decode loop draws (column 0 comes from the prefill).
-  diff = np.abs(np.asarray(xla.logits)[:rows, 1] - np.asarray(pallas.logits)[:rows, 1])
-  return {"check": "agreement", "rows": rows, "first_step_max_abs_diff": float(diff.max()),
-          "logits_abs_max": float(np.abs(np.asarray(xla.logits)[:rows, 1]).max()),
-          "tokens_equal_before_first_difference": same, "new_tokens": new_tokens}
+    state = engine.decode(c, p, state, jnp.array(batch.budget, jnp.int32))
+    runs[label] = (np.asarray(state.tokens)[:rows], np.asarray(state.logits)[:rows, 1])
+  del float32
+
+  def compare(a: str, z: str) -> dict:
+    (tokens_a, logits_a), (tokens_z, logits_z) = runs[a], runs[z]
+    same = [int(np.argmax(np.append(ta != tz, True))) for ta, tz in zip(tokens_a, tokens_z)]
+    # Column 1: the first token the decode loop draws (column 0 comes from the prefill).
+    return {"first_step_max_abs_diff": float(np.abs(logits_a - logits_z).max()),
+            "tokens_equal_before_first_difference": same}
+
+  return {"check": "agreement", "rows": rows, "new_tokens": new_tokens,
+          "logits_abs_max": float(np.abs(runs["float32"][1]).max()),
+          "pallas_vs_xla": compare("pallas", "xla"), "xla_vs_float32": compare("xla", "float32"),
+          "pallas_vs_float32": compare("pallas", "float32")}
 
 
 def matvecs(cfg: ModelConfig, rows: int) -> list[dict]:

@@ -5,6 +5,7 @@
 #   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
 #   kernels    the fused decode blocks (Pallas) against XLA's: agreement, kernel bandwidth, decode at
 #              batch 1, 16 and 64 with each, prefill of 2048, a trace (benchmarks/decode_kernels_check.py)
+#   matvecsweep  the fused matrix-vector kernel's settings (benchmarks/matvec_sweep.py)
 #   xlaflags   decode under XLA flag variants (command buffers over the whole loop)
 #   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
@@ -99,6 +100,8 @@ kernels)  # the fused decode blocks (kernels.decode_block) against XLA's: agreem
   run kernels XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5
   $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pk --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
+matvecsweep)  # the fused matrix-vector kernel by tile, warps and stages, at 1 and 16 rows
+  timeout 450 python3 benchmarks/matvec_sweep.py --rows 1,16 2>&1 | grep -E '^\{|Error' | tee -a $OUT/matvecsweep.jsonl ;;
 xlaflags)  # decode's matrix-vector products: XLA rewrites a dot with one row into multiply + reduce
   for f in "--xla_gpu_enable_dot_strength_reduction=false" "--xla_gpu_enable_triton_gemm=false" \
            "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_enable_triton_gemm=false"; do

@@ -35,10 +35,11 @@ BLOCK_K = 256  # inputs a program reads per step of its loop
 MAX_ROWS = 64  # batch rows one kernel takes (more: a matrix product, which XLA's GEMMs do well)
 
 
-def supported(rows: int, d: int, n: int, gate_up: bool = False) -> bool:
+def supported(rows: int, d: int, n: int, gate_up: bool = False, block_n: int = BLOCK_N,
+              block_k: int = BLOCK_K) -> bool:
   """Whether x (rows, d) @ w (n, d) runs as one kernel: whole blocks of outputs and of inputs."""
   outputs = n // 2 if gate_up else n
-  return (0 < rows <= MAX_ROWS and d % BLOCK_K == 0 and outputs % BLOCK_N == 0
+  return (0 < rows <= MAX_ROWS and d % block_k == 0 and outputs % block_n == 0
           and (not gate_up or n % 2 == 0))
 
 
@@ -52,7 +53,7 @@ def _dot_t(a: Array, b: Array) -> Array:
 
 
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
-            gate_up: bool):
+            gate_up: bool, block_n: int, block_k: int, reduce: bool):
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   refs = list(refs)
@@ -61,13 +62,13 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   r_ref = refs.pop(0) if has_residual else None
   (o_ref,) = refs
   j = pl.program_id(0)
-  steps = d // BLOCK_K
-  padded = _padded_rows(rows)
+  steps = d // block_k
+  padded = 1 if reduce else _padded_rows(rows)
   row_ids = jnp.arange(padded)
   live = (row_ids < rows)[:, None]
 
   def x_block(k):  # (padded, BLOCK_K) in x's dtype; rows past the batch read as zeros
-    return plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(k * BLOCK_K, BLOCK_K)], mask=live, other=0)
+    return plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(k * block_k, block_k)], mask=live, other=0)
 
   if has_norm:
     def sum_squares(k, acc):
@@ -77,46 +78,56 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
     inverse_rms = jax.lax.rsqrt(mean_square + eps)[:, None]
 
   def w_block(first_row, k):
-    return plgpu.load(w_ref.at[pl.ds(first_row, BLOCK_N), pl.ds(k * BLOCK_K, BLOCK_K)],
+    return plgpu.load(w_ref.at[pl.ds(first_row, block_n), pl.ds(k * block_k, block_k)],
                       eviction_policy="evict_first")
+
+  def product(xk, w):  # (padded, block_k) x (block_n, block_k) -> (padded, block_n) float32
+    if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
+      return jnp.sum(xk.astype(jnp.float32) * w.astype(jnp.float32), axis=1)[None, :]
+    return _dot_t(xk, w)
 
   def body(k, accs):
     xk = x_block(k)
     if has_norm:
-      scale = g_ref[pl.ds(k * BLOCK_K, BLOCK_K)]
+      scale = g_ref[pl.ds(k * block_k, block_k)]
       xk = (xk.astype(jnp.float32) * inverse_rms).astype(x_ref.dtype) * scale[None, :]
-    heads = (j * BLOCK_N, outputs + j * BLOCK_N) if gate_up else (j * BLOCK_N,)
-    return tuple(acc + _dot_t(xk, w_block(first, k)) for acc, first in zip(accs, heads))
+    heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
+    return tuple(acc + product(xk, w_block(first, k)) for acc, first in zip(accs, heads))
 
-  zeros = jnp.zeros((padded, BLOCK_N), jnp.float32)
+  zeros = jnp.zeros((padded, block_n), jnp.float32)
   accs = jax.lax.fori_loop(0, steps, body, (zeros, zeros) if gate_up else (zeros,))
   out = accs[0].astype(o_ref.dtype)
   if gate_up:
     gate = out.astype(jnp.float32)
     silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
     out = silu * accs[1].astype(o_ref.dtype)
-  cols = pl.ds(j * BLOCK_N, BLOCK_N)
+  cols = pl.ds(j * block_n, block_n)
   if has_residual:
     out = out + plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
   plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
 
 
 def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
-           residual: Array | None = None, gate_up: bool = False, num_warps: int = 4,
-           num_stages: int = 3, interpret: bool | None = None) -> Array:
+           residual: Array | None = None, gate_up: bool = False, block_n: int = BLOCK_N,
+           block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3, reduce: bool | None = None,
+           interpret: bool | None = None, name: str = "matvec") -> Array:
   """x (B, D) @ w.T for an output-major w (N, D): (B, N) in x's dtype, or (B, N/2) with
   `gate_up`. `norm` (D,): x is RMSNorm'ed (float32 statistics, `eps`) and scaled by it first;
   `residual` (B, N): added to the product; `gate_up`: w is w1 over w3 ((2F, D)) and the result is
-  silu(x @ w1.T) * (x @ w3.T), SwiGLU's hidden layer."""
+  silu(x @ w1.T) * (x @ w3.T), SwiGLU's hidden layer. `reduce` (default: for one row) multiplies
+  and sums where a batch runs Triton's dot on rows padded to 16."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   rows, d = x.shape
   n = w.shape[0]
   if w.shape[1] != d:
     raise ValueError(f"w {w.shape} is not output-major for x {x.shape}: want (N, {d})")
-  if not supported(rows, d, n, gate_up):
-    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, D a multiple of {BLOCK_K} and outputs a "
-                     f"multiple of {BLOCK_N}; got x {x.shape}, w {w.shape}, gate_up={gate_up}")
+  if not supported(rows, d, n, gate_up, block_n, block_k):
+    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, D a multiple of {block_k} and outputs a "
+                     f"multiple of {block_n}; got x {x.shape}, w {w.shape}, gate_up={gate_up}")
+  reduce = rows == 1 if reduce is None else reduce
+  if reduce and rows != 1:
+    raise ValueError(f"reduce takes one row, got {rows}")
   outputs = n // 2 if gate_up else n
   if residual is not None and residual.shape != (rows, outputs):
     raise ValueError(f"residual {residual.shape} is not the output's shape {(rows, outputs)}")
@@ -129,12 +140,12 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
     operands.append(residual.astype(x.dtype))
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
-                             gate_up=gate_up)
+                             gate_up=gate_up, block_n=block_n, block_k=block_k, reduce=reduce)
   return pl.pallas_call(
-      kernel, grid=(outputs // BLOCK_N,),
+      kernel, grid=(outputs // block_n,),
       out_shape=jax.ShapeDtypeStruct((rows, outputs), x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="matvec")(*operands)
+      interpret=interpret, name=name)(*operands)
 
 
 def reference(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
