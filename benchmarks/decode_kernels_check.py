@@ -139,7 +139,9 @@ def main() -> None:
   p.add_argument("--config", default="configs/tinyllama_1b.py")
   p.add_argument("--rows", default="1,16")
   p.add_argument("--lengths", default="384,2048")
+  p.add_argument("--checks", default="agreement,matvec,attention")
   args = p.parse_args()
+  checks = args.checks.split(",")
   from ml_collections import config_flags  # noqa: F401  (the config files import it)
   import importlib.util
   spec = importlib.util.spec_from_file_location("config", args.config)
@@ -148,10 +150,11 @@ def main() -> None:
   cfg = ModelConfig.from_dict(module.get_config().model)
   params = random_engine_params(cfg)
   for rows in map(int, args.rows.split(",")):
-    print(json.dumps(agreement(cfg, params, rows)), flush=True)
-    for row in matvecs(cfg, rows):
+    if "agreement" in checks:
+      print(json.dumps(agreement(cfg, params, rows)), flush=True)
+    for row in matvecs(cfg, rows) if "matvec" in checks else ():
       print(json.dumps(row), flush=True)
-    for length in map(int, args.lengths.split(",")):
+    for length in map(int, args.lengths.split(",")) if "attention" in checks else ():
       print(json.dumps(attention(cfg, rows, length)), flush=True)
 
 

@@ -5,7 +5,9 @@
 #   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
 #   kernels    the fused decode blocks (Pallas) against XLA's: agreement, kernel bandwidth, decode at
 #              batch 1, 16 and 64 with each, prefill of 2048, a trace (benchmarks/decode_kernels_check.py)
-#   matvecsweep  the fused matrix-vector kernel's settings (benchmarks/matvec_sweep.py)
+#   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
+#              and the attention ones; then decode at batch 1 and 16 with XLA's blocks and the fused
+#              ones, and their agreement (with each other and with float32)
 #   xlaflags   decode under XLA flag variants (command buffers over the whole loop)
 #   reference  transformers' generate (static cache) at batch 1 and 16, same shapes
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
@@ -100,8 +102,15 @@ kernels)  # the fused decode blocks (kernels.decode_block) against XLA's: agreem
   run kernels XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5
   $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pk --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
-matvecsweep)  # the fused matrix-vector kernel by tile, warps and stages, at 1 and 16 rows
-  timeout 450 python3 benchmarks/matvec_sweep.py --rows 1,16 2>&1 | grep -E '^\{|Error' | tee -a $OUT/matvecsweep.jsonl ;;
+kernelsweep)  # the fused decode kernels by tile, warps and stages, at 1 and 16 rows; then decode with them
+  timeout 300 python3 benchmarks/kernel_sweep.py --rows 1,16 --stages 4 2>&1 | grep -E '^\{|Error' \
+    | tee -a $OUT/kernelsweep.jsonl | grep -v '^{"product": "w'  # every setting in the file, the best shown
+  for b in 1 16; do
+    for k in xla pallas; do
+      run kernelsweep XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+    done
+  done
+  timeout 200 python3 benchmarks/decode_kernels_check.py --rows 1,16 --checks agreement 2>&1 | grep -E '^\{|Error' | tee -a $OUT/kernelsweep.jsonl ;;
 xlaflags)  # decode's matrix-vector products: XLA rewrites a dot with one row into multiply + reduce
   for f in "--xla_gpu_enable_dot_strength_reduction=false" "--xla_gpu_enable_triton_gemm=false" \
            "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_enable_triton_gemm=false"; do

@@ -72,7 +72,7 @@ def reference(q: Array, k: Array, v: Array, lengths: Array) -> Array:
   return out.reshape(b, 1, n, h)
 
 
-ROTARY_BLOCK_K = 64  # cache positions per step of the fused kernel's loop
+ROTARY_BLOCK_K = 64  # cache positions per step of the fused kernel's loop (default)
 
 
 def _dot(a: Array, b: Array, b_contracted: int) -> Array:
@@ -81,15 +81,16 @@ def _dot(a: Array, b: Array, b_contracted: int) -> Array:
 
 
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
-                           v_cache: Array, *, n_heads: int, num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool | None = None) -> tuple[Array, Array, Array]:
+                           v_cache: Array, *, n_heads: int, block_k: int = ROTARY_BLOCK_K,
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                           name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
   """A decode step's attention in one kernel: rotary embeddings, the cache write and attention.
 
   qkv (B, C, H): each row's one token's projections before rotary, the N query heads, then K keys,
   then K values (C = N + 2K; the engine's fused `wqkv_t`); sin, cos (B, H/2) float32 at each row's
   position; positions (B,) int32; k_cache, v_cache (B, K, S, H), written in place. Program (b, k)
   rotates its group's queries and its key, writes the key and value at positions[b], and attends
-  over positions 0..positions[b]: the cached ones, read in blocks of ROTARY_BLOCK_K (only those
+  over positions 0..positions[b]: the cached ones, read in blocks of `block_k` (only those
   the row has filled), and its own key, which it holds already. Returns (attention
   output (B, N, H), k_cache, v_cache). Arithmetic as the model's (`model.rotary`, `xla_attention`):
   rotary in float32, keys and queries rounded to the cache dtype, float32 scores and softmax."""
@@ -142,8 +143,8 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
 
     def body(i, carry):  # cached positions i*BK .. (i+1)*BK - 1, those < pos
       out, m, l = carry
-      keys = pl.ds(i * ROTARY_BLOCK_K, ROTARY_BLOCK_K)
-      cached = (i * ROTARY_BLOCK_K + jnp.arange(ROTARY_BLOCK_K)) < filled  # (the last block's tail
+      keys = pl.ds(i * block_k, block_k)
+      cached = (i * block_k + jnp.arange(block_k)) < filled  # (the last block's tail
       # is neither loaded nor counted: a cache of any length)
       load = lambda ref, cols: plgpu.load(ref.at[row, kv, keys, cols], mask=cached[:, None], other=0)
       scores = (_dot(q1, load(k_ref, pl.ds(0, half)), 1) + _dot(q2, load(k_ref, pl.ds(half, half)), 1)) * scale
@@ -158,7 +159,7 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
     init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),
             jnp.zeros((padded,), jnp.float32))
     filled = jnp.minimum(pos, length)  # cached positions before this step's own
-    out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, ROTARY_BLOCK_K), body, init)
+    out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, block_k), body, init)
     # This step's own key and value, held in registers (not read back from the cache).
     own = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32), axis=1)
            + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32), axis=1)) * scale
@@ -178,6 +179,6 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={4: 1, 5: 2},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="rotary_cache_attention",
+      interpret=interpret, name=name,
   )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache)
   return out, k_cache, v_cache

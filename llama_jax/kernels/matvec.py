@@ -12,11 +12,13 @@ kernel that also does what precedes and follows it:
                                  silu(a) * b, where a | b = RMSNorm(x) * g @ w   (w1 | w3)
 
 `w` is output-major, (N, D) for N outputs of D inputs (the layout of PyTorch's Linear): each
-program reads `block_n` whole rows of it, contiguous, in chunks of `block_k`, and writes `block_n`
-outputs; the rows of x are few (a decode batch), so each program recomputes the RMSNorm statistics
-of all of them (a read of B x D values beside the block_n x D of weights). Arithmetic follows the
-model's (`model.RMSNorm`, `FeedForward`, `Block`): float32 statistics, the normed input and the
-products' outputs rounded to the input dtype before the next operation, float32 accumulation.
+program reads `block_n` whole rows of it, contiguous, in steps of `block_k` inputs, and writes
+`block_n` outputs; the rows of x are few (a decode batch), and each program reads all of them.
+RMSNorm is folded into the product: RMSNorm(x) * g @ w = ((x * g) @ w) / rms(x), so the statistics
+(float32) gather in the same pass over x as the product instead of a pass of their own before it.
+The roundings differ from the model's (`model.RMSNorm` rounds the normed x to the compute dtype,
+then scales it) at the compute dtype's precision; products accumulate in float32 and are rounded
+to the compute dtype before SwiGLU and before the residual add, as the model's are.
 
 On a CPU the kernels run in Pallas' interpreter (tests only: slow, and checked against `reference`).
 """
@@ -24,23 +26,51 @@ On a CPU the kernels run in Pallas' interpreter (tests only: slow, and checked a
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
-BLOCK_N = 16  # output rows a program makes (Triton's dot takes >= 16)
-BLOCK_K = 256  # inputs a program reads per step of its loop
-MAX_ROWS = 64  # batch rows one kernel takes (more: a matrix product, which XLA's GEMMs do well)
+MAX_ROWS = 16  # batch rows a kernel takes (at 64 the decode step took 3.4 ms against XLA's 1.85, H100)
 
 
-def supported(rows: int, d: int, n: int, gate_up: bool = False, block_n: int = BLOCK_N,
-              block_k: int = BLOCK_K) -> bool:
-  """Whether x (rows, d) @ w (n, d) runs as one kernel: whole blocks of outputs and of inputs."""
+class Settings(NamedTuple):
+  """A kernel's tiling and launch: outputs (rows of w) per program, inputs per step of its loop,
+  warps, Triton's pipeline stages, and the one-row multiply-and-sum form (`reduce`) or Triton's dot
+  on rows padded to 16."""
+  block_n: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+  reduce: bool
+
+
+def settings(rows: int, d: int) -> Settings | None:
+  """The settings measured fastest for a decode block's products (`benchmarks/kernel_sweep.py`,
+  TinyLlama's shapes on an H100): one row, the multiply-and-sum over 16 outputs with the longest
+  input step that divides d, eight warps; a batch, the dot over 32 outputs and 256 inputs. None if
+  d has no such step."""
+  if rows == 1:
+    block_k = next((k for k in (1024, 512, 256) if d % k == 0), None)
+    return Settings(16, block_k, 8, 4, True) if block_k else None
+  return Settings(32, 256, 4, 4, False) if d % 256 == 0 else None
+
+
+def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings | None = None) -> bool:
+  """Whether x (rows, d) @ w (n, d) runs as one kernel (with `chosen` settings, else the default
+  ones): whole blocks of outputs and of inputs."""
+  if not 0 < rows <= MAX_ROWS or (gate_up and n % 2):
+    return False
+  chosen = chosen or settings(rows, d)
   outputs = n // 2 if gate_up else n
-  return (0 < rows <= MAX_ROWS and d % block_k == 0 and outputs % block_n == 0
-          and (not gate_up or n % 2 == 0))
+  return (chosen is not None and d % chosen.block_k == 0
+          and outputs % min(chosen.block_n, 16) == 0)
+
+
+def _block_n(chosen: Settings, outputs: int) -> int:
+  return chosen.block_n if outputs % chosen.block_n == 0 else 16
 
 
 def _padded_rows(rows: int) -> int:
@@ -67,15 +97,12 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   row_ids = jnp.arange(padded)
   live = (row_ids < rows)[:, None]
 
-  def x_block(k):  # (padded, BLOCK_K) in x's dtype; rows past the batch read as zeros
-    return plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(k * block_k, block_k)], mask=live, other=0)
+  cols = pl.ds(j * block_n, block_n)
+  if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
+    residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
 
-  if has_norm:
-    def sum_squares(k, acc):
-      xk = x_block(k).astype(jnp.float32)
-      return acc + jnp.sum(xk * xk, axis=1)
-    mean_square = jax.lax.fori_loop(0, steps, sum_squares, jnp.zeros((padded,), jnp.float32)) / d
-    inverse_rms = jax.lax.rsqrt(mean_square + eps)[:, None]
+  def x_block(k):  # (padded, block_k) in x's dtype; rows past the batch read as zeros
+    return plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(k * block_k, block_k)], mask=live, other=0)
 
   def w_block(first_row, k):
     return plgpu.load(w_ref.at[pl.ds(first_row, block_n), pl.ds(k * block_k, block_k)],
@@ -86,48 +113,53 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
       return jnp.sum(xk.astype(jnp.float32) * w.astype(jnp.float32), axis=1)[None, :]
     return _dot_t(xk, w)
 
-  def body(k, accs):
+  heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
+
+  def body(k, carry):
+    squares, accs = carry
     xk = x_block(k)
-    if has_norm:
-      scale = g_ref[pl.ds(k * block_k, block_k)]
-      xk = (xk.astype(jnp.float32) * inverse_rms).astype(x_ref.dtype) * scale[None, :]
-    heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
-    return tuple(acc + product(xk, w_block(first, k)) for acc, first in zip(accs, heads))
+    if has_norm:  # RMSNorm(x) * g @ w = (x * g @ w) / rms(x): the statistics gather in the same pass
+      x32 = xk.astype(jnp.float32)
+      squares = squares + jnp.sum(x32 * x32, axis=1)
+      xk = xk * g_ref[pl.ds(k * block_k, block_k)][None, :]
+    return squares, tuple(acc + product(xk, w_block(first, k)) for acc, first in zip(accs, heads))
 
   zeros = jnp.zeros((padded, block_n), jnp.float32)
-  accs = jax.lax.fori_loop(0, steps, body, (zeros, zeros) if gate_up else (zeros,))
+  squares, accs = jax.lax.fori_loop(
+      0, steps, body, (jnp.zeros((padded,), jnp.float32), (zeros, zeros) if gate_up else (zeros,)))
+  if has_norm:
+    inverse_rms = jax.lax.rsqrt(squares / d + eps)[:, None]
+    accs = tuple(acc * inverse_rms for acc in accs)
   out = accs[0].astype(o_ref.dtype)
   if gate_up:
     gate = out.astype(jnp.float32)
     silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
     out = silu * accs[1].astype(o_ref.dtype)
-  cols = pl.ds(j * block_n, block_n)
   if has_residual:
-    out = out + plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
+    out = out + residual
   plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
 
 
 def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
-           residual: Array | None = None, gate_up: bool = False, block_n: int = BLOCK_N,
-           block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3, reduce: bool | None = None,
+           residual: Array | None = None, gate_up: bool = False, chosen: Settings | None = None,
            interpret: bool | None = None, name: str = "matvec") -> Array:
   """x (B, D) @ w.T for an output-major w (N, D): (B, N) in x's dtype, or (B, N/2) with
   `gate_up`. `norm` (D,): x is RMSNorm'ed (float32 statistics, `eps`) and scaled by it first;
   `residual` (B, N): added to the product; `gate_up`: w is w1 over w3 ((2F, D)) and the result is
-  silu(x @ w1.T) * (x @ w3.T), SwiGLU's hidden layer. `reduce` (default: for one row) multiplies
-  and sums where a batch runs Triton's dot on rows padded to 16."""
+  silu(x @ w1.T) * (x @ w3.T), SwiGLU's hidden layer. `chosen`: tiling and launch settings (default
+  `settings(B, D)`)."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   rows, d = x.shape
   n = w.shape[0]
   if w.shape[1] != d:
     raise ValueError(f"w {w.shape} is not output-major for x {x.shape}: want (N, {d})")
-  if not supported(rows, d, n, gate_up, block_n, block_k):
-    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, D a multiple of {block_k} and outputs a "
-                     f"multiple of {block_n}; got x {x.shape}, w {w.shape}, gate_up={gate_up}")
-  reduce = rows == 1 if reduce is None else reduce
-  if reduce and rows != 1:
-    raise ValueError(f"reduce takes one row, got {rows}")
+  chosen = chosen or settings(rows, d)
+  if not supported(rows, d, n, gate_up, chosen):
+    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, D a multiple of 256 and outputs a multiple "
+                     f"of 16; got x {x.shape}, w {w.shape}, gate_up={gate_up}")
+  if chosen.reduce and rows != 1:
+    raise ValueError(f"the multiply-and-sum form takes one row, got {rows}")
   outputs = n // 2 if gate_up else n
   if residual is not None and residual.shape != (rows, outputs):
     raise ValueError(f"residual {residual.shape} is not the output's shape {(rows, outputs)}")
@@ -138,13 +170,15 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
     operands.append(norm.astype(x.dtype))
   if residual is not None:
     operands.append(residual.astype(x.dtype))
+  block_n = _block_n(chosen, outputs)
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
-                             gate_up=gate_up, block_n=block_n, block_k=block_k, reduce=reduce)
+                             gate_up=gate_up, block_n=block_n, block_k=chosen.block_k,
+                             reduce=chosen.reduce)
   return pl.pallas_call(
       kernel, grid=(outputs // block_n,),
       out_shape=jax.ShapeDtypeStruct((rows, outputs), x.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=chosen.num_warps, num_stages=chosen.num_stages),
       interpret=interpret, name=name)(*operands)
 
 

@@ -1,13 +1,17 @@
-"""The fused matrix-vector kernel (`llama_jax.kernels.matvec`) by tile and launch settings, on one GPU.
+"""The fused decode kernels by tile and launch settings, on one GPU: the matrix-vector kernel
+(`llama_jax.kernels.matvec`) and the rotary + cache write + attention one
+(`kernels.decode_attention.rotary_cache_attention`).
 
-  python benchmarks/matvec_sweep.py [--rows 1,16] [--dim 2048 --hidden 5632 --heads 32 --kv_heads 4]
+  python benchmarks/kernel_sweep.py [--rows 1,16] [--dim 2048 --hidden 5632 --heads 32 --kv_heads 4]
 
 For each of a decode block's four products (TinyLlama-1.1B's shapes by default) and each setting
 (block_n output rows and block_k inputs a program step, warps, pipeline stages, and for one row the
 multiply-and-sum form against Triton's dot on rows padded to 16): `layers` copies of the weight (so
 that they do not sit in L2) run one after another in one program, three times, under the profiler;
 the kernel's own device time (mean, from the trace) and the bandwidth it reaches on the weight's
-bytes. One JSON line per setting, then the best per product.
+bytes. One JSON line per setting, then the best per product. Then the attention kernel by cache
+positions a loop step reads (`--attention_blocks`) and warps, over a cache of `--lengths`
+positions filled to the end, `layers` caches of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llama_jax.kernels import matvec  # noqa: E402
+from llama_jax import model as M  # noqa: E402
+from llama_jax.kernels import decode_attention, matvec  # noqa: E402
 
 
 def kernel_times(trace_dir: str) -> dict[str, list[int]]:
@@ -44,6 +49,40 @@ def kernel_times(trace_dir: str) -> dict[str, list[int]]:
   return times
 
 
+def profiled(settings: dict, *args) -> dict[str, list[int]]:
+  """Each jitted function of `settings` run 3 times under the profiler: its kernels' times by name."""
+  with tempfile.TemporaryDirectory() as trace:
+    with jax.profiler.trace(trace):
+      for fn in settings.values():
+        for _ in range(3):
+          jax.block_until_ready(fn(*args))
+    return kernel_times(trace)
+
+
+def attention(args, rows: int, length: int) -> None:
+  n, kv, h = args.heads, args.kv_heads, args.dim // args.heads
+  key = jax.random.key(length)
+  qkv = jax.random.normal(key, (rows, n + 2 * kv, h), jnp.bfloat16)
+  caches = [jax.random.normal(jax.random.fold_in(key, i), (rows, kv, length, h), jnp.bfloat16)
+            for i in range(2 * args.layers)]
+  positions = jnp.full((rows,), length - 1, jnp.int32)
+  sin, cos = M.rotary_tables(positions[:, None], h, 10000.0)
+  settings = {}
+  for block, warps in itertools.product(map(int, args.attention_blocks.split(",")), (4, 8)):
+    tag = f"att_{block}_{warps}"
+    settings[tag] = jax.jit(lambda qkv, caches, block=block, warps=warps, tag=tag: [
+        decode_attention.rotary_cache_attention(
+            qkv, sin[:, 0, 0], cos[:, 0, 0], positions, caches[2 * i], caches[2 * i + 1], n_heads=n,
+            block_k=block, num_warps=warps, name=tag)[0] for i in range(args.layers)])
+    jax.block_until_ready(settings[tag](qkv, caches))
+  times = profiled(settings, qkv, caches)
+  for tag in settings:
+    ns = times.get(tag, [])
+    if ns:
+      print(json.dumps({"product": "attention", "rows": rows, "cache_length": length, "setting": tag,
+                        "us": round(sum(ns) / len(ns) / 1e3, 2), "kernels": len(ns)}), flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rows", default="1,16")
@@ -56,6 +95,8 @@ def main() -> None:
   p.add_argument("--block_k", default="256,512,1024")
   p.add_argument("--warps", default="4,8")
   p.add_argument("--stages", default="2,4")
+  p.add_argument("--attention_blocks", default="64,128,256")
+  p.add_argument("--lengths", default="384,2048")
   args = p.parse_args()
   d, f, h = args.dim, args.hidden, args.dim // args.heads
   products = {"wqkv_t": ((args.heads + 2 * args.kv_heads) * h, d, dict(norm=True)),
@@ -77,24 +118,19 @@ def main() -> None:
       for bn, bk, warps, stages, reduce in itertools.product(
           ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages),
           (True, False) if rows == 1 else (False,)):
-        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], bn, bk):
+        chosen = matvec.Settings(bn, bk, warps, stages, reduce)
+        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen):
           continue
         tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}"
-        fn = jax.jit(lambda x, ws, bn=bn, bk=bk, warps=warps, stages=stages, reduce=reduce, tag=tag: [
-            matvec.matvec(x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
-                          reduce=reduce, name=tag, **kw) for w in ws])
+        fn = jax.jit(lambda x, ws, chosen=chosen, tag=tag: [
+            matvec.matvec(x, w, chosen=chosen, name=tag, **kw) for w in ws])
         try:
           jax.block_until_ready(fn(x, ws))
         except Exception as e:  # a setting Triton cannot compile (registers, shared memory)
           print(json.dumps({"product": name, "rows": rows, "setting": tag, "error": str(e)[:200]}), flush=True)
           continue
         settings[tag] = fn
-      with tempfile.TemporaryDirectory() as trace:
-        with jax.profiler.trace(trace):
-          for fn in settings.values():
-            for _ in range(3):
-              jax.block_until_ready(fn(x, ws))
-        times = kernel_times(trace)
+      times = profiled(settings, x, ws)
       best = None
       for tag in settings:
         ns = times.get(tag)
@@ -106,6 +142,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         best = row if best is None or row["us"] < best["us"] else best
       print(json.dumps({"best": best}), flush=True)
+    for length in ints(args.lengths):
+      attention(args, rows, length)
 
 
 if __name__ == "__main__":
