@@ -57,7 +57,7 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
   float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
   for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
                       ("pallas", cfg.replace(decode_kernels="pallas"), params),
-                      ("float32", cfg.replace(decode_kernels="xla", dtype="float32"), float32)):
+                      ("float32", cfg.replace(decode_kernels="xla", dtype="float32", attention_impl="xla"), float32)):
     state = engine.prefill(c, p, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
                            jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), b),
                            jax.tree.map(jnp.asarray, SamplingParams.make(b)), jnp.asarray([-1], jnp.int32),

@@ -3,8 +3,8 @@
 #   train      training throughput, TinyLlama-1.1B shape, batch 8 x 2048 (+ variants), and the
 #              PyTorch reference (transformers eager) in the same call
 #   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
-#   kernels    the fused decode blocks (Pallas) against XLA's: agreement, kernel bandwidth, decode at
-#              batch 1, 16 and 64 with each, prefill of 2048, a trace (benchmarks/decode_kernels_check.py)
+#   kernels    the fused decode blocks (Pallas) against XLA's at batch 1: agreement (also with float32,
+#              benchmarks/decode_kernels_check.py), decode with each, batch 16, a trace
 #   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
 #              and the attention ones; then decode at batch 1 and 16 with XLA's blocks and the fused
 #              ones, and their agreement (with each other and with float32)
@@ -90,18 +90,16 @@ decode)
     run decode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done
   run decode XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5 ;;
-kernels)  # the fused decode blocks (kernels.decode_block) against XLA's: agreement, each kernel's
-  # bandwidth, the decode table with each (and prefill, which reads the same output-major weights),
-  # and a trace of a batch-1 decode with the kernels
-  timeout 400 python3 benchmarks/decode_kernels_check.py --rows 1,16,64 2>&1 | grep -E '^\{|Error' | tee -a $OUT/kernels.jsonl
-  for b in 1 16 64; do
-    for k in xla pallas; do
-      run kernels XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
-    done
+kernels)  # the fused decode blocks (kernels.decode_block) against XLA's at batch 1: their agreement
+  # (with each other and with float32), the decode table with each, batch 16 (XLA's blocks), and a
+  # trace of the batch-1 decode with the kernels
+  timeout 200 python3 benchmarks/decode_kernels_check.py --rows 1 --checks agreement 2>&1 | grep -E '^\{|Error' | tee -a $OUT/kernels.jsonl
+  for k in xla pallas; do
+    run kernels XLA_FLAGS= $D --batch_size 1 --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
   done
-  run kernels XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5
+  run kernels XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256
   $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
-  python3 benchmarks/profile_summary.py /tmp/pk --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
+  python3 benchmarks/profile_summary.py /tmp/pk --top 16 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
 kernelsweep)  # the fused decode kernels by tile, warps and stages, at 1 and 16 rows; then decode with them
   timeout 300 python3 benchmarks/kernel_sweep.py --rows 1,16 --stages 4 2>&1 | grep -E '^\{|Error' \
     | tee -a $OUT/kernelsweep.jsonl | grep -v '^{"product": "w'  # every setting in the file, the best shown

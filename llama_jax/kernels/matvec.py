@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-MAX_ROWS = 16  # batch rows a kernel takes (at 64 the decode step took 3.4 ms against XLA's 1.85, H100)
+MAX_ROWS = 16  # batch rows a kernel takes (Triton's dot on rows padded to 16)
 
 
 class Settings(NamedTuple):
@@ -49,13 +49,13 @@ class Settings(NamedTuple):
 
 def settings(rows: int, d: int) -> Settings | None:
   """The settings measured fastest for a decode block's products (`benchmarks/kernel_sweep.py`,
-  TinyLlama's shapes on an H100): one row, the multiply-and-sum over 16 outputs with the longest
-  input step that divides d, eight warps; a batch, the dot over 32 outputs and 256 inputs. None if
-  d has no such step."""
-  if rows == 1:
-    block_k = next((k for k in (1024, 512, 256) if d % k == 0), None)
-    return Settings(16, block_k, 8, 4, True) if block_k else None
-  return Settings(32, 256, 4, 4, False) if d % 256 == 0 else None
+  TinyLlama's shapes, one row, on an H100 and an H200): inputs a multiple of 1024, the
+  multiply-and-sum over 16 outputs a program, 1024 inputs a step, eight warps (wq|wk|wv, wo, w1|w3:
+  6.7, 5.1 and 16.5 us on an H200); otherwise (w2's 5632 inputs) Triton's dot over 16 outputs and
+  256 inputs (11.2 us). None if d is not a multiple of 256."""
+  if d % 1024 == 0 and rows == 1:
+    return Settings(16, 1024, 8, 4, True)
+  return Settings(16, 256, 4, 4, False) if d % 256 == 0 else None
 
 
 def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings | None = None) -> bool:

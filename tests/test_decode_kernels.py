@@ -1,0 +1,132 @@
+"""The fused decode kernels (`kernels.matvec`, `kernels.decode_attention.rotary_cache_attention`,
+`kernels.decode_block`), in Pallas' interpreter on the CPU: each computes what the model's XLA
+path computes, to the compute dtype's precision, and a decode through them draws the same tokens."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import model as M
+from llama_jax.config import ModelConfig
+from llama_jax.generate import engine
+from llama_jax.generate.cache import KVCache
+from llama_jax.generate.generator import make_batch
+from llama_jax.generate.sampling import SamplingParams
+from llama_jax.kernels import decode_attention, decode_block, matvec
+
+
+def _normal(key, shape, scale=1.0):
+  return (jax.random.normal(jax.random.key(key), shape) * scale).astype(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("form", ["plain", "norm", "residual", "gate_up"])
+def test_matvec_matches_the_model_arithmetic(rows, form):
+  d, n = 2048 if rows == 1 else 512, 64  # one row: the multiply-and-sum form (D a multiple of 1024)
+  x, w = _normal(0, (rows, d), 4.0), _normal(1, (n, d), 0.03)
+  kw = {"norm": dict(norm=1 + _normal(2, (d,), 0.1)), "residual": dict(residual=_normal(3, (rows, n))),
+        "gate_up": dict(norm=1 + _normal(2, (d,), 0.1), gate_up=True), "plain": {}}[form]
+  assert matvec.settings(rows, d).reduce == (rows == 1)
+  got = matvec.matvec(x, w, **kw).astype(jnp.float32)
+  want = matvec.reference(x, w, **kw).astype(jnp.float32)
+  assert got.shape == (rows, n // 2 if form == "gate_up" else n)
+  # bf16 outputs of size ~1-5: a few units in the last place (the norm's rounding comes elsewhere).
+  np.testing.assert_allclose(got, want, atol=0.04, rtol=0.02)
+  if form in ("norm", "gate_up"):  # the norm is applied: x's RMS is 4, so without it the product is 4x
+    unnormed = matvec.reference(x, w, gate_up=form == "gate_up").astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(unnormed))) > 3 * float(jnp.max(jnp.abs(want)))
+
+
+def test_matvec_refuses_what_it_cannot_tile():
+  x = _normal(0, (1, 512))
+  with pytest.raises(ValueError, match="output-major"):
+    matvec.matvec(x, _normal(1, (256, 64)))
+  with pytest.raises(ValueError, match="multiple of 16"):
+    matvec.matvec(x, _normal(1, (40, 512)))
+  with pytest.raises(ValueError, match="1..16 rows"):
+    matvec.matvec(_normal(0, (17, 512)), _normal(1, (64, 512)))
+  with pytest.raises(ValueError, match="residual"):
+    matvec.matvec(x, _normal(1, (64, 512)), residual=_normal(2, (1, 32)))
+  assert not matvec.supported(1, 100, 64)
+
+
+@pytest.mark.parametrize("rows, heads, kv_heads, length, positions", [
+    (1, 8, 2, 128, [5]), (2, 8, 4, 96, [0, 95]), (3, 4, 4, 150, [70, 129, 149])])
+def test_rotary_cache_attention_matches_the_model(rows, heads, kv_heads, length, positions):
+  h = 64
+  qkv = _normal(0, (rows, heads + 2 * kv_heads, h))
+  k_cache, v_cache = _normal(1, (rows, kv_heads, length, h)), _normal(2, (rows, kv_heads, length, h))
+  positions = jnp.asarray(positions, jnp.int32)
+  sin, cos = M.rotary_tables(positions[:, None], h, 10000.0)  # (B, 1, 1, H/2)
+  out, k_new, v_new = decode_attention.rotary_cache_attention(
+      qkv, sin[:, 0, 0], cos[:, 0, 0], positions, k_cache, v_cache, n_heads=heads, block_k=32)
+  # The model's decode step: rotary, the cache write, masked attention over the whole cache.
+  q, k, v = qkv[:, None, :heads], qkv[:, None, heads:heads + kv_heads], qkv[:, None, heads + kv_heads:]
+  q, k = M.rotary(q, (sin, cos)), M.rotary(k, (sin, cos))
+  cache = KVCache(k_cache, v_cache).write(k, v, positions[:, None])
+  mask = M.attention_mask(positions[:, None], jnp.broadcast_to(jnp.arange(length), (rows, length)))
+  want = M.xla_attention(q, cache.k, cache.v, mask, "BKSH")[:, 0]
+  np.testing.assert_array_equal(k_new, cache.k)
+  np.testing.assert_array_equal(v_new, cache.v)
+  np.testing.assert_allclose(out.astype(jnp.float32), want.astype(jnp.float32), atol=0.02, rtol=0.02)
+
+
+def test_rotary_cache_attention_writes_nothing_past_the_cache():
+  # A position past the cache (a finished row) must not write outside it: the model's scatter
+  # drops the write; the kernel masks its store.
+  qkv = _normal(0, (1, 6, 32))
+  k_cache, v_cache = _normal(1, (1, 2, 64, 32)), _normal(2, (1, 2, 64, 32))
+  sin = cos = jnp.zeros((1, 16), jnp.float32)
+  _, k_new, v_new = decode_attention.rotary_cache_attention(
+      qkv, sin, cos, jnp.asarray([64], jnp.int32), k_cache, v_cache, n_heads=2)
+  np.testing.assert_array_equal(k_new, k_cache)
+  np.testing.assert_array_equal(v_new, v_cache)
+
+
+def _tiny(decode_kernels: str) -> ModelConfig:
+  # The kernels' tiling: D, F and N*H multiples of 1024 or 256, the head dimension of 32.
+  return ModelConfig(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=128,
+                     ffn_hidden_dim=1280, dtype="bfloat16", decode_kernels=decode_kernels)
+
+
+def test_a_decode_through_the_kernels_draws_the_same_tokens():
+  params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
+  runs = {}
+  for kernels in ("xla", "pallas"):
+    cfg = _tiny(kernels)
+    ep = engine.prepare_params(cfg, params)
+    assert decode_block.applies(cfg, ep.layers[0], 1) and not decode_block.applies(cfg, ep.layers[0], 2)
+    batch = make_batch(cfg, [[5, 6, 7, 8, 9, 10, 11]], [0], 24)
+    state = engine.prefill(cfg, ep, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+                           jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), 1),
+                           jax.tree.map(jnp.asarray, SamplingParams.make(1)), jnp.asarray([-1], jnp.int32),
+                           cache_len=batch.cache_len, budget=batch.budget, record_logits=True)
+    runs[kernels] = engine.decode(cfg, ep, state, jnp.array(batch.budget, jnp.int32))
+  xla, pallas = runs["xla"], runs["pallas"]
+  np.testing.assert_array_equal(pallas.tokens, xla.tokens)
+  diff = jnp.abs(pallas.logits[:, 1:24] - xla.logits[:, 1:24])
+  assert 0 < float(jnp.max(diff)) < 0.05 * float(jnp.max(jnp.abs(xla.logits)))  # the kernels ran
+
+
+def test_the_kernels_need_one_device():
+  devices = jax.devices()
+  if len(devices) < 2:
+    pytest.fail("the test suite runs with several emulated CPU devices (conftest)")
+  mesh = jax.sharding.Mesh(np.array(devices[:2]), ("data",))
+  assert not engine.decode_kernels(_tiny("auto"), mesh)
+  assert not engine.decode_kernels(_tiny("auto"), None)  # "auto" is XLA off a GPU
+  assert engine.decode_kernels(_tiny("pallas"), None)
+  with pytest.raises(ValueError, match="one device"):
+    engine.decode_kernels(_tiny("pallas"), mesh)
+
+
+def test_the_decode_layout_is_output_major():
+  cfg = _tiny("xla")
+  layer = engine.prepare_params(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0)))).layers[0]
+  d, f, h = cfg.dim, cfg.hidden_dim, cfg.head_dim
+  assert layer["attention"]["wqkv_t"].shape == ((cfg.n_heads + 2 * cfg.n_kv_heads) * h, d)
+  assert layer["attention"]["wo_t"].shape == (d, cfg.n_heads * h)
+  assert layer["feed_forward"]["w13_t"].shape == (2 * f, d)
+  assert layer["feed_forward"]["w2_t"].shape == (d, f)
