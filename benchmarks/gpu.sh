@@ -5,6 +5,8 @@
 #   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
 #   kernels    the fused decode blocks (Pallas) against XLA's at batch 1: agreement (also with float32,
 #              benchmarks/decode_kernels_check.py), decode with each, batch 16, a trace
+#   smallblocks  the matrix-vector kernel at one row with 4-16 outputs a program, then the batch-1
+#              decode with XLA's blocks, the fused ones, and the fused ones with the best settings
 #   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
 #              and the attention ones; then decode at batch 1 and 16 with XLA's blocks and the fused
 #              ones, and their agreement (with each other and with float32)
@@ -100,6 +102,10 @@ kernels)  # the fused decode blocks (kernels.decode_block) against XLA's at batc
   run kernels XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256
   $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pk --top 16 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
+smallblocks)  # one row: fewer outputs a program (more programs in flight), then decode with the best
+  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8,16 --block_k 256,512,1024 --warps 4,8 \
+    --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 | grep -E '^\{|Error' \
+    | tee -a $OUT/smallblocks.jsonl | grep -v '^{"product": "w' ;;
 kernelsweep)  # the fused decode kernels by tile, warps and stages, at 1 and 16 rows; then decode with them
   timeout 300 python3 benchmarks/kernel_sweep.py --rows 1,16 --stages 4 2>&1 | grep -E '^\{|Error' \
     | tee -a $OUT/kernelsweep.jsonl | grep -v '^{"product": "w'  # every setting in the file, the best shown

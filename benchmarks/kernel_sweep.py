@@ -9,7 +9,8 @@ For each of a decode block's four products (TinyLlama-1.1B's shapes by default) 
 multiply-and-sum form against Triton's dot on rows padded to 16): `layers` copies of the weight (so
 that they do not sit in L2) run one after another in one program, three times, under the profiler;
 the kernel's own device time (mean, from the trace) and the bandwidth it reaches on the weight's
-bytes. One JSON line per setting, then the best per product. Then the attention kernel by cache
+bytes. One JSON line per setting, then the best per product. `--decode CONFIG`: then the batch-1
+decode with XLA's blocks, the fused ones as committed, and the fused ones with the best settings. Then the attention kernel by cache
 positions a loop step reads (`--attention_blocks`) and warps, over a cache of `--lengths`
 positions filled to the end, `layers` caches of its own.
 """
@@ -96,8 +97,12 @@ def main() -> None:
   p.add_argument("--warps", default="4,8")
   p.add_argument("--stages", default="2,4")
   p.add_argument("--attention_blocks", default="64,128,256")
-  p.add_argument("--lengths", default="384,2048")
+  p.add_argument("--lengths", default="384,2048", help="attention's cache lengths ('' for none)")
+  p.add_argument("--decode", default="", help="a config: then its batch-1 decode (bench decode, 128 + 256 "
+                 "tokens) with XLA's blocks, the fused ones as committed, and the fused ones with the "
+                 "settings measured best for each input width")
   args = p.parse_args()
+  measured = collections.defaultdict(dict)  # (rows, input width) -> setting -> product -> us
   d, f, h = args.dim, args.hidden, args.dim // args.heads
   products = {"wqkv_t": ((args.heads + 2 * args.kv_heads) * h, d, dict(norm=True)),
               "wo_t": (d, args.heads * h, dict(residual=True)),
@@ -114,12 +119,12 @@ def main() -> None:
       kw = dict(norm=jnp.ones((inputs,), jnp.bfloat16) if opts.get("norm") else None,
                 residual=jnp.ones((rows, width), jnp.bfloat16) if opts.get("residual") else None,
                 gate_up=bool(opts.get("gate_up")))
-      settings = {}
+      settings, settings_of = {}, {}
       for bn, bk, warps, stages, reduce in itertools.product(
           ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages),
           (True, False) if rows == 1 else (False,)):
         chosen = matvec.Settings(bn, bk, warps, stages, reduce)
-        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen):
+        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen) or (bn < 16 and not reduce):
           continue
         tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}"
         fn = jax.jit(lambda x, ws, chosen=chosen, tag=tag: [
@@ -129,7 +134,7 @@ def main() -> None:
         except Exception as e:  # a setting Triton cannot compile (registers, shared memory)
           print(json.dumps({"product": name, "rows": rows, "setting": tag, "error": str(e)[:200]}), flush=True)
           continue
-        settings[tag] = fn
+        settings[tag], settings_of[tag] = fn, chosen
       times = profiled(settings, x, ws)
       best = None
       for tag in settings:
@@ -137,13 +142,44 @@ def main() -> None:
         if not ns:
           continue
         us = sum(ns) / len(ns) / 1e3
+        measured[(rows, inputs)].setdefault(settings_of[tag], {})[name] = us
         row = {"product": name, "rows": rows, "shape": [outputs, inputs], "setting": tag,
                "us": round(us, 2), "tb_per_s": round(outputs * inputs * 2 / us / 1e6, 3), "kernels": len(ns)}
         print(json.dumps(row), flush=True)
         best = row if best is None or row["us"] < best["us"] else best
       print(json.dumps({"best": best}), flush=True)
-    for length in ints(args.lengths):
+    for length in ints(args.lengths) if args.lengths else ():
       attention(args, rows, length)
+  if args.decode:
+    decode(args.decode, measured)
+
+
+def decode(config_path: str, measured: dict) -> None:
+  """The batch-1 decode three ways; the fused blocks' settings replaced, for each input width the
+  sweep measured at one row, by the one whose products (of that width) took the least time."""
+  import importlib.util
+  from llama_jax.bench.decode import bench_decode
+  spec = importlib.util.spec_from_file_location("config", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  best = {}
+  for (rows, width), by_setting in measured.items():
+    if rows == 1:
+      products = max(len(v) for v in by_setting.values())
+      full = {k: sum(v.values()) for k, v in by_setting.items() if len(v) == products}
+      best[width] = min(full, key=full.get)
+  committed = matvec.settings
+  for label, kernels, chosen in (("xla", "xla", committed), ("fused, committed settings", "pallas", committed),
+                                 ("fused, best measured", "pallas",
+                                  lambda rows, d: best.get(d) if rows == 1 and d in best else committed(rows, d))):
+    jax.clear_caches()  # the engine's programs are cached by config: rebuild them with these settings
+    matvec.settings = chosen
+    config.model.decode_kernels = kernels
+    result = bench_decode(config, 1, 128, 256)
+    print(json.dumps({"decode": label, "settings": {d: s._asdict() for d, s in best.items()}
+                      if "best" in label else None, **result}), flush=True)
+  matvec.settings = committed
 
 
 if __name__ == "__main__":
