@@ -49,12 +49,15 @@ class Settings(NamedTuple):
 
 def settings(rows: int, d: int) -> Settings | None:
   """The settings measured fastest for a decode block's products (`benchmarks/kernel_sweep.py`,
-  TinyLlama's shapes, one row, on an H100 and an H200): inputs a multiple of 1024, the
-  multiply-and-sum over 16 outputs a program, 1024 inputs a step, eight warps (wq|wk|wv, wo, w1|w3:
-  6.7, 5.1 and 16.5 us on an H200); otherwise (w2's 5632 inputs) Triton's dot over 16 outputs and
-  256 inputs (11.2 us). None if d is not a multiple of 256."""
-  if d % 1024 == 0 and rows == 1:
-    return Settings(16, 1024, 8, 4, True)
+  TinyLlama's shapes, one row, H100): the multiply-and-sum over 4 outputs a program (640 programs
+  for wq|wk|wv: more loads in flight than 160 programs of 16) with the longest input step that
+  divides d, eight warps (wq|wk|wv 6.0 us, wo 4.7, w1|w3 19.1, w2 12.2; 1.164 ms a decode step
+  against 1.183 with 16 outputs a program). A batch: Triton's dot over 16 outputs and 256 inputs.
+  None if d is not a multiple of 256."""
+  if rows == 1:
+    block_k = next((k for k in (1024, 512) if d % k == 0), None)
+    if block_k:
+      return Settings(4, block_k, 8, 4, True)
   return Settings(16, 256, 4, 4, False) if d % 256 == 0 else None
 
 
@@ -65,12 +68,7 @@ def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings
     return False
   chosen = chosen or settings(rows, d)
   outputs = n // 2 if gate_up else n
-  return (chosen is not None and d % chosen.block_k == 0
-          and outputs % min(chosen.block_n, 16) == 0)
-
-
-def _block_n(chosen: Settings, outputs: int) -> int:
-  return chosen.block_n if outputs % chosen.block_n == 0 else 16
+  return chosen is not None and d % chosen.block_k == 0 and outputs % chosen.block_n == 0
 
 
 def _padded_rows(rows: int) -> int:
@@ -156,8 +154,9 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
     raise ValueError(f"w {w.shape} is not output-major for x {x.shape}: want (N, {d})")
   chosen = chosen or settings(rows, d)
   if not supported(rows, d, n, gate_up, chosen):
-    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, D a multiple of 256 and outputs a multiple "
-                     f"of 16; got x {x.shape}, w {w.shape}, gate_up={gate_up}")
+    tiles = f"{chosen.block_k} inputs and {chosen.block_n} outputs" if chosen else "256 inputs"
+    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows and whole tiles of {tiles}; got x {x.shape}, "
+                     f"w {w.shape}, gate_up={gate_up}")
   if chosen.reduce and rows != 1:
     raise ValueError(f"the multiply-and-sum form takes one row, got {rows}")
   outputs = n // 2 if gate_up else n
@@ -170,7 +169,7 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
     operands.append(norm.astype(x.dtype))
   if residual is not None:
     operands.append(residual.astype(x.dtype))
-  block_n = _block_n(chosen, outputs)
+  block_n = chosen.block_n
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
                              gate_up=gate_up, block_n=block_n, block_k=chosen.block_k,
