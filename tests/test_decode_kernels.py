@@ -10,7 +10,7 @@ import pytest
 
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
-from llama_jax.generate import engine
+from llama_jax.generate import engine, generate_tokens, slots
 from llama_jax.generate.cache import KVCache
 from llama_jax.generate.generator import make_batch
 from llama_jax.generate.sampling import SamplingParams
@@ -130,3 +130,21 @@ def test_the_decode_layout_is_output_major():
   assert layer["attention"]["wo_t"].shape == (d, cfg.n_heads * h)
   assert layer["feed_forward"]["w13_t"].shape == (2 * f, d)
   assert layer["feed_forward"]["w2_t"].shape == (d, f)
+
+
+def test_a_slot_engine_at_one_row_decodes_through_the_kernels(monkeypatch):
+  # The server's path: one live slot, calls of one row (the window of its filled positions).
+  cfg = _tiny("pallas")
+  params = nn.unbox(M.init_params(cfg, jax.random.key(1)))
+  blocks = []
+  original = decode_block.block
+  monkeypatch.setattr(decode_block, "block", lambda *a, **k: blocks.append(a[2].shape) or original(*a, **k))
+  eng = slots.SlotEngine(cfg, params, max_batch=4, steps=4, min_attend=16)
+  prompt = [1, 9, 33, 7, 120, 5]
+  state, calls = eng.prefill_into(eng.init(), [prompt], [0], [(0.0, 0, 1.0)], [0])
+  out = [int(calls[0][1].tokens[0, 0])]
+  for _ in range(3):
+    state, drawn = eng.generate(state, rows=1, need=len(prompt) + len(out) + eng.steps, greedy=True)
+    out += np.asarray(drawn.tokens)[0, :eng.steps].tolist()
+  assert blocks and all(shape == (1, cfg.dim) for shape in blocks)
+  assert out == generate_tokens(_tiny("xla"), params, [prompt], len(out))[0]
