@@ -91,6 +91,7 @@ def _tiny(decode_kernels: str) -> ModelConfig:
                      ffn_hidden_dim=1280, dtype="bfloat16", decode_kernels=decode_kernels)
 
 
+@pytest.mark.slow
 def test_a_decode_through_the_kernels_draws_the_same_tokens():
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
   runs = {}
@@ -132,6 +133,7 @@ def test_the_decode_layout_is_output_major():
   assert layer["feed_forward"]["w2_t"].shape == (d, f)
 
 
+@pytest.mark.slow
 def test_a_slot_engine_at_one_row_decodes_through_the_kernels(monkeypatch):
   # The server's path: one live slot, calls of one row (the window of its filled positions).
   cfg = _tiny("pallas")
