@@ -1,6 +1,6 @@
 """The fused decode kernels (`llama_jax.kernels.decode_block`) against XLA on one GPU.
 
-  python benchmarks/decode_kernels_check.py [--config configs/tinyllama_1b.py] [--rows 1,16]
+  python benchmarks/decode_kernels_check.py [--config configs/tinyllama_1b.py] [--rows 1]
 
 For each batch size, one JSON line each:
   agreement  the engine's greedy decode (random weights in the decode layout, 64 new tokens after a
@@ -35,7 +35,7 @@ from llama_jax.generate import engine  # noqa: E402
 from llama_jax.generate.cache import KVCache  # noqa: E402
 from llama_jax.generate.generator import make_batch  # noqa: E402
 from llama_jax.generate.sampling import SamplingParams  # noqa: E402
-from llama_jax.kernels import decode_attention, matvec  # noqa: E402
+from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
 
 
 def _time(fn, *args, repeats: int = 20) -> float:
@@ -73,7 +73,8 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
     return {"first_step_max_abs_diff": float(np.abs(logits_a - logits_z).max()),
             "tokens_equal_before_first_difference": same}
 
-  return {"check": "agreement", "rows": rows, "new_tokens": new_tokens,
+  applied = decode_block.applies(cfg.replace(decode_kernels="pallas"), params.layers[0], b)
+  return {"check": "agreement", "rows": rows, "new_tokens": new_tokens, "kernels_applied": applied,
           "logits_abs_max": float(np.abs(runs["float32"][1]).max()),
           "pallas_vs_xla": compare("pallas", "xla"), "xla_vs_float32": compare("xla", "float32"),
           "pallas_vs_float32": compare("pallas", "float32")}
@@ -137,7 +138,8 @@ def attention(cfg: ModelConfig, rows: int, length: int) -> dict:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/tinyllama_1b.py")
-  p.add_argument("--rows", default="1,16")
+  p.add_argument("--rows", default="1", help="batch sizes (the kernels apply at one row: "
+                 "`kernels_applied` says)")
   p.add_argument("--lengths", default="384,2048")
   p.add_argument("--checks", default="agreement,matvec,attention")
   args = p.parse_args()

@@ -85,20 +85,102 @@ def test_rotary_cache_attention_writes_nothing_past_the_cache():
   np.testing.assert_array_equal(v_new, v_cache)
 
 
+def _lowered_for_a_gpu(fn, *args) -> str:
+  # Pallas' interpreter pads and clamps what Triton refuses (tiles whose sides are not powers of
+  # two, ...); lowering for CUDA, which a CPU can do, runs Pallas' Triton lowering and its checks.
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("rows, d, n, form", [
+    (1, 2048, 2560, "norm"), (1, 2048, 2048, "residual"), (1, 2048, 11264, "gate_up"),
+    (1, 5632, 2048, "residual"), (1, 11008, 4096, "residual"), (3, 512, 64, "norm")])
+def test_matvec_lowers_for_a_gpu(rows, d, n, form):
+  # TinyLlama's four products at one row (w2's 5,632 inputs: Triton's dot), LLaMA-2-7B's w2, a batch.
+  x, w = jnp.zeros((rows, d), jnp.bfloat16), jnp.zeros((n, d), jnp.bfloat16)
+  outputs = n // 2 if form == "gate_up" else n
+  kw = {"norm": dict(norm=jnp.ones((d,), jnp.bfloat16)), "gate_up": dict(norm=jnp.ones((d,), jnp.bfloat16), gate_up=True),
+        "residual": dict(residual=jnp.zeros((rows, outputs), jnp.bfloat16))}[form]
+  text = _lowered_for_a_gpu(lambda x, w: matvec.matvec(x, w, interpret=False, **kw), x, w)
+  assert "triton" in text.lower()
+
+
+@pytest.mark.parametrize("h, length", [(64, 384), (64, 2048), (128, 2048)])
+def test_rotary_cache_attention_lowers_for_a_gpu(h, length):
+  heads, kv_heads = 8, 2
+  cache = jnp.zeros((1, kv_heads, length, h), jnp.bfloat16)
+
+  def attend(qkv, k, v):
+    half = jnp.zeros((1, h // 2), jnp.float32)
+    return decode_attention.rotary_cache_attention(qkv, half, half, jnp.zeros((1,), jnp.int32), k, v,
+                                                   n_heads=heads, interpret=False)
+
+  text = _lowered_for_a_gpu(attend, jnp.zeros((1, heads + 2 * kv_heads, h), jnp.bfloat16), cache, cache)
+  assert "triton" in text.lower()
+
+
+def test_heads_the_kernels_cannot_tile_keep_xla_blocks():
+  assert [decode_attention.supported_head_dim(h) for h in (32, 64, 96, 128, 160)] == [True, True, False, True, False]
+  cfg = ModelConfig(dim=768, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=64,
+                    ffn_hidden_dim=1024, dtype="bfloat16", decode_kernels="pallas")  # heads of 96
+  layer = engine.prepare_params(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0)))).layers[0]
+  assert "wqkv_t" in layer["attention"] and not decode_block.applies(cfg, layer, 1)
+  with pytest.raises(ValueError, match="power of two"):
+    decode_attention.rotary_cache_attention(_normal(0, (1, 12, 96)), jnp.zeros((1, 48)), jnp.zeros((1, 48)),
+                                            jnp.zeros((1,), jnp.int32), _normal(1, (1, 2, 64, 96)),
+                                            _normal(2, (1, 2, 64, 96)), n_heads=8)
+
+
 def _tiny(decode_kernels: str) -> ModelConfig:
   # The kernels' tiling: D, F and N*H multiples of 1024 or 256, the head dimension of 32.
   return ModelConfig(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=128,
                      ffn_hidden_dim=1280, dtype="bfloat16", decode_kernels=decode_kernels)
 
 
+NEAR_TIE = 0.05  # logits this close may fall either way under the kernels' roundings (~0.02 here)
+
+
+def _same_until_a_near_tie(got, want, want_logits) -> int:
+  """How many tokens `got` and `want` share; asserts they agree up to the first step whose top two
+  logits (of `want`'s run) are within NEAR_TIE, where the roundings may legitimately decide."""
+  top = np.sort(np.asarray(want_logits, np.float32), axis=-1)[:, -2:]
+  near = np.flatnonzero(top[:, 1] - top[:, 0] < NEAR_TIE)
+  until = int(near[0]) if near.size else len(want)
+  assert list(got[:until]) == list(want[:until]), (got, want, until)
+  return until
+
+
 @pytest.mark.slow
-def test_a_decode_through_the_kernels_draws_the_same_tokens():
+def test_the_kernels_give_xla_logits_under_the_same_tokens():
+  # Teacher-forced: both engines fed XLA's greedy tokens, so every step compares like with like.
+  params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
+  prompt, steps = [5, 6, 7, 8, 9, 10, 11], 12
+  reference = generate_tokens(_tiny("xla"), params, [prompt], steps)[0]
+  logits = {}
+  for kernels in ("xla", "pallas"):
+    cfg = _tiny(kernels)
+    ep = engine.prepare_params(cfg, params)
+    assert decode_block.applies(cfg, ep.layers[0], 1) and not decode_block.applies(cfg, ep.layers[0], 2)
+    step = jax.jit(lambda token, position, cache, cfg=cfg, ep=ep: (lambda x, c: (
+        engine.logits_of(cfg, ep, x)[:, 0], c))(*engine.forward(cfg, ep, token, position, cache)))
+    cache = engine.init_cache(cfg, 1, 64)
+    x, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
+        jnp.asarray([prompt]), cache)
+    out = []
+    for i, token in enumerate(reference[:-1]):
+      row, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
+      out.append(np.asarray(row[0], np.float32))
+    logits[kernels] = np.stack(out)
+  diff = np.abs(logits["pallas"] - logits["xla"])
+  assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
+
+
+@pytest.mark.slow
+def test_a_decode_through_the_kernels_draws_xla_tokens():
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
   runs = {}
   for kernels in ("xla", "pallas"):
     cfg = _tiny(kernels)
     ep = engine.prepare_params(cfg, params)
-    assert decode_block.applies(cfg, ep.layers[0], 1) and not decode_block.applies(cfg, ep.layers[0], 2)
     batch = make_batch(cfg, [[5, 6, 7, 8, 9, 10, 11]], [0], 24)
     state = engine.prefill(cfg, ep, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
                            jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), 1),
@@ -106,9 +188,8 @@ def test_a_decode_through_the_kernels_draws_the_same_tokens():
                            cache_len=batch.cache_len, budget=batch.budget, record_logits=True)
     runs[kernels] = engine.decode(cfg, ep, state, jnp.array(batch.budget, jnp.int32))
   xla, pallas = runs["xla"], runs["pallas"]
-  np.testing.assert_array_equal(pallas.tokens, xla.tokens)
-  diff = jnp.abs(pallas.logits[:, 1:24] - xla.logits[:, 1:24])
-  assert 0 < float(jnp.max(diff)) < 0.05 * float(jnp.max(jnp.abs(xla.logits)))  # the kernels ran
+  same = _same_until_a_near_tie(np.asarray(pallas.tokens[0]), np.asarray(xla.tokens[0]), xla.logits[0])
+  assert same >= 1 and float(jnp.max(jnp.abs(pallas.logits[0, 1:same] - xla.logits[0, 1:same]))) > 0
 
 
 def test_the_kernels_need_one_device():
@@ -149,4 +230,5 @@ def test_a_slot_engine_at_one_row_decodes_through_the_kernels(monkeypatch):
     state, drawn = eng.generate(state, rows=1, need=len(prompt) + len(out) + eng.steps, greedy=True)
     out += np.asarray(drawn.tokens)[0, :eng.steps].tolist()
   assert blocks and all(shape == (1, cfg.dim) for shape in blocks)
-  assert out == generate_tokens(_tiny("xla"), params, [prompt], len(out))[0]
+  [(want, want_logits)] = generate_tokens(_tiny("xla"), params, [prompt], len(out), return_logits=True)
+  assert _same_until_a_near_tie(out, want, want_logits) >= 1

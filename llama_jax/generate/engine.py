@@ -3,8 +3,9 @@
 The shape of Meta's `llama/generation.py` and Gemma's sampler loop (`gemma/text/_sampler_loop.py`):
   prepare_params(...)  the parameters as the engine reads them: cast to the compute dtype once,
                        split into one tree per layer (a layer's weights sliced out of the stacked
-                       tensors inside the loop would be copied at every step), and with the
-                       projections that read the same input side by side (`fuse_layer`);
+                       tensors inside the loop would be copied at every step), and in the decode
+                       layout: output-major, the projections that read the same input stacked
+                       (`fuse_layer`);
                        quantized weights stay integers, dequantized inside each matmul
                        (`llama_jax.projection`);
   prefill(...)         runs every prompt of the batch in one forward pass, writing the cache, and

@@ -318,12 +318,15 @@ class SlotEngine:
   A `generate` call runs `steps` decode steps by default and up to `max_steps` (the host asks for
   more where it knows no slot will be waiting for them), so the host syncs once per several tokens
   of every slot rather than once per token; the call attends over a window of the cache just long
-  enough for its live slots (`attend_buckets`)."""
+  enough for its live slots (`attend_buckets`). `decode_kernels` (default: the config's) is
+  `model.decode_kernels`: on one GPU, "auto" runs calls of one row through the fused Pallas blocks
+  (`kernels.decode_block`), whose roundings differ from XLA's blocks that larger calls run."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
                steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,
                min_attend: int = MIN_ATTEND, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
-               decode_attention: str = "auto", static_steps: bool = True, pack_prompts: bool = True):
+               decode_attention: str = "auto", static_steps: bool = True, pack_prompts: bool = True,
+               decode_kernels: str | None = None):
     cache_len = cache_len or cfg.max_seq_len
     if not 0 < cache_len <= cfg.max_seq_len:
       raise ValueError(f"cache length must be in [1, {cfg.max_seq_len}] (the model's context), "
@@ -332,7 +335,9 @@ class SlotEngine:
     if max_batch < 1 or steps < 1 or max_steps < steps or prefill_tokens < 1:
       raise ValueError(f"max_batch, steps and prefill_tokens must be >= 1 and max_steps >= steps, got "
                        f"{max_batch}, {steps}, {prefill_tokens} and {max_steps}")
-    self.cfg = cfg.replace(decode_attention=resolve_decode_attention(decode_attention, mesh))
+    self.cfg = cfg.replace(decode_attention=resolve_decode_attention(decode_attention, mesh),
+                           decode_kernels=decode_kernels or cfg.decode_kernels)
+    engine.decode_kernels(self.cfg, mesh)  # "pallas" over several devices: refused here, not at a call
     self.rules = sharding.as_rules(rules)
     self.mesh = mesh
     self.params = engine.prepare_params(self.cfg, params, mesh, self.rules)

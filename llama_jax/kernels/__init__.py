@@ -1,5 +1,9 @@
-"""Hand-written accelerator kernels, each beside the plain-XLA computation it replaces (which the
-tests hold it to). One kernel a module:
+"""Hand-written accelerator kernels (Pallas, lowered through Triton on GPUs), each beside the
+plain-XLA computation it replaces (which the tests hold it to). One idea a module:
 
-  decode_attention  one query per row over a (B, K, S, H) cache, reading each row's own length only
+  decode_attention  one query per row over a (B, K, S, H) cache, reading each row's own length only;
+                    and the same with rotary and the cache write in one kernel
+  matvec            a decode step's matrix-vector products with RMSNorm, SwiGLU or the residual
+                    add inside them
+  decode_block      a decode step's block as five of these kernels
 """

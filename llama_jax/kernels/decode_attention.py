@@ -1,5 +1,7 @@
 """Ragged decode attention: one query token per row against the KV cache, where each row reads
-only the positions it has filled (`lengths`), not the whole buffer.
+only the positions it has filled (`lengths`), not the whole buffer. Two kernels:
+`ragged_decode_attention` (below) and `rotary_cache_attention`, which also applies rotary and
+writes the step's key and value (a block of `decode_block`).
 
 XLA's attention over a cache reads every position of it and masks the unfilled ones: a server's
 decode call over slots of mixed lengths reads, per step, the window of its longest slot for every
@@ -74,11 +76,19 @@ def reference(q: Array, k: Array, v: Array, lengths: Array) -> Array:
 
 
 
-def rotary_block(length: int) -> int:
+def supported_head_dim(h: int) -> bool:
+  """Whether `rotary_cache_attention` takes heads of `h`: Triton's tiles have power-of-two sides,
+  and each half of a head (rotary's pairs) is one."""
+  return h >= 32 and h & (h - 1) == 0
+
+
+def rotary_block(length: int, head_dim: int = 64) -> int:
   """Cache positions a step of the fused kernel's loop reads: measured fastest (benchmarks/
-  kernel_sweep.py, H200, TinyLlama's heads) 128 over a cache of 384 positions (5.2 us a layer
-  against 6.5 at 64), 256 over 2,048 (18.6 against 23.1 at 128)."""
-  return 128 if length <= 1024 else 256
+  kernel_sweep.py, H200, TinyLlama's heads of 64) 128 over a cache of 384 positions (5.2 us a
+  layer against 6.5 at 64), 256 over 2,048 (18.6 against 23.1 at 128). Heads of more than 64 keep
+  128: at 256 positions of 128-wide heads the loop's two stages need ~143 KB of shared memory, more
+  than the ~99 KB of sm_86/sm_89 cards (not measured)."""
+  return 256 if length > 1024 and head_dim <= 64 else 128
 
 
 def _dot(a: Array, b: Array, b_contracted: int) -> Array:
@@ -99,21 +109,24 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   over positions 0..positions[b]: the cached ones, read in blocks of `block_k` (default
   `rotary_block(S)`; only those
   the row has filled), and its own key, which it holds already. Returns (attention
-  output (B, N, H), k_cache, v_cache). Arithmetic as the model's (`model.rotary`, `xla_attention`):
-  rotary in float32, keys and queries rounded to the cache dtype, float32 scores and softmax."""
+  output (B, N, H), k_cache, v_cache). Arithmetic close to the model's (`model.rotary`,
+  `xla_attention`): rotary in float32, keys and queries rounded to the cache dtype, float32 scores
+  and softmax statistics; the probabilities are rounded to the cache dtype before they weigh the
+  values, block by block and before normalising (flash attention's order), where the model rounds
+  the normalised ones. H must be a power of two (Triton's tiles) of at least 32."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   b, c, h = qkv.shape
   kv_heads, length = k_cache.shape[1], k_cache.shape[2]
   if c != n_heads + 2 * kv_heads or n_heads % kv_heads:
     raise ValueError(f"qkv {qkv.shape} does not hold {n_heads} query heads and twice {kv_heads} KV heads")
-  if h % 32:
-    raise ValueError(f"the head dimension {h} must be a multiple of 32")
+  if not supported_head_dim(h):
+    raise ValueError(f"the head dimension {h} must be a power of two of at least 32")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   group = n_heads // kv_heads
   padded = max(16, 1 << (group - 1).bit_length())  # Triton's dot takes >= 16 rows
-  block_k = block_k or rotary_block(length)
+  block_k = block_k or rotary_block(length, h)
   half = h // 2
   scale = h ** -0.5
   min_score = jnp.finfo(jnp.float32).min

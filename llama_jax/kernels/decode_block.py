@@ -11,9 +11,10 @@ a batch-1 step is bound by those launches as much as by reading the weights. Her
   5. w2 + the residual                          `matvec(hidden, w2_t, residual=x)`
 
 on the engine's decode layout (`generate.engine.fuse_layer`: plain output-major weights), computing
-what `model.Block` computes (same roundings; attention accumulated blockwise). Where it does not
-apply (quantized or LoRA weights, a float32 model, shapes the kernels do not tile, a mesh) the
-engine runs `model.Block`.
+what `model.Block` computes to the compute dtype's precision (RMSNorm folded into the product and
+attention accumulated blockwise round differently: see `matvec` and `decode_attention`). Where it
+does not apply (more than one row, quantized or LoRA weights, a float32 model, shapes the kernels
+do not tile, a mesh) the engine runs `model.Block`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from llama_jax.kernels import decode_attention, matvec
 
 Array = jax.Array
 
-# Batch rows a decode step runs through the kernels. One row is where they win (TinyLlama-1.1B, H200:
-# 1.17 against XLA's 1.24 ms a step); at 16 rows the dot form's products were slower than XLA's
-# GEMMs (1.91 against 1.46 ms), at 64 far slower (H100: 3.40 against 1.85).
+# Batch rows a decode step runs through the kernels. One row is where they win (TinyLlama-1.1B, H100,
+# one process: 1.164 against XLA's 1.374 ms a step); at 16 rows Triton's dot on rows padded to 16
+# was slower than XLA's GEMMs (H200: 1.91 against 1.46 ms), at 64 far slower (H100: 3.40 against
+# 1.85). BENCHMARKS.md, "Fused decode blocks".
 MAX_ROWS = 1
 
 _WEIGHTS = (("attention", "wqkv_t"), ("attention", "wo_t"), ("feed_forward", "w13_t"),
@@ -49,7 +51,7 @@ def applies(cfg: ModelConfig, layer: Any, rows: int) -> bool:
   return (matvec.supported(rows, d, (cfg.n_heads + 2 * cfg.n_kv_heads) * h)
           and matvec.supported(rows, cfg.n_heads * h, d)
           and matvec.supported(rows, d, 2 * f, gate_up=True)
-          and matvec.supported(rows, f, d) and h % 32 == 0)
+          and matvec.supported(rows, f, d) and decode_attention.supported_head_dim(h))
 
 
 def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,

@@ -51,6 +51,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--decode_attention", default="auto", choices=("auto", "xla", "pallas"),
                  help="decode attention: the ragged kernel that reads each slot's own length (pallas), "
                       "XLA over the window of the longest (xla); auto: pallas on one GPU")
+  p.add_argument("--decode_kernels", default="auto", choices=("auto", "xla", "pallas"),
+                 help="decode calls of one row: each block as five fused Pallas kernels (pallas) or "
+                      "XLA's (xla); auto: pallas on one GPU. Their roundings differ: with xla a "
+                      "request's greedy tokens do not depend on the rows a call runs (on a CPU)")
   p.add_argument("--static_steps", action=argparse.BooleanOptionalAction, default=True,
                  help="compile each decode call length as its own program (a few %% faster a step on "
                       "a GPU; --no-static_steps: one program for every length, a shorter --warmup)")
@@ -114,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    prefill_tokens=args.prefill_tokens, api_key=args.api_key, warmup=args.warmup,
                    max_body_bytes=args.max_body_bytes, profile_dir=args.profile_dir,
                    decode_attention=args.decode_attention, static_steps=args.static_steps,
-                   pack_prompts=args.pack_prompts)
+                   pack_prompts=args.pack_prompts, decode_kernels=args.decode_kernels)
     # The scheduler's threads and uvicorn's event loop share the GIL; a thread that wants it back
     # waits up to the switch interval (5 ms by default) while another runs Python, a stall on the
     # way to every device call. A server wants the handoffs sooner.

@@ -30,19 +30,20 @@ def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = 
           api_key: str | None = None, warmup: bool = False,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template=None,
           min_attend: int = MIN_ATTEND, profile_dir: str | None = None,
-          decode_attention: str = "auto", static_steps: bool = True, pack_prompts: bool = True) -> Served:
+          decode_attention: str = "auto", static_steps: bool = True, pack_prompts: bool = True,
+          decode_kernels: str | None = None) -> Served:
   """A `llama_jax.Model` (with a tokenizer) -> its engine, a running scheduler and the app. The
   engine runs where the model's parameters lie (`model.mesh`, `model.rules`). `min_attend` is the
   shortest attention window compiled (tests of tiny contexts lower it); `profile_dir` adds the
-  profiling endpoints (`create_app`); `decode_attention`, `static_steps` and `pack_prompts` as
-  `SlotEngine` takes them."""
+  profiling endpoints (`create_app`); `decode_attention`, `static_steps`, `pack_prompts` and
+  `decode_kernels` as `SlotEngine` takes them."""
   if model.tokenizer is None:
     raise ValueError("serving needs a tokenizer; the checkpoint has none (pass --tokenizer)")
   engine = SlotEngine(model.config, model.params, max_batch=max_batch, cache_len=max_len,
                       steps=decode_steps, max_steps=max_decode_steps, prefill_tokens=prefill_tokens,
                       min_attend=min_attend, mesh=model.mesh, rules=model.rules,
                       decode_attention=decode_attention, static_steps=static_steps,
-                      pack_prompts=pack_prompts)
+                      pack_prompts=pack_prompts, decode_kernels=decode_kernels)
   if warmup:
     log.info("compiling %d batched prefills (%d prompt buckets) and %d decode calls",
              len(engine.prefill_shapes), len(engine.prompt_buckets), len(engine.generate_shapes))
