@@ -74,8 +74,6 @@ def reference(q: Array, k: Array, v: Array, lengths: Array) -> Array:
   return out.reshape(b, 1, n, h)
 
 
-
-
 def supported_head_dim(h: int) -> bool:
   """Whether `rotary_cache_attention` takes heads of `h`: Triton's tiles have power-of-two sides,
   and each half of a head (rotary's pairs) is one."""
@@ -107,9 +105,8 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   position; positions (B,) int32; k_cache, v_cache (B, K, S, H), written in place. Program (b, k)
   rotates its group's queries and its key, writes the key and value at positions[b], and attends
   over positions 0..positions[b]: the cached ones, read in blocks of `block_k` (default
-  `rotary_block(S)`; only those
-  the row has filled), and its own key, which it holds already. Returns (attention
-  output (B, N, H), k_cache, v_cache). Arithmetic close to the model's (`model.rotary`,
+  `rotary_block(S, H)`; only the blocks the row has filled), and its own key, which it holds
+  already. Returns (attention output (B, N, H), k_cache, v_cache). Arithmetic close to the model's (`model.rotary`,
   `xla_attention`): rotary in float32, keys and queries rounded to the cache dtype, float32 scores
   and softmax statistics; the probabilities are rounded to the cache dtype before they weigh the
   values, block by block and before normalising (flash attention's order), where the model rounds
@@ -162,11 +159,13 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
     plgpu.store(v_ref.at[row, kv, pl.ds(slot, 1), :], v_new.astype(v_ref.dtype),
                 mask=jnp.full((1, h), inside))
 
-    def body(i, carry):  # cached positions i*BK .. (i+1)*BK - 1, those < pos
+    filled = jnp.minimum(pos, length)  # cached positions before this step's own
+
+    def body(i, carry):  # cached positions i*BK .. (i+1)*BK - 1, those before this step's
       out, m, l = carry
       keys = pl.ds(i * block_k, block_k)
-      cached = (i * block_k + jnp.arange(block_k)) < filled  # (the last block's tail
-      # is neither loaded nor counted: a cache of any length)
+      # The last block's tail is neither loaded nor counted: a cache of any length.
+      cached = (i * block_k + jnp.arange(block_k)) < filled
       load = lambda ref, cols: plgpu.load(ref.at[row, kv, keys, cols], mask=cached[:, None], other=0)
       scores = (_dot(q1, load(k_ref, pl.ds(0, half)), 1) + _dot(q2, load(k_ref, pl.ds(half, half)), 1)) * scale
       scores = jnp.where(cached[None, :], scores, min_score)
@@ -179,7 +178,6 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
 
     init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),
             jnp.zeros((padded,), jnp.float32))
-    filled = jnp.minimum(pos, length)  # cached positions before this step's own
     out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, block_k), body, init)
     # This step's own key and value, held in registers (not read back from the cache).
     own = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32), axis=1)
