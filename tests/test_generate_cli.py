@@ -226,3 +226,13 @@ def test_generation_stops_at_an_eos_id_of_generation_config(hf_checkpoint, tmp_p
   record = json.loads(out)
   assert code == 0 and record["num_tokens"] == 1 and record["stopped_at_eos"] and record["completion"] == ""
   assert generation["eos_token_id"] == list(model.tokenizer.eos_ids)  # the export wrote them all
+
+
+def test_decode_kernels_flag_reaches_the_model(checkpoint):
+  from llama_jax.generate.cli import load_model, parse_args
+  assert load_model(parse_args(["--checkpoint", str(checkpoint)])).config.decode_kernels == "auto"
+  model = load_model(parse_args(["--checkpoint", str(checkpoint), "--decode_kernels", "xla"]))
+  assert model.config.decode_kernels == "xla"
+  # The kernels do not tile this tiny model (D = 64): asked for, its decode keeps XLA's blocks.
+  code, out = _main(["--checkpoint", checkpoint, "--prompt", "the cat", "--decode_kernels", "pallas", *GREEDY])
+  assert code == 0 and out == "the cat" + _expected(checkpoint, ["the cat"])[0] + "\n"

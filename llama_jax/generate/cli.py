@@ -62,6 +62,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                  help="compute dtype (default: the checkpoint's)")
   p.add_argument("--tensor", type=int, default=1, help="split the model over this many devices")
+  p.add_argument("--decode_kernels", choices=("auto", "xla", "pallas"),
+                 help="one prompt's decode steps: each block as five fused Pallas kernels (pallas) or "
+                      "XLA's (xla); default: the checkpoint's (auto: pallas on one GPU)")
   p.add_argument("--no_stream", action="store_true", help="print a single prompt's text at the end")
   p.add_argument("--stats", action="store_true", help="report tokens per second on stderr")
   p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
@@ -110,7 +113,8 @@ def load_model(args):
     raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
   if args.tokenizer and not os.path.exists(args.tokenizer):
     raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
-  model = llama_jax.load(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+  overrides = {"decode_kernels": args.decode_kernels} if args.decode_kernels else {}
+  model = llama_jax.load(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer, **overrides)
   if model.tokenizer is None:
     raise UsageError(f"{args.checkpoint} has no tokenizer (tokenizer.json or tokenizer.model); pass "
                      "--tokenizer PATH (a tokenizer.json, a SentencePiece .model or a folder holding one)")
