@@ -5,6 +5,7 @@
 #   decode     decode tokens/s at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048
 #   kernels    the fused decode blocks (Pallas) against XLA's at batch 1: agreement (also with float32,
 #              benchmarks/decode_kernels_check.py), decode with each, batch 16, a trace
+#   bigdecode  batch-1 decode on the LLaMA-2-7B shape with XLA's blocks and the fused ones
 #   smallblocks  the matrix-vector kernel at one row with 4-16 outputs a program, then the batch-1
 #              decode with XLA's blocks, the fused ones, and the fused ones with the best settings
 #   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
@@ -102,6 +103,12 @@ kernels)  # the fused decode blocks (kernels.decode_block) against XLA's at batc
   run kernels XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256
   $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pk --top 16 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
+bigdecode)  # the fused blocks on the LLaMA-2-7B shape at batch 1 (w2's 11,008 inputs: Triton's dot
+  # form), beside XLA's, one process each
+  for k in xla pallas; do
+    run bigdecode $M XLA_FLAGS= python3 -m llama_jax.bench decode --config configs/llama2_7b.py --batch_size 1 \
+      --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+  done ;;
 smallblocks)  # one row: fewer outputs a program (more programs in flight), then decode with the best
   timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8,16 --block_k 256,512,1024 --warps 4,8 \
     --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 | grep -E '^\{|Error' \
