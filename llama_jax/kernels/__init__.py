@@ -6,4 +6,5 @@ plain-XLA computation it replaces (which the tests hold it to). One idea a modul
   matvec            a decode step's matrix-vector products with RMSNorm, SwiGLU or the residual
                     add inside them
   decode_block      a decode step's block as five of these kernels
+  tiles             what Triton asks of their tiles (rows padded for its dot, float32 products)
 """

@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llama_jax.kernels import tiles
+
 Array = jax.Array
 
 SPLIT_LENGTHS = (64, 32, 16)  # positions one program reduces: the longest that divides the cache
@@ -52,8 +54,8 @@ def ragged_decode_attention(q: Array, k: Array, v: Array, lengths: Array, *,
   group = n // kv_heads
   one_head = functools.partial(
       pallas_decode.decode_attn_unbatched, sm_scale=h ** -0.5,
-      # Triton's dot takes >= 16 rows, a power of two: the query heads of a group, padded (masked).
-      block_h=max(16, 1 << (group - 1).bit_length()),
+      # The query heads of a group, padded (masked) for Triton's dot.
+      block_h=tiles.dot_rows(group),
       block_k=split, k_splits=length // split, num_warps=None, num_stages=2, grid=None,
       interpret=interpret, debug=False, return_residuals=False, normalize_output=True)
   # Over rows (each with its length), then over KV heads (sharing it): (B, K, G, H).
@@ -89,11 +91,6 @@ def rotary_block(length: int, head_dim: int = 64) -> int:
   return 256 if length > 1024 and head_dim <= 64 else 128
 
 
-def _dot(a: Array, b: Array, b_contracted: int) -> Array:
-  """a @ b (b_contracted 0) or a @ b.T (1), accumulated in float32."""
-  return jax.lax.dot_general(a, b, (((1,), (b_contracted,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, block_k: int | None = None,
                            num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
@@ -122,7 +119,7 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   group = n_heads // kv_heads
-  padded = max(16, 1 << (group - 1).bit_length())  # Triton's dot takes >= 16 rows
+  padded = tiles.dot_rows(group)  # the group's query heads, padded (masked) for Triton's dot
   block_k = block_k or rotary_block(length, h)
   half = h // 2
   scale = h ** -0.5
@@ -167,13 +164,14 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
       # The last block's tail is neither loaded nor counted: a cache of any length.
       cached = (i * block_k + jnp.arange(block_k)) < filled
       load = lambda ref, cols: plgpu.load(ref.at[row, kv, keys, cols], mask=cached[:, None], other=0)
-      scores = (_dot(q1, load(k_ref, pl.ds(0, half)), 1) + _dot(q2, load(k_ref, pl.ds(half, half)), 1)) * scale
+      scores = (tiles.dot(q1, load(k_ref, pl.ds(0, half)), 1)
+                + tiles.dot(q2, load(k_ref, pl.ds(half, half)), 1)) * scale
       scores = jnp.where(cached[None, :], scores, min_score)
       m_next = jnp.maximum(m, jnp.max(scores, axis=1))
       correction = jnp.exp(m - m_next)
       p = jnp.exp(scores - m_next[:, None])
       values = load(v_ref, slice(None))
-      out = out * correction[:, None] + _dot(p.astype(values.dtype), values, 0)
+      out = out * correction[:, None] + tiles.dot(p.astype(values.dtype), values)
       return out, m_next, l * correction + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),

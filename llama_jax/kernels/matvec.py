@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llama_jax.kernels import tiles
+
 Array = jax.Array
 
 MAX_ROWS = 16  # batch rows a kernel takes (Triton's dot on rows padded to 16)
@@ -71,15 +73,6 @@ def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings
   return chosen is not None and d % chosen.block_k == 0 and outputs % chosen.block_n == 0
 
 
-def _padded_rows(rows: int) -> int:
-  return max(16, 1 << (rows - 1).bit_length())
-
-
-def _dot_t(a: Array, b: Array) -> Array:
-  """a @ b.T accumulated in float32 (Triton's dot: >= 16 rows and columns)."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
             gate_up: bool, block_n: int, block_k: int, reduce: bool):
   from jax.experimental import pallas as pl  # noqa: PLC0415
@@ -91,7 +84,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   (o_ref,) = refs
   j = pl.program_id(0)
   steps = d // block_k
-  padded = 1 if reduce else _padded_rows(rows)
+  padded = 1 if reduce else tiles.dot_rows(rows)
   row_ids = jnp.arange(padded)
   live = (row_ids < rows)[:, None]
 
@@ -109,7 +102,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   def product(xk, w):  # (padded, block_k) x (block_n, block_k) -> (padded, block_n) float32
     if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
       return jnp.sum(xk.astype(jnp.float32) * w.astype(jnp.float32), axis=1)[None, :]
-    return _dot_t(xk, w)
+    return tiles.dot(xk, w, b_contracted=1)
 
   heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
 
