@@ -82,21 +82,25 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
           "pallas_vs_float32": compare("pallas", "float32")}
 
 
+def product_inputs(product: decode_block.Product, rows: int, layers: int, key) -> tuple:
+  """(x, `layers` random copies of the weight, `matvec`'s keyword arguments) for one product."""
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (product.outputs, product.inputs), jnp.bfloat16) * 0.02
+        for i in range(layers)]
+  x = jax.random.normal(key, (rows, product.inputs), jnp.bfloat16)
+  width = product.outputs // 2 if product.gate_up else product.outputs
+  kw = dict(norm=jnp.ones((product.inputs,), jnp.bfloat16) if product.norm else None,
+            residual=jnp.ones((rows, width), jnp.bfloat16) if product.residual else None,
+            gate_up=product.gate_up)
+  return x, ws, kw
+
+
 def matvecs(cfg: ModelConfig, rows: int) -> list[dict]:
-  d, f, n, kv, h = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  shapes = {"wqkv_t": ((n + 2 * kv) * h, d, dict(norm=True)), "wo_t": (d, n * h, dict(residual=True)),
-            "w13_t": (2 * f, d, dict(norm=True, gate_up=True)), "w2_t": (d, f, dict(residual=True))}
   out = []
   key = jax.random.key(rows)
-  for name, (outputs, inputs, opts) in shapes.items():
-    ws = [jax.random.normal(jax.random.fold_in(key, i), (outputs, inputs), jnp.bfloat16) * 0.02
-          for i in range(cfg.n_layers)]
-    x = jax.random.normal(key, (rows, inputs), jnp.bfloat16)
-    g = jnp.ones((inputs,), jnp.bfloat16) if opts.get("norm") else None
-    width = outputs // 2 if opts.get("gate_up") else outputs
-    r = jnp.ones((rows, width), jnp.bfloat16) if opts.get("residual") else None
-    kw = dict(norm=g, residual=r, gate_up=bool(opts.get("gate_up")))
-    row = {"check": "matvec", "weight": name, "rows": rows, "shape": [outputs, inputs]}
+  for product in decode_block.products(cfg):
+    x, ws, kw = product_inputs(product, rows, cfg.n_layers, key)
+    row = {"check": "matvec", "weight": product.weight, "rows": rows,
+           "shape": [product.outputs, product.inputs]}
     for label, fn in (("pallas", matvec.matvec), ("xla", matvec.reference)):
       call = jax.jit(lambda x, ws, fn=fn: [fn(x, w, **kw) for w in ws])
       t = _time(call, x, ws)

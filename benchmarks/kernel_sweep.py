@@ -32,7 +32,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax import model as M  # noqa: E402
-from llama_jax.kernels import decode_attention, matvec  # noqa: E402
+from decode_kernels_check import product_inputs  # noqa: E402  (a script beside this one)
+from llama_jax.config import ModelConfig  # noqa: E402
+from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
 
 
 def kernel_times(trace_dir: str) -> dict[str, list[int]]:
@@ -103,22 +105,13 @@ def main() -> None:
                  "settings measured best for each input width")
   args = p.parse_args()
   measured = collections.defaultdict(dict)  # (rows, input width) -> setting -> product -> us
-  d, f, h = args.dim, args.hidden, args.dim // args.heads
-  products = {"wqkv_t": ((args.heads + 2 * args.kv_heads) * h, d, dict(norm=True)),
-              "wo_t": (d, args.heads * h, dict(residual=True)),
-              "w13_t": (2 * f, d, dict(norm=True, gate_up=True)),
-              "w2_t": (d, f, dict(residual=True))}
+  shape = ModelConfig(dim=args.dim, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                      ffn_hidden_dim=args.hidden, n_layers=args.layers)
   ints = lambda s: [int(v) for v in s.split(",")]
   for rows in ints(args.rows):
-    for name, (outputs, inputs, opts) in products.items():
-      key = jax.random.key(outputs + inputs)
-      ws = [jax.random.normal(jax.random.fold_in(key, i), (outputs, inputs), jnp.bfloat16) * 0.02
-            for i in range(args.layers)]
-      x = jax.random.normal(key, (rows, inputs), jnp.bfloat16)
-      width = outputs // 2 if opts.get("gate_up") else outputs
-      kw = dict(norm=jnp.ones((inputs,), jnp.bfloat16) if opts.get("norm") else None,
-                residual=jnp.ones((rows, width), jnp.bfloat16) if opts.get("residual") else None,
-                gate_up=bool(opts.get("gate_up")))
+    for product in decode_block.products(shape):
+      name, outputs, inputs = product.weight, product.outputs, product.inputs
+      x, ws, kw = product_inputs(product, rows, args.layers, jax.random.key(outputs + inputs))
       settings, settings_of = {}, {}
       for bn, bk, warps, stages, reduce in itertools.product(
           ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages),

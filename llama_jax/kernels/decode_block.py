@@ -19,7 +19,7 @@ do not tile, a mesh) the engine runs `model.Block`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,27 @@ Array = jax.Array
 # 1.85). BENCHMARKS.md, "Fused decode blocks".
 MAX_ROWS = 1
 
-_WEIGHTS = (("attention", "wqkv_t"), ("attention", "wo_t"), ("feed_forward", "w13_t"),
-            ("feed_forward", "w2_t"))
+
+
+class Product(NamedTuple):
+  """One of a block's four matrix-vector products: its weight (module, name in the decode layout),
+  the weight's outputs and inputs (it is (outputs, inputs)), and what `matvec` does around it."""
+  module: str
+  weight: str
+  outputs: int
+  inputs: int
+  norm: bool = False
+  residual: bool = False
+  gate_up: bool = False
+
+
+def products(cfg: ModelConfig) -> tuple[Product, ...]:
+  """wq|wk|wv (after RMSNorm), wo (+ the residual), w1|w3 (after RMSNorm, SwiGLU), w2 (+ the residual)."""
+  d, f, n, kv, h = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  return (Product("attention", "wqkv_t", (n + 2 * kv) * h, d, norm=True),
+          Product("attention", "wo_t", d, n * h, residual=True),
+          Product("feed_forward", "w13_t", 2 * f, d, norm=True, gate_up=True),
+          Product("feed_forward", "w2_t", d, f, residual=True))
 
 
 def applies(cfg: ModelConfig, layer: Any, rows: int) -> bool:
@@ -45,13 +64,9 @@ def applies(cfg: ModelConfig, layer: Any, rows: int) -> bool:
     return False
   if jnp.dtype(cfg.dtype) not in (jnp.bfloat16, jnp.float16):
     return False  # Triton's dot on float32 would round through TF32; the model's matmuls do not
-  if not all(isinstance(layer.get(m, {}).get(name), jax.Array) for m, name in _WEIGHTS):
-    return False
-  d, f, h = cfg.dim, cfg.hidden_dim, cfg.head_dim
-  return (matvec.supported(rows, d, (cfg.n_heads + 2 * cfg.n_kv_heads) * h)
-          and matvec.supported(rows, cfg.n_heads * h, d)
-          and matvec.supported(rows, d, 2 * f, gate_up=True)
-          and matvec.supported(rows, f, d) and decode_attention.supported_head_dim(h))
+  return (decode_attention.supported_head_dim(cfg.head_dim)
+          and all(isinstance(layer.get(p.module, {}).get(p.weight), jax.Array)
+                  and matvec.supported(rows, p.inputs, p.outputs, p.gate_up) for p in products(cfg)))
 
 
 def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,
