@@ -35,8 +35,7 @@ from llama_jax.bench.decode import random_engine_params  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.generate import engine  # noqa: E402
 from llama_jax.generate.cache import KVCache  # noqa: E402
-from llama_jax.generate.generator import make_batch  # noqa: E402
-from llama_jax.generate.sampling import SamplingParams  # noqa: E402
+from llama_jax.generate.generator import generate_tokens  # noqa: E402
 from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
 
 
@@ -53,19 +52,13 @@ def _time(fn, *args, repeats: int = 20) -> float:
 def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_tokens: int = 64) -> dict:
   rng = np.random.default_rng(rows)
   prompts = rng.integers(3, cfg.vocab_size, (rows, prompt_len)).tolist()
-  batch = make_batch(cfg, prompts, list(range(rows)), new_tokens)
-  b = batch.tokens.shape[0]
   runs = {}
   float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
   for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
                       ("pallas", cfg.replace(decode_kernels="pallas"), params),
                       ("float32", cfg.replace(decode_kernels="xla", dtype="float32", attention_impl="xla"), float32)):
-    state = engine.prefill(c, p, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
-                           jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), b),
-                           jax.tree.map(jnp.asarray, SamplingParams.make(b)), jnp.asarray([-1], jnp.int32),
-                           cache_len=batch.cache_len, budget=batch.budget, record_logits=True)
-    state = engine.decode(c, p, state, jnp.array(batch.budget, jnp.int32))
-    runs[label] = (np.asarray(state.tokens)[:rows], np.asarray(state.logits)[:rows, 1])
+    results = generate_tokens(c, p, prompts, new_tokens, return_logits=True)  # greedy
+    runs[label] = (np.asarray([t for t, _ in results]), np.asarray([logits[1] for _, logits in results]))
   del float32
 
   def compare(a: str, z: str) -> dict:
@@ -75,7 +68,7 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
     return {"first_step_max_abs_diff": float(np.abs(logits_a - logits_z).max()),
             "tokens_equal_before_first_difference": same}
 
-  applied = decode_block.applies(cfg.replace(decode_kernels="pallas"), params.layers[0], b)
+  applied = engine.fused_blocks(cfg.replace(decode_kernels="pallas"), params, rows)
   return {"check": "agreement", "rows": rows, "new_tokens": new_tokens, "kernels_applied": applied,
           "logits_abs_max": float(np.abs(runs["float32"][1]).max()),
           "pallas_vs_xla": compare("pallas", "xla"), "xla_vs_float32": compare("xla", "float32"),

@@ -16,8 +16,6 @@ from llama_jax import model as M
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine, generate_tokens, slots
 from llama_jax.generate.cache import KVCache
-from llama_jax.generate.generator import make_batch
-from llama_jax.generate.sampling import SamplingParams
 from llama_jax.kernels import decode_attention, decode_block, matvec
 
 
@@ -187,19 +185,12 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens():
 @pytest.mark.slow
 def test_a_decode_through_the_kernels_draws_xla_tokens():
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
-  runs = {}
-  for kernels in ("xla", "pallas"):
-    cfg = _tiny(kernels)
-    ep = engine.prepare_params(cfg, params)
-    batch = make_batch(cfg, [[5, 6, 7, 8, 9, 10, 11]], [0], 24)
-    state = engine.prefill(cfg, ep, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
-                           jnp.asarray(batch.limits), jax.random.split(jax.random.key(0), 1),
-                           jax.tree.map(jnp.asarray, SamplingParams.make(1)), jnp.asarray([-1], jnp.int32),
-                           cache_len=batch.cache_len, budget=batch.budget, record_logits=True)
-    runs[kernels] = engine.decode(cfg, ep, state, jnp.array(batch.budget, jnp.int32))
-  xla, pallas = runs["xla"], runs["pallas"]
-  same = _same_until_a_near_tie(np.asarray(pallas.tokens[0]), np.asarray(xla.tokens[0]), xla.logits[0])
-  assert same >= 1 and float(jnp.max(jnp.abs(pallas.logits[0, 1:same] - xla.logits[0, 1:same]))) > 0
+  runs = {kernels: generate_tokens(_tiny(kernels), engine.prepare_params(_tiny(kernels), params),
+                                   [[5, 6, 7, 8, 9, 10, 11]], 24, return_logits=True)[0]
+          for kernels in ("xla", "pallas")}
+  (xla_tokens, xla_logits), (pallas_tokens, pallas_logits) = runs["xla"], runs["pallas"]
+  same = _same_until_a_near_tie(pallas_tokens, xla_tokens, xla_logits)
+  assert same >= 1 and float(np.max(np.abs(pallas_logits[1:same] - xla_logits[1:same]))) > 0
 
 
 def test_the_kernels_need_one_device():

@@ -29,7 +29,6 @@ from llama_jax.config import ModelConfig
 from llama_jax.generate import engine
 from llama_jax.generate.generator import make_batch
 from llama_jax.generate.sampling import SamplingParams
-from llama_jax.kernels import decode_block
 from llama_jax.model import param_shapes
 from llama_jax.train import metrics
 
@@ -137,10 +136,8 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
   per_token = metrics.flops_per_token(cfg, prompt_len) / 3 - 2 * cfg.dim * cfg.vocab_size
   peak = metrics.peak_flops(jax.devices()[0], cfg.dtype)
   prefill_mfu = batch_size * prompt_len * per_token / p / (peak * jax.device_count()) if peak else None
-  fused_blocks = engine.decode_kernels(cfg, None) and all(
-      decode_block.applies(cfg, layer, b) for layer in params.layers)
   return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "fused": fuse,
-          "decode_kernels": "pallas" if fused_blocks else "xla",
+          "decode_kernels": "pallas" if engine.fused_blocks(cfg, params, b) else "xla",
           "dtype": cfg.dtype, "quantize": quantize or "none", "cache_len": batch.cache_len,
           "weight_gb": round(weight_bytes / 1e9, 3), "step_read_gb": round(step_bytes / 1e9, 3),
           "floor_ms_per_step": round(1000 * step_bytes / bandwidth, 3) if bandwidth else None,

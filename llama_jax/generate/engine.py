@@ -169,6 +169,12 @@ def decode_kernels(cfg: ModelConfig, mesh: Mesh | None) -> bool:
   return cfg.decode_kernels == "pallas"
 
 
+def fused_blocks(cfg: ModelConfig, params: EngineParams, rows: int, mesh: Mesh | None = None) -> bool:
+  """Whether a decode step of `rows` rows runs every block as fused kernels: `decode_kernels`
+  allows it and each layer is one `kernels.decode_block` takes."""
+  return decode_kernels(cfg, mesh) and all(decode_block.applies(cfg, layer, rows) for layer in params.layers)
+
+
 def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
             cache: tuple[KVCache, ...], prefill: bool = False,
             segments: Array | None = None, mesh: Mesh | None = None) -> tuple[Array, tuple[KVCache, ...]]:
@@ -183,9 +189,8 @@ def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Ar
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
   rows, length = tokens.shape
-  if (not prefill and length == 1 and decode_kernels(cfg, mesh)
-      and all(isinstance(c, KVCache) for c in cache)
-      and all(decode_block.applies(cfg, layer, rows) for layer in params.layers)):
+  if (not prefill and length == 1 and all(isinstance(c, KVCache) for c in cache)
+      and fused_blocks(cfg, params, rows, mesh)):
     sin, cos = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
     h, new_cache = x[:, 0], []
     for layer_params, layer_cache in zip(params.layers, cache):
