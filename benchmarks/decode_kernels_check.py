@@ -36,6 +36,7 @@ from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.generate import engine  # noqa: E402
 from llama_jax.generate.cache import KVCache  # noqa: E402
 from llama_jax.generate.generator import generate_tokens  # noqa: E402
+from llama_jax.train.cli import load_config  # noqa: E402
 from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
 
 
@@ -142,12 +143,7 @@ def main() -> None:
   p.add_argument("--checks", default="agreement,matvec,attention")
   args = p.parse_args()
   checks = args.checks.split(",")
-  from ml_collections import config_flags  # noqa: F401  (the config files import it)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("config", args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = ModelConfig.from_dict(module.get_config().model)
+  cfg = ModelConfig.from_dict(load_config(args.config).model)
   params = random_engine_params(cfg)
   for rows in map(int, args.rows.split(",")):
     if "agreement" in checks:

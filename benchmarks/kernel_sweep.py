@@ -150,12 +150,9 @@ def main() -> None:
 def decode(config_path: str, measured: dict) -> None:
   """The batch-1 decode three ways; the fused blocks' settings replaced, for each input width the
   sweep measured at one row, by the one whose products (of that width) took the least time."""
-  import importlib.util
   from llama_jax.bench.decode import bench_decode
-  spec = importlib.util.spec_from_file_location("config", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llama_jax.train.cli import load_config
+  config = load_config(config_path)
   best = {}
   for (rows, width), by_setting in measured.items():
     if rows == 1:

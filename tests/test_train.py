@@ -252,10 +252,10 @@ def test_out_of_device_memory_is_one_line_with_what_to_change(corpus, tmp_path, 
 
   from llama_jax.errors import run_cli
   from llama_jax.train import loop
-  from llama_jax.train.cli import _load, check_config_file
+  from llama_jax.train.cli import check_config_file, load_config
   path = write_config(tmp_path / "cfg.py", corpus)
   check_config_file(path)
-  config = _load(path)
+  config = load_config(path)
   xla = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 53.01GiB with allocator GPU_0_bfc "
          "on device 0. [tf-allocator-allocation-error=''] [executable_name='jit_train_step']")
 

@@ -50,7 +50,8 @@ def check_config_file(argument: str) -> str:
   return path
 
 
-def _load(argument: str) -> Any:
+def load_config(argument: str) -> Any:
+  """The config of a `--config FILE[:ARGS]` argument: FILE's get_config(ARGS)."""
   path, *args = argument.split(":", 1)
   spec = importlib.util.spec_from_file_location("llama_jax_checked_config", os.path.abspath(path))
   module = importlib.util.module_from_spec(spec)
@@ -97,7 +98,7 @@ def _parse(argv: list[str], default_config: str | None) -> list[str]:
   except Exception as e:  # noqa: BLE001 -- an override absl could not apply, or the file itself
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     try:
-      message = unknown_key(_load(config), overrides) if config else None
+      message = unknown_key(load_config(config), overrides) if config else None
     except Exception as load_error:  # noqa: BLE001 -- the config file fails on its own
       e, message = load_error, None
     if message is None:
