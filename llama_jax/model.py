@@ -184,13 +184,11 @@ class Attention(nn.Module):
     cfg = self.cfg
     d, n, kv, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     if self.has_variable("params", "wqkv_t"):
-      # The engine's decode layout (`generate.engine.fuse_layer`): wq, wk, wv stacked, output-major,
-      # one matmul instead of three, which a one-token decode step is launch-bound on.
+      # The engine's decode layout (`generate.engine.fuse_layer`): wq, wk, wv stacked, output-major
+      # (plain or quantized), one matmul instead of three, which a one-token decode step is
+      # launch-bound on.
       qkv = _project(self, "wqkv_t", "BTD,CD->BTC", x, ((n + 2 * kv) * h, d), (HEADS, EMBED))
       q, k, v = jnp.split(qkv.reshape(*x.shape[:2], n + 2 * kv, h), [n, n + kv], axis=2)
-    elif self.has_variable("params", "wqkv"):  # the same, quantized: input-major
-      qkv = _project(self, "wqkv", "BTD,DCH->BTCH", x, (d, n + 2 * kv, h), (EMBED, HEADS, HEAD_DIM))
-      q, k, v = jnp.split(qkv, [n, n + kv], axis=2)  # (B, T, N | K | K, H)
     else:
       q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
                           "q_proj")  # (B, T, N, H)
@@ -243,11 +241,9 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     d, f = self.cfg.dim, self.cfg.hidden_dim
     # The engine's decode layout (`generate.engine.fuse_layer`): w1 over w3 and w2, output-major
-    # (`w13_t`, `w2_t`); quantized, w1 and w3 side by side input-major (`w13`) and w2 as it is.
+    # (`w13_t`, `w2_t`; plain or quantized).
     if self.has_variable("params", "w13_t"):
       gate, up = jnp.split(_project(self, "w13_t", "BTD,FD->BTF", x, (2 * f, d), (MLP, EMBED)), 2, axis=-1)
-    elif self.has_variable("params", "w13"):
-      gate, up = jnp.split(_project(self, "w13", "BTD,DF->BTF", x, (d, 2 * f), (EMBED, MLP)), 2, axis=-1)
     else:
       gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
       up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")

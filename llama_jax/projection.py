@@ -40,7 +40,7 @@ SCALE_DTYPE = jnp.float16  # GPTQ's and AutoGPTQ's choice: 2 bytes a group, 10 m
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("values", "scales", "zeros"),
-                   meta_fields=("bits", "group_size", "shape", "n_in"))
+                   meta_fields=("bits", "group_size", "shape", "n_in", "output_major"))
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
   """A weight of `shape` (inputs first, `n_in` of them) as K = prod(inputs) rows of integers per
@@ -51,6 +51,11 @@ class QuantizedTensor:
           g*gs + gs/2 + r (high nibble), so that unpacking is elementwise (no interleave)
   scales  (..., G, O) float16
   zeros   (..., G, O) uint8 zero points; None when symmetric (zero 2^(bits-1))
+
+  `output_major` (the engine's decode layout only, `transposed`; never saved): `values` is
+  (..., O, K) or (..., O, K/2), each output channel's integers contiguous as a matrix-vector kernel
+  reads them (`kernels.matvec`), with `shape` the 2-D (K, O); scales and zeros stay (..., G, O), so
+  a group's scales for a block of outputs are contiguous too.
   """
   values: Any
   scales: Any
@@ -59,6 +64,7 @@ class QuantizedTensor:
   group_size: int
   shape: tuple[int, ...]
   n_in: int
+  output_major: bool = False
 
   @property
   def in_features(self) -> int:
@@ -128,14 +134,29 @@ def pack(q: Array, scales: Array, zeros: Array | None, *, bits: int, group_size:
                          bits, group_size, tuple(shape), n_in)
 
 
-def _grouped(x: Array, group_size: int) -> Array:
-  """(..., K, O) -> (..., G, group_size, O)."""
+def transposed(qt: QuantizedTensor) -> QuantizedTensor:
+  """The same weight in the output-major layout (`QuantizedTensor.output_major`), flattened to one
+  input and one output axis: integers (..., O, K) (int4: (..., O, K/2), the bytes of a group in the
+  same order), scales and zeros as they are."""
+  if qt.output_major:
+    return qt
+  lead = qt.values.shape[:-2]
+  values = qt.values.reshape(lead + (qt.values.shape[-2], qt.out_features))
+  return dataclasses.replace(qt, values=jnp.swapaxes(values, -1, -2),
+                             shape=(qt.in_features, qt.out_features), n_in=1, output_major=True)
+
+
+def _grouped(x: Array, group_size: int, output_major: bool = False) -> Array:
+  """(..., K, O) -> (..., G, group_size, O); output-major (..., O, K) -> (..., O, G, group_size)."""
+  if output_major:
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // group_size, group_size))
   return x.reshape(x.shape[:-2] + (x.shape[-2] // group_size, group_size, x.shape[-1]))
 
 
 def signed_groups(qt: QuantizedTensor, dtype, after: Array | None = None) -> list[Array]:
   """q - zero in `dtype`, exactly (integers of at most 9 bits): [(..., G, gs, O)] for 8-bit, and for
-  4-bit the two halves of every group, [(..., G, gs/2, O), (..., G, gs/2, O)].
+  4-bit the two halves of every group, [(..., G, gs/2, O), (..., G, gs/2, O)]; output-major,
+  (..., O, G, gs) and (..., O, G, gs/2).
 
   `after`: an array the conversion is made to depend on (by adding an integer zero computed from
   its first element, which XLA cannot fold away), so that it happens where the weight is used.
@@ -148,25 +169,39 @@ def signed_groups(qt: QuantizedTensor, dtype, after: Array | None = None) -> lis
   if after is not None:
     values = values + (jnp.ravel(after)[0] * 0).astype(values.dtype)
   if qt.bits == 8:
-    ints = [_grouped(values, qt.group_size).astype(dtype)]
+    ints = [_grouped(values, qt.group_size, qt.output_major).astype(dtype)]
   else:
-    packed = _grouped(values, qt.group_size // 2)
+    packed = _grouped(values, qt.group_size // 2, qt.output_major)
     ints = [(packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)]
   if qt.zeros is not None:
-    zero = qt.zeros.astype(dtype)[..., :, None, :]
+    zeros = qt.zeros.astype(dtype)
+    zero = jnp.swapaxes(zeros, -1, -2)[..., None] if qt.output_major else zeros[..., :, None, :]
     return [i - zero for i in ints]
   if qt.bits == 4:
     return [i - 8 for i in ints]
   return ints
 
 
-def dequantize(qt: QuantizedTensor, dtype=jnp.float32, after: Array | None = None) -> Array:
-  """The weight in `dtype`, of shape (..., *qt.shape)."""
+def _dequantized_matrix(qt: QuantizedTensor, dtype, after: Array | None = None) -> Array:
+  """The weight in `dtype` as stored: (..., K, O), or (..., O, K) output-major."""
   ints = signed_groups(qt, jnp.float32, after)
-  ints = ints[0] if len(ints) == 1 else jnp.concatenate(ints, axis=-2)  # (..., G, gs, O)
-  w = ints * qt.scales.astype(jnp.float32)[..., :, None, :]
   lead = qt.values.shape[:-2]
-  return w.reshape(lead + tuple(qt.shape)).astype(dtype)
+  scales = qt.scales.astype(jnp.float32)
+  if qt.output_major:
+    ints = ints[0] if len(ints) == 1 else jnp.concatenate(ints, axis=-1)  # (..., O, G, gs)
+    w = ints * jnp.swapaxes(scales, -1, -2)[..., None]
+    return w.reshape(lead + (qt.out_features, qt.in_features)).astype(dtype)
+  ints = ints[0] if len(ints) == 1 else jnp.concatenate(ints, axis=-2)  # (..., G, gs, O)
+  w = ints * scales[..., :, None, :]
+  return w.reshape(lead + (qt.in_features, qt.out_features)).astype(dtype)
+
+
+def dequantize(qt: QuantizedTensor, dtype=jnp.float32, after: Array | None = None) -> Array:
+  """The weight in `dtype`, of shape (..., *qt.shape) (inputs first, whatever the storage)."""
+  w = _dequantized_matrix(qt, dtype, after)
+  if qt.output_major:
+    w = jnp.swapaxes(w, -1, -2)
+  return w.reshape(qt.values.shape[:-2] + tuple(qt.shape))
 
 
 def nbytes(tree: Any) -> int:
@@ -233,14 +268,16 @@ def _quantized_matmul(x: Array, qt: QuantizedTensor, dtype) -> Array:
   # partial products); on the CPU from more rows than a group has, where the (M, G, O) partial
   # products would outweigh the (K, O) weight itself.
   if qt.n_groups > 1 and m > (gs if pin else 1):
-    w = dequantize(qt, dtype, after=x).reshape(qt.in_features, qt.out_features)
-    return jnp.einsum("MK,KO->MO", x, w, preferred_element_type=jnp.float32)
+    w = _dequantized_matrix(qt, dtype, after=x)
+    form = "MK,OK->MO" if qt.output_major else "MK,KO->MO"
+    return jnp.einsum(form, x, w, preferred_element_type=jnp.float32)
   if pin:  # XLA's CPU backend has no bf16 x bf16 -> f32 batched dot; the CPU gains nothing from bf16
     x, dtype = x.astype(jnp.float32), jnp.float32
   xg = x.reshape(m, qt.n_groups, gs)  # (M, G, C)
   ints = signed_groups(qt, dtype, after=x if pin else None)
   width = gs // len(ints)  # 4-bit: the group's two halves multiply the two nibbles
-  partial = sum(jnp.einsum("MGC,GCO->MGO", xg[..., i * width:(i + 1) * width], q,
+  form = "MGC,OGC->MGO" if qt.output_major else "MGC,GCO->MGO"
+  partial = sum(jnp.einsum(form, xg[..., i * width:(i + 1) * width], q,
                            preferred_element_type=jnp.float32) for i, q in enumerate(ints))
   return jnp.einsum("MGO,GO->MO", partial, qt.scales.astype(jnp.float32))  # (M, O)
 
@@ -254,10 +291,14 @@ def _split_equation(equation: str, n_in: int) -> tuple[str, str, str, str]:
 
 def _quantized_project(equation: str, x: Array, qt: QuantizedTensor, dtype, out_dtype) -> Array:
   xs, ins, outs, out = _split_equation(equation, qt.n_in)
+  if qt.output_major:  # the weight's letters are (out, in), as the engine's decode layout names them
+    ws = equation.split("->")[0].split(",")[1]
+    ins, outs = ws[-qt.n_in:], ws[:-qt.n_in]
   lead = xs[:len(xs) - len(ins)]
   if xs[len(lead):] != ins or out != lead + outs:
     # Not the (..., in) @ (in, out) shape every projection of the model has: the plain way.
-    return jnp.einsum(equation, x, dequantize(qt, dtype), preferred_element_type=out_dtype)
+    w = _dequantized_matrix(qt, dtype) if qt.output_major else dequantize(qt, dtype)
+    return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
   batch = x.shape[:len(lead)]
   y = _quantized_matmul(x.reshape(-1, qt.in_features).astype(dtype), qt, dtype)
   return y.reshape(batch + tuple(qt.shape[qt.n_in:])).astype(out_dtype or dtype)
@@ -393,6 +434,9 @@ def describe(tree: Any) -> dict[str, dict]:
     if isinstance(w, LoraWeight):
       raise ValueError(f"{'/'.join(path)}: a weight with LoRA adapters is not saved as a model; merge "
                        "the adapters (python -m llama_jax.convert --merge_lora) or save them on their own")
+    if isinstance(w, QuantizedTensor) and w.output_major:
+      raise ValueError(f"{'/'.join(path)}: the engine's output-major decode layout is not a "
+                       "checkpoint's; save the model's own parameters")
     if isinstance(w, QuantizedTensor):
       out["/".join(path)] = {"bits": w.bits, "group_size": w.group_size, "shape": list(w.shape),
                              "n_in": w.n_in, "symmetric": w.symmetric}

@@ -319,12 +319,15 @@ def test_decode_step_makes_no_full_precision_copy_of_the_weights():
   params = nn.unbox(M.init_params(cfg, jax.random.key(0)))
   q, _ = quantize_params(cfg, params, Grid(8), Options("rtn"))
   prepared = engine.prepare_params(cfg, q)
-  # The fused decode layout (engine.fuse_layer): wq|wk|wv and w1|w3 side by side, still integers;
-  # wo stays wo (not transposed: its groups run along its inputs).
+  # The decode layout (engine.fuse_layer): wq|wk|wv and w1|w3 side by side, every projection
+  # output-major, still integers.
   attention, ffn = prepared.layers[0]["attention"], prepared.layers[0]["feed_forward"]
-  assert set(attention) == {"wqkv", "wo"} and set(ffn) == {"w13", "w2"}
-  assert all(map(projection.is_quantized, (attention["wqkv"], attention["wo"], ffn["w13"], ffn["w2"])))
-  assert attention["wqkv"].scales.dtype == jnp.float16  # not cast: as stored
+  assert set(attention) == {"wqkv_t", "wo_t"} and set(ffn) == {"w13_t", "w2_t"}
+  weights = (attention["wqkv_t"], attention["wo_t"], ffn["w13_t"], ffn["w2_t"])
+  assert all(projection.is_quantized(w) and w.output_major for w in weights)
+  assert attention["wqkv_t"].values.shape == (cfg.dim + 2 * 2 * cfg.head_dim, cfg.dim)
+  assert attention["wqkv_t"].values.dtype == jnp.int8
+  assert attention["wqkv_t"].scales.dtype == jnp.float16  # not cast: as stored
   from llama_jax.generate.generator import make_batch
   from llama_jax.generate.sampling import SamplingParams
   batch = make_batch(cfg, [[1, 2, 3]], [0], 8)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -79,13 +80,19 @@ def fuse_layer(layer: Any) -> Any:
   contiguous, as the fused decode kernels read it (`kernels.matvec`). The model's Attention and
   FeedForward take either layout.
 
-  Quantized weights fuse too (`projection.concatenate`: their integers and scales side by side,
-  input-major as their groups run: `wqkv`, `w13`), and keep `wo` and `w2` as they are. A layer
-  with LoRA adapters is left as it is: its adapters apply to each projection on its own."""
+  Quantized weights take the same names and layout (`projection.concatenate` joins their integers
+  and scales, `projection.transposed` makes the integers output-major). A layer with LoRA adapters
+  is left as it is: its adapters apply to each projection on its own."""
   if any(isinstance(w, projection.LoraWeight)
          for w in jax.tree.leaves(layer, is_leaf=projection.is_structured)):
     return layer
   attention, ffn = dict(layer["attention"]), dict(layer["feed_forward"])
+
+  def output_major(w: Any, n_in: int) -> Any:  # (in..., out...) -> (out, in)
+    if projection.is_quantized(w):
+      return projection.transposed(w)
+    fan_in = math.prod(w.shape[:n_in])
+    return w.reshape(fan_in, -1).T
 
   def fuse(module: dict, names: tuple[str, ...], fused: str) -> None:
     weights = [module[k] for k in names]
@@ -93,19 +100,12 @@ def fuse_layer(layer: Any) -> Any:
       return
     for k in names:
       del module[k]
-    stacked = projection.concatenate(weights, axis=1)
-    if projection.is_structured(stacked):
-      module[fused] = stacked
-    else:  # (D, outputs...) -> (outputs, D)
-      module[fused + "_t"] = stacked.reshape(stacked.shape[0], -1).T
+    module[fused + "_t"] = output_major(projection.concatenate(weights, axis=1), 1)
 
   fuse(attention, ("wq", "wk", "wv"), "wqkv")
   fuse(ffn, ("w1", "w3"), "w13")
-  if not projection.is_structured(attention["wo"]):
-    wo = attention.pop("wo")  # (N, H, D) -> (D, N*H)
-    attention["wo_t"] = wo.reshape(-1, wo.shape[-1]).T
-  if not projection.is_structured(ffn["w2"]):
-    ffn["w2_t"] = ffn.pop("w2").T  # (F, D) -> (D, F)
+  attention["wo_t"] = output_major(attention.pop("wo"), 2)  # (N, H, D) -> (D, N*H)
+  ffn["w2_t"] = output_major(ffn.pop("w2"), 1)  # (F, D) -> (D, F)
   return {**layer, "attention": attention, "feed_forward": ffn}
 
 
