@@ -1,13 +1,15 @@
 """The fused decode kernels (`llama_jax.kernels.decode_block`) against XLA on one GPU.
 
-  python benchmarks/decode_kernels_check.py [--config configs/tinyllama_1b.py] [--rows 1]
+  python benchmarks/decode_kernels_check.py [--config configs/tinyllama_1b.py] [--rows 1] [--quantize int8|int4]
 
 For each batch size, one JSON line each:
   agreement  the engine's greedy decode (random weights in the decode layout, 64 new tokens after a
              128-token prompt) with `decode_kernels` xla and pallas, and XLA's in float32 (the same
              weights): for each pair, the logits of the first step the loop draws (max abs
              difference, beside the logits' size) and how many tokens the two agree on before their
-             first difference (roundings differ: a near-tie may go either way after that)
+             first difference (roundings differ: a near-tie may go either way after that); with
+             `--quantize`, the weights quantized by round-to-nearest and float32's run on their
+             dequantized values
   matvec     each fused matrix-vector kernel against the same computation in XLA: its error, and
              n_layers copies of the weight (so they do not sit in L2) in one call, timed from the
              host (median of 20: the call's dispatch included, so only a coarse comparison;
@@ -31,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax import model as M  # noqa: E402
+from llama_jax import projection  # noqa: E402
 from llama_jax.bench.decode import random_engine_params  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.generate import engine  # noqa: E402
@@ -54,7 +57,9 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
   rng = np.random.default_rng(rows)
   prompts = rng.integers(3, cfg.vocab_size, (rows, prompt_len)).tolist()
   runs = {}
-  float32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  float32 = jax.tree.map(  # a quantized weight as its dequantized values, output-major as stored
+      lambda a: projection.dequantize(a).T if projection.is_quantized(a) else a.astype(jnp.float32),
+      params, is_leaf=projection.is_quantized)
   for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
                       ("pallas", cfg.replace(decode_kernels="pallas"), params),
                       ("float32", cfg.replace(decode_kernels="xla", dtype="float32", attention_impl="xla"), float32)):
@@ -76,10 +81,20 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
           "pallas_vs_float32": compare("pallas", "float32")}
 
 
-def product_inputs(product: decode_block.Product, rows: int, layers: int, key) -> tuple:
-  """(x, `layers` random copies of the weight, `matvec`'s keyword arguments) for one product."""
+def product_inputs(product: decode_block.Product, rows: int, layers: int, key, quantize: str = "") -> tuple:
+  """(x, `layers` random copies of the weight, `matvec`'s keyword arguments) for one product; with
+  `quantize` ("int8": per output channel, "int4": groups of 128) the weights quantized by
+  round-to-nearest, in the output-major decode layout."""
   ws = [jax.random.normal(jax.random.fold_in(key, i), (product.outputs, product.inputs), jnp.bfloat16) * 0.02
         for i in range(layers)]
+  if quantize:
+    from llama_jax import projection
+    from llama_jax.bench.decode import QUANTIZE
+    from llama_jax.quantize.grid import Grid
+    from llama_jax.quantize.rtn import quantize_weight
+    grid = Grid(*QUANTIZE[quantize])
+    ws = [projection.transposed(quantize_weight(w.T.astype(jnp.float32), grid, 1, name=product.weight))
+          for w in ws]
   x = jax.random.normal(key, (rows, product.inputs), jnp.bfloat16)
   width = product.outputs // 2 if product.gate_up else product.outputs
   kw = dict(norm=jnp.ones((product.inputs,), jnp.bfloat16) if product.norm else None,
@@ -88,11 +103,11 @@ def product_inputs(product: decode_block.Product, rows: int, layers: int, key) -
   return x, ws, kw
 
 
-def matvecs(cfg: ModelConfig, rows: int) -> list[dict]:
+def matvecs(cfg: ModelConfig, rows: int, quantize: str = "") -> list[dict]:
   out = []
   key = jax.random.key(rows)
   for product in decode_block.products(cfg):
-    x, ws, kw = product_inputs(product, rows, cfg.n_layers, key)
+    x, ws, kw = product_inputs(product, rows, cfg.n_layers, key, quantize)
     row = {"check": "matvec", "weight": product.weight, "rows": rows,
            "shape": [product.outputs, product.inputs]}
     for label, fn in (("pallas", matvec.matvec), ("xla", matvec.reference)):
@@ -141,14 +156,15 @@ def main() -> None:
                  "`kernels_applied` says)")
   p.add_argument("--lengths", default="384,2048")
   p.add_argument("--checks", default="agreement,matvec,attention")
+  p.add_argument("--quantize", default="", help="int8 or int4: the model's (and the products') weights quantized")
   args = p.parse_args()
   checks = args.checks.split(",")
   cfg = ModelConfig.from_dict(load_config(args.config).model)
-  params = random_engine_params(cfg)
+  params = random_engine_params(cfg, quantize=args.quantize)
   for rows in map(int, args.rows.split(",")):
     if "agreement" in checks:
-      print(json.dumps(agreement(cfg, params, rows)), flush=True)
-    for row in matvecs(cfg, rows) if "matvec" in checks else ():
+      print(json.dumps({"quantize": args.quantize or "none", **agreement(cfg, params, rows)}), flush=True)
+    for row in matvecs(cfg, rows, args.quantize) if "matvec" in checks else ():
       print(json.dumps(row), flush=True)
     for length in map(int, args.lengths.split(",")) if "attention" in checks else ():
       print(json.dumps(attention(cfg, rows, length)), flush=True)

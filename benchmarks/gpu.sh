@@ -6,6 +6,11 @@
 #   kernels    the fused decode blocks (Pallas) against XLA's at batch 1: agreement (also with float32,
 #              benchmarks/decode_kernels_check.py), decode with each, batch 16, a trace
 #   bigdecode  batch-1 decode on the LLaMA-2-7B shape with XLA's blocks and the fused ones
+#   qkernels   the fused blocks on quantized weights (int8 per channel, int4 groups of 128) at batch 1:
+#              agreement with XLA's quantized blocks and float32 (decode_kernels_check.py --quantize),
+#              then decode at bf16/int8/int4 with XLA's blocks and the fused ones
+#   qsweep     the matrix-vector kernel's settings on int8 and int4 weights at 1 and 16 rows
+#              (kernel_sweep.py --quantize), then the batch-1 decode with the best
 #   smallblocks  the matrix-vector kernel at one row with 4-16 outputs a program, then the batch-1
 #              decode with XLA's blocks, the fused ones, and the fused ones with the best settings
 #   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
@@ -108,6 +113,23 @@ bigdecode)  # the fused blocks on the LLaMA-2-7B shape at batch 1 (w2's 11,008 i
   for k in xla pallas; do
     run bigdecode $M XLA_FLAGS= python3 -m llama_jax.bench decode --config configs/llama2_7b.py --batch_size 1 \
       --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+  done ;;
+qkernels)
+  for q in int8 int4; do
+    timeout 200 python3 benchmarks/decode_kernels_check.py --rows 1 --checks agreement --quantize $q 2>&1 \
+      | grep -E '^\{|Error' | tee -a $OUT/qkernels.jsonl
+  done
+  for q in none int8 int4; do  # none: bf16
+    for k in xla pallas; do
+      run qkernels XLA_FLAGS= $D --batch_size 1 --prompt_len 128 --new_tokens 256 --quantize=${q/none/} \
+        --config.model.decode_kernels=$k
+    done
+  done ;;
+qsweep)
+  for q in int8 int4; do
+    timeout 280 python3 benchmarks/kernel_sweep.py --rows 1,16 --quantize $q --block_n 4,8,16 --block_k 256,512,1024 \
+      --warps 4,8 --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 | grep -E '^\{|Error' \
+      | tee -a $OUT/qsweep.jsonl | grep -v '^{"product": "w'
   done ;;
 smallblocks)  # one row: fewer outputs a program (more programs in flight), then decode with the best
   timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8,16 --block_k 256,512,1024 --warps 4,8 \

@@ -12,7 +12,8 @@ the kernel's own device time (mean, from the trace) and the bandwidth it reaches
 bytes. One JSON line per setting, then the best per product. `--decode CONFIG`: then the batch-1
 decode with XLA's blocks, the fused ones as committed, and the fused ones with the best settings. Then the attention kernel by cache
 positions a loop step reads (`--attention_blocks`) and warps, over a cache of `--lengths`
-positions filled to the end, `layers` caches of its own.
+positions filled to the end, `layers` caches of its own. `--quantize int8|int4`: the products on
+round-to-nearest weights (int8 per output channel, int4 in groups of 128), and the decode with them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax import model as M  # noqa: E402
+from llama_jax import projection  # noqa: E402
 from decode_kernels_check import product_inputs  # noqa: E402  (a script beside this one)
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
@@ -100,6 +102,7 @@ def main() -> None:
   p.add_argument("--stages", default="2,4")
   p.add_argument("--attention_blocks", default="64,128,256")
   p.add_argument("--lengths", default="384,2048", help="attention's cache lengths ('' for none)")
+  p.add_argument("--quantize", default="", help="int8 or int4: the products on quantized weights")
   p.add_argument("--decode", default="", help="a config: then its batch-1 decode (bench decode, 128 + 256 "
                  "tokens) with XLA's blocks, the fused ones as committed, and the fused ones with the "
                  "settings measured best for each input width")
@@ -111,13 +114,14 @@ def main() -> None:
   for rows in ints(args.rows):
     for product in decode_block.products(shape):
       name, outputs, inputs = product.weight, product.outputs, product.inputs
-      x, ws, kw = product_inputs(product, rows, args.layers, jax.random.key(outputs + inputs))
+      x, ws, kw = product_inputs(product, rows, args.layers, jax.random.key(outputs + inputs), args.quantize)
+      weight = matvec.Weight.of(ws[0])
       settings, settings_of = {}, {}
       for bn, bk, warps, stages, reduce in itertools.product(
           ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages),
           (True, False) if rows == 1 else (False,)):
         chosen = matvec.Settings(bn, bk, warps, stages, reduce)
-        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen) or (bn < 16 and not reduce):
+        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen, weight) or (bn < 16 and not reduce):
           continue
         tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}"
         fn = jax.jit(lambda x, ws, chosen=chosen, tag=tag: [
@@ -136,18 +140,19 @@ def main() -> None:
           continue
         us = sum(ns) / len(ns) / 1e3
         measured[(rows, inputs)].setdefault(settings_of[tag], {})[name] = us
-        row = {"product": name, "rows": rows, "shape": [outputs, inputs], "setting": tag,
-               "us": round(us, 2), "tb_per_s": round(outputs * inputs * 2 / us / 1e6, 3), "kernels": len(ns)}
+        row = {"product": name, "rows": rows, "shape": [outputs, inputs], "quantize": args.quantize or "none",
+               "setting": tag, "us": round(us, 2), "tb_per_s": round(projection.nbytes(ws[0]) / us / 1e6, 3),
+               "kernels": len(ns)}
         print(json.dumps(row), flush=True)
         best = row if best is None or row["us"] < best["us"] else best
       print(json.dumps({"best": best}), flush=True)
     for length in ints(args.lengths) if args.lengths else ():
       attention(args, rows, length)
   if args.decode:
-    decode(args.decode, measured)
+    decode(args.decode, measured, args.quantize)
 
 
-def decode(config_path: str, measured: dict) -> None:
+def decode(config_path: str, measured: dict, quantize: str = "") -> None:
   """The batch-1 decode three ways; the fused blocks' settings replaced, for each input width the
   sweep measured at one row, by the one whose products (of that width) took the least time."""
   from llama_jax.bench.decode import bench_decode
@@ -162,11 +167,12 @@ def decode(config_path: str, measured: dict) -> None:
   committed = matvec.settings
   for label, kernels, chosen in (("xla", "xla", committed), ("fused, committed settings", "pallas", committed),
                                  ("fused, best measured", "pallas",
-                                  lambda rows, d: best.get(d) if rows == 1 and d in best else committed(rows, d))):
+                                  lambda rows, d, weight=matvec.Weight(): best.get(d) if rows == 1 and d in best
+                                  else committed(rows, d, weight))):
     jax.clear_caches()  # the engine's programs are cached by config: rebuild them with these settings
     matvec.settings = chosen
     config.model.decode_kernels = kernels
-    result = bench_decode(config, 1, 128, 256)
+    result = bench_decode(config, 1, 128, 256, quantize=quantize)
     print(json.dumps({"decode": label, "settings": {d: s._asdict() for d, s in best.items()}
                       if "best" in label else None, **result}), flush=True)
   matvec.settings = committed

@@ -2,6 +2,7 @@
 `kernels.decode_block`), in Pallas' interpreter on the CPU: each computes what the model's XLA
 path computes, to the compute dtype's precision, and a decode through them draws the same tokens."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -54,6 +55,51 @@ def test_matvec_refuses_what_it_cannot_tile():
   assert not matvec.supported(1, 100, 64)
 
 
+SCHEMES = {  # bits, group size (0: one group per output channel), symmetric
+    "int8": (8, 0, True), "int8_zeros": (8, 0, False), "int8_g128": (8, 128, True),
+    "int4_g128": (4, 128, True), "int4_g64_zeros": (4, 64, False)}
+
+
+def _quantized(w, scheme: str):
+  """w (N, D) quantized by round-to-nearest, in the decode layout (output-major integers)."""
+  from llama_jax import projection
+  from llama_jax.quantize.grid import Grid
+  from llama_jax.quantize.rtn import quantize_weight
+  qt = quantize_weight(w.T.astype(jnp.float32), Grid(*SCHEMES[scheme]), 1, name="w")
+  return projection.transposed(qt)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_quantized_matvec_matches_the_dequantized_product(rows, scheme):
+  # The kernel reads the integers; the reference multiplies by the dequantized weight in float32
+  # (as the model's per-group products accumulate). Zero points, scales per group and the int4
+  # nibbles' order each change the answer by far more than the tolerance.
+  d, n = 1024 if rows == 1 else 512, 64
+  x, w = _normal(0, (rows, d), 4.0), _normal(1, (n, d), 0.03)
+  qt = _quantized(w, scheme)
+  assert qt.values.shape == (n, d // 2 if qt.bits == 4 else d)
+  assert matvec.supported(rows, d, n, weight=matvec.Weight.of(qt))
+  for kw in (dict(norm=1 + _normal(2, (d,), 0.1), gate_up=True), dict(residual=_normal(3, (rows, n)))):
+    got = matvec.matvec(x, qt, **kw).astype(jnp.float32)
+    want = matvec.reference(x, qt, **kw).astype(jnp.float32)
+    np.testing.assert_allclose(got, want, atol=0.04, rtol=0.02)
+  plain = matvec.reference(x, w).astype(jnp.float32)  # quantization itself moves the product
+  assert float(jnp.max(jnp.abs(matvec.matvec(x, qt).astype(jnp.float32) - plain))) > 0
+
+
+def test_quantized_matvec_refuses_what_it_cannot_tile():
+  from llama_jax import projection
+  x = _normal(0, (1, 1024))
+  qt = _quantized(_normal(1, (64, 1024)), "int4_g128")
+  with pytest.raises(ValueError, match="output-major"):
+    matvec.matvec(x, dataclasses.replace(qt, output_major=False))
+  odd = _quantized(_normal(1, (64, 960)), "int4_g64_zeros")  # 960 inputs: 15 groups of 64 -> steps of 64
+  assert matvec.supported(1, 960, 64, weight=matvec.Weight.of(odd))
+  assert matvec.settings(1, 1024, matvec.Weight(4, 96)) is None  # groups not a power of two
+  assert matvec.settings(1, 5632, matvec.Weight(4, 5632)) is None  # int4 over a whole channel of 5,632
+
+
 @pytest.mark.parametrize("rows, heads, kv_heads, length, positions", [
     (1, 8, 2, 128, [5]), (2, 8, 4, 96, [0, 95]), (3, 4, 4, 150, [70, 129, 149])])
 def test_rotary_cache_attention_matches_the_model(rows, heads, kv_heads, length, positions):
@@ -89,6 +135,7 @@ def test_rotary_cache_attention_writes_nothing_past_the_cache():
 
 LOWERING = """
 import jax, jax.numpy as jnp
+from llama_jax import projection
 from llama_jax.kernels import decode_attention, matvec
 
 def lowered(fn, *args):
@@ -105,6 +152,24 @@ for rows, d, n, form in [(1, 2048, 2560, "norm"), (1, 2048, 2048, "residual"), (
   lowered(lambda x, w: matvec.matvec(x, w, interpret=False, **kw),
           jnp.zeros((rows, d), jnp.bfloat16), jnp.zeros((n, d), jnp.bfloat16))
   print("lowered matvec", rows, d, n, form)
+
+# Quantized: TinyLlama's products at int8 per channel and int4 in groups of 128, LLaMA-2-7B's w2,
+# zero points, a batch of 3 (Triton's dot on the converted integers).
+for rows, d, n, form, bits, gs, zeros in [
+    (1, 2048, 2560, "norm", 8, 2048, False), (1, 2048, 11264, "gate_up", 4, 128, False),
+    (1, 5632, 2048, "residual", 4, 128, False), (1, 11008, 4096, "residual", 8, 11008, False),
+    (1, 11008, 4096, "residual", 4, 128, True), (3, 512, 64, "norm", 4, 64, True)]:
+  outputs = n // 2 if form == "gate_up" else n
+  g = jnp.ones((d,), jnp.bfloat16)
+  kw = {"norm": dict(norm=g), "gate_up": dict(norm=g, gate_up=True),
+        "residual": dict(residual=jnp.zeros((rows, outputs), jnp.bfloat16))}[form]
+  dtype = jnp.uint8 if bits == 4 or zeros else jnp.int8
+  groups = jnp.zeros((d // gs, n), jnp.float16)
+  qt = projection.QuantizedTensor(jnp.zeros((n, d * bits // 8), dtype), groups,
+                                  jnp.zeros((d // gs, n), jnp.uint8) if zeros else None, bits, gs,
+                                  (d, n), 1, output_major=True)
+  lowered(lambda x, qt: matvec.matvec(x, qt, interpret=False, **kw), jnp.zeros((rows, d), jnp.bfloat16), qt)
+  print("lowered matvec", rows, d, n, form, bits)
 
 for h, length in [(64, 384), (64, 2048), (128, 2048)]:
   cache = jnp.zeros((1, 2, length, h), jnp.bfloat16)
@@ -123,7 +188,7 @@ def test_the_kernels_lower_for_a_gpu():
   proc = subprocess.run([sys.executable, "-c", LOWERING], capture_output=True, text=True, timeout=600,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("lowered matvec") == 6 and proc.stdout.count("lowered attention") == 3
+  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 3
 
 
 def test_heads_the_kernels_cannot_tile_keep_xla_blocks():
@@ -158,9 +223,14 @@ def _same_until_a_near_tie(got, want, want_logits) -> int:
 
 
 @pytest.mark.slow
-def test_the_kernels_give_xla_logits_under_the_same_tokens():
+@pytest.mark.parametrize("quantize", ["", "int4_g128"])
+def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
   # Teacher-forced: both engines fed XLA's greedy tokens, so every step compares like with like.
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
+  if quantize:  # every projection as integers: the kernels read them, XLA converts them
+    from llama_jax.quantize.grid import Grid
+    from llama_jax.quantize.layers import Options, quantize_params
+    params, _ = quantize_params(_tiny("xla"), params, Grid(*SCHEMES[quantize]), Options("rtn"))
   prompt, steps = [5, 6, 7, 8, 9, 10, 11], 12
   reference = generate_tokens(_tiny("xla"), params, [prompt], steps)[0]
   logits = {}

@@ -10,11 +10,11 @@ a batch-1 step is bound by those launches as much as by reading the weights. Her
   4. RMSNorm + w1|w3 + SwiGLU                   `matvec(x, w13_t, norm=..., gate_up=True)`
   5. w2 + the residual                          `matvec(hidden, w2_t, residual=x)`
 
-on the engine's decode layout (`generate.engine.fuse_layer`: plain output-major weights), computing
-what `model.Block` computes to the compute dtype's precision (RMSNorm folded into the product and
-attention accumulated blockwise round differently: see `matvec` and `decode_attention`). Where it
-does not apply (more than one row, quantized or LoRA weights, a float32 model, shapes the kernels
-do not tile, a mesh) the engine runs `model.Block`.
+on the engine's decode layout (`generate.engine.fuse_layer`: output-major weights, plain or
+quantized), computing what `model.Block` computes to the compute dtype's precision (RMSNorm folded
+into the product and attention accumulated blockwise round differently: see `matvec` and
+`decode_attention`). Where it does not apply (more than one row, LoRA weights, a float32 model,
+shapes the kernels do not tile, a mesh) the engine runs `model.Block`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llama_jax import projection
 from llama_jax.config import ModelConfig
 from llama_jax.kernels import decode_attention, matvec
 
@@ -64,9 +65,14 @@ def applies(cfg: ModelConfig, layer: Any, rows: int) -> bool:
     return False
   if jnp.dtype(cfg.dtype) not in (jnp.bfloat16, jnp.float16):
     return False  # Triton's dot on float32 would round through TF32; the model's matmuls do not
-  return (decode_attention.supported_head_dim(cfg.head_dim)
-          and all(isinstance(layer.get(p.module, {}).get(p.weight), jax.Array)
-                  and matvec.supported(rows, p.inputs, p.outputs, p.gate_up) for p in products(cfg)))
+  def runs(p: Product) -> bool:
+    w = layer.get(p.module, {}).get(p.weight)
+    if projection.is_quantized(w):
+      return w.output_major and matvec.supported(rows, p.inputs, p.outputs, p.gate_up,
+                                                 weight=matvec.Weight.of(w))
+    return isinstance(w, jax.Array) and matvec.supported(rows, p.inputs, p.outputs, p.gate_up)
+
+  return decode_attention.supported_head_dim(cfg.head_dim) and all(map(runs, products(cfg)))
 
 
 def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,

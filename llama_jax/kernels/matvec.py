@@ -14,6 +14,17 @@ kernel that also does what precedes and follows it:
 `w` is output-major, (N, D) for N outputs of D inputs (the layout of PyTorch's Linear): each
 program reads `block_n` whole rows of it, contiguous, in steps of `block_k` inputs, and writes
 `block_n` outputs; the rows of x are few (a decode batch), and each program reads all of them.
+
+`w` may be quantized (`projection.QuantizedTensor` in the output-major decode layout): the kernel
+reads its integers, not a bf16 copy, which is what makes int8/int4 decode faster than bf16 (XLA
+converts the integers in a fusion of its own and writes what the dot then reads again). With
+w = scale * (q - zero) per group of inputs and output, a group's product is
+  sum_c x_c (q_c - zero) * scale = (sum_c x_c q_c - zero * sum_c x_c) * scale,
+the integers converted exactly and the zero point (8 for symmetric int4) taken off once per group
+and output, not once per weight. int8 with one group per output channel scales the whole sum once;
+smaller groups (int8 or int4, a power of two wide) are summed a group at a time, `block_k / group`
+groups per step, each int4 byte's two nibbles being the group's first and second half
+(`projection.pack`).
 RMSNorm is folded into the product: RMSNorm(x) * g @ w = ((x * g) @ w) / rms(x), so the statistics
 (float32) gather in the same pass over x as the product instead of a pass of their own before it.
 The roundings differ from the model's (`model.RMSNorm` rounds the normed x to the compute dtype,
@@ -31,6 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llama_jax import projection
 from llama_jax.kernels import tiles
 
 Array = jax.Array
@@ -49,13 +61,37 @@ class Settings(NamedTuple):
   reduce: bool
 
 
-def settings(rows: int, d: int) -> Settings | None:
+class Weight(NamedTuple):
+  """What the kernel needs to know of a weight beyond its shape: `bits` 0 (plain), 8 or 4, and for
+  a quantized one its group size and whether it has zero points of its own."""
+  bits: int = 0
+  group_size: int = 0
+  zeros: bool = False
+
+  @staticmethod
+  def of(w) -> "Weight":
+    if projection.is_quantized(w):
+      return Weight(w.bits, w.group_size, not w.symmetric)
+    return Weight()
+
+  def grouped(self, d: int) -> bool:
+    """Summed a group at a time (int4, or int8 in groups smaller than a whole output channel)."""
+    return self.bits == 4 or (self.bits == 8 and self.group_size < d)
+
+
+def settings(rows: int, d: int, weight: Weight = Weight()) -> Settings | None:
   """The settings measured fastest for a decode block's products (`benchmarks/kernel_sweep.py`,
   TinyLlama's shapes, one row, H100): the multiply-and-sum over 4 outputs a program (640 programs
   for wq|wk|wv: more loads in flight than 160 programs of 16) with the longest input step that
   divides d, eight warps (wq|wk|wv 6.0 us, wo 4.7, w1|w3 19.1, w2 12.2; 1.164 ms a decode step
   against 1.183 with 16 outputs a program). A batch: Triton's dot over 16 outputs and 256 inputs.
-  None if d is not a multiple of 256."""
+  Weights in groups step over whole groups (as many as fit in 1,024 inputs). None if nothing tiles."""
+  if weight.grouped(d):
+    gs = weight.group_size
+    if gs < 32 or gs & (gs - 1) or d % gs:
+      return None  # Triton's tiles are powers of two (int4: half a group, at least 16 for its dot)
+    step = next(k for k in (1024, 512, 256, 128, 64, 32, gs) if k % gs == 0 and d % k == 0)
+    return Settings(4, step, 8, 4, True) if rows == 1 else Settings(16, step, 4, 4, False)
   if rows == 1:
     block_k = next((k for k in (1024, 512) if d % k == 0), None)
     if block_k:
@@ -63,61 +99,106 @@ def settings(rows: int, d: int) -> Settings | None:
   return Settings(16, 256, 4, 4, False) if d % 256 == 0 else None
 
 
-def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings | None = None) -> bool:
+def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings | None = None,
+              weight: Weight = Weight()) -> bool:
   """Whether x (rows, d) @ w (n, d) runs as one kernel (with `chosen` settings, else the default
-  ones): whole blocks of outputs and of inputs."""
+  ones): whole blocks of outputs and of inputs (of groups, for a grouped weight)."""
   if not 0 < rows <= MAX_ROWS or (gate_up and n % 2):
     return False
-  chosen = chosen or settings(rows, d)
+  chosen = chosen or settings(rows, d, weight)
   outputs = n // 2 if gate_up else n
-  return chosen is not None and d % chosen.block_k == 0 and outputs % chosen.block_n == 0
+  if chosen is None or d % chosen.block_k or outputs % chosen.block_n:
+    return False
+  return not weight.grouped(d) or chosen.block_k % weight.group_size == 0
 
 
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
-            gate_up: bool, block_n: int, block_k: int, reduce: bool):
+            gate_up: bool, block_n: int, block_k: int, reduce: bool, weight: Weight):
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   refs = list(refs)
   x_ref, w_ref = refs.pop(0), refs.pop(0)
+  s_ref = refs.pop(0) if weight.bits else None  # scales (G, N) float16
+  z_ref = refs.pop(0) if weight.zeros else None  # zero points (G, N) uint8
   g_ref = refs.pop(0) if has_norm else None
   r_ref = refs.pop(0) if has_residual else None
   (o_ref,) = refs
   j = pl.program_id(0)
-  steps = d // block_k
   padded = 1 if reduce else tiles.dot_rows(rows)
-  row_ids = jnp.arange(padded)
-  live = (row_ids < rows)[:, None]
+  live = (jnp.arange(padded) < rows)[:, None]
+  grouped = weight.grouped(d)
+  int4 = weight.bits == 4
 
   cols = pl.ds(j * block_n, block_n)
   if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
     residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
-
-  def x_block(k):  # (padded, block_k) in x's dtype; rows past the batch read as zeros
-    return plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(k * block_k, block_k)], mask=live, other=0)
-
-  def w_block(first_row, k):
-    return plgpu.load(w_ref.at[pl.ds(first_row, block_n), pl.ds(k * block_k, block_k)],
-                      eviction_policy="evict_first")
-
-  def product(xk, w):  # (padded, block_k) x (block_n, block_k) -> (padded, block_n) float32
-    if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
-      return jnp.sum(xk.astype(jnp.float32) * w.astype(jnp.float32), axis=1)[None, :]
-    return tiles.dot(xk, w, b_contracted=1)
-
   heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
 
+  def x_piece(start, width):  # (padded, width) of x (scaled by the norm's weight); its squares
+    xk = plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(start, width)], mask=live, other=0)
+    if not has_norm:
+      return xk, 0.0
+    x32 = xk.astype(jnp.float32)
+    return xk * g_ref[pl.ds(start, width)][None, :], jnp.sum(x32 * x32, axis=1)
+
+  def w_piece(first, start, width):  # (block_n, width) of w as stored (int4: bytes, two inputs each)
+    return plgpu.load(w_ref.at[pl.ds(first, block_n), pl.ds(start, width)], eviction_policy="evict_first")
+
+  def group_row(ref, group, first):  # (1, block_n) float32: a group's scales or zeros for the outputs
+    return plgpu.load(ref.at[pl.ds(group, 1), pl.ds(first, block_n)]).astype(jnp.float32)
+
+  def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
+    if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
+      return jnp.sum(xk.astype(jnp.float32) * ints.astype(jnp.float32), axis=1)[None, :]
+    return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
+
+  def row_sums(xk):  # (padded, 1) float32: what a zero point multiplies
+    return jnp.sum(xk.astype(jnp.float32), axis=1)[:, None]
+
+  def group_products(k, squares, accs):  # one step of whole groups
+    per_step = block_k // weight.group_size
+    half = weight.group_size // 2
+    accs = list(accs)
+    for i in range(per_step):
+      group = k * per_step + i
+      start = group * weight.group_size
+      if int4:  # the bytes of a group: low nibbles its first half, high nibbles its second
+        (x_lo, sq_lo), (x_hi, sq_hi) = x_piece(start, half), x_piece(start + half, half)
+        squares = squares + sq_lo + sq_hi
+        sums = row_sums(x_lo) + row_sums(x_hi)
+      else:
+        xk, sq = x_piece(start, weight.group_size)
+        squares, sums = squares + sq, row_sums(xk)
+      for h, first in enumerate(heads):
+        if int4:
+          packed = w_piece(first, group * half, half)
+          part = product(x_lo, packed & 0xF) + product(x_hi, packed >> 4)
+        else:
+          part = product(xk, w_piece(first, start, weight.group_size))
+        zero = group_row(z_ref, group, first) if weight.zeros else (8.0 if int4 else None)
+        if zero is not None:
+          part = part - zero * sums
+        accs[h] = accs[h] + part * group_row(s_ref, group, first)
+    return squares, tuple(accs)
+
   def body(k, carry):
-    squares, accs = carry
-    xk = x_block(k)
-    if has_norm:  # RMSNorm(x) * g @ w = (x * g @ w) / rms(x): the statistics gather in the same pass
-      x32 = xk.astype(jnp.float32)
-      squares = squares + jnp.sum(x32 * x32, axis=1)
-      xk = xk * g_ref[pl.ds(k * block_k, block_k)][None, :]
-    return squares, tuple(acc + product(xk, w_block(first, k)) for acc, first in zip(accs, heads))
+    squares, sums, accs = carry
+    if grouped:
+      squares, accs = group_products(k, squares, accs)
+      return squares, sums, accs
+    xk, sq = x_piece(k * block_k, block_k)
+    if weight.zeros:
+      sums = sums + row_sums(xk)
+    accs = tuple(acc + product(xk, w_piece(first, k * block_k, block_k)) for acc, first in zip(accs, heads))
+    return squares + sq, sums, accs
 
   zeros = jnp.zeros((padded, block_n), jnp.float32)
-  squares, accs = jax.lax.fori_loop(
-      0, steps, body, (jnp.zeros((padded,), jnp.float32), (zeros, zeros) if gate_up else (zeros,)))
+  carry = (jnp.zeros((padded,), jnp.float32), jnp.zeros((padded, 1), jnp.float32),
+           (zeros, zeros) if gate_up else (zeros,))
+  squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body, carry)
+  if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
+    accs = tuple((acc - (group_row(z_ref, 0, first) * sums if weight.zeros else 0))
+                 * group_row(s_ref, 0, first) for acc, first in zip(accs, heads))
   if has_norm:
     inverse_rms = jax.lax.rsqrt(squares / d + eps)[:, None]
     accs = tuple(acc * inverse_rms for acc in accs)
@@ -131,25 +212,36 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
 
 
-def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
+def _shape(w) -> tuple[int, int]:
+  """(outputs, inputs) of an output-major weight, plain or quantized."""
+  if projection.is_quantized(w):
+    if not w.output_major:
+      raise ValueError("a quantized w must be in the output-major decode layout (projection.transposed)")
+    return w.out_features, w.in_features
+  return w.shape
+
+
+def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
            residual: Array | None = None, gate_up: bool = False, chosen: Settings | None = None,
            interpret: bool | None = None, name: str = "matvec") -> Array:
-  """x (B, D) @ w.T for an output-major w (N, D): (B, N) in x's dtype, or (B, N/2) with
-  `gate_up`. `norm` (D,): x is RMSNorm'ed (float32 statistics, `eps`) and scaled by it first;
-  `residual` (B, N): added to the product; `gate_up`: w is w1 over w3 ((2F, D)) and the result is
-  silu(x @ w1.T) * (x @ w3.T), SwiGLU's hidden layer. `chosen`: tiling and launch settings (default
-  `settings(B, D)`)."""
+  """x (B, D) @ w.T for an output-major w (N, D) (plain, or a `projection.QuantizedTensor` in the
+  output-major decode layout): (B, N) in x's dtype, or (B, N/2) with `gate_up`. `norm` (D,): x is
+  RMSNorm'ed (float32 statistics, `eps`) and scaled by it first; `residual` (B, N): added to the
+  product; `gate_up`: w is w1 over w3 ((2F, D)) and the result is silu(x @ w1.T) * (x @ w3.T),
+  SwiGLU's hidden layer. `chosen`: tiling and launch settings (default `settings(B, D, ...)`)."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   rows, d = x.shape
-  n = w.shape[0]
-  if w.shape[1] != d:
-    raise ValueError(f"w {w.shape} is not output-major for x {x.shape}: want (N, {d})")
-  chosen = chosen or settings(rows, d)
-  if not supported(rows, d, n, gate_up, chosen):
+  n, w_d = _shape(w)
+  if w_d != d:
+    raise ValueError(f"w {(n, w_d)} is not output-major for x {x.shape}: want (N, {d})")
+  weight = Weight.of(w)
+  chosen = chosen or settings(rows, d, weight)
+  if not supported(rows, d, n, gate_up, chosen, weight):
     tiles = f"{chosen.block_k} inputs and {chosen.block_n} outputs" if chosen else "256 inputs"
-    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows and whole tiles of {tiles}; got x {x.shape}, "
-                     f"w {w.shape}, gate_up={gate_up}")
+    what = f", groups of {weight.group_size}" if weight.grouped(d) else ""
+    raise ValueError(f"matvec takes 1..{MAX_ROWS} rows and whole tiles of {tiles}{what}; got x "
+                     f"{x.shape}, w {(n, d)}, gate_up={gate_up}")
   if chosen.reduce and rows != 1:
     raise ValueError(f"the multiply-and-sum form takes one row, got {rows}")
   outputs = n // 2 if gate_up else n
@@ -157,7 +249,10 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
     raise ValueError(f"residual {residual.shape} is not the output's shape {(rows, outputs)}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  operands = [x, w.astype(x.dtype)]
+  if weight.bits:
+    operands = [x, w.values, w.scales] + ([w.zeros] if weight.zeros else [])
+  else:
+    operands = [x, w.astype(x.dtype)]
   if norm is not None:
     operands.append(norm.astype(x.dtype))
   if residual is not None:
@@ -166,7 +261,7 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
                              gate_up=gate_up, block_n=block_n, block_k=chosen.block_k,
-                             reduce=chosen.reduce)
+                             reduce=chosen.reduce, weight=weight)
   return pl.pallas_call(
       kernel, grid=(outputs // block_n,),
       out_shape=jax.ShapeDtypeStruct((rows, outputs), x.dtype),
@@ -174,14 +269,19 @@ def matvec(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
       interpret=interpret, name=name)(*operands)
 
 
-def reference(x: Array, w: Array, *, norm: Array | None = None, eps: float = 1e-5,
+def reference(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
               residual: Array | None = None, gate_up: bool = False) -> Array:
-  """The same in plain XLA, as the model computes it."""
+  """The same in plain XLA, as the model computes it (a quantized weight's products in float32,
+  as the model's per-group products accumulate)."""
   if norm is not None:
     x32 = x.astype(jnp.float32)
     x = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
     x = x * norm.astype(x.dtype)
-  out = jnp.einsum("BD,ND->BN", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  if projection.is_quantized(w):
+    out = jnp.einsum("BD,DN->BN", x.astype(jnp.float32), projection.dequantize(w),
+                     precision="highest")
+  else:
+    out = jnp.einsum("BD,ND->BN", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
   out = out.astype(x.dtype)
   if gate_up:
     gate, up = jnp.split(out, 2, axis=-1)
