@@ -10,7 +10,8 @@
 #              agreement with XLA's quantized blocks and float32 (decode_kernels_check.py --quantize),
 #              then decode at bf16/int8/int4 with XLA's blocks and the fused ones
 #   qsweep     the matrix-vector kernel's settings on int8 and int4 weights at 1 and 16 rows
-#              (kernel_sweep.py --quantize), then the batch-1 decode with the best
+#              (kernel_sweep.py --quantize), then the batch-1 decode with the best (QS="int4" and
+#              QROWS=1 narrow it)
 #   smallblocks  the matrix-vector kernel at one row with 4-16 outputs a program, then the batch-1
 #              decode with XLA's blocks, the fused ones, and the fused ones with the best settings
 #   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
@@ -125,14 +126,15 @@ qkernels)
         --config.model.decode_kernels=$k
     done
   done ;;
-qsweep)
-  for q in int8 int4; do
-    timeout 280 python3 benchmarks/kernel_sweep.py --rows 1,16 --quantize $q --block_n 4,8,16 --block_k 256,512,1024 \
-      --warps 4,8 --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 | grep -E '^\{|Error' \
-      | tee -a $OUT/qsweep.jsonl | grep -v '^{"product": "w'
+qsweep)  # QS: which weights (default "int8 int4"), QROWS: batch rows (default 1,16)
+  for q in ${QS:-int8 int4}; do
+    timeout 280 python3 benchmarks/kernel_sweep.py --rows ${QROWS:-1,16} --quantize $q --block_n 4,8,16 \
+      --block_k 256,512,1024 --warps 4,8 --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 \
+      | grep -E '^\{|Error' | tee -a $OUT/qsweep.jsonl | grep -v '^{"product": "w'
   done ;;
-smallblocks)  # one row: fewer outputs a program (more programs in flight), then decode with the best
-  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8,16 --block_k 256,512,1024 --warps 4,8 \
+smallblocks)  # one row: fewer outputs a program (more programs in flight), summed each step or at the
+  # end (wide), then decode with the best
+  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8,16 --block_k 512,1024 --warps 4,8 \
     --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 | grep -E '^\{|Error' \
     | tee -a $OUT/smallblocks.jsonl | grep -v '^{"product": "w' ;;
 kernelsweep)  # the fused decode kernels by tile, warps and stages, at 1 and 16 rows; then decode with them

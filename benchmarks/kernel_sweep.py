@@ -6,7 +6,7 @@
 
 For each of a decode block's four products (TinyLlama-1.1B's shapes by default) and each setting
 (block_n output rows and block_k inputs a program step, warps, pipeline stages, and for one row the
-multiply-and-sum form against Triton's dot on rows padded to 16): `layers` copies of the weight (so
+multiply-and-sum form, summed each step or at the end (`wide`), against Triton's dot on rows padded to 16): `layers` copies of the weight (so
 that they do not sit in L2) run one after another in one program, three times, under the profiler;
 the kernel's own device time (mean, from the trace) and the bandwidth it reaches on the weight's
 bytes. One JSON line per setting, then the best per product. `--decode CONFIG`: then the batch-1
@@ -117,13 +117,14 @@ def main() -> None:
       x, ws, kw = product_inputs(product, rows, args.layers, jax.random.key(outputs + inputs), args.quantize)
       weight = matvec.Weight.of(ws[0])
       settings, settings_of = {}, {}
-      for bn, bk, warps, stages, reduce in itertools.product(
-          ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages),
-          (True, False) if rows == 1 else (False,)):
-        chosen = matvec.Settings(bn, bk, warps, stages, reduce)
-        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen, weight) or (bn < 16 and not reduce):
+      forms = ((True, False), (True, True), (False, False)) if rows == 1 else ((False, False),)
+      for bn, bk, warps, stages, (reduce, wide) in itertools.product(
+          ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages), forms):
+        chosen = matvec.Settings(bn, bk, warps, stages, reduce, wide)
+        if (not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen, weight) or (bn < 16 and not reduce)
+            or (wide and weight.grouped(inputs))):
           continue
-        tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}"
+        tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}{int(wide)}"
         fn = jax.jit(lambda x, ws, chosen=chosen, tag=tag: [
             matvec.matvec(x, w, chosen=chosen, name=tag, **kw) for w in ws])
         try:

@@ -52,10 +52,10 @@ class QuantizedTensor:
   scales  (..., G, O) float16
   zeros   (..., G, O) uint8 zero points; None when symmetric (zero 2^(bits-1))
 
-  `output_major` (the engine's decode layout only, `transposed`; never saved): `values` is
-  (..., O, K) or (..., O, K/2), each output channel's integers contiguous as a matrix-vector kernel
-  reads them (`kernels.matvec`), with `shape` the 2-D (K, O); scales and zeros stay (..., G, O), so
-  a group's scales for a block of outputs are contiguous too.
+  `output_major` (the engine's decode layout only, `transposed`; never saved): every array has its
+  output axis first, `values` (..., O, K) or (..., O, K/2), scales and zeros (..., O, G), so that
+  an output channel's integers and its groups' scales are contiguous as a matrix-vector kernel reads
+  them (`kernels.matvec`); `shape` is then the 2-D (K, O).
   """
   values: Any
   scales: Any
@@ -137,12 +137,13 @@ def pack(q: Array, scales: Array, zeros: Array | None, *, bits: int, group_size:
 def transposed(qt: QuantizedTensor) -> QuantizedTensor:
   """The same weight in the output-major layout (`QuantizedTensor.output_major`), flattened to one
   input and one output axis: integers (..., O, K) (int4: (..., O, K/2), the bytes of a group in the
-  same order), scales and zeros as they are."""
+  same order), scales and zeros (..., O, G)."""
   if qt.output_major:
     return qt
+  flip = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)  # noqa: E731
   lead = qt.values.shape[:-2]
   values = qt.values.reshape(lead + (qt.values.shape[-2], qt.out_features))
-  return dataclasses.replace(qt, values=jnp.swapaxes(values, -1, -2),
+  return dataclasses.replace(qt, values=flip(values), scales=flip(qt.scales), zeros=flip(qt.zeros),
                              shape=(qt.in_features, qt.out_features), n_in=1, output_major=True)
 
 
@@ -175,7 +176,7 @@ def signed_groups(qt: QuantizedTensor, dtype, after: Array | None = None) -> lis
     ints = [(packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)]
   if qt.zeros is not None:
     zeros = qt.zeros.astype(dtype)
-    zero = jnp.swapaxes(zeros, -1, -2)[..., None] if qt.output_major else zeros[..., :, None, :]
+    zero = zeros[..., None] if qt.output_major else zeros[..., :, None, :]
     return [i - zero for i in ints]
   if qt.bits == 4:
     return [i - 8 for i in ints]
@@ -189,7 +190,7 @@ def _dequantized_matrix(qt: QuantizedTensor, dtype, after: Array | None = None) 
   scales = qt.scales.astype(jnp.float32)
   if qt.output_major:
     ints = ints[0] if len(ints) == 1 else jnp.concatenate(ints, axis=-1)  # (..., O, G, gs)
-    w = ints * jnp.swapaxes(scales, -1, -2)[..., None]
+    w = ints * scales[..., None]
     return w.reshape(lead + (qt.out_features, qt.in_features)).astype(dtype)
   ints = ints[0] if len(ints) == 1 else jnp.concatenate(ints, axis=-2)  # (..., G, gs, O)
   w = ints * scales[..., :, None, :]
@@ -279,7 +280,8 @@ def _quantized_matmul(x: Array, qt: QuantizedTensor, dtype) -> Array:
   form = "MGC,OGC->MGO" if qt.output_major else "MGC,GCO->MGO"
   partial = sum(jnp.einsum(form, xg[..., i * width:(i + 1) * width], q,
                            preferred_element_type=jnp.float32) for i, q in enumerate(ints))
-  return jnp.einsum("MGO,GO->MO", partial, qt.scales.astype(jnp.float32))  # (M, O)
+  return jnp.einsum("MGO,OG->MO" if qt.output_major else "MGO,GO->MO", partial,
+                    qt.scales.astype(jnp.float32))  # (M, O)
 
 
 def _split_equation(equation: str, n_in: int) -> tuple[str, str, str, str]:

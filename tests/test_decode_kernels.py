@@ -32,11 +32,13 @@ def test_matvec_matches_the_model_arithmetic(rows, form):
   kw = {"norm": dict(norm=1 + _normal(2, (d,), 0.1)), "residual": dict(residual=_normal(3, (rows, n))),
         "gate_up": dict(norm=1 + _normal(2, (d,), 0.1), gate_up=True), "plain": {}}[form]
   assert matvec.settings(rows, d).reduce == (rows == 1)
-  got = matvec.matvec(x, w, **kw).astype(jnp.float32)
   want = matvec.reference(x, w, **kw).astype(jnp.float32)
-  assert got.shape == (rows, n // 2 if form == "gate_up" else n)
-  # bf16 outputs of size ~1-5: a few units in the last place (the norm's rounding comes elsewhere).
-  np.testing.assert_allclose(got, want, atol=0.04, rtol=0.02)
+  # One row: also summed at the end of the loop rather than at every step (`wide`).
+  for wide in (False, True) if rows == 1 else (False,):
+    got = matvec.matvec(x, w, chosen=matvec.settings(rows, d)._replace(wide=wide), **kw).astype(jnp.float32)
+    assert got.shape == (rows, n // 2 if form == "gate_up" else n)
+    # bf16 outputs of size ~1-5: a few units in the last place (the norm's rounding comes elsewhere).
+    np.testing.assert_allclose(got, want, atol=0.04, rtol=0.02)
   if form in ("norm", "gate_up"):  # the norm is applied: x's RMS is 4, so without it the product is 4x
     unnormed = matvec.reference(x, w, gate_up=form == "gate_up").astype(jnp.float32)
     assert float(jnp.max(jnp.abs(unnormed))) > 3 * float(jnp.max(jnp.abs(want)))
@@ -80,10 +82,14 @@ def test_quantized_matvec_matches_the_dequantized_product(rows, scheme):
   qt = _quantized(w, scheme)
   assert qt.values.shape == (n, d // 2 if qt.bits == 4 else d)
   assert matvec.supported(rows, d, n, weight=matvec.Weight.of(qt))
+  weight = matvec.Weight.of(qt)
+  chosen = matvec.settings(rows, d, weight)
+  wides = (False, True) if chosen.reduce and not weight.grouped(d) else (False,)
   for kw in (dict(norm=1 + _normal(2, (d,), 0.1), gate_up=True), dict(residual=_normal(3, (rows, n)))):
-    got = matvec.matvec(x, qt, **kw).astype(jnp.float32)
     want = matvec.reference(x, qt, **kw).astype(jnp.float32)
-    np.testing.assert_allclose(got, want, atol=0.04, rtol=0.02)
+    for wide in wides:
+      got = matvec.matvec(x, qt, chosen=chosen._replace(wide=wide), **kw).astype(jnp.float32)
+      np.testing.assert_allclose(got, want, atol=0.04, rtol=0.02)
   plain = matvec.reference(x, w).astype(jnp.float32)  # quantization itself moves the product
   assert float(jnp.max(jnp.abs(matvec.matvec(x, qt).astype(jnp.float32) - plain))) > 0
 
@@ -149,8 +155,10 @@ for rows, d, n, form in [(1, 2048, 2560, "norm"), (1, 2048, 2048, "residual"), (
   g = jnp.ones((d,), jnp.bfloat16)
   kw = {"norm": dict(norm=g), "gate_up": dict(norm=g, gate_up=True),
         "residual": dict(residual=jnp.zeros((rows, outputs), jnp.bfloat16))}[form]
-  lowered(lambda x, w: matvec.matvec(x, w, interpret=False, **kw),
-          jnp.zeros((rows, d), jnp.bfloat16), jnp.zeros((n, d), jnp.bfloat16))
+  for wide in (False, True) if rows == 1 and d % 512 == 0 else (False,):
+    chosen = matvec.settings(rows, d)._replace(wide=wide)
+    lowered(lambda x, w: matvec.matvec(x, w, interpret=False, chosen=chosen, **kw),
+            jnp.zeros((rows, d), jnp.bfloat16), jnp.zeros((n, d), jnp.bfloat16))
   print("lowered matvec", rows, d, n, form)
 
 # Quantized: TinyLlama's products at int8 per channel and int4 in groups of 128, LLaMA-2-7B's w2,

@@ -53,12 +53,15 @@ MAX_ROWS = 16  # batch rows a kernel takes (Triton's dot on rows padded to 16)
 class Settings(NamedTuple):
   """A kernel's tiling and launch: outputs (rows of w) per program, inputs per step of its loop,
   warps, Triton's pipeline stages, and the one-row multiply-and-sum form (`reduce`) or Triton's dot
-  on rows padded to 16."""
+  on rows padded to 16. `wide` (one row, weights not in groups): the products accumulate in a
+  (block_n, block_k) tile and are summed once at the end, not at every step (a sum across a
+  program's threads is a round of shuffles and a barrier)."""
   block_n: int
   block_k: int
   num_warps: int
   num_stages: int
   reduce: bool
+  wide: bool = False
 
 
 class Weight(NamedTuple):
@@ -113,98 +116,131 @@ def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings
 
 
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
-            gate_up: bool, block_n: int, block_k: int, reduce: bool, weight: Weight):
+            gate_up: bool, block_n: int, block_k: int, reduce: bool, wide: bool, weight: Weight):
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   refs = list(refs)
   x_ref, w_ref = refs.pop(0), refs.pop(0)
-  s_ref = refs.pop(0) if weight.bits else None  # scales (G, N) float16
-  z_ref = refs.pop(0) if weight.zeros else None  # zero points (G, N) uint8
+  s_ref = refs.pop(0) if weight.bits else None  # scales (N, G) float16
+  z_ref = refs.pop(0) if weight.zeros else None  # zero points (N, G) uint8
   g_ref = refs.pop(0) if has_norm else None
   r_ref = refs.pop(0) if has_residual else None
   (o_ref,) = refs
   j = pl.program_id(0)
   padded = 1 if reduce else tiles.dot_rows(rows)
   live = (jnp.arange(padded) < rows)[:, None]
-  grouped = weight.grouped(d)
-  int4 = weight.bits == 4
+  f32 = jnp.float32
+  grouped, int4 = weight.grouped(d), weight.bits == 4
+  halves = (0, 1) if int4 else (None,)  # an int4 byte's low nibble is its group's first half
 
   cols = pl.ds(j * block_n, block_n)
   if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
     residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
   heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
 
-  def x_piece(start, width):  # (padded, width) of x (scaled by the norm's weight); its squares
-    xk = plgpu.load(x_ref.at[pl.ds(0, padded), pl.ds(start, width)], mask=live, other=0)
+  def row_sums(a):  # (padded, 1) float32: each row's sum over a tile's other axes
+    a = a.astype(f32)
+    while a.ndim > 2:
+      a = jnp.sum(a, axis=-1)
+    return jnp.sum(a, axis=1)[:, None]
+
+  def normed(xk, g_index):  # x (scaled by the norm's weight), and each row's sum of squares
     if not has_norm:
       return xk, 0.0
-    x32 = xk.astype(jnp.float32)
-    return xk * g_ref[pl.ds(start, width)][None, :], jnp.sum(x32 * x32, axis=1)
+    x32 = xk.astype(f32)
+    return xk * g_ref[g_index][None], row_sums(x32 * x32)
 
-  def w_piece(first, start, width):  # (block_n, width) of w as stored (int4: bytes, two inputs each)
-    return plgpu.load(w_ref.at[pl.ds(first, block_n), pl.ds(start, width)], eviction_policy="evict_first")
+  def per_output(ref, first, group):  # (block_n,) float32: scales or zeros of one group
+    return plgpu.load(ref.at[pl.ds(first, block_n), jnp.int32(group)]).astype(f32)
 
-  def group_row(ref, group, first):  # (1, block_n) float32: a group's scales or zeros for the outputs
-    return plgpu.load(ref.at[pl.ds(group, 1), pl.ds(first, block_n)]).astype(jnp.float32)
+  def nibbles(ints, half):
+    return ints if half is None else (ints & 0xF if half == 0 else ints >> 4)
 
   def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
     if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
-      return jnp.sum(xk.astype(jnp.float32) * ints.astype(jnp.float32), axis=1)[None, :]
+      return jnp.sum(xk.astype(f32) * ints.astype(f32), axis=1)[None, :]
     return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
 
-  def row_sums(xk):  # (padded, 1) float32: what a zero point multiplies
-    return jnp.sum(xk.astype(jnp.float32), axis=1)[:, None]
-
-  def group_products(k, squares, accs):  # one step of whole groups
+  def group_sum_step(k, squares, accs):
+    # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
+    # summed over each group's inputs, scaled, and kept per group until the end.
     per_step = block_k // weight.group_size
-    half = weight.group_size // 2
+    groups = pl.ds(k * per_step, per_step)
+    xs, sums = [], 0.0
+    for half in halves:
+      at = (groups, jnp.int32(half), slice(None)) if int4 else (groups, slice(None))
+      xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
+      xs.append(xk.astype(f32))
+      squares, sums = squares + sq, sums + jnp.sum(xs[-1], axis=2)  # (1, groups)
+    accs = list(accs)
+    for h, first in enumerate(heads):
+      ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
+      part = sum(jnp.sum(xk * nibbles(ints, half).astype(f32), axis=2) for xk, half in zip(xs, halves))
+      if weight.zeros:
+        part = part - plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) * sums
+      elif int4:
+        part = part - 8.0 * sums
+      accs[h] = accs[h] + part * plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)
+    return squares, tuple(accs)
+
+  def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
+    per_step = block_k // weight.group_size
     accs = list(accs)
     for i in range(per_step):
       group = k * per_step + i
-      start = group * weight.group_size
-      if int4:  # the bytes of a group: low nibbles its first half, high nibbles its second
-        (x_lo, sq_lo), (x_hi, sq_hi) = x_piece(start, half), x_piece(start + half, half)
-        squares = squares + sq_lo + sq_hi
-        sums = row_sums(x_lo) + row_sums(x_hi)
-      else:
-        xk, sq = x_piece(start, weight.group_size)
-        squares, sums = squares + sq, row_sums(xk)
+      xs, sums = [], []
+      for half in halves:
+        at = (group, jnp.int32(half), slice(None)) if int4 else (group, slice(None))
+        xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, padded),) + at], mask=live, other=0), at)
+        xs.append(xk)
+        squares, sums = squares + sq, sums + [row_sums(xk)]
       for h, first in enumerate(heads):
-        if int4:
-          packed = w_piece(first, group * half, half)
-          part = product(x_lo, packed & 0xF) + product(x_hi, packed >> 4)
-        else:
-          part = product(xk, w_piece(first, start, weight.group_size))
-        zero = group_row(z_ref, group, first) if weight.zeros else (8.0 if int4 else None)
+        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), group, :], eviction_policy="evict_first")
+        part = sum(product(xk, nibbles(ints, half)) for xk, half in zip(xs, halves))
+        zero = per_output(z_ref, first, group)[None, :] if weight.zeros else (8.0 if int4 else None)
         if zero is not None:
-          part = part - zero * sums
-        accs[h] = accs[h] + part * group_row(s_ref, group, first)
+          part = part - zero * sum(sums)
+        accs[h] = accs[h] + part * per_output(s_ref, first, group)[None, :]
     return squares, tuple(accs)
+
+  def step(k, squares, sums, accs):  # weights plain or in one group per output: block_k inputs
+    inputs = pl.ds(k * block_k, block_k)
+    xk, sq = normed(plgpu.load(x_ref.at[pl.ds(0, padded), inputs], mask=live, other=0), inputs)
+    if weight.zeros:
+      sums = sums + row_sums(xk)
+    new = []
+    for acc, first in zip(accs, heads):
+      ints = plgpu.load(w_ref.at[pl.ds(first, block_n), inputs], eviction_policy="evict_first")
+      new.append(acc + xk.astype(f32) * ints.astype(f32) if wide else acc + product(xk, ints))
+    return squares + sq, sums, tuple(new)
 
   def body(k, carry):
     squares, sums, accs = carry
     if grouped:
-      squares, accs = group_products(k, squares, accs)
+      squares, accs = (group_sum_step if reduce else group_dot_step)(k, squares, accs)
       return squares, sums, accs
-    xk, sq = x_piece(k * block_k, block_k)
-    if weight.zeros:
-      sums = sums + row_sums(xk)
-    accs = tuple(acc + product(xk, w_piece(first, k * block_k, block_k)) for acc, first in zip(accs, heads))
-    return squares + sq, sums, accs
+    return step(k, squares, sums, accs)
 
-  zeros = jnp.zeros((padded, block_n), jnp.float32)
-  carry = (jnp.zeros((padded,), jnp.float32), jnp.zeros((padded, 1), jnp.float32),
-           (zeros, zeros) if gate_up else (zeros,))
-  squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body, carry)
+  summed_at_end = (grouped and reduce) or wide
+  if grouped and reduce:
+    shape = (block_n, block_k // weight.group_size)  # kept per group
+  else:
+    shape = (block_n, block_k) if wide else (padded, block_n)
+  start = jnp.zeros(shape, f32)
+  row = jnp.zeros((padded, 1), f32)
+  squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body,
+                                          (row, row, (start, start) if gate_up else (start,)))
+  if summed_at_end:
+    accs = tuple(jnp.sum(acc, axis=1)[None, :] for acc in accs)
   if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
-    accs = tuple((acc - (group_row(z_ref, 0, first) * sums if weight.zeros else 0))
-                 * group_row(s_ref, 0, first) for acc, first in zip(accs, heads))
+    accs = tuple((acc - (per_output(z_ref, first, 0)[None, :] * sums if weight.zeros else 0))
+                 * per_output(s_ref, first, 0)[None, :] for acc, first in zip(accs, heads))
   if has_norm:
-    inverse_rms = jax.lax.rsqrt(squares / d + eps)[:, None]
+    inverse_rms = jax.lax.rsqrt(squares / d + eps)
     accs = tuple(acc * inverse_rms for acc in accs)
   out = accs[0].astype(o_ref.dtype)
   if gate_up:
-    gate = out.astype(jnp.float32)
+    gate = out.astype(f32)
     silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
     out = silu * accs[1].astype(o_ref.dtype)
   if has_residual:
@@ -244,15 +280,23 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
                      f"{x.shape}, w {(n, d)}, gate_up={gate_up}")
   if chosen.reduce and rows != 1:
     raise ValueError(f"the multiply-and-sum form takes one row, got {rows}")
+  if chosen.wide and not (chosen.reduce and not weight.grouped(d)):
+    raise ValueError("`wide` is a setting of the one-row form on weights not in groups")
   outputs = n // 2 if gate_up else n
   if residual is not None and residual.shape != (rows, outputs):
     raise ValueError(f"residual {residual.shape} is not the output's shape {(rows, outputs)}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  if weight.bits:
-    operands = [x, w.values, w.scales] + ([w.zeros] if weight.zeros else [])
+  if weight.grouped(d):  # a group's inputs on an axis of their own (int4: and its two halves)
+    gs = weight.group_size
+    groups = (d // gs, 2, gs // 2) if weight.bits == 4 else (d // gs, gs)
+    x, norm = x.reshape((rows,) + groups), None if norm is None else norm.reshape(groups)
+    values = w.values.reshape((n,) + groups[:1] + groups[-1:])
   else:
-    operands = [x, w.astype(x.dtype)]
+    values = w.values if weight.bits else w.astype(x.dtype)
+  operands = [x, values]
+  if weight.bits:
+    operands += [w.scales] + ([w.zeros] if weight.zeros else [])
   if norm is not None:
     operands.append(norm.astype(x.dtype))
   if residual is not None:
@@ -261,7 +305,7 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
                              gate_up=gate_up, block_n=block_n, block_k=chosen.block_k,
-                             reduce=chosen.reduce, weight=weight)
+                             reduce=chosen.reduce, wide=chosen.wide, weight=weight)
   return pl.pallas_call(
       kernel, grid=(outputs // block_n,),
       out_shape=jax.ShapeDtypeStruct((rows, outputs), x.dtype),
