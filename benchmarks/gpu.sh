@@ -11,7 +11,7 @@
 #              then decode at bf16/int8/int4 with XLA's blocks and the fused ones
 #   qsweep     the matrix-vector kernel's settings on int8 and int4 weights at 1 and 16 rows
 #              (kernel_sweep.py --quantize), then the batch-1 decode with the best (QS="int4" and
-#              QROWS=1 narrow it)
+#              QROWS=1 narrow it; QN, QK, QW the grid of outputs, inputs and warps)
 #   smallblocks  the matrix-vector kernel at one row with 4-16 outputs a program, then the batch-1
 #              decode with XLA's blocks, the fused ones, and the fused ones with the best settings
 #   kernelsweep  the fused decode kernels' settings (benchmarks/kernel_sweep.py): the matrix-vector
@@ -126,10 +126,10 @@ qkernels)
         --config.model.decode_kernels=$k
     done
   done ;;
-qsweep)  # QS: which weights (default "int8 int4"), QROWS: batch rows (default 1,16)
+qsweep)  # QS: which weights (default "int8 int4"), QROWS: batch rows (default 1,16); QN, QK, QW: the grid
   for q in ${QS:-int8 int4}; do
-    timeout 280 python3 benchmarks/kernel_sweep.py --rows ${QROWS:-1,16} --quantize $q --block_n 4,8,16 \
-      --block_k 256,512,1024 --warps 4,8 --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 \
+    timeout 280 python3 benchmarks/kernel_sweep.py --rows ${QROWS:-1,16} --quantize $q --block_n ${QN:-4,8,16} \
+      --block_k ${QK:-256,512,1024} --warps ${QW:-4,8} --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 \
       | grep -E '^\{|Error' | tee -a $OUT/qsweep.jsonl | grep -v '^{"product": "w'
   done ;;
 smallblocks)  # one row: fewer outputs a program (more programs in flight), summed each step or at the

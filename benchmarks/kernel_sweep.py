@@ -121,8 +121,7 @@ def main() -> None:
       for bn, bk, warps, stages, (reduce, wide) in itertools.product(
           ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages), forms):
         chosen = matvec.Settings(bn, bk, warps, stages, reduce, wide)
-        if (not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen, weight) or (bn < 16 and not reduce)
-            or (wide and weight.grouped(inputs))):
+        if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen, weight) or (bn < 16 and not reduce):
           continue
         tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}{int(wide)}"
         fn = jax.jit(lambda x, ws, chosen=chosen, tag=tag: [

@@ -84,7 +84,7 @@ def test_quantized_matvec_matches_the_dequantized_product(rows, scheme):
   assert matvec.supported(rows, d, n, weight=matvec.Weight.of(qt))
   weight = matvec.Weight.of(qt)
   chosen = matvec.settings(rows, d, weight)
-  wides = (False, True) if chosen.reduce and not weight.grouped(d) else (False,)
+  wides = (False, True) if chosen.reduce else (False,)
   for kw in (dict(norm=1 + _normal(2, (d,), 0.1), gate_up=True), dict(residual=_normal(3, (rows, n)))):
     want = matvec.reference(x, qt, **kw).astype(jnp.float32)
     for wide in wides:
@@ -176,7 +176,10 @@ for rows, d, n, form, bits, gs, zeros in [
   qt = projection.QuantizedTensor(jnp.zeros((n, d * bits // 8), dtype), groups,
                                   jnp.zeros((d // gs, n), jnp.uint8) if zeros else None, bits, gs,
                                   (d, n), 1, output_major=True)
-  lowered(lambda x, qt: matvec.matvec(x, qt, interpret=False, **kw), jnp.zeros((rows, d), jnp.bfloat16), qt)
+  chosen = matvec.settings(rows, d, matvec.Weight.of(qt))
+  for wide in (False, True) if chosen.reduce else (False,):
+    lowered(lambda x, qt: matvec.matvec(x, qt, interpret=False, chosen=chosen._replace(wide=wide), **kw),
+            jnp.zeros((rows, d), jnp.bfloat16), qt)
   print("lowered matvec", rows, d, n, form, bits)
 
 for h, length in [(64, 384), (64, 2048), (128, 2048)]:

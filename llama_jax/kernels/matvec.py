@@ -53,9 +53,9 @@ MAX_ROWS = 16  # batch rows a kernel takes (Triton's dot on rows padded to 16)
 class Settings(NamedTuple):
   """A kernel's tiling and launch: outputs (rows of w) per program, inputs per step of its loop,
   warps, Triton's pipeline stages, and the one-row multiply-and-sum form (`reduce`) or Triton's dot
-  on rows padded to 16. `wide` (one row, weights not in groups): the products accumulate in a
-  (block_n, block_k) tile and are summed once at the end, not at every step (a sum across a
-  program's threads is a round of shuffles and a barrier)."""
+  on rows padded to 16. `wide` (one row): the products accumulate in a tile of the step's shape and
+  are summed once at the end, not at every step (a sum across a program's threads is a round of
+  shuffles and a barrier)."""
   block_n: int
   block_k: int
   num_warps: int
@@ -156,31 +156,47 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   def nibbles(ints, half):
     return ints if half is None else (ints & 0xF if half == 0 else ints >> 4)
 
+  def exact(ints, half=None):
+    # float32 q (less 8, symmetric int4's zero point) without an integer-to-float conversion, an
+    # instruction at a quarter of the FMA's rate that bounded the one-row kernels on integers: the
+    # integer is put in the low mantissa bits of 2^23 (whose float32 spacing is 1), and 2^23 taken off.
+    i = ints.astype(jnp.int32)
+    if half is not None:
+      i = i & 0xF if half == 0 else i >> 4
+    offset = 8388608.0
+    if ints.dtype == jnp.int8:  # symmetric int8, stored as q - 128
+      i, offset = i + 128, offset + 128
+    elif int4 and not weight.zeros:
+      offset += 8
+    return jax.lax.bitcast_convert_type(i | 0x4B000000, f32) - offset
+
+  def as_float(ints):
+    return exact(ints) if weight.bits else ints.astype(f32)
+
   def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
     if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
-      return jnp.sum(xk.astype(f32) * ints.astype(f32), axis=1)[None, :]
+      return jnp.sum(xk.astype(f32) * as_float(ints), axis=1)[None, :]
     return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
 
   def group_sum_step(k, squares, accs):
     # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
-    # summed over each group's inputs, scaled, and kept per group until the end.
+    # scaled per group; summed over each group's inputs every step, or kept as they are (`wide`).
     per_step = block_k // weight.group_size
     groups = pl.ds(k * per_step, per_step)
-    xs, sums = [], 0.0
+    xs = []
     for half in halves:
       at = (groups, jnp.int32(half), slice(None)) if int4 else (groups, slice(None))
       xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
       xs.append(xk.astype(f32))
-      squares, sums = squares + sq, sums + jnp.sum(xs[-1], axis=2)  # (1, groups)
+      squares = squares + sq
     accs = list(accs)
     for h, first in enumerate(heads):
       ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
-      part = sum(jnp.sum(xk * nibbles(ints, half).astype(f32), axis=2) for xk, half in zip(xs, halves))
-      if weight.zeros:
-        part = part - plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) * sums
-      elif int4:
-        part = part - 8.0 * sums
-      accs[h] = accs[h] + part * plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)
+      zero = (plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32)[:, :, None]
+              if weight.zeros else 0.0)
+      terms = sum(xk * (exact(ints, half) - zero) for xk, half in zip(xs, halves))
+      scales = plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)  # (block_n, groups)
+      accs[h] = accs[h] + (terms * scales[:, :, None] if wide else jnp.sum(terms, axis=2) * scales)
     return squares, tuple(accs)
 
   def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
@@ -211,7 +227,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
     new = []
     for acc, first in zip(accs, heads):
       ints = plgpu.load(w_ref.at[pl.ds(first, block_n), inputs], eviction_policy="evict_first")
-      new.append(acc + xk.astype(f32) * ints.astype(f32) if wide else acc + product(xk, ints))
+      new.append(acc + xk.astype(f32) * as_float(ints) if wide else acc + product(xk, ints))
     return squares + sq, sums, tuple(new)
 
   def body(k, carry):
@@ -222,8 +238,8 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
     return step(k, squares, sums, accs)
 
   summed_at_end = (grouped and reduce) or wide
-  if grouped and reduce:
-    shape = (block_n, block_k // weight.group_size)  # kept per group
+  if grouped and reduce:  # kept per group (and input, if wide)
+    shape = (block_n, block_k // weight.group_size) + ((weight.group_size // len(halves),) if wide else ())
   else:
     shape = (block_n, block_k) if wide else (padded, block_n)
   start = jnp.zeros(shape, f32)
@@ -231,7 +247,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body,
                                           (row, row, (start, start) if gate_up else (start,)))
   if summed_at_end:
-    accs = tuple(jnp.sum(acc, axis=1)[None, :] for acc in accs)
+    accs = tuple(row_sums(acc).reshape(1, block_n) for acc in accs)
   if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
     accs = tuple((acc - (per_output(z_ref, first, 0)[None, :] * sums if weight.zeros else 0))
                  * per_output(s_ref, first, 0)[None, :] for acc, first in zip(accs, heads))
@@ -280,8 +296,8 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
                      f"{x.shape}, w {(n, d)}, gate_up={gate_up}")
   if chosen.reduce and rows != 1:
     raise ValueError(f"the multiply-and-sum form takes one row, got {rows}")
-  if chosen.wide and not (chosen.reduce and not weight.grouped(d)):
-    raise ValueError("`wide` is a setting of the one-row form on weights not in groups")
+  if chosen.wide and not chosen.reduce:
+    raise ValueError("`wide` is a setting of the one-row (multiply-and-sum) form")
   outputs = n // 2 if gate_up else n
   if residual is not None and residual.shape != (rows, outputs):
     raise ValueError(f"residual {residual.shape} is not the output's shape {(rows, outputs)}")
