@@ -8,7 +8,7 @@
 #   bigdecode  batch-1 decode on the LLaMA-2-7B shape with XLA's blocks and the fused ones
 #   qkernels   the fused blocks on quantized weights (int8 per channel, int4 groups of 128) at batch 1:
 #              agreement with XLA's quantized blocks and float32 (decode_kernels_check.py --quantize),
-#              then decode at bf16/int8/int4 with XLA's blocks and the fused ones
+#              then decode at bf16/int8/int4 with XLA's blocks and the fused ones, and at batch 16
 #   qsweep     the matrix-vector kernel's settings on int8 and int4 weights at 1 and 16 rows
 #              (kernel_sweep.py --quantize), then the batch-1 decode with the best (QS="int4" and
 #              QROWS=1 narrow it; QN, QK, QW the grid of outputs, inputs and warps)
@@ -110,10 +110,12 @@ kernels)  # the fused decode blocks (kernels.decode_block) against XLA's at batc
   $D --batch_size 1 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pk > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pk --top 16 2>&1 | grep -v Deprecation | tee $OUT/profile_kernels.txt ;;
 bigdecode)  # the fused blocks on the LLaMA-2-7B shape at batch 1 (w2's 11,008 inputs: Triton's dot
-  # form), beside XLA's, one process each
-  for k in xla pallas; do
-    run bigdecode $M XLA_FLAGS= python3 -m llama_jax.bench decode --config configs/llama2_7b.py --batch_size 1 \
-      --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+  # form), beside XLA's, one process each; bf16 and int4 (groups of 128)
+  for q in none int4; do
+    for k in xla pallas; do
+      run bigdecode $M XLA_FLAGS= python3 -m llama_jax.bench decode --config configs/llama2_7b.py --batch_size 1 \
+        --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k --quantize=${q/none/}
+    done
   done ;;
 qkernels)
   for q in int8 int4; do
@@ -125,6 +127,7 @@ qkernels)
       run qkernels XLA_FLAGS= $D --batch_size 1 --prompt_len 128 --new_tokens 256 --quantize=${q/none/} \
         --config.model.decode_kernels=$k
     done
+    run qkernels XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256 --quantize=${q/none/}
   done ;;
 qsweep)  # QS: which weights (default "int8 int4"), QROWS: batch rows (default 1,16); QN, QK, QW: the grid
   for q in ${QS:-int8 int4}; do

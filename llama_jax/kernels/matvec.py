@@ -84,21 +84,25 @@ class Weight(NamedTuple):
 
 def settings(rows: int, d: int, weight: Weight = Weight()) -> Settings | None:
   """The settings measured fastest for a decode block's products (`benchmarks/kernel_sweep.py`,
-  TinyLlama's shapes, one row, H100): the multiply-and-sum over 4 outputs a program (640 programs
-  for wq|wk|wv: more loads in flight than 160 programs of 16) with the longest input step that
-  divides d, eight warps (wq|wk|wv 6.0 us, wo 4.7, w1|w3 19.1, w2 12.2; 1.164 ms a decode step
-  against 1.183 with 16 outputs a program). A batch: Triton's dot over 16 outputs and 256 inputs.
-  Weights in groups step over whole groups (as many as fit in 1,024 inputs). None if nothing tiles."""
-  if weight.grouped(d):
-    gs = weight.group_size
-    if gs < 32 or gs & (gs - 1) or d % gs:
-      return None  # Triton's tiles are powers of two (int4: half a group, at least 16 for its dot)
-    step = next(k for k in (1024, 512, 256, 128, 64, 32, gs) if k % gs == 0 and d % k == 0)
-    return Settings(4, step, 8, 4, True) if rows == 1 else Settings(16, step, 4, 4, False)
+  TinyLlama's shapes, one row, H100; BENCHMARKS.md "Fused decode blocks"): the multiply-and-sum
+  over 4 outputs a program with 4 warps (640 programs for wq|wk|wv: more loads in flight than fewer,
+  larger ones) and the longest input step that divides d, 1,024 or 512 (whole groups of a grouped
+  weight). Plain and one-group-a-channel weights sum at the end (`wide`: a decode step 1.112 ms
+  against 1.146 summing each step, bf16), grouped ones each step (int4: w1|w3 12.2 us against 14.4).
+  A batch: Triton's dot over 16 outputs and 256 inputs (whole groups). None if nothing tiles."""
+  grouped = weight.grouped(d)
+  gs = weight.group_size
+  if grouped and (gs < 32 or gs & (gs - 1) or d % gs):
+    return None  # Triton's tiles are powers of two (int4: half a group, at least 16 for its dot)
+  fits = lambda k: d % k == 0 and (not grouped or k % gs == 0)  # noqa: E731
   if rows == 1:
-    block_k = next((k for k in (1024, 512) if d % k == 0), None)
-    if block_k:
-      return Settings(4, block_k, 8, 4, True)
+    step = next((k for k in (1024, 512) if fits(k)), None)
+    if step:
+      return Settings(4, step, 4, 4, True, wide=not grouped)
+    if grouped:  # groups of more than 1,024, or widths not a multiple of 512 (unmeasured)
+      return Settings(4, next(k for k in (256, 128, 64, 32, gs) if fits(k)), 4, 4, True)
+  if grouped:
+    return Settings(16, next(k for k in (256, 128, 64, 32, gs) if fits(k)), 4, 4, False)
   return Settings(16, 256, 4, 4, False) if d % 256 == 0 else None
 
 
