@@ -9,6 +9,8 @@
 #   qkernels   the fused blocks on quantized weights (int8 per channel, int4 groups of 128) at batch 1:
 #              agreement with XLA's quantized blocks and float32 (decode_kernels_check.py --quantize),
 #              then decode at bf16/int8/int4 with XLA's blocks and the fused ones, and at batch 16
+#   qcheck     the quantized matmul's error against float32 on the dequantized weight, XLA's and the
+#              fused kernel's, by scheme, layout and rows (benchmarks/quantized_project_check.py)
 #   qsweep     the matrix-vector kernel's settings on int8 and int4 weights at 1 and 16 rows
 #              (kernel_sweep.py --quantize), then the batch-1 decode with the best (QS="int4" and
 #              QROWS=1 narrow it; QN, QK, QW the grid of outputs, inputs and warps)
@@ -129,6 +131,8 @@ qkernels)
     done
     run qkernels XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256 --quantize=${q/none/}
   done ;;
+qcheck)
+  timeout 200 python3 benchmarks/quantized_project_check.py 2>&1 | grep -E '^\{|Error' | tee -a $OUT/qcheck.jsonl ;;
 qsweep)  # QS: which weights (default "int8 int4"), QROWS: batch rows (default 1,16); QN, QK, QW: the grid
   for q in ${QS:-int8 int4}; do
     timeout 280 python3 benchmarks/kernel_sweep.py --rows ${QROWS:-1,16} --quantize $q --block_n ${QN:-4,8,16} \
