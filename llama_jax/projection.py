@@ -17,8 +17,9 @@ The quantized matmul never makes a full-precision copy of the model. Each group'
 is taken from the integers converted to the compute dtype and scaled afterwards (always for int8's
 one group per output channel, and for int4 at few rows); for int4 over many rows (on a GPU from
 2, on the CPU past a group's width) one projection's weight is dequantized for its matmul and
-dropped after it. The conversion is a fusion of XLA's own, not part of the matmul kernel: quantized
-weights save memory, and on a GPU they are not faster than bf16 (BENCHMARKS.md).
+dropped after it. Here the conversion is a fusion of XLA's own, not part of the matmul kernel; the
+fused decode kernels (`kernels.matvec`, one row on one GPU) read the integers themselves, which is
+where quantized weights are faster than bf16 (BENCHMARKS.md).
 """
 
 from __future__ import annotations

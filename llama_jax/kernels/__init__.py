@@ -3,8 +3,8 @@ plain-XLA computation it replaces (which the tests hold it to). One idea a modul
 
   decode_attention  one query per row over a (B, K, S, H) cache, reading each row's own length only;
                     and the same with rotary and the cache write in one kernel
-  matvec            a decode step's matrix-vector products with RMSNorm, SwiGLU or the residual
-                    add inside them
+  matvec            a decode step's matrix-vector products (plain, int8 or int4 weights) with
+                    RMSNorm, SwiGLU or the residual add inside them
   decode_block      a decode step's block as five of these kernels
   tiles             what Triton asks of their tiles (rows padded for its dot, float32 products)
 """
