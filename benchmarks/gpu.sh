@@ -59,6 +59,8 @@
 #   bigconfigs the 7B and 13B configs as they are (7B dots_and_attention, 13B dots_no_batch): 13B in an 80 GB
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
+#   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
+#              and a kernel summary of the batch-16 decode
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -213,6 +215,13 @@ bigconfigs)
   fi
   run bigconfigs CUDA_VISIBLE_DEVICES=0 $M XLA_FLAGS= $B7 --config.batch_size=4 --config.model.n_layers=8
   run bigconfigs $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.n_layers=8 ;;
+batchdecode)
+  for b in 16 64; do
+    run batchdecode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
+    run batchdecode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+  done
+  $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pb > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pb --top 24 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16.txt ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
