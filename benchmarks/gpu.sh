@@ -61,6 +61,9 @@
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode
+#   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
+#              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
+#              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
 #   decode1    the decode table on the first GPU of a several-GPU machine
 #   quantize   decode at bf16 beside weight-only int8 (per channel) and int4 (groups of 128)
 #   qmatmul    formulations of the quantized matmul at decode's shapes (benchmarks/quantized_matmul.py)
@@ -222,6 +225,15 @@ batchdecode)
   done
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pb > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pb --top 24 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16.txt ;;
+layoutbatch)
+  F=bf16,bf16_transposed,bf16_transposed_swapped
+  python3 benchmarks/quantized_matmul.py --rows 1,16,64 --only $F 2>&1 | grep '^{' | tee -a $OUT/layoutbatch.jsonl
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 benchmarks/quantized_matmul.py --rows 16,64 --only $F 2>&1 \
+    | grep '^{' | sed 's/}$/, "xla_flags": "--xla_gpu_enable_triton_gemm=false"}/' | tee -a $OUT/layoutbatch.jsonl
+  for f in "" "--xla_gpu_enable_triton_gemm=false"; do
+    run layoutbatch XLA_FLAGS="$f" $D --batch_size 16 --prompt_len 128 --new_tokens 256
+    run layoutbatch XLA_FLAGS="$f" $D --batch_size 16 --prompt_len 128 --new_tokens 256 --nofuse
+  done ;;
 decode1)  # decode on the first GPU of a larger machine (its own baseline: fused or not)
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256

@@ -102,6 +102,12 @@ def transposed(x, w):
   return jnp.einsum("MK,OK->MO", x, w, preferred_element_type=jnp.float32)
 
 
+def transposed_swapped(x, w):
+  """The same product with the operands swapped, (O, K) @ (K, M), and the small result transposed:
+  the GEMM's long side is the weight's outputs, as a library's skinny-matrix kernels expect."""
+  return jnp.einsum("OK,MK->OM", w, x, preferred_element_type=jnp.float32).T
+
+
 def int8_transposed(x, w):
   """Integers (out, in) converted in the dot's operand, the per-channel scale applied after."""
   q, scale = w
@@ -112,6 +118,7 @@ def int8_transposed(x, w):
 FORMULATIONS = {
     "bf16": ("bf16", plain),
     "bf16_transposed": ("bf16_t", transposed),
+    "bf16_transposed_swapped": ("bf16_t", transposed_swapped),
     "int8_transposed": ("int8_t", int8_transposed),
     "int8_current": ("int8", current),
     "int8_no_after": ("int8", current_no_after),
