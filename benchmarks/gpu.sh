@@ -60,7 +60,7 @@
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
-#              and a kernel summary of the batch-16 decode
+#              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
 #              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
@@ -219,12 +219,16 @@ bigconfigs)
   run bigconfigs CUDA_VISIBLE_DEVICES=0 $M XLA_FLAGS= $B7 --config.batch_size=4 --config.model.n_layers=8
   run bigconfigs $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N)) --config.model.n_layers=8 ;;
 batchdecode)
-  for b in 16 64; do
+  for b in $([ -n "$BD_PROFILE_ONLY" ] || echo 16 64); do
     run batchdecode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
     run batchdecode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done
-  $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pb > $OUT/last.log 2>&1; tail -1 $OUT/last.log
-  python3 benchmarks/profile_summary.py /tmp/pb --top 24 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16.txt ;;
+  for layout in "" --nofuse; do
+    rm -rf /tmp/pb
+    $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pb $layout > $OUT/last.log 2>&1
+    tail -1 $OUT/last.log
+    python3 benchmarks/profile_summary.py /tmp/pb --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16$layout.txt
+  done ;;
 layoutbatch)
   F=bf16,bf16_transposed,bf16_transposed_swapped
   python3 benchmarks/quantized_matmul.py --rows 1,16,64 --only $F 2>&1 | grep '^{' | tee -a $OUT/layoutbatch.jsonl
