@@ -105,6 +105,15 @@ def test_quantized_matmul_equals_the_dequantized_weight(bits, group_size, symmet
   ours = projection.project("BTNH,NHD->BTD", x, qt, jnp.float32)
   ref = jnp.einsum("BTNH,NHD->BTD", x, projection.dequantize(qt), precision="highest")
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # The engine's output-major decode layout (`projection.transposed`): the same weight, the same
+  # product, with its letters (out, in) as the engine names them.
+  t = projection.transposed(qt)
+  assert t.output_major and t.values.shape[0] == 64 and t.scales.shape == (64, qt.n_groups)
+  np.testing.assert_array_equal(np.asarray(projection.dequantize(t)), np.asarray(projection.dequantize(qt)).reshape(64, 64))
+  ours_t = projection.project("BTF,DF->BTD", x.reshape(1, tokens, 64), t, jnp.float32)
+  np.testing.assert_allclose(np.asarray(ours_t), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="decode layout"):
+    projection.describe({"wo": t})  # an engine's layout is not saved as a checkpoint
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
