@@ -138,8 +138,8 @@ def prepare_params(cfg: ModelConfig, params: Any, mesh: Mesh | None = None,
                    rules=sharding.DEFAULT_RULES, fuse: bool | None = None) -> EngineParams:
   """Stacked model parameters -> EngineParams, placed on `mesh` by `rules` if given. A copy of the
   weights in the compute dtype (and, unless the mesh splits heads, in the fused decode layout of
-  `fuse_layer`), made once per model rather than at every step; quantized weights are kept as they
-  are (the decode step dequantizes inside each matmul)."""
+  `fuse_layer`), made once per model rather than at every step; quantized weights stay integers
+  (output-major in the decode layout), converted inside each matmul."""
   if isinstance(params, EngineParams):
     return params
   if mesh is not None:
