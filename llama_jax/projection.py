@@ -142,9 +142,7 @@ def transposed(qt: QuantizedTensor) -> QuantizedTensor:
   if qt.output_major:
     return qt
   flip = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)  # noqa: E731
-  lead = qt.values.shape[:-2]
-  values = qt.values.reshape(lead + (qt.values.shape[-2], qt.out_features))
-  return dataclasses.replace(qt, values=flip(values), scales=flip(qt.scales), zeros=flip(qt.zeros),
+  return dataclasses.replace(qt, values=flip(qt.values), scales=flip(qt.scales), zeros=flip(qt.zeros),
                              shape=(qt.in_features, qt.out_features), n_in=1, output_major=True)
 
 
@@ -212,8 +210,9 @@ def nbytes(tree: Any) -> int:
 
 
 def _quantized_alike(weights: list, axis: int) -> bool:
-  """Quantized weights that differ only in their first output axis, and `axis` is that one."""
-  if not all(map(is_quantized, weights)):
+  """Quantized weights that differ only in their first output axis, and `axis` is that one (in the
+  checkpoint's input-major layout: the engine joins weights before `transposed`)."""
+  if not all(is_quantized(w) and not w.output_major for w in weights):
     return False
 
   def layout(w: QuantizedTensor) -> tuple:
@@ -390,6 +389,8 @@ def _structured_sharding(plain: NamedSharding, w: Any) -> Any:
                       NamedSharding(mesh, P(*lead, None, *outs[:n_out])),
                       None if w.key is None else NamedSharding(mesh, P(*lead)), w.scale, w.dropout)
   if isinstance(w, QuantizedTensor):
+    if w.output_major:  # the engine makes that layout from weights already placed
+      raise ValueError("an output-major (decode layout) quantized weight is placed before `transposed`")
     n_lead = len(w.values.shape) - 2
     spec = tuple(plain.spec) + (None,) * (n_lead + len(w.shape))
     lead = spec[:n_lead]

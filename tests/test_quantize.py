@@ -114,6 +114,11 @@ def test_quantized_matmul_equals_the_dequantized_weight(bits, group_size, symmet
   np.testing.assert_allclose(np.asarray(ours_t), np.asarray(ref), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="decode layout"):
     projection.describe({"wo": t})  # an engine's layout is not saved as a checkpoint
+  # nor joined or placed as the checkpoint's layout is (the engine does both before transposing)
+  assert not projection.concatenates([t, t], axis=1)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  with pytest.raises(ValueError, match="before `transposed`"):
+    projection.shardings_like({"wo": t}, {"wo": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())})
 
 
 @pytest.mark.parametrize("tokens", [1, 3])

@@ -31,7 +31,7 @@ from llama_jax.kernels import decode_attention, matvec
 Array = jax.Array
 
 # Batch rows a decode step runs through the kernels. One row is where they win (TinyLlama-1.1B, H100,
-# one process: 1.164 against XLA's 1.374 ms a step); at 16 rows Triton's dot on rows padded to 16
+# one call: 1.135 against XLA's 1.364 ms a step); at 16 rows Triton's dot on rows padded to 16
 # was slower than XLA's GEMMs (H200: 1.91 against 1.46 ms), at 64 far slower (H100: 3.40 against
 # 1.85). On quantized weights too (H100, 16 rows: 135 us a layer at int4 against XLA's ~100).
 # BENCHMARKS.md, "Fused decode blocks" and "Fused blocks on quantized weights".

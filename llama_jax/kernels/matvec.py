@@ -20,11 +20,12 @@ reads its integers, not a bf16 copy, which is what makes int8/int4 decode faster
 converts the integers in a fusion of its own and writes what the dot then reads again). With
 w = scale * (q - zero) per group of inputs and output, a group's product is
   sum_c x_c (q_c - zero) * scale = (sum_c x_c q_c - zero * sum_c x_c) * scale,
-the integers converted exactly and the zero point (8 for symmetric int4) taken off once per group
-and output, not once per weight. int8 with one group per output channel scales the whole sum once;
-smaller groups (int8 or int4, a power of two wide) are summed a group at a time, `block_k / group`
+the integers converted exactly (symmetric int4's zero point of 8 folded into the conversion). int8
+with one group per output channel scales the whole sum once and takes its zero point off once;
+smaller groups (int8 or int4, a power of two wide) are a tile axis of their own, `block_k / group`
 groups per step, each int4 byte's two nibbles being the group's first and second half
-(`projection.pack`).
+(`projection.pack`); at one row an asymmetric group's zero point is taken off each weight, in
+Triton's dot form (several rows) once per group and output, through the sum of x.
 RMSNorm is folded into the product: RMSNorm(x) * g @ w = ((x * g) @ w) / rms(x), so the statistics
 (float32) gather in the same pass over x as the product instead of a pass of their own before it.
 The roundings differ from the model's (`model.RMSNorm` rounds the normed x to the compute dtype,
@@ -87,11 +88,12 @@ def settings(rows: int, d: int, weight: Weight = Weight()) -> Settings | None:
   TinyLlama's shapes, one row, H100; BENCHMARKS.md "Fused decode blocks"): the multiply-and-sum
   over 4 outputs a program with 4 warps (640 programs for wq|wk|wv: more loads in flight than fewer,
   larger ones) and the longest input step that divides d, 1,024 or 512 (whole groups of a grouped
-  weight). Plain and one-group-a-channel weights sum at the end (`wide`: a decode step 1.112 ms
-  against 1.146 summing each step, bf16), grouped ones each step (int4: w1|w3 12.2 us against 14.4).
-  Grouped ones step over up to 2,048 inputs (int4: wq|wk|wv 4.4 us against 5.1 at 1,024; the
-  decode 0.82 ms against 0.90). A batch: Triton's dot over 16 outputs and 256 inputs (whole
-  groups). None if nothing tiles."""
+  weight). Plain and one-group-a-channel weights sum at the end (`wide`; bf16 at 4 warps: wq|wk|wv
+  5.7 us against 6.4 summing each step, w2 10.9 against 12.5, w1|w3 18.7 against 18.3), grouped ones
+  each step (int4: w1|w3 12.2 us against 14.4). Grouped ones step over up to 2,048 inputs (int4:
+  wq|wk|wv 4.4 us against 5.1 at 1,024; the sweep's decode with them 0.82 ms against 0.90, its w2
+  there at 2 outputs a program, summed at the end: 8.2 us against this rule's 8.7). A batch:
+  Triton's dot over 16 outputs and 256 inputs (whole groups). None if nothing tiles."""
   grouped = weight.grouped(d)
   gs = weight.group_size
   if grouped and (gs < 32 or gs & (gs - 1) or d % gs):
