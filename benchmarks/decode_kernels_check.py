@@ -7,7 +7,9 @@ For each batch size, one JSON line each:
              128-token prompt) with `decode_kernels` xla and pallas, and XLA's in float32 (the same
              weights): for each pair, the logits of the first step the loop draws (max abs
              difference, beside the logits' size) and how many tokens the two agree on before their
-             first difference (roundings differ: a near-tie may go either way after that); with
+             first difference (roundings differ: a near-tie may go either way after that); and
+             teacher-forced, each fed XLA's tokens of the first row, the largest logit difference
+             over every step (`forced_max_abs_diff`: like with like after a near-tie too); with
              `--quantize`, the weights quantized by round-to-nearest and float32's run on their
              dequantized values
   matvec     each fused matrix-vector kernel against the same computation in XLA: its error, and
@@ -65,7 +67,6 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
                       ("float32", cfg.replace(decode_kernels="xla", dtype="float32", attention_impl="xla"), float32)):
     results = generate_tokens(c, p, prompts, new_tokens, return_logits=True)  # greedy
     runs[label] = (np.asarray([t for t, _ in results]), np.asarray([logits[1] for _, logits in results]))
-  del float32
 
   def compare(a: str, z: str) -> dict:
     (tokens_a, logits_a), (tokens_z, logits_z) = runs[a], runs[z]
@@ -74,11 +75,42 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
     return {"first_step_max_abs_diff": float(np.abs(logits_a - logits_z).max()),
             "tokens_equal_before_first_difference": same}
 
+  # Teacher-forced: every run fed the prompt and XLA's greedy tokens (row 0), so that each step's
+  # logits compare like with like even after the free-running runs part at a near-tie.
+  forced = {label: forced_logits(c, p, prompts[0], runs["xla"][0][0])
+            for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
+                                ("pallas", cfg.replace(decode_kernels="pallas"), params),
+                                ("float32", cfg.replace(decode_kernels="xla", dtype="float32",
+                                                        attention_impl="xla"), float32))}
+
+  def forced_diff(a: str, z: str) -> float:
+    return float(np.abs(forced[a] - forced[z]).max())
+
   applied = engine.fused_blocks(cfg.replace(decode_kernels="pallas"), params, rows)
   return {"check": "agreement", "rows": rows, "new_tokens": new_tokens, "kernels_applied": applied,
           "logits_abs_max": float(np.abs(runs["float32"][1]).max()),
           "pallas_vs_xla": compare("pallas", "xla"), "xla_vs_float32": compare("xla", "float32"),
-          "pallas_vs_float32": compare("pallas", "float32")}
+          "pallas_vs_float32": compare("pallas", "float32"),
+          "forced_max_abs_diff": {"pallas_vs_xla": forced_diff("pallas", "xla"),
+                                  "xla_vs_float32": forced_diff("xla", "float32"),
+                                  "pallas_vs_float32": forced_diff("pallas", "float32")},
+          "forced_logits_abs_max": float(np.abs(forced["float32"]).max())}
+
+
+def forced_logits(cfg: ModelConfig, params, prompt: list[int], tokens) -> np.ndarray:
+  """(len(tokens) - 1, V) float32: the logits of each one-token decode step (one row) fed `prompt`
+  and then `tokens` (the first of which the prefill draws), whatever the model would have drawn."""
+  ep = engine.prepare_params(cfg, params)
+  step = jax.jit(lambda token, position, cache: (lambda x, c: (engine.logits_of(cfg, ep, x)[:, 0], c))(
+      *engine.forward(cfg, ep, token, position, cache)))
+  cache = engine.init_cache(cfg, 1, len(prompt) + len(tokens))
+  _, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
+      jnp.asarray([prompt]), cache)
+  out = []
+  for i, token in enumerate(tokens[:-1]):
+    logits, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
+    out.append(np.asarray(logits[0], np.float32))
+  return np.stack(out)
 
 
 def product_inputs(product: decode_block.Product, rows: int, layers: int, key, quantize: str = "") -> tuple:
