@@ -40,7 +40,7 @@ from llama_jax.bench.decode import random_engine_params  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.generate import engine  # noqa: E402
 from llama_jax.generate.cache import KVCache  # noqa: E402
-from llama_jax.generate.generator import generate_tokens  # noqa: E402
+from llama_jax.generate.generator import forced_logits, generate_tokens  # noqa: E402
 from llama_jax.train.cli import load_config  # noqa: E402
 from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
 
@@ -95,22 +95,6 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
                                   "xla_vs_float32": forced_diff("xla", "float32"),
                                   "pallas_vs_float32": forced_diff("pallas", "float32")},
           "forced_logits_abs_max": float(np.abs(forced["float32"]).max())}
-
-
-def forced_logits(cfg: ModelConfig, params, prompt: list[int], tokens) -> np.ndarray:
-  """(len(tokens) - 1, V) float32: the logits of each one-token decode step (one row) fed `prompt`
-  and then `tokens` (the first of which the prefill draws), whatever the model would have drawn."""
-  ep = engine.prepare_params(cfg, params)
-  step = jax.jit(lambda token, position, cache: (lambda x, c: (engine.logits_of(cfg, ep, x)[:, 0], c))(
-      *engine.forward(cfg, ep, token, position, cache)))
-  cache = engine.init_cache(cfg, 1, len(prompt) + len(tokens))
-  _, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
-      jnp.asarray([prompt]), cache)
-  out = []
-  for i, token in enumerate(tokens[:-1]):
-    logits, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
-    out.append(np.asarray(logits[0], np.float32))
-  return np.stack(out)
 
 
 def product_inputs(product: decode_block.Product, rows: int, layers: int, key, quantize: str = "") -> tuple:

@@ -16,6 +16,7 @@ import pytest
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine, generate_tokens, slots
+from llama_jax.generate.generator import forced_logits
 from llama_jax.generate.cache import KVCache
 from llama_jax.kernels import decode_attention, decode_block, matvec
 
@@ -249,16 +250,7 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
     cfg = _tiny(kernels)
     ep = engine.prepare_params(cfg, params)
     assert decode_block.applies(cfg, ep.layers[0], 1) and not decode_block.applies(cfg, ep.layers[0], 2)
-    step = jax.jit(lambda token, position, cache, cfg=cfg, ep=ep: (lambda x, c: (
-        engine.logits_of(cfg, ep, x)[:, 0], c))(*engine.forward(cfg, ep, token, position, cache)))
-    cache = engine.init_cache(cfg, 1, 64)
-    x, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
-        jnp.asarray([prompt]), cache)
-    out = []
-    for i, token in enumerate(reference[:-1]):
-      row, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
-      out.append(np.asarray(row[0], np.float32))
-    logits[kernels] = np.stack(out)
+    logits[kernels] = forced_logits(cfg, params, prompt, reference)
   diff = np.abs(logits["pallas"] - logits["xla"])
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
 

@@ -139,6 +139,24 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
   return results
 
 
+def forced_logits(cfg: ModelConfig, params: Any, prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+  """(len(tokens) - 1, V) float32: the logits of each one-token decode step of one row fed `prompt`
+  and then `tokens` (the first of which the prefill would draw), whatever the model would have
+  drawn: two decode paths (the fused kernels and XLA's blocks, bf16 and float32) compared step by
+  step on the same tokens, which free-running decodes stop being after their first near-tie."""
+  ep = engine.prepare_params(cfg, params)
+  step = jax.jit(lambda token, position, cache: (lambda x, c: (engine.logits_of(cfg, ep, x)[:, 0], c))(
+      *engine.forward(cfg, ep, token, position, cache)))
+  cache = engine.init_cache(cfg, 1, len(prompt) + len(tokens))
+  _, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
+      jnp.asarray([list(prompt)]), cache)
+  out = []
+  for i, token in enumerate(tokens[:-1]):
+    logits, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
+    out.append(np.asarray(logits[0], np.float32))
+  return np.stack(out)
+
+
 def _decode_streaming(cfg, params, state, mesh, rules, stream):
   """Chunks of STREAM_CHUNK steps per jitted call; between calls the host hands out the new
   tokens. The loop body is the same compiled `decode` (the step bound is a traced value), and the
