@@ -16,8 +16,9 @@ program reads `block_n` whole rows of it, contiguous, in steps of `block_k` inpu
 `block_n` outputs; the rows of x are few (a decode batch), and each program reads all of them.
 
 `w` may be quantized (`projection.QuantizedTensor` in the output-major decode layout): the kernel
-reads its integers, not a bf16 copy, which is what makes int8/int4 decode at one row faster than bf16 (XLA
-converts the integers in a fusion of its own and writes what the dot then reads again). With
+reads its integers, not a bf16 copy, which is what makes int8/int4 decode at one row faster than
+bf16 (XLA converts the integers in a fusion of its own and writes what the dot then reads again).
+With
 w = scale * (q - zero) per group of inputs and output, a group's product is
   sum_c x_c (q_c - zero) * scale = (sum_c x_c q_c - zero * sum_c x_c) * scale,
 the integers converted exactly (symmetric int4's zero point of 8 folded into the conversion). int8
