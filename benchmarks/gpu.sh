@@ -146,7 +146,7 @@ qsweep)  # QS: which weights (default "int8 int4"), QROWS: batch rows (default 1
   done ;;
 smallblocks)  # one row: fewer outputs a program (more programs in flight), summed each step or at the
   # end (wide), then decode with the best
-  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8,16 --block_k 512,1024 --warps 4,8 \
+  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4,8 --block_k 512,1024,2048 --warps 4,8 \
     --stages 4 --lengths '' --decode configs/tinyllama_1b.py 2>&1 | grep -E '^\{|Error' \
     | tee -a $OUT/smallblocks.jsonl | grep -v '^{"product": "w' ;;
 kernelsweep)  # the fused decode kernels by tile, warps and stages, at 1 and 16 rows; then decode with them
