@@ -173,9 +173,9 @@ for rows, d, n, form, bits, gs, zeros in [
   kw = {"norm": dict(norm=g), "gate_up": dict(norm=g, gate_up=True),
         "residual": dict(residual=jnp.zeros((rows, outputs), jnp.bfloat16))}[form]
   dtype = jnp.uint8 if bits == 4 or zeros else jnp.int8
-  groups = jnp.zeros((d // gs, n), jnp.float16)
+  groups = jnp.zeros((n, d // gs), jnp.float16)  # output-major: (outputs, groups)
   qt = projection.QuantizedTensor(jnp.zeros((n, d * bits // 8), dtype), groups,
-                                  jnp.zeros((d // gs, n), jnp.uint8) if zeros else None, bits, gs,
+                                  jnp.zeros((n, d // gs), jnp.uint8) if zeros else None, bits, gs,
                                   (d, n), 1, output_major=True)
   chosen = matvec.settings(rows, d, matvec.Weight.of(qt))
   for wide in (False, True) if chosen.reduce else (False,):
