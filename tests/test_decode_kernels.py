@@ -101,6 +101,8 @@ def test_quantized_matvec_refuses_what_it_cannot_tile():
   qt = _quantized(_normal(1, (64, 1024)), "int4_g128")
   with pytest.raises(ValueError, match="output-major"):
     matvec.matvec(x, dataclasses.replace(qt, output_major=False))
+  with pytest.raises(ValueError, match="scales"):  # (groups, outputs): the checkpoint's layout
+    matvec.matvec(x, dataclasses.replace(qt, scales=qt.scales.T))
   odd = _quantized(_normal(1, (64, 960)), "int4_g64_zeros")  # 960 inputs: 15 groups of 64 -> steps of 64
   assert matvec.supported(1, 960, 64, weight=matvec.Weight.of(odd))
   assert matvec.settings(1, 1024, matvec.Weight(4, 96)) is None  # groups not a power of two

@@ -297,6 +297,9 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
   if w_d != d:
     raise ValueError(f"w {(n, w_d)} is not output-major for x {x.shape}: want (N, {d})")
   weight = Weight.of(w)
+  if weight.bits and w.scales.shape != (n, d // weight.group_size):
+    raise ValueError(f"scales {w.scales.shape} are not output-major for {n} outputs in "
+                     f"{d // weight.group_size} groups (projection.transposed makes them)")
   chosen = chosen or settings(rows, d, weight)
   if not supported(rows, d, n, gate_up, chosen, weight):
     tiles = f"{chosen.block_k} inputs and {chosen.block_n} outputs" if chosen else "256 inputs"
