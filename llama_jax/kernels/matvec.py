@@ -25,8 +25,9 @@ the integers converted exactly (symmetric int4's zero point of 8 folded into the
 with one group per output channel scales the whole sum once and takes its zero point off once;
 smaller groups (int8 or int4, a power of two wide) are a tile axis of their own, `block_k / group`
 groups per step, each int4 byte's two nibbles being the group's first and second half
-(`projection.pack`); at one row an asymmetric group's zero point is taken off each weight, in
-Triton's dot form (several rows) once per group and output, through the sum of x.
+(`projection.pack`); an asymmetric group's zero point comes off once per group and output,
+through the group's sum of x (off each weight only where one row's products are kept per input,
+`wide`).
 RMSNorm is folded into the product: RMSNorm(x) * g @ w = ((x * g) @ w) / rms(x), so the statistics
 (float32) gather in the same pass over x as the product instead of a pass of their own before it.
 The roundings differ from the model's (`model.RMSNorm` rounds the normed x to the compute dtype,
@@ -198,14 +199,21 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
       xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
       xs.append(xk.astype(f32))
       squares = squares + sq
+    x_sums = sum(jnp.sum(xk, axis=2) for xk in xs) if weight.zeros and not wide else None  # (1, groups)
     accs = list(accs)
     for h, first in enumerate(heads):
       ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
-      zero = (plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32)[:, :, None]
-              if weight.zeros else 0.0)
-      terms = sum(xk * (exact(ints, half) - zero) for xk, half in zip(xs, halves))
+      zero = plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) if weight.zeros else None
       scales = plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)  # (block_n, groups)
-      accs[h] = accs[h] + (terms * scales[:, :, None] if wide else jnp.sum(terms, axis=2) * scales)
+      if wide:  # kept per input: the zero point comes off each weight
+        shift = 0.0 if zero is None else zero[:, :, None]
+        terms = sum(xk * (exact(ints, half) - shift) for xk, half in zip(xs, halves))
+        accs[h] = accs[h] + terms * scales[:, :, None]
+      else:  # summed per group: the zero point comes off once, times the group's sum of x
+        part = sum(jnp.sum(xk * exact(ints, half), axis=2) for xk, half in zip(xs, halves))
+        if zero is not None:
+          part = part - zero * x_sums
+        accs[h] = accs[h] + part * scales
     return squares, tuple(accs)
 
   def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
