@@ -151,10 +151,10 @@ def forced_logits(cfg: ModelConfig, params: Any, prompt: Sequence[int], tokens: 
   _, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
       jnp.asarray([list(prompt)]), cache)
   out = []
-  for i, token in enumerate(tokens[:-1]):
+  for i, token in enumerate(tokens[:-1]):  # the steps queue on the device; one copy back at the end
     logits, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
-    out.append(np.asarray(logits[0], np.float32))
-  return np.stack(out)
+    out.append(logits[0])
+  return np.asarray(jnp.stack(out), np.float32)
 
 
 def _decode_streaming(cfg, params, state, mesh, rules, stream):

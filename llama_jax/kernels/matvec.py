@@ -170,9 +170,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
     # float32 q (less 8, symmetric int4's zero point) without an integer-to-float conversion, an
     # instruction at a quarter of the FMA's rate that bounded the one-row kernels on integers: the
     # integer is put in the low mantissa bits of 2^23 (whose float32 spacing is 1), and 2^23 taken off.
-    i = ints.astype(jnp.int32)
-    if half is not None:
-      i = i & 0xF if half == 0 else i >> 4
+    i = nibbles(ints.astype(jnp.int32), half)
     offset = 8388608.0
     if ints.dtype == jnp.int8:  # symmetric int8, stored as q - 128
       i, offset = i + 128, offset + 128
