@@ -61,6 +61,9 @@
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
+#   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
+#              GPU, decode_block.batch_block) against XLA's blocks, on the decode layout and the model's
+#              (--nofuse); a kernel summary of the batch-16 decode with the kernel
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
 #              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
@@ -229,6 +232,17 @@ batchdecode)
     tail -1 $OUT/last.log
     python3 benchmarks/profile_summary.py /tmp/pb --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16$layout.txt
   done ;;
+batchattention)
+  for b in 16 64; do
+    for k in auto xla; do
+      run batchattention XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+    done
+    run batchattention XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+  done
+  rm -rf /tmp/pa
+  $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1
+  tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/pa --top 30 2>&1 | grep -v Deprecation > $OUT/profile_batchattention.txt ;;
 layoutbatch)
   F=bf16,bf16_transposed,bf16_transposed_swapped
   python3 benchmarks/quantized_matmul.py --rows 1,16,64 --only $F 2>&1 | grep '^{' | tee -a $OUT/layoutbatch.jsonl

@@ -16,7 +16,7 @@ import pytest
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
 from llama_jax.generate import engine, generate_tokens, slots
-from llama_jax.generate.generator import forced_logits
+from llama_jax.generate.generator import forced_batch_logits, forced_logits
 from llama_jax.generate.cache import KVCache
 from llama_jax.kernels import decode_attention, decode_block, matvec
 
@@ -255,6 +255,27 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
     logits[kernels] = forced_logits(cfg, params, prompt, reference)
   diff = np.abs(logits["pallas"] - logits["xla"])
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
+
+
+def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch):
+  # Rows of different lengths, teacher-forced on XLA's tokens: each row's logits through
+  # `decode_block.batch_block` (XLA's matmuls, the fused attention kernel) against XLA's blocks.
+  params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(2)))
+  prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13]]
+  reference = generate_tokens(_tiny("xla"), params, prompts, 6)
+  ep = engine.prepare_params(_tiny("pallas"), params)
+  assert engine.fused_attention(_tiny("pallas"), ep) and not engine.fused_blocks(_tiny("pallas"), ep, 3)
+  assert not engine.fused_attention(_tiny("xla"), ep)
+  calls = []
+  original = decode_block.batch_block
+  monkeypatch.setattr(decode_block, "batch_block", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
+  logits = {k: forced_batch_logits(_tiny(k), params, prompts, reference) for k in ("xla", "pallas")}
+  assert calls and set(calls) == {(3, _tiny("xla").dim)}
+  diff = np.abs(logits["pallas"] - logits["xla"])
+  assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernel ran, and agrees
+  # Each row as it would be alone: the ragged positions were each row's own.
+  alone = forced_logits(_tiny("xla"), params, prompts[1], reference[1])
+  assert np.abs(logits["pallas"][1] - alone).max() < 0.03 * np.abs(alone).max()
 
 
 @pytest.mark.slow

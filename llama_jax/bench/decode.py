@@ -137,7 +137,9 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
   peak = metrics.peak_flops(jax.devices()[0], cfg.dtype)
   prefill_mfu = batch_size * prompt_len * per_token / p / (peak * jax.device_count()) if peak else None
   return {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "fused": fuse,
-          "decode_kernels": "pallas" if engine.fused_blocks(cfg, params, b) else "xla",
+          # "pallas": the fused blocks; "attention": XLA's matmuls around the fused attention kernel
+          "decode_kernels": ("pallas" if engine.fused_blocks(cfg, params, b) else
+                             "attention" if engine.fused_attention(cfg, params) else "xla"),
           "dtype": cfg.dtype, "quantize": quantize or "none", "cache_len": batch.cache_len,
           "weight_gb": round(weight_bytes / 1e9, 3), "step_read_gb": round(step_bytes / 1e9, 3),
           "floor_ms_per_step": round(1000 * step_bytes / bandwidth, 3) if bandwidth else None,

@@ -175,6 +175,13 @@ def fused_blocks(cfg: ModelConfig, params: EngineParams, rows: int, mesh: Mesh |
   return decode_kernels(cfg, mesh) and all(decode_block.applies(cfg, layer, rows) for layer in params.layers)
 
 
+def fused_attention(cfg: ModelConfig, params: EngineParams, mesh: Mesh | None = None) -> bool:
+  """Whether a decode step of rows the fused blocks do not take runs XLA's matmuls around the fused
+  attention kernel (`kernels.decode_block.batch_block`): `decode_kernels` allows it and each
+  layer is one `batch_block` takes."""
+  return decode_kernels(cfg, mesh) and all(decode_block.batch_applies(cfg, layer) for layer in params.layers)
+
+
 def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Array,
             cache: tuple[KVCache, ...], prefill: bool = False,
             segments: Array | None = None, mesh: Mesh | None = None) -> tuple[Array, tuple[KVCache, ...]]:
@@ -185,19 +192,23 @@ def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Ar
   otherwise each query attends over the cache up to its position. The layers are a Python loop:
   each reads its own weights and cache buffers where they lie. A decode step (T = 1) runs each
   block as five fused kernels where `decode_kernels` allows it and the layers are in the decode
-  layout (`kernels.decode_block`); `mesh` is the one the step runs on, if any."""
+  layout (`kernels.decode_block`), and a step of more rows than those take runs XLA's matmuls
+  around the fused attention kernel (`decode_block.batch_block`); `mesh` is the one the step runs
+  on, if any."""
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
   rows, length = tokens.shape
-  if (not prefill and length == 1 and all(isinstance(c, KVCache) for c in cache)
-      and fused_blocks(cfg, params, rows, mesh)):
-    sin, cos = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
-    h, new_cache = x[:, 0], []
-    for layer_params, layer_cache in zip(params.layers, cache):
-      h, k, v = decode_block.block(cfg, layer_params, h, positions[:, 0], sin[:, 0, 0], cos[:, 0, 0],
-                                   layer_cache.k, layer_cache.v)
-      new_cache.append(KVCache(k, v))
-    return h[:, None], tuple(new_cache)
+  if not prefill and length == 1 and all(isinstance(c, KVCache) for c in cache):
+    run = (decode_block.block if fused_blocks(cfg, params, rows, mesh) else
+           decode_block.batch_block if fused_attention(cfg, params, mesh) else None)
+    if run is not None:
+      sin, cos = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+      h, new_cache = x[:, 0], []
+      for layer_params, layer_cache in zip(params.layers, cache):
+        h, k, v = run(cfg, layer_params, h, positions[:, 0], sin[:, 0, 0], cos[:, 0, 0],
+                      layer_cache.k, layer_cache.v)
+        new_cache.append(KVCache(k, v))
+      return h[:, None], tuple(new_cache)
   mask = None
   if prefill and segments is not None:
     mask = M.attention_mask(positions, positions, segments, segments)

@@ -144,17 +144,30 @@ def forced_logits(cfg: ModelConfig, params: Any, prompt: Sequence[int], tokens: 
   and then `tokens` (the first of which the prefill would draw), whatever the model would have
   drawn: two decode paths (the fused kernels and XLA's blocks, bf16 and float32) compared step by
   step on the same tokens, which free-running decodes stop being after their first near-tie."""
+  return forced_batch_logits(cfg, params, [prompt], [tokens])[0]
+
+
+def forced_batch_logits(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
+                        tokens: Sequence[Sequence[int]]) -> np.ndarray:
+  """`forced_logits` for a batch: row r fed prompts[r] (right-padded to the longest, as the
+  engine's prefill takes them), then tokens[r], each row at its own positions; every row has the
+  same number of tokens. (R, T - 1, V) float32."""
   ep = engine.prepare_params(cfg, params)
+  rows, steps, longest = len(prompts), len(tokens[0]), max(map(len, prompts))
+  if any(len(t) != steps for t in tokens) or len(tokens) != rows:
+    raise ValueError("forced_batch_logits takes one token list a prompt, all of one length")
   step = jax.jit(lambda token, position, cache: (lambda x, c: (engine.logits_of(cfg, ep, x)[:, 0], c))(
       *engine.forward(cfg, ep, token, position, cache)))
-  cache = engine.init_cache(cfg, 1, len(prompt) + len(tokens))
-  _, cache = jax.jit(lambda t, c: engine.forward(cfg, ep, t, jnp.arange(len(prompt))[None], c, prefill=True))(
-      jnp.asarray([list(prompt)]), cache)
+  cache = engine.init_cache(cfg, rows, longest + steps)
+  padded = jnp.asarray([list(p) + [0] * (longest - len(p)) for p in prompts])
+  _, cache = jax.jit(lambda t, c: engine.forward(
+      cfg, ep, t, jnp.broadcast_to(jnp.arange(longest), t.shape), c, prefill=True))(padded, cache)
+  starts = jnp.asarray([len(p) for p in prompts])[:, None]
   out = []
-  for i, token in enumerate(tokens[:-1]):  # the steps queue on the device; one copy back at the end
-    logits, cache = step(jnp.asarray([[token]]), jnp.asarray([[len(prompt) + i]]), cache)
-    out.append(logits[0])
-  return np.asarray(jnp.stack(out), np.float32)
+  for i in range(steps - 1):  # the steps queue on the device; one copy back at the end
+    logits, cache = step(jnp.asarray([[t[i]] for t in tokens]), starts + i, cache)
+    out.append(logits)
+  return np.asarray(jnp.stack(out, axis=1), np.float32)
 
 
 def _decode_streaming(cfg, params, state, mesh, rules, stream):

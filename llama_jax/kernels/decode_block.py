@@ -15,6 +15,11 @@ quantized), computing what `model.Block` computes to the compute dtype's precisi
 into the product and attention accumulated blockwise round differently: see `matvec` and
 `decode_attention`). Where it does not apply (more than one row, LoRA weights, a float32 model,
 shapes the kernels do not tile, a mesh) the engine runs `model.Block`.
+
+A step of more rows (`batch_block`) keeps XLA's matmuls, whose GEMMs beat Triton's dot from 16
+rows on, and runs only the attention through the fused kernel: rotary, the cache write and
+attention over each row's filled positions in one kernel where XLA launches about ten (two
+rotaries, two cache scatters, the scores, softmax's pieces, the weighted values).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llama_jax import model as M
 from llama_jax import projection
 from llama_jax.config import ModelConfig
 from llama_jax.kernels import decode_attention, matvec
@@ -36,8 +42,6 @@ Array = jax.Array
 # 1.85). On quantized weights too (H100, 16 rows: 135 us a layer at int4 against XLA's ~100).
 # BENCHMARKS.md, "Fused decode blocks" and "Fused blocks on quantized weights".
 MAX_ROWS = 1
-
-
 
 class Product(NamedTuple):
   """One of a block's four matrix-vector products: its weight (module, name in the decode layout),
@@ -90,3 +94,30 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
   hidden = matvec.matvec(x, ffn["w13_t"], norm=layer["ffn_norm"]["weight"], eps=cfg.norm_eps,
                          gate_up=True)
   return matvec.matvec(hidden, ffn["w2_t"], residual=x), k_cache, v_cache
+
+
+def batch_applies(cfg: ModelConfig, layer: Any) -> bool:
+  """Whether `batch_block` runs this layer: wq|wk|wv stacked in the decode layout (not with LoRA
+  adapters, which keep each projection apart), heads the attention kernel tiles, a half-precision
+  model (Triton's dot on float32 would round through TF32)."""
+  attention = layer.get("attention", {})
+  return ("wqkv_t" in attention and "wo_t" in attention
+          and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
+          and decode_attention.supported_head_dim(cfg.head_dim))
+
+
+def batch_block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,
+                k_cache: Array, v_cache: Array) -> tuple[Array, Array, Array]:
+  """`block`'s arguments and results, for any number of rows: `model.Block`'s norms and matmuls
+  (the same XLA code, on the same layout), with rotary, the cache write and attention as
+  `decode_attention.rotary_cache_attention`."""
+  rows = x.shape[0]
+  n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  attention = layer["attention"]
+  norm = lambda name, y: M.RMSNorm(cfg).apply({"params": layer[name]}, y)
+  qkv = projection.project("BD,CD->BC", norm("attention_norm", x), attention["wqkv_t"], cfg.dtype)
+  out, k_cache, v_cache = decode_attention.rotary_cache_attention(
+      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
+  x = x + projection.project("BF,DF->BD", out.reshape(rows, n * h), attention["wo_t"], cfg.dtype)
+  ffn = M.FeedForward(cfg).apply({"params": layer["feed_forward"]}, norm("ffn_norm", x)[:, None])
+  return x + ffn[:, 0], k_cache, v_cache
