@@ -61,9 +61,9 @@
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
-#   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
-#              GPU, decode_block.batch_block) against XLA's blocks, on the decode layout and the model's
-#              (--nofuse); a kernel summary of the batch-16 decode with the kernel
+#   batchattention  batch 16 and 64: XLA's matmuls with fused kernels between them (the default on one
+#              GPU, decode_block.batch_blocks) against XLA's blocks (BA_NOFUSE=1: also on the model's
+#              layout, --nofuse); a kernel summary of the batch-16 decode with the kernels
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
 #              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
@@ -127,12 +127,12 @@ bigdecode)  # the fused blocks on the LLaMA-2-7B shape at batch 1 (w2's 11,008 i
         --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k --quantize=${q/none/}
     done
   done ;;
-qkernels)
+qkernels)  # QK_DECODES=0: the agreement checks only
   for q in int8 int4; do
     timeout 200 python3 benchmarks/decode_kernels_check.py --rows 1 --checks agreement --quantize $q 2>&1 \
       | grep -E '^\{|Error' | tee -a $OUT/qkernels.jsonl
   done
-  for q in none int8 int4; do  # none: bf16
+  for q in $([ "$QK_DECODES" = 0 ] || echo none int8 int4); do  # none: bf16
     for k in xla pallas; do
       run qkernels XLA_FLAGS= $D --batch_size 1 --prompt_len 128 --new_tokens 256 --quantize=${q/none/} \
         --config.model.decode_kernels=$k
@@ -237,7 +237,7 @@ batchattention)
     for k in auto xla; do
       run batchattention XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
     done
-    run batchattention XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+    [ -z "$BA_NOFUSE" ] || run batchattention XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done
   rm -rf /tmp/pa
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1

@@ -156,16 +156,23 @@ def forced_batch_logits(cfg: ModelConfig, params: Any, prompts: Sequence[Sequenc
   rows, steps, longest = len(prompts), len(tokens[0]), max(map(len, prompts))
   if any(len(t) != steps for t in tokens) or len(tokens) != rows:
     raise ValueError("forced_batch_logits takes one token list a prompt, all of one length")
-  step = jax.jit(lambda token, position, cache: (lambda x, c: (engine.logits_of(cfg, ep, x)[:, 0], c))(
-      *engine.forward(cfg, ep, token, position, cache)))
-  cache = engine.init_cache(cfg, rows, longest + steps)
+  # The weights are arguments, not closed over: a jitted closure would bake them into the program
+  # as constants (gigabytes for a real model, and a compile that never ends).
+  @jax.jit
+  def step(ep, token, position, cache):
+    x, cache = engine.forward(cfg, ep, token, position, cache)
+    return engine.logits_of(cfg, ep, x)[:, 0], cache
+
+  @jax.jit
+  def prefill(ep, t, cache):
+    return engine.forward(cfg, ep, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape), cache, prefill=True)[1]
+
   padded = jnp.asarray([list(p) + [0] * (longest - len(p)) for p in prompts])
-  _, cache = jax.jit(lambda t, c: engine.forward(
-      cfg, ep, t, jnp.broadcast_to(jnp.arange(longest), t.shape), c, prefill=True))(padded, cache)
+  cache = prefill(ep, padded, engine.init_cache(cfg, rows, longest + steps))
   starts = jnp.asarray([len(p) for p in prompts])[:, None]
   out = []
   for i in range(steps - 1):  # the steps queue on the device; one copy back at the end
-    logits, cache = step(jnp.asarray([[t[i]] for t in tokens]), starts + i, cache)
+    logits, cache = step(ep, jnp.asarray([[t[i]] for t in tokens]), starts + i, cache)
     out.append(logits)
   return np.asarray(jnp.stack(out, axis=1), np.float32)
 
