@@ -61,8 +61,8 @@
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
-#   batchattention  batch 16 and 64: XLA's matmuls with fused kernels between them (the default on one
-#              GPU, decode_block.batch_blocks) against XLA's blocks (BA_NOFUSE=1: also on the model's
+#   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
+#              GPU, decode_block.batch_block) against XLA's blocks (BA_NOFUSE=1: also on the model's
 #              layout, --nofuse); a kernel summary of the batch-16 decode with the kernels
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with

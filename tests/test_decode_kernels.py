@@ -18,7 +18,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.generate import engine, generate_tokens, slots
 from llama_jax.generate.generator import forced_batch_logits, forced_logits
 from llama_jax.generate.cache import KVCache
-from llama_jax.kernels import decode_attention, decode_block, matvec, residual_norm
+from llama_jax.kernels import decode_attention, decode_block, matvec
 
 
 def _normal(key, shape, scale=1.0):
@@ -109,21 +109,6 @@ def test_quantized_matvec_refuses_what_it_cannot_tile():
   assert matvec.settings(1, 5632, matvec.Weight(4, 5632)) is None  # int4 over a whole channel of 5,632
 
 
-@pytest.mark.parametrize("rows, d", [(1, 2048), (16, 5120), (3, 96)])
-def test_residual_norm_is_the_models_add_and_norm(rows, d):
-  x, update, weight = _normal(0, (rows, d)), _normal(1, (rows, d)), _normal(2, (d,))
-  total, normed = residual_norm.residual_norm(x, update, weight, eps=1e-5)
-  cfg = ModelConfig(dim=d, n_layers=1, n_heads=1, vocab_size=8, dtype="bfloat16", norm_eps=1e-5)
-  want = x + update
-  np.testing.assert_array_equal(total, want)
-  expected = M.RMSNorm(cfg).apply({"params": {"weight": weight}}, want)
-  np.testing.assert_allclose(normed.astype(jnp.float32), expected.astype(jnp.float32), rtol=0.01, atol=0.01)
-  with pytest.raises(ValueError, match="chunks"):
-    residual_norm.residual_norm(x[:, :30], update[:, :30], weight[:30], eps=1e-5)
-  with pytest.raises(ValueError, match="one shape"):
-    residual_norm.residual_norm(x, update[:, :32], weight, eps=1e-5)
-
-
 @pytest.mark.parametrize("rows, heads, kv_heads, length, positions", [
     (1, 8, 2, 128, [5]), (2, 8, 4, 96, [0, 95]), (3, 4, 4, 150, [70, 129, 149])])
 def test_rotary_cache_attention_matches_the_model(rows, heads, kv_heads, length, positions):
@@ -160,7 +145,7 @@ def test_rotary_cache_attention_writes_nothing_past_the_cache():
 LOWERING = """
 import jax, jax.numpy as jnp
 from llama_jax import projection
-from llama_jax.kernels import decode_attention, matvec, residual_norm
+from llama_jax.kernels import decode_attention, matvec
 
 def lowered(fn, *args):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -207,18 +192,6 @@ for h, length in [(64, 384), (64, 2048), (128, 2048)]:
       qkv, half, half, jnp.zeros((1,), jnp.int32), k, v, n_heads=8, interpret=False),
           jnp.zeros((1, 12, h), jnp.bfloat16), cache, cache)
   print("lowered attention", h, length)
-
-# Batches: the attention kernel at 16 rows, the residual norm at TinyLlama's and LLaMA-2-13B's widths.
-cache = jnp.zeros((16, 4, 384, 64), jnp.bfloat16)
-half = jnp.zeros((16, 32), jnp.float32)
-lowered(lambda qkv, k, v: decode_attention.rotary_cache_attention(
-    qkv, half, half, jnp.zeros((16,), jnp.int32), k, v, n_heads=32, interpret=False),
-        jnp.zeros((16, 40, 64), jnp.bfloat16), cache, cache)
-print("lowered attention", 16, 384)
-for rows, d in [(16, 2048), (64, 5120)]:
-  lowered(lambda x, u, g: residual_norm.residual_norm(x, u, g, eps=1e-5, interpret=False),
-          jnp.zeros((rows, d), jnp.bfloat16), jnp.zeros((rows, d), jnp.bfloat16), jnp.zeros((d,), jnp.bfloat16))
-  print("lowered residual_norm", rows, d)
 """
 
 
@@ -229,8 +202,7 @@ def test_the_kernels_lower_for_a_gpu():
   proc = subprocess.run([sys.executable, "-c", LOWERING], capture_output=True, text=True, timeout=600,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 4
-  assert proc.stdout.count("lowered residual_norm") == 2
+  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 3
 
 
 def test_heads_the_kernels_cannot_tile_keep_xla_blocks():
@@ -285,10 +257,9 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
 
 
-def test_a_batch_step_runs_kernels_between_xla_matmuls(monkeypatch):
+def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch):
   # Rows of different lengths, teacher-forced on XLA's tokens: each row's logits through
-  # `decode_block.batch_blocks` (XLA's matmuls; the attention and the residual norms as kernels)
-  # against XLA's blocks.
+  # `decode_block.batch_block` (XLA's matmuls, the fused attention kernel) against XLA's blocks.
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(2)))
   prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13]]
   reference = generate_tokens(_tiny("xla"), params, prompts, 6)
@@ -296,8 +267,8 @@ def test_a_batch_step_runs_kernels_between_xla_matmuls(monkeypatch):
   assert engine.fused_attention(_tiny("pallas"), ep) and not engine.fused_blocks(_tiny("pallas"), ep, 3)
   assert not engine.fused_attention(_tiny("xla"), ep)
   calls = []
-  original = decode_block.batch_blocks
-  monkeypatch.setattr(decode_block, "batch_blocks", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
+  original = decode_block.batch_block
+  monkeypatch.setattr(decode_block, "batch_block", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
   logits = {k: forced_batch_logits(_tiny(k), params, prompts, reference) for k in ("xla", "pallas")}
   assert calls and set(calls) == {(3, _tiny("xla").dim)}
   diff = np.abs(logits["pallas"] - logits["xla"])

@@ -176,9 +176,9 @@ def fused_blocks(cfg: ModelConfig, params: EngineParams, rows: int, mesh: Mesh |
 
 
 def fused_attention(cfg: ModelConfig, params: EngineParams, mesh: Mesh | None = None) -> bool:
-  """Whether a decode step of rows the fused blocks do not take runs XLA's matmuls with fused
-  kernels between them (attention; the residual adds and norms: `kernels.decode_block.batch_blocks`):
-  `decode_kernels` allows it and each layer is one `batch_blocks` takes."""
+  """Whether a decode step of rows the fused blocks do not take runs XLA's matmuls around the fused
+  attention kernel (`kernels.decode_block.batch_block`): `decode_kernels` allows it and each
+  layer is one `batch_block` takes."""
   return decode_kernels(cfg, mesh) and all(decode_block.batch_applies(cfg, layer) for layer in params.layers)
 
 
@@ -193,24 +193,22 @@ def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Ar
   each reads its own weights and cache buffers where they lie. A decode step (T = 1) runs each
   block as five fused kernels where `decode_kernels` allows it and the layers are in the decode
   layout (`kernels.decode_block`), and a step of more rows than those take runs XLA's matmuls
-  with fused kernels between them (`decode_block.batch_blocks`); `mesh` is the one the step runs
+  around the fused attention kernel (`decode_block.batch_block`); `mesh` is the one the step runs
   on, if any."""
   model = M.Transformer(cfg)
   x = model.apply({"params": params.top}, tokens, method="embed")
   rows, length = tokens.shape
   if not prefill and length == 1 and all(isinstance(c, KVCache) for c in cache):
-    sin, cos = (t[:, 0, 0] for t in M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta))
-    if fused_blocks(cfg, params, rows, mesh):
+    run = (decode_block.block if fused_blocks(cfg, params, rows, mesh) else
+           decode_block.batch_block if fused_attention(cfg, params, mesh) else None)
+    if run is not None:
+      sin, cos = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
       h, new_cache = x[:, 0], []
       for layer_params, layer_cache in zip(params.layers, cache):
-        h, k, v = decode_block.block(cfg, layer_params, h, positions[:, 0], sin, cos,
-                                     layer_cache.k, layer_cache.v)
+        h, k, v = run(cfg, layer_params, h, positions[:, 0], sin[:, 0, 0], cos[:, 0, 0],
+                      layer_cache.k, layer_cache.v)
         new_cache.append(KVCache(k, v))
       return h[:, None], tuple(new_cache)
-    if fused_attention(cfg, params, mesh):
-      h, new_cache = decode_block.batch_blocks(cfg, params.layers, x[:, 0], positions[:, 0], sin, cos,
-                                               [(c.k, c.v) for c in cache])
-      return h[:, None], tuple(KVCache(k, v) for k, v in new_cache)
   mask = None
   if prefill and segments is not None:
     mask = M.attention_mask(positions, positions, segments, segments)

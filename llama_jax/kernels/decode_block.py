@@ -16,16 +16,15 @@ into the product and attention accumulated blockwise round differently: see `mat
 `decode_attention`). Where it does not apply (more than one row, LoRA weights, a float32 model,
 shapes the kernels do not tile, a mesh) the engine runs `model.Block`.
 
-A step of more rows (`batch_blocks`) keeps XLA's matmuls, whose GEMMs beat Triton's dot from 16
-rows on, and runs what lies between them as kernels of its own: rotary, the cache write and
+A step of more rows (`batch_block`) keeps XLA's matmuls, whose GEMMs beat Triton's dot from 16
+rows on, and runs only the attention through the fused kernel: rotary, the cache write and
 attention over each row's filled positions in one kernel where XLA launches about ten (two
-rotaries, two cache scatters, the scores, softmax's pieces, the weighted values), and each residual
-add with the RMSNorm after it in one.
+rotaries, two cache scatters, the scores, softmax's pieces, the weighted values).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 from llama_jax import model as M
 from llama_jax import projection
 from llama_jax.config import ModelConfig
-from llama_jax.kernels import decode_attention, matvec, residual_norm
+from llama_jax.kernels import decode_attention, matvec
 
 Array = jax.Array
 
@@ -98,43 +97,27 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
 
 
 def batch_applies(cfg: ModelConfig, layer: Any) -> bool:
-  """Whether `batch_blocks` runs this layer: wq|wk|wv stacked in the decode layout (not with LoRA
-  adapters, which keep each projection apart), heads the attention kernel tiles, features the
-  residual kernel tiles, a half-precision model (Triton's dot on float32 would round through TF32)."""
+  """Whether `batch_block` runs this layer: wq|wk|wv stacked in the decode layout (not with LoRA
+  adapters, which keep each projection apart), heads the attention kernel tiles, a half-precision
+  model (Triton's dot on float32 would round through TF32)."""
   attention = layer.get("attention", {})
-  return ("wqkv_t" in attention and "wo_t" in attention and "w13_t" in layer.get("feed_forward", {})
+  return ("wqkv_t" in attention and "wo_t" in attention
           and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
-          and decode_attention.supported_head_dim(cfg.head_dim) and residual_norm.supported(cfg.dim))
+          and decode_attention.supported_head_dim(cfg.head_dim))
 
 
-def batch_blocks(cfg: ModelConfig, layers: Sequence[Any], x: Array, positions: Array, sin: Array,
-                 cos: Array, caches: Sequence[tuple[Array, Array]]) -> tuple[Array, list[tuple[Array, Array]]]:
-  """Every block of a decode step of any number of rows: x (B, D), positions (B,), sin, cos (B, H/2),
-  caches one (k, v) pair of (B, K, S, H) per layer. Returns (the last block's output, the caches).
-
-  `model.Block`'s matmuls on the decode layout, the same XLA code; between them, rotary, the cache
-  write and attention as one kernel (`decode_attention.rotary_cache_attention`), and each residual
-  add with the RMSNorm that follows it (the feed-forward's, or the next block's) as one
-  (`residual_norm`)."""
+def batch_block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,
+                k_cache: Array, v_cache: Array) -> tuple[Array, Array, Array]:
+  """`block`'s arguments and results, for any number of rows: `model.Block`'s norms and matmuls
+  (the same XLA code, on the same layout), with rotary, the cache write and attention as
+  `decode_attention.rotary_cache_attention`."""
   rows = x.shape[0]
   n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  project = lambda equation, y, w: projection.project(equation, y, w, cfg.dtype)
-  normed = M.RMSNorm(cfg).apply({"params": layers[0]["attention_norm"]}, x)
-  out_caches = []
-  for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, caches)):
-    attention, ffn = layer["attention"], layer["feed_forward"]
-    qkv = project("BD,CD->BC", normed, attention["wqkv_t"])
-    out, k_cache, v_cache = decode_attention.rotary_cache_attention(
-        qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
-    out_caches.append((k_cache, v_cache))
-    x, normed = residual_norm.residual_norm(
-        x, project("BF,DF->BD", out.reshape(rows, n * h), attention["wo_t"]),
-        layer["ffn_norm"]["weight"], eps=cfg.norm_eps)
-    gate, up = jnp.split(project("BD,FD->BF", normed, ffn["w13_t"]), 2, axis=-1)
-    update = project("BF,DF->BD", jax.nn.silu(gate) * up, ffn["w2_t"])
-    if i + 1 < len(layers):
-      x, normed = residual_norm.residual_norm(x, update, layers[i + 1]["attention_norm"]["weight"],
-                                              eps=cfg.norm_eps)
-    else:
-      x = x + update
-  return x, out_caches
+  attention = layer["attention"]
+  norm = lambda name, y: M.RMSNorm(cfg).apply({"params": layer[name]}, y)
+  qkv = projection.project("BD,CD->BC", norm("attention_norm", x), attention["wqkv_t"], cfg.dtype)
+  out, k_cache, v_cache = decode_attention.rotary_cache_attention(
+      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
+  x = x + projection.project("BF,DF->BD", out.reshape(rows, n * h), attention["wo_t"], cfg.dtype)
+  ffn = M.FeedForward(cfg).apply({"params": layer["feed_forward"]}, norm("ffn_norm", x)[:, None])
+  return x + ffn[:, 0], k_cache, v_cache
