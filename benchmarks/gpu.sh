@@ -64,6 +64,8 @@
 #   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
 #              GPU, decode_block.batch_block) against XLA's blocks (BA_NOFUSE=1: also on the model's
 #              layout, --nofuse); a kernel summary of the batch-16 decode with the kernels
+#   batchkernels  batch 16: which products to run as matvec kernels beside the fused attention
+#              (benchmarks/batch_kernels.py), and the attention kernel's settings at 16 rows
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
 #              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
@@ -243,6 +245,10 @@ batchattention)
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1
   tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pa --top 30 2>&1 | grep -v Deprecation > $OUT/profile_batchattention.txt ;;
+batchkernels)
+  timeout 300 python3 benchmarks/batch_kernels.py 2>&1 | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl
+  timeout 150 python3 benchmarks/kernel_sweep.py --rows 16 --block_n 16 --block_k 256 --warps 4 --stages 4 \
+    --attention_blocks 64,128,256 --lengths 384 2>&1 | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl ;;
 layoutbatch)
   F=bf16,bf16_transposed,bf16_transposed_swapped
   python3 benchmarks/quantized_matmul.py --rows 1,16,64 --only $F 2>&1 | grep '^{' | tee -a $OUT/layoutbatch.jsonl

@@ -257,9 +257,15 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
 
 
-def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch):
+@pytest.mark.parametrize("batch_kernels", [(), ("wo_t", "w13_t")])
+def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch, batch_kernels):
   # Rows of different lengths, teacher-forced on XLA's tokens: each row's logits through
-  # `decode_block.batch_block` (XLA's matmuls, the fused attention kernel) against XLA's blocks.
+  # `decode_block.batch_block` (XLA's matmuls, the fused attention kernel; some products as
+  # `matvec` kernels if BATCH_KERNELS says so) against XLA's blocks.
+  monkeypatch.setattr(decode_block, "BATCH_KERNELS", frozenset(batch_kernels))
+  products = []
+  original_matvec = matvec.matvec
+  monkeypatch.setattr(matvec, "matvec", lambda x, w, **k: products.append(w.shape) or original_matvec(x, w, **k))
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(2)))
   prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13]]
   reference = generate_tokens(_tiny("xla"), params, prompts, 6)
@@ -271,6 +277,9 @@ def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch)
   monkeypatch.setattr(decode_block, "batch_block", lambda *a, **k: calls.append(a[2].shape) or original(*a, **k))
   logits = {k: forced_batch_logits(_tiny(k), params, prompts, reference) for k in ("xla", "pallas")}
   assert calls and set(calls) == {(3, _tiny("xla").dim)}
+  cfg = _tiny("xla")
+  widths = {"wo_t": (cfg.dim, cfg.n_heads * cfg.head_dim), "w13_t": (2 * cfg.hidden_dim, cfg.dim)}
+  assert set(products) == {widths[k] for k in batch_kernels}
   diff = np.abs(logits["pallas"] - logits["xla"])
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernel ran, and agrees
   # Each row as it would be alone: the ragged positions were each row's own.

@@ -81,19 +81,39 @@ def applies(cfg: ModelConfig, layer: Any, rows: int) -> bool:
 
 
 def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,
-          k_cache: Array, v_cache: Array) -> tuple[Array, Array, Array]:
+          k_cache: Array, v_cache: Array, kernels: frozenset[str] | None = None) -> tuple[Array, Array, Array]:
   """x (B, D) each row's one token; positions (B,); sin, cos (B, H/2) at those positions; the
-  layer's cache (B, K, S, H) each. Returns (the block's output (B, D), k_cache, v_cache)."""
+  layer's cache (B, K, S, H) each. Returns (the block's output (B, D), k_cache, v_cache).
+  `kernels`: the products (by weight name) that run as `matvec` kernels, the rest as `model.Block`
+  runs them (XLA's matmul, norm, SwiGLU and residual add); default all four."""
   rows = x.shape[0]
   n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  attention, ffn = layer["attention"], layer["feed_forward"]
-  qkv = matvec.matvec(x, attention["wqkv_t"], norm=layer["attention_norm"]["weight"], eps=cfg.norm_eps)
+  wqkv, wo, w13, w2 = products(cfg)
+
+  def run(p: Product, y: Array, norm: str | None = None, residual: Array | None = None) -> Array:
+    w = layer[p.module][p.weight]
+    g = None if norm is None else layer[norm]["weight"]
+    if kernels is None or p.weight in kernels:
+      return matvec.matvec(y, w, norm=g, eps=cfg.norm_eps, residual=residual, gate_up=p.gate_up)
+    if g is not None:
+      y = M.RMSNorm(cfg).apply({"params": {"weight": g}}, y)
+    out = projection.project("BD,ND->BN", y, w, cfg.dtype)
+    if p.gate_up:
+      gate, up = jnp.split(out, 2, axis=-1)
+      out = jax.nn.silu(gate) * up
+    return out if residual is None else residual + out
+
+  qkv = run(wqkv, x, norm="attention_norm")
   out, k_cache, v_cache = decode_attention.rotary_cache_attention(
       qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
-  x = matvec.matvec(out.reshape(rows, n * h), attention["wo_t"], residual=x)
-  hidden = matvec.matvec(x, ffn["w13_t"], norm=layer["ffn_norm"]["weight"], eps=cfg.norm_eps,
-                         gate_up=True)
-  return matvec.matvec(hidden, ffn["w2_t"], residual=x), k_cache, v_cache
+  x = run(wo, out.reshape(rows, n * h), residual=x)
+  hidden = run(w13, x, norm="ffn_norm")
+  return run(w2, hidden, residual=x), k_cache, v_cache
+
+
+# The products a step of more rows than MAX_ROWS runs as `matvec` kernels (Triton's dot on rows
+# padded to 16) where they tile; the others through XLA's GEMMs.
+BATCH_KERNELS: frozenset[str] = frozenset()
 
 
 def batch_applies(cfg: ModelConfig, layer: Any) -> bool:
@@ -108,16 +128,17 @@ def batch_applies(cfg: ModelConfig, layer: Any) -> bool:
 
 def batch_block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, cos: Array,
                 k_cache: Array, v_cache: Array) -> tuple[Array, Array, Array]:
-  """`block`'s arguments and results, for any number of rows: `model.Block`'s norms and matmuls
-  (the same XLA code, on the same layout), with rotary, the cache write and attention as
-  `decode_attention.rotary_cache_attention`."""
+  """`block` for any number of rows: rotary, the cache write and attention as the fused kernel
+  (`decode_attention.rotary_cache_attention`, one kernel where XLA launches about ten), the
+  products as XLA's GEMMs with `model.Block`'s norms, SwiGLU and residual adds around them, but
+  those of BATCH_KERNELS that `matvec` tiles at this many rows."""
   rows = x.shape[0]
-  n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  attention = layer["attention"]
-  norm = lambda name, y: M.RMSNorm(cfg).apply({"params": layer[name]}, y)
-  qkv = projection.project("BD,CD->BC", norm("attention_norm", x), attention["wqkv_t"], cfg.dtype)
-  out, k_cache, v_cache = decode_attention.rotary_cache_attention(
-      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
-  x = x + projection.project("BF,DF->BD", out.reshape(rows, n * h), attention["wo_t"], cfg.dtype)
-  ffn = M.FeedForward(cfg).apply({"params": layer["feed_forward"]}, norm("ffn_norm", x)[:, None])
-  return x + ffn[:, 0], k_cache, v_cache
+
+  def tiles(p: Product) -> bool:
+    w = layer[p.module][p.weight]
+    weight = matvec.Weight.of(w) if projection.is_quantized(w) else matvec.Weight()
+    return (p.weight in BATCH_KERNELS and (not projection.is_quantized(w) or w.output_major)
+            and matvec.supported(rows, p.inputs, p.outputs, p.gate_up, weight=weight))
+
+  kernels = frozenset(p.weight for p in products(cfg) if tiles(p))
+  return block(cfg, layer, x, positions, sin, cos, k_cache, v_cache, kernels=kernels)
