@@ -241,6 +241,12 @@ batchattention)
     done
     [ -z "$BA_NOFUSE" ] || run batchattention XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done
+  for q in $BA_QUANTIZE; do  # e.g. BA_QUANTIZE=int4: batch 16 on quantized weights too
+    for k in auto xla; do
+      run batchattention XLA_FLAGS= $D --batch_size 16 --prompt_len 128 --new_tokens 256 --quantize=$q --config.model.decode_kernels=$k
+    done
+  done
+  [ "$BA_PROFILE" = 0 ] && continue
   rm -rf /tmp/pa
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1
   tail -1 $OUT/last.log

@@ -112,8 +112,11 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
 
 
 # The products a step of more rows than MAX_ROWS runs as `matvec` kernels (Triton's dot on rows
-# padded to 16) where they tile; the others through XLA's GEMMs.
-BATCH_KERNELS: frozenset[str] = frozenset()
+# padded to 16, with the residual add inside) where they tile: plain weights, up to matvec.MAX_ROWS
+# rows; the others through XLA's GEMMs. TinyLlama-1.1B, batch 16, one H100, one process
+# (benchmarks/batch_kernels.py): wo and w2 as kernels 1.297 ms a step, none 1.365, wo alone 1.363,
+# w2 alone 1.385, wq|wk|wv 1.736, w1|w3 1.973, all four 2.349; XLA's blocks 1.630.
+BATCH_KERNELS: frozenset[str] = frozenset({"wo_t", "w2_t"})
 
 
 def batch_applies(cfg: ModelConfig, layer: Any) -> bool:
@@ -137,8 +140,10 @@ def batch_block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: A
   def tiles(p: Product) -> bool:
     w = layer[p.module][p.weight]
     weight = matvec.Weight.of(w) if projection.is_quantized(w) else matvec.Weight()
-    return (p.weight in BATCH_KERNELS and (not projection.is_quantized(w) or w.output_major)
-            and matvec.supported(rows, p.inputs, p.outputs, p.gate_up, weight=weight))
+    # Quantized weights keep XLA's GEMMs: the dot form on converted integers was slower at 16 rows
+    # (BENCHMARKS.md, "Fused blocks on quantized weights").
+    return (p.weight in BATCH_KERNELS and isinstance(w, jax.Array)
+            and matvec.supported(rows, p.inputs, p.outputs, p.gate_up))
 
   kernels = frozenset(p.weight for p in products(cfg) if tiles(p))
   return block(cfg, layer, x, positions, sin, cos, k_cache, v_cache, kernels=kernels)
