@@ -33,11 +33,13 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of the parameters
   tie_embeddings: bool = False  # output head reuses tok_embeddings
   attention_impl: str = "xla"  # "xla" everywhere, "cudnn" (flash attention) on NVIDIA GPUs
-  # One query a row over the KV cache: "xla" reads the whole cache and masks; "pallas" reads each
-  # row's filled positions only (`kernels.decode_attention`; the server's engine picks it on a GPU)
+  # One query a row over the KV cache, in `model.Block` (the blocks decode_kernels leaves to XLA):
+  # "xla" reads the whole cache and masks; "pallas" reads each row's filled positions only
+  # (`kernels.decode_attention`; the server's engine picks it on a GPU)
   decode_attention: str = "xla"
   # A decode step's blocks: "pallas" runs each as five fused kernels (`kernels.decode_block`) where
-  # its weights and shapes allow, "xla" as `model.Block`; "auto" is pallas on one GPU, else xla.
+  # its weights and shapes allow, and a step of more rows as XLA's GEMMs around the fused attention
+  # kernel (`decode_block.batch_block`); "xla" as `model.Block`; "auto" is pallas on one GPU, else xla.
   decode_kernels: str = "auto"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth

@@ -320,7 +320,9 @@ class SlotEngine:
   of every slot rather than once per token; the call attends over a window of the cache just long
   enough for its live slots (`attend_buckets`). `decode_kernels` (default: the config's) is
   `model.decode_kernels`: on one GPU, "auto" runs calls of one row through the fused Pallas blocks
-  (`kernels.decode_block`), whose roundings differ from XLA's blocks that larger calls run."""
+  (`kernels.decode_block`) and larger calls through XLA's GEMMs around the fused attention kernel
+  (`decode_block.batch_block`; `decode_attention` then applies only with decode_kernels "xla"),
+  whose roundings differ from each other's and from XLA's blocks."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, max_batch: int, cache_len: int | None = None,
                steps: int = 8, max_steps: int | None = None, prefill_tokens: int = 4096,

@@ -14,12 +14,15 @@ on the engine's decode layout (`generate.engine.fuse_layer`: output-major weight
 quantized), computing what `model.Block` computes to the compute dtype's precision (RMSNorm folded
 into the product and attention accumulated blockwise round differently: see `matvec` and
 `decode_attention`). Where it does not apply (more than one row, LoRA weights, a float32 model,
-shapes the kernels do not tile, a mesh) the engine runs `model.Block`.
+shapes the kernels do not tile, a mesh) the engine runs `batch_block` below, or where that does not
+apply either (LoRA weights, a float32 model, heads the attention kernel does not tile, a mesh)
+`model.Block`.
 
-A step of more rows (`batch_block`) keeps XLA's matmuls, whose GEMMs beat Triton's dot from 16
-rows on, and runs only the attention through the fused kernel: rotary, the cache write and
-attention over each row's filled positions in one kernel where XLA launches about ten (two
-rotaries, two cache scatters, the scores, softmax's pieces, the weighted values).
+A step of more rows (`batch_block`) keeps XLA's GEMMs for wq|wk|wv and w1|w3, whose tiles beat
+Triton's dot on rows padded to 16 there, and runs the attention through the fused kernel (rotary,
+the cache write and attention over each row's filled positions in one kernel where XLA launches
+about ten: two rotaries, two cache scatters, the scores, softmax's pieces, the weighted values) and,
+up to 16 rows, wo and w2 with their residual adds as `matvec` kernels (BATCH_KERNELS).
 """
 
 from __future__ import annotations
