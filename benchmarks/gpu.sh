@@ -59,6 +59,9 @@
 #   bigconfigs the 7B and 13B configs as they are (7B dots_and_attention, 13B dots_no_batch): 13B in an 80 GB
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
+#   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
+#              gained 30% unrolled) beside the config's scanned blocks, at 4 and (cards of > 100 GB)
+#              6 sequences a GPU; 13B unrolled at 2 sequences a GPU
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
 #   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
@@ -235,6 +238,15 @@ batchdecode)
     tail -1 $OUT/last.log
     python3 benchmarks/profile_summary.py /tmp/pb --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16$layout.txt
   done ;;
+unrolled)
+  U7="timeout 480 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  U13="timeout 480 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
+  run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((4 * N)) --config.model.scan_layers=False
+  if [ "$mem" -gt 100000 ]; then
+    run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((6 * N)) --config.model.scan_layers=False
+  fi
+  run unrolled $M XLA_FLAGS= $U13 --config.batch_size=$((2 * N)) --config.model.scan_layers=False ;;
 batchattention)
   for b in 16 64; do
     for k in auto xla; do
