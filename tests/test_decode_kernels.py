@@ -205,6 +205,17 @@ def test_the_kernels_lower_for_a_gpu():
   assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 3
 
 
+def test_a_batch_step_needs_every_product_in_the_decode_layout():
+  cfg = _tiny("pallas")
+  layer = engine.prepare_params(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0)))).layers[0]
+  assert decode_block.batch_applies(cfg, layer)
+  ffn = dict(layer["feed_forward"])
+  w13 = ffn.pop("w13_t")  # as a layer whose w1 and w3 did not stack: kept apart, input-major
+  unstacked = {**layer, "feed_forward": {**ffn, "w1": w13[:cfg.hidden_dim].T, "w3": w13[cfg.hidden_dim:].T}}
+  assert not decode_block.batch_applies(cfg, unstacked)
+  assert not decode_block.batch_applies(cfg.replace(dtype="float32"), layer)
+
+
 def test_heads_the_kernels_cannot_tile_keep_xla_blocks():
   assert [decode_attention.supported_head_dim(h) for h in (32, 64, 96, 128, 160)] == [True, True, False, True, False]
   cfg = ModelConfig(dim=768, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=64,

@@ -123,11 +123,11 @@ BATCH_KERNELS: frozenset[str] = frozenset({"wo_t", "w2_t"})
 
 
 def batch_applies(cfg: ModelConfig, layer: Any) -> bool:
-  """Whether `batch_block` runs this layer: wq|wk|wv stacked in the decode layout (not with LoRA
-  adapters, which keep each projection apart), heads the attention kernel tiles, a half-precision
-  model (Triton's dot on float32 would round through TF32)."""
-  attention = layer.get("attention", {})
-  return ("wqkv_t" in attention and "wo_t" in attention
+  """Whether `batch_block` runs this layer: every product in the decode layout, stacked where it
+  reads a shared input (not a layer with LoRA adapters, which keep each projection apart, nor one
+  whose weights would not stack), heads the attention kernel tiles, a half-precision model
+  (Triton's dot on float32 would round through TF32)."""
+  return (all(p.weight in layer.get(p.module, {}) for p in products(cfg))
           and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
           and decode_attention.supported_head_dim(cfg.head_dim))
 
@@ -142,7 +142,6 @@ def batch_block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: A
 
   def tiles(p: Product) -> bool:
     w = layer[p.module][p.weight]
-    weight = matvec.Weight.of(w) if projection.is_quantized(w) else matvec.Weight()
     # Quantized weights keep XLA's GEMMs: the dot form on converted integers was slower at 16 rows
     # (BENCHMARKS.md, "Fused blocks on quantized weights").
     return (p.weight in BATCH_KERNELS and isinstance(w, jax.Array)
