@@ -45,6 +45,12 @@ def test_matvec_matches_the_model_arithmetic(rows, form):
     assert float(jnp.max(jnp.abs(unnormed))) > 3 * float(jnp.max(jnp.abs(want)))
 
 
+def test_the_kernels_rms_norm_is_the_models():
+  x, g = _normal(0, (3, 512)), _normal(1, (512,))
+  cfg = ModelConfig(dim=512, n_layers=1, n_heads=4, vocab_size=8, dtype="bfloat16", norm_eps=1e-6)
+  np.testing.assert_array_equal(matvec.rms_norm(x, g, 1e-6), M.RMSNorm(cfg).apply({"params": {"weight": g}}, x))
+
+
 def test_matvec_refuses_what_it_cannot_tile():
   x = _normal(0, (1, 512))
   with pytest.raises(ValueError, match="output-major"):
@@ -229,7 +235,7 @@ def test_heads_the_kernels_cannot_tile_keep_xla_blocks():
 
 
 def _tiny(decode_kernels: str) -> ModelConfig:
-  # The kernels' tiling: D, F and N*H multiples of 1024 or 256, the head dimension of 32.
+  # The kernels' tiling: D, F and N*H multiples of 1024 or 256; heads of 128.
   return ModelConfig(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=128,
                      ffn_hidden_dim=1280, dtype="bfloat16", decode_kernels=decode_kernels)
 
@@ -268,16 +274,22 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
 
 
-@pytest.mark.parametrize("batch_kernels", [(), ("wo_t", "w13_t")])
-def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch, batch_kernels):
+@pytest.mark.parametrize("batch_kernels, quantize", [
+    ((), ""), (("wo_t", "w13_t"), ""), (tuple(decode_block.BATCH_KERNELS), ""),
+    pytest.param(tuple(decode_block.BATCH_KERNELS), "int4_g128", marks=pytest.mark.slow)])
+def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch, batch_kernels, quantize):
   # Rows of different lengths, teacher-forced on XLA's tokens: each row's logits through
   # `decode_block.batch_block` (XLA's matmuls, the fused attention kernel; some products as
-  # `matvec` kernels if BATCH_KERNELS says so) against XLA's blocks.
+  # `matvec` kernels if BATCH_KERNELS says so, plain weights only) against XLA's blocks.
   monkeypatch.setattr(decode_block, "BATCH_KERNELS", frozenset(batch_kernels))
   products = []
   original_matvec = matvec.matvec
   monkeypatch.setattr(matvec, "matvec", lambda x, w, **k: products.append(w.shape) or original_matvec(x, w, **k))
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(2)))
+  if quantize:  # every projection as integers: XLA's quantized GEMMs around the attention kernel
+    from llama_jax.quantize.grid import Grid
+    from llama_jax.quantize.layers import Options, quantize_params
+    params, _ = quantize_params(_tiny("xla"), params, Grid(*SCHEMES[quantize]), Options("rtn"))
   prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13]]
   reference = generate_tokens(_tiny("xla"), params, prompts, 6)
   ep = engine.prepare_params(_tiny("pallas"), params)
@@ -289,13 +301,23 @@ def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch,
   logits = {k: forced_batch_logits(_tiny(k), params, prompts, reference) for k in ("xla", "pallas")}
   assert calls and set(calls) == {(3, _tiny("xla").dim)}
   cfg = _tiny("xla")
-  widths = {"wo_t": (cfg.dim, cfg.n_heads * cfg.head_dim), "w13_t": (2 * cfg.hidden_dim, cfg.dim)}
-  assert set(products) == {widths[k] for k in batch_kernels}
+  widths = {"wo_t": (cfg.dim, cfg.n_heads * cfg.head_dim), "w13_t": (2 * cfg.hidden_dim, cfg.dim),
+            "w2_t": (cfg.dim, cfg.hidden_dim)}
+  assert set(products) == (set() if quantize else {widths[k] for k in batch_kernels})
   diff = np.abs(logits["pallas"] - logits["xla"])
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernel ran, and agrees
   # Each row as it would be alone: the ragged positions were each row's own.
   alone = forced_logits(_tiny("xla"), params, prompts[1], reference[1])
   assert np.abs(logits["pallas"][1] - alone).max() < 0.03 * np.abs(alone).max()
+
+
+def test_slots_whose_attention_reads_each_length_compile_no_windows():
+  params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(1)))
+  with_kernels = slots.SlotEngine(_tiny("pallas"), params, max_batch=4, steps=4, min_attend=16,
+                                  decode_attention="xla")
+  assert with_kernels.reads_own_lengths and not with_kernels.windowed(4)
+  xla = slots.SlotEngine(_tiny("xla"), params, max_batch=4, steps=4, min_attend=16, decode_attention="xla")
+  assert not xla.reads_own_lengths and xla.windowed(4)
 
 
 @pytest.mark.slow

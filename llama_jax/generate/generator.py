@@ -153,9 +153,9 @@ def forced_batch_logits(cfg: ModelConfig, params: Any, prompts: Sequence[Sequenc
   engine's prefill takes them), then tokens[r], each row at its own positions; every row has the
   same number of tokens. (R, T - 1, V) float32."""
   ep = engine.prepare_params(cfg, params)
+  if not prompts or len(tokens) != len(prompts) or len({len(t) for t in tokens}) != 1 or len(tokens[0]) < 2:
+    raise ValueError("forced_batch_logits takes one token list a prompt, all of one length of at least 2")
   rows, steps, longest = len(prompts), len(tokens[0]), max(map(len, prompts))
-  if any(len(t) != steps for t in tokens) or len(tokens) != rows:
-    raise ValueError("forced_batch_logits takes one token list a prompt, all of one length")
   # The weights are arguments, not closed over: a jitted closure would bake them into the program
   # as constants (gigabytes for a real model, and a compile that never ends).
   @jax.jit

@@ -40,8 +40,8 @@ length; `prefill` and `insert`, which the server no longer uses, once per prompt
 `generate` once per call length (`call_lengths`), greedy or not, and row bucket (the leading
 slots it runs: 1, 4, 16, ..., max_batch) and, with XLA's decode attention, for the row buckets of
 a quarter of the slots or more, once per attention window (`attend_buckets`: 128, 192, 256, 384,
-... up to the cache length; the ragged Pallas attention reads each slot's own length and has no
-windows), and once more for all slots with the most likely alternatives of each token (OpenAI's
+... up to the cache length; the ragged Pallas attention and the fused decode kernels' read each
+slot's own length and have no windows), and once more for all slots with the most likely alternatives of each token (OpenAI's
 `logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
 """
 
@@ -570,10 +570,16 @@ class SlotEngine:
     """Whether calls of `rows` slots have a window per attend bucket (else the whole cache): only
     where the cache the rows read is a large part of a step's memory traffic (a quarter of the slots
     or more); fewer rows mostly read the weights, and each window is one more compilation. Never
-    with the ragged Pallas attention: each slot reads its own length of the cache whatever the
-    window, so windows would only add programs (at the benchmark's 64 slots of 1,024 positions,
-    72 of its 121), and calls of all the slots no copy at all (fewer rows still copy theirs out)."""
-    return self.cfg.decode_attention != "pallas" and rows * 4 >= self.max_batch
+    where each slot reads its own length of the cache whatever the window (the ragged Pallas
+    attention, or the fused decode kernels' attention, `engine.fused_attention`): windows would
+    only add programs (at the benchmark's 64 slots of 1,024 positions, 72 of its 121), and calls
+    of all the slots no copy at all (fewer rows still copy theirs out)."""
+    return not self.reads_own_lengths and rows * 4 >= self.max_batch
+
+  @functools.cached_property
+  def reads_own_lengths(self) -> bool:
+    """Whether a decode call's attention reads each slot's filled positions only."""
+    return self.cfg.decode_attention == "pallas" or engine.fused_attention(self.cfg, self.params, self.mesh)
 
   @functools.cached_property
   def call_lengths(self) -> list[int]:

@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama_jax import model as M
 from llama_jax import projection
 from llama_jax.config import ModelConfig
 from llama_jax.kernels import decode_attention, matvec
@@ -99,7 +98,7 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
     if kernels is None or p.weight in kernels:
       return matvec.matvec(y, w, norm=g, eps=cfg.norm_eps, residual=residual, gate_up=p.gate_up)
     if g is not None:
-      y = M.RMSNorm(cfg).apply({"params": {"weight": g}}, y)
+      y = matvec.rms_norm(y, g, cfg.norm_eps)
     out = projection.project("BD,ND->BN", y, w, cfg.dtype)
     if p.gate_up:
       gate, up = jnp.split(out, 2, axis=-1)

@@ -347,14 +347,20 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
       interpret=interpret, name=name)(*operands)
 
 
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """RMSNorm in plain XLA with `model.RMSNorm`'s arithmetic: float32 statistics, the normalised
+  value rounded to x's dtype, then scaled by the weight in that dtype."""
+  x32 = x.astype(jnp.float32)
+  normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  return normed * weight.astype(x.dtype)
+
+
 def reference(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
               residual: Array | None = None, gate_up: bool = False) -> Array:
   """The same in plain XLA, as the model computes it (a quantized weight's products in float32,
   as the model's per-group products accumulate)."""
   if norm is not None:
-    x32 = x.astype(jnp.float32)
-    x = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-    x = x * norm.astype(x.dtype)
+    x = rms_norm(x, norm, eps)
   if projection.is_quantized(w):
     out = jnp.einsum("BD,DN->BN", x.astype(jnp.float32), projection.dequantize(w),
                      precision="highest")
