@@ -152,9 +152,9 @@ def forced_batch_logits(cfg: ModelConfig, params: Any, prompts: Sequence[Sequenc
   """`forced_logits` for a batch: row r fed prompts[r] (right-padded to the longest, as the
   engine's prefill takes them), then tokens[r], each row at its own positions; every row has the
   same number of tokens. (R, T - 1, V) float32."""
-  ep = engine.prepare_params(cfg, params)
   if not prompts or len(tokens) != len(prompts) or len({len(t) for t in tokens}) != 1 or len(tokens[0]) < 2:
     raise ValueError("forced_batch_logits takes one token list a prompt, all of one length of at least 2")
+  ep = engine.prepare_params(cfg, params)
   rows, steps, longest = len(prompts), len(tokens[0]), max(map(len, prompts))
   # The weights are arguments, not closed over: a jitted closure would bake them into the program
   # as constants (gigabytes for a real model, and a compile that never ends).
