@@ -24,6 +24,8 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
+#   servekernels  the server and the static batch at 64 clients with XLA's decode blocks (and the
+#              ragged attention kernel) against the fused kernels' (auto), one process each
 #   servesampled  the same at 16 and 64 clients, sampled (temperature 0.8) on both sides
 #   serveprofile  the same at 16 and 64 clients with the scheduler's counters and a kernel summary
 #              of the server at 64 clients
@@ -283,6 +285,11 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+  done ;;
+servekernels)
+  for k in xla auto; do
+    python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn --clients 64 \
+      --decode_kernels $k 2>&1 | tee $OUT/servekernels_$k.txt | tail -3
   done ;;
 serve)  # the OpenAI-compatible server under 1, 16 and 64 streaming clients beside static batches
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn 2>&1 | tee $OUT/serve_load.txt | tail -12 ;;

@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max_len", type=int, default=1024, help="the server's tokens per slot")
   p.add_argument("--decode_steps", type=int, default=8, help="the server's decode steps per call")
   p.add_argument("--decode_attention", default="auto", help="the server's (auto, xla, pallas)")
+  p.add_argument("--decode_kernels", default="auto", help="the server's and the static batch's (auto, "
+                 "xla, pallas): the fused decode blocks, or XLA's")
   p.add_argument("--attention_impl", default="xla", help="the model's (xla, cudnn: flash attention in "
                  "prefill, as configs/tinyllama_1b.py trains), both sides")
   p.add_argument("--temperature", type=float, default=0.0, help="both sides; 0: greedy")
@@ -143,7 +145,7 @@ def static_stage(args) -> dict:
     t0 = time.perf_counter()
     make_checkpoint(args, args.workdir)
     print(f"checkpoint written in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-  model = llama_jax.load(checkpoint)
+  model = llama_jax.load(checkpoint, decode_kernels=args.decode_kernels)
   params = engine.prepare_params(model.config, model.params)
   prompt_lengths, answer_lengths = mix(args, 4096, seed=1)
   p, n = int(np.mean(prompt_lengths)), int(np.mean(answer_lengths))
@@ -176,7 +178,7 @@ def start_server(args, port: int) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "llama_jax.serve", "--checkpoint", os.path.join(args.workdir, "model"),
          "--port", str(port), "--max_batch", str(max(levels(args))), "--max_len", str(args.max_len),
          "--decode_steps", str(args.decode_steps), "--decode_attention", args.decode_attention,
-         "--warmup", "--model_name", "bench",
+         "--decode_kernels", args.decode_kernels, "--warmup", "--model_name", "bench",
          "--compilation_cache", "",  # server_ready_s: a cold warmup, whatever ran before on this machine
          "--log_level", "warning"] + (["--profile_dir", args.profile_dir] if args.profile_dir else [])
   return subprocess.Popen(cmd, cwd=REPO, stdout=sys.stderr)  # stdout: the table only
