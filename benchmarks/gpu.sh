@@ -70,8 +70,10 @@
 #              GPU, decode_block.batch_block) against XLA's blocks (BA_NOFUSE=1: also on the model's
 #              layout, --nofuse); a kernel summary of the batch-16 decode with the kernels
 #   batchkernels  batch 16: which products to run as matvec kernels beside the fused attention
-#              (benchmarks/batch_kernels.py, a process a run, rounds over the sets), and the
+#              (benchmarks/decode_variants.py, a process a run, rounds over the variants), and the
 #              attention kernel's settings at 16 rows
+#   prefetch   batch 1: the attention kernel reading wo into L2 for the kernel after it, or not
+#              (decode_variants.py PREFETCH_WO), bf16 and int4, rounds of fresh processes
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
 #              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
@@ -266,9 +268,15 @@ batchattention)
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1
   tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pa --top 30 2>&1 | grep -v Deprecation > $OUT/profile_batchattention.txt ;;
+prefetch)
+  for q in "" int4; do
+    timeout 280 python3 benchmarks/decode_variants.py --batch_size 1 --quantize "$q" \
+      --variants "PREFETCH_WO=0;PREFETCH_WO=1" --processes ${PF_ROUNDS:-2} 2>&1 | grep -E '^\{|Error' | tee -a $OUT/prefetch.jsonl
+  done ;;
 batchkernels)
-  # BK_SETS: which sets (default: none, and wo with w2; '' for batch_kernels.py's whole list), BK_ROUNDS
-  timeout 450 python3 benchmarks/batch_kernels.py --sets "${BK_SETS-;wo_t,w2_t}" --processes ${BK_ROUNDS:-3} 2>&1 \
+  # BK_VARIANTS: decode_variants.py's variants (default: XLA's blocks, none, wo with w2), BK_ROUNDS
+  timeout 450 python3 benchmarks/decode_variants.py --batch_size 16 \
+    --variants "${BK_VARIANTS:-xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t}" --processes ${BK_ROUNDS:-3} 2>&1 \
     | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl
   timeout 150 python3 benchmarks/kernel_sweep.py --rows 16 --block_n 16 --block_k 256 --warps 4 --stages 4 \
     --attention_blocks 64,128,256 --lengths 384 2>&1 | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl ;;

@@ -16,6 +16,7 @@ interpreter (tests only: slow, and exact against `reference`).
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,8 @@ def rotary_block(length: int, head_dim: int = 64) -> int:
 
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, block_k: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                           num_warps: int = 4, num_stages: int = 2, prefetch: Sequence[Array] = (),
+                           interpret: bool | None = None,
                            name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
   """A decode step's attention in one kernel: rotary embeddings, the cache write and attention.
 
@@ -107,7 +109,12 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   `xla_attention`): rotary in float32, keys and queries rounded to the cache dtype, float32 scores
   and softmax statistics; the probabilities are rounded to the cache dtype before they weigh the
   values, block by block and before normalising (flash attention's order), where the model rounds
-  the normalised ones. H must be a power of two (Triton's tiles) of at least 32."""
+  the normalised ones. H must be a power of two (Triton's tiles) of at least 32.
+
+  `prefetch`: arrays (the next kernel's weights) that programs of their own read while the
+  attention runs, so that they sit in L2 when that kernel reads them: at one row the attention
+  occupies one SM per KV head and leaves the memory bus idle (`prefetch_plan` says which arrays
+  and how many programs; what they read is thrown away)."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   b, c, h = qkv.shape
@@ -125,9 +132,39 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   scale = h ** -0.5
   min_score = jnp.finfo(jnp.float32).min
 
-  def kernel(qkv_ref, sin_ref, cos_ref, pos_ref, k_in, v_in, o_ref, k_ref, v_ref):
+  plan = prefetch_plan(prefetch)
+  if prefetch and plan is None:
+    raise ValueError(f"prefetch takes arrays of whole (rows of {PREFETCH_WIDTH}) tiles; got "
+                     f"{[a.shape for a in prefetch]}")
+  warm = tuple(a.reshape(-1, PREFETCH_WIDTH) for a in prefetch)
+
+  def kernel(qkv_ref, sin_ref, cos_ref, pos_ref, k_in, v_in, *refs):
     del k_in, v_in  # the same buffers as k_ref, v_ref (aliased)
     row, kv = pl.program_id(0), pl.program_id(1)
+    inputs = (qkv_ref, sin_ref, cos_ref, pos_ref, row, kv)
+    if not warm:
+      attend(*inputs, *refs)
+      return
+    warm_refs, (sentinel_ref, o_ref, k_ref, v_ref, sink_ref) = refs[:len(warm)], refs[len(warm):]
+
+    @pl.when(kv < kv_heads)
+    def _():
+      attend(*inputs, o_ref, k_ref, v_ref)
+
+    @pl.when((kv >= kv_heads) & (row == 0))
+    def _():  # program j reads its share of each array; the sum is stored only if it were NaN
+      j, total = kv - kv_heads, jnp.zeros((), jnp.float32)
+      for ref in warm_refs:
+        share = ref.shape[0] // plan
+
+        def tile(t, total, ref=ref, share=share):
+          rows = pl.ds(j * share + t * PREFETCH_ROWS, PREFETCH_ROWS)
+          return total + jnp.sum(plgpu.load(ref.at[rows, :], eviction_policy="evict_last").astype(jnp.float32))
+
+        total = jax.lax.fori_loop(0, share // PREFETCH_ROWS, tile, total)
+      plgpu.store(sink_ref.at[pl.ds(j, 1)], total[None], mask=(total == sentinel_ref[0])[None])
+
+  def attend(qkv_ref, sin_ref, cos_ref, pos_ref, row, kv, o_ref, k_ref, v_ref):
     pos = pos_ref[row]
     live = (jnp.arange(padded) < group)[:, None]
     sin, cos = sin_ref[row, :][None, :], cos_ref[row, :][None, :]
@@ -189,13 +226,37 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
     plgpu.store(o_ref.at[row, pl.ds(kv * group, padded), :], (out / l[:, None]).astype(o_ref.dtype),
                 mask=live)
 
-  out, k_cache, v_cache = pl.pallas_call(
-      kernel, grid=(b, kv_heads),
-      out_shape=(jax.ShapeDtypeStruct((b, n_heads, h), qkv.dtype),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+  out_shape = (jax.ShapeDtypeStruct((b, n_heads, h), qkv.dtype),
+               jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+  # The prefetching programs' sums go to a sink, stored only where a sum equals NaN (never, but
+  # not known to Triton when it compiles, so the loads stay).
+  extra = (*warm, jnp.full((1,), jnp.nan, jnp.float32)) if warm else ()
+  if warm:
+    out_shape += (jax.ShapeDtypeStruct((plan,), jnp.float32),)
+  out, k_cache, v_cache, *_ = pl.pallas_call(
+      kernel, grid=(b, kv_heads + (plan if warm else 0)),
+      out_shape=out_shape,
       input_output_aliases={4: 1, 5: 2},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name=name,
-  )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache)
+  )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache,
+    *extra)
   return out, k_cache, v_cache
+
+
+PREFETCH_WIDTH = 1024  # elements of a prefetched array a tile row holds
+PREFETCH_ROWS = 8  # tile rows a prefetching program reads at a time (16 KB of bf16)
+PREFETCH_PROGRAMS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def prefetch_plan(arrays: Sequence[Array]) -> int | None:
+  """How many programs prefetch `arrays` (each viewed as rows of PREFETCH_WIDTH elements, every
+  program an equal share of whole tiles of PREFETCH_ROWS rows): the most of PREFETCH_PROGRAMS that
+  divides every array so; None if one does not divide at all."""
+  if not arrays:
+    return 0
+  if any(a.size % PREFETCH_WIDTH for a in arrays):
+    return None
+  rows = [a.size // PREFETCH_WIDTH for a in arrays]
+  return next((p for p in PREFETCH_PROGRAMS if all(r % (p * PREFETCH_ROWS) == 0 for r in rows)), None)

@@ -107,16 +107,31 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
 
   qkv = run(wqkv, x, norm="attention_norm")
   out, k_cache, v_cache = decode_attention.rotary_cache_attention(
-      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n)
+      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n,
+      prefetch=_prefetch(layer, rows, kernels))
   x = run(wo, out.reshape(rows, n * h), residual=x)
   hidden = run(w13, x, norm="ffn_norm")
   return run(w2, hidden, residual=x), k_cache, v_cache
 
 
+# At one row, whether the attention kernel reads wo's weight into L2 for the wo kernel after it
+# (`decode_attention.rotary_cache_attention`'s `prefetch`: the attention occupies one SM per KV
+# head and leaves the memory bus idle). Off until measured (benchmarks/decode_variants.py).
+PREFETCH_WO = False
+
+
+def _prefetch(layer: Any, rows: int, kernels: frozenset[str] | None) -> tuple[Array, ...]:
+  if not PREFETCH_WO or rows != 1 or (kernels is not None and "wo_t" not in kernels):
+    return ()
+  w = layer["attention"]["wo_t"]
+  arrays = (w.values if projection.is_quantized(w) else w,)
+  return arrays if decode_attention.prefetch_plan(arrays) else ()
+
+
 # The products a step of more rows than MAX_ROWS runs as `matvec` kernels (Triton's dot on rows
 # padded to 16, with the residual add inside) where they tile: plain weights, up to matvec.MAX_ROWS
 # rows; the others through XLA's GEMMs. TinyLlama-1.1B, batch 16, one H100, one process
-# (benchmarks/batch_kernels.py): wo and w2 as kernels 1.297 ms a step, none 1.365, wo alone 1.363,
+# (benchmarks/batch_kernels.py at 31d430b, now decode_variants.py): wo and w2 as kernels 1.297 ms a step, none 1.365, wo alone 1.363,
 # w2 alone 1.385, wq|wk|wv 1.736, w1|w3 1.973, all four 2.349; XLA's blocks 1.630.
 BATCH_KERNELS: frozenset[str] = frozenset({"wo_t", "w2_t"})
 

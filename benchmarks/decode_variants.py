@@ -1,0 +1,76 @@
+"""Settings of the fused decode blocks (`llama_jax.kernels.decode_block`'s module constants) against
+each other, measured on one GPU:
+
+  python benchmarks/decode_variants.py [--config configs/tinyllama_1b.py] [--batch_size 16]
+      [--variants "xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t"] [--processes 3]
+
+A variant is "xla" (XLA's blocks: `model.decode_kernels=xla`) or NAME=VALUE overrides of
+decode_block's constants, comma lists for sets (BATCH_KERNELS: the products a batch step runs as
+`matvec` kernels) and 0/1 for flags (PREFETCH_WO: the attention kernel reads wo into L2 at one row),
+several joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) in a process of its
+own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
+picks (so a step's time) differ from one process to the next (batch 16 on XLA's blocks: 1.49 or
+1.63 ms on H100s), while within one process every later run reuses the first one's picks. One JSON
+line a run: the variant, the round, and the decode's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def apply(variant: str):
+  """Sets decode_block's constants as `variant` says; returns the config's decode_kernels."""
+  from llama_jax.kernels import decode_block
+  if variant == "xla":
+    return "xla"
+  for override in filter(None, variant.split("&")):
+    name, value = override.split("=", 1)
+    current = getattr(decode_block, name)  # an unknown name fails here
+    if isinstance(current, bool):
+      setattr(decode_block, name, value == "1")
+    else:
+      setattr(decode_block, name, frozenset(filter(None, value.split(","))))
+  return "auto"
+
+
+def one(config_path: str, batch_size: int, variant: str, quantize: str = "") -> dict:
+  from llama_jax.bench.decode import bench_decode
+  from llama_jax.train.cli import load_config
+  kernels = apply(variant)
+  config = load_config(config_path)
+  config.model.decode_kernels = kernels
+  return bench_decode(config, batch_size, 128, 256, quantize=quantize)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="configs/tinyllama_1b.py")
+  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--variants", default="xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t",
+                 help="';'-separated variants (see above)")
+  p.add_argument("--processes", type=int, default=3, help="rounds over the list, a process a run")
+  p.add_argument("--quantize", default="", help="int8 or int4: the weights quantized (bench decode's)")
+  p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one variant
+  args = p.parse_args()
+  if args.one is not None:
+    print(json.dumps(one(args.config, args.batch_size, args.one, args.quantize)), flush=True)
+    return
+  for round_ in range(args.processes):
+    for variant in args.variants.split(";"):
+      child = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch_size",
+               str(args.batch_size), "--quantize", args.quantize, "--one", variant]
+      proc = subprocess.run(child, capture_output=True, text=True)
+      lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+      result = json.loads(lines[-1]) if lines else {"error": proc.stderr[-500:]}
+      print(json.dumps({"variant": variant, "round": round_, **result}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
