@@ -131,8 +131,10 @@ def _prefetch(layer: Any, rows: int, kernels: frozenset[str] | None) -> tuple[Ar
 # The products a step of more rows than MAX_ROWS runs as `matvec` kernels (Triton's dot on rows
 # padded to 16, with the residual add inside) where they tile: plain weights, up to matvec.MAX_ROWS
 # rows; the others through XLA's GEMMs. TinyLlama-1.1B, batch 16, one H100, one process
-# (benchmarks/batch_kernels.py at 31d430b, now decode_variants.py): wo and w2 as kernels 1.297 ms a step, none 1.365, wo alone 1.363,
-# w2 alone 1.385, wq|wk|wv 1.736, w1|w3 1.973, all four 2.349; XLA's blocks 1.630.
+# (benchmarks/batch_kernels.py at 31d430b, now decode_variants.py): wo and w2 as kernels 1.297 ms
+# a step, none 1.365, wo alone 1.363, w2 alone 1.385, wq|wk|wv 1.736, w1|w3 1.973, all four 2.349;
+# XLA's blocks 1.630. In a fresh process (another call) the committed set took 1.374: XLA's
+# autotuned picks differ between processes (BENCHMARKS.md, "Batches").
 BATCH_KERNELS: frozenset[str] = frozenset({"wo_t", "w2_t"})
 
 
