@@ -11,7 +11,8 @@ several joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) 
 own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
 picks (so a step's time) differ from one process to the next (batch 16 on XLA's blocks: 1.49 or
 1.63 ms on H100s), while within one process every later run reuses the first one's picks. One JSON
-line a run: the variant, the round, and the decode's figures.
+line a run: the variant, the round, and the decode's figures. `--autotune_cache DIR` makes every
+run share one set of picks (the first run's), so that the variants differ only where they differ.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main() -> None:
                  help="';'-separated variants (see above)")
   p.add_argument("--processes", type=int, default=3, help="rounds over the list, a process a run")
   p.add_argument("--quantize", default="", help="int8 or int4: the weights quantized (bench decode's)")
+  p.add_argument("--autotune_cache", default="", help="a directory: every run shares XLA's autotuned "
+                 "picks through it (--xla_gpu_per_fusion_autotune_cache_dir; the first run tunes)")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one variant
   args = p.parse_args()
   if args.one is not None:
@@ -66,10 +69,15 @@ def main() -> None:
     for variant in args.variants.split(";"):
       child = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch_size",
                str(args.batch_size), "--quantize", args.quantize, "--one", variant]
-      proc = subprocess.run(child, capture_output=True, text=True)
+      env = dict(os.environ)
+      if args.autotune_cache:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_gpu_per_fusion_autotune_cache_dir={args.autotune_cache}").strip()
+      proc = subprocess.run(child, capture_output=True, text=True, env=env)
       lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
       result = json.loads(lines[-1]) if lines else {"error": proc.stderr[-500:]}
-      print(json.dumps({"variant": variant, "round": round_, **result}), flush=True)
+      print(json.dumps({"variant": variant, "round": round_, "autotune_cache": bool(args.autotune_cache),
+                        **result}), flush=True)
 
 
 if __name__ == "__main__":

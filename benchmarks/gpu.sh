@@ -70,8 +70,8 @@
 #              GPU, decode_block.batch_block) against XLA's blocks (BA_NOFUSE=1: also on the model's
 #              layout, --nofuse); a kernel summary of the batch-16 decode with the kernels
 #   batchkernels  batch 16: which products to run as matvec kernels beside the fused attention
-#              (benchmarks/decode_variants.py, a process a run, rounds over the variants), and the
-#              attention kernel's settings at 16 rows
+#              (benchmarks/decode_variants.py, a process a run, rounds over the variants; then one
+#              round sharing XLA's autotuned picks), and the attention kernel's settings at 16 rows
 #   prefetch   batch 1: the attention kernel reading wo into L2 for the kernel after it, or not
 #              (decode_variants.py PREFETCH_WO), bf16 and int4, rounds of fresh processes
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
@@ -276,7 +276,10 @@ prefetch)
 batchkernels)
   # BK_VARIANTS: decode_variants.py's variants (default: XLA's blocks, none, wo with w2), BK_ROUNDS
   timeout 450 python3 benchmarks/decode_variants.py --batch_size 16 \
-    --variants "${BK_VARIANTS:-xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t}" --processes ${BK_ROUNDS:-3} 2>&1 \
+    --variants "${BK_VARIANTS:-xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t}" --processes ${BK_ROUNDS:-2} 2>&1 \
+    | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl
+  timeout 300 python3 benchmarks/decode_variants.py --batch_size 16 --autotune_cache /tmp/autotune_bk \
+    --variants "${BK_VARIANTS:-xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t}" --processes 1 2>&1 \
     | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl
   timeout 150 python3 benchmarks/kernel_sweep.py --rows 16 --block_n 16 --block_k 256 --warps 4 --stages 4 \
     --attention_blocks 64,128,256 --lengths 384 2>&1 | grep -E '^\{|Error' | tee -a $OUT/batchkernels.jsonl ;;
