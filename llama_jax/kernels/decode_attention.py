@@ -92,6 +92,23 @@ def rotary_block(length: int, head_dim: int = 64) -> int:
   return 256 if length > 1024 and head_dim <= 64 else 128
 
 
+PREFETCH_WIDTH = 1024  # elements of a prefetched array a tile row holds
+PREFETCH_ROWS = 8  # tile rows a prefetching program reads at a time (16 KB of bf16)
+PREFETCH_PROGRAMS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def prefetch_plan(arrays: Sequence[Array]) -> int | None:
+  """How many programs prefetch `arrays` (each viewed as rows of PREFETCH_WIDTH elements, every
+  program an equal share of whole tiles of PREFETCH_ROWS rows): the most of PREFETCH_PROGRAMS that
+  divides every array so; None if one does not divide at all."""
+  if not arrays:
+    return 0
+  if any(a.size % PREFETCH_WIDTH for a in arrays):
+    return None
+  rows = [a.size // PREFETCH_WIDTH for a in arrays]
+  return next((p for p in PREFETCH_PROGRAMS if all(r % (p * PREFETCH_ROWS) == 0 for r in rows)), None)
+
+
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, block_k: int | None = None,
                            num_warps: int = 4, num_stages: int = 2, prefetch: Sequence[Array] = (),
@@ -243,20 +260,3 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache,
     *extra)
   return out, k_cache, v_cache
-
-
-PREFETCH_WIDTH = 1024  # elements of a prefetched array a tile row holds
-PREFETCH_ROWS = 8  # tile rows a prefetching program reads at a time (16 KB of bf16)
-PREFETCH_PROGRAMS = (128, 64, 32, 16, 8, 4, 2, 1)
-
-
-def prefetch_plan(arrays: Sequence[Array]) -> int | None:
-  """How many programs prefetch `arrays` (each viewed as rows of PREFETCH_WIDTH elements, every
-  program an equal share of whole tiles of PREFETCH_ROWS rows): the most of PREFETCH_PROGRAMS that
-  divides every array so; None if one does not divide at all."""
-  if not arrays:
-    return 0
-  if any(a.size % PREFETCH_WIDTH for a in arrays):
-    return None
-  rows = [a.size // PREFETCH_WIDTH for a in arrays]
-  return next((p for p in PREFETCH_PROGRAMS if all(r % (p * PREFETCH_ROWS) == 0 for r in rows)), None)
