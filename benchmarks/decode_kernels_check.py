@@ -8,7 +8,7 @@ For each batch size, one JSON line each:
              weights): for each pair, the logits of the first step the loop draws (max abs
              difference, beside the logits' size) and how many tokens the two agree on before their
              first difference (roundings differ: a near-tie may go either way after that); and
-             teacher-forced, each fed XLA's tokens of the first row, the largest logit difference
+             teacher-forced, each fed XLA's tokens of every row, the largest logit difference
              over every step (`forced_max_abs_diff`: like with like after a near-tie too); with
              `--quantize`, the weights quantized by round-to-nearest and float32's run on their
              dequantized values
@@ -40,7 +40,7 @@ from llama_jax.bench.decode import random_engine_params  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.generate import engine  # noqa: E402
 from llama_jax.generate.cache import KVCache  # noqa: E402
-from llama_jax.generate.generator import forced_logits, generate_tokens  # noqa: E402
+from llama_jax.generate.generator import forced_batch_logits, generate_tokens  # noqa: E402
 from llama_jax.train.cli import load_config  # noqa: E402
 from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
 
@@ -75,9 +75,10 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
     return {"first_step_max_abs_diff": float(np.abs(logits_a - logits_z).max()),
             "tokens_equal_before_first_difference": same}
 
-  # Teacher-forced: every run fed the prompt and XLA's greedy tokens (row 0), so that each step's
-  # logits compare like with like even after the free-running runs part at a near-tie.
-  forced = {label: forced_logits(c, p, prompts[0], runs["xla"][0][0])
+  # Teacher-forced: every run fed the prompts and XLA's greedy tokens (every row: at more than one
+  # row, the batch blocks), so that each step's logits compare like with like even after the
+  # free-running runs part at a near-tie.
+  forced = {label: forced_batch_logits(c, p, prompts, list(runs["xla"][0]))
             for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
                                 ("pallas", cfg.replace(decode_kernels="pallas"), params),
                                 ("float32", cfg.replace(decode_kernels="xla", dtype="float32",
@@ -86,7 +87,9 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
   def forced_diff(a: str, z: str) -> float:
     return float(np.abs(forced[a] - forced[z]).max())
 
-  applied = engine.fused_blocks(cfg.replace(decode_kernels="pallas"), params, rows)
+  pallas = cfg.replace(decode_kernels="pallas")
+  applied = ("blocks" if engine.fused_blocks(pallas, params, rows) else
+             "batch" if engine.fused_attention(pallas, params) else False)
   return {"check": "agreement", "rows": rows, "new_tokens": new_tokens, "kernels_applied": applied,
           "logits_abs_max": float(np.abs(runs["float32"][1]).max()),
           "pallas_vs_xla": compare("pallas", "xla"), "xla_vs_float32": compare("xla", "float32"),

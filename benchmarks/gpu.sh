@@ -69,7 +69,8 @@
 #   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
 #              GPU, decode_block.batch_block) against XLA's blocks (BA_NOFUSE=1: also on the model's
 #              layout, --nofuse); a kernel summary of the batch-16 decode with the kernels
-#   batchkernels  batch 16: which products to run as matvec kernels beside the fused attention
+#   batchkernels  batch 16: the batch blocks' agreement with XLA's and float32 (decode_kernels_check.py),
+#              which products to run as matvec kernels beside the fused attention
 #              (benchmarks/decode_variants.py, a process a run, rounds over the variants; then one
 #              round sharing XLA's autotuned picks), and the attention kernel's settings at 16 rows
 #   prefetch   batch 1: the attention kernel reading wo into L2 for the kernel after it, or not
@@ -274,6 +275,8 @@ prefetch)
       --variants "PREFETCH_WO=0;PREFETCH_WO=1" --processes ${PF_ROUNDS:-2} 2>&1 | grep -E '^\{|Error' | tee -a $OUT/prefetch.jsonl
   done ;;
 batchkernels)
+  timeout 200 python3 benchmarks/decode_kernels_check.py --rows 16 --checks agreement 2>&1 | grep -E '^\{|Error' \
+    | tee -a $OUT/batchkernels.jsonl  # the batch blocks against XLA's and float32, teacher-forced
   # BK_VARIANTS: decode_variants.py's variants (default: XLA's blocks, none, wo with w2), BK_ROUNDS
   timeout 450 python3 benchmarks/decode_variants.py --batch_size 16 \
     --variants "${BK_VARIANTS:-xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t}" --processes ${BK_ROUNDS:-2} 2>&1 \
