@@ -61,6 +61,8 @@
 #   bigconfigs the 7B and 13B configs as they are (7B dots_and_attention, 13B dots_no_batch): 13B in an 80 GB
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
+#   trainknobs the TinyLlama training step under cheap knobs, one process each: bfloat16 Adam
+#              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
 #              gained 30% unrolled) beside the config's scanned blocks, at 4 and (cards of > 100 GB)
 #              6 sequences a GPU; 13B unrolled at 2 sequences a GPU
@@ -243,6 +245,12 @@ batchdecode)
     tail -1 $OUT/last.log
     python3 benchmarks/profile_summary.py /tmp/pb --top 30 2>&1 | grep -v Deprecation | tee $OUT/profile_batch16$layout.txt
   done ;;
+trainknobs)
+  run trainknobs $M XLA_FLAGS= $T
+  run trainknobs $M XLA_FLAGS= $T --config.optimizer.moments_dtype=bfloat16
+  run trainknobs $M XLA_FLAGS= $T --config.batch_size=12
+  run trainknobs $M XLA_FLAGS= $T --config.batch_size=16
+  run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T ;;
 unrolled)
   U7="timeout 480 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
   U13="timeout 480 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
