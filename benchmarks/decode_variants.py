@@ -6,8 +6,9 @@ each other, measured on one GPU:
 
 A variant is "xla" (XLA's blocks: `model.decode_kernels=xla`) or NAME=VALUE overrides of
 decode_block's constants, comma lists for sets (BATCH_KERNELS: the products a batch step runs as
-`matvec` kernels) and 0/1 for flags (PREFETCH_WO: the attention kernel reads wo into L2 at one row),
-several joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) in a process of its
+`matvec` kernels), 0/1 for flags (PREFETCH_WO: the attention kernel reads wo into L2 at one row),
+and integers (matvec.PERSISTENT: the programs of a persistent one-row kernel, 0 for none), several
+joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) in a process of its
 own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
 picks (so a step's time) differ from one process to the next (batch 16 on XLA's blocks: 1.49 or
 1.63 ms on H100s), while within one process every later run reuses the first one's picks. One JSON
@@ -27,17 +28,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def apply(variant: str):
-  """Sets decode_block's constants as `variant` says; returns the config's decode_kernels."""
-  from llama_jax.kernels import decode_block
+  """Sets the kernels' constants as `variant` says; returns the config's decode_kernels."""
+  from llama_jax.kernels import decode_block, matvec
   if variant == "xla":
     return "xla"
   for override in filter(None, variant.split("&")):
     name, value = override.split("=", 1)
-    current = getattr(decode_block, name)  # an unknown name fails here
+    module = matvec if name.startswith("matvec.") else decode_block
+    name = name.removeprefix("matvec.")
+    current = getattr(module, name)  # an unknown name fails here
     if isinstance(current, bool):
-      setattr(decode_block, name, value == "1")
+      setattr(module, name, value == "1")
+    elif isinstance(current, int):
+      setattr(module, name, int(value))
     else:
-      setattr(decode_block, name, frozenset(filter(None, value.split(","))))
+      setattr(module, name, frozenset(filter(None, value.split(","))))
   return "auto"
 
 

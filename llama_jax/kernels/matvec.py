@@ -65,6 +65,14 @@ class Settings(NamedTuple):
   num_stages: int
   reduce: bool
   wide: bool = False
+  programs: int = 0  # > 0: persistent, at most this many programs, each looping over its share of blocks
+
+
+# One row: the programs of a persistent kernel (Settings.programs) the default settings ask for;
+# 0: a program per block of outputs. Off until measured (benchmarks/kernel_sweep.py --programs,
+# benchmarks/decode_variants.py): a program per block leaves a last, partial wave of programs and
+# pipelines loads only within a block's two steps; a persistent one may keep more loads in flight.
+PERSISTENT = 0
 
 
 class Weight(NamedTuple):
@@ -104,7 +112,7 @@ def settings(rows: int, d: int, weight: Weight = Weight()) -> Settings | None:
   if rows == 1:
     step = next((k for k in ((2048, 1024, 512) if grouped else (1024, 512)) if fits(k)), None)
     if step:
-      return Settings(4, step, 4, 4, True, wide=not grouped)
+      return Settings(4, step, 4, 4, True, wide=not grouped, programs=PERSISTENT)
     if grouped:  # groups of more than 1,024, or widths not a multiple of 512 (unmeasured)
       return Settings(4, next(k for k in (256, 128, 64, 32, gs) if fits(k)), 4, 4, True)
   if grouped:
@@ -126,7 +134,8 @@ def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings
 
 
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
-            gate_up: bool, block_n: int, block_k: int, reduce: bool, wide: bool, weight: Weight):
+            gate_up: bool, block_n: int, block_k: int, reduce: bool, wide: bool, weight: Weight,
+            programs: int = 0):
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   refs = list(refs)
@@ -136,147 +145,162 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   g_ref = refs.pop(0) if has_norm else None
   r_ref = refs.pop(0) if has_residual else None
   (o_ref,) = refs
-  j = pl.program_id(0)
   padded = 1 if reduce else tiles.dot_rows(rows)
   live = (jnp.arange(padded) < rows)[:, None]
   f32 = jnp.float32
   grouped, int4 = weight.grouped(d), weight.bits == 4
   halves = (0, 1) if int4 else (None,)  # an int4 byte's low nibble is its group's first half
 
-  cols = pl.ds(j * block_n, block_n)
-  if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
-    residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
-  heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
+  def block_at(j):  # the outputs j*block_n.. (and w3's, for gate_up): the kernel's one block
+    cols = pl.ds(j * block_n, block_n)
+    if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
+      residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
+    heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
 
-  def row_sums(a):  # (padded, 1) float32: each row's sum over a tile's other axes
-    a = a.astype(f32)
-    while a.ndim > 2:
-      a = jnp.sum(a, axis=-1)
-    return jnp.sum(a, axis=1)[:, None]
+    def row_sums(a):  # (padded, 1) float32: each row's sum over a tile's other axes
+      a = a.astype(f32)
+      while a.ndim > 2:
+        a = jnp.sum(a, axis=-1)
+      return jnp.sum(a, axis=1)[:, None]
 
-  def normed(xk, g_index):  # x (scaled by the norm's weight), and each row's sum of squares
-    if not has_norm:
-      return xk, 0.0
-    x32 = xk.astype(f32)
-    return xk * g_ref[g_index][None], row_sums(x32 * x32)
+    def normed(xk, g_index):  # x (scaled by the norm's weight), and each row's sum of squares
+      if not has_norm:
+        return xk, 0.0
+      x32 = xk.astype(f32)
+      return xk * g_ref[g_index][None], row_sums(x32 * x32)
 
-  def per_output(ref, first, group):  # (block_n,) float32: scales or zeros of one group
-    return plgpu.load(ref.at[pl.ds(first, block_n), jnp.int32(group)]).astype(f32)
+    def per_output(ref, first, group):  # (block_n,) float32: scales or zeros of one group
+      return plgpu.load(ref.at[pl.ds(first, block_n), jnp.int32(group)]).astype(f32)
 
-  def nibbles(ints, half):
-    return ints if half is None else (ints & 0xF if half == 0 else ints >> 4)
+    def nibbles(ints, half):
+      return ints if half is None else (ints & 0xF if half == 0 else ints >> 4)
 
-  def exact(ints, half=None):
-    # float32 q (less 8, symmetric int4's zero point) without an integer-to-float conversion, an
-    # instruction at a quarter of the FMA's rate that bounded the one-row kernels on integers: the
-    # integer is put in the low mantissa bits of 2^23 (whose float32 spacing is 1), and 2^23 taken off.
-    i = nibbles(ints.astype(jnp.int32), half)
-    offset = 8388608.0
-    if ints.dtype == jnp.int8:  # symmetric int8, stored as q - 128
-      i, offset = i + 128, offset + 128
-    elif int4 and not weight.zeros:
-      offset += 8
-    return jax.lax.bitcast_convert_type(i | 0x4B000000, f32) - offset
+    def exact(ints, half=None):
+      # float32 q (less 8, symmetric int4's zero point) without an integer-to-float conversion, an
+      # instruction at a quarter of the FMA's rate that bounded the one-row kernels on integers: the
+      # integer is put in the low mantissa bits of 2^23 (whose float32 spacing is 1), and 2^23 taken off.
+      i = nibbles(ints.astype(jnp.int32), half)
+      offset = 8388608.0
+      if ints.dtype == jnp.int8:  # symmetric int8, stored as q - 128
+        i, offset = i + 128, offset + 128
+      elif int4 and not weight.zeros:
+        offset += 8
+      return jax.lax.bitcast_convert_type(i | 0x4B000000, f32) - offset
 
-  def as_float(ints):
-    return exact(ints) if weight.bits else ints.astype(f32)
+    def as_float(ints):
+      return exact(ints) if weight.bits else ints.astype(f32)
 
-  def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
-    if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
-      return jnp.sum(xk.astype(f32) * as_float(ints), axis=1)[None, :]
-    return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
+    def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
+      if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
+        return jnp.sum(xk.astype(f32) * as_float(ints), axis=1)[None, :]
+      return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
 
-  def group_sum_step(k, squares, accs):
-    # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
-    # scaled per group; summed over each group's inputs every step, or kept as they are (`wide`).
-    per_step = block_k // weight.group_size
-    groups = pl.ds(k * per_step, per_step)
-    xs = []
-    for half in halves:
-      at = (groups, jnp.int32(half), slice(None)) if int4 else (groups, slice(None))
-      xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
-      xs.append(xk.astype(f32))
-      squares = squares + sq
-    x_sums = sum(jnp.sum(xk, axis=2) for xk in xs) if weight.zeros and not wide else None  # (1, groups)
-    accs = list(accs)
-    for h, first in enumerate(heads):
-      ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
-      zero = plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) if weight.zeros else None
-      scales = plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)  # (block_n, groups)
-      if wide:  # kept per input: the zero point comes off each weight
-        shift = 0.0 if zero is None else zero[:, :, None]
-        terms = sum(xk * (exact(ints, half) - shift) for xk, half in zip(xs, halves))
-        accs[h] = accs[h] + terms * scales[:, :, None]
-      else:  # summed per group: the zero point comes off once, times the group's sum of x
-        part = sum(jnp.sum(xk * exact(ints, half), axis=2) for xk, half in zip(xs, halves))
-        if zero is not None:
-          part = part - zero * x_sums
-        accs[h] = accs[h] + part * scales
-    return squares, tuple(accs)
-
-  def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
-    per_step = block_k // weight.group_size
-    accs = list(accs)
-    for i in range(per_step):
-      group = k * per_step + i
-      xs, sums = [], []
+    def group_sum_step(k, squares, accs):
+      # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
+      # scaled per group; summed over each group's inputs every step, or kept as they are (`wide`).
+      per_step = block_k // weight.group_size
+      groups = pl.ds(k * per_step, per_step)
+      xs = []
       for half in halves:
-        at = (group, jnp.int32(half), slice(None)) if int4 else (group, slice(None))
-        xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, padded),) + at], mask=live, other=0), at)
-        xs.append(xk)
-        squares, sums = squares + sq, sums + [row_sums(xk)]
+        at = (groups, jnp.int32(half), slice(None)) if int4 else (groups, slice(None))
+        xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
+        xs.append(xk.astype(f32))
+        squares = squares + sq
+      x_sums = sum(jnp.sum(xk, axis=2) for xk in xs) if weight.zeros and not wide else None  # (1, groups)
+      accs = list(accs)
       for h, first in enumerate(heads):
-        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), group, :], eviction_policy="evict_first")
-        part = sum(product(xk, nibbles(ints, half)) for xk, half in zip(xs, halves))
-        zero = per_output(z_ref, first, group)[None, :] if weight.zeros else (8.0 if int4 else None)
-        if zero is not None:
-          part = part - zero * sum(sums)
-        accs[h] = accs[h] + part * per_output(s_ref, first, group)[None, :]
-    return squares, tuple(accs)
+        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
+        zero = plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) if weight.zeros else None
+        scales = plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)  # (block_n, groups)
+        if wide:  # kept per input: the zero point comes off each weight
+          shift = 0.0 if zero is None else zero[:, :, None]
+          terms = sum(xk * (exact(ints, half) - shift) for xk, half in zip(xs, halves))
+          accs[h] = accs[h] + terms * scales[:, :, None]
+        else:  # summed per group: the zero point comes off once, times the group's sum of x
+          part = sum(jnp.sum(xk * exact(ints, half), axis=2) for xk, half in zip(xs, halves))
+          if zero is not None:
+            part = part - zero * x_sums
+          accs[h] = accs[h] + part * scales
+      return squares, tuple(accs)
 
-  def step(k, squares, sums, accs):  # weights plain or in one group per output: block_k inputs
-    inputs = pl.ds(k * block_k, block_k)
-    xk, sq = normed(plgpu.load(x_ref.at[pl.ds(0, padded), inputs], mask=live, other=0), inputs)
-    if weight.zeros:
-      sums = sums + row_sums(xk)
-    new = []
-    for acc, first in zip(accs, heads):
-      ints = plgpu.load(w_ref.at[pl.ds(first, block_n), inputs], eviction_policy="evict_first")
-      new.append(acc + xk.astype(f32) * as_float(ints) if wide else acc + product(xk, ints))
-    return squares + sq, sums, tuple(new)
+    def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
+      per_step = block_k // weight.group_size
+      accs = list(accs)
+      for i in range(per_step):
+        group = k * per_step + i
+        xs, sums = [], []
+        for half in halves:
+          at = (group, jnp.int32(half), slice(None)) if int4 else (group, slice(None))
+          xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, padded),) + at], mask=live, other=0), at)
+          xs.append(xk)
+          squares, sums = squares + sq, sums + [row_sums(xk)]
+        for h, first in enumerate(heads):
+          ints = plgpu.load(w_ref.at[pl.ds(first, block_n), group, :], eviction_policy="evict_first")
+          part = sum(product(xk, nibbles(ints, half)) for xk, half in zip(xs, halves))
+          zero = per_output(z_ref, first, group)[None, :] if weight.zeros else (8.0 if int4 else None)
+          if zero is not None:
+            part = part - zero * sum(sums)
+          accs[h] = accs[h] + part * per_output(s_ref, first, group)[None, :]
+      return squares, tuple(accs)
 
-  def body(k, carry):
-    squares, sums, accs = carry
-    if grouped:
-      squares, accs = (group_sum_step if reduce else group_dot_step)(k, squares, accs)
-      return squares, sums, accs
-    return step(k, squares, sums, accs)
+    def step(k, squares, sums, accs):  # weights plain or in one group per output: block_k inputs
+      inputs = pl.ds(k * block_k, block_k)
+      xk, sq = normed(plgpu.load(x_ref.at[pl.ds(0, padded), inputs], mask=live, other=0), inputs)
+      if weight.zeros:
+        sums = sums + row_sums(xk)
+      new = []
+      for acc, first in zip(accs, heads):
+        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), inputs], eviction_policy="evict_first")
+        new.append(acc + xk.astype(f32) * as_float(ints) if wide else acc + product(xk, ints))
+      return squares + sq, sums, tuple(new)
 
-  summed_at_end = (grouped and reduce) or wide
-  if grouped and reduce:  # kept per group (and input, if wide)
-    shape = (block_n, block_k // weight.group_size) + ((weight.group_size // len(halves),) if wide else ())
+    def body(k, carry):
+      squares, sums, accs = carry
+      if grouped:
+        squares, accs = (group_sum_step if reduce else group_dot_step)(k, squares, accs)
+        return squares, sums, accs
+      return step(k, squares, sums, accs)
+
+    summed_at_end = (grouped and reduce) or wide
+    if grouped and reduce:  # kept per group (and input, if wide)
+      shape = (block_n, block_k // weight.group_size) + ((weight.group_size // len(halves),) if wide else ())
+    else:
+      shape = (block_n, block_k) if wide else (padded, block_n)
+    start = jnp.zeros(shape, f32)
+    row = jnp.zeros((padded, 1), f32)
+    squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body,
+                                            (row, row, (start, start) if gate_up else (start,)))
+    if summed_at_end:
+      accs = tuple(row_sums(acc).reshape(1, block_n) for acc in accs)
+    if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
+      accs = tuple((acc - (per_output(z_ref, first, 0)[None, :] * sums if weight.zeros else 0))
+                   * per_output(s_ref, first, 0)[None, :] for acc, first in zip(accs, heads))
+    if has_norm:
+      inverse_rms = jax.lax.rsqrt(squares / d + eps)
+      accs = tuple(acc * inverse_rms for acc in accs)
+    out = accs[0].astype(o_ref.dtype)
+    if gate_up:
+      gate = out.astype(f32)
+      silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
+      out = silu * accs[1].astype(o_ref.dtype)
+    if has_residual:
+      out = out + residual
+    plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
+
+  if programs:  # persistent: a program for each of `programs` slots, looping over every programs-th block
+    first = pl.program_id(0)
+    jax.lax.fori_loop(0, outputs // block_n // programs,
+                      lambda i, carry: (block_at(first + i * programs), carry)[1], 0)
   else:
-    shape = (block_n, block_k) if wide else (padded, block_n)
-  start = jnp.zeros(shape, f32)
-  row = jnp.zeros((padded, 1), f32)
-  squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body,
-                                          (row, row, (start, start) if gate_up else (start,)))
-  if summed_at_end:
-    accs = tuple(row_sums(acc).reshape(1, block_n) for acc in accs)
-  if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
-    accs = tuple((acc - (per_output(z_ref, first, 0)[None, :] * sums if weight.zeros else 0))
-                 * per_output(s_ref, first, 0)[None, :] for acc, first in zip(accs, heads))
-  if has_norm:
-    inverse_rms = jax.lax.rsqrt(squares / d + eps)
-    accs = tuple(acc * inverse_rms for acc in accs)
-  out = accs[0].astype(o_ref.dtype)
-  if gate_up:
-    gate = out.astype(f32)
-    silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
-    out = silu * accs[1].astype(o_ref.dtype)
-  if has_residual:
-    out = out + residual
-  plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
+    block_at(pl.program_id(0))
+
+
+def _programs(blocks: int, wanted: int) -> int:
+  """A persistent kernel's programs: the most, up to `wanted`, that share `blocks` evenly (0: not
+  persistent, or as many as there are blocks anyway)."""
+  if wanted <= 0 or wanted >= blocks:
+    return 0
+  return next(p for p in range(wanted, 0, -1) if blocks % p == 0)
 
 
 def _shape(w) -> tuple[int, int]:
@@ -336,12 +360,13 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
   if residual is not None:
     operands.append(residual.astype(x.dtype))
   block_n = chosen.block_n
+  programs = _programs(outputs // block_n, chosen.programs)
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
                              gate_up=gate_up, block_n=block_n, block_k=chosen.block_k,
-                             reduce=chosen.reduce, wide=chosen.wide, weight=weight)
+                             reduce=chosen.reduce, wide=chosen.wide, weight=weight, programs=programs)
   return pl.pallas_call(
-      kernel, grid=(outputs // block_n,),
+      kernel, grid=(programs or outputs // block_n,),
       out_shape=jax.ShapeDtypeStruct((rows, outputs), x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=chosen.num_warps, num_stages=chosen.num_stages),
       interpret=interpret, name=name)(*operands)
