@@ -151,49 +151,49 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
   grouped, int4 = weight.grouped(d), weight.bits == 4
   halves = (0, 1) if int4 else (None,)  # an int4 byte's low nibble is its group's first half
 
+  def row_sums(a):  # (padded, 1) float32: each row's sum over a tile's other axes
+    a = a.astype(f32)
+    while a.ndim > 2:
+      a = jnp.sum(a, axis=-1)
+    return jnp.sum(a, axis=1)[:, None]
+
+  def normed(xk, g_index):  # x (scaled by the norm's weight), and each row's sum of squares
+    if not has_norm:
+      return xk, 0.0
+    x32 = xk.astype(f32)
+    return xk * g_ref[g_index][None], row_sums(x32 * x32)
+
+  def per_output(ref, first, group):  # (block_n,) float32: scales or zeros of one group
+    return plgpu.load(ref.at[pl.ds(first, block_n), jnp.int32(group)]).astype(f32)
+
+  def nibbles(ints, half):
+    return ints if half is None else (ints & 0xF if half == 0 else ints >> 4)
+
+  def exact(ints, half=None):
+    # float32 q (less 8, symmetric int4's zero point) without an integer-to-float conversion, an
+    # instruction at a quarter of the FMA's rate that bounded the one-row kernels on integers: the
+    # integer is put in the low mantissa bits of 2^23 (whose float32 spacing is 1), and 2^23 taken off.
+    i = nibbles(ints.astype(jnp.int32), half)
+    offset = 8388608.0
+    if ints.dtype == jnp.int8:  # symmetric int8, stored as q - 128
+      i, offset = i + 128, offset + 128
+    elif int4 and not weight.zeros:
+      offset += 8
+    return jax.lax.bitcast_convert_type(i | 0x4B000000, f32) - offset
+
+  def as_float(ints):
+    return exact(ints) if weight.bits else ints.astype(f32)
+
+  def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
+    if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
+      return jnp.sum(xk.astype(f32) * as_float(ints), axis=1)[None, :]
+    return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
+
   def block_at(j):  # the outputs j*block_n.. (and w3's, for gate_up): the kernel's one block
     cols = pl.ds(j * block_n, block_n)
     if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
       residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
     heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
-
-    def row_sums(a):  # (padded, 1) float32: each row's sum over a tile's other axes
-      a = a.astype(f32)
-      while a.ndim > 2:
-        a = jnp.sum(a, axis=-1)
-      return jnp.sum(a, axis=1)[:, None]
-
-    def normed(xk, g_index):  # x (scaled by the norm's weight), and each row's sum of squares
-      if not has_norm:
-        return xk, 0.0
-      x32 = xk.astype(f32)
-      return xk * g_ref[g_index][None], row_sums(x32 * x32)
-
-    def per_output(ref, first, group):  # (block_n,) float32: scales or zeros of one group
-      return plgpu.load(ref.at[pl.ds(first, block_n), jnp.int32(group)]).astype(f32)
-
-    def nibbles(ints, half):
-      return ints if half is None else (ints & 0xF if half == 0 else ints >> 4)
-
-    def exact(ints, half=None):
-      # float32 q (less 8, symmetric int4's zero point) without an integer-to-float conversion, an
-      # instruction at a quarter of the FMA's rate that bounded the one-row kernels on integers: the
-      # integer is put in the low mantissa bits of 2^23 (whose float32 spacing is 1), and 2^23 taken off.
-      i = nibbles(ints.astype(jnp.int32), half)
-      offset = 8388608.0
-      if ints.dtype == jnp.int8:  # symmetric int8, stored as q - 128
-        i, offset = i + 128, offset + 128
-      elif int4 and not weight.zeros:
-        offset += 8
-      return jax.lax.bitcast_convert_type(i | 0x4B000000, f32) - offset
-
-    def as_float(ints):
-      return exact(ints) if weight.bits else ints.astype(f32)
-
-    def product(xk, ints):  # (padded, width) x (block_n, width) -> (padded, block_n) float32
-      if reduce:  # one row: a multiply and a sum over the inputs, no tensor-core tile to fill
-        return jnp.sum(xk.astype(f32) * as_float(ints), axis=1)[None, :]
-      return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
 
     def group_sum_step(k, squares, accs):
       # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
