@@ -280,7 +280,7 @@ batchattention)
   tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pa --top 30 2>&1 | grep -v Deprecation > $OUT/profile_batchattention.txt ;;
 persistent)
-  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4 --block_k 1024,2048 --warps 4 --stages 4 \
+  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4 --block_k 512,1024,2048 --warps 4 --stages 4 \
     --programs 0,132,264,528 --lengths '' 2>&1 | grep -E '^\{|Error' | tee -a $OUT/persistent.jsonl | grep -v '^{"product": "w'
   timeout 250 python3 benchmarks/decode_variants.py --batch_size 1 --processes 2 \
     --variants "matvec.PERSISTENT=0;matvec.PERSISTENT=264" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/persistent.jsonl ;;
