@@ -42,8 +42,10 @@ Array = jax.Array
 # one call: 1.135 against XLA's 1.364 ms a step); at 16 rows Triton's dot on rows padded to 16
 # was slower than XLA's GEMMs (H200: 1.91 against 1.46 ms), at 64 far slower (H100: 3.40 against
 # 1.85). On quantized weights too (H100, 16 rows: 135 us a layer at int4 against XLA's ~100).
-# BENCHMARKS.md, "Fused decode blocks" and "Fused blocks on quantized weights".
+# BENCHMARKS.md, "Fused decode blocks" and "Fused blocks on quantized weights". Larger steps run
+# `batch_block` below (XLA's GEMMs where they win, the kernels between them).
 MAX_ROWS = 1
+
 
 class Product(NamedTuple):
   """One of a block's four matrix-vector products: its weight (module, name in the decode layout),
