@@ -62,9 +62,10 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
   float32 = jax.tree.map(  # a quantized weight as its dequantized values, output-major as stored
       lambda a: projection.dequantize(a).T if projection.is_quantized(a) else a.astype(jnp.float32),
       params, is_leaf=projection.is_quantized)
-  for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
-                      ("pallas", cfg.replace(decode_kernels="pallas"), params),
-                      ("float32", cfg.replace(decode_kernels="xla", dtype="float32", attention_impl="xla"), float32)):
+  variants = (("xla", cfg.replace(decode_kernels="xla"), params),
+              ("pallas", cfg.replace(decode_kernels="pallas"), params),
+              ("float32", cfg.replace(decode_kernels="xla", dtype="float32", attention_impl="xla"), float32))
+  for label, c, p in variants:
     results = generate_tokens(c, p, prompts, new_tokens, return_logits=True)  # greedy
     runs[label] = (np.asarray([t for t, _ in results]), np.asarray([logits[1] for _, logits in results]))
 
@@ -78,11 +79,7 @@ def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_to
   # Teacher-forced: every run fed the prompts and XLA's greedy tokens (every row: at more than one
   # row, the batch blocks), so that each step's logits compare like with like even after the
   # free-running runs part at a near-tie.
-  forced = {label: forced_batch_logits(c, p, prompts, list(runs["xla"][0]))
-            for label, c, p in (("xla", cfg.replace(decode_kernels="xla"), params),
-                                ("pallas", cfg.replace(decode_kernels="pallas"), params),
-                                ("float32", cfg.replace(decode_kernels="xla", dtype="float32",
-                                                        attention_impl="xla"), float32))}
+  forced = {label: forced_batch_logits(c, p, prompts, list(runs["xla"][0])) for label, c, p in variants}
 
   def forced_diff(a: str, z: str) -> float:
     return float(np.abs(forced[a] - forced[z]).max())
@@ -107,7 +104,6 @@ def product_inputs(product: decode_block.Product, rows: int, layers: int, key, q
   ws = [jax.random.normal(jax.random.fold_in(key, i), (product.outputs, product.inputs), jnp.bfloat16) * 0.02
         for i in range(layers)]
   if quantize:
-    from llama_jax import projection
     from llama_jax.bench.decode import QUANTIZE
     from llama_jax.quantize.grid import Grid
     from llama_jax.quantize.rtn import quantize_weight

@@ -41,8 +41,9 @@ length; `prefill` and `insert`, which the server no longer uses, once per prompt
 slots it runs: 1, 4, 16, ..., max_batch) and, with XLA's decode attention, for the row buckets of
 a quarter of the slots or more, once per attention window (`attend_buckets`: 128, 192, 256, 384,
 ... up to the cache length; the ragged Pallas attention and the fused decode kernels' read each
-slot's own length and have no windows), and once more for all slots with the most likely alternatives of each token (OpenAI's
-`logprobs`). `SlotEngine.warmup` compiles the server's before the first request.
+slot's own length and have no windows), and once more for all slots with the most likely
+alternatives of each token (OpenAI's `logprobs`). `SlotEngine.warmup` compiles the server's before
+the first request.
 """
 
 from __future__ import annotations
