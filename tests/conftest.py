@@ -24,8 +24,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's in-memory compiled programs after each test module.
+
+  Every live XLA:CPU executable holds about three memory mappings (its code and data), and JAX's
+  caches keep every program a worker ever ran: a pytest-xdist worker reached 59,634 mappings by the
+  end of the suite, against Linux's default `vm.max_map_count` of 65,530. Past it, a mapping fails
+  inside XLA and the worker dies of a segmentation fault (CI, session 12: in whichever test ran
+  there, reading a program back from the compilation cache). Cleared, a module's programs are
+  unmapped; the next module that needs one reads it back from the persistent cache.
+  """
+  yield
+  jax.clear_caches()
 
 
 def train_word_tokenizer(root, vocab_size: int):
