@@ -35,10 +35,11 @@ def _release_compiled_programs():
 
   Every live XLA:CPU executable holds about three memory mappings (its code and data), and JAX's
   caches keep every program a worker ever ran: a pytest-xdist worker reached 59,634 mappings by the
-  end of the suite, against Linux's default `vm.max_map_count` of 65,530. Past it, a mapping fails
-  inside XLA and the worker dies of a segmentation fault (CI, session 12: in whichever test ran
-  there, reading a program back from the compilation cache). Cleared, a module's programs are
-  unmapped; the next module that needs one reads it back from the persistent cache.
+  end of the suite, against Linux's default `vm.max_map_count` of 65,530. Past it, XLA:CPU logs "LLVM
+  compilation error: Cannot allocate memory" and the process dies of a segmentation fault
+  (reproduced with the limit lowered to 2,500; in CI, in whichever test ran there, reading a program
+  back from the compilation cache). Cleared, a module's programs are unmapped (a worker's peak:
+  18,385), and the next module that needs one reads it back from the persistent cache.
   """
   yield
   jax.clear_caches()
