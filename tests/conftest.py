@@ -2,8 +2,10 @@ import os
 import tempfile
 
 # Tests compile many small programs and run each a few times: LLVM's optimisation of the CPU code
-# costs more than it saves (measured on 2 cores: tests/test_model.py 89 s -> 45 s).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# costs more than it saves (measured on 2 cores: tests/test_model.py 89 s -> 45 s), and so do
+# XLA:CPU's MLIR fusion emitters against its older elemental ones (each file alone, compilation
+# cache empty: tests/test_model.py 46 s -> 31 s, test_decode_kernels.py 96 s -> 61 s).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(devices: int = 8) -> str:

@@ -45,8 +45,11 @@ def test_matvec_matches_the_model_arithmetic(rows, form):
     assert float(jnp.max(jnp.abs(unnormed))) > 3 * float(jnp.max(jnp.abs(want)))
 
 
-@pytest.mark.parametrize("rows, form, scheme", [(1, "norm", ""), (1, "gate_up", ""), (3, "residual", ""),
-                                               (1, "residual", "int4_g128"), (1, "norm", "int8")])
+# Persistent programs are staged, off by default: two cases in the fast tier, the rest in the slow.
+@pytest.mark.parametrize("rows, form, scheme", [
+    (1, "norm", ""), (1, "residual", "int4_g128"),
+    *(pytest.param(*case, marks=pytest.mark.slow)
+      for case in [(1, "gate_up", ""), (3, "residual", ""), (1, "norm", "int8")])])
 def test_a_persistent_matvec_computes_every_block(rows, form, scheme):
   # Fewer programs than blocks, each looping over every programs-th block: the same outputs.
   d, n = 2048 if rows == 1 else 512, 256
@@ -96,8 +99,9 @@ def _quantized(w, scheme: str):
   return projection.transposed(qt)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("rows, scheme", [  # every scheme at one row; three rows of two (fast tier)
+    *((1, scheme) for scheme in SCHEMES), (3, "int8"), (3, "int4_g128"),
+    *(pytest.param(3, scheme, marks=pytest.mark.slow) for scheme in ("int8_zeros", "int8_g128", "int4_g64_zeros"))])
 def test_quantized_matvec_matches_the_dequantized_product(rows, scheme):
   # The kernel reads the integers; the reference multiplies by the dequantized weight in float32
   # (as the model's per-group products accumulate). Zero points, scales per group and the int4
@@ -335,7 +339,8 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
 
 
 @pytest.mark.parametrize("batch_kernels, quantize", [
-    ((), ""), (("wo_t", "w13_t"), ""), (tuple(decode_block.BATCH_KERNELS), ""),
+    ((), ""), (tuple(decode_block.BATCH_KERNELS), ""),
+    pytest.param(("wo_t", "w13_t"), "", marks=pytest.mark.slow),
     pytest.param(tuple(decode_block.BATCH_KERNELS), "int4_g128", marks=pytest.mark.slow)])
 def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch, batch_kernels, quantize):
   # Rows of different lengths, teacher-forced on XLA's tokens: each row's logits through
@@ -371,6 +376,7 @@ def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch,
   assert np.abs(logits["pallas"][1] - alone).max() < 0.03 * np.abs(alone).max()
 
 
+@pytest.mark.slow  # staged, off by default; the kernel's own prefetch test is in the fast tier
 def test_a_step_prefetching_wo_gives_the_same_logits(monkeypatch):
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(3)))
   prompt, tokens = [5, 6, 7, 8], [9, 10, 11, 12]
