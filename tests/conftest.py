@@ -59,7 +59,7 @@ def _release_compiled_programs():
   compilation error: Cannot allocate memory" and the process dies of a segmentation fault
   (reproduced with the limit lowered to 2,500; in CI, in whichever test ran there, reading a program
   back from the compilation cache). Cleared, a module's programs are unmapped (a worker's peak:
-  17,922-21,232 in three runs), and the next module that needs one reads it back from the persistent cache.
+  17,922-21,232 in four runs), and the next module that needs one reads it back from the persistent cache.
   """
   yield
   jax.clear_caches()
