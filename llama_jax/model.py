@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import projection
 from llama_jax.config import ModelConfig
-from llama_jax.kernels import decode_attention
+from llama_jax.kernels import decode_attention, matvec
 
 Array = jax.Array
 Rope = tuple[Array, Array]  # (sin, cos), each (B, T, 1, H/2) float32
@@ -124,9 +124,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
-    x32 = x.astype(jnp.float32)  # the statistics in float32, as Meta's `_norm(x.float())`
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return normed.astype(x.dtype) * weight.astype(x.dtype)
+    return matvec.rms_norm(x, weight, self.cfg.norm_eps)  # the decode kernels' XLA path shares it
 
 
 def rotary_tables(positions: Array, head_dim: int, theta: float) -> Rope:

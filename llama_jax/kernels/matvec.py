@@ -373,8 +373,9 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-  """RMSNorm in plain XLA with `model.RMSNorm`'s arithmetic: float32 statistics, the normalised
-  value rounded to x's dtype, then scaled by the weight in that dtype."""
+  """RMSNorm in plain XLA, `model.RMSNorm`'s arithmetic (it calls this): the statistics in float32,
+  as Meta's `_norm(x.float())`, the normalised value rounded to x's dtype, then scaled by the weight
+  in that dtype."""
   x32 = x.astype(jnp.float32)
   normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
   return normed * weight.astype(x.dtype)
