@@ -65,7 +65,7 @@
 #              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
 #              gained 30% unrolled) beside the config's scanned blocks, at 4 and (cards of > 100 GB)
-#              6 sequences a GPU; 13B unrolled at 2 sequences a GPU
+#              6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2 sequences a GPU (4 GPUs or more)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
 #   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
@@ -92,12 +92,16 @@
 #   largest    LLaMA-2-7B training steps on one GPU with bfloat16 moments (a card of > 100 GB only)
 #   align      DPO steps (policy + frozen reference) and PPO steps (rollout, scoring, updates)
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
+# GPUS=0,1 runs the sections on those GPUs only (CUDA_VISIBLE_DEVICES; "every GPU" then means them), so
+# that one-GPU sections can run side by side on the GPUs of a larger machine:
+#   bash benchmarks/gpu.sh env; GPUS=0,1 bash benchmarks/gpu.sh unrolled & GPUS=2 bash benchmarks/gpu.sh trainknobs & wait
 . benchmarks/gpu_setup.sh
 T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
 D="python3 -m llama_jax.bench decode --config configs/tinyllama_1b.py"
 B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
 B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
 N=$(nvidia-smi -L | wc -l)  # GPUs of this machine
+if [ -n "$GPUS" ]; then export CUDA_VISIBLE_DEVICES=$GPUS; N=$(echo "$GPUS" | tr ',' '\n' | wc -l); fi
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)  # MiB a card
 M="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"  # 80 GB cards need it for the 7B and 13B configs
 # On a card of > 100 GB, JAX's pool cut to what 0.95 of an H100 80GB HBM3 (81,559 MiB) gives: 77,481 MiB
@@ -105,9 +109,9 @@ H100POOL="XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.95 * 81559 
 run() {  # run SECTION ENV... COMMAND...: one benchmark, its last line (JSON) kept
   local section=$1; shift
   echo "== $*"
-  env "$@" > $OUT/last.log 2>&1
-  tail -1 $OUT/last.log | tee -a $OUT/$section.jsonl
-  grep -E "^E[0-9]|Error|error:" $OUT/last.log | tail -3
+  env "$@" > $OUT/$section.log 2>&1  # the section's last run's whole log
+  tail -1 $OUT/$section.log | tee -a $OUT/$section.jsonl
+  grep -E "^E[0-9]|Error|error:" $OUT/$section.log | tail -3
 }
 for section in "$@"; do case $section in
 env)
@@ -253,15 +257,14 @@ trainknobs)
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=12
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=16
   run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T ;;
-unrolled)
-  U7="timeout 480 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
-  U13="timeout 480 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
-  run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((4 * N))
-  run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((4 * N)) --config.model.scan_layers=False
-  if [ "$mem" -gt 100000 ]; then
-    run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((6 * N)) --config.model.scan_layers=False
-  fi
-  run unrolled $M XLA_FLAGS= $U13 --config.batch_size=$((2 * N)) --config.model.scan_layers=False ;;
+unrolled)  # UNROLLED_SEQS: sequences a GPU (default 4, and 6 on cards of > 100 GB); 13B only on >= 4 GPUs
+  U7="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+  U13="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
+  for s in ${UNROLLED_SEQS:-4 $([ "$mem" -gt 100000 ] && echo 6)}; do
+    run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((s * N)) --config.model.scan_layers=False
+    run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((s * N))
+  done
+  [ "$N" -ge 4 ] && run unrolled $M XLA_FLAGS= $U13 --config.batch_size=$((2 * N)) --config.model.scan_layers=False ;;
 batchattention)
   for b in 16 64; do
     for k in auto xla; do
