@@ -62,9 +62,10 @@
 #              card's pool (cards of > 100 GB), 7B on two of the GPUs; and the 7B shape cut to 8
 #              layers on one GPU beside the same on every GPU (what the collectives cost a GPU)
 #   trainknobs the TinyLlama training step under cheap knobs, one process each: bfloat16 Adam
-#              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler
+#              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler (TRAINKNOBS_ALL=1:
+#              and 16 or 20 sequences with bfloat16 moments)
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
-#              gained 30% unrolled) beside the config's scanned blocks, at 4 and (cards of > 100 GB)
+#              gained 30% unrolled; the 7B config's choice since session 13) beside scanned blocks, at 4 and (cards of > 100 GB)
 #              6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2 sequences a GPU (4 GPUs or more)
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
@@ -256,13 +257,18 @@ trainknobs)
   run trainknobs $M XLA_FLAGS= $T --config.optimizer.moments_dtype=bfloat16
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=12
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=16
-  run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T ;;
+  run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T
+  [ -n "$TRAINKNOBS_ALL" ] || continue  # the combinations (session 13's third call ran these three)
+  run trainknobs $M XLA_FLAGS= $T --config.batch_size=16 --config.optimizer.moments_dtype=bfloat16
+  run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T --config.batch_size=16 \
+    --config.optimizer.moments_dtype=bfloat16
+  run trainknobs $M XLA_FLAGS= $T --config.batch_size=20 --config.optimizer.moments_dtype=bfloat16 ;;
 unrolled)  # UNROLLED_SEQS: sequences a GPU (default 4, and 6 on cards of > 100 GB); 13B only on >= 4 GPUs
   U7="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
   U13="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   for s in ${UNROLLED_SEQS:-4 $([ "$mem" -gt 100000 ] && echo 6)}; do
     run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((s * N)) --config.model.scan_layers=False
-    run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((s * N))
+    run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((s * N)) --config.model.scan_layers=True
   done
   [ "$N" -ge 4 ] && run unrolled $M XLA_FLAGS= $U13 --config.batch_size=$((2 * N)) --config.model.scan_layers=False ;;
 batchattention)
@@ -404,7 +410,8 @@ moments)
 largest)  # 6.74B x 12 bytes (float32 parameters and gradients, bfloat16 moments) = 81 GB + activations
   if [ "$mem" -lt 100000 ]; then echo "largest: a card of > 100 GB only (this one: $mem MiB)"; continue; fi
   run largest XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py --warmup 2 --steps 5 \
-    --config.optimizer.moments_dtype=bfloat16 --config.batch_size=1 --config.model.remat_policy=full ;;
+    --config.optimizer.moments_dtype=bfloat16 --config.batch_size=1 --config.model.remat_policy=full \
+    --config.model.scan_layers=True ;;  # as measured (session 8; unrolled blocks take more memory)
 align)  # DPO: 8 pairs x 1024 tokens a step; PPO: 64 prompts of 256 tokens, 256 new tokens each
   A="python3 -m llama_jax.bench"
   run align XLA_FLAGS= $A dpo --config configs/dpo_tinyllama_1b.py --warmup 3 --steps 10
