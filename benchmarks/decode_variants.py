@@ -7,8 +7,7 @@ each other, measured on one GPU:
 A variant is "xla" (XLA's blocks: `model.decode_kernels=xla`) or NAME=VALUE overrides of
 decode_block's constants, comma lists for sets (BATCH_KERNELS: the products a batch step runs as
 `matvec` kernels), 0/1 for flags (PREFETCH_WO: the attention kernel reads wo into L2 at one row),
-and integers (matvec.PERSISTENT: the programs of a persistent one-row kernel, 0 for none), several
-joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) in a process of its
+and integers; matvec's constants as `matvec.NAME`; several joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) in a process of its
 own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
 picks (so a step's time) differ from one process to the next (batch 16 on XLA's blocks: 1.49 or
 1.63 ms on H100s), while within one process every later run reuses the first one's picks. One JSON

@@ -76,8 +76,6 @@
 #              which products to run as matvec kernels beside the fused attention
 #              (benchmarks/decode_variants.py, a process a run, rounds over the variants; then one
 #              round sharing XLA's autotuned picks), and the attention kernel's settings at 16 rows
-#   persistent  batch 1: persistent matrix-vector kernels (fewer programs, each looping over blocks)
-#              by kernel_sweep.py --programs and in a decode (decode_variants.py matvec.PERSISTENT)
 #   prefetch   batch 1: the attention kernel reading wo into L2 for the kernel after it, or not
 #              (decode_variants.py PREFETCH_WO), bf16 and int4, rounds of fresh processes
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
@@ -288,11 +286,6 @@ batchattention)
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1
   tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pa --top 30 2>&1 | grep -v Deprecation > $OUT/profile_batchattention.txt ;;
-persistent)
-  timeout 250 python3 benchmarks/kernel_sweep.py --rows 1 --block_n 4 --block_k 512,1024,2048 --warps 4 --stages 4 \
-    --programs 0,132,264,528 --lengths '' 2>&1 | grep -E '^\{|Error' | tee -a $OUT/persistent.jsonl | grep -v '^{"product": "w'
-  timeout 250 python3 benchmarks/decode_variants.py --batch_size 1 --processes 2 \
-    --variants "matvec.PERSISTENT=0;matvec.PERSISTENT=264" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/persistent.jsonl ;;
 prefetch)
   for q in "" int4; do
     timeout 280 python3 benchmarks/decode_variants.py --batch_size 1 --quantize "$q" \

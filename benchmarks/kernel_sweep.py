@@ -7,7 +7,7 @@
 For each of a decode block's four products (TinyLlama-1.1B's shapes by default) and each setting
 (block_n output rows and block_k inputs a program step, warps, pipeline stages, and for one row the
 multiply-and-sum form, summed each step or at the end (`wide`), against Triton's dot on rows padded
-to 16, and persistent kernels of `--programs` programs): `layers` copies of the weight (so
+to 16): `layers` copies of the weight (so
 that they do not sit in L2) run one after another in one program, three times, under the profiler;
 the kernel's own device time (mean, from the trace) and the bandwidth it reaches on the weight's
 bytes. One JSON line per setting, then the best per product. `--decode CONFIG`: then the batch-1
@@ -101,8 +101,6 @@ def main() -> None:
   p.add_argument("--block_k", default="256,512,1024")
   p.add_argument("--warps", default="4,8")
   p.add_argument("--stages", default="2,4")
-  p.add_argument("--programs", default="0", help="one row: persistent kernels of at most this many "
-                 "programs (0: a program per block of outputs)")
   p.add_argument("--attention_blocks", default="64,128,256")
   p.add_argument("--lengths", default="384,2048", help="attention's cache lengths ('' for none)")
   p.add_argument("--quantize", default="", help="int8 or int4: the products on quantized weights")
@@ -121,13 +119,12 @@ def main() -> None:
       weight = matvec.Weight.of(ws[0])
       settings, settings_of = {}, {}
       forms = ((True, False), (True, True), (False, False)) if rows == 1 else ((False, False),)
-      for bn, bk, warps, stages, (reduce, wide), programs in itertools.product(
-          ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages), forms,
-          ints(args.programs) if rows == 1 else [0]):
-        chosen = matvec.Settings(bn, bk, warps, stages, reduce, wide, programs)
+      for bn, bk, warps, stages, (reduce, wide) in itertools.product(
+          ints(args.block_n), ints(args.block_k), ints(args.warps), ints(args.stages), forms):
+        chosen = matvec.Settings(bn, bk, warps, stages, reduce, wide)
         if not matvec.supported(rows, inputs, outputs, kw["gate_up"], chosen, weight) or (bn < 16 and not reduce):
           continue
-        tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}{int(wide)}" + (f"_p{programs}" if programs else "")
+        tag = f"mv_{bn}_{bk}_{warps}_{stages}_{int(reduce)}{int(wide)}"
         fn = jax.jit(lambda x, ws, chosen=chosen, tag=tag: [
             matvec.matvec(x, w, chosen=chosen, name=tag, **kw) for w in ws])
         try:

@@ -29,7 +29,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.generate import engine
 from llama_jax.generate.generator import make_batch
 from llama_jax.generate.sampling import SamplingParams
-from llama_jax.kernels import decode_block, matvec
+from llama_jax.kernels import decode_block
 from llama_jax.model import param_shapes
 from llama_jax.train import metrics
 
@@ -141,9 +141,9 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
           # "pallas": the fused blocks; "attention": XLA's matmuls around the fused attention kernel
           "decode_kernels": ("pallas" if engine.fused_blocks(cfg, params, b) else
                              "attention" if engine.fused_attention(cfg, params) else "xla"),
-          # the kernels' settings of the time (decode_block's and matvec's module constants)
+          # the kernels' settings of the time (decode_block's module constants)
           "kernel_settings": {"batch_kernels": sorted(decode_block.BATCH_KERNELS),
-                              "prefetch_wo": decode_block.PREFETCH_WO, "persistent": matvec.PERSISTENT},
+                              "prefetch_wo": decode_block.PREFETCH_WO},
           "dtype": cfg.dtype, "quantize": quantize or "none", "cache_len": batch.cache_len,
           "weight_gb": round(weight_bytes / 1e9, 3), "step_read_gb": round(step_bytes / 1e9, 3),
           "floor_ms_per_step": round(1000 * step_bytes / bandwidth, 3) if bandwidth else None,

@@ -65,14 +65,6 @@ class Settings(NamedTuple):
   num_stages: int
   reduce: bool
   wide: bool = False
-  programs: int = 0  # > 0: persistent, at most this many programs, each looping over its share of blocks
-
-
-# One row: the programs of a persistent kernel (Settings.programs) the default settings ask for;
-# 0: a program per block of outputs. Off until measured (benchmarks/kernel_sweep.py --programs,
-# benchmarks/decode_variants.py): a program per block leaves a last, partial wave of programs and
-# pipelines loads only within a block's two steps; a persistent one may keep more loads in flight.
-PERSISTENT = 0
 
 
 class Weight(NamedTuple):
@@ -112,7 +104,7 @@ def settings(rows: int, d: int, weight: Weight = Weight()) -> Settings | None:
   if rows == 1:
     step = next((k for k in ((2048, 1024, 512) if grouped else (1024, 512)) if fits(k)), None)
     if step:
-      return Settings(4, step, 4, 4, True, wide=not grouped, programs=PERSISTENT)
+      return Settings(4, step, 4, 4, True, wide=not grouped)
     if grouped:  # groups of more than 1,024, or widths not a multiple of 512 (unmeasured)
       return Settings(4, next(k for k in (256, 128, 64, 32, gs) if fits(k)), 4, 4, True)
   if grouped:
@@ -134,8 +126,7 @@ def supported(rows: int, d: int, n: int, gate_up: bool = False, chosen: Settings
 
 
 def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, has_residual: bool,
-            gate_up: bool, block_n: int, block_k: int, reduce: bool, wide: bool, weight: Weight,
-            programs: int = 0):
+            gate_up: bool, block_n: int, block_k: int, reduce: bool, wide: bool, weight: Weight):
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   refs = list(refs)
@@ -287,20 +278,7 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
       out = out + residual
     plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
 
-  if programs:  # persistent: a program for each of `programs` slots, looping over every programs-th block
-    first = pl.program_id(0)
-    jax.lax.fori_loop(0, outputs // block_n // programs,
-                      lambda i, carry: (block_at(first + i * programs), carry)[1], 0)
-  else:
-    block_at(pl.program_id(0))
-
-
-def _programs(blocks: int, wanted: int) -> int:
-  """A persistent kernel's programs: the most, up to `wanted`, that share `blocks` evenly (0: not
-  persistent, or as many as there are blocks anyway)."""
-  if wanted <= 0 or wanted >= blocks:
-    return 0
-  return next(p for p in range(wanted, 0, -1) if blocks % p == 0)
+  block_at(pl.program_id(0))
 
 
 def _shape(w) -> tuple[int, int]:
@@ -360,13 +338,12 @@ def matvec(x: Array, w, *, norm: Array | None = None, eps: float = 1e-5,
   if residual is not None:
     operands.append(residual.astype(x.dtype))
   block_n = chosen.block_n
-  programs = _programs(outputs // block_n, chosen.programs)
   kernel = functools.partial(_kernel, rows=rows, d=d, outputs=outputs, eps=eps,
                              has_norm=norm is not None, has_residual=residual is not None,
                              gate_up=gate_up, block_n=block_n, block_k=chosen.block_k,
-                             reduce=chosen.reduce, wide=chosen.wide, weight=weight, programs=programs)
+                             reduce=chosen.reduce, wide=chosen.wide, weight=weight)
   return pl.pallas_call(
-      kernel, grid=(programs or outputs // block_n,),
+      kernel, grid=(outputs // block_n,),
       out_shape=jax.ShapeDtypeStruct((rows, outputs), x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=chosen.num_warps, num_stages=chosen.num_stages),
       interpret=interpret, name=name)(*operands)
