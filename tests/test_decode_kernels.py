@@ -103,7 +103,6 @@ def test_quantized_matvec_matches_the_dequantized_product(rows, scheme):
 
 
 def test_quantized_matvec_refuses_what_it_cannot_tile():
-  from llama_jax import projection
   x = _normal(0, (1, 1024))
   qt = _quantized(_normal(1, (64, 1024)), "int4_g128")
   with pytest.raises(ValueError, match="output-major"):
