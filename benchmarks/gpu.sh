@@ -24,6 +24,8 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
+#   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
+#              kernels against XLA's blocks with the ragged attention, and a kernel summary of each
 #   servekernels  the server and the static batch at 64 clients with XLA's decode blocks (and the
 #              ragged attention kernel) against the fused kernels' (auto), one process each
 #   servesampled  the same at 16 and 64 clients, sampled (temperature 0.8) on both sides
@@ -316,6 +318,21 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
   for b in 1 16; do
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
+  done ;;
+longrows)  # the server's question offline: 64 rows of 768 + 256 tokens (its rows reach 1,024) and of
+  # 128 + 256, with the default kernels (the fused attention, one program a row and KV head) and XLA's
+  # blocks with the ragged split attention; then a kernel summary of the long rows with each
+  for p in 768 128; do
+    for k in auto xla; do
+      run longrows XLA_FLAGS= $D --batch_size 64 --prompt_len $p --new_tokens 256 --config.model.decode_kernels=$k
+    done
+  done
+  [ "$LONGROWS_PROFILE" = 0 ] && continue
+  for k in auto xla; do
+    rm -rf /tmp/pl
+    $D --batch_size 64 --prompt_len 768 --new_tokens 256 --repeats 2 --profile_dir /tmp/pl \
+      --config.model.decode_kernels=$k > $OUT/longrows.log 2>&1
+    python3 benchmarks/profile_summary.py /tmp/pl --top 20 2>&1 | grep -v Deprecation > $OUT/profile_longrows_$k.txt
   done ;;
 servekernels)
   for k in xla auto; do
