@@ -2,13 +2,14 @@
 each other, measured on one GPU:
 
   python benchmarks/decode_variants.py [--config configs/tinyllama_1b.py] [--batch_size 16]
-      [--variants "xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t"] [--processes 3]
+      [--prompt_len 128] [--variants "xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t"] [--processes 3]
 
 A variant is "xla" (XLA's blocks: `model.decode_kernels=xla`) or NAME=VALUE overrides of
 decode_block's constants, comma lists for sets (BATCH_KERNELS: the products a batch step runs as
 `matvec` kernels), 0/1 for flags (PREFETCH_WO: the attention kernel reads wo into L2 at one row),
-and integers; matvec's constants as `matvec.NAME`; several joined with "&". Each runs `bench decode` (prompt 128 + 256 new tokens) in a process of its
-own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
+integers (ATTENTION_SPLIT: cache positions one attention program reads at most, 0 for no limit);
+matvec's constants as `matvec.NAME`; several joined with "&". Each runs `bench decode` (the prompt,
+then 256 new tokens) in a process of its own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
 picks (so a step's time) differ from one process to the next (batch 16 on XLA's blocks: 1.49 or
 1.63 ms on H100s), while within one process every later run reuses the first one's picks. One JSON
 line a run: the variant, the round, and the decode's figures. `--autotune_cache DIR` makes every
@@ -45,19 +46,20 @@ def apply(variant: str):
   return "auto"
 
 
-def one(config_path: str, batch_size: int, variant: str, quantize: str = "") -> dict:
+def one(config_path: str, batch_size: int, variant: str, quantize: str = "", prompt_len: int = 128) -> dict:
   from llama_jax.bench.decode import bench_decode
   from llama_jax.train.cli import load_config
   kernels = apply(variant)
   config = load_config(config_path)
   config.model.decode_kernels = kernels
-  return bench_decode(config, batch_size, 128, 256, quantize=quantize)
+  return bench_decode(config, batch_size, prompt_len, 256, quantize=quantize)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/tinyllama_1b.py")
   p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--prompt_len", type=int, default=128, help="each row's prompt (then 256 new tokens)")
   p.add_argument("--variants", default="xla;BATCH_KERNELS=;BATCH_KERNELS=wo_t,w2_t",
                  help="';'-separated variants (see above)")
   p.add_argument("--processes", type=int, default=3, help="rounds over the list, a process a run")
@@ -67,12 +69,13 @@ def main() -> None:
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one variant
   args = p.parse_args()
   if args.one is not None:
-    print(json.dumps(one(args.config, args.batch_size, args.one, args.quantize)), flush=True)
+    print(json.dumps(one(args.config, args.batch_size, args.one, args.quantize, args.prompt_len)), flush=True)
     return
   for round_ in range(args.processes):
     for variant in args.variants.split(";"):
       child = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch_size",
-               str(args.batch_size), "--quantize", args.quantize, "--one", variant]
+               str(args.batch_size), "--prompt_len", str(args.prompt_len), "--quantize", args.quantize,
+               "--one", variant]
       env = dict(os.environ)
       if args.autotune_cache:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

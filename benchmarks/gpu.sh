@@ -24,6 +24,8 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
+#   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT) against one
+#              program a row and KV head: batch 1, 16, 64 at 1,024 positions; the server at 64 clients
 #   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
 #              kernels against XLA's blocks with the ragged attention, and a kernel summary of each
 #   servekernels  the server and the static batch at 64 clients with XLA's decode blocks (and the
@@ -319,6 +321,18 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done ;;
+splits)  # the attention kernel reading the cache in stretches (decode_block.ATTENTION_SPLIT positions
+  # a program at most) against one program a row and KV head: one row, 16, 64 rows reaching 1,024
+  # positions, then the server at 64 clients with stretches of 256 (servekernels' auto is its baseline)
+  timeout 200 python3 benchmarks/decode_variants.py --batch_size 1 --processes ${SPLITS_ROUNDS:-2} \
+    --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
+  timeout 200 python3 benchmarks/decode_variants.py --batch_size 16 --processes ${SPLITS_ROUNDS:-2} \
+    --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
+  timeout 250 python3 benchmarks/decode_variants.py --batch_size 64 --prompt_len 768 --processes 1 \
+    --variants "xla;ATTENTION_SPLIT=0;ATTENTION_SPLIT=256" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
+  [ "$SPLITS_SERVE" = 0 ] && continue
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn --clients 64 \
+    --kernel_variant ATTENTION_SPLIT=256 2>&1 | tee $OUT/splits_serve.txt | tail -3 ;;
 longrows)  # the server's question offline: 64 rows of 768 + 256 tokens (its rows reach 1,024) and of
   # 128 + 256, with the default kernels (the fused attention, one program a row and KV head) and XLA's
   # blocks with the ragged split attention; then a kernel summary of the long rows with each

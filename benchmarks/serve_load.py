@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--decode_attention", default="auto", help="the server's (auto, xla, pallas)")
   p.add_argument("--decode_kernels", default="auto", help="the server's and the static batch's (auto, "
                  "xla, pallas): the fused decode blocks, or XLA's")
+  p.add_argument("--kernel_variant", default="", help="decode_block's constants set on both sides, as "
+                 "benchmarks/decode_variants.py takes them (e.g. ATTENTION_SPLIT=256)")
   p.add_argument("--attention_impl", default="xla", help="the model's (xla, cudnn: flash attention in "
                  "prefill, as configs/tinyllama_1b.py trains), both sides")
   p.add_argument("--temperature", type=float, default=0.0, help="both sides; 0: greedy")
@@ -71,7 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "of --profile_clients clients (the server's /start_profile and /stop_profile)")
   p.add_argument("--profile_clients", type=int, default=64)
   p.add_argument("--server_timeout", type=float, default=900, help="seconds to wait for the server's warmup")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.kernel_variant and "=" not in args.kernel_variant:
+    p.error("--kernel_variant takes NAME=VALUE settings (--decode_kernels picks xla or auto)")
+  return args
 
 
 def levels(args) -> list[int]:
@@ -145,6 +150,9 @@ def static_stage(args) -> dict:
     t0 = time.perf_counter()
     make_checkpoint(args, args.workdir)
     print(f"checkpoint written in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+  if args.kernel_variant:
+    from decode_variants import apply  # noqa: PLC0415 (this folder's)
+    apply(args.kernel_variant)
   model = llama_jax.load(checkpoint, decode_kernels=args.decode_kernels)
   params = engine.prepare_params(model.config, model.params)
   prompt_lengths, answer_lengths = mix(args, 4096, seed=1)
@@ -174,8 +182,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# The server with decode_block's constants set first (--kernel_variant): argv[1] the variant, the
+# rest the server's own arguments.
+SERVE_WITH_VARIANT = (
+    "import runpy, sys; sys.path.insert(0, 'benchmarks'); from decode_variants import apply; "
+    "apply(sys.argv[1]); sys.argv = ['llama_jax.serve'] + sys.argv[2:]; "
+    "runpy.run_module('llama_jax.serve', run_name='__main__', alter_sys=True)")
+
+
 def start_server(args, port: int) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "llama_jax.serve", "--checkpoint", os.path.join(args.workdir, "model"),
+  launch = ["-c", SERVE_WITH_VARIANT, args.kernel_variant] if args.kernel_variant else ["-m", "llama_jax.serve"]
+  cmd = [sys.executable, *launch, "--checkpoint", os.path.join(args.workdir, "model"),
          "--port", str(port), "--max_batch", str(max(levels(args))), "--max_len", str(args.max_len),
          "--decode_steps", str(args.decode_steps), "--decode_attention", args.decode_attention,
          "--decode_kernels", args.decode_kernels, "--warmup", "--model_name", "bench",

@@ -136,6 +136,27 @@ def test_rotary_cache_attention_matches_the_model(rows, heads, kv_heads, length,
   np.testing.assert_allclose(out.astype(jnp.float32), want.astype(jnp.float32), atol=0.02, rtol=0.02)
 
 
+@pytest.mark.parametrize("rows, length, positions, splits", [
+    (2, 256, [200, 3], 3), pytest.param(3, 150, [70, 129, 149], 5, marks=pytest.mark.slow)])
+def test_rotary_cache_attention_in_stretches_matches_one_program_a_row(rows, length, positions, splits):
+  # The cache's blocks dealt out over `splits` programs a row and KV head, joined by XLA after: the
+  # same cache writes, the same attention to bf16 rounding (another order of the sums); a row whose
+  # positions end before a stretch leaves it empty (row 1 of the first case: 3 positions).
+  heads, kv_heads, h = 8, 2, 64
+  qkv = _normal(0, (rows, heads + 2 * kv_heads, h))
+  k_cache, v_cache = _normal(1, (rows, kv_heads, length, h)), _normal(2, (rows, kv_heads, length, h))
+  positions = jnp.asarray(positions, jnp.int32)
+  sin, cos = (t[:, 0, 0] for t in M.rotary_tables(positions[:, None], h, 10000.0))
+  run = lambda splits: decode_attention.rotary_cache_attention(  # noqa: E731
+      qkv, sin, cos, positions, k_cache, v_cache, n_heads=heads, block_k=32, splits=splits)
+  (want, k_want, v_want), (got, k_got, v_got) = run(1), run(splits)
+  np.testing.assert_array_equal(k_got, k_want)
+  np.testing.assert_array_equal(v_got, v_want)
+  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=4e-3, rtol=4e-3)
+  with pytest.raises(ValueError, match="splits"):
+    run(length // 32 + 2)
+
+
 def test_rotary_cache_attention_prefetching_changes_nothing():
   # Programs of their own read the next kernel's weights (into L2 on a GPU); the results are the same.
   heads, kv_heads, length, h = 8, 2, 64, 64
@@ -235,6 +256,14 @@ lowered(lambda qkv, k, v: decode_attention.rotary_cache_attention(
     qkv, half, half, jnp.zeros((16,), jnp.int32), k, v, n_heads=32, interpret=False),
         jnp.zeros((16, 40, 64), jnp.bfloat16), cache, cache)
 print("lowered attention", 16, 384)
+# In stretches: 16 rows over 1,024 positions in 4, one row over 384 in 3.
+for rows, length, splits in [(16, 1024, 4), (1, 384, 3)]:
+  cache = jnp.zeros((rows, 4, length, 64), jnp.bfloat16)
+  half = jnp.zeros((rows, 32), jnp.float32)
+  lowered(lambda qkv, k, v: decode_attention.rotary_cache_attention(
+      qkv, half, half, jnp.zeros((rows,), jnp.int32), k, v, n_heads=32, splits=splits, interpret=False),
+          jnp.zeros((rows, 40, 64), jnp.bfloat16), cache, cache)
+  print("lowered attention", rows, length, "splits", splits)
 """
 
 
@@ -245,7 +274,7 @@ def test_the_kernels_lower_for_a_gpu():
   proc = subprocess.run([sys.executable, "-c", LOWERING], capture_output=True, text=True, timeout=600,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 6
+  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 8
 
 
 def test_a_batch_step_needs_every_product_in_the_decode_layout():
@@ -358,6 +387,27 @@ def test_a_step_prefetching_wo_gives_the_same_logits(monkeypatch):
   layer = engine.prepare_params(_tiny("pallas"), params).layers[0]
   assert len(decode_block._prefetch(layer, 1, None)) == 1 and not decode_block._prefetch(layer, 2, None)
   np.testing.assert_array_equal(forced_logits(_tiny("pallas"), params, prompt, tokens), plain)
+
+
+def test_attention_splits_deal_out_whole_blocks(monkeypatch):
+  assert decode_block.attention_splits(1024, 64) == 1  # off by default
+  monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 256)
+  # The kernel's blocks: 128 positions up to 1,024, 256 beyond (heads of 64).
+  assert [decode_block.attention_splits(n, 64) for n in (200, 384, 1024, 2048)] == [1, 2, 4, 8]
+  monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 64)
+  assert decode_block.attention_splits(384, 64) == 3  # never less than a block a stretch
+
+
+@pytest.mark.slow  # staged, off by default; the kernel's own test of stretches is in the fast tier
+def test_a_step_reading_the_cache_in_stretches_gives_the_models_logits(monkeypatch):
+  params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(3)))
+  prompt, tokens = list(range(5, 35)), [40, 41, 42, 43, 44, 45]  # a cache of 36: 3 blocks of 16
+  monkeypatch.setattr(decode_attention, "rotary_block", lambda length, head_dim=64: 16)
+  want = forced_logits(_tiny("pallas"), params, prompt, tokens)
+  monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 16)
+  assert decode_block.attention_splits(36, 128) == 3
+  got = forced_logits(_tiny("pallas"), params, prompt, tokens)
+  assert 0 < np.abs(got - want).max() < 0.03 * np.abs(want).max()  # the stretches ran, and agree
 
 
 def test_slots_whose_attention_reads_each_length_compile_no_windows():

@@ -112,7 +112,7 @@ def prefetch_plan(arrays: Sequence[Array]) -> int | None:
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, block_k: int | None = None,
                            num_warps: int = 4, num_stages: int = 2, prefetch: Sequence[Array] = (),
-                           interpret: bool | None = None,
+                           splits: int = 1, interpret: bool | None = None,
                            name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
   """A decode step's attention in one kernel: rotary embeddings, the cache write and attention.
 
@@ -131,7 +131,15 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   `prefetch`: arrays (the next kernel's weights) that programs of their own read while the
   attention runs, so that they sit in L2 when that kernel reads them: at one row the attention
   occupies one SM per KV head and leaves the memory bus idle (`prefetch_plan` says which arrays
-  and how many programs; what they read is thrown away)."""
+  and how many programs; what they read is thrown away).
+
+  `splits` > 1: the cache's blocks are dealt out in `splits` contiguous stretches, a program for
+  each (row, KV head, stretch), and XLA joins the stretches' softmax statistics after (flash
+  decoding). One program a row and KV head streams the row's positions one block after another,
+  so the longest row of a batch sets the kernel's time, and one row keeps only K programs (SMs)
+  busy; stretches spread a row's positions over more programs for one small join. The stretch
+  holding no blocks of a row does nothing; the first writes the cache and counts this step's own
+  key. Not with `prefetch`."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   b, c, h = qkv.shape
@@ -149,6 +157,12 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   scale = h ** -0.5
   min_score = jnp.finfo(jnp.float32).min
 
+  blocks = pl.cdiv(length, block_k)
+  if not 1 <= splits <= blocks:
+    raise ValueError(f"splits must be 1..{blocks} (the cache's blocks of {block_k}), got {splits}")
+  if splits > 1 and prefetch:
+    raise ValueError("prefetch runs with one program a row and KV head (splits=1)")
+  per_split = pl.cdiv(blocks, splits)  # blocks a stretch holds (the last may hold fewer)
   plan = prefetch_plan(prefetch)
   if prefetch and plan is None:
     raise ValueError(f"prefetch takes arrays of whole (rows of {PREFETCH_WIDTH}) tiles; got "
@@ -158,7 +172,8 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   def kernel(qkv_ref, sin_ref, cos_ref, pos_ref, k_in, v_in, *refs):
     del k_in, v_in  # the same buffers as k_ref, v_ref (aliased)
     row, kv = pl.program_id(0), pl.program_id(1)
-    inputs = (qkv_ref, sin_ref, cos_ref, pos_ref, row, kv)
+    stretch = pl.program_id(2) if splits > 1 else 0
+    inputs = (qkv_ref, sin_ref, cos_ref, pos_ref, row, kv, stretch)
     if not warm:
       attend(*inputs, *refs)
       return
@@ -181,7 +196,8 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
         total = jax.lax.fori_loop(0, share // PREFETCH_ROWS, tile, total)
       plgpu.store(sink_ref.at[pl.ds(j, 1)], total[None], mask=(total == sentinel_ref[0])[None])
 
-  def attend(qkv_ref, sin_ref, cos_ref, pos_ref, row, kv, o_ref, k_ref, v_ref):
+  def attend(qkv_ref, sin_ref, cos_ref, pos_ref, row, kv, stretch, *refs):
+    outs, (k_ref, v_ref) = refs[:-2], refs[-2:]  # (o_ref,), or (acc_ref, m_ref, l_ref) with splits
     pos = pos_ref[row]
     live = (jnp.arange(padded) < group)[:, None]
     sin, cos = sin_ref[row, :][None, :], cos_ref[row, :][None, :]
@@ -201,7 +217,7 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
     v_new = qkv_ref[row, pl.ds(key_row + kv_heads, 1), :]  # (1, H)
     # A position past the cache writes nothing (as the model's scatter, mode="drop"); its row's
     # output is thrown away by the caller, which clamps the positions of rows it still uses.
-    inside = pos < length
+    inside = (pos < length) & (stretch == 0)  # with splits, the first stretch's program writes
     slot = jnp.minimum(pos, length - 1)
     plgpu.store(k_ref.at[row, kv, pl.ds(slot, 1), pl.ds(0, half)], k1,
                 mask=jnp.full((1, half), inside))
@@ -230,33 +246,56 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
 
     init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),
             jnp.zeros((padded,), jnp.float32))
-    out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, block_k), body, init)
+    if splits == 1:
+      out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, block_k), body, init)
+    else:  # this stretch's blocks, those the row has filled
+      first = stretch * per_split
+      out, m, l = jax.lax.fori_loop(
+          first, jnp.maximum(first, jnp.minimum(pl.cdiv(filled, block_k), first + per_split)), body, init)
     # This step's own key and value, held in registers (not read back from the cache).
     own = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32), axis=1)
            + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32), axis=1)) * scale
-    m_next = jnp.maximum(m, own)
+    counted = stretch == 0  # with splits, the first stretch counts it
+    m_next = jnp.where(counted, jnp.maximum(m, own), m)
     correction = jnp.exp(m - m_next)
-    p_own = jnp.exp(own - m_next)
+    p_own = jnp.where(counted, jnp.exp(own - m_next), 0.0)
     p_rounded = p_own.astype(v_new.dtype).astype(jnp.float32)
     out = out * correction[:, None] + p_rounded[:, None] * v_new.astype(jnp.float32)
     l = l * correction + p_own
-    plgpu.store(o_ref.at[row, pl.ds(kv * group, padded), :], (out / l[:, None]).astype(o_ref.dtype),
-                mask=live)
+    if splits == 1:
+      (o_ref,) = outs
+      plgpu.store(o_ref.at[row, pl.ds(kv * group, padded), :], (out / l[:, None]).astype(o_ref.dtype),
+                  mask=live)
+    else:  # unnormalised, with the statistics XLA joins the stretches by
+      acc_ref, m_ref, l_ref = outs
+      plgpu.store(acc_ref.at[row, kv, stretch], out)
+      plgpu.store(m_ref.at[row, kv, stretch], m_next)
+      plgpu.store(l_ref.at[row, kv, stretch], l)
 
-  out_shape = (jax.ShapeDtypeStruct((b, n_heads, h), qkv.dtype),
-               jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+  if splits == 1:
+    results = (jax.ShapeDtypeStruct((b, n_heads, h), qkv.dtype),)
+  else:
+    stats = jax.ShapeDtypeStruct((b, kv_heads, splits, padded), jnp.float32)
+    results = (jax.ShapeDtypeStruct((b, kv_heads, splits, padded, h), jnp.float32), stats, stats)
+  out_shape = (*results, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   # The prefetching programs' sums go to a sink, stored only where a sum equals NaN (never, but
   # not known to Triton when it compiles, so the loads stay).
   extra = (*warm, jnp.full((1,), jnp.nan, jnp.float32)) if warm else ()
   if warm:
     out_shape += (jax.ShapeDtypeStruct((plan,), jnp.float32),)
-  out, k_cache, v_cache, *_ = pl.pallas_call(
-      kernel, grid=(b, kv_heads + (plan if warm else 0)),
+  outputs = pl.pallas_call(
+      kernel, grid=(b, kv_heads + (plan if warm else 0)) + ((splits,) if splits > 1 else ()),
       out_shape=out_shape,
-      input_output_aliases={4: 1, 5: 2},
+      input_output_aliases={4: len(results), 5: len(results) + 1},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name=name,
   )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache,
     *extra)
-  return out, k_cache, v_cache
+  k_cache, v_cache = outputs[len(results):len(results) + 2]
+  if splits == 1:
+    return outputs[0], k_cache, v_cache
+  acc, m, l = outputs[:3]
+  weight = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # a stretch with no blocks: m = min, weight 0
+  out = jnp.sum(acc * weight[..., None], axis=2) / jnp.sum(l * weight, axis=2)[..., None]
+  return out[:, :, :group].reshape(b, n_heads, h).astype(qkv.dtype), k_cache, v_cache

@@ -108,12 +108,31 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
     return out if residual is None else residual + out
 
   qkv = run(wqkv, x, norm="attention_norm")
+  splits = attention_splits(k_cache.shape[2], h)
   out, k_cache, v_cache = decode_attention.rotary_cache_attention(
       qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n,
-      prefetch=_prefetch(layer, rows, kernels))
+      prefetch=_prefetch(layer, rows, kernels) if splits == 1 else (), splits=splits)
   x = run(wo, out.reshape(rows, n * h), residual=x)
   hidden = run(w13, x, norm="ffn_norm")
   return run(w2, hidden, residual=x), k_cache, v_cache
+
+
+# Cache positions one program of the attention kernel reads at most: a cache longer than this is
+# dealt out in stretches of it, a program each (`decode_attention.rotary_cache_attention`'s
+# `splits`), joined by XLA after; 0: one program a row and KV head. One program a row streams the
+# row's positions block after block, so the longest row of a batch sets the kernel's time (the
+# server's rows reach 1,024 positions beside short ones) and one row keeps K SMs busy. Off until
+# measured (benchmarks/decode_variants.py ATTENTION_SPLIT=256, gpu.sh splits).
+ATTENTION_SPLIT = 0
+
+
+def attention_splits(length: int, head_dim: int) -> int:
+  """The stretches a cache of `length` positions is read in (ATTENTION_SPLIT; 1: one program a row
+  and KV head), whole blocks of the kernel's loop each."""
+  if not ATTENTION_SPLIT:
+    return 1
+  block = decode_attention.rotary_block(length, head_dim)
+  return max(1, min(-(-length // block), -(-length // max(ATTENTION_SPLIT, block))))
 
 
 # At one row, whether the attention kernel reads wo's weight into L2 for the wo kernel after it
@@ -135,8 +154,9 @@ def _prefetch(layer: Any, rows: int, kernels: frozenset[str] | None) -> tuple[Ar
 # rows; the others through XLA's GEMMs. TinyLlama-1.1B, batch 16, one H100, one process
 # (benchmarks/batch_kernels.py at 31d430b, now decode_variants.py): wo and w2 as kernels 1.297 ms
 # a step, none 1.365, wo alone 1.363, w2 alone 1.385, wq|wk|wv 1.736, w1|w3 1.973, all four 2.349;
-# XLA's blocks 1.630. In a fresh process (another call) the committed set took 1.374: XLA's
-# autotuned picks differ between processes (BENCHMARKS.md, "Batches").
+# XLA's blocks 1.630. XLA's autotuned picks differ between processes: over two rounds of fresh
+# processes (session 13, another H100) wo and w2 as kernels 1.287 and 1.315 against none 1.367 and
+# 1.399. On an H200 the ranking reverses (1.217 against 1.148: BENCHMARKS.md, "Session 13").
 BATCH_KERNELS: frozenset[str] = frozenset({"wo_t", "w2_t"})
 
 
