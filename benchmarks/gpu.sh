@@ -68,6 +68,8 @@
 #   trainknobs the TinyLlama training step under cheap knobs, one process each: bfloat16 Adam
 #              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler (TRAINKNOBS_ALL=1:
 #              and 16 or 20 sequences with bfloat16 moments)
+#   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
+#              (exhaustive tiling search, cuBLASLt, no Triton GEMMs)
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
 #              gained 30% unrolled; the 7B config's choice since session 13) beside scanned blocks, at 4 and (cards of > 100 GB)
 #              6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2 sequences a GPU (4 GPUs or more)
@@ -265,6 +267,13 @@ trainknobs)
   run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T --config.batch_size=16 \
     --config.optimizer.moments_dtype=bfloat16
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=20 --config.optimizer.moments_dtype=bfloat16 ;;
+trainflags)  # the TinyLlama step (16 sequences, bfloat16 moments: the best knobs so far) under XLA flags
+  # that change its GEMMs: an exhaustive search of Triton's tiles, cuBLASLt, cuBLAS for every GEMM
+  K="--config.batch_size=16 --config.optimizer.moments_dtype=bfloat16"
+  for f in "" --xla_gpu_exhaustive_tiling_search=true --xla_gpu_enable_cublaslt=true \
+      --xla_gpu_enable_triton_gemm=false; do
+    run trainflags $M XLA_FLAGS="$f" $T $K
+  done ;;
 unrolled)  # UNROLLED_SEQS: sequences a GPU (default 4, and 6 on cards of > 100 GB); 13B only on >= 4 GPUs
   U7="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
   U13="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
