@@ -266,17 +266,18 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
       (o_ref,) = outs
       plgpu.store(o_ref.at[row, pl.ds(kv * group, padded), :], (out / l[:, None]).astype(o_ref.dtype),
                   mask=live)
-    else:  # unnormalised, with the statistics XLA joins the stretches by
+    else:  # unnormalised, with the statistics XLA joins the stretches by; the group's heads only
       acc_ref, m_ref, l_ref = outs
-      plgpu.store(acc_ref.at[row, kv, stretch], out)
-      plgpu.store(m_ref.at[row, kv, stretch], m_next)
-      plgpu.store(l_ref.at[row, kv, stretch], l)
+      heads = pl.ds(0, padded)
+      plgpu.store(acc_ref.at[row, kv, stretch, heads, :], out, mask=live)
+      plgpu.store(m_ref.at[row, kv, stretch, heads], m_next, mask=live[:, 0])
+      plgpu.store(l_ref.at[row, kv, stretch, heads], l, mask=live[:, 0])
 
   if splits == 1:
     results = (jax.ShapeDtypeStruct((b, n_heads, h), qkv.dtype),)
   else:
-    stats = jax.ShapeDtypeStruct((b, kv_heads, splits, padded), jnp.float32)
-    results = (jax.ShapeDtypeStruct((b, kv_heads, splits, padded, h), jnp.float32), stats, stats)
+    stats = jax.ShapeDtypeStruct((b, kv_heads, splits, group), jnp.float32)
+    results = (jax.ShapeDtypeStruct((b, kv_heads, splits, group, h), jnp.float32), stats, stats)
   out_shape = (*results, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
   # The prefetching programs' sums go to a sink, stored only where a sum equals NaN (never, but
@@ -298,4 +299,4 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   acc, m, l = outputs[:3]
   weight = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # a stretch with no blocks: m = min, weight 0
   out = jnp.sum(acc * weight[..., None], axis=2) / jnp.sum(l * weight, axis=2)[..., None]
-  return out[:, :, :group].reshape(b, n_heads, h).astype(qkv.dtype), k_cache, v_cache
+  return out.reshape(b, n_heads, h).astype(qkv.dtype), k_cache, v_cache
