@@ -25,9 +25,11 @@
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
 #   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT) against one
-#              program a row and KV head: batch 1, 16, 64 at 1,024 positions; the server at 64 clients
+#              program a row and KV head: batch 1 and 16 at 384 positions, 64 at 1,024 (and XLA's
+#              blocks with their masked attention); the server at 64 clients
 #   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
-#              kernels against XLA's blocks with the ragged attention, and a kernel summary of each
+#              kernels against XLA's blocks with the ragged attention kernel (the server's other
+#              choice: decode_attention=pallas), and a kernel summary of each
 #   servekernels  the server and the static batch at 64 clients with XLA's decode blocks (and the
 #              ragged attention kernel) against the fused kernels' (auto), one process each
 #   servesampled  the same at 16 and 64 clients, sampled (temperature 0.8) on both sides
@@ -98,12 +100,16 @@
 #   align      DPO steps (policy + frozen reference) and PPO steps (rollout, scoring, updates)
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 # GPUS=0,1 runs the sections on those GPUs only (CUDA_VISIBLE_DEVICES; "every GPU" then means them), so
-# that one-GPU sections can run side by side on the GPUs of a larger machine:
+# that one-GPU sections can run side by side on the GPUs of a larger machine (not those that pick
+# their GPUs themselves: decode1, bigmodels, bigconfigs; nor two that write one workdir or
+# $OUT/last.log: the serve* sections, the profiles):
 #   bash benchmarks/gpu.sh env; GPUS=0,1 bash benchmarks/gpu.sh unrolled & GPUS=2 bash benchmarks/gpu.sh trainknobs & wait
 . benchmarks/gpu_setup.sh
 T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
 D="python3 -m llama_jax.bench decode --config configs/tinyllama_1b.py"
-B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2"
+# The 7B config's blocks scanned, as every section but `unrolled` measured them (the config unrolls
+# since session 13; unrolled, four 80 GB cards do not hold fourh100's 4 sequences a GPU).
+B7="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2 --config.model.scan_layers=True"
 B13="timeout 200 python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
 N=$(nvidia-smi -L | wc -l)  # GPUs of this machine
 if [ -n "$GPUS" ]; then export CUDA_VISIBLE_DEVICES=$GPUS; N=$(echo "$GPUS" | tr ',' '\n' | wc -l); fi
@@ -205,7 +211,8 @@ profile)  # the timed region only: compilation and autotuning stay out of the tr
 fsdp)  # every GPU of the machine (2 or 4): TinyLlama, then the LLaMA-2 7B and 13B shapes, FSDP
   S="--steps 5 --warmup 2"
   run fsdp XLA_FLAGS= $T --config.batch_size=$((8 * N))
-  run fsdp $M XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N))
+  run fsdp $M XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_7b.py $S --config.batch_size=$((4 * N)) \
+    --config.model.scan_layers=True  # as its recorded rows ran (before session 13)
   run fsdp $M XLA_FLAGS= python3 -m llama_jax.bench train --config configs/llama2_13b.py $S --config.batch_size=$((2 * N)) --config.model.remat_policy=full ;;
 bigmodels)  # where the 7B step's time goes on several GPUs: what is rematerialised, collective overlap
   LHS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_all_gather=true --xla_gpu_enable_pipelined_reduce_scatter=true --xla_gpu_enable_while_loop_double_buffering=true"
@@ -279,7 +286,7 @@ unrolled)  # UNROLLED_SEQS: sequences a GPU (default 4, and 6 on cards of > 100 
   U13="timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train --config configs/llama2_13b.py --steps 5 --warmup 2"
   for s in ${UNROLLED_SEQS:-4 $([ "$mem" -gt 100000 ] && echo 6)}; do
     run unrolled $M XLA_FLAGS= $U7 --config.batch_size=$((s * N)) --config.model.scan_layers=False
-    run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((s * N)) --config.model.scan_layers=True
+    run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((s * N))
   done
   [ "$N" -ge 4 ] && run unrolled $M XLA_FLAGS= $U13 --config.batch_size=$((2 * N)) --config.model.scan_layers=False ;;
 batchattention)
@@ -340,22 +347,22 @@ splits)  # the attention kernel reading the cache in stretches (decode_block.ATT
   timeout 250 python3 benchmarks/decode_variants.py --batch_size 64 --prompt_len 768 --processes 1 \
     --variants "xla;ATTENTION_SPLIT=0;ATTENTION_SPLIT=256" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
   [ "$SPLITS_SERVE" = 0 ] && continue
-  python3 benchmarks/serve_load.py --workdir /tmp/serve_load --attention_impl cudnn --clients 64 \
+  python3 benchmarks/serve_load.py --workdir /tmp/serve_load_splits --attention_impl cudnn --clients 64 \
     --kernel_variant ATTENTION_SPLIT=256 2>&1 | tee $OUT/splits_serve.txt | tail -3 ;;
 longrows)  # the server's question offline: 64 rows of 768 + 256 tokens (its rows reach 1,024) and of
   # 128 + 256, with the default kernels (the fused attention, one program a row and KV head) and XLA's
   # blocks with the ragged split attention; then a kernel summary of the long rows with each
   for p in 768 128; do
-    for k in auto xla; do
+    for k in "auto" "xla --config.model.decode_attention=pallas"; do
       run longrows XLA_FLAGS= $D --batch_size 64 --prompt_len $p --new_tokens 256 --config.model.decode_kernels=$k
     done
   done
   [ "$LONGROWS_PROFILE" = 0 ] && continue
-  for k in auto xla; do
+  for k in "auto" "xla --config.model.decode_attention=pallas"; do
     rm -rf /tmp/pl
     $D --batch_size 64 --prompt_len 768 --new_tokens 256 --repeats 2 --profile_dir /tmp/pl \
       --config.model.decode_kernels=$k > $OUT/longrows.log 2>&1
-    python3 benchmarks/profile_summary.py /tmp/pl --top 20 2>&1 | grep -v Deprecation > $OUT/profile_longrows_$k.txt
+    python3 benchmarks/profile_summary.py /tmp/pl --top 20 2>&1 | grep -v Deprecation > $OUT/profile_longrows_${k%% *}.txt
   done ;;
 servekernels)
   for k in xla auto; do

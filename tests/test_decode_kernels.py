@@ -137,7 +137,7 @@ def test_rotary_cache_attention_matches_the_model(rows, heads, kv_heads, length,
 
 
 @pytest.mark.parametrize("rows, heads, kv_heads, length, positions, splits", [
-    (2, 8, 2, 256, [200, 3], 3), pytest.param(3, 4, 4, 150, [70, 129, 149], 5, marks=pytest.mark.slow)])
+    (2, 8, 2, 256, [200, 3], 3), (3, 4, 4, 150, [70, 129, 149], 5)])
 def test_rotary_cache_attention_in_stretches_matches_one_program_a_row(rows, heads, kv_heads, length,
                                                                        positions, splits):
   # The cache's blocks dealt out over `splits` programs a row and KV head, joined by XLA after: the
@@ -399,6 +399,8 @@ def test_attention_splits_deal_out_whole_blocks(monkeypatch):
   assert [decode_block.attention_splits(n, 64) for n in (200, 384, 1024, 2048)] == [1, 2, 4, 8]
   monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 64)
   assert decode_block.attention_splits(384, 64) == 3  # never less than a block a stretch
+  monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 200)  # not whole blocks: 1 a stretch, 8 stretches
+  assert decode_block.attention_splits(1024, 64) == 8
 
 
 @pytest.mark.slow  # staged, off by default; the kernel's own test of stretches is in the fast tier

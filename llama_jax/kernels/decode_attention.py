@@ -133,13 +133,13 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   occupies one SM per KV head and leaves the memory bus idle (`prefetch_plan` says which arrays
   and how many programs; what they read is thrown away).
 
-  `splits` > 1: the cache's blocks are dealt out in `splits` contiguous stretches, a program for
-  each (row, KV head, stretch), and XLA joins the stretches' softmax statistics after (flash
-  decoding). One program a row and KV head streams the row's positions one block after another,
-  so the longest row of a batch sets the kernel's time, and one row keeps only K programs (SMs)
-  busy; stretches spread a row's positions over more programs for one small join. The stretch
-  holding no blocks of a row does nothing; the first writes the cache and counts this step's own
-  key. Not with `prefetch`."""
+  `splits` > 1: the cache's blocks are dealt out in (at most) `splits` contiguous stretches, a
+  program for each (row, KV head, stretch), and XLA joins the stretches' softmax statistics after
+  (flash decoding). One program a row and KV head streams the row's positions one block after
+  another, so the longest row of a batch sets the kernel's time, and one row keeps only K programs
+  (SMs) busy; stretches spread a row's positions over more programs for one small join. A stretch
+  holding none of a row's filled blocks does nothing; the first writes the cache and counts this
+  step's own key. Not with `prefetch`."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   b, c, h = qkv.shape
@@ -163,6 +163,7 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   if splits > 1 and prefetch:
     raise ValueError("prefetch runs with one program a row and KV head (splits=1)")
   per_split = pl.cdiv(blocks, splits)  # blocks a stretch holds (the last may hold fewer)
+  splits = pl.cdiv(blocks, per_split)  # and no stretch past the cache (8 blocks asked in 6: 4 of 2)
   plan = prefetch_plan(prefetch)
   if prefetch and plan is None:
     raise ValueError(f"prefetch takes arrays of whole (rows of {PREFETCH_WIDTH}) tiles; got "

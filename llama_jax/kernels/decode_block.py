@@ -132,7 +132,7 @@ def attention_splits(length: int, head_dim: int) -> int:
   if not ATTENTION_SPLIT:
     return 1
   block = decode_attention.rotary_block(length, head_dim)
-  return max(1, min(-(-length // block), -(-length // max(ATTENTION_SPLIT, block))))
+  return -(-length // block // max(1, ATTENTION_SPLIT // block))  # whole blocks a stretch, none empty
 
 
 # At one row, whether the attention kernel reads wo's weight into L2 for the wo kernel after it
