@@ -6,7 +6,7 @@ two 141 GB or four 80 GB GPUs. Activations are rematerialised except the matmuls
 cuDNN attention's (`dots_and_attention`: the backward pass does not run the attention forward
 again), so 4096-token sequences fit beside them. Run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95: on
 80 GB cards JAX's default share of a card (75%, 60 GB) is too small, and on two 141 GB cards the
-default batch peaked at 105.7 GB, at the edge of that share (106 GB; measured with 0.95). Throughput:
+default batch peaked at 105.7 GiB, past that share (105.3 GiB; measured with 0.95). Throughput:
 `python -m llama_jax.bench train --config configs/llama2_7b.py` (BENCHMARKS.md): 55.2% MFU on two
 H200s at 4 sequences a GPU, 56.9% on four at 6.
 
