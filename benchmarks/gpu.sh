@@ -38,6 +38,8 @@
 #   serveengine  the scheduler and engine under 64 in-process clients, no HTTP (benchmarks/serve_engine_load.py)
 #   dispatch   a server decode call: time to return against time to finish (benchmarks/serve_dispatch.py),
 #              beside the static batch's decode at 64 rows
+#   pdl        programmatic dependent launch: the decode's kernels' griddepcontrol instructions (an
+#              XLA dump), and batch-1 decode with XLA's PDL flags on (0.11's default) and off
 #   hlo        the decode loop's optimized HLO (to count its kernels)
 #   ragged     the ragged decode-attention kernel: its tests compiled for the GPU, a server decode
 #              call's step cost and tokens beside XLA's, the engine under 64 clients with each
@@ -425,6 +427,20 @@ graphs)  # a step's kernels launched one by one from the host, or as one CUDA gr
     done
     echo "== XLA_FLAGS=$f serve_dispatch.py"
     XLA_FLAGS="$f" python3 benchmarks/serve_dispatch.py --windows 512 2>&1 | grep '^{' | tee -a $OUT/graphs.jsonl
+  done ;;
+pdl)  # programmatic dependent launch (XLA 0.11 launches its and Pallas-Triton's kernels with PDL by
+  # default, a wait at each kernel's entry): whether the decode's kernels carry griddepcontrol, and the
+  # batch-1 decode (fused blocks, then XLA's) with PDL on (the default) and off
+  rm -rf /tmp/dpdl
+  XLA_FLAGS="--xla_dump_to=/tmp/dpdl --xla_gpu_dump_llvmir" $D --batch_size 1 --prompt_len 128 --new_tokens 32 \
+    --repeats 1 > $OUT/pdl.log 2>&1
+  echo "files naming griddepcontrol: $(grep -rl griddepcontrol /tmp/dpdl | wc -l) of $(ls /tmp/dpdl | wc -l);" \
+    "occurrences: $(grep -ro griddepcontrol[.a-z_]* /tmp/dpdl | sed 's/.*://' | sort | uniq -c | tr '\n' ' ')" \
+    | tee $OUT/pdl_dump.txt
+  for k in pallas xla; do
+    for f in "" "--xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false"; do
+      run pdl XLA_FLAGS="$f" $D --batch_size 1 --prompt_len 128 --new_tokens 256 --config.model.decode_kernels=$k
+    done
   done ;;
 hlo)  # the optimized HLO of the decode loop, to count its kernels per layer
   XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" $D --batch_size 1 --prompt_len 128 --new_tokens 32 --repeats 1 > $OUT/last.log 2>&1
