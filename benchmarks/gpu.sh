@@ -77,6 +77,7 @@
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
 #              gained 30% unrolled; the 7B config's choice since session 13) beside scanned blocks, at 4 and (cards of > 100 GB)
 #              6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2 sequences a GPU (4 GPUs or more)
+#   unrolled13 LLaMA-2-13B's config unrolled against scanned, 2 sequences a GPU, every GPU
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
 #   batchattention  batch 16 and 64: XLA's matmuls around the fused attention kernel (the default on one
@@ -291,6 +292,12 @@ unrolled)  # UNROLLED_SEQS: sequences a GPU (default 4, and 6 on cards of > 100 
     run unrolled $M XLA_FLAGS= $B7 --config.batch_size=$((s * N))
   done
   [ "$N" -ge 4 ] && run unrolled $M XLA_FLAGS= $U13 --config.batch_size=$((2 * N)) --config.model.scan_layers=False ;;
+unrolled13)  # LLaMA-2-13B (its config: dots_no_batch, bfloat16 moments) unrolled against scanned on
+  # every GPU (four 80 GB cards hold it: 2 sequences a GPU)
+  for scan in False True; do
+    run unrolled13 $M XLA_FLAGS= timeout ${UNROLLED_TIMEOUT:-480} python3 -m llama_jax.bench train \
+      --config configs/llama2_13b.py --steps 5 --warmup 2 --config.batch_size=$((2 * N)) --config.model.scan_layers=$scan
+  done ;;
 batchattention)
   for b in 16 64; do
     for k in auto xla; do
