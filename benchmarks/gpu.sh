@@ -75,8 +75,9 @@
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (exhaustive tiling search, cuBLASLt, no Triton GEMMs)
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
-#              gained 30% unrolled; the 7B config's choice since session 13) beside scanned blocks, at 4 and (cards of > 100 GB)
-#              6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2 sequences a GPU (4 GPUs or more)
+#              gained 30% unrolled; the 7B config's choice since session 13) beside scanned blocks, at
+#              4 and (cards of > 100 GB) 6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2
+#              sequences a GPU (4 GPUs or more)
 #   unrolled13 LLaMA-2-13B's config unrolled against scanned, 2 sequences a GPU, every GPU
 #   batchdecode  batch 16 and 64 with the decode layout (output-major) against the model's (--nofuse),
 #              and a kernel summary of the batch-16 decode in each (BD_PROFILE_ONLY=1: the summaries only)
