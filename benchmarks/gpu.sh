@@ -108,6 +108,7 @@
 # their GPUs themselves: decode1, bigmodels, bigconfigs; nor two that write one workdir or
 # $OUT/last.log: the serve* sections, the profiles):
 #   bash benchmarks/gpu.sh env; GPUS=0,1 bash benchmarks/gpu.sh unrolled & GPUS=2 bash benchmarks/gpu.sh trainknobs & wait
+# (benchmarks/gpu_side_by_side.sh "0,1:unrolled" "2:trainknobs" does that, with a time limit each).
 . benchmarks/gpu_setup.sh
 T="python3 -m llama_jax.bench train --config configs/tinyllama_1b.py"
 D="python3 -m llama_jax.bench decode --config configs/tinyllama_1b.py"
