@@ -247,12 +247,10 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
 
     init = (jnp.zeros((padded, h), jnp.float32), jnp.full((padded,), min_score, jnp.float32),
             jnp.zeros((padded,), jnp.float32))
-    if splits == 1:
-      out, m, l = jax.lax.fori_loop(0, pl.cdiv(filled, block_k), body, init)
-    else:  # this stretch's blocks, those the row has filled
-      first = stretch * per_split
-      out, m, l = jax.lax.fori_loop(
-          first, jnp.maximum(first, jnp.minimum(pl.cdiv(filled, block_k), first + per_split)), body, init)
+    # This stretch's blocks (with one stretch, all of them), those the row has filled.
+    first = stretch * per_split
+    out, m, l = jax.lax.fori_loop(
+        first, jnp.maximum(first, jnp.minimum(pl.cdiv(filled, block_k), first + per_split)), body, init)
     # This step's own key and value, held in registers (not read back from the cache).
     own = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32), axis=1)
            + jnp.sum(q2.astype(jnp.float32) * k2.astype(jnp.float32), axis=1)) * scale
