@@ -72,6 +72,8 @@
 #   trainknobs the TinyLlama training step under cheap knobs, one process each: bfloat16 Adam
 #              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler (TRAINKNOBS_ALL=1:
 #              and 16 or 20 sequences with bfloat16 moments)
+#   trainfuse  the TinyLlama step with wq|wk|wv and w1|w3 as one matmul each (model.fuse_projections)
+#              against the default, at batch 8 and at 16 with bfloat16 moments; a kernel summary of it
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (exhaustive tiling search, cuBLASLt, no Triton GEMMs)
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
@@ -279,6 +281,18 @@ trainknobs)
   run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T --config.batch_size=16 \
     --config.optimizer.moments_dtype=bfloat16
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=20 --config.optimizer.moments_dtype=bfloat16 ;;
+trainfuse)  # wq|wk|wv and w1|w3 as one matmul each (model.fuse_projections) against the default, at the
+  # config's batch and at the best knobs' (16 sequences, bfloat16 moments); a kernel summary of the fused step
+  run trainfuse $M XLA_FLAGS= $T
+  run trainfuse $M XLA_FLAGS= $T --config.model.fuse_projections=True
+  run trainfuse $M XLA_FLAGS= $T --config.model.fuse_projections=True --config.batch_size=16 \
+    --config.optimizer.moments_dtype=bfloat16
+  [ "$TRAINFUSE_PROFILE" = 0 ] && continue
+  rm -rf /tmp/ptf
+  env $M $T --config.model.fuse_projections=True --steps 3 --warmup 2 --profile_dir /tmp/ptf > $OUT/trainfuse_profile.log 2>&1
+  tail -1 $OUT/trainfuse_profile.log
+  python3 benchmarks/profile_summary.py /tmp/ptf --top 60 2>&1 | grep -v Deprecation > $OUT/profile_trainfuse.txt
+  head -30 $OUT/profile_trainfuse.txt ;;
 trainflags)  # the TinyLlama step (16 sequences, bfloat16 moments: the best knobs so far) under XLA flags
   # that change its GEMMs: an exhaustive search of Triton's tiles, cuBLASLt, cuBLAS for every GEMM
   K="--config.batch_size=16 --config.optimizer.moments_dtype=bfloat16"
