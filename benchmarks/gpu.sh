@@ -27,6 +27,7 @@
 #   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT) against one
 #              program a row and KV head: batch 1 and 16 at 384 positions, 64 at 1,024 (and XLA's
 #              blocks with their masked attention); the server at 64 clients
+#   splitsserve  the server at 64 clients with the attention kernel in stretches of 256 and in one
 #   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
 #              kernels against XLA's blocks with the ragged attention kernel (the server's other
 #              choice: decode_attention=pallas), and a kernel summary of each
@@ -74,6 +75,7 @@
 #              and 16 or 20 sequences with bfloat16 moments)
 #   trainfuse  the TinyLlama step with wq|wk|wv and w1|w3 as one matmul each (model.fuse_projections)
 #              against the default, at batch 8 and at 16 with bfloat16 moments; a kernel summary of it
+#   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (exhaustive tiling search, cuBLASLt, no Triton GEMMs)
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
@@ -374,6 +376,16 @@ splits)  # the attention kernel reading the cache in stretches (decode_block.ATT
   [ "$SPLITS_SERVE" = 0 ] && continue
   python3 benchmarks/serve_load.py --workdir /tmp/serve_load_splits --attention_impl cudnn --clients 64 \
     --kernel_variant ATTENTION_SPLIT=256 2>&1 | tee $OUT/splits_serve.txt | tail -3 ;;
+splitsserve)  # the server at 64 clients with the attention kernel in stretches of 256 positions and in
+  # one (ATTENTION_SPLIT=0, the default), a process each
+  for v in 0 256; do
+    python3 benchmarks/serve_load.py --workdir /tmp/serve_load_split$v --attention_impl cudnn --clients 64 \
+      --kernel_variant ATTENTION_SPLIT=$v 2>&1 | tee $OUT/splitsserve_$v.txt | tail -3
+  done ;;
+trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
+  for b in 24 32; do
+    run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16
+  done ;;
 longrows)  # the server's question offline: 64 rows of 768 + 256 tokens (its rows reach 1,024) and of
   # 128 + 256, with the default kernels (the fused attention, one program a row and KV head) and XLA's
   # blocks with the ragged split attention; then a kernel summary of the long rows with each

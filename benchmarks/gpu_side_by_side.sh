@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_side_by_side.sh [-t SECONDS] "0:splits" "1:longrows" "2:trainflags" "3:pdl prefetch"
 # Each argument is GPUS:SECTIONS (GPUS as gpu.sh takes it: "0", "0,1"; SECTIONS one or more of its
 # sections); each runs as `GPUS=... bash benchmarks/gpu.sh SECTIONS` under `timeout SECONDS` (default
-# 540, inside the device tool's 600), its output in $OUT/side_GPUS.txt, printed when all are done.
+# 540, inside the device tool's 600), its output in $OUT/side_GPUS.txt, printed when all are done;
+# then every file under $OUT goes into $OUT/side_by_side.tgz.
 # Variables for the sections (SPLITS_ROUNDS=1, ...) pass through. Rows measured so ran beside other
 # jobs on the same host: BENCHMARKS.md says so where it cites them.
 limit=540
@@ -18,3 +19,5 @@ for spec in "$@"; do
   echo "### GPUs ${spec%%:*}: ${spec#*:}"
   cat "$OUT/side_${spec%%:*}.txt"
 done
+# The device tool brings back at most 8 files from $OUT: everything goes back as one archive.
+tar czf /tmp/side_by_side.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/side_by_side.tgz "$OUT/"
