@@ -44,10 +44,6 @@ class ModelConfig:
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
   loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
-  # wq|wk|wv and w1|w3 as one matmul each (the weights concatenated in the compute dtype every call;
-  # the parameters and checkpoints keep their layout). For training and prefill on one GPU or FSDP:
-  # under tensor parallelism the concatenation crosses the sharded output axis (train.py refuses it).
-  fuse_projections: bool = False
 
   def __post_init__(self):
     if self.n_kv_heads is None:

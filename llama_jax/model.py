@@ -20,8 +20,6 @@ K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -116,27 +114,6 @@ def _project(module: nn.Module, name: str, equation: str, x: Array, shape, axes)
   return projection.project(equation, x, w, module.cfg.dtype)
 
 
-def _project_side_by_side(module: nn.Module, specs, x: Array) -> list[Array] | None:
-  """Projections of the same input x (B, T, D) as one matmul: the weights (D, ...) are cast to the
-  compute dtype and concatenated along their outputs each step (the parameters keep their own
-  layout), and the product is split back, one array of shape (B, T, *outputs) for each (name,
-  shape, axes) in `specs`. One GEMM of N = sum of the outputs instead of several narrower ones, and
-  in the backward pass one input gradient instead of several summed (`model.fuse_projections`).
-  None when a weight is structured (quantized, LoRA): the caller projects them one by one."""
-  if any(module.has_variable("params", name) and projection.is_structured(module.get_variable("params", name))
-         for name, _, _ in specs):
-    return None
-  weights = [_param(module, name, shape, axes) for name, shape, axes in specs]
-  for name, _, _ in specs:
-    module.sow("projection_inputs", name, x)
-  dtype = module.cfg.dtype
-  stacked = jnp.concatenate([w.astype(dtype).reshape(w.shape[0], -1) for w in weights], axis=1)
-  y = jnp.einsum("BTD,DC->BTC", x.astype(dtype), stacked)
-  widths = [math.prod(shape[1:]) for _, shape, _ in specs]
-  parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
-  return [p.reshape(*x.shape[:2], *shape[1:]) for p, (_, shape, _) in zip(parts, specs)]
-
-
 def _constrain(x: Array, axes) -> Array:
   return nn.with_logical_constraint(x, axes)
 
@@ -211,14 +188,12 @@ class Attention(nn.Module):
       qkv = _project(self, "wqkv_t", "BTD,CD->BTC", x, ((n + 2 * kv) * h, d), (HEADS, EMBED))
       q, k, v = jnp.split(qkv.reshape(*x.shape[:2], n + 2 * kv, h), [n, n + kv], axis=2)
     else:
-      specs = (("wq", (d, n, h), (EMBED, HEADS, HEAD_DIM)), ("wk", (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
-               ("wv", (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)))
-      qkv = _project_side_by_side(self, specs, x) if cfg.fuse_projections else None
-      if qkv is None:
-        qkv = [_project(self, name, f"BTD,D{e}->BT{e}", x, shape, axes)
-               for (name, shape, axes), e in zip(specs, ("NH", "KH", "KH"))]
-      q, k, v = (checkpoint_name(y, tag) for y, tag in zip(qkv, ("q_proj", "k_proj", "v_proj")))
-      # q (B, T, N, H), k and v (B, T, K, H)
+      q = checkpoint_name(_project(self, "wq", "BTD,DNH->BTNH", x, (d, n, h), (EMBED, HEADS, HEAD_DIM)),
+                          "q_proj")  # (B, T, N, H)
+      k = checkpoint_name(_project(self, "wk", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                          "k_proj")  # (B, T, K, H)
+      v = checkpoint_name(_project(self, "wv", "BTD,DKH->BTKH", x, (d, kv, h), (EMBED, KV_HEADS, HEAD_DIM)),
+                          "v_proj")  # (B, T, K, H)
     q, k = rotary(q, rope), rotary(k, rope)
 
     kv_layout = "BSKH"
@@ -268,11 +243,8 @@ class FeedForward(nn.Module):
     if self.has_variable("params", "w13_t"):
       gate, up = jnp.split(_project(self, "w13_t", "BTD,FD->BTF", x, (2 * f, d), (MLP, EMBED)), 2, axis=-1)
     else:
-      specs = (("w1", (d, f), (EMBED, MLP)), ("w3", (d, f), (EMBED, MLP)))
-      gate_up = _project_side_by_side(self, specs, x) if self.cfg.fuse_projections else None
-      if gate_up is None:
-        gate_up = [_project(self, name, "BTD,DF->BTF", x, shape, axes) for name, shape, axes in specs]
-      gate, up = checkpoint_name(gate_up[0], "ffn_gate"), checkpoint_name(gate_up[1], "ffn_up")
+      gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
+      up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
     hidden = jax.nn.silu(gate) * up
     if self.has_variable("params", "w2_t"):
       out = _project(self, "w2_t", "BTF,DF->BTD", hidden, (d, f), (EMBED, MLP))

@@ -7,7 +7,6 @@ import os
 import pytest
 
 from llama_jax import sharding
-from llama_jax.sharding import ConfigError
 from llama_jax.config import ModelConfig
 from llama_jax.train.cli import load_config
 from llama_jax.train.loop import validate
@@ -27,12 +26,3 @@ def test_a_shipped_config_passes_the_checks_before_training(path, monkeypatch):
   config = load_config(path)
   model = ModelConfig.from_dict(config.model)
   validate(config, model, sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-
-
-def test_fused_projections_under_tensor_parallelism_are_refused(monkeypatch):
-  monkeypatch.chdir(REPO)
-  config = load_config("configs/default.py")
-  model = ModelConfig.from_dict(config.model).replace(fuse_projections=True)
-  validate(config, model, sharding.make_mesh(-1, 1, 1))  # data parallel: fine
-  with pytest.raises(ConfigError, match="fuse_projections"):
-    validate(config, model, sharding.make_mesh(-1, 1, 2))

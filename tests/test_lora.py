@@ -351,11 +351,3 @@ def test_train_py_runs_lora_resumes_exactly_and_rejects_unknown_modules(corpus, 
   assert code == 0, err[-3000:]
   assert not (tmp_path / "killed_then_full" / "lora.json").exists()
   assert np.isfinite(llama_jax.load(tmp_path / "killed_then_full").logits(np.array([[1, 5, 9]]))).all()
-
-
-def test_fused_projections_fall_back_to_one_matmul_a_weight_for_adapted_weights(params):
-  lora = LoraConfig(rank=4, alpha=8.0, target_modules=("wk", "w3"))  # one weight of each group
-  attached = adapters_lib.attach(params, _adapters(TINY, lora), lora)
-  fused = TINY.replace(fuse_projections=True)
-  np.testing.assert_allclose(_logits(fused, attached), _logits(TINY, attached), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(_logits(fused, params), _logits(TINY, params), rtol=1e-5, atol=1e-5)

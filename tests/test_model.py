@@ -177,9 +177,7 @@ def test_segment_ids_keep_attention_inside_documents():
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
                                      dict(remat_policy="save_matmuls"),
-                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True),
-                                     dict(fuse_projections=True),
-                                     dict(fuse_projections=True, scan_layers=False, remat_policy="save_matmuls")])
+                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True)])
 def test_variants_agree(variant):
   cfg = dataclasses.replace(TINY, **variant)
   params = _params(cfg)
@@ -197,31 +195,6 @@ def test_variants_agree(variant):
   g, g_ref = jax.grad(loss)(params), jax.grad(ref_loss)(params)
   for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
-
-
-def test_fused_projections_keep_the_parameters_and_run_one_matmul_per_input():
-  fused = dataclasses.replace(TINY, fuse_projections=True, scan_layers=False)
-  plain = dataclasses.replace(TINY, scan_layers=False)
-  params = _params(fused)
-  # The same names and shapes (values to rounding: init runs inside the layers' compiled scan).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, _params(plain))
-  tokens = _tokens((2, 10), TINY.vocab_size)
-
-  def dots(cfg):
-    return str(jax.make_jaxpr(lambda p: M.forward(cfg, p, tokens))(params)).count("dot_general")
-
-  # The block (the jaxpr holds the layers' scan body once): wq, wk, wv, w1, w3 -> two matmuls;
-  # attention's two, wo, w2 and the head unchanged.
-  assert (dots(plain), dots(fused)) == (10, 7)
-  # GPTQ's calibration still sees every projection's input under its own name.
-  # GPTQ's calibration (quantize.layers, one block at a time) still sees every projection's input.
-  layer = jax.tree.map(lambda w: w[0], params["layers"]["block"])
-  x = jax.random.normal(jax.random.key(2), (2, 10, TINY.dim))
-  rope = M.rotary_tables(jnp.broadcast_to(jnp.arange(10), (2, 10)), TINY.head_dim, TINY.rope_theta)
-  _, seen = M.Block(fused).apply({"params": layer}, x, jnp.broadcast_to(jnp.arange(10), (2, 10)), rope,
-                                 None, mutable=["projection_inputs"])
-  seen = seen["projection_inputs"]
-  assert set(seen["attention"]) == {"wq", "wk", "wv", "wo"} and set(seen["feed_forward"]) == {"w1", "w3", "w2"}
 
 
 def test_dots_and_attention_saves_the_attention_forward_for_the_backward():

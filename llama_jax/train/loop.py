@@ -136,9 +136,6 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
       raise ConfigError(f"micro-batches (batch_size / optimizer.grad_accum_steps): {e}") from None
   if config.batch_size % jax.process_count():
     raise ConfigError(f"batch_size {config.batch_size} does not divide over {jax.process_count()} processes")
-  if model_cfg.fuse_projections and mesh.shape["tensor"] > 1:
-    raise ConfigError("model.fuse_projections concatenates weights along their outputs, the axis "
-                      f"mesh.tensor ({mesh.shape['tensor']}) splits: use one or the other")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len {config.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
   if config.num_steps < 0:
