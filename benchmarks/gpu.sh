@@ -24,9 +24,8 @@
 #   first      time from generate.py's start to its first token, 1.1B checkpoint (benchmarks/first_token.py)
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
-#   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT) against one
-#              program a row and KV head: batch 1 and 16 at 384 positions, 64 at 1,024 (and XLA's
-#              blocks with their masked attention); the server at 64 clients
+#   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT, the default
+#              below 128 programs) against one program a row and KV head: batch 1 and 16 at 384 positions
 #   splitsserve  the server at 64 clients with the attention kernel in stretches of 256 and in one
 #   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
 #              kernels against XLA's blocks with the ragged attention kernel (the server's other
@@ -73,11 +72,9 @@
 #   trainknobs the TinyLlama training step under cheap knobs, one process each: bfloat16 Adam
 #              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler (TRAINKNOBS_ALL=1:
 #              and 16 or 20 sequences with bfloat16 moments)
-#   trainfuse  the TinyLlama step with wq|wk|wv and w1|w3 as one matmul each (model.fuse_projections)
-#              against the default, at batch 8 and at 16 with bfloat16 moments; a kernel summary of it
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
-#              (exhaustive tiling search, cuBLASLt, no Triton GEMMs)
+#              (cuBLASLt, no Triton GEMMs)
 #   unrolled   LLaMA-2-7B on every GPU with its 32 blocks unrolled (model.scan_layers=False; TinyLlama
 #              gained 30% unrolled; the 7B config's choice since session 13) beside scanned blocks, at
 #              4 and (cards of > 100 GB) 6 sequences a GPU (UNROLLED_SEQS); 13B unrolled at 2
@@ -283,23 +280,11 @@ trainknobs)
   run trainknobs $M XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true $T --config.batch_size=16 \
     --config.optimizer.moments_dtype=bfloat16
   run trainknobs $M XLA_FLAGS= $T --config.batch_size=20 --config.optimizer.moments_dtype=bfloat16 ;;
-trainfuse)  # wq|wk|wv and w1|w3 as one matmul each (model.fuse_projections) against the default, at the
-  # config's batch and at the best knobs' (16 sequences, bfloat16 moments); a kernel summary of the fused step
-  run trainfuse $M XLA_FLAGS= $T
-  run trainfuse $M XLA_FLAGS= $T --config.model.fuse_projections=True
-  run trainfuse $M XLA_FLAGS= $T --config.model.fuse_projections=True --config.batch_size=16 \
-    --config.optimizer.moments_dtype=bfloat16
-  [ "$TRAINFUSE_PROFILE" = 0 ] && continue
-  rm -rf /tmp/ptf
-  env $M $T --config.model.fuse_projections=True --steps 3 --warmup 2 --profile_dir /tmp/ptf > $OUT/trainfuse_profile.log 2>&1
-  tail -1 $OUT/trainfuse_profile.log
-  python3 benchmarks/profile_summary.py /tmp/ptf --top 60 2>&1 | grep -v Deprecation > $OUT/profile_trainfuse.txt
-  head -30 $OUT/profile_trainfuse.txt ;;
 trainflags)  # the TinyLlama step (16 sequences, bfloat16 moments: the best knobs so far) under XLA flags
-  # that change its GEMMs: an exhaustive search of Triton's tiles, cuBLASLt, cuBLAS for every GEMM
+  # that change its GEMMs: cuBLASLt, cuBLAS for every GEMM (TRAINFLAGS: others, space-separated;
+  # --xla_gpu_exhaustive_tiling_search=true compiled for more than 400 s on an H200 and was dropped)
   K="--config.batch_size=16 --config.optimizer.moments_dtype=bfloat16"
-  for f in "" --xla_gpu_exhaustive_tiling_search=true --xla_gpu_enable_cublaslt=true \
-      --xla_gpu_enable_triton_gemm=false; do
+  for f in "" ${TRAINFLAGS:---xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false}; do
     run trainflags $M XLA_FLAGS="$f" $T $K
   done ;;
 unrolled)  # UNROLLED_SEQS: sequences a GPU (default 4, and 6 on cards of > 100 GB); 13B only on >= 4 GPUs
@@ -364,18 +349,13 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done ;;
-splits)  # the attention kernel reading the cache in stretches (decode_block.ATTENTION_SPLIT positions
-  # a program at most) against one program a row and KV head: one row, 16, 64 rows reaching 1,024
-  # positions, then the server at 64 clients with stretches of 256 (servekernels' auto is its baseline)
-  timeout 200 python3 benchmarks/decode_variants.py --batch_size 1 --processes ${SPLITS_ROUNDS:-2} \
-    --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
-  timeout 200 python3 benchmarks/decode_variants.py --batch_size 16 --processes ${SPLITS_ROUNDS:-2} \
-    --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
-  timeout 250 python3 benchmarks/decode_variants.py --batch_size 64 --prompt_len 768 --processes 1 \
-    --variants "xla;ATTENTION_SPLIT=0;ATTENTION_SPLIT=256" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
-  [ "$SPLITS_SERVE" = 0 ] && continue
-  python3 benchmarks/serve_load.py --workdir /tmp/serve_load_splits --attention_impl cudnn --clients 64 \
-    --kernel_variant ATTENTION_SPLIT=256 2>&1 | tee $OUT/splits_serve.txt | tail -3 ;;
+splits)  # the attention kernel reading the cache in stretches of 128 positions (decode_block.ATTENTION_SPLIT,
+  # the default below 128 programs) against one program a row and KV head: one row and 16, a process
+  # each, SPLITS_ROUNDS rounds
+  for b in 1 16; do
+    timeout 250 python3 benchmarks/decode_variants.py --batch_size $b --processes ${SPLITS_ROUNDS:-2} \
+      --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
+  done ;;
 splitsserve)  # the server at 64 clients with the attention kernel in stretches of 256 positions and in
   # one (ATTENTION_SPLIT=0, the default), a process each
   for v in 0 256; do

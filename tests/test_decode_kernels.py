@@ -392,8 +392,11 @@ def test_a_step_prefetching_wo_gives_the_same_logits(monkeypatch):
   np.testing.assert_array_equal(forced_logits(_tiny("pallas"), params, prompt, tokens), plain)
 
 
-def test_attention_splits_deal_out_whole_blocks(monkeypatch):
-  assert decode_block.attention_splits(1024, 64) == 1  # off by default
+def test_attention_splits_deal_out_whole_blocks_when_programs_are_few(monkeypatch):
+  # The default: stretches of 128 positions below 128 (row, KV head) programs, one program above.
+  assert [decode_block.attention_splits(384, 64, p) for p in (1, 4, 64, 127, 128, 256)] == [3, 3, 3, 3, 1, 1]
+  monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 0)
+  assert decode_block.attention_splits(1024, 64) == 1
   monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 256)
   # The kernel's blocks: 128 positions up to 1,024, 256 beyond (heads of 64).
   assert [decode_block.attention_splits(n, 64) for n in (200, 384, 1024, 2048)] == [1, 2, 4, 8]
@@ -403,7 +406,7 @@ def test_attention_splits_deal_out_whole_blocks(monkeypatch):
   assert decode_block.attention_splits(1024, 64) == 8
 
 
-@pytest.mark.slow  # staged, off by default; the kernel's own test of stretches is in the fast tier
+@pytest.mark.slow  # the kernel's own test of stretches is in the fast tier
 def test_a_step_reading_the_cache_in_stretches_gives_the_models_logits(monkeypatch):
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(3)))
   prompt, tokens = list(range(5, 35)), [40, 41, 42, 43, 44, 45]  # a cache of 36: 3 blocks of 16

@@ -108,7 +108,7 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
     return out if residual is None else residual + out
 
   qkv = run(wqkv, x, norm="attention_norm")
-  splits = attention_splits(k_cache.shape[2], h)
+  splits = attention_splits(k_cache.shape[2], h, rows * kv)
   out, k_cache, v_cache = decode_attention.rotary_cache_attention(
       qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n,
       prefetch=_prefetch(layer, rows, kernels) if splits == 1 else (), splits=splits)
@@ -117,19 +117,23 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
   return run(w2, hidden, residual=x), k_cache, v_cache
 
 
-# Cache positions one program of the attention kernel reads at most: a cache longer than this is
-# dealt out in stretches of it, a program each (`decode_attention.rotary_cache_attention`'s
-# `splits`), joined by XLA after; 0: one program a row and KV head. One program a row streams the
-# row's positions block after block, so the longest row of a batch sets the kernel's time (the
-# server's rows reach 1,024 positions beside short ones) and one row keeps K SMs busy. Off until
-# measured (benchmarks/decode_variants.py ATTENTION_SPLIT=256, gpu.sh splits).
-ATTENTION_SPLIT = 0
+# Cache positions one program of the attention kernel reads at most, when a step has fewer (row, KV
+# head) programs than SPLIT_BELOW_PROGRAMS: the cache is then dealt out in stretches of it, a program
+# each (`decode_attention.rotary_cache_attention`'s `splits`), joined by XLA after (flash decoding);
+# 0: one program a row and KV head always. One program a row and KV head keeps only rows x K SMs
+# busy (4 at one TinyLlama row) while it streams the row's positions block after block. Measured
+# (H200, session 14, `gpu.sh splits`, one process each): stretches of 128 at one row 0.940 ms a
+# step against 0.980, at 16 rows 1.116 against 1.151 (64 programs); at 64 rows (256 programs,
+# more than the card's 132 SMs) stretches of 256 were slower, 1.797 against 1.686 ms.
+ATTENTION_SPLIT = 128
+SPLIT_BELOW_PROGRAMS = 128  # about an H100's or H200's SMs (132)
 
 
-def attention_splits(length: int, head_dim: int) -> int:
-  """The stretches a cache of `length` positions is read in (ATTENTION_SPLIT; 1: one program a row
-  and KV head), whole blocks of the kernel's loop each."""
-  if not ATTENTION_SPLIT:
+def attention_splits(length: int, head_dim: int, programs: int = 1) -> int:
+  """The stretches a cache of `length` positions is read in when a step runs `programs` (rows x KV
+  heads) of the attention kernel (1: one program a row and KV head), whole blocks of the kernel's
+  loop each."""
+  if not ATTENTION_SPLIT or programs >= SPLIT_BELOW_PROGRAMS:
     return 1
   block = decode_attention.rotary_block(length, head_dim)
   return -(-length // block // max(1, ATTENTION_SPLIT // block))  # whole blocks a stretch, none empty
