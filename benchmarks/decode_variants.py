@@ -6,8 +6,8 @@ each other, measured on one GPU:
 
 A variant is "xla" (XLA's blocks: `model.decode_kernels=xla`) or NAME=VALUE overrides of
 decode_block's constants, comma lists for sets (BATCH_KERNELS: the products a batch step runs as
-`matvec` kernels), 0/1 for flags (PREFETCH_WO: the attention kernel reads wo into L2 at one row),
-integers (ATTENTION_SPLIT: cache positions one attention program reads at most, 0 for no limit);
+`matvec` kernels), integers (ATTENTION_SPLIT: cache positions one attention program reads at most
+below SPLIT_BELOW_PROGRAMS programs, 0 for no limit);
 matvec's constants as `matvec.NAME`; several joined with "&". Each runs `bench decode` (the prompt,
 then 256 new tokens) in a process of its own, and the list runs `--processes` times over: XLA autotunes its GEMMs in every process and its
 picks (so a step's time) differ from one process to the next (batch 16 on XLA's blocks: 1.49 or

@@ -89,8 +89,6 @@
 #              which products to run as matvec kernels beside the fused attention
 #              (benchmarks/decode_variants.py, a process a run, rounds over the variants; then one
 #              round sharing XLA's autotuned picks), and the attention kernel's settings at 16 rows
-#   prefetch   batch 1: the attention kernel reading wo into L2 for the kernel after it, or not
-#              (decode_variants.py PREFETCH_WO), bf16 and int4, rounds of fresh processes
 #   layoutbatch  at 16 and 64 rows, the block products with input-major weights, output-major, and
 #              output-major with the operands swapped (benchmarks/quantized_matmul.py), also with
 #              cuBLAS for every GEMM; then batch-16 decode in both layouts with and without it
@@ -318,11 +316,6 @@ batchattention)
   $D --batch_size 16 --prompt_len 128 --new_tokens 256 --repeats 2 --profile_dir /tmp/pa > $OUT/last.log 2>&1
   tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/pa --top 30 2>&1 | grep -v Deprecation > $OUT/profile_batchattention.txt ;;
-prefetch)
-  for q in "" int4; do
-    timeout 280 python3 benchmarks/decode_variants.py --batch_size 1 --quantize "$q" \
-      --variants "PREFETCH_WO=0;PREFETCH_WO=1" --processes ${PF_ROUNDS:-2} 2>&1 | grep -E '^\{|Error' | tee -a $OUT/prefetch.jsonl
-  done ;;
 batchkernels)
   timeout 200 python3 benchmarks/decode_kernels_check.py --rows 16 --checks agreement 2>&1 | grep -E '^\{|Error' \
     | tee -a $OUT/batchkernels.jsonl  # the batch blocks against XLA's and float32, teacher-forced

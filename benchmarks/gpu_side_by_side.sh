@@ -1,6 +1,6 @@
 # One-GPU sections of gpu.sh side by side, each on GPUs of its own, in one device call (device time
 # counts the machine's time, not its GPUs):
-#   bash benchmarks/gpu_side_by_side.sh [-t SECONDS] "0:splits" "1:longrows" "2:trainflags" "3:pdl prefetch"
+#   bash benchmarks/gpu_side_by_side.sh [-t SECONDS] "0:splits" "1:longrows" "2:trainflags" "3:pdl"
 # Each argument is GPUS:SECTIONS (GPUS as gpu.sh takes it: "0", "0,1"; SECTIONS one or more of its
 # sections); each runs as `GPUS=... bash benchmarks/gpu.sh SECTIONS` under `timeout SECONDS` (default
 # 540, inside the device tool's 600), its output in $OUT/side_GPUS.txt, printed when all are done;

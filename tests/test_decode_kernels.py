@@ -159,27 +159,6 @@ def test_rotary_cache_attention_in_stretches_matches_one_program_a_row(rows, hea
     run(length // 32 + 2)
 
 
-def test_rotary_cache_attention_prefetching_changes_nothing():
-  # Programs of their own read the next kernel's weights (into L2 on a GPU); the results are the same.
-  heads, kv_heads, length, h = 8, 2, 64, 64
-  qkv = _normal(0, (2, heads + 2 * kv_heads, h))
-  k_cache, v_cache = _normal(1, (2, kv_heads, length, h)), _normal(2, (2, kv_heads, length, h))
-  positions = jnp.asarray([5, 40], jnp.int32)
-  sin, cos = (t[:, 0, 0] for t in M.rotary_tables(positions[:, None], h, 10000.0))
-  weights = (_normal(3, (256, 512)), jnp.ones((64, 256), jnp.int8))  # 128 and 16 tile rows
-  assert decode_attention.prefetch_plan(weights) == 2
-  plain = decode_attention.rotary_cache_attention(qkv, sin, cos, positions, k_cache, v_cache, n_heads=heads)
-  warmed = decode_attention.rotary_cache_attention(qkv, sin, cos, positions, k_cache, v_cache, n_heads=heads,
-                                                   prefetch=weights)
-  for a, z in zip(plain, warmed):
-    np.testing.assert_array_equal(a, z)
-  assert decode_attention.prefetch_plan([jnp.zeros((2048, 2048))]) == 128  # TinyLlama's wo
-  assert decode_attention.prefetch_plan([jnp.zeros((10, 100))]) is None
-  with pytest.raises(ValueError, match="prefetch"):
-    decode_attention.rotary_cache_attention(qkv, sin, cos, positions, k_cache, v_cache, n_heads=heads,
-                                            prefetch=[jnp.zeros((3, 1024))])
-
-
 def test_rotary_cache_attention_writes_nothing_past_the_cache():
   # A position past the cache (a finished row) must not write outside it: the model's scatter
   # drops the write; the kernel masks its store.
@@ -243,15 +222,7 @@ for h, length in [(64, 384), (64, 2048), (128, 2048)]:
           jnp.zeros((1, 12, h), jnp.bfloat16), cache, cache)
   print("lowered attention", h, length)
 
-# One row prefetching the next product's weights (TinyLlama's wo, plain and as int4's bytes); and a
-# batch of 16 rows.
-cache = jnp.zeros((1, 4, 384, 64), jnp.bfloat16)
-half = jnp.zeros((1, 32), jnp.float32)
-for wo in (jnp.zeros((2048, 2048), jnp.bfloat16), jnp.zeros((2048, 1024), jnp.uint8)):
-  lowered(lambda qkv, k, v, wo: decode_attention.rotary_cache_attention(
-      qkv, half, half, jnp.zeros((1,), jnp.int32), k, v, n_heads=32, prefetch=(wo,), interpret=False),
-          jnp.zeros((1, 40, 64), jnp.bfloat16), cache, cache, wo)
-  print("lowered attention", 1, 384, "prefetch", wo.dtype)
+# A batch of 16 rows.
 cache = jnp.zeros((16, 4, 384, 64), jnp.bfloat16)
 half = jnp.zeros((16, 32), jnp.float32)
 lowered(lambda qkv, k, v: decode_attention.rotary_cache_attention(
@@ -277,7 +248,7 @@ def test_the_kernels_lower_for_a_gpu():
   proc = subprocess.run([sys.executable, "-c", LOWERING], capture_output=True, text=True, timeout=600,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 9
+  assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 7
 
 
 def test_a_batch_step_needs_every_product_in_the_decode_layout():
@@ -379,17 +350,6 @@ def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch,
   # Each row as it would be alone: the ragged positions were each row's own.
   alone = forced_logits(_tiny("xla"), params, prompts[1], reference[1])
   assert np.abs(logits["pallas"][1] - alone).max() < 0.03 * np.abs(alone).max()
-
-
-@pytest.mark.slow  # staged, off by default; the kernel's own prefetch test is in the fast tier
-def test_a_step_prefetching_wo_gives_the_same_logits(monkeypatch):
-  params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(3)))
-  prompt, tokens = [5, 6, 7, 8], [9, 10, 11, 12]
-  plain = forced_logits(_tiny("pallas"), params, prompt, tokens)
-  monkeypatch.setattr(decode_block, "PREFETCH_WO", True)
-  layer = engine.prepare_params(_tiny("pallas"), params).layers[0]
-  assert len(decode_block._prefetch(layer, 1, None)) == 1 and not decode_block._prefetch(layer, 2, None)
-  np.testing.assert_array_equal(forced_logits(_tiny("pallas"), params, prompt, tokens), plain)
 
 
 def test_attention_splits_deal_out_whole_blocks_when_programs_are_few(monkeypatch):

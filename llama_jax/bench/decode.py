@@ -143,7 +143,6 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
                              "attention" if engine.fused_attention(cfg, params) else "xla"),
           # the kernels' settings of the time (decode_block's module constants)
           "kernel_settings": {"batch_kernels": sorted(decode_block.BATCH_KERNELS),
-                              "prefetch_wo": decode_block.PREFETCH_WO,
                               "attention_split": decode_block.ATTENTION_SPLIT},
           "dtype": cfg.dtype, "quantize": quantize or "none", "cache_len": batch.cache_len,
           "weight_gb": round(weight_bytes / 1e9, 3), "step_read_gb": round(step_bytes / 1e9, 3),

@@ -16,7 +16,6 @@ interpreter (tests only: slow, and exact against `reference`).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,28 +91,10 @@ def rotary_block(length: int, head_dim: int = 64) -> int:
   return 256 if length > 1024 and head_dim <= 64 else 128
 
 
-PREFETCH_WIDTH = 1024  # elements of a prefetched array a tile row holds
-PREFETCH_ROWS = 8  # tile rows a prefetching program reads at a time (16 KB of bf16)
-PREFETCH_PROGRAMS = (128, 64, 32, 16, 8, 4, 2, 1)
-
-
-def prefetch_plan(arrays: Sequence[Array]) -> int | None:
-  """How many programs prefetch `arrays` (each viewed as rows of PREFETCH_WIDTH elements, every
-  program an equal share of whole tiles of PREFETCH_ROWS rows): the most of PREFETCH_PROGRAMS that
-  divides every array so; None if one does not divide at all."""
-  if not arrays:
-    return 0
-  if any(a.size % PREFETCH_WIDTH for a in arrays):
-    return None
-  rows = [a.size // PREFETCH_WIDTH for a in arrays]
-  return next((p for p in PREFETCH_PROGRAMS if all(r % (p * PREFETCH_ROWS) == 0 for r in rows)), None)
-
-
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, block_k: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2, prefetch: Sequence[Array] = (),
-                           splits: int = 1, interpret: bool | None = None,
-                           name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
+                           num_warps: int = 4, num_stages: int = 2, splits: int = 1,
+                           interpret: bool | None = None, name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
   """A decode step's attention in one kernel: rotary embeddings, the cache write and attention.
 
   qkv (B, C, H): each row's one token's projections before rotary, the N query heads, then K keys,
@@ -128,18 +109,13 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   values, block by block and before normalising (flash attention's order), where the model rounds
   the normalised ones. H must be a power of two (Triton's tiles) of at least 32.
 
-  `prefetch`: arrays (the next kernel's weights) that programs of their own read while the
-  attention runs, so that they sit in L2 when that kernel reads them: at one row the attention
-  occupies one SM per KV head and leaves the memory bus idle (`prefetch_plan` says which arrays
-  and how many programs; what they read is thrown away).
-
   `splits` > 1: the cache's blocks are dealt out in (at most) `splits` contiguous stretches, a
   program for each (row, KV head, stretch), and XLA joins the stretches' softmax statistics after
   (flash decoding). One program a row and KV head streams the row's positions one block after
   another, so the longest row of a batch sets the kernel's time, and one row keeps only K programs
   (SMs) busy; stretches spread a row's positions over more programs for one small join. A stretch
   holding none of a row's filled blocks does nothing; the first writes the cache and counts this
-  step's own key. Not with `prefetch`."""
+  step's own key."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   b, c, h = qkv.shape
@@ -160,45 +136,14 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
   blocks = pl.cdiv(length, block_k)
   if not 1 <= splits <= blocks:
     raise ValueError(f"splits must be 1..{blocks} (the cache's blocks of {block_k}), got {splits}")
-  if splits > 1 and prefetch:
-    raise ValueError("prefetch runs with one program a row and KV head (splits=1)")
   per_split = pl.cdiv(blocks, splits)  # blocks a stretch holds (the last may hold fewer)
   splits = pl.cdiv(blocks, per_split)  # and no stretch past the cache (8 blocks asked in 6: 4 of 2)
-  plan = prefetch_plan(prefetch)
-  if prefetch and plan is None:
-    raise ValueError(f"prefetch takes arrays of whole (rows of {PREFETCH_WIDTH}) tiles; got "
-                     f"{[a.shape for a in prefetch]}")
-  warm = tuple(a.reshape(-1, PREFETCH_WIDTH) for a in prefetch)
 
   def kernel(qkv_ref, sin_ref, cos_ref, pos_ref, k_in, v_in, *refs):
     del k_in, v_in  # the same buffers as k_ref, v_ref (aliased)
+    outs, (k_ref, v_ref) = refs[:-2], refs[-2:]  # (o_ref,), or (acc_ref, m_ref, l_ref) with splits
     row, kv = pl.program_id(0), pl.program_id(1)
     stretch = pl.program_id(2) if splits > 1 else 0
-    inputs = (qkv_ref, sin_ref, cos_ref, pos_ref, row, kv, stretch)
-    if not warm:
-      attend(*inputs, *refs)
-      return
-    warm_refs, (sentinel_ref, o_ref, k_ref, v_ref, sink_ref) = refs[:len(warm)], refs[len(warm):]
-
-    @pl.when(kv < kv_heads)
-    def _():
-      attend(*inputs, o_ref, k_ref, v_ref)
-
-    @pl.when((kv >= kv_heads) & (row == 0))
-    def _():  # program j reads its share of each array; the sum is stored only if it were NaN
-      j, total = kv - kv_heads, jnp.zeros((), jnp.float32)
-      for ref in warm_refs:
-        share = ref.shape[0] // plan
-
-        def tile(t, total, ref=ref, share=share):
-          rows = pl.ds(j * share + t * PREFETCH_ROWS, PREFETCH_ROWS)
-          return total + jnp.sum(plgpu.load(ref.at[rows, :], eviction_policy="evict_last").astype(jnp.float32))
-
-        total = jax.lax.fori_loop(0, share // PREFETCH_ROWS, tile, total)
-      plgpu.store(sink_ref.at[pl.ds(j, 1)], total[None], mask=(total == sentinel_ref[0])[None])
-
-  def attend(qkv_ref, sin_ref, cos_ref, pos_ref, row, kv, stretch, *refs):
-    outs, (k_ref, v_ref) = refs[:-2], refs[-2:]  # (o_ref,), or (acc_ref, m_ref, l_ref) with splits
     pos = pos_ref[row]
     live = (jnp.arange(padded) < group)[:, None]
     sin, cos = sin_ref[row, :][None, :], cos_ref[row, :][None, :]
@@ -279,19 +224,13 @@ def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array,
     results = (jax.ShapeDtypeStruct((b, kv_heads, splits, group, h), jnp.float32), stats, stats)
   out_shape = (*results, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-  # The prefetching programs' sums go to a sink, stored only where a sum equals NaN (never, but
-  # not known to Triton when it compiles, so the loads stay).
-  extra = (*warm, jnp.full((1,), jnp.nan, jnp.float32)) if warm else ()
-  if warm:
-    out_shape += (jax.ShapeDtypeStruct((plan,), jnp.float32),)
   outputs = pl.pallas_call(
-      kernel, grid=(b, kv_heads + (plan if warm else 0)) + ((splits,) if splits > 1 else ()),
+      kernel, grid=(b, kv_heads) + ((splits,) if splits > 1 else ()),
       out_shape=out_shape,
       input_output_aliases={4: len(results), 5: len(results) + 1},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name=name,
-  )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache,
-    *extra)
+  )(qkv, sin.astype(jnp.float32), cos.astype(jnp.float32), positions.astype(jnp.int32), k_cache, v_cache)
   k_cache, v_cache = outputs[len(results):len(results) + 2]
   if splits == 1:
     return outputs[0], k_cache, v_cache

@@ -110,8 +110,7 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
   qkv = run(wqkv, x, norm="attention_norm")
   splits = attention_splits(k_cache.shape[2], h, rows * kv)
   out, k_cache, v_cache = decode_attention.rotary_cache_attention(
-      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n,
-      prefetch=_prefetch(layer, rows, kernels) if splits == 1 else (), splits=splits)
+      qkv.reshape(rows, n + 2 * kv, h), sin, cos, positions, k_cache, v_cache, n_heads=n, splits=splits)
   x = run(wo, out.reshape(rows, n * h), residual=x)
   hidden = run(w13, x, norm="ffn_norm")
   return run(w2, hidden, residual=x), k_cache, v_cache
@@ -137,20 +136,6 @@ def attention_splits(length: int, head_dim: int, programs: int = 1) -> int:
     return 1
   block = decode_attention.rotary_block(length, head_dim)
   return -(-length // block // max(1, ATTENTION_SPLIT // block))  # whole blocks a stretch, none empty
-
-
-# At one row, whether the attention kernel reads wo's weight into L2 for the wo kernel after it
-# (`decode_attention.rotary_cache_attention`'s `prefetch`: the attention occupies one SM per KV
-# head and leaves the memory bus idle). Off until measured (benchmarks/decode_variants.py).
-PREFETCH_WO = False
-
-
-def _prefetch(layer: Any, rows: int, kernels: frozenset[str] | None) -> tuple[Array, ...]:
-  if not PREFETCH_WO or rows != 1 or (kernels is not None and "wo_t" not in kernels):
-    return ()
-  w = layer["attention"]["wo_t"]
-  arrays = (w.values if projection.is_quantized(w) else w,)
-  return arrays if decode_attention.prefetch_plan(arrays) else ()
 
 
 # The products a step of more rows than MAX_ROWS runs as `matvec` kernels (Triton's dot on rows
