@@ -25,7 +25,7 @@
 #   profile    kernel-time summaries of a decode and a training step (benchmarks/profile_summary.py)
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
 #   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT, the default
-#              below 128 programs) against one program a row and KV head: batch 1 and 16 at 384 positions
+#              below 64 programs) against one program a row and KV head: batch 1 and 16 at 384 positions
 #   splitsserve  the server at 64 clients with the attention kernel in stretches of 256 and in one
 #   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
 #              kernels against XLA's blocks with the ragged attention kernel (the server's other
@@ -343,7 +343,7 @@ decode1)  # decode on the first GPU of a larger machine (its own baseline: fused
     run decode1 CUDA_VISIBLE_DEVICES=0 XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256 --nofuse
   done ;;
 splits)  # the attention kernel reading the cache in stretches of 128 positions (decode_block.ATTENTION_SPLIT,
-  # the default below 128 programs) against one program a row and KV head: one row and 16, a process
+  # the default below 64 programs) against one program a row and KV head: one row and 16, a process
   # each, SPLITS_ROUNDS rounds
   for b in 1 16; do
     timeout 250 python3 benchmarks/decode_variants.py --batch_size $b --processes ${SPLITS_ROUNDS:-2} \

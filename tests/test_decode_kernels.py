@@ -353,8 +353,8 @@ def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch,
 
 
 def test_attention_splits_deal_out_whole_blocks_when_programs_are_few(monkeypatch):
-  # The default: stretches of 128 positions below 128 (row, KV head) programs, one program above.
-  assert [decode_block.attention_splits(384, 64, p) for p in (1, 4, 64, 127, 128, 256)] == [3, 3, 3, 3, 1, 1]
+  # The default: stretches of 128 positions below 64 (row, KV head) programs, one program from 64.
+  assert [decode_block.attention_splits(384, 64, p) for p in (1, 4, 32, 63, 64, 256)] == [3, 3, 3, 3, 1, 1]
   monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 0)
   assert decode_block.attention_splits(1024, 64) == 1
   monkeypatch.setattr(decode_block, "ATTENTION_SPLIT", 256)

@@ -121,11 +121,14 @@ def block(cfg: ModelConfig, layer: Any, x: Array, positions: Array, sin: Array, 
 # each (`decode_attention.rotary_cache_attention`'s `splits`), joined by XLA after (flash decoding);
 # 0: one program a row and KV head always. One program a row and KV head keeps only rows x K SMs
 # busy (4 at one TinyLlama row) while it streams the row's positions block after block. Measured
-# (H200, session 14, `gpu.sh splits`, one process each): stretches of 128 at one row 0.940 ms a
-# step against 0.980, at 16 rows 1.116 against 1.151 (64 programs); at 64 rows (256 programs,
-# more than the card's 132 SMs) stretches of 256 were slower, 1.797 against 1.686 ms.
+# (session 14, `gpu.sh splits`, a process each, prompt 128 + 256): at one row (4 programs)
+# stretches of 128 took 0.940 ms a step against 0.980 on an H200, 1.072 and 1.074 against 1.111
+# and 1.086 on an H100; at 16 rows (64 programs) 1.116 against 1.151 on the H200 but 1.359 and
+# 1.353 against 1.362 and 1.304 on the H100 (within the spread of XLA's per-process GEMM picks,
+# and the batch-16 target is an H100's): from 64 programs, one; at 64 rows (256 programs) stretches
+# of 256 were slower on the H200, 1.797 against 1.686 ms.
 ATTENTION_SPLIT = 128
-SPLIT_BELOW_PROGRAMS = 128  # about an H100's or H200's SMs (132)
+SPLIT_BELOW_PROGRAMS = 64
 
 
 def attention_splits(length: int, head_dim: int, programs: int = 1) -> int:
