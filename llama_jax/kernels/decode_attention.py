@@ -94,7 +94,8 @@ def rotary_block(length: int, head_dim: int = 64) -> int:
 def rotary_cache_attention(qkv: Array, sin: Array, cos: Array, positions: Array, k_cache: Array,
                            v_cache: Array, *, n_heads: int, block_k: int | None = None,
                            num_warps: int = 4, num_stages: int = 2, splits: int = 1,
-                           interpret: bool | None = None, name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
+                           interpret: bool | None = None,
+                           name: str = "rotary_cache_attention") -> tuple[Array, Array, Array]:
   """A decode step's attention in one kernel: rotary embeddings, the cache write and attention.
 
   qkv (B, C, H): each row's one token's projections before rotary, the N query heads, then K keys,
