@@ -26,7 +26,6 @@
 #   serve      the server's load benchmark (benchmarks/serve_load.py; carries FastAPI's wheels)
 #   splits     the attention kernel in stretches of the cache (decode_block.ATTENTION_SPLIT, the default
 #              below 64 programs) against one program a row and KV head: batch 1 and 16 at 384 positions
-#   splitsserve  the server at 64 clients with the attention kernel in stretches of 256 and in one
 #   longrows   batch 64 with rows reaching 1,024 positions (as the server's) and 384, the default
 #              kernels against XLA's blocks with the ragged attention kernel (the server's other
 #              choice: decode_attention=pallas), and a kernel summary of each
@@ -348,12 +347,6 @@ splits)  # the attention kernel reading the cache in stretches of 128 positions 
   for b in 1 16; do
     timeout 250 python3 benchmarks/decode_variants.py --batch_size $b --processes ${SPLITS_ROUNDS:-2} \
       --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
-  done ;;
-splitsserve)  # the server at 64 clients with the attention kernel in stretches of 256 positions and in
-  # one (ATTENTION_SPLIT=0, the default), a process each
-  for v in 0 256; do
-    python3 benchmarks/serve_load.py --workdir /tmp/serve_load_split$v --attention_impl cudnn --clients 64 \
-      --kernel_variant ATTENTION_SPLIT=$v 2>&1 | tee $OUT/splitsserve_$v.txt | tail -3
   done ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
