@@ -71,6 +71,8 @@
 #   trainknobs the TinyLlama training step under cheap knobs, one process each: bfloat16 Adam
 #              moments, 12 and 16 sequences a step, XLA's latency-hiding scheduler (TRAINKNOBS_ALL=1:
 #              and 16 or 20 sequences with bfloat16 moments)
+#   mgpu       a one-row matrix-vector kernel in Pallas Mosaic GPU issuing its weight loads before PDL's
+#              wait, alone and chained as a decode step's products, against XLA's (mgpu_matvec.py)
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -347,6 +349,13 @@ splits)  # the attention kernel reading the cache in stretches of 128 positions 
   for b in 1 16; do
     timeout 250 python3 benchmarks/decode_variants.py --batch_size $b --processes ${SPLITS_ROUNDS:-2} \
       --variants "ATTENTION_SPLIT=0;ATTENTION_SPLIT=128" 2>&1 | grep -E '^\{|Error' | tee -a $OUT/splits.jsonl
+  done ;;
+mgpu)  # a one-row matrix-vector product as a Pallas Mosaic GPU kernel that loads its weights before
+  # waiting for the previous kernel (programmatic dependent launch): alone and chained as a decode
+  # step's products, against XLA's (benchmarks/mgpu_matvec.py), with XLA's PDL flags on and off
+  for f in "" "--xla_gpu_enable_pdl=false --xla_gpu_enable_pdl_launch=false"; do
+    XLA_FLAGS="$f" timeout 250 python3 benchmarks/mgpu_matvec.py --check 2>&1 | grep -E '^\{|Error' \
+      | sed "s|}\$|, \"xla_flags\": \"$f\"}|" | tee -a $OUT/mgpu.jsonl
   done ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do

@@ -251,6 +251,17 @@ def test_the_kernels_lower_for_a_gpu():
   assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 7
 
 
+def test_the_mosaic_gpu_matvec_experiment_lowers_for_a_gpu():
+  # benchmarks/mgpu_matvec.py (the next GPU call's experiment: weight loads before PDL's wait) runs
+  # on GPUs only; lowering it for CUDA runs Pallas' Mosaic GPU lowering (layouts, TMA's limits,
+  # shared memory) and keeps it from rotting between calls.
+  proc = subprocess.run([sys.executable, "benchmarks/mgpu_matvec.py", "--lower_only", "--chain", "2"],
+                        capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("lowered") == 10 and proc.stdout.count("pdl=True") == 5
+
+
 def test_a_batch_step_needs_every_product_in_the_decode_layout():
   cfg = _tiny("pallas")
   layer = engine.prepare_params(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0)))).layers[0]
