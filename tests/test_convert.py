@@ -356,3 +356,14 @@ def test_safetensors_writer_is_read_by_the_library(tmp_path):
   back = dict(safetensors_io.iter_tensors(file))
   for k, v in arrays.items():
     np.testing.assert_array_equal(back[k], v)
+
+
+@pytest.mark.parametrize("to", ["orbax", "hf"])
+def test_a_bad_tokenizer_fails_before_any_weight_is_written(hf_dirs, tmp_path, capsys, to):
+  d = _bad_dir(hf_dirs, tmp_path)
+  (d / "tokenizer.json").write_text("{not json")
+  out = tmp_path / "out"
+  assert convert.main(["--input", str(d), "--output", str(out), "--to", to]) == 1
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "tokenizer.json" in err
+  assert not out.exists() or not any(out.iterdir())  # nothing half-written for a loader to pick up

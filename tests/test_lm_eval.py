@@ -2,6 +2,7 @@
 loglikelihood_rolling (over lm-eval's own rolling windows) and greedy generate_until; and an
 end-to-end run of lm-eval's command line on a task file on disk (no download)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -54,6 +55,33 @@ def test_loglikelihood_matches_transformers(lm, hf_model):
     logps, argmax = _torch_logprobs(torch_model, whole)
     np.testing.assert_allclose(ll, logps[n_ctx - 1:].sum(), rtol=1e-4)
     assert greedy == all(argmax[t - 1] == whole[t] for t in range(n_ctx, len(whole)))
+
+
+class _NoBos:
+  """The tokenizer without a BOS token (as many tokenizer.json files are): EOS is the prefix token."""
+
+  def __init__(self, tok):
+    self._tok, self.bos_id = tok, None
+
+  def encode(self, text, bos=False):
+    return self._tok.encode(text, bos=False)
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+
+def test_an_empty_context_is_scored_after_the_prefix_token(lm, hf_model):
+  _, torch_model = hf_model
+  no_bos = lm_eval_harness.LlamaJaxLM(model=dataclasses.replace(lm.model, tokenizer=_NoBos(lm.tok)),
+                                      batch_size=4)
+  assert no_bos._prefix_token == lm.tok.eos_id
+  (ll, _), = no_bos.loglikelihood(_instances("loglikelihood", [("", "the cat sat")]), disable_tqdm=True)
+  ids = [lm.tok.eos_id] + lm.tok.sp.encode("the cat sat")
+  np.testing.assert_allclose(ll, _torch_logprobs(torch_model, ids)[0].sum(), rtol=1e-4)
+  # With BOS, as before: the continuation after BOS.
+  (ll, _), = lm.loglikelihood(_instances("loglikelihood", [("", "the cat sat")]), disable_tqdm=True)
+  np.testing.assert_allclose(ll, _torch_logprobs(torch_model, [1] + lm.tok.sp.encode("the cat sat"))[0].sum(),
+                             rtol=1e-4)
 
 
 def test_loglikelihood_rolling_matches_transformers(hf_model):

@@ -202,6 +202,19 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
   return cfg, params, tokenizer_in(directory)
 
 
+def tokenizer_for(path: str | None, vocab_size: int):
+  """The tokenizer at `path` (None: none), checked to fit a model of `vocab_size` rows. Writers load
+  it before any weight, so that a bad tokenizer leaves no half-written output."""
+  if not path:
+    return None
+  from llama_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(path)
+  if tok.vocab_size > vocab_size:
+    raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                          f"embedding has {vocab_size} rows")
+  return tok
+
+
 def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
               tokenizer_path: str | None = None, dtype: str | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -221,12 +234,21 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   if projection.describe(params):
     raise CheckpointError("the model is quantized: a Hugging Face export takes float weights (export "
                           "the float checkpoint it was quantized from)")
+  # The tokenizer first: a bad one must fail before any weight is written.
+  bos, eos, pad, generation = 1, [2], None, {}
+  tok = tokenizer_for(tokenizer_path, config.vocab_size)
+  if tok is not None:
+    bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
+    pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
+  reward_model = "score" in params
+  if reward_model:
+    pad = _score_pad_id(tok, pad, eos)
+  eos = eos[0] if len(eos) == 1 else eos
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   if dtype is None:
     dtype = np.dtype(layout.get(params, ("tok_embeddings",)).dtype).name
   out_dtype = layout.np_dtype(dtype)
-  reward_model = "score" in params
   backbone = config.replace(tie_embeddings=True) if reward_model else config  # no lm_head to write
   produce, specs = {}, []
   for e, value in layout.export_stream(backbone, params):
@@ -257,19 +279,8 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-  bos, eos, pad, generation, tok = 1, [2], None, {}, None
-  if tokenizer_path:
-    from llama_jax.tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer_path)
-    if tok.vocab_size > config.vocab_size:
-      raise CheckpointError(f"{tokenizer_path}: the tokenizer has {tok.vocab_size} tokens but the model's "
-                            f"embedding has {config.vocab_size} rows")
+  if tok is not None:
     tok.save(directory, for_transformers=True)
-    bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
-    pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
-  if reward_model:
-    pad = _score_pad_id(tok, pad, eos)
-  eos = eos[0] if len(eos) == 1 else eos
   hf_config = config_to_hf(config, out_dtype.name, bos, eos, pad)
   if reward_model:
     hf_config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,

@@ -60,9 +60,15 @@ class LlamaJaxLM(LM):
     return scoring.score(self.model.config, self.model.params, requests, self.batch_size,
                          self.max_length, self.tok.pad_id, desc, progress=not disable_tqdm)
 
+  def _request(self, context: str, continuation: str) -> Request:
+    if context == "":
+      # Nothing to condition the first token on but the prefix token (lm-eval's HFLM does the same;
+      # a tokenizer without BOS would otherwise leave the continuation's first token unscorable).
+      return Request([self._prefix_token, *self.tok.encode(continuation, bos=False)], 1)
+    return choice.request(self.tok, context, continuation)
+
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-    reqs = [choice.request(self.tok, context, continuation) for context, continuation in
-            (r.args for r in requests)]
+    reqs = [self._request(context, continuation) for context, continuation in (r.args for r in requests)]
     return [(s.logprob, s.greedy) for s in self._score(reqs, "loglikelihood", disable_tqdm)]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
