@@ -250,6 +250,15 @@ def test_a_lora_reward_run_loads_as_a_reward_model(lora_run, params, tmp_path):
   expected = RewardModel(TINY, {**merged, "score": score}).score_tokens(TOKENS.tolist())
   np.testing.assert_allclose(rm.score_tokens(TOKENS.tolist()), expected, rtol=1e-5, atol=1e-5)
   assert np.ptp(expected) > 0
+  # Merged on the command line it stays a reward model (the trained score head is kept), in our
+  # format and in Hugging Face's; PEFT's causal-LM adapters have no place for the head.
+  assert convert.main(["--input", str(run), "--merge_lora", "--output", str(tmp_path / "merged")]) == 0
+  np.testing.assert_allclose(load_reward_model(tmp_path / "merged").score_tokens(TOKENS.tolist()), expected,
+                             rtol=1e-5, atol=1e-5)
+  assert convert.main(["--input", str(run), "--merge_lora", "--to", "hf", "--output", str(tmp_path / "hf")]) == 0
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+      "LlamaForSequenceClassification"]
+  assert convert.main(["--input", str(run), "--to", "peft", "--output", str(tmp_path / "peft")]) == 1
 
 
 def _run_over_int8(tmp_path, params):

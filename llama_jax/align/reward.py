@@ -146,7 +146,7 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
   rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
   params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
   if os.path.isfile(os.path.join(str(path), checkpoint.LORA)):
-    params, cfg = _lora_reward_params(str(path), params_dir, mesh, rules)
+    params, cfg = lora_reward_params(str(path), mesh, rules)
   else:
     keys = checkpoint.saved_keys(params_dir)
     if keys is not None and "score" not in keys:
@@ -158,14 +158,18 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
   return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
 
 
-def _lora_reward_params(workdir: str, params_dir: str, mesh: Mesh | None, rules) -> tuple[Any, ModelConfig]:
-  """A LoRA reward run (config.lora): its base's backbone (lora.json's `base`) with the adapters
-  applied (merged, or attached over a quantized base), and the run's own score head."""
+def lora_reward_params(workdir: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,
+                       base: str | None = None, merge: bool | None = None) -> tuple[Any, ModelConfig]:
+  """A LoRA reward run (config.lora): its base's backbone (`base`, default lora.json's) with the
+  adapters applied (`merge`: as `lora.files.adapt`; default merged, or attached over a quantized
+  base), and the run's own score head."""
   from llama_jax.api import load
   from llama_jax.lora import files
-  base_where = files.base_path(workdir)
-  base = load(base_where, mesh=mesh, rules=rules)
-  backbone = {k: v for k, v in base.params.items() if k != "output"}
-  cfg, params, _ = files.adapt(workdir, base.config, backbone, base_where, mesh=mesh, rules=rules)
+  base_where = base or files.base_path(workdir)
+  loaded = load(base_where, mesh=mesh, rules=rules)
+  backbone = {k: v for k, v in loaded.params.items() if k != "output"}
+  cfg, params, _ = files.adapt(workdir, loaded.config, backbone, base_where, merge=merge, mesh=mesh,
+                               rules=rules)
+  params_dir, _ = checkpoint.find_params_dir(workdir)
   head = {"score": abstract_reward_params(cfg, mesh, rules)["score"]}
   return {**params, **checkpoint.restore_tree(params_dir, head, partial=True)}, cfg

@@ -18,9 +18,11 @@
   python -m llama_jax.convert --input RUN --merge_lora --output DST [--base BASE] [--to orbax|hf]
       DST = the run's base model (its init_from, or BASE) with the adapters folded in, W + scale*a b;
       a quantized base is dequantized (the merged model is a float model). Another base than the
-      one the adapters were trained on (shape or weights) is an error.
+      one the adapters were trained on (shape or weights) is an error. A reward run's DST is the
+      reward model: the merged backbone under its score head (--to hf: LlamaForSequenceClassification).
   python -m llama_jax.convert --input RUN --to peft --output DIR
-      the adapters in Hugging Face PEFT's layout (adapter_config.json + adapter_model.safetensors).
+      the adapters in Hugging Face PEFT's layout (adapter_config.json + adapter_model.safetensors);
+      not a reward run's (its score head: --merge_lora).
 
 Conversion streams tensor by tensor into one copy of the model in host memory (see
 `interop/layout.py`). Bad input prints one line naming the file, field or tensor, and exits 1.
@@ -123,9 +125,19 @@ def convert(args: argparse.Namespace) -> None:
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
 
 
+def _reward_run(run: str) -> bool:
+  """Whether a LoRA run saved a reward model's score head beside its adapters."""
+  from llama_jax import checkpoint
+  return "score" in (checkpoint.saved_keys(checkpoint.find_params_dir(run)[0]) or ())
+
+
 def _merge_lora(run: str, base: str | None):
   import llama_jax
   from llama_jax.lora import files
+  if _reward_run(run):  # the merged backbone under the run's score head: a reward model
+    from llama_jax.align.reward import lora_reward_params
+    params, cfg = lora_reward_params(run, base=base, merge=True)
+    return cfg, params
   base = base or files.base_path(run)
   loaded = llama_jax.load(base)
   cfg, params, _ = files.adapt(run, loaded.config, loaded.params, base, merge=True)
@@ -134,7 +146,11 @@ def _merge_lora(run: str, base: str | None):
 
 def _export_peft(run: str, output: str) -> None:
   from llama_jax import checkpoint
+  from llama_jax.convert import CheckpointError
   from llama_jax.lora import files, peft_format
+  if _reward_run(run):
+    raise CheckpointError(f"{run}: a reward run; its score head has no place among PEFT's causal-LM "
+                          "adapters (--merge_lora writes the reward model whole)")
   lora, info = files.read_info(run)
   cfg = checkpoint.read_model_config(checkpoint.find_params_dir(run)[1])
   peft_format.export_peft(files.restore_adapters(run, cfg, lora), lora, output, info.get("base", ""))
