@@ -5,8 +5,12 @@ rows to match, the new rows set to the mean of the old ones (so new tokens start
 token" rather than noise: Hewitt 2021, "Initializing new word embeddings for pretrained LMs").
 
 The appended pieces get scores below every base piece, in the second model's order, so the BPE
-merges of the base vocabulary keep their priority: text the base model already covered is
-tokenised exactly as before; the new pieces are used where the base had to fall back.
+merges of the base vocabulary keep their priority: while a merge of base pieces applies, it is the
+one made. Text is tokenised exactly as before where the base's merges end with no two neighbouring
+pieces forming a new piece; elsewhere the new pieces merge further (coarser tokens: a word the
+base spelled in short pieces may become one new token), as in Chinese-LLaMA-Alpaca's merged
+tokenizer. A checkpoint resized to the merged vocabulary therefore meets new, mean-initialised
+ids on some text it used to see in base pieces: fine-tune it before relying on those.
 """
 
 from __future__ import annotations
