@@ -207,6 +207,19 @@ def test_meta_two_model_parallel_shards(meta_case):
   assert_close(ours.logits(TOKENS), ref_logits(model, TOKENS))
 
 
+@pytest.mark.parametrize("fields, context", [
+    ({"norm_eps": 1e-6}, 2048),  # LLaMA 1
+    ({"norm_eps": 1e-5}, 4096),  # LLaMA 2
+    ({"norm_eps": 1e-5, "rope_theta": 1e6}, 16384),  # Code Llama
+    ({"norm_eps": 1e-5, "rope_theta": 5e5}, 8192),  # Llama 3
+    ({"norm_eps": 1e-5, "max_seq_len": 512}, 512),  # said
+])
+def test_meta_context_by_release(fields, context):
+  # Meta's params.json does not give the context: each release's is told by what it does give.
+  params = {"dim": 64, "n_layers": 2, "n_heads": 8, **fields}
+  assert meta.config_from_meta(params, 101).max_seq_len == context
+
+
 def test_meta_missing_shard(meta_case, tmp_path):
   _, path = meta_case
   shutil.copy(os.path.join(path, "params.json"), tmp_path)

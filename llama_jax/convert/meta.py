@@ -69,6 +69,19 @@ def read_params(directory: str) -> dict:
     raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
+def _release_context(params: dict) -> int:
+  """The context a release was trained with; Meta's params.json does not say. Told apart by what it
+  does say, as transformers' converter is told by its --llama_version: LLaMA 1 by its norm_eps of
+  1e-6 (2048), Code Llama by rope_theta 1e6 (16384), Llama 3 by rope_theta 5e5 (8192), and
+  LLaMA 2 (norm_eps 1e-5, rope_theta 1e4) 4096."""
+  theta = float(params.get("rope_theta", 10000.0))
+  if theta >= 1e6:
+    return 16384
+  if theta >= 5e5:
+    return 8192
+  return 2048 if float(params.get("norm_eps", 1e-5)) < 5e-6 else 4096
+
+
 def config_from_meta(params: dict, vocab_size: int, file: str = PARAMS) -> ModelConfig:
   if params.get("use_scaled_rope"):
     raise CheckpointError(f"{file}: use_scaled_rope=true (LLaMA 3.1 rope scaling) is not supported")
@@ -82,7 +95,7 @@ def config_from_meta(params: dict, vocab_size: int, file: str = PARAMS) -> Model
         vocab_size=vocab_size, multiple_of=int(params.get("multiple_of", 256)),
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-        max_seq_len=int(params.get("max_seq_len", 2048)))
+        max_seq_len=int(params.get("max_seq_len") or _release_context(params)))
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{file}: {e}") from None
 
