@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.95
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.1  # decoupled (AdamW); not applied to RMSNorm weights
-  config.optimizer.clip_norm = 1.0  # global gradient norm
+  config.optimizer.clip_norm = 1.0  # global gradient norm (0: no clipping)
   config.optimizer.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
   config.optimizer.z_loss = 0.0  # PaLM's auxiliary log(Z)^2 loss weight; 0: off
   config.optimizer.moments_dtype = "float32"  # Adam's moments; "bfloat16" halves the optimizer state

@@ -42,6 +42,11 @@ CASES = [
      ["--config.data.sources.alpha.path={empty}", "--config.data.sources.beta.path={empty}",
       "--config.data.tokenizer=", "--config.data.cache_dir={tmp}/cache"], "absent",
      "error: data.sources hold no text to train a tokenizer on (alpha, beta are empty)", 1),
+    ("log_every 0", ["--config.log_every=0"], "absent", "error: log_every must be >= 1, got 0", 1),
+    pytest.param(  # found before the first step: seconds (it was found after eval_every steps)
+        "evaluation without validation data", ["--config.eval_every=2", "--config.data.holdout_every=0"],
+        "absent", "error: no validation data: set data.eval_sources or data.holdout_every > 0", 1,
+        marks=pytest.mark.slow),
     ("init_from that does not exist", ["--config.init_from={tmp}/nope", "--config.data.tokenizer="], "absent",
      "error: init_from {tmp}/nope: no such file or directory", 1),
 ]
@@ -214,7 +219,8 @@ def test_ctrl_c_says_at_once_that_a_checkpoint_is_being_saved(capfd):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus, tmp_path):  # noqa: F811
-  config = write_config(tmp_path / "cfg.py", corpus, num_steps=6, log_every=4)
+  # On a checkpoint_every step: the step's checkpoint is the one kept, not saved twice (an error).
+  config = write_config(tmp_path / "cfg.py", corpus, num_steps=6, log_every=4, checkpoint_every=3)
   code, out, err = run_train(config, tmp_path / "run", env={"LLAMA_JAX_PREEMPT_AT_STEP": "3",
                                                             "LLAMA_JAX_PREEMPT_SIGNAL": "SIGINT"})
   assert code == 130, err[-3000:]

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from llama_jax import sharding
+from llama_jax.sharding import ConfigError
 from llama_jax.config import ModelConfig
 from llama_jax.train.cli import load_config
 from llama_jax.train.loop import validate
@@ -26,3 +27,17 @@ def test_a_shipped_config_passes_the_checks_before_training(path, monkeypatch):
   config = load_config(path)
   model = ModelConfig.from_dict(config.model)
   validate(config, model, sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+
+
+def test_a_mesh_whose_batch_rows_processes_would_share_is_refused(monkeypatch):
+  # As two processes whose devices all hold every row (tensor parallelism across hosts): each would
+  # feed its own data into the same rows. Here one process holds all eight devices, so a count of
+  # two processes stands for that layout.
+  monkeypatch.chdir(REPO)
+  config = load_config("configs/default.py")
+  model = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  validate(config, model, mesh)
+  monkeypatch.setattr("jax.process_count", lambda: 2)
+  with pytest.raises(ConfigError, match="not a share of its own"):
+    validate(config, model, mesh)

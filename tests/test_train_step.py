@@ -218,3 +218,17 @@ def test_each_micro_batch_gets_a_draw_of_its_own():
     rows = 4 // accum
     expected = sum((1 + d) * rows for d in draws) / accum  # summed over micro-batches, over the count
     np.testing.assert_allclose(metrics["train/grad_norm"], expected * np.sqrt(3), rtol=1e-6)
+
+
+def test_clip_norm_zero_means_no_clipping_and_a_negative_one_is_refused():
+  params = {"w": jnp.ones((4,))}
+  grads = {"w": jnp.full((4,), 100.0)}  # norm 200: clipping at 1.0 would scale it by 1/200
+  unclipped = optax.adamw(learning_rate_schedule(_opt(warmup_steps=0), 100), b1=0.9, b2=0.95, eps=1e-8,
+                          weight_decay=0.1, mask=decay_mask)
+  want, _ = unclipped.update(grads, unclipped.init(params), params)
+  tx = make_optimizer(_opt(clip_norm=0.0, warmup_steps=0), 100)
+  got, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(got["w"], want["w"])
+  assert np.abs(np.asarray(got["w"])).max() > 0  # it trains (clipping at 0 would not)
+  with pytest.raises(ValueError, match="clip_norm"):
+    make_optimizer(_opt(clip_norm=-1.0), 100)

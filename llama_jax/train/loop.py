@@ -136,10 +136,32 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
       raise ConfigError(f"micro-batches (batch_size / optimizer.grad_accum_steps): {e}") from None
   if config.batch_size % jax.process_count():
     raise ConfigError(f"batch_size {config.batch_size} does not divide over {jax.process_count()} processes")
+  rows = process_rows(mesh, config.mesh.rules, config.batch_size, config.seq_len)
+  if rows != config.batch_size // jax.process_count():
+    # Each process feeds rows of its own (make_array_from_process_local_data): were a block of rows
+    # held by devices of two processes (the batch axes smaller than the process count, e.g. tensor
+    # parallelism across hosts), each would feed it different data, silently.
+    raise ConfigError(f"this mesh gives each of the {jax.process_count()} processes {rows} rows of a batch of "
+                      f"{config.batch_size}, not a share of its own: the batch axes (mesh.data x mesh.fsdp) "
+                      "must split over the processes (keep mesh.tensor within a host)")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len {config.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
+  for name in ("log_every",):
+    if int(config[name]) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+  for name in ("eval_every", "checkpoint_every"):
+    if int(config[name]) < 0:
+      raise ConfigError(f"{name} must be >= 0 (0: never), got {config[name]}")
   if config.num_steps < 0:
     raise ConfigError(f"num_steps must be positive (or 0: as many as the data gives), got {config.num_steps}")
+
+
+def process_rows(mesh, rules, batch_size: int, seq_len: int) -> int:
+  """The rows of a (batch_size, seq_len) batch that this process's devices hold."""
+  placed = sharding.batch_sharding(mesh, sharding.as_rules(rules))
+  blocks = {index[0].indices(batch_size)
+            for index in placed.addressable_devices_indices_map((batch_size, seq_len)).values()}
+  return sum(len(range(*block)) for block in blocks)
 
 
 def _global_batch(local: dict, batch_sharding) -> dict:
@@ -382,6 +404,7 @@ def _train_and_evaluate(config, workdir: str, recipe=None) -> dict:
         base_fingerprint = (run.adapters.check_base(workdir, state.frozen, resuming)
                             if run.adapters else None)
         first = _first_batch(config, train_iter, start_step)
+        _check_eval_data(config, recipe, tokenizer)
         # Everything checked: from here on the run writes into its workdir.
         _prepare_workdir(config, workdir, model_cfg, tokenizer)
         if jax.process_index() == 0:
@@ -470,6 +493,22 @@ def _first_batch(config, train_iter, start_step: int) -> dict | None:
                          f"{config.seq_len} tokens before every source reaches its epoch limit") from None
 
 
+def _check_eval_data(config, recipe, tokenizer) -> None:
+  """With evaluation on, its data give a batch: found before anything is written, not after
+  eval_every steps of training."""
+  if not config.eval_every:
+    return
+  it = recipe.make_iterator(config, tokenizer, "eval")
+  try:
+    next(it)
+  except StopIteration:
+    raise data.DataError(f"eval_every is {config.eval_every} but the validation split gives not one batch "
+                         f"of {config.batch_size} sequences of {config.seq_len} tokens: more held-out "
+                         "text (data.holdout_every, data.eval_sources), or eval_every 0") from None
+  finally:
+    it.close()
+
+
 def state_from_pretrained(loaded, run: Training, params: Any = None) -> TrainState:
   """Fine-tuning: parameters of a loaded checkpoint (any kind, its shape checked by
   `_check_init_from`), or `params` made from them (with a recipe's head), and a fresh optimiser
@@ -527,6 +566,26 @@ def restart_clock(bar, step: int) -> None:
   bar.refresh()
 
 
+def _finite(config) -> bool:
+  """Whether the training data end: every source has an epoch limit (else one repeats forever)."""
+  return all(s["epochs"] for s in data.resolve_sources(config.data, "train"))
+
+
+def _next_batch(batches, agree: bool) -> dict | None:
+  """This process's next batch, or None once the data are exhausted. With `agree` (several
+  processes, data that end) the processes agree every step: each packs rows of its own and they can
+  run out steps apart, and one that left for the final save's collectives while another still ran a
+  step would deadlock both (the steps since the last checkpoint lost). They stop together, at the
+  first process's end; the others' extra batch is dropped."""
+  try:
+    local = next(batches)
+  except StopIteration:
+    local = None
+  if agree and np.any(multihost_utils.process_allgather(np.array([local is None], np.int32))):
+    return None
+  return local
+
+
 def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, evaluate, batches,
           train_iter, manager) -> dict:
   is_main = jax.process_index() == 0
@@ -550,12 +609,12 @@ def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, 
   bar = progress_bar(config.num_steps, start_step, is_main)
   timer = metrics_lib.StepTimer()
   step = start_step
+  agree = jax.process_count() > 1 and _finite(config)
   try:
     with _StopSignal() as stop:
       while step < config.num_steps:
-        try:
-          local = next(batches)
-        except StopIteration:  # every source reached its epoch limit
+        local = _next_batch(batches, agree)
+        if local is None:  # every source reached its epoch limit
           for event in train_iter.events():
             bar.write(f"data: {event}")
           bar.write(f"data exhausted after {step} steps (every source reached its epoch limit)")
@@ -604,7 +663,8 @@ def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, 
           save(step)
 
         if stop.requested(step, config.log_every):
-          save(step, force=True)
+          if manager.latest_step() != step:  # not saved already as a checkpoint_every step
+            save(step, force=True)
           manager.wait_until_finished()
           bar.write(f"stopped by signal {stop.signum} at step {step}; checkpoint saved in {workdir}")
           raise SystemExit(128 + (stop.signum or signal.SIGTERM))

@@ -69,4 +69,9 @@ def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
     adam = optax.chain(scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, moments_dtype),
                        optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
                        optax.scale_by_learning_rate(learning_rate_schedule(opt_cfg, num_steps)))
-  return optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), adam)
+  clip_norm = float(opt_cfg.clip_norm)
+  if clip_norm < 0:
+    raise ValueError(f"optimizer.clip_norm must be >= 0 (0: no clipping), got {clip_norm}")
+  if clip_norm == 0:  # as Hugging Face's max_grad_norm=0 (clipping at 0 would train nothing)
+    return adam
+  return optax.chain(optax.clip_by_global_norm(clip_norm), adam)
