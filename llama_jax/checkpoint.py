@@ -247,26 +247,38 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
                quantization: dict | None = None) -> None:
   """`quantization`: how the model was quantized (method, calibration), written to
   quantization.json beside the description of its quantized weights."""
+  tokenizer = None
+  if tokenizer_path:  # a file or folder `load_tokenizer` reads: a bad one fails before any write
+    from llama_jax.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, "params")
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
+  # The new weights are written beside the old ones and swapped in once complete: a crash while
+  # saving over a model leaves that model whole.
+  staging, previous = params_dir + ".partial", params_dir + ".previous"
+  for leftover in (staging, previous):
+    if os.path.exists(leftover):
+      shutil.rmtree(leftover)
   weights = projection.describe(params)
   # Uncompressed: with zstd on, tensorstore keeps every array's compressed chunks in host memory
   # until the commit (measured: +0.95 of the model's size, and 2.3x the time); float weights
   # compress by only ~10%. Reading needs no flag either way.
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-    ckptr.save(params_dir, args=ocp.args.PyTreeSave(projection.to_saved(params)))
+    ckptr.save(staging, args=ocp.args.PyTreeSave(projection.to_saved(params)))
+  if os.path.exists(params_dir):
+    os.rename(params_dir, previous)
+  os.rename(staging, params_dir)
   write_model_config(directory, config)
+  if os.path.exists(previous):
+    shutil.rmtree(previous)
   quant_file = os.path.join(directory, QUANTIZATION)
   if weights:
     write_atomic(quant_file, json.dumps({**(quantization or {}), "weights": weights}, indent=2))
   elif os.path.exists(quant_file):
     os.remove(quant_file)
-  if tokenizer_path:  # a file or folder `load_tokenizer` reads; its files are written beside
-    from llama_jax.tokenizer import load_tokenizer
-    load_tokenizer(tokenizer_path).save(directory)
+  if tokenizer is not None:  # its files beside the weights
+    tokenizer.save(directory)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -278,6 +279,26 @@ def test_save_load_round_trip(tmp_path):
   loaded = llama_jax.load(tmp_path / "m")
   assert loaded.config == TINY
   np.testing.assert_array_equal(loaded.logits(tokens), model.logits(tokens))
+
+
+def test_a_save_that_fails_leaves_the_model_it_was_saving_over(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  tokens = np.asarray(_tokens((2, 9), TINY.vocab_size))
+  old = llama_jax.Model(TINY, _params(TINY, seed=3))
+  old.save(tmp_path / "m")
+  newer = llama_jax.Model(TINY, _params(TINY, seed=4))
+  newer.save(tmp_path / "m")  # over it: the new one wins, nothing is left beside it
+  np.testing.assert_array_equal(llama_jax.load(tmp_path / "m").logits(tokens), newer.logits(tokens))
+  assert sorted(os.listdir(tmp_path / "m")) == ["model_config.json", "params"]
+
+  def disk_full(*args, **kwargs):
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(ocp.Checkpointer, "save", disk_full)
+  with pytest.raises(OSError, match="No space"):
+    old.save(tmp_path / "m")
+  monkeypatch.undo()
+  np.testing.assert_array_equal(llama_jax.load(tmp_path / "m").logits(tokens), newer.logits(tokens))
 
 
 def test_load_missing_path_is_a_clear_error(tmp_path):
