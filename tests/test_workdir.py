@@ -240,6 +240,19 @@ def test_damaged_checkpoint_is_one_line_naming_it_in_every_tool(saved, tmp_path,
 
 
 @pytest.mark.slow
+def test_resume_with_another_seed_is_refused_before_a_write(trained, tmp_path):
+  # The seed orders each epoch's files; the saved data position means nothing in another order.
+  config, _, _ = trained
+  run = copy_of(trained, tmp_path)
+  before = snapshot(run)
+  code, _, err = run_train(config, run, "--config.num_steps=8", "--config.seed=1")
+  assert code == 1
+  assert one_line(err) == (f"error: the run in {run} was started with seed 0; resuming it with seed 1 would "
+                           "skip or repeat data (--config.seed=0)")
+  assert snapshot(run) == before
+
+
+@pytest.mark.slow
 def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_path):
   config, original, _ = trained
   run = copy_of(trained, tmp_path)
