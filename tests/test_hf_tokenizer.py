@@ -116,6 +116,20 @@ def test_the_backend_follows_the_folder(tmp_path):
   assert isinstance(load_tokenizer(tmp_path), HFTokenizer)  # tokenizer.json wins, as in transformers
 
 
+def test_a_save_over_another_tokenizer_leaves_none_of_its_files(tmp_path):
+  # A model saved over another model's folder: the old tokenizer.json would win over the new
+  # tokenizer.model when the folder is read.
+  from conftest import train_word_tokenizer
+  out = write_hf_tokenizer(tmp_path / "out", "llama2")
+  sp = Tokenizer(train_word_tokenizer(tmp_path, 300))
+  sp.save(out)
+  again = load_tokenizer(out)
+  assert isinstance(again, SentencePieceTokenizer) and again.encode("the cat") == sp.encode("the cat")
+  assert not (out / "tokenizer.json").exists()
+  load_tokenizer(write_hf_tokenizer(tmp_path / "hf", "llama2")).save(out)  # and the other way round
+  assert isinstance(load_tokenizer(out), HFTokenizer) and not (out / "tokenizer.model").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     ("{not json", "not valid JSON"),
     ('{"model": {"type": "Nonsense"}}', "not a tokenizer.json the tokenizers library reads"),

@@ -92,6 +92,17 @@ class Tokenizer:
     read the same ids (the Hugging Face export)."""
     raise NotImplementedError
 
+  def _drop_stale(self, directory: str, written: set[str]) -> None:
+    """Removes the tokenizer files of `directory` that this save did not write: a save over another
+    model's folder must not leave that tokenizer's tokenizer.json (which `load_tokenizer` prefers)
+    or chat template beside this one's files. Not in the tokenizer's own folder."""
+    if os.path.abspath(directory) == os.path.abspath(self.folder):
+      return
+    for name in (files.TOKENIZER_JSON, files.SENTENCEPIECE_MODEL, files.SPECIAL_TOKENS_MAP, files.CHAT_TEMPLATE):
+      path = os.path.join(directory, name)
+      if name not in written and os.path.isfile(path):
+        os.remove(path)
+
   def decode_continuation(self, prompt_ids, new_ids) -> str:
     """The text `new_ids` add after `prompt_ids`: the prompt's text followed by it is the whole
     text. Decoded alone, a continuation would lose the space before its first word (SentencePiece

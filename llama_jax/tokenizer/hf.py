@@ -190,10 +190,13 @@ class HFTokenizer(Tokenizer):
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     files.copy_file(self.path, os.path.join(directory, files.TOKENIZER_JSON))
+    written = {files.TOKENIZER_JSON}
     for name in (files.SPECIAL_TOKENS_MAP, files.CHAT_TEMPLATE, files.GENERATION_CONFIG, files.SENTENCEPIECE_MODEL):
       source = os.path.join(self.folder, name)
       if os.path.isfile(source):
         files.copy_file(source, os.path.join(directory, name))
+        written.add(name)
+    self._drop_stale(directory, written)
     config = dict(self._config)
     if not config.get("tokenizer_class"):
       config["tokenizer_class"] = "PreTrainedTokenizerFast"

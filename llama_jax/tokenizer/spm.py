@@ -113,12 +113,15 @@ class SentencePieceTokenizer(Tokenizer):
     config.setdefault("pad_token", None)
     if self.chat_template is not None:
       config["chat_template"] = self.chat_template
+    written = {files.SENTENCEPIECE_MODEL}
     if for_transformers:
       try:
         spm_json.write(self, os.path.join(directory, files.TOKENIZER_JSON))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"  # read the file as written
+        written.add(files.TOKENIZER_JSON)
       except TokenizerError as e:  # transformers converts the model itself, less exactly
         log.warning("%s; transformers will convert tokenizer.model itself", e)
+    self._drop_stale(directory, written)
     files.write_json(os.path.join(directory, files.TOKENIZER_CONFIG), config)
     if self.generation_config:
       files.write_json(os.path.join(directory, files.GENERATION_CONFIG), self.generation_config)
