@@ -279,6 +279,15 @@ def test_cli_perplexity_last_line_is_json(hf_model, tmp_path):
   np.testing.assert_allclose(result["perplexity"], ref["perplexity"], rtol=1e-4)
 
 
+def test_cli_an_example_longer_than_the_context_is_one_line(hf_model, tmp_path):
+  directory, _ = hf_model  # a context of 64 positions
+  path = tmp_path / "long.jsonl"
+  path.write_text(json.dumps({"context": "the", "choices": [" cat" * 100, " dog"], "label": 1}) + "\n")
+  out = _cli("choice", "--model", directory, "--data", str(path))
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "do not fit in a context of 64" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
 def test_cli_compares_models_in_one_table(trained_and_random):
   _, _, trained, random_dir, facts = trained_and_random
   out = _cli("choice", "--model", trained, "--model", random_dir, "--data", facts)

@@ -82,7 +82,9 @@ def main(argv=None) -> int:
       raise EvalDataError(args.data, f"--shots {args.shots} needs 0 <= shots < the number of examples")
     for path in args.model:
       rows.append({"model": path, **_evaluate(args, path)})
-  except (EvalDataError, OSError) as e:  # bad data, a missing checkpoint or tokenizer
+  # Bad data, a missing checkpoint or tokenizer; ValueError: an example the model cannot score
+  # (its continuation longer than the context), a damaged checkpoint (CheckpointError).
+  except (EvalDataError, OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   columns = COLUMNS[args.command]
