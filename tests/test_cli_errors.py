@@ -174,7 +174,7 @@ def test_max_new_tokens_beyond_the_context_is_said_once(saved, capsys):  # noqa:
   assert main(argv + [a for p in prompts for a in ("--prompt", p)], stdout=out) == 0
   assert capsys.readouterr().err == (
       f"note: --max_new_tokens 100 goes past the model's context of 64 tokens: a prompt of {longest} "
-      f"tokens gets at most {64 - longest} new ones\n")
+      f"tokens gets at most {64 - longest + 1} new ones\n")
   assert main(argv[:-1] + ["4", "--prompt", "the cat"], stdout=out) == 0
   assert capsys.readouterr().err == ""
 

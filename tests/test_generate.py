@@ -194,6 +194,13 @@ def test_context_limits(params):
   assert len(out[0]) == 5
 
 
+def test_a_top_k_past_int32_cuts_nothing(params):
+  # Any int is a valid top_k; one of the vocabulary's size or more keeps every token, as 0 does.
+  sampled = dict(temperature=1.0, seed=3)
+  assert (generate_tokens(TINY, params, _prompts([5]), 4, top_k=2 ** 31, **sampled)
+          == generate_tokens(TINY, params, _prompts([5]), 4, top_k=0, **sampled))
+
+
 def test_cache_is_in_the_compute_dtype(params):
   cfg = dataclasses.replace(TINY, dtype="bfloat16")
   _, state = _prefill(cfg, engine.prepare_params(cfg, params), _prompts([3]), 4)
@@ -263,3 +270,22 @@ def test_streaming_decodes_a_bounded_window_per_chunk(text_model):
   streamer.flush()
   assert "".join(pieces) == tok.decode_continuation(prompt, answer)
   assert counting.decoded < 20 * len(answer), counting.decoded  # quadratic: ~len(answer)**2
+
+
+def test_streaming_writes_an_answer_that_changes_how_its_prompt_ends(text_model):
+  # A token-id prompt ending mid-character (<0xE2><0x82>), completed by the answer's first token
+  # (<0xAC>, "€"): the prompt's text is no prefix of the whole any more, and the streamer must still
+  # write the answer's text (decode_continuation's: the new tokens alone), chunked any way.
+  tok = text_model.tokenizer
+  byte = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
+  prompt = tok.encode("the cat") + [byte["<0xE2>"], byte["<0x82>"]]
+  new = [byte["<0xAC>"]] + tok.encode("sat on a mat", bos=False)
+  expected = tok.decode_continuation(prompt, new)
+  assert expected.endswith(" sat on a mat")
+  for chunks in ([new], [[t] for t in new], [new[:2], new[2:]]):
+    pieces = []
+    streamer = TextStreamer(tok, pieces.append, tok.eos_ids, prompt)
+    for chunk in chunks:
+      streamer(chunk)
+    streamer.flush()
+    assert "".join(pieces) == expected, chunks

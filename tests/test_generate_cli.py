@@ -236,3 +236,12 @@ def test_decode_kernels_flag_reaches_the_model(checkpoint):
   # The kernels do not tile this tiny model (D = 64): asked for, its decode keeps XLA's blocks.
   code, out = _main(["--checkpoint", checkpoint, "--prompt", "the cat", "--decode_kernels", "pallas", *GREEDY])
   assert code == 0 and out == "the cat" + _expected(checkpoint, ["the cat"])[0] + "\n"
+
+
+def test_the_context_note_counts_the_last_token_which_takes_no_place(capsys):
+  # A prompt of n tokens in a context of c gets up to c - n + 1 new ones (the last is not fed back).
+  from llama_jax.generate.cli import note_context_limit
+  note_context_limit(100, 64, 61)
+  assert capsys.readouterr().err.endswith("a prompt of 61 tokens gets at most 4 new ones\n")
+  note_context_limit(4, 64, 61)  # all of them fit: nothing to say
+  assert capsys.readouterr().err == ""

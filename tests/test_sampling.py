@@ -93,3 +93,13 @@ def test_bad_settings_are_one_clear_error(bad, message):
   settings = dict(temperature=1.0, top_k=0, top_p=1.0) | bad
   with pytest.raises(ValueError, match=message):
     check(**settings)
+
+
+def test_a_top_k_past_int32_cuts_nothing():
+  # Any int is a valid top_k (a server takes it from JSON); one of the vocabulary's size or more
+  # keeps every token, as 0 does, and must not overflow the int32 the settings are kept in.
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=30) * 2, jnp.float32)
+  uncut = _draws(logits, temperature=1.0, top_k=0)
+  for k in (30, 2 ** 31, 2 ** 40):
+    np.testing.assert_array_equal(_draws(logits, temperature=1.0, top_k=k), uncut)
+  assert SamplingParams.stack([(1.0, 2 ** 31, 1.0), (1.0, 5, 1.0)]).top_k.tolist() == [0, 5]

@@ -7,6 +7,8 @@ one prompt bucket at a time, so the fast tests pay for the shapes they use only.
 """
 
 import concurrent.futures
+import contextlib
+import copy
 import json
 import os
 import re
@@ -26,7 +28,7 @@ from conftest import train_word_tokenizer
 import llama_jax
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
-from llama_jax.serve.app import create_app
+from llama_jax.serve.app import chat_encoder, create_app
 from llama_jax.serve.server import BackgroundServer, Served, build
 from llama_jax.tokenizer import Tokenizer, chat
 
@@ -191,7 +193,7 @@ def test_logprobs_are_the_chosen_tokens_streamed_or_not(client):
 
 @pytest.mark.parametrize("body, param", [
     ('{"model": "tiny-chat", "prompt": "the cat", ', None),  # malformed JSON
-    ({"model": "gpt-4", "prompt": "the cat"}, "model"),
+    ('{"model": "tiny-chat", "prompt": "the cat \\ud800"}', "prompt"),  # a lone surrogate: no UTF-8
     ({"model": NAME, "prompt": "the cat", "max_tokens": 0}, "max_tokens"),
     ({"model": NAME, "prompt": "the cat", "max_tokens": CONTEXT}, "max_tokens"),  # past the context
     ({"model": NAME, "prompt": " ".join(["tree"] * CONTEXT)}, "prompt"),  # longer than the context
@@ -220,6 +222,142 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, par
 def test_the_openai_client_sees_bad_request_errors(client):
   with pytest.raises(openai.BadRequestError, match="temperature"):
     client.completions.create(model=NAME, prompt="the cat", temperature=-1)
+
+
+def test_an_unknown_model_is_not_found(client, server):
+  # OpenAI answers 404 model_not_found, which its client raises as NotFoundError.
+  with pytest.raises(openai.NotFoundError, match="gpt-4"):
+    client.completions.create(model="gpt-4", prompt="the cat")
+  with pytest.raises(openai.NotFoundError, match="gpt-4"):
+    client.chat.completions.create(model="gpt-4", messages=CHAT)
+  with pytest.raises(openai.NotFoundError, match="gpt-4"):
+    client.models.retrieve("gpt-4")
+  response = httpx.post(server.url + "/v1/completions", json={"model": "gpt-4", "prompt": "the cat"},
+                        timeout=TIMEOUT)
+  assert response.status_code == 404
+  assert response.json()["error"] | {"message": None} == {
+      "message": None, "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+
+
+def test_null_fields_take_their_defaults(server):
+  # OpenAI's clients send null for what they leave unset; it means the field's default.
+  post = lambda route, body: httpx.post(server.url + route, json=body, timeout=TIMEOUT)
+  shared = ("temperature", "top_p", "top_k", "n", "presence_penalty", "frequency_penalty", "stream",
+            "stream_options", "stop", "logit_bias", "user")
+  base = dict(model=NAME, prompt="the cat", max_tokens=4, seed=5, ignore_eos=True)
+  nulls = dict.fromkeys(shared + ("logprobs", "echo", "suffix", "best_of"))
+  plain, nulled = post("/v1/completions", base), post("/v1/completions", dict(base, **nulls))
+  assert nulled.status_code == 200, nulled.text
+  assert (nulled.json()["choices"], nulled.json()["usage"]) == (plain.json()["choices"], plain.json()["usage"])
+  default_length = post("/v1/completions", dict(base, max_tokens=None))  # OpenAI's default: 16
+  assert default_length.json()["usage"]["completion_tokens"] == 16
+  base = dict(model=NAME, messages=CHAT, max_tokens=4, seed=5, ignore_eos=True)
+  nulls = dict.fromkeys(shared + ("logprobs", "top_logprobs", "max_completion_tokens", "tools", "response_format"))
+  plain, nulled = post("/v1/chat/completions", base), post("/v1/chat/completions", dict(base, **nulls))
+  assert nulled.status_code == 200, nulled.text
+  assert (nulled.json()["choices"], nulled.json()["usage"]) == (plain.json()["choices"], plain.json()["usage"])
+
+
+def test_a_failed_device_call_answers_the_requests_whose_last_tokens_it_carried(server, monkeypatch):
+  # max_tokens fits in the first decode call: the request gives its slot up while that call runs;
+  # when the call fails, it must still get its error answer (its client would wait forever).
+  scheduler = server.served.scheduler
+  generate = scheduler._generate
+  calls = []
+
+  def fails_once(*args):
+    calls.append(args)
+    if len(calls) == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return generate(*args)
+
+  monkeypatch.setattr(scheduler, "_generate", fails_once)
+  failed = httpx.post(server.url + "/v1/completions", json=dict(ENDLESS, max_tokens=4), timeout=120)
+  assert failed.status_code == 500 and "RESOURCE_EXHAUSTED" in failed.json()["error"]["message"]
+  assert scheduler.wait_until(lambda s: s["live"] == 0, timeout=TIMEOUT)
+  ok = httpx.post(server.url + "/v1/completions", json=dict(ENDLESS, max_tokens=4), timeout=TIMEOUT)
+  assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_top_k_past_the_vocabulary_cuts_nothing_and_fails_nobody(server):
+  # 2**31 is no int32: it must neither fail the engine's call (and every request in it) nor cut.
+  scheduler = server.served.scheduler
+  post = lambda body: httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+  huge = dict(ENDLESS, prompt="a small cat", max_tokens=6, seed=7, top_k=2 ** 31)
+  before = scheduler.stats()
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    scheduler.pause()  # both admitted before either decodes: they share the engine's calls
+    try:
+      beside, answer = pool.submit(post, ENDLESS), pool.submit(post, huge)
+      assert scheduler.wait_until(lambda s: s["admitted"] + s["errors"] >= before["admitted"] + 2,
+                                  timeout=TIMEOUT)
+    finally:
+      scheduler.resume()
+    beside, answer = beside.result(), answer.result()
+  assert beside.status_code == 200 and beside.json()["usage"]["completion_tokens"] == 40
+  assert answer.status_code == 200, answer.text
+  uncut = post(dict(huge, top_k=0))
+  assert answer.json()["choices"] == uncut.json()["choices"]
+
+
+@contextlib.contextmanager
+def _another_app(server, tokenizer, vocab_size, encode_chat=None):
+  """A second app on the module's scheduler (and compiled engine), with its own tokenizer,
+  vocabulary size or chat encoder."""
+  served = server.served
+  other = BackgroundServer(Served(create_app(served.scheduler, tokenizer, model_name=NAME, max_len=CONTEXT,
+                                             vocab_size=vocab_size,
+                                             encode_chat=encode_chat or chat_encoder(tokenizer)),
+                                  served.scheduler, served.engine)).start()
+  try:
+    yield other
+  finally:
+    other.uvicorn.should_exit = True
+    other.thread.join()
+    other.socket.close()
+
+
+def test_a_prompt_of_no_tokens_is_refused(server, model):
+  # A tokenizer that adds no BOS (add_bos_token false, many Hugging Face ones) encodes "" to no
+  # tokens: no position to start an answer from, refused before it reaches the engine.
+  no_bos = copy.copy(model.tokenizer)
+  no_bos.add_bos = False
+  with _another_app(server, no_bos, model.config.vocab_size, encode_chat=lambda messages: []) as other:
+    for prompt in ("", ["the cat", ""]):
+      response = httpx.post(other.url + "/v1/completions", json=dict(ENDLESS, prompt=prompt), timeout=TIMEOUT)
+      assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    response = httpx.post(other.url + "/v1/chat/completions", json={"model": NAME, "messages": CHAT},
+                          timeout=TIMEOUT)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
+    ok = httpx.post(other.url + "/v1/completions", json=dict(ENDLESS, max_tokens=2), timeout=TIMEOUT)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_token_ids_past_the_tokenizer_are_refused(server, model):
+  # The model's embedding may have more rows than the tokenizer has tokens (padded): an id between
+  # the two has no text, and would fail the answer's decoding.
+  tok = model.tokenizer
+  with _another_app(server, tok, tok.vocab_size + 8) as other:
+    response = httpx.post(other.url + "/v1/completions", json=dict(ENDLESS, prompt=[1, tok.vocab_size + 2]),
+                          timeout=TIMEOUT)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    assert f"[0, {tok.vocab_size})" in response.json()["error"]["message"]
+
+
+def test_an_answer_that_changes_how_its_token_id_prompt_ends_keeps_its_text(client, model):
+  # The prompt's ids end mid-character and the answer's first token completes it, so the prompt's
+  # text is no prefix of the whole: the answer is the new tokens' own text (decode_continuation's),
+  # streamed or not, not nothing.
+  tok = model.tokenizer
+  prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, size=63).tolist()[-40:]
+  new = model.generate([prompt], max_new_tokens=12, stop_at_eos=False)[0][len(prompt):]
+  assert not tok.decode(prompt + new[:1]).startswith(tok.decode(prompt))  # the case this is about
+  expected = tok.decode_continuation(prompt, [t for t in new if t not in tok.eos_ids])
+  ask = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+  whole = client.completions.create(**ask)
+  streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True))
+  assert whole.usage.completion_tokens == 12 and expected
+  assert whole.choices[0].text == streamed == expected
 
 
 def test_a_wrong_api_key_gets_401(server, model, tmp_path):

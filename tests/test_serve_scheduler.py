@@ -161,3 +161,67 @@ def test_a_failed_call_raises_even_when_none_of_its_rows_is_wanted(setup, tokeni
   with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
     scheduler._read(([(0, ended)], failed, 1, True))
 
+
+
+class _Undecodable:
+  """A tokenizer that cannot turn one id into text (as SentencePiece, an id past its pieces)."""
+
+  def __init__(self, tokenizer, bad_id):
+    self.tokenizer, self.bad_id = tokenizer, bad_id
+
+  def decode(self, ids):
+    if self.bad_id in ids:
+      raise IndexError("piece id is out of range.")
+    return self.tokenizer.decode(ids)
+
+  def __getattr__(self, name):
+    return getattr(self.tokenizer, name)
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(setup, tokenizer):
+  # Its error must not become an engine failure, which would fail every request in flight.
+  cfg, params, engine = setup
+  good_prompt = tokenizer.encode("the cat sat")
+  expected = generate_tokens(cfg, params, [good_prompt], 6)[0]
+  bad_id = next(i for i in range(3, tokenizer.vocab_size) if i not in expected)  # in no answer of the good one
+  scheduler = Scheduler(engine, _Undecodable(tokenizer, bad_id), tokenizer.eos_ids)
+  scheduler._state = engine.init()
+  bad, good = [], []
+  scheduler.submit(_request(tokenizer.encode("a big dog") + [bad_id], 6, bad))  # decoded with its answer
+  scheduler.submit(_request(good_prompt, 6, good))
+  rounds = 0
+  while any(not out or out[-1].finish_reason is None for out in (bad, good)):
+    scheduler._take_inbox(block=False)
+    scheduler._round()
+    rounds += 1
+    assert rounds < 50
+  assert bad[-1].finish_reason == "error" and "IndexError" in bad[-1].error
+  assert [t for o in good for t in o.tokens] == expected and good[-1].finish_reason == "length"
+  stats = scheduler.stats()
+  assert stats["errors"] == 1 and stats["finished"] == 1 and stats["live"] == 0
+
+
+def test_a_failed_call_answers_the_requests_whose_last_tokens_it_carried(setup, tokenizer):
+  # A request whose max_tokens the call in flight reaches gives its slot up before the call is read;
+  # if that call fails, the request must still get its error answer (its client would wait forever).
+  _, _, engine = setup
+  scheduler = Scheduler(engine, tokenizer, tokenizer.eos_ids)
+  scheduler._state = engine.init()
+  outputs = []
+  scheduler.submit(_request(tokenizer.encode("the cat sat"), 2, outputs))  # steps 2: one decode call
+  generate = engine.generate
+
+  def fails(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+  engine.generate = fails
+  try:
+    with pytest.raises(RuntimeError):
+      for _ in range(3):
+        scheduler._take_inbox(block=False)
+        scheduler._round()
+    assert scheduler._owners == [None] * engine.max_batch  # it gave its slot up already
+    scheduler._fail_all("engine failure: RuntimeError")  # what the scheduler's loop does next
+  finally:
+    engine.generate = generate
+  assert outputs[-1].finish_reason == "error" and sum(o.finish_reason is not None for o in outputs) == 1

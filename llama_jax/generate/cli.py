@@ -162,9 +162,11 @@ def note_context_limit(max_new_tokens: int, context: int, longest_prompt: int | 
   if longest_prompt is None and max_new_tokens >= context:
     print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
           "each answer stops at the context", file=sys.stderr)
-  elif longest_prompt is not None and longest_prompt + max_new_tokens > context:
+  elif longest_prompt is not None and longest_prompt + max_new_tokens > context + 1:
+    # The last new token needs no place in the context (nothing is fed back after it): a prompt of
+    # n tokens gets up to context - n + 1 (`generator.make_batch`).
     print(f"note: --max_new_tokens {max_new_tokens} goes past the model's context of {context} tokens: "
-          f"a prompt of {longest_prompt} tokens gets at most {max(context - longest_prompt, 0)} new ones",
+          f"a prompt of {longest_prompt} tokens gets at most {max(context - longest_prompt + 1, 0)} new ones",
           file=sys.stderr)
 
 

@@ -30,6 +30,12 @@ def check(temperature: float, top_k: int, top_p: float) -> None:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _top_k_array(values) -> np.ndarray:
+  """top_k values as int32. Any int is a valid top_k, and one of the vocabulary's size or more
+  cuts nothing: past int32's range it becomes 0, which means just that."""
+  return np.asarray([0 if int(k) > np.iinfo(np.int32).max else int(k) for k in values], np.int32)
+
+
 class SamplingParams(NamedTuple):
   """Per-row sampling settings, each (B,)."""
   temperature: Array  # float32; 0: greedy
@@ -41,7 +47,7 @@ class SamplingParams(NamedTuple):
            top_p: float = 1.0) -> "SamplingParams":
     """The same settings for every row, checked."""
     check(temperature, top_k, top_p)
-    return cls(np.full((batch_size,), temperature, np.float32), np.full((batch_size,), top_k, np.int32),
+    return cls(np.full((batch_size,), temperature, np.float32), _top_k_array([top_k] * batch_size),
                np.full((batch_size,), top_p, np.float32))
 
   @classmethod
@@ -50,7 +56,7 @@ class SamplingParams(NamedTuple):
     for row in rows:
       check(*row)
     t, k, p = zip(*rows) if rows else ((), (), ())
-    return cls(np.asarray(t, np.float32), np.asarray(k, np.int32), np.asarray(p, np.float32))
+    return cls(np.asarray(t, np.float32), _top_k_array(k), np.asarray(p, np.float32))
 
 
 def greedy(logits: Array) -> Array:
@@ -85,7 +91,7 @@ def sample(logits: Array, keys: Array, params: SamplingParams) -> Array:
 
   def draw(_):
     scaled = logits / jnp.where(sampled_rows, params.temperature, 1.0)[:, None]
-    cut = (params.top_k > 0) | (params.top_p < 1)
+    cut = ((params.top_k > 0) & (params.top_k < logits.shape[-1])) | (params.top_p < 1)  # k >= V: none
     scaled = jax.lax.cond(jnp.any(cut & sampled_rows),
                           lambda x: top_k_top_p_mask(x, params.top_k, params.top_p), lambda x: x, scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)

@@ -7,6 +7,11 @@ already written (vLLM's incremental detokenizer, prefix and read offsets); the f
 prompt's last tokens, so the answer's first word keeps its leading space. Text ending in an
 unfinished UTF-8 character (U+FFFD) waits for the next chunk. Each call decodes a bounded number
 of tokens, so streaming n tokens costs O(n), not O(n²).
+
+New tokens may change how the window's written part decodes (a prompt of token ids that ends
+mid-character, its last bytes completed by the answer's first): decode(window) then no longer
+starts with what was written, and the window starts over at the written point, as
+`decode_continuation` decodes the new tokens alone when the prompt's text is no prefix of the whole.
 """
 
 from __future__ import annotations
@@ -31,20 +36,27 @@ class TextStreamer:
     self.ids += [int(i) for i in new_ids if int(i) not in self.eos_ids]
     if len(self.ids) == self.read:
       return
-    before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-    now = self.tokenizer.decode(self.ids[self.prefix:])
-    if now.endswith("\ufffd") or len(now) <= len(before) or not now.startswith(before):
-      return  # an unfinished character, or nothing printable yet
-    self._emit(now[len(before):])
+    new = self._new_text()
+    if not new or new.endswith("\ufffd"):
+      return  # nothing printable yet, or an unfinished character
+    self._emit(new)
     self.prefix, self.read = self.read, len(self.ids)
 
   def flush(self) -> None:
     """At the end: whatever was held back (an unfinished character decodes as U+FFFD)."""
+    new = self._new_text()
+    if new:
+      self._emit(new)
+    self.prefix = self.read = len(self.ids)
+
+  def _new_text(self) -> str:
+    """What the tokens past `read` add to the text written."""
     before = self.tokenizer.decode(self.ids[self.prefix:self.read])
     now = self.tokenizer.decode(self.ids[self.prefix:])
-    if len(now) > len(before) and now.startswith(before):
-      self._emit(now[len(before):])
-    self.prefix = self.read = len(self.ids)
+    if not now.startswith(before):  # the new tokens changed the written part: start over there
+      self.prefix = self.read
+      before, now = "", self.tokenizer.decode(self.ids[self.read:])
+    return now[len(before):]
 
   def _emit(self, text: str) -> None:
     self.text += text

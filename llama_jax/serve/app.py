@@ -8,8 +8,9 @@ crosses into the event loop with `call_soon_threadsafe`. A client that goes away
 while waiting for a whole answer) cancels its requests, which frees their slots.
 
 Every error is OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for a
-bad request (malformed JSON, a failed check, an unknown model, a body over the size limit), 401 for
-a missing or wrong API key, 404/405 for unknown routes, 500 if the engine fails.
+bad request (malformed JSON, a failed check, a body over the size limit), 401 for a missing or
+wrong API key, 404 for an unknown model (`model_not_found`, as OpenAI answers) and unknown routes,
+405 for a wrong method, 500 if the engine fails.
 """
 
 from __future__ import annotations
@@ -96,13 +97,16 @@ class Server:
                encode_chat: Callable[[list[dict]], list[int]], vocab_size: int, created: int):
     self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
     self.max_len, self.encode_chat, self.vocab_size, self.created = max_len, encode_chat, vocab_size, created
+    # Token ids a prompt may hold: the model's embedding may have more rows than the tokenizer has
+    # tokens (padded), and an id past the tokenizer's cannot be turned into text.
+    self.id_limit = min(vocab_size, getattr(tokenizer, "vocab_size", vocab_size))
 
   # --- requests in
 
   def check_model(self, name: str) -> None:
     if name != self.model_name:
       raise P.InvalidRequest(f"The model '{name}' does not exist; this server serves '{self.model_name}'",
-                             "model", "model_not_found")
+                             "model", "model_not_found", status=404)
 
   def token_limit(self, prompt: list[int], asked: int | None) -> int:
     """max_tokens checked against the context: prompt and answer must fit `max_len`."""
@@ -127,8 +131,10 @@ class Server:
                     logprobs: int | None, emit: Callable[[int, Output], None],
                     continues_prompt: bool = True) -> list[Request]:
     stops = body.stop_strings()
+    # A top_k of the vocabulary or more cuts nothing: 0, as -1 is (and no int32 overflow later).
+    top_k = body.top_k if 0 < body.top_k < self.vocab_size else 0
     return [Request(prompt=p, max_tokens=m, emit=lambda out, i=i: emit(i, out),
-                    temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                    temperature=body.temperature, top_k=top_k, top_p=body.top_p,
                     seed=body.seed, stop=tuple(stops), logprobs=logprobs, ignore_eos=body.ignore_eos,
                     continues_prompt=continues_prompt)
             for i, (p, m) in enumerate(zip(prompts, limits))]
@@ -137,10 +143,13 @@ class Server:
     ids = []
     for prompt in body.prompts():
       if isinstance(prompt, str):
+        _check_text(prompt, "prompt")
         ids.append(self.tokenizer.encode(prompt))
+        if not ids[-1]:  # a tokenizer that adds no BOS encodes "" to nothing: no position to start from
+          raise P.InvalidRequest("the prompt is empty (it encodes to no tokens)", "prompt")
       else:
-        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size:
-          raise P.InvalidRequest(f"token-id prompts must be non-empty with ids in [0, {self.vocab_size})",
+        if not prompt or min(prompt) < 0 or max(prompt) >= self.id_limit:
+          raise P.InvalidRequest(f"token-id prompts must be non-empty with ids in [0, {self.id_limit})",
                                  "prompt")
         ids.append(list(prompt))
     return ids
@@ -157,6 +166,15 @@ class Server:
   def chat_logprobs(logprobs) -> dict:
     entry = lambda lp: {"token": lp.text, "logprob": lp.logprob, "bytes": list(lp.raw)}
     return {"content": [dict(entry(lp), top_logprobs=[entry(alt) for alt in lp.top]) for lp in logprobs]}
+
+
+def _check_text(text: str, param: str) -> None:
+  """A lone surrogate (`"\\ud800"` in JSON) is no UTF-8: tokenizers fail on it each their own way
+  (SentencePiece with a RuntimeError), so it is refused before any of them sees it."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise P.InvalidRequest(f"{param}: not valid text: {e}", param) from None
 
 
 class _Run:
@@ -357,10 +375,15 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
   async def chat_completions(body: P.ChatRequest, request: HttpRequest):
     server.check_model(body.model)
     body.check()
+    messages = [m.as_dict() for m in body.messages]
+    for m in messages:
+      _check_text(m["content"], "messages")
     try:
-      prompt = server.encode_chat([m.as_dict() for m in body.messages])
+      prompt = server.encode_chat(messages)
     except ValueError as e:  # the template's checks: roles alternate, the user speaks last
       raise P.InvalidRequest(str(e), "messages") from None
+    if not prompt:  # a template that renders to nothing, with a tokenizer that adds no BOS
+      raise P.InvalidRequest("the messages render to no tokens", "messages")
     limit = server.token_limit(prompt, body.token_limit())
     top = (body.top_logprobs or 0) if body.logprobs else None
     run = _Run(server, lambda emit: server.make_requests(body, [prompt], [limit], top, emit,

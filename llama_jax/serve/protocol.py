@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_STRINGS = 4
 MAX_COMPLETION_LOGPROBS = 5
@@ -37,19 +37,32 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
   return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+  """A part of a request body: unknown fields ignored, and an explicit null in an optional field
+  taken as that field's default, as OpenAI takes it (clients send `"temperature": null` and the
+  like for what they leave unset)."""
   model_config = ConfigDict(extra="ignore")
+
+  @model_validator(mode="before")
+  @classmethod
+  def _null_is_default(cls, data: Any) -> Any:
+    if not isinstance(data, dict):
+      return data
+    optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+    return {k: v for k, v in data.items() if v is not None or k not in optional}
+
+
+class StreamOptions(_Body):
   include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(_Body):
   """The fields completions and chat share."""
-  model_config = ConfigDict(extra="ignore")
   model: str
   max_tokens: int | None = None
   temperature: float = 1.0
   top_p: float = 1.0
-  top_k: int = 0  # 0 (or -1, vLLM's spelling): no cut
+  top_k: int = 0  # 0 (or -1, vLLM's spelling), or the vocabulary's size or more: no cut
   stop: Union[str, list[str], None] = None
   seed: int | None = None
   n: int = 1
@@ -117,14 +130,12 @@ class CompletionRequest(GenerationRequest):
     return list(p)
 
 
-class TextPart(BaseModel):
-  model_config = ConfigDict(extra="ignore")
+class TextPart(_Body):
   type: Literal["text"]
   text: str
 
 
-class ChatMessage(BaseModel):
-  model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Body):
   role: Literal["system", "developer", "user", "assistant"]
   content: Union[str, list[TextPart], None] = None
 

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from llama_jax.generate import sampling
 from llama_jax.generate import slots as slot_engine
 from llama_jax.generate.streaming import TextStreamer
 
@@ -331,10 +332,14 @@ class Scheduler:
         o.dispatched += steps
       dispatched = [(live, call, steps, True)]
     # The device runs the step just dispatched while the host reads what came before it (the
-    # previous step, and the first tokens of the requests just admitted).
-    pending, self._inflight = self._inflight, dispatched
-    for entry in pending:
-      self._read(entry)
+    # previous step, and the first tokens of the requests just admitted). Each entry stays listed
+    # until it is read: if its call failed, `_fail_all` answers its requests (those whose last
+    # tokens it carried hold no slot any more) and those of the entries after it.
+    pending = len(self._inflight)
+    self._inflight += dispatched
+    for _ in range(pending):
+      self._read(self._inflight[0])
+      self._inflight.pop(0)
 
   # --- the device thread
 
@@ -398,6 +403,11 @@ class Scheduler:
       if request.cancelled:
         self._bump("cancelled")
         continue
+      refused = self._refusal(request)
+      if refused:  # (the HTTP layer checks first) one bad request must not fail the round's others
+        self._deliver(request, Output("", [], finish_reason="error", error=refused))
+        self._bump("errors")
+        continue
       slot = free.pop(0)
       seeds.append(secrets.randbits(32) if request.seed is None else request.seed)
       admitted.append(_Live(request, slot, self.tokenizer, self.eos_ids))
@@ -418,6 +428,17 @@ class Scheduler:
       self._inflight.append(([(row, admitted[i]) for row, i in enumerate(chosen)],
                              self._on_device(self._prefill, args), 1, False))
     self._bump("admitted", len(admitted))
+
+  def _refusal(self, request: Request) -> str | None:
+    """Why the engine would refuse a request (its prompt, its sampling settings), if it would."""
+    n = len(request.prompt)
+    if not 0 < n <= self.engine.cache_len:
+      return f"a prompt of {n} tokens does not fit the cache of {self.engine.cache_len}"
+    try:
+      sampling.check(request.temperature, request.top_k, request.top_p)
+    except (ValueError, TypeError) as e:
+      return str(e)
+    return None
 
   def _read(self, entry) -> None:
     rows, call, count, decode = entry
@@ -443,7 +464,13 @@ class Scheduler:
       top = np.asarray(drawn.top_tokens), np.asarray(drawn.top_logprobs)
     for r, live in rows:
       top_r = None if top is None else (top[0][r, :count], top[1][r, :count])
-      self._consume(live, tokens[r, :count], logprobs[r, :count], top_r)
+      try:
+        self._consume(live, tokens[r, :count], logprobs[r, :count], top_r)
+      except Exception as e:  # pylint: disable=broad-except
+        # Turning its tokens into text failed (a tokenizer that cannot decode an id): that request
+        # alone ends, with an error; the engine and the others are fine.
+        log.exception("could not turn a request's tokens into text; failing it")
+        self._fail(live, f"could not decode the answer: {type(e).__name__}: {e}")
 
   def _consume(self, live: _Live, tokens: np.ndarray, logprobs: np.ndarray, top) -> None:
     """A request's next tokens: counted up to its end, turned into text, emitted."""
@@ -537,9 +564,24 @@ class Scheduler:
       live.finish_reason = "cancelled"
     self._bump("cancelled" if cancelled else "finished")
 
+  def _fail(self, live: _Live, message: str) -> None:
+    """One admitted request ends with an error; its slot is free."""
+    if self._owners[live.slot] is live:
+      self._owners[live.slot] = None
+    live.finish_reason = "error"
+    self._deliver(live.request, Output("", [], finish_reason="error", error=message))
+    self._bump("errors")
+
   def _fail_all(self, message: str) -> None:
     self._take_inbox(block=False)
-    failed = [live.request for live in self._owners if live is not None] + self._waiting
+    # Every unfinished request: those holding slots, those whose last tokens are in flight (they
+    # gave their slots up already), and those waiting.
+    admitted = [live for live in self._owners if live is not None]
+    admitted += [live for rows, *_ in self._inflight for _, live in rows]
+    admitted = [live for live in dict.fromkeys(admitted) if not live.done]
+    for live in admitted:
+      live.finish_reason = "error"
+    failed = [live.request for live in admitted] + self._waiting
     for request in failed:
       self._deliver(request, Output("", [], finish_reason="error", error=message))
     self._owners = [None] * len(self._owners)
