@@ -203,3 +203,12 @@ def test_letters_task_checker():
   for record in preference_demo.records("letters_prefs", n=50):
     assert preference_demo.follows(record["prompt"], record["chosen"])
     assert not preference_demo.follows(record["prompt"], record["rejected"])
+
+
+def test_answers_the_template_renders_alike_are_refused(tok):
+  # llama-2's template trims each turn: "blue" and " blue " are one answer once rendered.
+  template = chat.get_template("llama-2")
+  pair = {"prompt": "red?", "chosen": "blue", "rejected": " blue "}
+  with pytest.raises(align_data.BadRecord, match="once the template renders them"):
+    align_data.encode_pair(pair, template, tok, 512)
+  align_data.encode_pair({**pair, "rejected": "green"}, template, tok, 512)

@@ -1,6 +1,8 @@
 """Reward models (llama_jax.align.reward): saved and loaded through the public API, scoring text and
 conversations, and exported as transformers' LlamaForSequenceClassification with the same scores."""
 
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -93,8 +95,14 @@ def test_export_with_a_hugging_face_tokenizer_reads_the_answers_end(style, tmp_p
   conversations = [[{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog sat"}],
                    [{"role": "user", "content": "one two three four"}, {"role": "assistant", "content": "five"}]]
   template = chat.template_for(tok)
-  sequences = [template.encode(c, tok)[0] for c in conversations]
+  # Up to the answer's end marker, where training reads the score (and `score` reads it): ChatML
+  # renders a "\n" after <|im_end|>, a position the head never learnt from.
+  encoded = [template.encode(c, tok) for c in conversations]
+  sequences = [ids[:max(i for i, m in enumerate(mask) if m) + 1] for ids, mask in encoded]
   assert all(s[-1] != pad for s in sequences)
+  if style == "chatml":
+    assert all(len(s) < len(ids) for s, (ids, _) in zip(sequences, encoded))
+    assert tok.id_to_piece(sequences[0][-1]) == "<|im_end|>"
   ours = rm.score(conversations)
   width = max(map(len, sequences))
   ids = np.full((len(sequences), width), pad)
@@ -104,3 +112,21 @@ def test_export_with_a_hugging_face_tokenizer_reads_the_answers_end(style, tmp_p
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
   np.testing.assert_allclose(ours, theirs[:, 0].numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_rollouts_stop_at_the_templates_stop_token(tmp_path, monkeypatch):
+  # ChatML's <|im_end|> ends every SFT answer; in a tokenizer where it is no EOS, rollouts that
+  # stopped at EOS alone ran past it (and were scored past it).
+  from llama_jax.align.ppo import stop_ids
+  from llama_jax.train.cli import load_config
+  import json
+  folder = write_hf_tokenizer(tmp_path / "tok", "chatml", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+  ends = Tokenizer(str(folder)).token_to_id("<|endoftext|>")
+  (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ends}))  # as Qwen2.5's base
+  tok = Tokenizer(str(folder))
+  end = tok.token_to_id("<|im_end|>")
+  assert end not in tok.eos_ids
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = load_config("configs/ppo_tiny.py")
+  config.data.sources.prompts.template = "chatml"
+  assert stop_ids(config, tok) == [*tok.eos_ids, end]

@@ -41,3 +41,13 @@ def test_a_mesh_whose_batch_rows_processes_would_share_is_refused(monkeypatch):
   monkeypatch.setattr("jax.process_count", lambda: 2)
   with pytest.raises(ConfigError, match="not a share of its own"):
     validate(config, model, mesh)
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "ppo"])
+def test_a_recipe_without_its_config_section_is_one_error(recipe, monkeypatch):
+  from llama_jax.align import get_recipe
+  monkeypatch.chdir(REPO)
+  config = load_config("configs/reward.py")
+  config.recipe = recipe
+  with pytest.raises(ConfigError, match=f"config.{recipe} section: start from configs/{recipe}.py"):
+    get_recipe(config)

@@ -30,6 +30,9 @@ def get_recipe(config):
   if name == "reward":
     from llama_jax.align.reward import RewardRecipe
     return RewardRecipe()
+  if name in ("dpo", "ppo") and name not in config:
+    # Their settings have no defaults outside their configs (configs/dpo.py, configs/ppo.py).
+    raise ConfigError(f"config.recipe {name!r} needs a config.{name} section: start from configs/{name}.py")
   if name == "dpo":
     from llama_jax.align.dpo import DPO
     return DPO()

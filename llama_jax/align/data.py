@@ -143,6 +143,10 @@ def encode_pair(obj: Any, template, tokenizer, max_len: int) -> Example:
     if not mask.any():
       raise BadRecord(f"the {key} response has no tokens")
     rows += [ids, mask.astype(np.float32)]
+  if np.array_equal(rows[0], rows[2]) and np.array_equal(rows[1], rows[3]):
+    # Answers the template renders alike (one that trims them: llama-2's, `| trim`): a pair that
+    # teaches nothing and adds a constant to the batch's loss.
+    raise BadRecord("'chosen' and 'rejected' are the same once the template renders them")
   chars = sum(len(m["content"]) for m in prompt + chosen + rejected)
   return Example(tuple(rows), chars)
 

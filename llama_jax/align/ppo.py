@@ -46,10 +46,12 @@ from llama_jax.align.losses import (clipped_policy_loss, gae, group_advantages, 
                                     masked_whiten, value_loss)
 from llama_jax.align.reward import load_reward_model
 from llama_jax.config import ModelConfig
+from llama_jax.data import resolve_sources
 from llama_jax.generate import engine
 from llama_jax.generate.sampling import SamplingParams
 from llama_jax.lora.training import settings as lora_settings
 from llama_jax.sharding import ConfigError
+from llama_jax.tokenizer import chat
 from llama_jax.train import loop
 from llama_jax.train.step import gradient_step
 
@@ -161,6 +163,16 @@ class PPO(loop.LanguageModel):
                              self.make_iterator(config, tokenizer, "eval"))
 
 
+def stop_ids(config, tokenizer) -> list[int]:
+  """The ids that end a rollout's answer: the tokenizer's EOS ids and the stop token of every prompt
+  source's chat template (ChatML's <|im_end|> is no EOS in some tokenizers), as SFT's answers end
+  and as `generate.py --chat` stops."""
+  ids = list(tokenizer.eos_ids)
+  for s in resolve_sources(config.data, "train"):
+    ids += chat.template_for(tokenizer, s["template"]).stop_ids(tokenizer)
+  return list(dict.fromkeys(ids))
+
+
 class Rollout:
   """The jitted pieces of a PPO step and the Python that sequences them."""
 
@@ -171,7 +183,7 @@ class Rollout:
     self.accum = int(config.optimizer.grad_accum_steps)
     self.updates = int(self.p.epochs) * int(self.p.minibatches)
     # The init model's tokenizer is the run's (the workdir inherits it); LLaMA's ids without one.
-    self.eos_ids = jnp.asarray(list(tokenizer.eos_ids) if tokenizer else [2], jnp.int32)
+    self.eos_ids = jnp.asarray(stop_ids(config, tokenizer) if tokenizer else [2], jnp.int32)
     self.pad_id = int(tokenizer.pad_id) if tokenizer else 0
     self.experience = jax.jit(self._experience, static_argnames=("greedy",))
     self.update = jax.jit(self._update, out_shardings=(run.state_sharding, None), donate_argnums=0)

@@ -107,7 +107,8 @@ class RewardModel:
   def score(self, items: Sequence[str | Sequence[dict]], template: str = "auto") -> np.ndarray:
     """One score per item: a conversation (messages ending with the assistant's answer, rendered
     with the chat template `template`, as the model was trained; "auto": the model's own, else
-    vicuna_v1.1) or a string (BOS, the text, EOS)."""
+    vicuna_v1.1) and read at the answer's last token, as training reads it; or a string (BOS, the
+    text, EOS)."""
     if self.tokenizer is None:
       raise ValueError("this reward model has no tokenizer: score token ids with score_tokens")
     rendering = None
@@ -117,7 +118,11 @@ class RewardModel:
         sequences.append(self.tokenizer.encode(item, bos=True, eos=True))
       else:
         rendering = rendering or chat.template_for(self.tokenizer, template or None)
-        sequences.append(rendering.encode(list(item), self.tokenizer)[0])
+        ids, mask = rendering.encode(list(item), self.tokenizer)
+        # Up to the answer's last token (its end marker), where training read the score: a template
+        # may render more after it (ChatML's "\n"), a position the head never learnt from.
+        answer = np.flatnonzero(np.asarray(mask))
+        sequences.append(list(ids[:answer[-1] + 1]) if answer.size else list(ids))
     return self.score_tokens(sequences)
 
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
