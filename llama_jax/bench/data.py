@@ -214,7 +214,8 @@ def main(argv=None) -> int:
   if args.memory_gb > 0:
     result["memory"] = memory(cfg, tokenizer, args.memory_gb, args.tmp, args.seq_len, args.batch_size)
   result["load_avg_1min_end"] = os.getloadavg()[0]
-  print(json.dumps(result, indent=2, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
+  # One line, as every bench command's last line is (scripts read it with `tail -1`).
+  print(json.dumps(result, default=lambda x: float(x) if isinstance(x, np.floating) else str(x)))
   return 0
 
 
