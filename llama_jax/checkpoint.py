@@ -256,21 +256,26 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
   params_dir = os.path.join(directory, "params")
   # The new weights are written beside the old ones and swapped in once complete: a crash while
   # saving over a model leaves that model whole.
+  # (Every process of a multi-host save writes its shards; process 0 alone moves directories.)
+  main = jax.process_index() == 0
   staging, previous = params_dir + ".partial", params_dir + ".previous"
-  for leftover in (staging, previous):
+  for leftover in (staging, previous) if main else ():
     if os.path.exists(leftover):
       shutil.rmtree(leftover)
+  multihost_utils.sync_global_devices("save_model: leftovers removed")
   weights = projection.describe(params)
   # Uncompressed: with zstd on, tensorstore keeps every array's compressed chunks in host memory
   # until the commit (measured: +0.95 of the model's size, and 2.3x the time); float weights
   # compress by only ~10%. Reading needs no flag either way.
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
     ckptr.save(staging, args=ocp.args.PyTreeSave(projection.to_saved(params)))
-  if os.path.exists(params_dir):
-    os.rename(params_dir, previous)
-  os.rename(staging, params_dir)
+  if main:
+    if os.path.exists(params_dir):
+      os.rename(params_dir, previous)
+    os.rename(staging, params_dir)
+  multihost_utils.sync_global_devices("save_model: weights in place")
   write_model_config(directory, config)
-  if os.path.exists(previous):
+  if main and os.path.exists(previous):
     shutil.rmtree(previous)
   quant_file = os.path.join(directory, QUANTIZATION)
   if weights:
