@@ -180,105 +180,104 @@ def _kernel(*refs, rows: int, d: int, outputs: int, eps: float, has_norm: bool, 
       return jnp.sum(xk.astype(f32) * as_float(ints), axis=1)[None, :]
     return tiles.dot(xk, ints.astype(xk.dtype), b_contracted=1)  # integers of <= 8 bits: exact in bf16
 
-  def block_at(j):  # the outputs j*block_n.. (and w3's, for gate_up): the kernel's one block
-    cols = pl.ds(j * block_n, block_n)
-    if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
-      residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
-    heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
+  # This program's outputs, j*block_n.. (and w3's, for gate_up).
+  j = pl.program_id(0)
+  cols = pl.ds(j * block_n, block_n)
+  if has_residual:  # loaded first: its latency is spent under the weights' stream, not after it
+    residual = plgpu.load(r_ref.at[pl.ds(0, padded), cols], mask=live, other=0)
+  heads = (j * block_n, outputs + j * block_n) if gate_up else (j * block_n,)
 
-    def group_sum_step(k, squares, accs):
-      # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
-      # scaled per group; summed over each group's inputs every step, or kept as they are (`wide`).
-      per_step = block_k // weight.group_size
-      groups = pl.ds(k * per_step, per_step)
-      xs = []
+  def group_sum_step(k, squares, accs):
+    # One row, whole groups: x (1, groups, width) against the integers (block_n, groups, width),
+    # scaled per group; summed over each group's inputs every step, or kept as they are (`wide`).
+    per_step = block_k // weight.group_size
+    groups = pl.ds(k * per_step, per_step)
+    xs = []
+    for half in halves:
+      at = (groups, jnp.int32(half), slice(None)) if int4 else (groups, slice(None))
+      xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
+      xs.append(xk.astype(f32))
+      squares = squares + sq
+    x_sums = sum(jnp.sum(xk, axis=2) for xk in xs) if weight.zeros and not wide else None  # (1, groups)
+    accs = list(accs)
+    for h, first in enumerate(heads):
+      ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
+      zero = plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) if weight.zeros else None
+      scales = plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)  # (block_n, groups)
+      if wide:  # kept per input: the zero point comes off each weight
+        shift = 0.0 if zero is None else zero[:, :, None]
+        terms = sum(xk * (exact(ints, half) - shift) for xk, half in zip(xs, halves))
+        accs[h] = accs[h] + terms * scales[:, :, None]
+      else:  # summed per group: the zero point comes off once, times the group's sum of x
+        part = sum(jnp.sum(xk * exact(ints, half), axis=2) for xk, half in zip(xs, halves))
+        if zero is not None:
+          part = part - zero * x_sums
+        accs[h] = accs[h] + part * scales
+    return squares, tuple(accs)
+
+  def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
+    per_step = block_k // weight.group_size
+    accs = list(accs)
+    for i in range(per_step):
+      group = k * per_step + i
+      xs, sums = [], []
       for half in halves:
-        at = (groups, jnp.int32(half), slice(None)) if int4 else (groups, slice(None))
-        xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, 1),) + at]), at)
-        xs.append(xk.astype(f32))
-        squares = squares + sq
-      x_sums = sum(jnp.sum(xk, axis=2) for xk in xs) if weight.zeros and not wide else None  # (1, groups)
-      accs = list(accs)
+        at = (group, jnp.int32(half), slice(None)) if int4 else (group, slice(None))
+        xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, padded),) + at], mask=live, other=0), at)
+        xs.append(xk)
+        squares, sums = squares + sq, sums + [row_sums(xk)]
       for h, first in enumerate(heads):
-        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), groups, :], eviction_policy="evict_first")
-        zero = plgpu.load(z_ref.at[pl.ds(first, block_n), groups]).astype(f32) if weight.zeros else None
-        scales = plgpu.load(s_ref.at[pl.ds(first, block_n), groups]).astype(f32)  # (block_n, groups)
-        if wide:  # kept per input: the zero point comes off each weight
-          shift = 0.0 if zero is None else zero[:, :, None]
-          terms = sum(xk * (exact(ints, half) - shift) for xk, half in zip(xs, halves))
-          accs[h] = accs[h] + terms * scales[:, :, None]
-        else:  # summed per group: the zero point comes off once, times the group's sum of x
-          part = sum(jnp.sum(xk * exact(ints, half), axis=2) for xk, half in zip(xs, halves))
-          if zero is not None:
-            part = part - zero * x_sums
-          accs[h] = accs[h] + part * scales
-      return squares, tuple(accs)
+        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), group, :], eviction_policy="evict_first")
+        part = sum(product(xk, nibbles(ints, half)) for xk, half in zip(xs, halves))
+        zero = per_output(z_ref, first, group)[None, :] if weight.zeros else (8.0 if int4 else None)
+        if zero is not None:
+          part = part - zero * sum(sums)
+        accs[h] = accs[h] + part * per_output(s_ref, first, group)[None, :]
+    return squares, tuple(accs)
 
-    def group_dot_step(k, squares, accs):  # rows padded for Triton's dot: a group at a time
-      per_step = block_k // weight.group_size
-      accs = list(accs)
-      for i in range(per_step):
-        group = k * per_step + i
-        xs, sums = [], []
-        for half in halves:
-          at = (group, jnp.int32(half), slice(None)) if int4 else (group, slice(None))
-          xk, sq = normed(plgpu.load(x_ref.at[(pl.ds(0, padded),) + at], mask=live, other=0), at)
-          xs.append(xk)
-          squares, sums = squares + sq, sums + [row_sums(xk)]
-        for h, first in enumerate(heads):
-          ints = plgpu.load(w_ref.at[pl.ds(first, block_n), group, :], eviction_policy="evict_first")
-          part = sum(product(xk, nibbles(ints, half)) for xk, half in zip(xs, halves))
-          zero = per_output(z_ref, first, group)[None, :] if weight.zeros else (8.0 if int4 else None)
-          if zero is not None:
-            part = part - zero * sum(sums)
-          accs[h] = accs[h] + part * per_output(s_ref, first, group)[None, :]
-      return squares, tuple(accs)
+  def step(k, squares, sums, accs):  # weights plain or in one group per output: block_k inputs
+    inputs = pl.ds(k * block_k, block_k)
+    xk, sq = normed(plgpu.load(x_ref.at[pl.ds(0, padded), inputs], mask=live, other=0), inputs)
+    if weight.zeros:
+      sums = sums + row_sums(xk)
+    new = []
+    for acc, first in zip(accs, heads):
+      ints = plgpu.load(w_ref.at[pl.ds(first, block_n), inputs], eviction_policy="evict_first")
+      new.append(acc + xk.astype(f32) * as_float(ints) if wide else acc + product(xk, ints))
+    return squares + sq, sums, tuple(new)
 
-    def step(k, squares, sums, accs):  # weights plain or in one group per output: block_k inputs
-      inputs = pl.ds(k * block_k, block_k)
-      xk, sq = normed(plgpu.load(x_ref.at[pl.ds(0, padded), inputs], mask=live, other=0), inputs)
-      if weight.zeros:
-        sums = sums + row_sums(xk)
-      new = []
-      for acc, first in zip(accs, heads):
-        ints = plgpu.load(w_ref.at[pl.ds(first, block_n), inputs], eviction_policy="evict_first")
-        new.append(acc + xk.astype(f32) * as_float(ints) if wide else acc + product(xk, ints))
-      return squares + sq, sums, tuple(new)
+  def body(k, carry):
+    squares, sums, accs = carry
+    if grouped:
+      squares, accs = (group_sum_step if reduce else group_dot_step)(k, squares, accs)
+      return squares, sums, accs
+    return step(k, squares, sums, accs)
 
-    def body(k, carry):
-      squares, sums, accs = carry
-      if grouped:
-        squares, accs = (group_sum_step if reduce else group_dot_step)(k, squares, accs)
-        return squares, sums, accs
-      return step(k, squares, sums, accs)
-
-    summed_at_end = (grouped and reduce) or wide
-    if grouped and reduce:  # kept per group (and input, if wide)
-      shape = (block_n, block_k // weight.group_size) + ((weight.group_size // len(halves),) if wide else ())
-    else:
-      shape = (block_n, block_k) if wide else (padded, block_n)
-    start = jnp.zeros(shape, f32)
-    row = jnp.zeros((padded, 1), f32)
-    squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body,
-                                            (row, row, (start, start) if gate_up else (start,)))
-    if summed_at_end:
-      accs = tuple(row_sums(acc).reshape(1, block_n) for acc in accs)
-    if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
-      accs = tuple((acc - (per_output(z_ref, first, 0)[None, :] * sums if weight.zeros else 0))
-                   * per_output(s_ref, first, 0)[None, :] for acc, first in zip(accs, heads))
-    if has_norm:
-      inverse_rms = jax.lax.rsqrt(squares / d + eps)
-      accs = tuple(acc * inverse_rms for acc in accs)
-    out = accs[0].astype(o_ref.dtype)
-    if gate_up:
-      gate = out.astype(f32)
-      silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
-      out = silu * accs[1].astype(o_ref.dtype)
-    if has_residual:
-      out = out + residual
-    plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
-
-  block_at(pl.program_id(0))
+  summed_at_end = (grouped and reduce) or wide
+  if grouped and reduce:  # kept per group (and input, if wide)
+    shape = (block_n, block_k // weight.group_size) + ((weight.group_size // len(halves),) if wide else ())
+  else:
+    shape = (block_n, block_k) if wide else (padded, block_n)
+  start = jnp.zeros(shape, f32)
+  row = jnp.zeros((padded, 1), f32)
+  squares, sums, accs = jax.lax.fori_loop(0, d // block_k, body,
+                                          (row, row, (start, start) if gate_up else (start,)))
+  if summed_at_end:
+    accs = tuple(row_sums(acc).reshape(1, block_n) for acc in accs)
+  if weight.bits and not grouped:  # one group per output channel: scaled once, at the end
+    accs = tuple((acc - (per_output(z_ref, first, 0)[None, :] * sums if weight.zeros else 0))
+                 * per_output(s_ref, first, 0)[None, :] for acc, first in zip(accs, heads))
+  if has_norm:
+    inverse_rms = jax.lax.rsqrt(squares / d + eps)
+    accs = tuple(acc * inverse_rms for acc in accs)
+  out = accs[0].astype(o_ref.dtype)
+  if gate_up:
+    gate = out.astype(f32)
+    silu = (gate / (1.0 + jnp.exp(-gate))).astype(o_ref.dtype)
+    out = silu * accs[1].astype(o_ref.dtype)
+  if has_residual:
+    out = out + residual
+  plgpu.store(o_ref.at[pl.ds(0, padded), cols], out.astype(o_ref.dtype), mask=live)
 
 
 def _shape(w) -> tuple[int, int]:
