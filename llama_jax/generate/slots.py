@@ -369,14 +369,15 @@ class SlotEngine:
     """The padded length a prompt of n tokens is prefilled at."""
     return bucket(n, MIN_PROMPT_BUCKET, self.cache_len)
 
-  def _check_prompt(self, prompt: list[int]) -> int:
+  def check_prompt(self, prompt: list[int]) -> int:
+    """The prompt's length, checked to fit the cache (ValueError otherwise)."""
     n = len(prompt)
     if not 0 < n <= self.cache_len:
       raise ValueError(f"a prompt of {n} tokens does not fit the cache of {self.cache_len}")
     return n
 
   def _prompt_array(self, prompt: list[int]) -> tuple[np.ndarray, int]:
-    n = self._check_prompt(prompt)
+    n = self.check_prompt(prompt)
     tokens = np.zeros((self.prompt_bucket(n),), np.int32)
     tokens[:n] = prompt
     return tokens, n
@@ -503,7 +504,7 @@ class SlotEngine:
     `PrefillCall`) per call. Checks the prompts and sampling settings."""
     SamplingParams.stack(sampling)
     plan = []
-    for (r, length), rows in self.pack([self._check_prompt(p) for p in prompts]):
+    for (r, length), rows in self.pack([self.check_prompt(p) for p in prompts]):
       chosen = [i for row in rows for i in row]
       tokens, positions, segments, where = self._empty_rows(r, length)
       ends = []

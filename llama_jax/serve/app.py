@@ -131,10 +131,8 @@ class Server:
                     logprobs: int | None, emit: Callable[[int, Output], None],
                     continues_prompt: bool = True) -> list[Request]:
     stops = body.stop_strings()
-    # A top_k of the vocabulary or more cuts nothing: 0, as -1 is (and no int32 overflow later).
-    top_k = body.top_k if 0 < body.top_k < self.vocab_size else 0
     return [Request(prompt=p, max_tokens=m, emit=lambda out, i=i: emit(i, out),
-                    temperature=body.temperature, top_k=top_k, top_p=body.top_p,
+                    temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
                     seed=body.seed, stop=tuple(stops), logprobs=logprobs, ignore_eos=body.ignore_eos,
                     continues_prompt=continues_prompt)
             for i, (p, m) in enumerate(zip(prompts, limits))]

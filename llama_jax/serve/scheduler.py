@@ -431,10 +431,8 @@ class Scheduler:
 
   def _refusal(self, request: Request) -> str | None:
     """Why the engine would refuse a request (its prompt, its sampling settings), if it would."""
-    n = len(request.prompt)
-    if not 0 < n <= self.engine.cache_len:
-      return f"a prompt of {n} tokens does not fit the cache of {self.engine.cache_len}"
     try:
+      self.engine.check_prompt(request.prompt)
       sampling.check(request.temperature, request.top_k, request.top_p)
     except (ValueError, TypeError) as e:
       return str(e)
