@@ -243,14 +243,25 @@ def read_quantization(directory: str) -> dict | None:
     raise CheckpointError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
 
 
+def tokenizer_for(path: str | None, vocab_size: int):
+  """The tokenizer at `path` (a file or folder `load_tokenizer` reads; None: none), checked to fit a
+  model of `vocab_size` rows. Writers load it before any weight, so that a bad tokenizer leaves no
+  half-written output."""
+  if not path:
+    return None
+  from llama_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(path)
+  if tok.vocab_size > vocab_size:
+    raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                          f"embedding has {vocab_size} rows")
+  return tok
+
+
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None,
                quantization: dict | None = None) -> None:
   """`quantization`: how the model was quantized (method, calibration), written to
   quantization.json beside the description of its quantized weights."""
-  tokenizer = None
-  if tokenizer_path:  # a file or folder `load_tokenizer` reads: a bad one fails before any write
-    from llama_jax.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(tokenizer_path)
+  tokenizer = tokenizer_for(tokenizer_path, config.vocab_size)  # a bad one fails before any write
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, "params")

@@ -120,7 +120,6 @@ def convert(args: argparse.Namespace) -> None:
   if args.to == "hf":
     hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype)
   else:
-    hf.tokenizer_for(tokenizer, cfg.vocab_size)  # a bad tokenizer fails before any weight is written
     _to_device(params, out_dtype)
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from llama_jax import checkpoint
 from llama_jax.config import ModelConfig
 from llama_jax.convert import CheckpointError, layout, safetensors_io, torch_io
 
@@ -202,19 +203,6 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
   return cfg, params, tokenizer_in(directory)
 
 
-def tokenizer_for(path: str | None, vocab_size: int):
-  """The tokenizer at `path` (None: none), checked to fit a model of `vocab_size` rows. Writers load
-  it before any weight, so that a bad tokenizer leaves no half-written output."""
-  if not path:
-    return None
-  from llama_jax.tokenizer import load_tokenizer
-  tok = load_tokenizer(path)
-  if tok.vocab_size > vocab_size:
-    raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
-                          f"embedding has {vocab_size} rows")
-  return tok
-
-
 def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
               tokenizer_path: str | None = None, dtype: str | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -236,7 +224,7 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
                           "the float checkpoint it was quantized from)")
   # The tokenizer first: a bad one must fail before any weight is written.
   bos, eos, pad, generation = 1, [2], None, {}
-  tok = tokenizer_for(tokenizer_path, config.vocab_size)
+  tok = checkpoint.tokenizer_for(tokenizer_path, config.vocab_size)
   if tok is not None:
     bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
     pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
