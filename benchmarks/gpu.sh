@@ -73,6 +73,8 @@
 #              and 16 or 20 sequences with bfloat16 moments)
 #   mgpu       a one-row matrix-vector kernel in Pallas Mosaic GPU issuing its weight loads before PDL's
 #              wait, alone and chained as a decode step's products, against XLA's (mgpu_matvec.py)
+#   trainfusions  the TinyLlama step's kernels by HLO op, each with what it computes (shape, the operations
+#              of its fusion) from an XLA dump of the same run (profile_summary.py --hlo)
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -357,6 +359,9 @@ mgpu)  # a one-row matrix-vector product as a Pallas Mosaic GPU kernel that load
     XLA_FLAGS="$f" timeout 250 python3 benchmarks/mgpu_matvec.py --check 2>&1 | grep -E '^\{|Error' \
       | sed "s|}\$|, \"xla_flags\": \"$f\"}|" | tee -a $OUT/mgpu.jsonl
   done ;;
+trainfusions)  # which fusions hold the step's elementwise time: the trace's top ops, named by the dump
+  XLA_FLAGS="--xla_dump_to=/tmp/tdump" $T --steps 3 --warmup 2 --profile_dir /tmp/tf > $OUT/last.log 2>&1; tail -1 $OUT/last.log
+  python3 benchmarks/profile_summary.py /tmp/tf --top 70 --hlo /tmp/tdump 2>&1 | grep -v Deprecation | tee $OUT/profile_trainfusions.txt ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
     run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16

@@ -86,7 +86,9 @@ def matvec(x, w, *, k, block_o, pdl):
   pieces = k // PIECE
   assert w.shape[1] == k and k % PIECE == 0 and x.shape[0] % PIECE == 0 and o % block_o == 0
 
-  def body(x_ref, w_ref, y_ref, w_smem, x_smem, w_barriers, x_barrier):
+  def body(x_ref, w_ref, y_ref, w_smem, x_smem, barriers):
+    # barriers[j] for W's piece j, barriers[pieces] for x (one array: a lone Barrier is a 0-d ref).
+    w_barriers, x_barrier = barriers, barriers.at[pieces]
     rows = pl.ds(jax.lax.axis_index("o") * block_o, block_o)
     # W does not depend on the previous kernel: start streaming it before waiting for that kernel.
     for j in range(pieces):
@@ -95,8 +97,8 @@ def matvec(x, w, *, k, block_o, pdl):
     if pdl:
       plgpu.griddepcontrol_launch_dependents()
       plgpu.griddepcontrol_wait()
-    plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, pieces)], x_smem, x_barrier.at[0])
-    plgpu.barrier_wait(x_barrier.at[0])
+    plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, pieces)], x_smem, x_barrier)
+    plgpu.barrier_wait(x_barrier)
     products = None
     for j in range(pieces):  # each piece as soon as it lands, while the later ones still stream
       plgpu.barrier_wait(w_barriers.at[j])
@@ -112,7 +114,7 @@ def matvec(x, w, *, k, block_o, pdl):
       body, out_type=jax.ShapeDtypeStruct((o,), w.dtype), grid=(o // block_o,), grid_names=("o",),
       scratch_types=[plgpu.SMEM((pieces, block_o, PIECE), w.dtype),
                      plgpu.SMEM((pieces, PIECE), x.dtype),
-                     plgpu.Barrier(num_barriers=pieces), plgpu.Barrier()],
+                     plgpu.Barrier(num_barriers=pieces + 1)],
   )(x.reshape(-1, PIECE), w)  # rows of PIECE: a TMA box per program (the reshape is a bitcast)
 
 

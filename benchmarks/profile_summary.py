@@ -1,6 +1,9 @@
 """Where device time goes, from a jax.profiler trace: GPU kernel time by HLO op and by kind.
 
-  python benchmarks/profile_summary.py DIR [--top 25] [--device N]
+  python benchmarks/profile_summary.py DIR [--top 25] [--device N] [--hlo DUMP_DIR]
+
+--hlo: an XLA dump of the same program (XLA_FLAGS=--xla_dump_to=DUMP_DIR) names what each top op
+computes: its output shape and the operations inside its fusion (from the largest optimized module).
 
 Several GPUs: by default every GPU's kernels are summed; `--device 0` keeps the first GPU's only.
 Collectives (NCCL) run on streams of their own beside the computation, so their time is listed
@@ -10,6 +13,7 @@ apart and a GPU's "busy" share counts the computation's kernels only.
 import argparse
 import collections
 import glob
+import os
 import re
 
 from jax.profiler import ProfileData
@@ -39,11 +43,49 @@ def kind(op: str, kernel: str) -> str:
   return "other"
 
 
+def fused_computations(dump_dir: str) -> tuple[dict, dict]:
+  """From the largest `*after_optimizations.txt` of an XLA dump: each instruction's text by name,
+  and each computation's instructions by name."""
+  files = glob.glob(f"{dump_dir}/*after_optimizations.txt")
+  text = open(max(files, key=os.path.getsize)).read() if files else ""
+  instructions, computations, current = {}, {}, None
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+    if head:
+      current = computations.setdefault(head.group(1), [])
+      continue
+    body = re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line)
+    if body:
+      instructions[body.group(1)] = body.group(2)
+      if current is not None:
+        current.append(body.group(2))
+  return instructions, computations
+
+
+def describe(op: str, instructions: dict, computations: dict) -> str:
+  """`shape: opcode x count, ...` for a fusion, or its instruction's head for anything else."""
+  name = op.split(" [")[0]
+  text = instructions.get(name)
+  if text is None:
+    return ""
+  shape = text.split(" ", 1)[0]
+  called = re.search(r"calls=%([\w.\-]+)", text)
+  if not called:
+    return f"{shape} {text.split(' ', 2)[1].split('(')[0]}"
+  opcodes = collections.Counter()
+  for inner in computations.get(called.group(1), []):
+    opcode = re.match(r"\S+ ([\w\-]+)\(", inner)
+    if opcode and opcode.group(1) not in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
+      opcodes[opcode.group(1)] += 1
+  return f"{shape} " + ", ".join(f"{k}x{v}" if v > 1 else k for k, v in opcodes.most_common(8))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("dir")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--device", type=int, default=None, help="one GPU's kernels only (default: all)")
+  parser.add_argument("--hlo", default=None, help="an XLA dump of the program: what each top op computes")
   args = parser.parse_args()
   path = sorted(glob.glob(f"{args.dir}/**/*.xplane.pb", recursive=True))[-1]
   data = ProfileData.from_file(path)
@@ -90,8 +132,11 @@ def main():
     for name, v in by_module.most_common(12):
       print(f"  {name[:70]:70s} {v / 1e6:9.1f} ms x{module_count[name]}")
   print(f"top {args.top} ops:")
+  instructions, computations = fused_computations(args.hlo) if args.hlo else ({}, {})
   for op, v in by_op.most_common(args.top):
     print(f"  {op[:70]:70s} {v / 1e6:9.2f} ms x{count[op]}")
+    if args.hlo:
+      print(f"      {describe(op, instructions, computations)[:150]}")
 
 
 if __name__ == "__main__":
