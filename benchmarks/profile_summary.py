@@ -56,7 +56,8 @@ def fused_computations(dump_dir: str) -> tuple[dict, dict]:
       continue
     body = re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line)
     if body:
-      instructions[body.group(1)] = body.group(2)
+      # The trace names an op with "_" where the HLO text has "." (loop_add_fusion.3 -> loop_add_fusion_3).
+      instructions[body.group(1).replace(".", "_")] = body.group(2)
       if current is not None:
         current.append(body.group(2))
   return instructions, computations
@@ -64,7 +65,7 @@ def fused_computations(dump_dir: str) -> tuple[dict, dict]:
 
 def describe(op: str, instructions: dict, computations: dict) -> str:
   """`shape: opcode x count, ...` for a fusion, or its instruction's head for anything else."""
-  name = op.split(" [")[0]
+  name = op.split(" [")[0].replace(".", "_")
   text = instructions.get(name)
   if text is None:
     return ""
