@@ -362,7 +362,7 @@ mgpu)  # a one-row matrix-vector product as a Pallas Mosaic GPU kernel that load
 trainfusions)  # which fusions hold the step's elementwise time: the trace's top ops, named by the dump
   XLA_FLAGS="--xla_dump_to=/tmp/tdump" $T --steps 3 --warmup 2 --profile_dir /tmp/tf > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/tf --top 70 --hlo /tmp/tdump 2>&1 | grep -v Deprecation | tee $OUT/profile_trainfusions.txt
-  gzip -c "$(ls -S /tmp/tdump/*after_optimizations.txt | head -1)" > $OUT/train_step_hlo.txt.gz ;;
+  tar czf $OUT/train_step_hlo.tgz -C /tmp/tdump $(cd /tmp/tdump && ls *after_optimizations.txt) ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
     run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16

@@ -3,7 +3,8 @@
   python benchmarks/profile_summary.py DIR [--top 25] [--device N] [--hlo DUMP_DIR]
 
 --hlo: an XLA dump of the same program (XLA_FLAGS=--xla_dump_to=DUMP_DIR) names what each top op
-computes: its output shape and the operations inside its fusion (from the largest optimized module).
+computes: its output shape and the operations inside its fusion (from the optimized module that
+defines most of the top ops).
 
 Several GPUs: by default every GPU's kernels are summed; `--device 0` keeps the first GPU's only.
 Collectives (NCCL) run on streams of their own beside the computation, so their time is listed
@@ -43,24 +44,27 @@ def kind(op: str, kernel: str) -> str:
   return "other"
 
 
-def fused_computations(dump_dir: str) -> tuple[dict, dict]:
-  """From the largest `*after_optimizations.txt` of an XLA dump: each instruction's text by name,
-  and each computation's instructions by name."""
-  files = glob.glob(f"{dump_dir}/*after_optimizations.txt")
-  text = open(max(files, key=os.path.getsize)).read() if files else ""
-  instructions, computations, current = {}, {}, None
-  for line in text.splitlines():
-    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
-    if head:
-      current = computations.setdefault(head.group(1), [])
-      continue
-    body = re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line)
-    if body:
-      # The trace names an op with "_" where the HLO text has "." (loop_add_fusion.3 -> loop_add_fusion_3).
-      instructions[body.group(1).replace(".", "_")] = body.group(2)
-      if current is not None:
-        current.append(body.group(2))
-  return instructions, computations
+def fused_computations(dump_dir: str, names: list[str]) -> tuple[dict, dict]:
+  """From the optimized module of an XLA dump that defines most of `names` (the trace's top ops):
+  each instruction's text by name, and each computation's instructions by name."""
+  best = ({}, {}, -1)
+  for path in glob.glob(f"{dump_dir}/*after_optimizations.txt"):
+    instructions, computations, current = {}, {}, None
+    for line in open(path):
+      head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+      if head:
+        current = computations.setdefault(head.group(1), [])
+        continue
+      body = re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line)
+      if body:
+        # The trace names an op with "_" where the HLO text has "." (loop_add_fusion.3 -> loop_add_fusion_3).
+        instructions[body.group(1).replace(".", "_")] = body.group(2)
+        if current is not None:
+          current.append(body.group(2))
+    found = sum(name.split(" [")[0].replace(".", "_") in instructions for name in names)
+    if found > best[2]:
+      best = (instructions, computations, found)
+  return best[0], best[1]
 
 
 def describe(op: str, instructions: dict, computations: dict) -> str:
@@ -133,8 +137,9 @@ def main():
     for name, v in by_module.most_common(12):
       print(f"  {name[:70]:70s} {v / 1e6:9.1f} ms x{module_count[name]}")
   print(f"top {args.top} ops:")
-  instructions, computations = fused_computations(args.hlo) if args.hlo else ({}, {})
-  for op, v in by_op.most_common(args.top):
+  top = by_op.most_common(args.top)
+  instructions, computations = fused_computations(args.hlo, [op for op, _ in top]) if args.hlo else ({}, {})
+  for op, v in top:
     print(f"  {op[:70]:70s} {v / 1e6:9.2f} ms x{count[op]}")
     if args.hlo:
       print(f"      {describe(op, instructions, computations)[:150]}")
