@@ -75,9 +75,6 @@
 #              wait, alone and chained as a decode step's products, against XLA's (mgpu_matvec.py)
 #   trainfusions  the TinyLlama step's kernels by HLO op, each with what it computes (shape, the operations
 #              of its fusion) from an XLA dump of the same run (profile_summary.py --hlo)
-#   trainbackward  the TinyLlama step with RMSNorm's and SwiGLU's written-out backward passes against
-#              autodiff's (model.FUSED_*_BACKWARD, benchmarks/train_variants.py), at 8 sequences and at
-#              16 with bfloat16 moments
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -366,13 +363,6 @@ trainfusions)  # which fusions hold the step's elementwise time: the trace's top
   XLA_FLAGS="--xla_dump_to=/tmp/tdump" $T --steps 3 --warmup 2 --profile_dir /tmp/tf > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/tf --top 70 --hlo /tmp/tdump 2>&1 | grep -v Deprecation | tee $OUT/profile_trainfusions.txt
   tar czf $OUT/train_step_hlo.tgz -C /tmp/tdump $(cd /tmp/tdump && ls *after_optimizations.txt) ;;
-trainbackward)  # written-out backward passes of the elementwise work against autodiff's, a process each
-  NO_NORM="model.FUSED_NORM_BACKWARD=False"; NO_SWIGLU="model.FUSED_SWIGLU_BACKWARD=False"
-  timeout 330 python3 benchmarks/train_variants.py --rounds 1 --variants "base;$NO_NORM;$NO_SWIGLU;$NO_NORM&$NO_SWIGLU" \
-    -- --config configs/tinyllama_1b.py | tee -a $OUT/trainbackward.jsonl
-  timeout 200 python3 benchmarks/train_variants.py --rounds 1 --variants "base;$NO_NORM&$NO_SWIGLU" \
-    -- --config configs/tinyllama_1b.py --config.batch_size=16 --config.optimizer.moments_dtype=bfloat16 \
-    | tee -a $OUT/trainbackward.jsonl ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
     run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16

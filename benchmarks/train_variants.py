@@ -1,6 +1,6 @@
 """The training benchmark with module constants of the library set first, each run its own process:
 
-  python benchmarks/train_variants.py [--rounds 2] --variants "base;model.FUSED_BACKWARDS=False" \
+  python benchmarks/train_variants.py [--rounds 2] --variants "base;model.NAME=VALUE" \
       -- --config configs/tinyllama_1b.py [--config.key=value ...]
 
 A variant is "base" (nothing set) or MODULE.NAME=VALUE pairs joined with "&" (MODULE under

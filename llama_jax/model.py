@@ -124,69 +124,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
-    if not FUSED_NORM_BACKWARD:
-      return matvec.rms_norm(x, weight, self.cfg.norm_eps)
-    return rms_norm(x, weight, self.cfg.norm_eps)
-
-
-# Experiment toggles (benchmarks/train_variants.py): autodiff's backward when False.
-FUSED_NORM_BACKWARD = True
-FUSED_SWIGLU_BACKWARD = True
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-  """`matvec.rms_norm` (the decode kernels' XLA path shares its arithmetic) with a backward written
-  out: autodiff's took ~10 ms of a TinyLlama step on an H200 in six passes over the activations."""
-  return matvec.rms_norm(x, weight, eps)
-
-
-def _rms_norm_fwd(x, weight, eps):
-  x32 = x.astype(jnp.float32)
-  inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # float32 (..., 1)
-  normed = (x32 * inv_rms).astype(x.dtype)
-  return normed * weight.astype(x.dtype), (x, inv_rms, weight)
-
-
-def _rms_norm_bwd(eps, residuals, dy):
-  """y = n(x) * w with n(x) = x * r, r = (mean(x^2) + eps)^(-1/2): dw = sum(dy * n(x)) over every
-  position; with g = dy * w, dx = r * (g - x * r^2 * mean(g * x)). Float32 throughout."""
-  del eps
-  x, inv_rms, weight = residuals
-  x32, dy32 = x.astype(jnp.float32), dy.astype(jnp.float32)
-  normed = (x32 * inv_rms).astype(x.dtype).astype(jnp.float32)  # what the forward scaled by w
-  dweight = jnp.sum(dy32 * normed, axis=tuple(range(x.ndim - 1)))
-  g = dy32 * weight.astype(x.dtype).astype(jnp.float32)
-  mean_gx = jnp.mean(g * x32, axis=-1, keepdims=True)
-  dx = inv_rms * (g - x32 * (inv_rms * inv_rms) * mean_gx)
-  return dx.astype(x.dtype), dweight.astype(weight.dtype)
-
-
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
-
-
-@jax.custom_vjp
-def swiglu(gate: Array, up: Array) -> Array:
-  """silu(gate) * up with a backward that reads gate, up and the cotangent once for both
-  gradients (autodiff's ran two passes that read them twice)."""
-  return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals, d):
-  """d/dup = silu(gate); d/dgate = up * s * (1 + gate * (1 - s)), s = sigmoid(gate)."""
-  gate, up = residuals
-  g32, d32 = gate.astype(jnp.float32), d.astype(jnp.float32)
-  s = jax.nn.sigmoid(g32)
-  dup = d32 * g32 * s
-  dgate = d32 * up.astype(jnp.float32) * s * (1 + g32 * (1 - s))
-  return dgate.astype(gate.dtype), dup.astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    return matvec.rms_norm(x, weight, self.cfg.norm_eps)  # the decode kernels' XLA path shares it
 
 
 def rotary_tables(positions: Array, head_dim: int, theta: float) -> Rope:
@@ -307,7 +245,7 @@ class FeedForward(nn.Module):
     else:
       gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
       up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
-    hidden = swiglu(gate, up) if FUSED_SWIGLU_BACKWARD else jax.nn.silu(gate) * up
+    hidden = jax.nn.silu(gate) * up
     if self.has_variable("params", "w2_t"):
       out = _project(self, "w2_t", "BTF,DF->BTD", hidden, (d, f), (EMBED, MLP))
     else:
