@@ -75,6 +75,9 @@
 #              wait, alone and chained as a decode step's products, against XLA's (mgpu_matvec.py)
 #   trainfusions  the TinyLlama step's kernels by HLO op, each with what it computes (shape, the operations
 #              of its fusion) from an XLA dump of the same run (profile_summary.py --hlo)
+#   fusionflags  the TinyLlama step at 32 sequences with bfloat16 moments (53.8%, the best batch) under
+#              XLA's experimental fusion flags: Triton kernels for normalisations (softmax priority
+#              fusion), the block-level rewriter, multi-output Triton fusions, and the three together
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -363,6 +366,16 @@ trainfusions)  # which fusions hold the step's elementwise time: the trace's top
   XLA_FLAGS="--xla_dump_to=/tmp/tdump" $T --steps 3 --warmup 2 --profile_dir /tmp/tf > $OUT/last.log 2>&1; tail -1 $OUT/last.log
   python3 benchmarks/profile_summary.py /tmp/tf --top 70 --hlo /tmp/tdump 2>&1 | grep -v Deprecation | tee $OUT/profile_trainfusions.txt
   tar czf $OUT/train_step_hlo.tgz -C /tmp/tdump $(cd /tmp/tdump && ls *after_optimizations.txt) ;;
+fusionflags)  # can XLA's Triton fusions take the norms' and SwiGLU's passes (session 15's profile)?
+  for f in "" --xla_gpu_experimental_enable_triton_softmax_priority_fusion=true \
+      --xla_gpu_experimental_enable_fusion_block_level_rewriter=true \
+      --xla_gpu_unsupported_enable_triton_multi_output_fusion=true \
+      "--xla_gpu_experimental_enable_triton_softmax_priority_fusion=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true --xla_gpu_unsupported_enable_triton_multi_output_fusion=true"; do
+    env $M XLA_FLAGS="$f" timeout 110 $T --steps 6 --warmup 2 --config.batch_size=32 \
+      --config.optimizer.moments_dtype=bfloat16 > $OUT/last.log 2>&1
+    { tail -1 $OUT/last.log | grep '^{' || grep -E "Error|error" $OUT/last.log | tail -1 | sed 's/"//g; s/.*/{"error": "&"}/'; } \
+      | sed "s|}\$|, \"xla_flags\": \"$f\"}|" | tee -a $OUT/fusionflags.jsonl
+  done ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
     run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16
