@@ -8,15 +8,19 @@ import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import xla_flags
+
+from llama_jax.data import DataError
+from llama_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly "
          "kings and queens of python code def return class import for in range print").split()
-from conftest import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +285,34 @@ def test_out_of_device_memory_is_one_line_with_what_to_change(corpus, tmp_path, 
     monkeypatch.setattr(loop, "_loop", fails_with(other))
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
       loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _two_processes(monkeypatch, other_is_done):
+  """`process_allgather` as a run of two processes sees it: this process's flag ("my data ended")
+  beside the other's, drawn from `other_is_done`."""
+  flags = iter(other_is_done)
+  monkeypatch.setattr(loop.multihost_utils, "process_allgather",
+                      lambda mine: np.stack([mine, np.array([next(flags)], np.int32)]))
+
+
+def test_processes_stop_together_at_the_first_ones_end(monkeypatch):
+  # A process that went on alone would wait in the step's collectives for the one that stopped.
+  _two_processes(monkeypatch, [False, True])  # the other process: one batch, then none
+  batches = iter([{"x": 1}, {"x": 2}, {"x": 3}])
+  assert loop.next_batch(batches, agree=True) == {"x": 1}
+  assert loop.next_batch(batches, agree=True) is None
+
+
+def test_a_validation_split_empty_on_one_process_stops_every_process(monkeypatch):
+  # Checked before training: the process with data raises too, instead of training on and waiting.
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  _two_processes(monkeypatch, [True])  # the other process's split gives no batch
+
+  class Recipe:
+    @staticmethod
+    def make_iterator(config, tokenizer, split):
+      yield {"x": 1}  # this process's split gives one
+
+  config = ml_collections.ConfigDict(dict(eval_every=5, batch_size=2, seq_len=8))
+  with pytest.raises(DataError, match="on every process"):
+    loop._check_eval_data(config, Recipe, tokenizer=None)

@@ -506,11 +506,13 @@ def _check_eval_data(config, recipe, tokenizer) -> None:
     return
   it = recipe.make_iterator(config, tokenizer, "eval")
   try:
-    next(it)
-  except StopIteration:
-    raise data.DataError(f"eval_every is {config.eval_every} but the validation split gives not one batch "
-                         f"of {config.batch_size} sequences of {config.seq_len} tokens: more held-out "
-                         "text (data.holdout_every, data.eval_sources), or eval_every 0") from None
+    # Every process asks: one whose split is empty must not raise alone while the others go on
+    # into the step's collectives and wait for it.
+    if next_batch(it, agree=jax.process_count() > 1) is None:
+      raise data.DataError(f"eval_every is {config.eval_every} but the validation split gives not one "
+                           f"batch of {config.batch_size} sequences of {config.seq_len} tokens"
+                           f"{' on every process' if jax.process_count() > 1 else ''}: more held-out "
+                           "text (data.holdout_every, data.eval_sources), or eval_every 0")
   finally:
     it.close()
 
@@ -537,9 +539,8 @@ def _evaluate(config, recipe, eval_fn, state, tokenizer, batch_sharding) -> dict
   it = recipe.make_iterator(config, tokenizer, "eval")
   nll, count = 0.0, 0.0
   for _ in range(int(config.data.eval_batches)):
-    try:
-      local = next(it)
-    except StopIteration:
+    local = next_batch(it, agree=jax.process_count() > 1)  # held-out data end: agree, as training does
+    if local is None:
       break
     batch_nll, batch_count = eval_fn(state, _global_batch(local, batch_sharding))
     nll, count = nll + float(batch_nll), count + float(batch_count)
@@ -577,12 +578,12 @@ def _finite(config) -> bool:
   return all(s["epochs"] for s in data.resolve_sources(config.data, "train"))
 
 
-def _next_batch(batches, agree: bool) -> dict | None:
+def next_batch(batches, agree: bool) -> dict | None:
   """This process's next batch, or None once the data are exhausted. With `agree` (several
-  processes, data that end) the processes agree every step: each packs rows of its own and they can
-  run out steps apart, and one that left for the final save's collectives while another still ran a
-  step would deadlock both (the steps since the last checkpoint lost). They stop together, at the
-  first process's end; the others' extra batch is dropped."""
+  processes, data that end) the processes agree every call: each packs rows of its own and they can
+  run out batches apart, and one that left for other collectives (the final save's, the training
+  step after an evaluation) while another still ran a step would deadlock both. They stop together,
+  at the first process's end; the others' extra batch is dropped."""
   try:
     local = next(batches)
   except StopIteration:
@@ -619,7 +620,7 @@ def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, 
   try:
     with _StopSignal() as stop:
       while step < config.num_steps:
-        local = _next_batch(batches, agree)
+        local = next_batch(batches, agree)
         if local is None:  # every source reached its epoch limit
           for event in train_iter.events():
             bar.write(f"data: {event}")
