@@ -437,8 +437,9 @@ def save_state(manager: ocp.CheckpointManager, step: int, state, rng_seed: int, 
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state):
-  """(params, opt_state, meta, this process's data state) at `step`, placed as the abstract
-  targets' shardings say (which may be another mesh than the one that saved)."""
+  """(params, opt_state, meta, every saving process's data state) at `step`, placed as the
+  abstract targets' shardings say (which may be another mesh than the one that saved);
+  `data.resume_state` picks this process's."""
   _quiet_abandoned_reads()
   try:
     out = manager.restore(step, args=ocp.args.Composite(
@@ -450,11 +451,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_params, ab
     states = out.data["processes"]
   except Exception as e:  # noqa: BLE001 -- as in load_params
     raise unreadable(os.path.join(str(manager.directory), str(step)), e) from e
-  if len(states) != jax.process_count():
-    raise ValueError(
-        f"checkpoint step {step} was written by {len(states)} processes, this run has "
-        f"{jax.process_count()}: the data iterators cannot resume exactly")
-  return out.params, out.opt_state, out.meta, states[jax.process_index()]
+  return out.params, out.opt_state, out.meta, states
 
 
 def restore_newest(manager: ocp.CheckpointManager, abstract_params, abstract_opt_state,

@@ -277,6 +277,50 @@ def test_processes_read_disjoint_shares_that_cover_the_data(tmp_path, tok):
   assert shares[0] | shares[1] == set(docs)
 
 
+def test_a_replicated_run_resumes_exactly_on_another_process_count(tmp_path, tok):
+  # shard_by="replicated": every process packs the whole global batch and keeps its rows, so a run
+  # saved by two processes goes on with one (or the reverse) exactly where it was.
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 120, 8)), 1.0)},
+               shard_by="replicated")
+  kwargs = dict(seq_len=16, global_batch_size=4, seed=3)
+  two = [data.make_iterator(cfg, tok, **kwargs, process_index=p, process_count=2) for p in range(2)]
+  for it in two:
+    for _ in range(7):
+      next(it)
+  saved = json.loads(json.dumps([it.get_state() for it in two]))  # as the checkpoint holds them
+  one = data.make_iterator(cfg, tok, **kwargs)
+  for _ in range(7):
+    next(one)
+  expected = [next(one) for _ in range(5)]
+  resumed = data.make_iterator(cfg, tok, **kwargs)
+  resumed.set_state(data.resume_state(saved, cfg, 0, 1))
+  for want, got in zip(expected, [next(resumed) for _ in range(5)]):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  # The tokens taken so far, which the metrics sum over processes, are carried over whole.
+  assert resumed.source_tokens() == one.source_tokens()
+  # Back to two processes: each keeps its half of the one-process batch.
+  saved_one, taken = one.get_state(), one.source_tokens()
+  following = next(one)["inputs"]
+  halves = [data.make_iterator(cfg, tok, **kwargs, process_index=p, process_count=2) for p in range(2)]
+  for p, it in enumerate(halves):
+    it.set_state(data.resume_state([saved_one], cfg, p, 2))
+  assert {n: sum(it.source_tokens()[n] for it in halves) for n in taken} == taken
+  for p, it in enumerate(halves):
+    np.testing.assert_array_equal(next(it)["inputs"], following[2 * p:2 * p + 2])
+  for it in two + [one, resumed] + halves:
+    it.close()
+
+
+def test_another_process_count_is_refused_where_processes_split_the_data(tmp_path, tok):
+  cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 20, 8)), 1.0)})
+  states = [data.make_iterator(cfg, tok, seq_len=8, global_batch_size=4, process_index=p,
+                               process_count=2).get_state() for p in range(2)]
+  assert data.resume_state(states, cfg, 1, 2) == states[1]
+  with pytest.raises(data.DataError, match="written by 2 processes, this run has 1"):
+    data.resume_state(states, cfg, 0, 1)
+
+
 def test_processes_split_many_files_by_file(tmp_path, tok):
   docs = make_docs("doc", 64, 18)
   for i in range(8):

@@ -15,8 +15,8 @@ tokenised, packed into batches by a resumable prefetching iterator (`pipeline` s
 
 from llama_jax.data.config import default_config, source
 from llama_jax.data.errors import DataError
-from llama_jax.data.pipeline import DataIterator, count_batches, make_iterator, resolve_sources
+from llama_jax.data.pipeline import DataIterator, count_batches, make_iterator, resolve_sources, resume_state
 from llama_jax.data.tokenizer_cache import ensure_tokenizer
 
 __all__ = ["DataError", "DataIterator", "count_batches", "default_config", "ensure_tokenizer",
-           "make_iterator", "resolve_sources", "source"]
+           "make_iterator", "resolve_sources", "resume_state", "source"]

@@ -334,6 +334,25 @@ def make_iterator(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
   return DataIterator(make, max_batches, int(data_cfg.prefetch), split)
 
 
+def resume_state(states: list[dict[str, Any]], data_cfg, process_index: int,
+                 process_count: int) -> dict[str, Any]:
+  """This process's data state from those that every process of a checkpoint saved. The same
+  process count: its own. Another count resumes exactly only with data.shard_by="replicated", where
+  every process packs the whole global batch, so their packers' states are one; the tokens counted
+  so far go to process 0 (the metrics report their sum over processes, which stays exact)."""
+  if len(states) == process_count:
+    return states[process_index]
+  if data_cfg.get("shard_by") != "replicated":
+    raise DataError(f"the checkpoint was written by {len(states)} processes, this run has {process_count}: "
+                    "each process's data position cannot be carried over (data.shard_by='replicated' "
+                    "can: every process packs the whole batch)")
+  state = copy.deepcopy(states[0])
+  emitted = state["packer"]["emitted"]
+  for name in emitted:
+    emitted[name] = sum(s["packer"]["emitted"][name] for s in states) if process_index == 0 else 0
+  return state
+
+
 def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0,
                   packer: Callable[..., Packer] | None = None) -> int:
   """How many global batches the training iterator yields before every source reaches its epoch

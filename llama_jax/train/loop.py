@@ -393,7 +393,7 @@ def _train_and_evaluate(config, workdir: str, recipe=None) -> dict:
       with sharding.activation_rules(mesh, rules):
         if resuming:
           state, start_step = _resume(workdir, manager, run, train_iter,
-                                      run.frozen(pretrained.params if pretrained else None), config.seed)
+                                      run.frozen(pretrained.params if pretrained else None), config)
         elif pretrained is not None:
           state = recipe.from_pretrained(pretrained, config, model_cfg, run)
           start_step = 0
@@ -459,18 +459,18 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _resume(workdir: str, manager, run: Training, train_iter, frozen: Any,
-            config_seed: int) -> tuple[TrainState, int]:
+def _resume(workdir: str, manager, run: Training, train_iter, frozen: Any, config) -> tuple[TrainState, int]:
   """The state of the newest checkpoint that reads (`frozen`: a LoRA run's base, which its
   checkpoints do not hold); unreadable newer ones are named, one line each, and moved aside (never
   deleted) once an older one has restored."""
-  step, (params, opt_state, meta, data_state), skipped = checkpoint.restore_newest(
+  step, (params, opt_state, meta, data_states), skipped = checkpoint.restore_newest(
       manager, run.placed("params"), run.placed("opt_state"), warn=lambda m: _say(f"warning: {m}"))
   saved_seed = (meta or {}).get("seed")
-  if saved_seed is not None and int(saved_seed) != int(config_seed):
+  if saved_seed is not None and int(saved_seed) != int(config.seed):
     # The seed orders each epoch's files: the saved position in that order would point elsewhere.
     raise ConfigError(f"the run in {workdir} was started with seed {saved_seed}; resuming it with seed "
-                      f"{config_seed} would skip or repeat data (--config.seed={saved_seed})")
+                      f"{config.seed} would skip or repeat data (--config.seed={saved_seed})")
+  data_state = data.resume_state(data_states, config.data, jax.process_index(), jax.process_count())
   state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
                      nonfinite_steps=jnp.zeros((), jnp.int32), frozen=frozen)
   state = jax.device_put(state, run.state_sharding)
