@@ -283,6 +283,17 @@ def test_count_batches_equals_the_iterator(tmp_path, tok):
     n = data.count_batches(cfg, tok, seq_len=seq_len, global_batch_size=batch, seed=1)
     assert n == sum(1 for _ in data.make_iterator(cfg, tok, seq_len=seq_len, global_batch_size=batch, seed=1))
     assert n > 10
+  # Several processes: each counts its own iterator's batches (its share of the records, or with
+  # shard_by="replicated" the whole global batch); the loop trains the least of them.
+  counts = {}
+  for shard_by in ("records", "replicated"):
+    cfg.shard_by = shard_by
+    for p in range(2):
+      kwargs = dict(seq_len=64, global_batch_size=4, seed=1, process_index=p, process_count=2)
+      counts[shard_by, p] = data.count_batches(cfg, tok, **kwargs)
+      assert counts[shard_by, p] == sum(1 for _ in data.make_iterator(cfg, tok, **kwargs))
+  assert counts["replicated", 0] == counts["replicated", 1] == data.count_batches(
+      cfg, tok, seq_len=64, global_batch_size=4, seed=1)
   cfg.sources.text.epochs = 0
   with pytest.raises(data.DataError, match="text: epochs is 0.*set num_steps"):
     data.count_batches(cfg, tok, seq_len=64, global_batch_size=4, seed=1)

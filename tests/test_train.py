@@ -287,12 +287,12 @@ def test_out_of_device_memory_is_one_line_with_what_to_change(corpus, tmp_path, 
       loop.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def _two_processes(monkeypatch, other_is_done):
-  """`process_allgather` as a run of two processes sees it: this process's flag ("my data ended")
-  beside the other's, drawn from `other_is_done`."""
-  flags = iter(other_is_done)
+def _two_processes(monkeypatch, others):
+  """`process_allgather` as a run of two processes sees it: this process's value beside the
+  other's, drawn from `others` one call after another."""
+  values = iter(others)
   monkeypatch.setattr(loop.multihost_utils, "process_allgather",
-                      lambda mine: np.stack([mine, np.array([next(flags)], np.int32)]))
+                      lambda mine: np.stack([mine, np.array([next(values)], mine.dtype)]))
 
 
 def test_processes_stop_together_at_the_first_ones_end(monkeypatch):
@@ -316,3 +316,12 @@ def test_a_validation_split_empty_on_one_process_stops_every_process(monkeypatch
   config = ml_collections.ConfigDict(dict(eval_every=5, batch_size=2, seq_len=8))
   with pytest.raises(DataError, match="on every process"):
     loop._check_eval_data(config, Recipe, tokenizer=None)
+
+
+def test_num_steps_0_counts_the_process_whose_data_end_first(monkeypatch):
+  # Every process stops at the first one's end: the schedule must end there too.
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  _two_processes(monkeypatch, [17, 0])  # the other process counts 17 batches, then (a second run) none
+  assert loop._fewest_over_processes(20) == 17
+  with pytest.raises(DataError, match="share of the training data gives no batch"):
+    loop._fewest_over_processes(20)

@@ -354,10 +354,13 @@ def resume_state(states: list[dict[str, Any]], data_cfg, process_index: int,
 
 
 def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0,
-                  packer: Callable[..., Packer] | None = None) -> int:
-  """How many global batches the training iterator yields before every source reaches its epoch
-  limit: the steps of a fine-tuning run (`num_steps: 0`). It packs the data once (reading every
-  epoch), counting rows only; every source needs an epoch limit."""
+                  packer: Callable[..., Packer] | None = None, process_index: int = 0,
+                  process_count: int = 1) -> int:
+  """How many batches this process's training iterator yields before every source reaches its
+  epoch limit: the steps of a fine-tuning run (`num_steps: 0`). It packs the process's share of the
+  data once (reading every epoch), counting rows only; every source needs an epoch limit. Several
+  processes pack shares of their own and stop together at the first one's end (`train.loop`
+  takes the least count); a process whose share is empty counts 0."""
   unlimited = [s["name"] for s in resolve_sources(data_cfg, "train") if not s["epochs"]]
   if unlimited:
     raise DataError(f"data.sources {', '.join(unlimited)}: epochs is 0 (the source repeats without "
@@ -365,13 +368,14 @@ def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
                     "source an epoch limit")
   if seq_len <= 0 or global_batch_size <= 0:
     raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
-  # The rows of a single process's packer; its batches are global_batch_size rows, the last one
-  # completed with padding rows.
-  packer = (packer or make_packer)(data_cfg, _tokenizer(tokenizer), seq_len, global_batch_size, seed,
-                                   "train", 0, 1, [])
+  if global_batch_size % process_count:
+    raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+  # The iterator's packer; its last batch is completed with padding rows.
+  packer = (packer or make_packer)(data_cfg, _tokenizer(tokenizer), seq_len, global_batch_size // process_count,
+                                   seed, "train", process_index, process_count, [])
   rows = 0
   while packer.mixture.next_window() is not None:
     rows += 1
-  if not rows:
+  if not rows and process_count == 1:
     raise DataError("no documents in any source of the training split: " + ", ".join(packer.mixture.names))
-  return -(-rows // global_batch_size)
+  return -(-rows // packer.rows)  # packer.rows: the global batch where every process packs it all

@@ -309,7 +309,8 @@ class LanguageModel:
   def count_steps(self, config, tokenizer) -> int:
     """num_steps 0: the steps the data's epoch limits give."""
     return data.count_batches(config.data, tokenizer, seq_len=config.seq_len,
-                              global_batch_size=config.batch_size, seed=config.seed)
+                              global_batch_size=config.batch_size, seed=config.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
 
   def make_training(self, config, model_cfg: ModelConfig, mesh) -> Training:
     return make_training(config, model_cfg, mesh)
@@ -378,7 +379,7 @@ def _train_and_evaluate(config, workdir: str, recipe=None) -> dict:
       raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
                         f"{model_cfg.vocab_size}")
     if config.num_steps == 0:  # a fine-tuning run: as many steps as the data's epoch limits give
-      config.num_steps = recipe.count_steps(config, tokenizer)
+      config.num_steps = _fewest_over_processes(recipe.count_steps(config, tokenizer))
       log.info("num_steps: %d (the data's epochs)", config.num_steps)
 
     run = recipe.make_training(config, model_cfg, mesh)
@@ -497,6 +498,17 @@ def _first_batch(config, train_iter, start_step: int) -> dict | None:
       return None
     raise data.DataError(f"data.sources give not one batch of {config.batch_size} sequences of "
                          f"{config.seq_len} tokens before every source reaches its epoch limit") from None
+
+
+def _fewest_over_processes(steps: int) -> int:
+  """num_steps 0: the steps of the process whose share of the data ends first, where every process
+  stops (`next_batch`), so that the schedule ends where training does."""
+  if jax.process_count() > 1:
+    steps = int(np.min(multihost_utils.process_allgather(np.array([steps], np.int64))))
+  if steps == 0:
+    raise data.DataError("a process's share of the training data gives no batch: more data, fewer "
+                         "processes, or data.shard_by='replicated'")
+  return steps
 
 
 def _check_eval_data(config, recipe, tokenizer) -> None:
