@@ -85,6 +85,7 @@ def test_rows_keep_their_own_settings():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=1e39), "temperature must be at most 3.4e"),  # inf in float32
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
@@ -103,3 +104,24 @@ def test_a_top_k_past_int32_cuts_nothing():
   for k in (30, 2 ** 31, 2 ** 40):
     np.testing.assert_array_equal(_draws(logits, temperature=1.0, top_k=k), uncut)
   assert SamplingParams.stack([(1.0, 2 ** 31, 1.0), (1.0, 5, 1.0)]).top_k.tolist() == [0, 5]
+
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 2e-38, 1e-37, 1e-30])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature):
+  # logits / temperature overflows float32 (past 3.4e38: 2e-38 with logits over 6.8, 1e-37 over
+  # 34, as a model's are; 1e-30 with logits of 1e9), or the temperature is subnormal (1e-40), which
+  # a device may or may not flush to 0. Either way it is the limit of temperature -> 0, greedy, not
+  # a draw among infinities or NaNs, with or without cuts. Rows are independent: the others, sampled
+  # beside them, draw what they draw without them.
+  rng = np.random.default_rng(4)
+  scales = np.resize([1.0, 30.0, 1e9], 12)[:, None]
+  logits = jnp.asarray(rng.normal(size=(12, 50)) * scales, jnp.float32)
+  settings = [(temperature, 0, 1.0), (temperature, 5, 1.0), (temperature, 0, 0.9), (1.0, 0, 1.0)] * 3
+  tiny = np.array([t == temperature for t, _, _ in settings])
+  keys = jax.random.split(jax.random.key(0), 12)
+  drawn = np.asarray(_sample(logits, keys, jax.tree.map(jnp.asarray, SamplingParams.stack(settings))))
+  np.testing.assert_array_equal(drawn[tiny], np.argmax(np.asarray(logits), axis=-1)[tiny])
+  beside = [(0.0, 0, 1.0) if t else (1.0, 0, 1.0) for t in tiny]
+  alone = np.asarray(_sample(logits, keys, jax.tree.map(jnp.asarray, SamplingParams.stack(beside))))
+  np.testing.assert_array_equal(drawn[~tiny], alone[~tiny])

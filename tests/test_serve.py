@@ -301,11 +301,11 @@ def test_a_top_k_past_the_vocabulary_cuts_nothing_and_fails_nobody(server):
 
 
 @contextlib.contextmanager
-def _another_app(server, tokenizer, vocab_size, encode_chat=None):
+def _another_app(server, tokenizer, vocab_size, encode_chat=None, model_name=NAME):
   """A second app on the module's scheduler (and compiled engine), with its own tokenizer,
-  vocabulary size or chat encoder."""
+  vocabulary size, chat encoder or model name."""
   served = server.served
-  other = BackgroundServer(Served(create_app(served.scheduler, tokenizer, model_name=NAME, max_len=CONTEXT,
+  other = BackgroundServer(Served(create_app(served.scheduler, tokenizer, model_name=model_name, max_len=CONTEXT,
                                              vocab_size=vocab_size,
                                              encode_chat=encode_chat or chat_encoder(tokenizer)),
                                   served.scheduler, served.engine)).start()
@@ -315,6 +315,21 @@ def _another_app(server, tokenizer, vocab_size, encode_chat=None):
     other.uvicorn.should_exit = True
     other.thread.join()
     other.socket.close()
+
+
+def test_a_model_named_by_its_hugging_face_id_is_found(server, model):
+  # "meta-llama/Llama-2-7b-hf", as `--model_name` takes it: the openai client sends the slash
+  # escaped (%2F), which the server reads back as a slash, and raw HTTP sends it as it is.
+  hf_id = "meta-llama/Llama-2-7b-hf"
+  with _another_app(server, model.tokenizer, model.config.vocab_size, model_name=hf_id) as other:
+    client = openai.OpenAI(base_url=other.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    assert client.models.retrieve(hf_id).id == hf_id
+    assert httpx.get(f"{other.url}/v1/models/{hf_id}", timeout=TIMEOUT).json()["id"] == hf_id
+    with pytest.raises(openai.NotFoundError, match="Llama-3"):
+      client.models.retrieve("meta-llama/Llama-3-8b")
+    for unknown in ("meta-llama", f"{hf_id}/more"):
+      response = httpx.get(f"{other.url}/v1/models/{unknown}", timeout=TIMEOUT)
+      assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
 
 
 def test_a_prompt_of_no_tokens_is_refused(server, model):

@@ -9,12 +9,13 @@ import types
 import flax.linen as nn
 import jax
 import pytest
-from conftest import train_word_tokenizer
+from conftest import train_word_tokenizer, write_hf_tokenizer
 
 from llama_jax import model as M
 from llama_jax.config import ModelConfig
 from llama_jax.generate import generate_tokens, slots
-from llama_jax.serve.scheduler import Request, Scheduler, _Live
+from llama_jax.serve.app import Server
+from llama_jax.serve.scheduler import Request, Scheduler, TokenLogprob, _Live, token_text
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -225,3 +226,22 @@ def test_a_failed_call_answers_the_requests_whose_last_tokens_it_carried(setup, 
   finally:
     engine.generate = generate
   assert outputs[-1].finish_reason == "error" and sum(o.finish_reason is not None for o in outputs) == 1
+
+
+@pytest.mark.parametrize("style", ["sentencepiece", "byte-level"])
+def test_a_token_s_logprob_bytes_are_its_own_even_when_it_is_part_of_a_character(tokenizer, tmp_path, style):
+  # "€" (E2 82 AC), seen in neither tokenizer's training text, is three tokens of a byte each:
+  # SentencePiece's byte-fallback pieces <0xE2> <0x82> <0xAC>, byte-level BPE's "â" "Ĥ" "¬".
+  # OpenAI's `bytes` of each is that byte; its `token` is the byte read as text (U+FFFD).
+  tok = tokenizer if style == "sentencepiece" else Tokenizer(write_hf_tokenizer(tmp_path, "chatml"))
+  ids = tok.encode("the € cat 😀", bos=False)
+  entries, context = [], None
+  for token in ids:
+    entries.append(TokenLogprob(token, *token_text(tok, frozenset(tok.eos_ids), context, token), -1.0))
+    context = token
+  content = Server.chat_logprobs(entries)["content"]
+  raw = [bytes(entry["bytes"]) for entry in content]
+  assert [r for r in raw if r in (b"\xe2", b"\x82", b"\xac")] == [b"\xe2", b"\x82", b"\xac"]
+  assert b"".join(raw) == tok.decode(ids).encode("utf-8")  # the answer's text, byte for byte
+  for entry, r in zip(content, raw):
+    assert entry["token"] == r.decode("utf-8", errors="replace")

@@ -6,7 +6,7 @@ whose requests join a running batch needs. The order is Hugging Face's warpers':
 temperature, keep the k largest logits (ties with the k-th kept), then the nucleus: Meta's
 `sample_top_p` (`llama/generation.py`) keeps the smallest prefix of the sorted probabilities whose
 mass reaches p (a token is dropped when the mass before it already exceeds p). A temperature of 0
-is greedy (argmax, no randomness).
+is greedy (argmax, no randomness), and so is one so small that dividing by it overflows float32.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def check(temperature: float, top_k: int, top_p: float) -> None:
   """Host-side range checks, one clear line each."""
   if not np.isfinite(temperature) or temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > float(np.finfo(np.float32).max):  # rows keep it in float32: inf would make NaNs
+    raise ValueError(f"temperature must be at most {float(np.finfo(np.float32).max):.3g}, got {temperature}")
   if int(top_k) != top_k or top_k < 0:
     raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
   if not 0 < top_p <= 1:
@@ -91,10 +93,18 @@ def sample(logits: Array, keys: Array, params: SamplingParams) -> Array:
 
   def draw(_):
     scaled = logits / jnp.where(sampled_rows, params.temperature, 1.0)[:, None]
+    # A temperature so small that a finite logit over it overflows (1e-37 with a logit of 40), or a
+    # subnormal one that the device flushes to 0 in the division, is greedy: the limit as the
+    # temperature goes to 0. Drawn, its infinities would tie (the first one wins) and the nucleus's
+    # softmax of them is NaN. Greedy is what a draw would give: over such a temperature, logits
+    # 1e-30 of the largest one's size apart are 3e8 apart, the draw's noise a few tens.
+    overflowed = jnp.any(~jnp.isfinite(scaled) & jnp.isfinite(logits), axis=-1)
+    sampled = sampled_rows & ~overflowed
+    scaled = jnp.where(sampled[:, None], scaled, logits)  # no infinities into the cuts' sort
     cut = ((params.top_k > 0) & (params.top_k < logits.shape[-1])) | (params.top_p < 1)  # k >= V: none
-    scaled = jax.lax.cond(jnp.any(cut & sampled_rows),
+    scaled = jax.lax.cond(jnp.any(cut & sampled),
                           lambda x: top_k_top_p_mask(x, params.top_k, params.top_p), lambda x: x, scaled)
     drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(sampled_rows, drawn, best)
+    return jnp.where(sampled, drawn, best)
 
   return jax.lax.cond(jnp.any(sampled_rows), draw, lambda _: best, None)

@@ -329,7 +329,9 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
   async def models():
     return {"object": "list", "data": [P.model_card(model_name, server.created)]}
 
-  @app.get("/v1/models/{name}")
+  # `path`: a Hugging Face id ("meta-llama/Llama-2-7b-hf") is a usual served name, its slash
+  # sent as it is or escaped (%2F, as OpenAI's client does; the server reads it back as a slash).
+  @app.get("/v1/models/{name:path}")
   async def model(name: str):
     server.check_model(name)
     return P.model_card(model_name, server.created)

@@ -70,15 +70,46 @@ class TokenLogprob:
 
 
 def token_text(tokenizer, eos_ids: frozenset[int], context: int | None, token: int) -> tuple[str, bytes]:
-  """(text, bytes) of one token after `context` (the token before it, None at the start)."""
+  """(text, bytes) of one token after `context` (the token before it, None at the start). A token
+  that is part of a character has no text of its own: its bytes are its piece's, its text those
+  bytes read as UTF-8 (U+FFFD for the unfinished character), as OpenAI's `bytes` and `token` are."""
   if token in eos_ids:
     return "", b""
   piece = tokenizer.id_to_piece(token) if hasattr(tokenizer, "id_to_piece") else ""
-  if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-    raw = bytes([int(piece[3:5], 16)])
+  raw = _partial_character(tokenizer, token, piece)
+  if raw is not None:
     return raw.decode("utf-8", errors="replace"), raw
   text = tokenizer.decode_continuation([] if context is None else [context], [token])
   return text, text.encode("utf-8")
+
+
+def _byte_level_characters() -> dict[str, int]:
+  """Byte-level BPE (GPT-2's, Llama 3's) writes each byte of a piece as one printable character:
+  the printable Latin-1 bytes as themselves, the others as U+0100 on, in byte order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_characters()
+
+
+def _partial_character(tokenizer, token: int, piece: str) -> bytes | None:
+  """The bytes of a token that is not whole characters (decoded alone, the tokenizer would give
+  U+FFFD, whose bytes are not the token's), None for any other token."""
+  if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte fallback
+    return bytes([int(piece[3:5], 16)])
+  if not piece or any(c not in _BYTE_LEVEL for c in piece):
+    return None
+  raw = bytes(_BYTE_LEVEL[c] for c in piece)
+  try:
+    raw.decode("utf-8")
+    return None  # whole characters: its text (with the space its context gives it) says it all
+  except UnicodeDecodeError:
+    pass
+  # A piece of such characters is bytes only to a byte-level tokenizer: to another ("Ã" in a
+  # SentencePiece vocabulary) it is text, and decodes to itself, not to those bytes' U+FFFD.
+  return raw if tokenizer.decode([token]) == raw.decode("utf-8", errors="replace") else None
 
 
 @dataclasses.dataclass
