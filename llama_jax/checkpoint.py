@@ -47,6 +47,7 @@ QUANTIZATION = "quantization.json"
 LORA = "lora.json"
 TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's file (a tokenizer.json folder has others)
 CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "config.json"  # a training workdir's: the whole run config, as the loop last ran it
 DAMAGED = "damaged_checkpoints"  # beside CHECKPOINTS: unreadable steps, moved out of the manager's way
 
 

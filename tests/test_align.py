@@ -1,7 +1,8 @@
 """The alignment recipes through the real entry point: `train.py` trains a reward model, DPO and PPO
 (and GRPO) from a tiny model, writes their metrics, and resumes exactly after a SIGTERM (PPO's
 rollouts included); the results load through the public API. Plus fast checks of the recipes'
-pieces: DPO's loss is log 2 while the policy is its reference, and PPO's sequence assembly."""
+pieces: DPO's loss is log 2 while the policy is its reference, PPO's sequence assembly, and a reward
+run's chat template and window (one step in this process)."""
 
 import json
 import math
@@ -159,6 +160,54 @@ def test_ppo_trains_resumes_exactly_and_loads_as_a_model(setup, tmp_path):
   assert code == 0, err[-3000:]
   grpo = metrics(tmp_path / "grpo")
   assert "ppo/k3_kl" in grpo[-1] and "ppo/value_loss" not in grpo[-1]
+
+
+def test_a_reward_run_scores_with_the_chat_template_it_trained_with(setup, tmp_path):
+  """A reward run whose pairs were rendered with a named template (here llama-2) scores "auto" in
+  that template, not in the tokenizer's default (vicuna_v1.1): another rendering, other scores."""
+  from llama_jax.align import get_recipe, load_reward_model
+  from llama_jax.train.cli import load_config
+  from llama_jax.train.loop import train_and_evaluate
+  config = load_config(write_config(tmp_path / "cfg.py", setup, "reward_tiny", **{
+      "data.sources.pairs.template": "llama-2", "num_steps": 1, "eval_every": 0,
+      "batch_size": 8, "seq_len": 48, "optimizer.lr": 3e-3}))  # 8 rows: one a device of this process
+  train_and_evaluate(config, str(tmp_path / "rm"), get_recipe(config))
+  rm = load_reward_model(tmp_path / "rm")
+  # A short system prompt: vicuna's default one would not fit the tiny model's window.
+  conversations = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "red cat?"},
+                    {"role": "assistant", "content": answer}] for answer in ("blue dog.", "sky")]
+  trained = rm.score(conversations, template="llama-2")
+  np.testing.assert_array_equal(rm.score(conversations), trained)
+  assert not np.allclose(rm.score(conversations, template="vicuna_v1.1"), trained)
+  assert rm.template == "llama-2"
+
+
+def test_reward_template_is_recorded_only_when_the_sources_agree():
+  from llama_jax.align.reward import trained_template
+  run = {"recipe": "reward", "data": {"sources": {
+      "a": {"path": "a.jsonl", "weight": 1.0, "template": "chatml"},
+      "b": {"path": "b.jsonl", "weight": 2.0, "template": "chatml"},
+      "off": {"path": "c.jsonl", "weight": 0.0, "template": "raw"}}}}  # weight 0: never read
+  assert trained_template(run) == "chatml"
+  run["data"]["sources"]["b"]["template"] = "llama-2"
+  assert trained_template(run) is None
+  assert trained_template({"recipe": "lm", "data": {"sources": {"a": {"template": "chatml"}}}}) is None
+
+
+def test_a_reward_model_seeing_more_positions_than_its_context_is_refused(setup, tmp_path):
+  """A reward model reads its score off all seq_len + 1 tokens of a row: seq_len = max_seq_len
+  would put the last token past the context (and `score_tokens` refuses such lengths). Refused
+  before anything compiles or is written."""
+  from llama_jax import sharding
+  from llama_jax.align import get_recipe
+  from llama_jax.train.cli import load_config
+  from llama_jax.train.loop import train_and_evaluate
+  config = load_config(write_config(tmp_path / "cfg.py", setup, "reward_tiny", **{
+      "seq_len": CFG.max_seq_len, "batch_size": 8}))  # 8 rows: one a device of this process
+  with pytest.raises(sharding.ConfigError, match=rf"seq_len {CFG.max_seq_len}.*max_seq_len {CFG.max_seq_len}"
+                     rf".*seq_len <= {CFG.max_seq_len - 1}"):
+    train_and_evaluate(config, str(tmp_path / "rm"), get_recipe(config))
+  assert not os.path.exists(tmp_path / "rm") or not os.listdir(tmp_path / "rm")
 
 
 def test_unknown_recipe_and_missing_models_are_config_errors():

@@ -275,7 +275,9 @@ def make_iterator(data_cfg, tokenizer, kind: str, *, length: int, global_batch_s
 
 
 def count_batches(data_cfg, tokenizer, kind: str, *, length: int, global_batch_size: int,
-                  seed: int = 0) -> int:
-  """Global batches in the training split before every source reaches its epoch limit."""
+                  seed: int = 0, process_index: int = 0, process_count: int = 1) -> int:
+  """Batches in this process's training split before every source reaches its epoch limit
+  (`data.pipeline.count_batches`)."""
   return pipeline.count_batches(data_cfg, tokenizer, seq_len=length, global_batch_size=global_batch_size,
-                                seed=seed, packer=functools.partial(make_batcher, kind=kind))
+                                seed=seed, packer=functools.partial(make_batcher, kind=kind),
+                                process_index=process_index, process_count=process_count)

@@ -108,7 +108,8 @@ class PPO(loop.LanguageModel):
 
   def count_steps(self, config, tokenizer) -> int:
     return align_data.count_batches(config.data, tokenizer, "prompts", length=config.ppo.prompt_len,
-                                    global_batch_size=config.batch_size, seed=config.seed)
+                                    global_batch_size=config.batch_size, seed=config.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
 
   def make_iterator(self, config, tokenizer, split: str):
     return align_data.make_iterator(

@@ -59,7 +59,8 @@ class PairsRecipe(loop.LanguageModel):
 
   def count_steps(self, config, tokenizer) -> int:
     return align_data.count_batches(config.data, tokenizer, "pairs", length=config.seq_len + 1,
-                                    global_batch_size=config.batch_size, seed=config.seed)
+                                    global_batch_size=config.batch_size, seed=config.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
 
   def make_iterator(self, config, tokenizer, split: str):
     return align_data.make_iterator(
@@ -110,9 +111,8 @@ def eval_means(config, run: loop.Training, fn, it) -> dict:
   of the held-out iterator `it`."""
   total, sums = 0.0, {}
   for _ in range(int(config.data.eval_batches)):
-    try:
-      local = next(it)
-    except StopIteration:
+    local = loop.next_batch(it, agree=jax.process_count() > 1)  # processes whose pairs end apart stop together
+    if local is None:
       break
     batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in local.items()}
     count, batch_sums = jax.device_get(fn(batch))

@@ -7,6 +7,9 @@ starts from `init_from` (an SFT model: its output head is dropped) or from scrat
 over pairs): rm/loss, rm/accuracy (the chosen answer scored higher), rm/margin (r_c - r_r), and the
 same on held-out pairs under eval/.
 
+Conversations are scored as the run rendered its pairs: in the chat template its data sources name,
+read back from the run's config in its workdir (`trained_template`).
+
   rm = load_reward_model("runs/rm")            # a reward run's workdir (its latest step) or step dir
   rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
   rm.score(["raw text is scored as BOS text EOS"])
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Sequence
 
@@ -33,6 +37,7 @@ from llama_jax.align.heads import last_index, reward_params, rewards
 from llama_jax.align.losses import reward_loss
 from llama_jax.config import ModelConfig
 from llama_jax.lora.training import settings as lora_settings
+from llama_jax.sharding import ConfigError
 from llama_jax.tokenizer import Tokenizer, chat
 from llama_jax.train import loop
 from llama_jax.train import metrics as metrics_lib
@@ -41,6 +46,16 @@ from llama_jax.train import metrics as metrics_lib
 class RewardRecipe(recipe.PairsRecipe):
   metric = "rm/loss"
   params_fn = staticmethod(reward_params)
+
+  def make_training(self, config, model_cfg: ModelConfig, mesh) -> loop.Training:
+    # The score is read off a row's seq_len + 1 tokens, all of them positions of the model (DPO's
+    # log-probs take seq_len: the last token is only a target): one past the context would be a
+    # position the model never serves, and a length `RewardModel.score_tokens` refuses.
+    if config.seq_len + 1 > model_cfg.max_seq_len:
+      raise ConfigError(f"seq_len {config.seq_len}: the reward model runs on rows of seq_len + 1 tokens, "
+                        f"more than model.max_seq_len {model_cfg.max_seq_len}; set seq_len <= "
+                        f"{model_cfg.max_seq_len - 1} (max_seq_len - 1)")
+    return super().make_training(config, model_cfg, mesh)
 
   def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run):
     params = {k: v for k, v in loaded.params.items() if k != "output"}
@@ -79,6 +94,7 @@ class RewardModel:
   tokenizer: Tokenizer | None = None
   mesh: Mesh | None = None
   rules: tuple = sharding.DEFAULT_RULES
+  template: str | None = None  # the chat template the run trained with (`trained_template`)
 
   def score_tokens(self, sequences: Sequence[Sequence[int]], batch_size: int = 32) -> np.ndarray:
     """float32 (n,): the score of each token sequence, read at its last token."""
@@ -106,18 +122,20 @@ class RewardModel:
 
   def score(self, items: Sequence[str | Sequence[dict]], template: str = "auto") -> np.ndarray:
     """One score per item: a conversation (messages ending with the assistant's answer, rendered
-    with the chat template `template`, as the model was trained; "auto": the model's own, else
-    vicuna_v1.1) and read at the answer's last token, as training reads it; or a string (BOS, the
-    text, EOS)."""
+    with the chat template `template`, as the model was trained; "auto": the one its run trained
+    with, `self.template`, where it is known, else the tokenizer's own, else vicuna_v1.1) and read
+    at the answer's last token, as training reads it; or a string (BOS, the text, EOS)."""
     if self.tokenizer is None:
       raise ValueError("this reward model has no tokenizer: score token ids with score_tokens")
+    if (template or chat.AUTO) == chat.AUTO:
+      template = self.template
     rendering = None
     sequences = []
     for item in items:
       if isinstance(item, str):
         sequences.append(self.tokenizer.encode(item, bos=True, eos=True))
       else:
-        rendering = rendering or chat.template_for(self.tokenizer, template or None)
+        rendering = rendering or chat.template_for(self.tokenizer, template)
         ids, mask = rendering.encode(list(item), self.tokenizer)
         # Up to the answer's last token (its end marker), where training read the score: a template
         # may render more after it (ChatML's "\n"), a position the head never learnt from.
@@ -145,11 +163,38 @@ def abstract_reward_params(cfg: ModelConfig, mesh: Mesh | None = None, rules=sha
                       shardings)
 
 
+def trained_template(run: dict) -> str | None:
+  """The chat template a reward run (its config, as a dict) rendered its pairs with: the one its
+  training sources (data.sources) name, "auto" included; every preference record is rendered, so
+  every source counts. None for another recipe's config, or when the sources name different
+  templates: no one rendering is the model's, and `score` then needs the template named."""
+  if run.get("recipe") != "reward":
+    return None
+  sources = run.get("data", {}).get("sources", {}).values()
+  names = {str(s.get("template") or chat.AUTO) for s in sources if float(s.get("weight", 1.0)) != 0}
+  return names.pop() if len(names) == 1 else None
+
+
+def read_trained_template(directory: str) -> str | None:
+  """`trained_template` of the run config in `directory`; None without one (a directory
+  `checkpoint.save_model` wrote: `convert --merge_lora`'s output has none)."""
+  path = os.path.join(directory, checkpoint.RUN_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return trained_template(json.load(f))
+  except json.JSONDecodeError as e:
+    raise checkpoint.CheckpointError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+
+
 def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_overrides) -> RewardModel:
   """A trained reward model: a reward run's workdir (its latest step), one of its step directories,
-  or a directory `checkpoint.save_model` wrote. With a `mesh`, straight into its shards (by `rules`)."""
+  or a directory `checkpoint.save_model` wrote. With a `mesh`, straight into its shards (by `rules`).
+  A run's workdir also gives the chat template its pairs were rendered with (`trained_template`)."""
   rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
   params_dir, cfg, tokenizer_path = checkpoint.model_files(str(path))
+  template = read_trained_template(checkpoint.find_params_dir(str(path))[1])
   if os.path.isfile(os.path.join(str(path), checkpoint.LORA)):
     params, cfg = lora_reward_params(str(path), mesh, rules)
   else:
@@ -160,7 +205,8 @@ def load_reward_model(path: str, mesh: Mesh | None = None, rules=None, **config_
     params = checkpoint.restore_tree(params_dir, abstract_reward_params(cfg, mesh, rules))
   if config_overrides:
     cfg = cfg.replace(**config_overrides)
-  return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules)
+  return RewardModel(cfg, params, Tokenizer(tokenizer_path) if tokenizer_path else None, mesh, rules,
+                     template)
 
 
 def lora_reward_params(workdir: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES,

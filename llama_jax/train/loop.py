@@ -198,7 +198,7 @@ def _prepare_workdir(config, workdir: str, model_cfg: ModelConfig, tokenizer: To
       _save_tokenizer(tokenizer, workdir)
     workdir_lib.write_if_changed(os.path.join(workdir, checkpoint.MODEL_CONFIG),
                                  checkpoint.model_config_json(model_cfg))
-    workdir_lib.write_if_changed(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    workdir_lib.write_if_changed(os.path.join(workdir, checkpoint.RUN_CONFIG), config.to_json_best_effort(indent=2))
   multihost_utils.sync_global_devices("workdir ready")
 
 
