@@ -47,7 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   # How several processes (hosts) split a source: "files" (each reads only its own files), "records"
   # (each reads every file and keeps every n-th record), "auto": files when there are >= 4 per process,
   # "replicated" (each packs the whole global batch and keeps its rows: the batches of a one-process
-  # run whatever the process count, for exact reproducibility; every host tokenises everything).
+  # run whatever the process count, for exact reproducibility, and a resume on another process
+  # count; every host tokenises everything).
   c.shard_by = "auto"
   c.prefetch = 4  # batches prepared ahead in a background thread
   c.num_threads = 0  # sentencepiece encoding threads; 0: all cores (a tokenizer.json: its own pool)
