@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import projection
 from llama_jax.config import ModelConfig
-from llama_jax.kernels import decode_attention, matvec
+from llama_jax.kernels import decode_attention, matvec, rms_norm
 
 Array = jax.Array
 Rope = tuple[Array, Array]  # (sin, cos), each (B, T, 1, H/2) float32
@@ -124,6 +124,8 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
+    if self.cfg.norm_impl == "pallas" and rms_norm.supported(x.size // x.shape[-1], x.shape[-1]):
+      return rms_norm.rms_norm(x, weight, self.cfg.norm_eps)
     return matvec.rms_norm(x, weight, self.cfg.norm_eps)  # the decode kernels' XLA path shares it
 
 

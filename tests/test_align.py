@@ -264,3 +264,74 @@ def test_ppo_assembles_each_response_right_after_its_prompt():
   np.testing.assert_array_equal(tokens, [[1, 5, 6, 8, 9, 2, 0], [1, 7, 4, 0, 0, 0, 0]])
   # position i of a row holds the token before response token i
   np.testing.assert_array_equal(index, [[2, 3, 4], [1, 2, 3]])
+
+
+@pytest.fixture(scope="module")
+def reward_runs(setup, tmp_path_factory):
+  """One step of a reward run whose pairs were rendered with llama-2, training the whole model and
+  LoRA adapters (in this process): {"full": workdir, "lora": workdir}."""
+  from llama_jax.align import get_recipe
+  from llama_jax.train.cli import load_config
+  from llama_jax.train.loop import train_and_evaluate
+  root = tmp_path_factory.mktemp("reward_runs")
+  for name, fields in (("full", {}), ("lora", {"lora.rank": 2})):
+    config = load_config(write_config(root / f"{name}.py", setup, "reward_tiny", **{
+        "data.sources.pairs.template": "llama-2", "num_steps": 1, "eval_every": 0, "batch_size": 8,
+        "seq_len": 48, "optimizer.lr": 3e-3, **fields}))
+    train_and_evaluate(config, str(root / name), get_recipe(config))
+  return {"full": root / "full", "lora": root / "lora"}
+
+
+BRIEF = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "red cat?"},
+          {"role": "assistant", "content": answer}] for answer in ("blue dog.", "sky")]
+
+
+def test_a_merged_lora_reward_run_keeps_the_chat_template_it_trained_with(reward_runs, tmp_path):
+  """save_model writes no run config: the merged reward model carries the run's template record
+  (config.json, the fields `trained_template` reads), and stays our checkpoint to every reader."""
+  from llama_jax.align import load_reward_model
+  from llama_jax.convert import cli as convert
+  from llama_jax.convert.source import open_source
+  run = reward_runs["lora"]
+  assert convert.main(["--input", str(run), "--merge_lora", "--output", str(tmp_path / "merged")]) == 0
+  merged = load_reward_model(tmp_path / "merged")
+  assert merged.template == load_reward_model(run).template == "llama-2"
+  np.testing.assert_allclose(merged.score(BRIEF), load_reward_model(run).score(BRIEF), rtol=1e-5, atol=1e-5)
+  assert json.loads((tmp_path / "merged" / checkpoint.RUN_CONFIG).read_text()) == {
+      "recipe": "reward", "data": {"sources": {"pairs": {"weight": 1.0, "template": "llama-2"}}}}
+  assert open_source(tmp_path / "merged").kind == "orbax"
+  # Converted again, the record goes along.
+  assert convert.main(["--input", str(tmp_path / "merged"), "--output", str(tmp_path / "again")]) == 0
+  assert load_reward_model(tmp_path / "again").template == "llama-2"
+
+
+def test_convert_writes_a_full_reward_run_whole_and_as_a_sequence_classifier(reward_runs, setup, tmp_path,
+                                                                          capsys):
+  """A reward run's tree has `score` and no `output`: convert restores it as the reward model it is
+  (our format, with its template record; --to hf, LlamaForSequenceClassification with the same
+  scores), where streaming it as an LM's tensors failed."""
+  from llama_jax.align import load_reward_model
+  from llama_jax.convert import cli as convert
+  run = reward_runs["full"]
+  trained = load_reward_model(run)
+  assert convert.main(["--input", str(run), "--output", str(tmp_path / "rm")]) == 0
+  saved = load_reward_model(tmp_path / "rm")
+  assert saved.template == "llama-2"
+  np.testing.assert_array_equal(saved.score(BRIEF), trained.score(BRIEF))
+  assert convert.main(["--input", str(run), "--to", "hf", "--output", str(tmp_path / "hf")]) == 0
+  # A Vicuna delta is a language model's: a reward model's missing output head is named in one line.
+  capsys.readouterr()
+  assert convert.main(["--input", str(run), "--make_delta", "--base", str(setup / "sft"),
+                       "--output", str(tmp_path / "delta")]) == 1
+  assert "no parameter output" in capsys.readouterr().err
+  torch = pytest.importorskip("torch")
+  import transformers
+  hf = transformers.LlamaForSequenceClassification.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  tok, pad = trained.tokenizer, hf.config.pad_token_id
+  sequences = [tok.encode(text, bos=True, eos=True) for text in ("red cat sky", "blue dog", "no")]
+  ids = np.full((len(sequences), max(map(len, sequences))), pad)  # right-padded, as transformers reads it
+  for r, s in enumerate(sequences):
+    ids[r, :len(s)] = s
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != pad)).logits[:, 0].numpy()
+  np.testing.assert_allclose(trained.score_tokens(sequences), theirs, rtol=1e-5, atol=1e-5)

@@ -178,7 +178,8 @@ def test_segment_ids_keep_attention_inside_documents():
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
                                      dict(remat_policy="save_matmuls"),
-                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True)])
+                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True),
+                                     dict(norm_impl="pallas")])
 def test_variants_agree(variant):
   cfg = dataclasses.replace(TINY, **variant)
   params = _params(cfg)
@@ -304,6 +305,31 @@ def test_a_save_that_fails_leaves_the_model_it_was_saving_over(tmp_path, monkeyp
 def test_load_missing_path_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     llama_jax.load(tmp_path / "nope")
+
+
+def test_rms_norm_kernels_give_xla_s_forward_and_the_float32_gradient():
+  # kernels.rms_norm (model.norm_impl="pallas"), in Pallas' interpreter here: its forward rounds as
+  # XLA's does, so bfloat16 values are equal; its backward is the float32 derivative, against
+  # which autodiff's bfloat16 one is no closer.
+  from llama_jax.kernels import matvec, rms_norm
+  x = (jax.random.normal(jax.random.key(0), (2, 6, 64)) * 3).astype(jnp.bfloat16)
+  w = 1 + 0.1 * jax.random.normal(jax.random.key(1), (64,))
+  dy = jax.random.normal(jax.random.key(2), (2, 6, 64)).astype(jnp.bfloat16)
+  xla, xla_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x, w, 1e-5), x, w)
+  ours, ours_vjp = jax.vjp(lambda x, w: rms_norm.rms_norm(x, w, 1e-5), x, w)
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(xla, np.float32))
+  _, exact_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x.astype(jnp.float32), w, 1e-5), x, w)
+  for got, autodiff, exact in zip(ours_vjp(dy), xla_vjp(dy), exact_vjp(dy.astype(jnp.float32))):
+    got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
+    assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
+  assert not rms_norm.supported(6, 64) and not rms_norm.supported(8, 96)
+  # Lowered for CUDA (a CPU can): Pallas' Triton lowering and its checks, at the TinyLlama shape.
+  big = jax.ShapeDtypeStruct((8, 2048, 2048), jnp.bfloat16)
+  grad = jax.grad(lambda x, w: jnp.sum(rms_norm.rms_norm(x, w, 1e-5, interpret=False).astype(jnp.float32)),
+                  argnums=(0, 1))
+  text = jax.jit(grad).trace(big, jax.ShapeDtypeStruct((2048,), jnp.float32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "rms_norm_forward" in text and "rms_norm_backward" in text
 
 
 def test_output_head_gradients_run_in_the_compute_dtype_and_match_float32():
