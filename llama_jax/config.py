@@ -42,8 +42,8 @@ class ModelConfig:
   # its weights and shapes allow, and a step of more rows as XLA's GEMMs around the fused attention
   # kernel (`decode_block.batch_block`); "xla" as `model.Block`; "auto" is pallas on one GPU, else xla.
   decode_kernels: str = "auto"
-  # RMSNorm in training: "xla", or "pallas" (`kernels.rms_norm`: one pass forward, one backward;
-  # one device, where its blocks fit the shape)
+  # RMSNorm in training: "xla", or "pallas" (`kernels.rms_norm`: one pass forward, one backward, where
+  # XLA makes six; one device, where its blocks fit the shape; not yet timed on a GPU: BENCHMARKS.md)
   norm_impl: str = "xla"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth

@@ -4,6 +4,7 @@ own, the batch over the mesh, the sequence length), on the tests' eight emulated
 import glob
 import os
 
+import jax
 import pytest
 
 from llama_jax import sharding
@@ -41,6 +42,16 @@ def test_a_mesh_whose_batch_rows_processes_would_share_is_refused(monkeypatch):
   monkeypatch.setattr("jax.process_count", lambda: 2)
   with pytest.raises(ConfigError, match="not a share of its own"):
     validate(config, model, mesh)
+
+
+def test_rms_norm_kernels_are_refused_on_a_mesh_of_several_devices(monkeypatch):
+  # kernels.rms_norm has no partitioning rule: XLA would gather each norm's activations everywhere.
+  monkeypatch.chdir(REPO)
+  config = load_config("configs/default.py")
+  model = ModelConfig.from_dict(config.model).replace(norm_impl="pallas")
+  validate(config, model, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  with pytest.raises(ConfigError, match="norm_impl='pallas' runs on one device; this mesh has 8"):
+    validate(config, model, sharding.make_mesh(1, 8, 1))
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "ppo"])
