@@ -122,10 +122,15 @@ class RMSNorm(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, residual: Array | None = None) -> Array | tuple[Array, Array]:
+    """The norm of x; with `residual`, (x + residual, its norm): one kernel for both with norm_impl
+    "pallas", where XLA fuses the add into its own passes."""
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
     if self.cfg.norm_impl == "pallas" and rms_norm.supported(x.size // x.shape[-1], x.shape[-1]):
-      return rms_norm.rms_norm(x, weight, self.cfg.norm_eps)
+      return rms_norm.rms_norm(x, weight, self.cfg.norm_eps, residual=residual)
+    if residual is not None:
+      x = _constrain(x + residual, (BATCH, LENGTH, ACT_EMBED))
+      return x, matvec.rms_norm(x, weight, self.cfg.norm_eps)
     return matvec.rms_norm(x, weight, self.cfg.norm_eps)  # the decode kernels' XLA path shares it
 
 
@@ -263,8 +268,8 @@ class Block(nn.Module):
                cache: LayerCache | None = None) -> tuple[Array, LayerCache | None]:
     h, cache = Attention(self.cfg, name="attention")(
         RMSNorm(self.cfg, name="attention_norm")(x), positions, rope, mask, cache)
-    x = _constrain(x + h, (BATCH, LENGTH, ACT_EMBED))
-    x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
+    x, normed = RMSNorm(self.cfg, name="ffn_norm")(x, residual=h)  # x + h and its norm
+    x = x + FeedForward(self.cfg, name="feed_forward")(normed)
     return _constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache
 
 

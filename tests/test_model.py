@@ -308,28 +308,58 @@ def test_load_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_rms_norm_kernels_give_xla_s_forward_and_the_float32_gradient():
-  # kernels.rms_norm (model.norm_impl="pallas"), in Pallas' interpreter here: its forward rounds as
-  # XLA's does, so bfloat16 values are equal; its backward is the float32 derivative, against
-  # which autodiff's bfloat16 one is no closer.
+  # kernels.rms_norm (model.norm_impl="pallas"), in Pallas' interpreter here. Forward: the norm
+  # transcribed in numpy (float32 statistics, the normalised value rounded to bfloat16, then the
+  # bfloat16 weight), which XLA's gives too; with the residual add, of the float32 sum, stored
+  # rounded. Backward: the float32 derivative, to which autodiff's bfloat16 one is no closer.
   from llama_jax.kernels import matvec, rms_norm
-  x = (jax.random.normal(jax.random.key(0), (2, 6, 64)) * 3).astype(jnp.bfloat16)
+  bf16 = jnp.bfloat16
+  x = (jax.random.normal(jax.random.key(0), (2, 6, 64)) * 3).astype(bf16)
+  h = jax.random.normal(jax.random.key(3), x.shape).astype(bf16)
   w = 1 + 0.1 * jax.random.normal(jax.random.key(1), (64,))
-  dy = jax.random.normal(jax.random.key(2), (2, 6, 64)).astype(jnp.bfloat16)
-  xla, xla_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x, w, 1e-5), x, w)
-  ours, ours_vjp = jax.vjp(lambda x, w: rms_norm.rms_norm(x, w, 1e-5), x, w)
-  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(xla, np.float32))
+  dy, ds = (jax.random.normal(jax.random.key(k), x.shape).astype(bf16) for k in (2, 4))
+
+  def numpy_norm(s32):
+    inv = 1 / np.sqrt((s32 * s32).mean(-1, keepdims=True) + np.float32(1e-5), dtype=np.float32)
+    normed = np.asarray(jnp.asarray(s32 * inv).astype(bf16), np.float32)
+    return np.asarray(jnp.asarray(normed * np.asarray(w.astype(bf16), np.float32)).astype(bf16), np.float32)
+
+  x32, h32 = np.asarray(x, np.float32), np.asarray(h, np.float32)
+  y, ours_vjp = jax.vjp(lambda x, w: rms_norm.rms_norm(x, w, 1e-5), x, w)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), numpy_norm(x32))
+  np.testing.assert_array_equal(np.asarray(matvec.rms_norm(x, w, 1e-5), np.float32), numpy_norm(x32))
+  _, xla_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x, w, 1e-5), x, w)
   _, exact_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x.astype(jnp.float32), w, 1e-5), x, w)
   for got, autodiff, exact in zip(ours_vjp(dy), xla_vjp(dy), exact_vjp(dy.astype(jnp.float32))):
+    got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
+    assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
+
+  # The residual add in the same kernels: (x + h, its norm); both inputs get the sum's cotangent
+  # plus the norm's.
+  def xla_add(x, h, w):
+    return x + h, matvec.rms_norm(x + h, w, 1e-5)
+
+  (s, y), ours_vjp = jax.vjp(lambda x, h, w: rms_norm.rms_norm(x, w, 1e-5, residual=h), x, h, w)
+  np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(jnp.asarray(x32 + h32).astype(bf16), np.float32))
+  np.testing.assert_array_equal(np.asarray(y, np.float32), numpy_norm(x32 + h32))
+  _, xla_vjp = jax.vjp(xla_add, x, h, w)
+  _, exact_vjp = jax.vjp(lambda x, h, w: xla_add(x.astype(jnp.float32), h.astype(jnp.float32), w), x, h, w)
+  cotangents = (ds, dy)
+  exact_cotangents = tuple(c.astype(jnp.float32) for c in cotangents)
+  for got, autodiff, exact in zip(ours_vjp(cotangents), xla_vjp(cotangents), exact_vjp(exact_cotangents)):
     got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
     assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
   assert not rms_norm.supported(6, 64) and not rms_norm.supported(8, 96)
   # Lowered for CUDA (a CPU can): Pallas' Triton lowering and its checks, at the TinyLlama shape.
   big = jax.ShapeDtypeStruct((8, 2048, 2048), jnp.bfloat16)
-  grad = jax.grad(lambda x, w: jnp.sum(rms_norm.rms_norm(x, w, 1e-5, interpret=False).astype(jnp.float32)),
-                  argnums=(0, 1))
-  text = jax.jit(grad).trace(big, jax.ShapeDtypeStruct((2048,), jnp.float32)).lower(
+
+  def loss(x, h, w):
+    s, y = rms_norm.rms_norm(x, w, 1e-5, residual=h, interpret=False)
+    return jnp.sum(rms_norm.rms_norm(s + y, w, 1e-5, interpret=False).astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(big, big, jax.ShapeDtypeStruct((2048,), jnp.float32)).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert "rms_norm_forward" in text and "rms_norm_backward" in text
+  assert all(name in text for name in ("add_rms_norm_forward", "rms_norm_forward", "rms_norm_backward"))
 
 
 def test_output_head_gradients_run_in_the_compute_dtype_and_match_float32():

@@ -1,11 +1,13 @@
-"""RMSNorm for training as two Pallas kernels (Triton on GPUs): the forward in one pass over x, the
-backward in one pass over x and the cotangent.
+"""RMSNorm for training as Pallas kernels (Triton on GPUs): the forward in one pass over x, the
+backward in one pass over x and the cotangent; with `residual`, the residual add before it in the
+same passes (s = x + residual, then the norm of s; the backward adds s's own cotangent).
 
 XLA runs a TinyLlama step's 45 norms, forward and autodiff's backward with the residual adds
 around them, as six passes over the activations: 10.8 ms of a 220 ms step on an H200, where their
 traffic needs about 3 (BENCHMARKS.md, session 15). The arithmetic is `matvec.rms_norm`'s (float32
 statistics, the normalised value rounded to x's dtype, then scaled by the weight in that dtype), so
-the forward gives XLA's values exactly; the backward is the float32 derivative of that function.
+the forward gives XLA's values exactly (with the add: the norm of the float32 sum, as XLA's fusion of
+the two computes it); the backward is the float32 derivative of that function.
 
 `model.norm_impl = "pallas"` uses it where `supported`; on a CPU the kernels run in Pallas'
 interpreter (tests only).
@@ -29,78 +31,149 @@ def supported(positions: int, dim: int) -> bool:
   return positions % ROWS == 0 and dim & (dim - 1) == 0
 
 
-def rms_norm(x: Array, weight: Array, eps: float, interpret: bool | None = None) -> Array:
-  """x (..., D) normalised over D and scaled by `weight` (D,), in x's dtype; `supported` shapes."""
+def rms_norm(x: Array, weight: Array, eps: float, residual: Array | None = None,
+             interpret: bool | None = None) -> Array | tuple[Array, Array]:
+  """x (..., D) normalised over D and scaled by `weight` (D,), in x's dtype; `supported` shapes.
+  With `residual` (x's shape): (s, norm of s) for s = x + residual, in x's dtype."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  rows = x.reshape(-1, x.shape[-1])
+  shape = x.shape
+  rows = x.reshape(-1, shape[-1])
   if not supported(*rows.shape):
     raise ValueError(f"rms_norm kernels take whole blocks of {ROWS} positions and a power-of-two "
-                     f"width, got {x.shape}")
-  return _rms_norm(rows, weight, float(eps), bool(interpret)).reshape(x.shape)
+                     f"width, got {shape}")
+  if residual is None:
+    return _norm(rows, weight, float(eps), bool(interpret)).reshape(shape)
+  if residual.shape != shape:
+    raise ValueError(f"residual {residual.shape} is not x's shape {shape}")
+  s, y = _add_norm(rows, residual.reshape(rows.shape).astype(x.dtype), weight, float(eps), bool(interpret))
+  return s.reshape(shape), y.reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _rms_norm(x, weight, eps, interpret):
-  return _forward(x, weight, eps, interpret)[0]
+def _call(kernel, name, n, d, operands, outputs, interpret):
+  """One program a block of ROWS positions: (n, d) operands and outputs by rows, (d,) whole, (n,)
+  by rows; an output of (n // ROWS, d) gets one row a program."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
+
+  def spec(shape):
+    if shape == (d,):
+      return pl.BlockSpec((d,), lambda i: (0,))
+    if shape == (n,):
+      return pl.BlockSpec((ROWS,), lambda i: (i,))
+    if shape == (n // ROWS, d):
+      return pl.BlockSpec((1, d), lambda i: (i, 0))
+    return pl.BlockSpec((ROWS, d), lambda i: (i, 0))
+
+  return pl.pallas_call(
+      kernel, grid=(n // ROWS,), in_specs=[spec(o.shape) for o in operands],
+      out_specs=[spec(o.shape) for o in outputs], out_shape=outputs,
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      interpret=interpret, name=name)(*operands)
+
+
+def _normalise(s32, w_ref, dtype, eps):
+  """(y in float32, 1/rms (ROWS, 1)) of a block: `matvec.rms_norm`'s roundings. The weight arrives
+  in x's dtype; a product of two such values is exact in float32, so rounding it once gives what
+  XLA's multiply in that dtype gives."""
+  inv = jax.lax.rsqrt(jnp.mean(s32 * s32, axis=1, keepdims=True) + eps)
+  normed = (s32 * inv).astype(dtype).astype(jnp.float32)
+  return normed * w_ref[...].astype(jnp.float32)[None, :], inv
+
+
+def _gradients(s32, dy32, w_ref, inv, dtype):
+  """(d s, this block's share of d w) for y = n(s) w, n(s) = s r, r = (mean(s^2) + eps)^(-1/2):
+  with g = dy w, ds = r (g - s r^2 mean(g s)); dw sums dy n(s) over the positions."""
+  normed = (s32 * inv).astype(dtype).astype(jnp.float32)  # what the forward scaled
+  g = dy32 * w_ref[...].astype(jnp.float32)[None, :]
+  mean_gs = jnp.mean(g * s32, axis=1, keepdims=True)
+  return inv * (g - s32 * (inv * inv) * mean_gs), jnp.sum(dy32 * normed, axis=0)[None, :]
 
 
 def _forward(x, weight, eps, interpret):
-  from jax.experimental import pallas as pl  # noqa: PLC0415
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
   n, d = x.shape
 
   def kernel(x_ref, w_ref, y_ref, inv_ref):
-    x32 = x_ref[...].astype(jnp.float32)
-    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=1, keepdims=True) + eps)
-    normed = (x32 * inv).astype(x_ref.dtype).astype(jnp.float32)
-    # The weight arrives in x's dtype; a product of two such values is exact in float32, so rounding
-    # it once gives what XLA's multiply in that dtype gives.
-    y_ref[...] = (normed * w_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
+    y, inv = _normalise(x_ref[...].astype(jnp.float32), w_ref, x_ref.dtype, eps)
+    y_ref[...] = y.astype(y_ref.dtype)
     inv_ref[...] = inv[:, 0]
 
-  y, inv = pl.pallas_call(
-      kernel, grid=(n // ROWS,),
-      in_specs=[pl.BlockSpec((ROWS, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,))],
-      out_specs=[pl.BlockSpec((ROWS, d), lambda i: (i, 0)), pl.BlockSpec((ROWS,), lambda i: (i,))],
-      out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret, name="rms_norm_forward")(x, weight.astype(x.dtype))
-  return y, inv
+  return _call(kernel, "rms_norm_forward", n, d, [x, weight.astype(x.dtype)],
+               [jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)], interpret)
 
 
-def _rms_norm_fwd(x, weight, eps, interpret):
+def _backward(s, dy, ds, weight, inv, interpret):
+  """(d s + `ds` where given, d weight)."""
+  n, d = s.shape
+
+  def kernel(*refs):
+    s_ref, dy_ref, *ds_ref, w_ref, inv_ref, dx_ref, dw_ref = refs
+    s32 = s_ref[...].astype(jnp.float32)
+    dx, dw = _gradients(s32, dy_ref[...].astype(jnp.float32), w_ref, inv_ref[...][:, None], s_ref.dtype)
+    dw_ref[...] = dw
+    if ds_ref:  # the residual stream's own cotangent, added in the same pass
+      dx = dx + ds_ref[0][...].astype(jnp.float32)
+    dx_ref[...] = dx.astype(dx_ref.dtype)
+
+  operands = [s, dy.astype(s.dtype)] + ([] if ds is None else [ds.astype(s.dtype)])
+  dx, dw_blocks = _call(kernel, "rms_norm_backward", n, d, operands + [weight.astype(s.dtype), inv],
+                        [jax.ShapeDtypeStruct((n, d), s.dtype),
+                         jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32)], interpret)
+  return dx, jnp.sum(dw_blocks, axis=0).astype(weight.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _norm(x, weight, eps, interpret):
+  return _forward(x, weight, eps, interpret)[0]
+
+
+def _norm_fwd(x, weight, eps, interpret):
   y, inv = _forward(x, weight, eps, interpret)
   return y, (x, weight, inv)
 
 
-def _rms_norm_bwd(eps, interpret, residuals, dy):
-  """y = n(x) w, n(x) = x r, r = (mean(x^2) + eps)^(-1/2): with g = dy w, dx = r (g - x r^2 mean(g x));
-  dw = the sum over positions of dy n(x), each program's block summed here and the blocks by XLA."""
-  from jax.experimental import pallas as pl  # noqa: PLC0415
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
+def _norm_bwd(eps, interpret, residuals, dy):
   del eps
   x, weight, inv = residuals
+  return _backward(x, dy, None, weight, inv, interpret)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def _add_forward(x, residual, weight, eps, interpret):
   n, d = x.shape
 
-  def kernel(x_ref, dy_ref, w_ref, inv_ref, dx_ref, dw_ref):
-    x32, dy32 = x_ref[...].astype(jnp.float32), dy_ref[...].astype(jnp.float32)
-    r = inv_ref[...][:, None]
-    normed = (x32 * r).astype(x_ref.dtype).astype(jnp.float32)  # what the forward scaled
-    dw_ref[...] = jnp.sum(dy32 * normed, axis=0)[None, :]
-    g = dy32 * w_ref[...].astype(jnp.float32)[None, :]
-    mean_gx = jnp.mean(g * x32, axis=1, keepdims=True)
-    dx_ref[...] = (r * (g - x32 * (r * r) * mean_gx)).astype(dx_ref.dtype)
+  def kernel(x_ref, r_ref, w_ref, s_ref, y_ref, inv_ref):
+    # The norm of the float32 sum, as XLA's fusion of the add into the norm computes it (its "excess
+    # precision"); the sum itself is stored rounded to x's dtype, as XLA stores it.
+    s32 = x_ref[...].astype(jnp.float32) + r_ref[...].astype(jnp.float32)
+    s_ref[...] = s32.astype(s_ref.dtype)
+    y, inv = _normalise(s32, w_ref, x_ref.dtype, eps)
+    y_ref[...] = y.astype(y_ref.dtype)
+    inv_ref[...] = inv[:, 0]
 
-  dx, dw_blocks = pl.pallas_call(
-      kernel, grid=(n // ROWS,),
-      in_specs=[pl.BlockSpec((ROWS, d), lambda i: (i, 0)), pl.BlockSpec((ROWS, d), lambda i: (i, 0)),
-                pl.BlockSpec((d,), lambda i: (0,)), pl.BlockSpec((ROWS,), lambda i: (i,))],
-      out_specs=[pl.BlockSpec((ROWS, d), lambda i: (i, 0)), pl.BlockSpec((1, d), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret, name="rms_norm_backward")(x, dy.astype(x.dtype), weight.astype(x.dtype), inv)
-  return dx, jnp.sum(dw_blocks, axis=0).astype(weight.dtype)
+  return _call(kernel, "add_rms_norm_forward", n, d, [x, residual, weight.astype(x.dtype)],
+               [jax.ShapeDtypeStruct((n, d), x.dtype)] * 2 + [jax.ShapeDtypeStruct((n,), jnp.float32)],
+               interpret)
 
 
-_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _add_norm(x, residual, weight, eps, interpret):
+  return _add_forward(x, residual, weight, eps, interpret)[:2]
+
+
+def _add_norm_fwd(x, residual, weight, eps, interpret):
+  s, y, inv = _add_forward(x, residual, weight, eps, interpret)
+  return (s, y), (s, weight, inv)
+
+
+def _add_norm_bwd(eps, interpret, residuals, cotangents):
+  del eps
+  s, weight, inv = residuals
+  ds, dy = cotangents
+  d, dweight = _backward(s, dy, ds, weight, inv, interpret)
+  return d, d, dweight  # s = x + residual: both get s's whole cotangent
+
+
+_add_norm.defvjp(_add_norm_fwd, _add_norm_bwd)
