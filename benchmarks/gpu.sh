@@ -78,8 +78,9 @@
 #   fusionflags  the TinyLlama step at 32 sequences with bfloat16 moments (53.8%, the best batch) under
 #              XLA's experimental fusion flags: Triton kernels for normalisations (softmax priority
 #              fusion), the block-level rewriter, multi-output Triton fusions, and the three together
-#   trainnorm  the TinyLlama step with RMSNorm's Pallas kernels (model.norm_impl=pallas) against XLA's, at
-#              8 sequences, then at 32 with bfloat16 moments (the best batch; the kernels' row first)
+#   trainkernels  the TinyLlama step with the training kernels (model.norm_impl=pallas: RMSNorm and the
+#              residual add; model.swiglu_impl=pallas: SwiGLU's backward) against XLA's, each alone and
+#              both, at 8 sequences; then both at 32 with bfloat16 moments (the best batch) beside XLA's
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -378,12 +379,15 @@ fusionflags)  # can XLA's Triton fusions take the norms' and SwiGLU's passes (se
     { tail -1 $OUT/last.log | grep '^{' || grep -E "Error|error" $OUT/last.log | tail -1 | sed 's/"//g; s/.*/{"error": "&"}/'; } \
       | sed "s|}\$|, \"xla_flags\": \"$f\"}|" | tee -a $OUT/fusionflags.jsonl
   done ;;
-trainnorm)  # RMSNorm in one pass forward and one backward (kernels.rms_norm) against XLA's six
-  S="--steps 5 --warmup 2"
-  run trainnorm XLA_FLAGS= $T $S --config.model.norm_impl=pallas
-  run trainnorm XLA_FLAGS= $T $S
-  run trainnorm $M XLA_FLAGS= $T $S --config.batch_size=32 --config.optimizer.moments_dtype=bfloat16 --config.model.norm_impl=pallas
-  run trainnorm $M XLA_FLAGS= $T $S --config.batch_size=32 --config.optimizer.moments_dtype=bfloat16 ;;
+trainkernels)  # one pass for what XLA makes in several: RMSNorm (kernels.rms_norm), SwiGLU's backward
+  S="--steps 5 --warmup 2"; NORM=--config.model.norm_impl=pallas; SWIGLU=--config.model.swiglu_impl=pallas
+  B32="--config.batch_size=32 --config.optimizer.moments_dtype=bfloat16"
+  run trainkernels XLA_FLAGS= $T $S $NORM $SWIGLU
+  run trainkernels XLA_FLAGS= $T $S
+  run trainkernels XLA_FLAGS= $T $S $NORM
+  run trainkernels XLA_FLAGS= $T $S $SWIGLU
+  run trainkernels $M XLA_FLAGS= $T $S $B32 $NORM $SWIGLU
+  run trainkernels $M XLA_FLAGS= $T $S $B32 ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
     run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16

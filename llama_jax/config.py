@@ -13,7 +13,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention",
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 DECODE_KERNELS = ("auto", "xla", "pallas")
-NORM_IMPLS = ("xla", "pallas")
+TRAIN_KERNEL_IMPLS = ("xla", "pallas")  # norm_impl, swiglu_impl
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,6 +45,9 @@ class ModelConfig:
   # RMSNorm in training: "xla", or "pallas" (`kernels.rms_norm`: one pass forward, one backward, where
   # XLA makes six; one device, where its blocks fit the shape; not yet timed on a GPU: BENCHMARKS.md)
   norm_impl: str = "xla"
+  # SwiGLU's backward in training: "xla", or "pallas" (`kernels.swiglu`: both gradients in one pass;
+  # where its blocks fit the shape; not yet timed on a GPU: BENCHMARKS.md)
+  swiglu_impl: str = "xla"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
   loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
@@ -74,8 +77,9 @@ class ModelConfig:
                        f"got {self.decode_attention!r}")
     if self.decode_kernels not in DECODE_KERNELS:
       raise ValueError(f"model.decode_kernels must be one of {DECODE_KERNELS}, got {self.decode_kernels!r}")
-    if self.norm_impl not in NORM_IMPLS:
-      raise ValueError(f"model.norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+    for name in ("norm_impl", "swiglu_impl"):
+      if getattr(self, name) not in TRAIN_KERNEL_IMPLS:
+        raise ValueError(f"model.{name} must be one of {TRAIN_KERNEL_IMPLS}, got {getattr(self, name)!r}")
     if self.loss_chunk_len < 0:
       raise ValueError(f"model.loss_chunk_len must be >= 0, got {self.loss_chunk_len}")
     if self.remat_policy not in REMAT_POLICIES:

@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import projection
 from llama_jax.config import ModelConfig
-from llama_jax.kernels import decode_attention, matvec, rms_norm
+from llama_jax.kernels import decode_attention, matvec, rms_norm, swiglu
 
 Array = jax.Array
 Rope = tuple[Array, Array]  # (sin, cos), each (B, T, 1, H/2) float32
@@ -252,7 +252,10 @@ class FeedForward(nn.Module):
     else:
       gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
       up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
-    hidden = jax.nn.silu(gate) * up
+    if self.cfg.swiglu_impl == "pallas" and swiglu.supported(gate.size):
+      hidden = swiglu.swiglu(gate, up)
+    else:
+      hidden = jax.nn.silu(gate) * up
     if self.has_variable("params", "w2_t"):
       out = _project(self, "w2_t", "BTF,DF->BTD", hidden, (d, f), (EMBED, MLP))
     else:

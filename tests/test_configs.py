@@ -44,13 +44,15 @@ def test_a_mesh_whose_batch_rows_processes_would_share_is_refused(monkeypatch):
     validate(config, model, mesh)
 
 
-def test_rms_norm_kernels_are_refused_on_a_mesh_of_several_devices(monkeypatch):
-  # kernels.rms_norm has no partitioning rule: XLA would gather each norm's activations everywhere.
+@pytest.mark.parametrize("field", ["norm_impl", "swiglu_impl"])
+def test_training_kernels_are_refused_on_a_mesh_of_several_devices(field, monkeypatch):
+  # kernels.rms_norm and kernels.swiglu have no partitioning rule: XLA would gather their
+  # activations onto every device.
   monkeypatch.chdir(REPO)
   config = load_config("configs/default.py")
-  model = ModelConfig.from_dict(config.model).replace(norm_impl="pallas")
+  model = ModelConfig.from_dict(config.model).replace(**{field: "pallas"})
   validate(config, model, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  with pytest.raises(ConfigError, match="norm_impl='pallas' runs on one device; this mesh has 8"):
+  with pytest.raises(ConfigError, match=f"{field}='pallas' runs on one device; this mesh has 8"):
     validate(config, model, sharding.make_mesh(1, 8, 1))
 
 

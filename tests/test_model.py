@@ -362,6 +362,32 @@ def test_rms_norm_kernels_give_xla_s_forward_and_the_float32_gradient():
   assert all(name in text for name in ("add_rms_norm_forward", "rms_norm_forward", "rms_norm_backward"))
 
 
+def test_swiglu_kernel_gives_the_float32_gradients():
+  # kernels.swiglu (model.swiglu_impl="pallas"), in Pallas' interpreter: XLA's forward, and a
+  # backward that is the float32 derivative of silu(gate) * up (autodiff's bfloat16 one no closer).
+  from llama_jax.kernels import swiglu
+  gate, up, d = (jax.random.normal(jax.random.key(k), (4, 16, 176)).astype(jnp.bfloat16) * 3 for k in range(3))
+  plain = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
+  hidden, ours_vjp = jax.vjp(swiglu.swiglu, gate, up)
+  np.testing.assert_array_equal(np.asarray(hidden, np.float32), np.asarray(plain(gate, up), np.float32))
+  _, xla_vjp = jax.vjp(plain, gate, up)
+  _, exact_vjp = jax.vjp(lambda g, u: plain(g.astype(jnp.float32), u.astype(jnp.float32)), gate, up)
+  for got, autodiff, exact in zip(ours_vjp(d), xla_vjp(d), exact_vjp(d.astype(jnp.float32))):
+    got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
+    assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
+  assert not swiglu.supported(2 * 10 * 176)
+  # In the model: the same logits and gradients as XLA's (float32, a shape the kernel takes).
+  cfg = dataclasses.replace(TINY, swiglu_impl="pallas")
+  params, tokens = _params(cfg), _tokens((4, 16), cfg.vocab_size)
+  loss = lambda c: lambda p: jnp.mean(M.forward(c, p, tokens) ** 2)  # noqa: E731
+  for x, y in zip(jax.tree.leaves(jax.grad(loss(cfg))(params)), jax.tree.leaves(jax.grad(loss(TINY))(params))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  # Lowered for CUDA (a CPU can) at the TinyLlama shape.
+  big = jax.ShapeDtypeStruct((8, 2048, 5632), jnp.bfloat16)
+  grad = jax.grad(lambda g, u: jnp.sum(swiglu.swiglu(g, u, interpret=False).astype(jnp.float32)), (0, 1))
+  assert "swiglu_backward" in jax.jit(grad).trace(big, big).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_output_head_gradients_run_in_the_compute_dtype_and_match_float32():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)

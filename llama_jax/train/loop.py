@@ -146,9 +146,10 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
                       "must split over the processes (keep mesh.tensor within a host)")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len {config.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
-  if model_cfg.norm_impl == "pallas" and mesh.size > 1:
-    # The kernels have no partitioning rule: XLA would gather every norm's activations onto each device.
-    raise ConfigError(f"model.norm_impl='pallas' runs on one device; this mesh has {mesh.size} (norm_impl='xla')")
+  for name in ("norm_impl", "swiglu_impl"):
+    if getattr(model_cfg, name) == "pallas" and mesh.size > 1:
+      # The kernels have no partitioning rule: XLA would gather their activations onto every device.
+      raise ConfigError(f"model.{name}='pallas' runs on one device; this mesh has {mesh.size} ({name}='xla')")
   for name in ("log_every",):
     if int(config[name]) < 1:
       raise ConfigError(f"{name} must be >= 1, got {config[name]}")
