@@ -390,6 +390,8 @@ def restore_host_leaves(params_dir: str, config: ModelConfig,
       except Exception as e:  # noqa: BLE001 -- as in load_params
         raise CheckpointError(f"{unreadable(params_dir, e)}{_other_steps(params_dir)}") from e
       out = traverse_util.flatten_dict(out)[path]
+      if not isinstance(out, np.ndarray):  # a partial restore hands back the target of a key it lacks
+        raise CheckpointError(f"checkpoint {params_dir} has no parameter {'/'.join(path)}")
       yield path, out
       del out  # before the next restore: two parameters at once would be the peak
 

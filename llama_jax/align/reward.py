@@ -176,8 +176,8 @@ def trained_template(run: dict) -> str | None:
 
 
 def read_trained_template(directory: str) -> str | None:
-  """`trained_template` of the run config in `directory`; None without one (a directory
-  `checkpoint.save_model` wrote: `convert --merge_lora`'s output has none)."""
+  """`trained_template` of the run config in `directory`; None without one (a directory that
+  `checkpoint.save_model` wrote alone; `convert` writes a reward model's record beside it)."""
   path = os.path.join(directory, checkpoint.RUN_CONFIG)
   if not os.path.isfile(path):
     return None

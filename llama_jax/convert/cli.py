@@ -5,7 +5,10 @@
       (config.json + safetensors or pytorch_model*.bin) or a Meta directory (params.json +
       consolidated.NN.pth). --to orbax (default) writes what `Model.save` writes; --to hf writes
       config.json + generation_config.json + safetensors + the tokenizer's files for transformers.
-      --dtype defaults to the dtype SRC is stored in.
+      --dtype defaults to the dtype SRC is stored in. A reward model (a reward run, or one saved:
+      a score head, no output head) is written whole: --to hf as LlamaForSequenceClassification;
+      our format with the record of the chat template its run trained with (config.json holding
+      the run config's recipe and its sources' templates, which `load_reward_model` reads).
 
   Vicuna-style deltas (FastChat's apply_delta / make_delta):
   python -m llama_jax.convert --input BASE --delta DELTA --output DST
@@ -19,7 +22,8 @@
       DST = the run's base model (its init_from, or BASE) with the adapters folded in, W + scale*a b;
       a quantized base is dequantized (the merged model is a float model). Another base than the
       one the adapters were trained on (shape or weights) is an error. A reward run's DST is the
-      reward model: the merged backbone under its score head (--to hf: LlamaForSequenceClassification).
+      reward model: the merged backbone under its score head (--to hf: LlamaForSequenceClassification),
+      with its template record as above.
   python -m llama_jax.convert --input RUN --to peft --output DIR
       the adapters in Hugging Face PEFT's layout (adapter_config.json + adapter_model.safetensors);
       not a reward run's (its score head: --merge_lora).
@@ -31,6 +35,7 @@ Conversion streams tensor by tensor into one copy of the model in host memory (s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -113,6 +118,12 @@ def convert(args: argparse.Namespace) -> None:
     base = source.open_source(args.base)
     cfg, params = delta.make_delta(src, base)
     tokenizer = src.tokenizer_path
+  elif src.kind == "orbax" and _reward_model(args.input):
+    # `score` in place of `output`: not a language model's tensors to stream, restored as what it is.
+    from llama_jax.align.reward import load_reward_model
+    rm = load_reward_model(args.input)
+    cfg, params = rm.config, rm.params
+    tokenizer = src.tokenizer_path
   else:
     cfg, params = source.load(src, out_dtype)
     tokenizer = src.tokenizer_path
@@ -122,18 +133,42 @@ def convert(args: argparse.Namespace) -> None:
   else:
     _to_device(params, out_dtype)
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
+    if "score" in params:
+      _keep_trained_template(args.input, args.output)
 
 
-def _reward_run(run: str) -> bool:
-  """Whether a LoRA run saved a reward model's score head beside its adapters."""
+def _reward_model(path: str) -> bool:
+  """Whether our checkpoint at `path` (a saved model, a run, a LoRA run beside its adapters) holds a
+  reward model's score head."""
   from llama_jax import checkpoint
-  return "score" in (checkpoint.saved_keys(checkpoint.find_params_dir(run)[0]) or ())
+  return "score" in (checkpoint.saved_keys(checkpoint.find_params_dir(path)[0]) or ())
+
+
+def _keep_trained_template(source: str, output: str) -> None:
+  """Carries a reward model's record of the chat template its run trained with from `source`'s
+  directory (a run's config, or a record this wrote) into the saved model's `output`: save_model
+  writes no run config, and without one `score(template="auto")` renders in the tokenizer's
+  template. The record is the run config cut to what `reward.trained_template` reads. (A config.json
+  beside model_config.json is no Hugging Face config to our readers: `source.open_source` takes such
+  a directory as our own checkpoint first, and the tokenizer finds no token ids in it.)"""
+  from llama_jax import checkpoint
+  from llama_jax.align.reward import read_trained_template
+  config_dir = checkpoint.find_params_dir(source)[1]
+  target = os.path.join(output, checkpoint.RUN_CONFIG)
+  if read_trained_template(config_dir) is None:  # none recorded, or the sources disagree
+    if os.path.isfile(target):  # the record of a model this one was written over
+      os.remove(target)
+    return
+  with open(os.path.join(config_dir, checkpoint.RUN_CONFIG)) as f:
+    sources = json.load(f)["data"]["sources"]
+  sources = {name: {k: s[k] for k in ("weight", "template") if k in s} for name, s in sources.items()}
+  checkpoint.write_atomic(target, json.dumps({"recipe": "reward", "data": {"sources": sources}}, indent=2))
 
 
 def _merge_lora(run: str, base: str | None):
   import llama_jax
   from llama_jax.lora import files
-  if _reward_run(run):  # the merged backbone under the run's score head: a reward model
+  if _reward_model(run):  # the merged backbone under the run's score head: a reward model
     from llama_jax.align.reward import lora_reward_params
     params, cfg = lora_reward_params(run, base=base, merge=True)
     return cfg, params
@@ -147,7 +182,7 @@ def _export_peft(run: str, output: str) -> None:
   from llama_jax import checkpoint
   from llama_jax.convert import CheckpointError
   from llama_jax.lora import files, peft_format
-  if _reward_run(run):
+  if _reward_model(run):
     raise CheckpointError(f"{run}: a reward run; its score head has no place among PEFT's causal-LM "
                           "adapters (--merge_lora writes the reward model whole)")
   lora, info = files.read_info(run)
