@@ -78,9 +78,10 @@
 #   fusionflags  the TinyLlama step at 32 sequences with bfloat16 moments (53.8%, the best batch) under
 #              XLA's experimental fusion flags: Triton kernels for normalisations (softmax priority
 #              fusion), the block-level rewriter, multi-output Triton fusions, and the three together
-#   trainkernels  the TinyLlama step with the training kernels (model.norm_impl=pallas: RMSNorm and the
-#              residual add; model.swiglu_impl=pallas: SwiGLU's backward) against XLA's, each alone and
-#              both, at 8 sequences; then both at 32 with bfloat16 moments (the best batch) beside XLA's
+#   trainkernels  the training kernels (model.norm_impl=pallas: RMSNorm and the residual add;
+#              model.swiglu_impl=pallas: SwiGLU's backward) against XLA's: each op alone against its
+#              floor (benchmarks/train_kernels.py), then the TinyLlama step with both, without, and each
+#              alone at 8 sequences; both at 32 with bfloat16 moments (the best batch) beside XLA's
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -382,6 +383,7 @@ fusionflags)  # can XLA's Triton fusions take the norms' and SwiGLU's passes (se
 trainkernels)  # one pass for what XLA makes in several: RMSNorm (kernels.rms_norm), SwiGLU's backward
   S="--steps 5 --warmup 2"; NORM=--config.model.norm_impl=pallas; SWIGLU=--config.model.swiglu_impl=pallas
   B32="--config.batch_size=32 --config.optimizer.moments_dtype=bfloat16"
+  timeout 120 python3 benchmarks/train_kernels.py 2>&1 | grep -E '^\{|Error' | tee -a $OUT/trainkernels.jsonl
   run trainkernels XLA_FLAGS= $T $S $NORM $SWIGLU
   run trainkernels XLA_FLAGS= $T $S
   run trainkernels XLA_FLAGS= $T $S $NORM

@@ -349,6 +349,10 @@ def test_rms_norm_kernels_give_xla_s_forward_and_the_float32_gradient():
   for got, autodiff, exact in zip(ours_vjp(cotangents), xla_vjp(cotangents), exact_vjp(exact_cotangents)):
     got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
     assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
+  # As many positions as the width: the kernels must tell their operands apart by role, not shape.
+  square = jnp.tile(x.reshape(-1, 64), (6, 1))[:64]  # (64, 64)
+  np.testing.assert_array_equal(np.asarray(rms_norm.rms_norm(square, w, 1e-5), np.float32),
+                                numpy_norm(np.asarray(square, np.float32)))
   assert not rms_norm.supported(6, 64) and not rms_norm.supported(8, 96)
   # Lowered for CUDA (a CPU can): Pallas' Triton lowering and its checks, at the TinyLlama shape.
   big = jax.ShapeDtypeStruct((8, 2048, 2048), jnp.bfloat16)

@@ -51,25 +51,18 @@ def rms_norm(x: Array, weight: Array, eps: float, residual: Array | None = None,
 
 
 def _call(kernel, name, n, d, operands, outputs, interpret):
-  """One program a block of ROWS positions: (n, d) operands and outputs by rows, (d,) whole, (n,)
-  by rows; an output of (n // ROWS, d) gets one row a program."""
+  """One program a block of ROWS positions. Operands and outputs are (array, kind) pairs, the kind
+  saying how a program sees it (shapes alone cannot: n may equal d): "rows" (n, d) by rows,
+  "weight" (d,) whole, "stats" (n,) by rows, "partial" (n // ROWS, d) a row a program."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
-
-  def spec(shape):
-    if shape == (d,):
-      return pl.BlockSpec((d,), lambda i: (0,))
-    if shape == (n,):
-      return pl.BlockSpec((ROWS,), lambda i: (i,))
-    if shape == (n // ROWS, d):
-      return pl.BlockSpec((1, d), lambda i: (i, 0))
-    return pl.BlockSpec((ROWS, d), lambda i: (i, 0))
-
+  specs = {"rows": pl.BlockSpec((ROWS, d), lambda i: (i, 0)), "weight": pl.BlockSpec((d,), lambda i: (0,)),
+           "stats": pl.BlockSpec((ROWS,), lambda i: (i,)), "partial": pl.BlockSpec((1, d), lambda i: (i, 0))}
   return pl.pallas_call(
-      kernel, grid=(n // ROWS,), in_specs=[spec(o.shape) for o in operands],
-      out_specs=[spec(o.shape) for o in outputs], out_shape=outputs,
+      kernel, grid=(n // ROWS,), in_specs=[specs[kind] for _, kind in operands],
+      out_specs=[specs[kind] for _, kind in outputs], out_shape=[shape for shape, _ in outputs],
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret, name=name)(*operands)
+      interpret=interpret, name=name)(*(array for array, _ in operands))
 
 
 def _normalise(s32, w_ref, dtype, eps):
@@ -98,8 +91,9 @@ def _forward(x, weight, eps, interpret):
     y_ref[...] = y.astype(y_ref.dtype)
     inv_ref[...] = inv[:, 0]
 
-  return _call(kernel, "rms_norm_forward", n, d, [x, weight.astype(x.dtype)],
-               [jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)], interpret)
+  return _call(kernel, "rms_norm_forward", n, d, [(x, "rows"), (weight.astype(x.dtype), "weight")],
+               [(jax.ShapeDtypeStruct((n, d), x.dtype), "rows"), (jax.ShapeDtypeStruct((n,), jnp.float32), "stats")],
+               interpret)
 
 
 def _backward(s, dy, ds, weight, inv, interpret):
@@ -115,10 +109,11 @@ def _backward(s, dy, ds, weight, inv, interpret):
       dx = dx + ds_ref[0][...].astype(jnp.float32)
     dx_ref[...] = dx.astype(dx_ref.dtype)
 
-  operands = [s, dy.astype(s.dtype)] + ([] if ds is None else [ds.astype(s.dtype)])
-  dx, dw_blocks = _call(kernel, "rms_norm_backward", n, d, operands + [weight.astype(s.dtype), inv],
-                        [jax.ShapeDtypeStruct((n, d), s.dtype),
-                         jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32)], interpret)
+  operands = [(s, "rows"), (dy.astype(s.dtype), "rows")] + ([] if ds is None else [(ds.astype(s.dtype), "rows")])
+  dx, dw_blocks = _call(kernel, "rms_norm_backward", n, d,
+                        operands + [(weight.astype(s.dtype), "weight"), (inv, "stats")],
+                        [(jax.ShapeDtypeStruct((n, d), s.dtype), "rows"),
+                         (jax.ShapeDtypeStruct((n // ROWS, d), jnp.float32), "partial")], interpret)
   return dx, jnp.sum(dw_blocks, axis=0).astype(weight.dtype)
 
 
@@ -153,9 +148,10 @@ def _add_forward(x, residual, weight, eps, interpret):
     y_ref[...] = y.astype(y_ref.dtype)
     inv_ref[...] = inv[:, 0]
 
-  return _call(kernel, "add_rms_norm_forward", n, d, [x, residual, weight.astype(x.dtype)],
-               [jax.ShapeDtypeStruct((n, d), x.dtype)] * 2 + [jax.ShapeDtypeStruct((n,), jnp.float32)],
-               interpret)
+  return _call(kernel, "add_rms_norm_forward", n, d,
+               [(x, "rows"), (residual, "rows"), (weight.astype(x.dtype), "weight")],
+               [(jax.ShapeDtypeStruct((n, d), x.dtype), "rows")] * 2
+               + [(jax.ShapeDtypeStruct((n,), jnp.float32), "stats")], interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
