@@ -36,13 +36,16 @@ import functools
 import itertools
 import json
 import math
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_jax.bench.common import median_call_us  # noqa: E402
 
 PIECE = 256  # TMA copies at most 256 elements along a dimension
 VECTOR = 8  # bf16 elements per 16-byte shared-memory load
@@ -143,16 +146,6 @@ def independent(xs, ws, apply):
   return tuple(apply(x, w) for x, w in zip(xs, ws))
 
 
-def median_us(fn, *args, reps: int = 50) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e6)
-
-
 def emit(**fields) -> None:
   print(json.dumps(fields), flush=True)
 
@@ -217,7 +210,7 @@ def main() -> None:
     xs = [jax.random.normal(next(keys), x_long.shape, jnp.bfloat16) for _ in range(copies)]
     for impl, pdl in variants:
       fn = jax.jit(functools.partial(independent, apply=product(impl, block_os, pdl)))
-      us = median_us(fn, xs, ws) / copies
+      us = median_call_us(fn, xs, ws) / copies
       emit(what=f"kernel_{impl}", **base, pdl=pdl, copies=copies, us=round(us, 2),
            tb_per_s=round(o * k * 2 / us / 1e6, 3))
     del xs, ws
@@ -229,7 +222,7 @@ def main() -> None:
   for impl, pdl in variants:
     fn = jax.jit(functools.partial(chain, apply=product(impl, block_os, pdl)))
     outputs[impl, pdl] = fn(x0, layers).astype(jnp.float32)
-    us = median_us(fn, x0, layers) / args.chain
+    us = median_call_us(fn, x0, layers) / args.chain
     emit(what=f"chain_{impl}", shape="layer", pdl=pdl, layers=args.chain, us=round(us, 2),
          tb_per_s=round(layer_bytes / us / 1e6, 3))
   if args.check:

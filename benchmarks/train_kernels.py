@@ -25,15 +25,13 @@ import functools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llama_jax.bench.common import peak_bandwidth  # noqa: E402
+from llama_jax.bench.common import median_call_us, peak_bandwidth  # noqa: E402
 from llama_jax.kernels import matvec, rms_norm, swiglu  # noqa: E402
 
 EPS = 1e-5
@@ -66,16 +64,6 @@ def forward_backward(fn, inputs, cotangents):
   return out, vjp(cotangents)
 
 
-def median_us(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile, autotune, warm up
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e6)
-
-
 def largest_difference(a, b) -> float:
   """Over the outputs and gradients: the largest difference, relative to the largest value of XLA's."""
   return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
@@ -96,7 +84,7 @@ def main() -> None:
     for impl, fn in (("xla", xla_fn), ("pallas", kernel_fn)):
       step = jax.jit(functools.partial(forward_backward, fn))
       results[impl] = step(inputs, cotangents)
-      us = median_us(step, inputs, cotangents, reps=args.reps)
+      us = median_call_us(step, inputs, cotangents, reps=args.reps)
       line = dict(op=name, impl=impl, tokens=args.tokens, us=round(us, 1), floor_mb=round(floor / 1e6, 1),
                   tb_per_s=round(floor / us / 1e6, 3))
       if peak:

@@ -1,4 +1,4 @@
-"""What every benchmark reports beside its numbers."""
+"""What every benchmark reports beside its numbers, and how the small ones time a call."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import time
 
 import jax
+import numpy as np
 
 # Peak memory bandwidth per device (vendors' datasheets), matched as metrics.PEAK_FLOPS is: every
 # word of the key in the lower-cased device kind, first match wins.
@@ -39,6 +40,18 @@ def profiled(profile_dir: str):
   """A jax.profiler trace into `profile_dir` around the timed region only (not the compilation
   and autotuning before it, which would swamp a kernel summary); nothing if empty."""
   return jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
+
+
+def median_call_us(fn, *args, reps: int = 50) -> float:
+  """Microseconds of `fn(*args)` to its results' readiness, the median of `reps` calls after one that
+  compiles and warms up (host-timed: for programs long beside the launch, as the benchmarks' are)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times) * 1e6)
 
 
 def time_steps(step, state, batch, warmup: int, steps: int, metric: str, profile_dir: str = ""):
