@@ -14,7 +14,6 @@ apart and a GPU's "busy" share counts the computation's kernels only.
 import argparse
 import collections
 import glob
-import os
 import re
 
 from jax.profiler import ProfileData
