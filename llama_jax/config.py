@@ -43,10 +43,10 @@ class ModelConfig:
   # kernel (`decode_block.batch_block`); "xla" as `model.Block`; "auto" is pallas on one GPU, else xla.
   decode_kernels: str = "auto"
   # RMSNorm in training: "xla", or "pallas" (`kernels.rms_norm`: one pass forward, one backward, where
-  # XLA makes six; one device, where its blocks fit the shape; not yet timed on a GPU: BENCHMARKS.md)
+  # XLA makes six; on each device's rows, where its blocks fit them; not yet timed on a GPU: BENCHMARKS.md)
   norm_impl: str = "xla"
   # SwiGLU's backward in training: "xla", or "pallas" (`kernels.swiglu`: both gradients in one pass;
-  # where its blocks fit the shape; not yet timed on a GPU: BENCHMARKS.md)
+  # on each device's share, where its blocks fit it; not yet timed on a GPU: BENCHMARKS.md)
   swiglu_impl: str = "xla"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth

@@ -118,6 +118,19 @@ def _constrain(x: Array, axes) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+def _per_device(fn, in_axes, out_axes):
+  """`fn` on each device's share of its arguments, laid out by their logical axes (the activation
+  rules in force): Pallas kernels have no partitioning rule, and XLA would otherwise gather their
+  operands whole onto every device. Without a mesh of several devices, `fn` itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  spec = lambda axes: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(axes))  # noqa: E731
+  out_specs = spec(out_axes) if isinstance(out_axes[0], str) else tuple(map(spec, out_axes))
+  # check_vma off: pallas_call's outputs carry no varying-axes annotation.
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, in_axes)), out_specs=out_specs, check_vma=False)
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -126,8 +139,20 @@ class RMSNorm(nn.Module):
     """The norm of x; with `residual`, (x + residual, its norm): one kernel for both with norm_impl
     "pallas", where XLA fuses the add into its own passes."""
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
-    if self.cfg.norm_impl == "pallas" and rms_norm.supported(x.size // x.shape[-1], x.shape[-1]):
-      return rms_norm.rms_norm(x, weight, self.cfg.norm_eps, residual=residual)
+    if self.cfg.norm_impl == "pallas":
+      eps = self.cfg.norm_eps
+
+      def norm(x, weight, *residual):  # on one device's positions, whole rows (act_embed unsplit)
+        if rms_norm.supported(x.size // x.shape[-1], x.shape[-1]):
+          return rms_norm.rms_norm(x, weight, eps, residual=residual[0] if residual else None)
+        if residual:
+          return x + residual[0], matvec.rms_norm(x + residual[0], weight, eps)
+        return matvec.rms_norm(x, weight, eps)
+
+      rows = (BATCH, LENGTH, ACT_EMBED)
+      if residual is None:
+        return _per_device(norm, (rows, (None,)), rows)(x, weight)  # the weight whole on every device
+      return _per_device(norm, (rows, (None,), rows), (rows, rows))(x, weight, residual)
     if residual is not None:
       x = _constrain(x + residual, (BATCH, LENGTH, ACT_EMBED))
       return x, matvec.rms_norm(x, weight, self.cfg.norm_eps)
@@ -252,8 +277,10 @@ class FeedForward(nn.Module):
     else:
       gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
       up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
-    if self.cfg.swiglu_impl == "pallas" and swiglu.supported(gate.size):
-      hidden = swiglu.swiglu(gate, up)
+    if self.cfg.swiglu_impl == "pallas":
+      def hidden_layer(gate, up):  # on one device's share
+        return swiglu.swiglu(gate, up) if swiglu.supported(gate.size) else jax.nn.silu(gate) * up
+      hidden = _per_device(hidden_layer, ((BATCH, LENGTH, MLP),) * 2, (BATCH, LENGTH, MLP))(gate, up)
     else:
       hidden = jax.nn.silu(gate) * up
     if self.has_variable("params", "w2_t"):

@@ -125,3 +125,14 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(temperature):
   beside = [(0.0, 0, 1.0) if t else (1.0, 0, 1.0) for t in tiny]
   alone = np.asarray(_sample(logits, keys, jax.tree.map(jnp.asarray, SamplingParams.stack(beside))))
   np.testing.assert_array_equal(drawn[~tiny], alone[~tiny])
+
+
+def test_logits_masked_with_the_float32_minimum_are_never_drawn_and_the_rest_still_are():
+  # A mask of finfo(float32).min (as attention masks write) goes to -inf over a temperature below
+  # 1: those tokens are out, and the row is still a draw, not made greedy by the "overflow".
+  logits = np.zeros((1, 20), np.float32)
+  logits[0, 10:] = np.finfo(np.float32).min
+  params = jax.tree.map(jnp.asarray, SamplingParams.stack([(0.7, 0, 1.0)]))
+  drawn = {int(_sample(jnp.asarray(logits), jax.random.split(jax.random.key(s), 1), params)[0])
+           for s in range(50)}
+  assert drawn <= set(range(10)) and len(drawn) > 3

@@ -325,3 +325,18 @@ def test_num_steps_0_counts_the_process_whose_data_end_first(monkeypatch):
   assert loop._fewest_over_processes(20) == 17
   with pytest.raises(DataError, match="share of the training data gives no batch"):
     loop._fewest_over_processes(20)
+
+
+def test_a_process_whose_share_of_the_data_fails_fails_every_process(monkeypatch):
+  # An empty share raises in the packer (no StopIteration): the failing process must still take
+  # part in the agreement, or the others wait for it in the allgather.
+  def failing():
+    raise DataError("no documents in any source of this split (for this process): e")
+    yield
+
+  _two_processes(monkeypatch, [0])  # the other process has its batch
+  with pytest.raises(DataError, match="for this process"):
+    loop.next_batch(failing(), agree=True)
+  _two_processes(monkeypatch, [2])  # the other process's share failed
+  with pytest.raises(DataError, match=r"the data of process\(es\) 1 failed"):
+    loop.next_batch(iter([{"x": 1}]), agree=True)

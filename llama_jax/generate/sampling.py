@@ -98,7 +98,7 @@ def sample(logits: Array, keys: Array, params: SamplingParams) -> Array:
     # temperature goes to 0. Drawn, its infinities would tie (the first one wins) and the nucleus's
     # softmax of them is NaN. Greedy is what a draw would give: over such a temperature, logits
     # 1e-30 of the largest one's size apart are 3e8 apart, the draw's noise a few tens.
-    overflowed = jnp.any(~jnp.isfinite(scaled) & jnp.isfinite(logits), axis=-1)
+    overflowed = ~jnp.isfinite(jnp.max(scaled, axis=-1))  # very negative logits may go to -inf: harmless
     sampled = sampled_rows & ~overflowed
     scaled = jnp.where(sampled[:, None], scaled, logits)  # no infinities into the cuts' sort
     cut = ((params.top_k > 0) & (params.top_k < logits.shape[-1])) | (params.top_p < 1)  # k >= V: none

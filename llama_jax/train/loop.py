@@ -146,10 +146,6 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
                       "must split over the processes (keep mesh.tensor within a host)")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len {config.seq_len} exceeds model.max_seq_len {model_cfg.max_seq_len}")
-  for name in ("norm_impl", "swiglu_impl"):
-    if getattr(model_cfg, name) == "pallas" and mesh.size > 1:
-      # The kernels have no partitioning rule: XLA would gather their activations onto every device.
-      raise ConfigError(f"model.{name}='pallas' runs on one device; this mesh has {mesh.size} ({name}='xla')")
   for name in ("log_every",):
     if int(config[name]) < 1:
       raise ConfigError(f"{name} must be >= 1, got {config[name]}")
@@ -495,13 +491,11 @@ def _first_batch(config, train_iter, start_step: int) -> dict | None:
   then); None when a resumed run's data are already exhausted."""
   if start_step >= config.num_steps:
     return None
-  try:
-    return next(train_iter)
-  except StopIteration:
-    if start_step:
-      return None
+  batch = next_batch(train_iter, agree=jax.process_count() > 1)  # a share that fails fails every process
+  if batch is None and not start_step:
     raise data.DataError(f"data.sources give not one batch of {config.batch_size} sequences of "
-                         f"{config.seq_len} tokens before every source reaches its epoch limit") from None
+                         f"{config.seq_len} tokens before every source reaches its epoch limit")
+  return batch
 
 
 def _fewest_over_processes(steps: int) -> int:
@@ -596,17 +590,29 @@ def _finite(config) -> bool:
 
 def next_batch(batches, agree: bool) -> dict | None:
   """This process's next batch, or None once the data are exhausted. With `agree` (several
-  processes, data that end) the processes agree every call: each packs rows of its own and they can
-  run out batches apart, and one that left for other collectives (the final save's, the training
-  step after an evaluation) while another still ran a step would deadlock both. They stop together,
-  at the first process's end; the others' extra batch is dropped."""
+  processes) the processes agree every call: each packs rows of its own and they can run out
+  batches apart, and one that left for other collectives (the final save's, the training step
+  after an evaluation) while another still ran a step would deadlock both. They stop together, at
+  the first process's end (the others' extra batch is dropped); a process whose share of the data
+  fails (an empty share) fails every process, not itself alone."""
+  failed = None
   try:
     local = next(batches)
   except StopIteration:
     local = None
-  if agree and np.any(multihost_utils.process_allgather(np.array([local is None], np.int32))):
-    return None
-  return local
+  except data.DataError as e:
+    if not agree:
+      raise
+    local, failed = None, e
+  if not agree:
+    return local
+  states = multihost_utils.process_allgather(np.array([2 if failed else local is None], np.int32)).ravel()
+  if failed is not None:
+    raise failed
+  if np.any(states == 2):
+    raise data.DataError(f"the data of process(es) {', '.join(map(str, np.flatnonzero(states == 2)))} "
+                         "failed (their error is in their output)")
+  return None if np.any(states) else local
 
 
 def _loop(config, workdir, model_cfg, state, start_step, run: Training, recipe, evaluate, batches,
