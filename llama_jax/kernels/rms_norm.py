@@ -7,7 +7,8 @@ around them, as six passes over the activations: 10.8 ms of a 220 ms step on an 
 traffic needs about 3 (BENCHMARKS.md, session 15). The arithmetic is `matvec.rms_norm`'s (float32
 statistics, the normalised value rounded to x's dtype, then scaled by the weight in that dtype), so
 the forward gives XLA's values exactly (with the add: the norm of the float32 sum, as XLA's fusion of
-the two computes it); the backward is the float32 derivative of that function.
+the two computes it); the backward is the float32 derivative of that function (with the add,
+evaluated at the sum as stored, rounded: within a unit of x's dtype of the exact point).
 
 `model.norm_impl = "pallas"` uses it where `supported`; on a CPU the kernels run in Pallas'
 interpreter (tests only).
