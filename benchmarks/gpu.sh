@@ -80,8 +80,9 @@
 #              fusion), the block-level rewriter, multi-output Triton fusions, and the three together
 #   trainkernels  the training kernels (model.norm_impl=pallas: RMSNorm and the residual add;
 #              model.swiglu_impl=pallas: SwiGLU's backward) against XLA's: each op alone against its
-#              floor (benchmarks/train_kernels.py), then the TinyLlama step with both, without, and each
-#              alone at 8 sequences; both at 32 with bfloat16 moments (the best batch) beside XLA's
+#              floor, over a few settings of theirs (benchmarks/train_kernels.py); then the TinyLlama
+#              step (the settings committed) with both, without, and each alone at 8 sequences, and
+#              both at 32 with bfloat16 moments (the best batch) beside XLA's
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -383,7 +384,8 @@ fusionflags)  # can XLA's Triton fusions take the norms' and SwiGLU's passes (se
 trainkernels)  # one pass for what XLA makes in several: RMSNorm (kernels.rms_norm), SwiGLU's backward
   S="--steps 5 --warmup 2"; NORM=--config.model.norm_impl=pallas; SWIGLU=--config.model.swiglu_impl=pallas
   B32="--config.batch_size=32 --config.optimizer.moments_dtype=bfloat16"
-  timeout 120 python3 benchmarks/train_kernels.py 2>&1 | grep -E '^\{|Error' | tee -a $OUT/trainkernels.jsonl
+  timeout 240 python3 benchmarks/train_kernels.py --norm_rows 2,4,8 --warps 4,8 --swiglu_block 1024,4096 2>&1 \
+    | grep -E '^\{|Error' | tee -a $OUT/trainkernels.jsonl
   run trainkernels XLA_FLAGS= $T $S $NORM $SWIGLU
   run trainkernels XLA_FLAGS= $T $S
   run trainkernels XLA_FLAGS= $T $S $NORM

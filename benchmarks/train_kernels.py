@@ -2,6 +2,10 @@
 and backward alone, beside the bytes they must move:
 
   python benchmarks/train_kernels.py [--tokens 16384] [--dim 2048] [--hidden 5632] [--reps 50]
+                                     [--norm_rows 4] [--warps 4] [--swiglu_block 1024]
+
+Comma lists sweep the kernels' settings (rms_norm.ROWS, both kernels' NUM_WARPS, swiglu.BLOCK): each
+combination's kernel rows, after XLA's.
 
 The TinyLlama step's shapes by default (8 x 2048 tokens, bf16). Per op and implementation, one JSON
 line: the median time of a jitted forward-and-backward (outputs and input gradients for given
@@ -77,20 +81,31 @@ def main() -> None:
   parser.add_argument("--dim", type=int, default=2048)
   parser.add_argument("--hidden", type=int, default=5632)
   parser.add_argument("--reps", type=int, default=50)
+  parser.add_argument("--norm_rows", default=str(rms_norm.ROWS))
+  parser.add_argument("--warps", default=str(rms_norm.NUM_WARPS))
+  parser.add_argument("--swiglu_block", default=str(swiglu.BLOCK))
   args = parser.parse_args()
+  ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+  settings = [dict(rows=r, warps=w, block=b) for r in ints(args.norm_rows) for w in ints(args.warps)
+              for b in ints(args.swiglu_block)]
   peak = peak_bandwidth(jax.devices()[0])
   for name, (xla_fn, kernel_fn, inputs, cotangents, floor) in ops(args.tokens, args.dim, args.hidden).items():
-    results = {}
-    for impl, fn in (("xla", xla_fn), ("pallas", kernel_fn)):
-      step = jax.jit(functools.partial(forward_backward, fn))
-      results[impl] = step(inputs, cotangents)
+    xla = None
+    for impl, setting in [("xla", {})] + [("pallas", s) for s in settings]:
+      if setting:  # read when the kernels trace: a new jit below traces them again
+        rms_norm.ROWS, swiglu.BLOCK = setting["rows"], setting["block"]
+        rms_norm.NUM_WARPS = swiglu.NUM_WARPS = setting["warps"]
+      step = jax.jit(functools.partial(forward_backward, xla_fn if impl == "xla" else kernel_fn))
+      result = step(inputs, cotangents)
       us = median_call_us(step, inputs, cotangents, reps=args.reps)
-      line = dict(op=name, impl=impl, tokens=args.tokens, us=round(us, 1), floor_mb=round(floor / 1e6, 1),
-                  tb_per_s=round(floor / us / 1e6, 3))
+      line = dict(op=name, impl=impl, **setting, tokens=args.tokens, us=round(us, 1),
+                  floor_mb=round(floor / 1e6, 1), tb_per_s=round(floor / us / 1e6, 3))
       if peak:
         line["of_peak"] = round(floor / us / 1e6 / (peak / 1e12), 3)
-      if impl == "pallas":
-        line["max_rel_diff_from_xla"] = largest_difference(results["pallas"], results["xla"])
+      if impl == "xla":
+        xla = result
+      else:
+        line["max_rel_diff_from_xla"] = largest_difference(result, xla)
       print(json.dumps(line), flush=True)
 
 
