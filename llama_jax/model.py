@@ -131,6 +131,12 @@ def _per_device(fn, in_axes, out_axes):
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, in_axes)), out_specs=out_specs, check_vma=False)
 
 
+def _unsplit(axis: str) -> bool:
+  """Whether the activation rules in force leave this logical axis whole on each device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1 or nn.logical_to_mesh_axes((axis,))[0] is None
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -139,7 +145,8 @@ class RMSNorm(nn.Module):
     """The norm of x; with `residual`, (x + residual, its norm): one kernel for both with norm_impl
     "pallas", where XLA fuses the add into its own passes."""
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
-    if self.cfg.norm_impl == "pallas":
+    # The kernels normalise whole rows: not where the rules split the activations' width.
+    if self.cfg.norm_impl == "pallas" and _unsplit(ACT_EMBED):
       eps = self.cfg.norm_eps
 
       def norm(x, weight, *residual):  # on one device's positions, whole rows (act_embed unsplit)
