@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,22 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax import model as M  # noqa: E402
 from llama_jax import projection  # noqa: E402
 from llama_jax.bench.decode import random_engine_params  # noqa: E402
+from llama_jax.bench.common import median_call_us  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
 from llama_jax.generate import engine  # noqa: E402
 from llama_jax.generate.cache import KVCache  # noqa: E402
 from llama_jax.generate.generator import forced_batch_logits, generate_tokens  # noqa: E402
 from llama_jax.train.cli import load_config  # noqa: E402
 from llama_jax.kernels import decode_attention, decode_block, matvec  # noqa: E402
-
-
-def _time(fn, *args, repeats: int = 20) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def agreement(cfg: ModelConfig, params, rows: int, prompt_len: int = 128, new_tokens: int = 64) -> dict:
@@ -127,8 +117,7 @@ def matvecs(cfg: ModelConfig, rows: int, quantize: str = "") -> list[dict]:
            "shape": [product.outputs, product.inputs]}
     for label, fn in (("pallas", matvec.matvec), ("xla", matvec.reference)):
       call = jax.jit(lambda x, ws, fn=fn: [fn(x, w, **kw) for w in ws])
-      t = _time(call, x, ws)
-      row[f"{label}_call_us_per_weight"] = round(1e6 * t / len(ws), 2)
+      row[f"{label}_call_us_per_weight"] = round(median_call_us(call, x, ws, reps=20) / len(ws), 2)
     got = jax.jit(lambda x, w: matvec.matvec(x, w, **kw))(x, ws[0]).astype(jnp.float32)
     want = matvec.reference(x, ws[0], **kw).astype(jnp.float32)
     row["max_abs_diff"] = float(jnp.max(jnp.abs(got - want)))
@@ -158,7 +147,7 @@ def attention(cfg: ModelConfig, rows: int, length: int) -> dict:
 
   row = {"check": "attention", "rows": rows, "cache_length": length}
   for label, fn in (("pallas", fused), ("xla", xla)):
-    row[f"{label}_call_us"] = round(1e6 * _time(jax.jit(fn), qkv, *cache), 2)
+    row[f"{label}_call_us"] = round(median_call_us(jax.jit(fn), qkv, *cache, reps=20), 2)
   got, want = jax.jit(fused)(qkv, *cache)[0], jax.jit(xla)(qkv, *cache)[0]
   row["max_abs_diff"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
   return row
