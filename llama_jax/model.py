@@ -153,7 +153,8 @@ class RMSNorm(nn.Module):
         if rms_norm.supported(x.size // x.shape[-1], x.shape[-1]):
           return rms_norm.rms_norm(x, weight, eps, residual=residual[0] if residual else None)
         if residual:
-          return x + residual[0], matvec.rms_norm(x + residual[0], weight, eps)
+          x = x + residual[0]
+          return x, matvec.rms_norm(x, weight, eps)
         return matvec.rms_norm(x, weight, eps)
 
       rows = (BATCH, LENGTH, ACT_EMBED)

@@ -313,18 +313,22 @@ class DataIterator:
       pass
 
 
+def _rows_per_process(seq_len: int, global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+  if seq_len <= 0 or global_batch_size <= 0:
+    raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
+  return global_batch_size // process_count
+
+
 def make_iterator(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int = 0,
                   split: str = "train", process_index: int = 0, process_count: int = 1,
                   packer: Callable[..., Packer] | None = None) -> DataIterator:
   """An iterator of packed batches of this process's `global_batch_size // process_count` rows.
   `packer` (default `make_packer`, same arguments) makes the batches: llama_jax.align's batch
   preference pairs and prompts instead of packing text."""
-  if global_batch_size % process_count:
-    raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
-  if seq_len <= 0 or global_batch_size <= 0:
-    raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
+  rows = _rows_per_process(seq_len, global_batch_size, process_count)
   tokenizer = _tokenizer(tokenizer)
-  rows = global_batch_size // process_count
   packer = packer or make_packer
 
   def make(events: list[str]) -> Packer:
@@ -366,13 +370,10 @@ def count_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, 
     raise DataError(f"data.sources {', '.join(unlimited)}: epochs is 0 (the source repeats without "
                     "end), so the data do not say how long to train: set num_steps, or give every "
                     "source an epoch limit")
-  if seq_len <= 0 or global_batch_size <= 0:
-    raise DataError(f"seq_len and global_batch_size must be positive, got {seq_len}, {global_batch_size}")
-  if global_batch_size % process_count:
-    raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+  rows = _rows_per_process(seq_len, global_batch_size, process_count)
   # The iterator's packer; its last batch is completed with padding rows.
-  packer = (packer or make_packer)(data_cfg, _tokenizer(tokenizer), seq_len, global_batch_size // process_count,
-                                   seed, "train", process_index, process_count, [])
+  packer = (packer or make_packer)(data_cfg, _tokenizer(tokenizer), seq_len, rows, seed, "train",
+                                   process_index, process_count, [])
   rows = 0
   while packer.mixture.next_window() is not None:
     rows += 1
