@@ -78,11 +78,6 @@
 #   fusionflags  the TinyLlama step at 32 sequences with bfloat16 moments (53.8%, the best batch) under
 #              XLA's experimental fusion flags: Triton kernels for normalisations (softmax priority
 #              fusion), the block-level rewriter, multi-output Triton fusions, and the three together
-#   trainkernels  the training kernels (model.norm_impl=pallas: RMSNorm and the residual add;
-#              model.swiglu_impl=pallas: SwiGLU's backward) against XLA's: each op alone against its
-#              floor, over a few settings of theirs (benchmarks/train_kernels.py); then the TinyLlama
-#              step (the settings committed) with both, without, and each alone at 8 sequences, and
-#              both at 32 with bfloat16 moments (the best batch) beside XLA's
 #   trainbatch the TinyLlama step with bfloat16 moments at 24 and 32 sequences
 #   trainflags the TinyLlama step at 16 sequences with bfloat16 moments under XLA flags for its GEMMs
 #              (cuBLASLt, no Triton GEMMs)
@@ -381,17 +376,6 @@ fusionflags)  # can XLA's Triton fusions take the norms' and SwiGLU's passes (se
     { tail -1 $OUT/last.log | grep '^{' || grep -E "Error|error" $OUT/last.log | tail -1 | sed 's/"//g; s/.*/{"error": "&"}/'; } \
       | sed "s|}\$|, \"xla_flags\": \"$f\"}|" | tee -a $OUT/fusionflags.jsonl
   done ;;
-trainkernels)  # one pass for what XLA makes in several: RMSNorm (kernels.rms_norm), SwiGLU's backward
-  S="--steps 5 --warmup 2"; NORM=--config.model.norm_impl=pallas; SWIGLU=--config.model.swiglu_impl=pallas
-  B32="--config.batch_size=32 --config.optimizer.moments_dtype=bfloat16"
-  timeout 240 python3 benchmarks/train_kernels.py --norm_rows 2,4,8 --warps 4,8 --swiglu_block 1024,4096 2>&1 \
-    | grep -E '^\{|Error' | tee -a $OUT/trainkernels.jsonl
-  run trainkernels XLA_FLAGS= $T $S $NORM $SWIGLU
-  run trainkernels XLA_FLAGS= $T $S
-  run trainkernels XLA_FLAGS= $T $S $NORM
-  run trainkernels XLA_FLAGS= $T $S $SWIGLU
-  run trainkernels $M XLA_FLAGS= $T $S $B32 $NORM $SWIGLU
-  run trainkernels $M XLA_FLAGS= $T $S $B32 ;;
 trainbatch)  # the TinyLlama step with bfloat16 moments at 24 and 32 sequences (where 8-20 saturate)
   for b in 24 32; do
     run trainbatch $M XLA_FLAGS= $T --config.batch_size=$b --config.optimizer.moments_dtype=bfloat16

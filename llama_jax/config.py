@@ -13,7 +13,6 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention",
 ATTENTION_IMPLS = ("xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 DECODE_KERNELS = ("auto", "xla", "pallas")
-TRAIN_KERNEL_IMPLS = ("xla", "pallas")  # norm_impl, swiglu_impl
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,12 +41,6 @@ class ModelConfig:
   # its weights and shapes allow, and a step of more rows as XLA's GEMMs around the fused attention
   # kernel (`decode_block.batch_block`); "xla" as `model.Block`; "auto" is pallas on one GPU, else xla.
   decode_kernels: str = "auto"
-  # RMSNorm in training: "xla", or "pallas" (`kernels.rms_norm`: one pass forward, one backward, where
-  # XLA makes six; on each device's rows, where its blocks fit them; not yet timed on a GPU: BENCHMARKS.md)
-  norm_impl: str = "xla"
-  # SwiGLU's backward in training: "xla", or "pallas" (`kernels.swiglu`: both gradients in one pass;
-  # on each device's share, where its blocks fit it; not yet timed on a GPU: BENCHMARKS.md)
-  swiglu_impl: str = "xla"
   remat_policy: str = "none"  # what a block keeps for the backward pass; see model.REMAT
   scan_layers: bool = True  # lax.scan over the blocks: compile time independent of depth
   loss_chunk_len: int = 0  # > 0: the training loss makes logits this many positions at a time; 0: all
@@ -77,9 +70,6 @@ class ModelConfig:
                        f"got {self.decode_attention!r}")
     if self.decode_kernels not in DECODE_KERNELS:
       raise ValueError(f"model.decode_kernels must be one of {DECODE_KERNELS}, got {self.decode_kernels!r}")
-    for name in ("norm_impl", "swiglu_impl"):
-      if getattr(self, name) not in TRAIN_KERNEL_IMPLS:
-        raise ValueError(f"model.{name} must be one of {TRAIN_KERNEL_IMPLS}, got {getattr(self, name)!r}")
     if self.loss_chunk_len < 0:
       raise ValueError(f"model.loss_chunk_len must be >= 0, got {self.loss_chunk_len}")
     if self.remat_policy not in REMAT_POLICIES:

@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax import projection
 from llama_jax.config import ModelConfig
-from llama_jax.kernels import decode_attention, matvec, rms_norm, swiglu
+from llama_jax.kernels import decode_attention, matvec
 
 Array = jax.Array
 Rope = tuple[Array, Array]  # (sin, cos), each (B, T, 1, H/2) float32
@@ -118,52 +118,12 @@ def _constrain(x: Array, axes) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
-def _per_device(fn, in_axes, out_axes):
-  """`fn` on each device's share of its arguments, laid out by their logical axes (the activation
-  rules in force): Pallas kernels have no partitioning rule, and XLA would otherwise gather their
-  operands whole onto every device. Without a mesh of several devices, `fn` itself."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn
-  spec = lambda axes: jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(axes))  # noqa: E731
-  out_specs = spec(out_axes) if isinstance(out_axes[0], str) else tuple(map(spec, out_axes))
-  # check_vma off: pallas_call's outputs carry no varying-axes annotation.
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, in_axes)), out_specs=out_specs, check_vma=False)
-
-
-def _unsplit(axis: str) -> bool:
-  """Whether the activation rules in force leave this logical axis whole on each device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or mesh.size == 1 or nn.logical_to_mesh_axes((axis,))[0] is None
-
-
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, residual: Array | None = None) -> Array | tuple[Array, Array]:
-    """The norm of x; with `residual`, (x + residual, its norm): one kernel for both with norm_impl
-    "pallas", where XLA fuses the add into its own passes."""
+  def __call__(self, x: Array) -> Array:
     weight = _param(self, "weight", (self.cfg.dim,), (EMBED,), nn.initializers.ones)
-    # The kernels normalise whole rows: not where the rules split the activations' width.
-    if self.cfg.norm_impl == "pallas" and _unsplit(ACT_EMBED):
-      eps = self.cfg.norm_eps
-
-      def norm(x, weight, *residual):  # on one device's positions, whole rows (act_embed unsplit)
-        if rms_norm.supported(x.size // x.shape[-1], x.shape[-1]):
-          return rms_norm.rms_norm(x, weight, eps, residual=residual[0] if residual else None)
-        if residual:
-          x = x + residual[0]
-          return x, matvec.rms_norm(x, weight, eps)
-        return matvec.rms_norm(x, weight, eps)
-
-      rows = (BATCH, LENGTH, ACT_EMBED)
-      if residual is None:
-        return _per_device(norm, (rows, (None,)), rows)(x, weight)  # the weight whole on every device
-      return _per_device(norm, (rows, (None,), rows), (rows, rows))(x, weight, residual)
-    if residual is not None:
-      x = _constrain(x + residual, (BATCH, LENGTH, ACT_EMBED))
-      return x, matvec.rms_norm(x, weight, self.cfg.norm_eps)
     return matvec.rms_norm(x, weight, self.cfg.norm_eps)  # the decode kernels' XLA path shares it
 
 
@@ -285,12 +245,7 @@ class FeedForward(nn.Module):
     else:
       gate = checkpoint_name(_project(self, "w1", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_gate")
       up = checkpoint_name(_project(self, "w3", "BTD,DF->BTF", x, (d, f), (EMBED, MLP)), "ffn_up")
-    if self.cfg.swiglu_impl == "pallas":
-      def hidden_layer(gate, up):  # on one device's share
-        return swiglu.swiglu(gate, up) if swiglu.supported(gate.size) else jax.nn.silu(gate) * up
-      hidden = _per_device(hidden_layer, ((BATCH, LENGTH, MLP),) * 2, (BATCH, LENGTH, MLP))(gate, up)
-    else:
-      hidden = jax.nn.silu(gate) * up
+    hidden = jax.nn.silu(gate) * up
     if self.has_variable("params", "w2_t"):
       out = _project(self, "w2_t", "BTF,DF->BTD", hidden, (d, f), (EMBED, MLP))
     else:
@@ -306,8 +261,8 @@ class Block(nn.Module):
                cache: LayerCache | None = None) -> tuple[Array, LayerCache | None]:
     h, cache = Attention(self.cfg, name="attention")(
         RMSNorm(self.cfg, name="attention_norm")(x), positions, rope, mask, cache)
-    x, normed = RMSNorm(self.cfg, name="ffn_norm")(x, residual=h)  # x + h and its norm
-    x = x + FeedForward(self.cfg, name="feed_forward")(normed)
+    x = _constrain(x + h, (BATCH, LENGTH, ACT_EMBED))
+    x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
     return _constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache
 
 

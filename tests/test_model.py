@@ -178,8 +178,7 @@ def test_segment_ids_keep_attention_inside_documents():
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"),
                                      dict(remat_policy="save_matmuls"),
-                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True),
-                                     dict(norm_impl="pallas")])
+                                     dict(remat_policy="dots_and_attention"), dict(tie_embeddings=True)])
 def test_variants_agree(variant):
   cfg = dataclasses.replace(TINY, **variant)
   params = _params(cfg)
@@ -305,112 +304,6 @@ def test_a_save_that_fails_leaves_the_model_it_was_saving_over(tmp_path, monkeyp
 def test_load_missing_path_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     llama_jax.load(tmp_path / "nope")
-
-
-def test_rms_norm_kernels_give_xla_s_forward_and_the_float32_gradient():
-  # kernels.rms_norm (model.norm_impl="pallas"), in Pallas' interpreter here. Forward: the norm
-  # transcribed in numpy (float32 statistics, the normalised value rounded to bfloat16, then the
-  # bfloat16 weight), which XLA's gives too; with the residual add, of the float32 sum, stored
-  # rounded. Backward: the float32 derivative, to which autodiff's bfloat16 one is no closer.
-  from llama_jax.kernels import matvec, rms_norm
-  bf16 = jnp.bfloat16
-  x = (jax.random.normal(jax.random.key(0), (2, 6, 64)) * 3).astype(bf16)
-  h = jax.random.normal(jax.random.key(3), x.shape).astype(bf16)
-  w = 1 + 0.1 * jax.random.normal(jax.random.key(1), (64,))
-  dy, ds = (jax.random.normal(jax.random.key(k), x.shape).astype(bf16) for k in (2, 4))
-
-  def numpy_norm(s32):
-    inv = 1 / np.sqrt((s32 * s32).mean(-1, keepdims=True) + np.float32(1e-5), dtype=np.float32)
-    normed = np.asarray(jnp.asarray(s32 * inv).astype(bf16), np.float32)
-    return np.asarray(jnp.asarray(normed * np.asarray(w.astype(bf16), np.float32)).astype(bf16), np.float32)
-
-  x32, h32 = np.asarray(x, np.float32), np.asarray(h, np.float32)
-  y, ours_vjp = jax.vjp(lambda x, w: rms_norm.rms_norm(x, w, 1e-5), x, w)
-  np.testing.assert_array_equal(np.asarray(y, np.float32), numpy_norm(x32))
-  np.testing.assert_array_equal(np.asarray(matvec.rms_norm(x, w, 1e-5), np.float32), numpy_norm(x32))
-  _, xla_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x, w, 1e-5), x, w)
-  _, exact_vjp = jax.vjp(lambda x, w: matvec.rms_norm(x.astype(jnp.float32), w, 1e-5), x, w)
-  for got, autodiff, exact in zip(ours_vjp(dy), xla_vjp(dy), exact_vjp(dy.astype(jnp.float32))):
-    got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
-    assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
-
-  # The residual add in the same kernels: (x + h, its norm); both inputs get the sum's cotangent
-  # plus the norm's.
-  def xla_add(x, h, w):
-    return x + h, matvec.rms_norm(x + h, w, 1e-5)
-
-  (s, y), ours_vjp = jax.vjp(lambda x, h, w: rms_norm.rms_norm(x, w, 1e-5, residual=h), x, h, w)
-  np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(jnp.asarray(x32 + h32).astype(bf16), np.float32))
-  np.testing.assert_array_equal(np.asarray(y, np.float32), numpy_norm(x32 + h32))
-  _, xla_vjp = jax.vjp(xla_add, x, h, w)
-  _, exact_vjp = jax.vjp(lambda x, h, w: xla_add(x.astype(jnp.float32), h.astype(jnp.float32), w), x, h, w)
-  cotangents = (ds, dy)
-  exact_cotangents = tuple(c.astype(jnp.float32) for c in cotangents)
-  for got, autodiff, exact in zip(ours_vjp(cotangents), xla_vjp(cotangents), exact_vjp(exact_cotangents)):
-    got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
-    assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
-  # As many positions as the width: the kernels must tell their operands apart by role, not shape.
-  square = jnp.tile(x.reshape(-1, 64), (6, 1))[:64]  # (64, 64)
-  np.testing.assert_array_equal(np.asarray(rms_norm.rms_norm(square, w, 1e-5), np.float32),
-                                numpy_norm(np.asarray(square, np.float32)))
-  assert not rms_norm.supported(6, 64) and not rms_norm.supported(8, 96)
-  # Lowered for CUDA (a CPU can): Pallas' Triton lowering and its checks, at the TinyLlama shape.
-  big = jax.ShapeDtypeStruct((8, 2048, 2048), jnp.bfloat16)
-
-  def loss(x, h, w):
-    s, y = rms_norm.rms_norm(x, w, 1e-5, residual=h, interpret=False)
-    return jnp.sum(rms_norm.rms_norm(s + y, w, 1e-5, interpret=False).astype(jnp.float32))
-
-  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(big, big, jax.ShapeDtypeStruct((2048,), jnp.float32)).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert all(name in text for name in ("add_rms_norm_forward", "rms_norm_forward", "rms_norm_backward"))
-
-
-def test_swiglu_kernel_gives_the_float32_gradients():
-  # kernels.swiglu (model.swiglu_impl="pallas"), in Pallas' interpreter: XLA's forward, and a
-  # backward that is the float32 derivative of silu(gate) * up (autodiff's bfloat16 one no closer).
-  from llama_jax.kernels import swiglu
-  gate, up, d = (jax.random.normal(jax.random.key(k), (4, 16, 176)).astype(jnp.bfloat16) * 3 for k in range(3))
-  plain = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
-  hidden, ours_vjp = jax.vjp(swiglu.swiglu, gate, up)
-  np.testing.assert_array_equal(np.asarray(hidden, np.float32), np.asarray(plain(gate, up), np.float32))
-  _, xla_vjp = jax.vjp(plain, gate, up)
-  _, exact_vjp = jax.vjp(lambda g, u: plain(g.astype(jnp.float32), u.astype(jnp.float32)), gate, up)
-  for got, autodiff, exact in zip(ours_vjp(d), xla_vjp(d), exact_vjp(d.astype(jnp.float32))):
-    got, autodiff, exact = (np.asarray(a, np.float32) for a in (got, autodiff, exact))
-    assert np.abs(got - exact).max() <= max(np.abs(autodiff - exact).max(), 1e-6)
-  assert not swiglu.supported(2 * 10 * 176)
-  # In the model: the same logits and gradients as XLA's (float32, a shape the kernel takes).
-  cfg = dataclasses.replace(TINY, swiglu_impl="pallas")
-  params, tokens = _params(cfg), _tokens((4, 16), cfg.vocab_size)
-  loss = lambda c: lambda p: jnp.mean(M.forward(c, p, tokens) ** 2)  # noqa: E731
-  for x, y in zip(jax.tree.leaves(jax.grad(loss(cfg))(params)), jax.tree.leaves(jax.grad(loss(TINY))(params))):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
-  # Lowered for CUDA (a CPU can) at the TinyLlama shape.
-  big = jax.ShapeDtypeStruct((8, 2048, 5632), jnp.bfloat16)
-  grad = jax.grad(lambda g, u: jnp.sum(swiglu.swiglu(g, u, interpret=False).astype(jnp.float32)), (0, 1))
-  assert "swiglu_backward" in jax.jit(grad).trace(big, big).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@pytest.mark.parametrize("mesh_shape, split_width", [((1, 8, 1), False), ((2, 2, 2), False), ((2, 2, 2), True)])
-def test_the_training_kernels_run_on_each_device_s_share_of_a_mesh(mesh_shape, split_width):
-  # Pallas calls have no partitioning rule: the model runs them under shard_map on each device's
-  # rows (FSDP, data and tensor axes here, on the tests' eight CPU devices), with the norm's weight
-  # whole; the gradients are XLA's, the weight's summed over the devices. Where the rules split the
-  # activations' width (act_embed), a device has no whole row to normalise: the norm stays XLA's.
-  from llama_jax import sharding
-  cfg = dataclasses.replace(TINY, norm_impl="pallas", swiglu_impl="pallas")
-  params, tokens = _params(TINY), _tokens((8, 64), TINY.vocab_size)  # 64 positions a device: whole blocks
-  loss = lambda c: lambda p: jnp.mean(M.forward(c, p, tokens) ** 2)  # noqa: E731
-  mesh = sharding.make_mesh(*mesh_shape)
-  rules = dict(sharding.DEFAULT_RULES) | ({"act_embed": "tensor"} if split_width else {})
-  jax.clear_caches()  # the model's traces depend on the rules, which jit's caches do not key on
-  with sharding.activation_rules(mesh, tuple(rules.items())):
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss(cfg)))(params))
-    grads = jax.jit(jax.grad(loss(cfg)))(params)
-  assert ("rms_norm_forward" in jaxpr) != split_width and "swiglu_backward" in jaxpr
-  for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(loss(TINY))(params))):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 def test_output_head_gradients_run_in_the_compute_dtype_and_match_float32():

@@ -7,8 +7,5 @@ plain-XLA computation it replaces (which the tests hold it to). One idea a modul
                     RMSNorm, SwiGLU or the residual add inside them
   decode_block      a decode step's block as five of these kernels; a batch's with XLA's GEMMs
                     around the attention kernel (and some products as matvec kernels)
-  rms_norm          RMSNorm for training (and the residual add before it): forward and backward in one
-                    pass over the activations each
-  swiglu            SwiGLU's backward for training: both gradients in one pass
   tiles             what Triton asks of their tiles (rows padded for its dot, float32 products)
 """

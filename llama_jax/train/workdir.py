@@ -34,7 +34,7 @@ LOCK = "lock"
 # Fields that change only how the model is computed, not which function its parameters define: a
 # resumed run may change them (another GPU, another memory budget).
 RUNTIME_FIELDS = ("dtype", "attention_impl", "decode_attention", "decode_kernels", "remat_policy",
-                  "scan_layers", "loss_chunk_len", "norm_impl", "swiglu_impl")
+                  "scan_layers", "loss_chunk_len")
 
 
 class WorkdirError(ValueError):
