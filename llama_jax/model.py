@@ -374,8 +374,18 @@ def param_shapes(cfg: ModelConfig) -> Any:
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(cfg: ModelConfig, params, tokens, positions):
+def rules_in_force() -> tuple:
+  """The logical-axis rules in force (`sharding.activation_rules`), which the model's
+  `with_logical_constraint` calls read while tracing, as nested tuples. A jitted function whose
+  trace runs the model takes them as a static argument: jit's cache keys on the mesh in force but
+  not on flax's rules, and would otherwise reuse a trace made under other rules."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in nn.get_logical_axis_rules())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(cfg: ModelConfig, rules, params, tokens, positions):
+  del rules  # in force in flax's context while tracing; an argument only to key jit's cache
   return Transformer(cfg).apply({"params": params}, tokens, positions)
 
 
@@ -383,4 +393,4 @@ def forward(cfg: ModelConfig, params, tokens: Array, positions: Array | None = N
   """Jitted full forward pass: float32 logits (B, T, V)."""
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  return _forward(cfg, params, tokens, positions)
+  return _forward(cfg, rules_in_force(), params, tokens, positions)

@@ -328,3 +328,20 @@ def test_output_head_gradients_run_in_the_compute_dtype_and_match_float32():
   ref_x, ref_w = jax.grad(loss, (1, 2))(plain, x, w)
   assert float(jnp.linalg.norm(gx.astype(jnp.float32) - ref_x) / jnp.linalg.norm(ref_x)) < 1e-2
   assert float(jnp.linalg.norm(gw.astype(jnp.float32) - ref_w) / jnp.linalg.norm(ref_w)) < 1e-2
+
+
+def test_forward_traces_again_under_other_activation_rules():
+  # model.forward's trace depends on the logical-axis rules in force, which jit's cache does not key
+  # on by itself: the rules are part of the key, so a second rule set gets its own trace (and the
+  # same logits), not the first one's sharding constraints.
+  from llama_jax import sharding
+  params, tokens = _params(TINY), _tokens((8, 16), TINY.vocab_size)
+  mesh = sharding.make_mesh(2, 2, 2)
+  split_width = dict(sharding.DEFAULT_RULES) | {"act_embed": "tensor"}
+  M._forward.clear_cache()
+  logits = []
+  for rules in (sharding.DEFAULT_RULES, tuple(split_width.items())):
+    with sharding.activation_rules(mesh, rules):
+      logits.append(np.asarray(M.forward(TINY, params, tokens)))
+  assert M._forward._cache_size() == 2
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)

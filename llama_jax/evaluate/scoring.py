@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax.config import ModelConfig
-from llama_jax.model import Transformer
+from llama_jax.model import Transformer, rules_in_force
 
 MIN_BUCKET = 16  # the shortest padded length: tiny requests share one compilation
 
@@ -42,9 +42,14 @@ class Score:
   greedy: bool  # every scored token was the argmax of its prediction
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _target_logprobs(cfg: ModelConfig, params: Any, inputs: jax.Array, targets: jax.Array):
   """log p(targets[b, t] | inputs[b, :t+1]) in float32, and whether it was the argmax. (B, T) each."""
+  return _jitted_target_logprobs(cfg, rules_in_force(), params, inputs, targets)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jitted_target_logprobs(cfg: ModelConfig, rules, params: Any, inputs: jax.Array, targets: jax.Array):
+  del rules  # in force while tracing; keys jit's cache (`model.rules_in_force`)
   logits = Transformer(cfg).apply({"params": params}, inputs)  # (B, T, V)
   logits = logits.astype(jnp.float32)
   # log_softmax at the target only: logit - logsumexp, without a second (B, T, V) array.
