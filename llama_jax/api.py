@@ -63,18 +63,24 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | None = None,
-         mesh: Mesh | None = None, rules=None, **config_overrides) -> Model:
+         mesh: Mesh | None = None, rules=None, backbone: bool = False, **config_overrides) -> Model:
   """Loads any checkpoint this project reads, with its tokenizer (`tokenizer`: a tokenizer.json, a
   SentencePiece .model or a folder holding one, instead of the checkpoint's own). `dtype` sets the compute dtype; `config_overrides`
   change other run-time fields (attention_impl, remat_policy, ...) but not the shape. With a `mesh`
   the parameters go straight into their shards over it (by `rules`, default
-  `sharding.DEFAULT_RULES`), so a model larger than one device loads and none holds all of it."""
+  `sharding.DEFAULT_RULES`), so a model larger than one device loads and none holds all of it.
+  A reward model (a `score` head, no output head) is an error: `llama_jax.load_reward_model` reads
+  it. `backbone`: the parameters without the output head, of a language model or a reward model
+  alike (what a reward run starts from, `align.reward`)."""
   from llama_jax.convert import source
   rules = sharding.as_rules(rules or sharding.DEFAULT_RULES)
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint path does not exist: {path}")
   src = source.open_source(path)
+  if not backbone and src.params_dir and "score" in (checkpoint.saved_keys(src.params_dir) or ()):
+    raise ValueError(f"{path}: a reward model (a 'score' head, no language-model head to generate "
+                     "with): load it with llama_jax.load_reward_model to score with it")
   config = src.config
   tokenizer_path = tokenizer or src.tokenizer_path
   tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
@@ -87,17 +93,20 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
     # A LoRA run: its base model with the adapters merged in (attached, over a quantized base).
     from llama_jax.lora import files
     base = files.base_path(path)
-    loaded = load(base, mesh=mesh, rules=rules)
+    loaded = load(base, mesh=mesh, rules=rules, backbone=backbone)
     config, params, _ = files.adapt(path, loaded.config, loaded.params, base, mesh=mesh, rules=rules)
   elif src.kind == "orbax":
     # Restored by Orbax straight into the target shardings (or the first device); quantized
     # weights stay quantized.
     shardings = sharding.param_shardings(src.config, mesh, rules) if mesh is not None else None
-    params = checkpoint.load_params(src.params_dir, src.config, shardings, src.quantization)
+    params = checkpoint.load_params(src.params_dir, src.config, shardings, src.quantization, backbone)
   else:
     config, params = source.load(src, "float32")  # numpy on the host, one copy
+    if backbone:
+      params.pop("output", None)
     if mesh is not None:
-      params = jax.device_put(params, sharding.param_shardings(config, mesh, rules))
+      shardings = sharding.param_shardings(config, mesh, rules)
+      params = jax.device_put(params, {k: shardings[k] for k in params})
     else:
       params = jax.tree.map(jnp.asarray, params)
   if config_overrides:

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -259,41 +260,53 @@ def tokenizer_for(path: str | None, vocab_size: int):
 
 
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None,
-               quantization: dict | None = None) -> None:
+               quantization: dict | None = None, files: dict[str, str | None] | None = None) -> None:
   """`quantization`: how the model was quantized (method, calibration), written to
-  quantization.json beside the description of its quantized weights."""
+  quantization.json beside the description of its quantized weights. `files`: other files that
+  describe these weights (name -> text; None: none, an old one is removed), swapped in with them
+  as model_config.json and quantization.json are (a reward model's template record, `convert`)."""
   tokenizer = tokenizer_for(tokenizer_path, config.vocab_size)  # a bad one fails before any write
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, "params")
-  # The new weights are written beside the old ones and swapped in once complete: a crash while
-  # saving over a model leaves that model whole.
-  # (Every process of a multi-host save writes its shards; process 0 alone moves directories.)
+  weights = projection.describe(params)
+  files = {**(files or {}), MODEL_CONFIG: model_config_json(config), QUANTIZATION: (
+      json.dumps({**(quantization or {}), "weights": weights}, indent=2) if weights else None)}
+  # The new weights and the files that describe them are written beside the old ones and swapped
+  # in once complete: a crash before the swap leaves the old model whole, one during it leaves no
+  # params/ (an error to every reader; both models' weights on disk), never new weights beside an
+  # old model's files or the reverse.
+  # (Every process of a multi-host save writes its shards; process 0 alone writes and moves the rest.)
   main = jax.process_index() == 0
   staging, previous = params_dir + ".partial", params_dir + ".previous"
-  for leftover in (staging, previous) if main else ():
-    if os.path.exists(leftover):
+  staged = {name: os.path.join(directory, name) + ".partial" for name in files}
+  for leftover in (staging, previous, *staged.values()) if main else ():
+    if os.path.isdir(leftover):
       shutil.rmtree(leftover)
+    elif os.path.exists(leftover):
+      os.remove(leftover)
   multihost_utils.sync_global_devices("save_model: leftovers removed")
-  weights = projection.describe(params)
   # Uncompressed: with zstd on, tensorstore keeps every array's compressed chunks in host memory
   # until the commit (measured: +0.95 of the model's size, and 2.3x the time); float weights
   # compress by only ~10%. Reading needs no flag either way.
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
     ckptr.save(staging, args=ocp.args.PyTreeSave(projection.to_saved(params)))
   if main:
+    for name, text in files.items():
+      if text is not None:
+        write_atomic(staged[name], text)
     if os.path.exists(params_dir):
       os.rename(params_dir, previous)
+    for name, text in files.items():  # renames only, from here to the weights' own
+      target = os.path.join(directory, name)
+      if text is not None:
+        os.replace(staged[name], target)
+      elif os.path.exists(target):
+        os.remove(target)
     os.rename(staging, params_dir)
   multihost_utils.sync_global_devices("save_model: weights in place")
-  write_model_config(directory, config)
   if main and os.path.exists(previous):
     shutil.rmtree(previous)
-  quant_file = os.path.join(directory, QUANTIZATION)
-  if weights:
-    write_atomic(quant_file, json.dumps({**(quantization or {}), "weights": weights}, indent=2))
-  elif os.path.exists(quant_file):
-    os.remove(quant_file)
   if tokenizer is not None:  # its files beside the weights
     tokenizer.save(directory)
 
@@ -338,15 +351,24 @@ def is_own_checkpoint(path: str) -> bool:
 
 
 def load_params(params_dir: str, config: ModelConfig, shardings: Any = None,
-                quantization: dict | None = None) -> Any:
+                quantization: dict | None = None, backbone: bool = False) -> Any:
   """The model's parameters, placed by `shardings` (of the plain tree; quantized weights, described
   by `quantization` (`read_quantization`), follow them). A tree saved with heads beside the model's
-  parameters (a PPO policy's value head, llama_jax.align) gives the model's part."""
+  parameters (a PPO policy's value head, llama_jax.align) gives the model's part. `backbone`: all
+  but the output head, which is not read (a reward model's tree has none)."""
   abstract = abstract_params(config, shardings)
-  if quantization:
-    abstract = projection.abstract_saved(abstract, quantization["weights"])
+  weights = quantization["weights"] if quantization else {}
+  if weights:
+    abstract = projection.abstract_saved(abstract, weights)
+  if backbone:
+    abstract = {k: v for k, v in abstract.items() if k != "output"}
+    weights = {name: d for name, d in weights.items() if name.split("/")[0] != "output"}
   params = restore_tree(params_dir, abstract, partial=True)
-  return projection.from_saved(params, quantization["weights"]) if quantization else params
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # a partial restore's target for a key it lacks
+      raise CheckpointError(f"checkpoint {params_dir} has no parameter "
+                            f"{'/'.join(str(getattr(k, 'key', k)) for k in key_path)}")
+  return projection.from_saved(params, weights) if weights else params
 
 
 def restore_tree(params_dir: str, target: Any, partial: bool = False) -> Any:
@@ -366,11 +388,15 @@ def restore_tree(params_dir: str, target: Any, partial: bool = False) -> Any:
 def saved_keys(params_dir: str) -> list[str] | None:
   """The top-level keys of a saved parameter tree, from its metadata (None where that does not
   read: restoring then says why)."""
+  # The handler's own metadata: a Checkpointer's also looks for the step metadata that a training
+  # step's `params` item does not have (it is the step's), and logs a warning for it.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-      return sorted(ckptr.metadata(params_dir).item_metadata.tree)
+    return sorted(handler.metadata(epath.Path(params_dir)).tree)
   except Exception:  # noqa: BLE001 -- a damaged checkpoint: its restore names the file
     return None
+  finally:
+    handler.close()
 
 
 def restore_host_leaves(params_dir: str, config: ModelConfig,

@@ -335,3 +335,94 @@ def test_convert_writes_a_full_reward_run_whole_and_as_a_sequence_classifier(rew
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != pad)).logits[:, 0].numpy()
   np.testing.assert_allclose(trained.score_tokens(sequences), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_load_refuses_a_reward_model_and_names_the_reader_that_scores_with_it(reward_runs, setup):
+  """A reward model (saved, a run, a LoRA run) has no output head: `llama_jax.load` said nothing and
+  handed back Orbax's placeholder for it, which `generate` failed on. It is one error naming
+  `load_reward_model`, also where a recipe loads a language model from it (DPO's, PPO's init_from);
+  `backbone=True`, a reward run's start, reads the backbone alone."""
+  import ml_collections
+  import llama_jax
+  from llama_jax.align import load_reward_model
+  from llama_jax.train.loop import LanguageModel
+  for path in (setup / "rm", reward_runs["full"], reward_runs["lora"]):
+    with pytest.raises(ValueError, match=r"a reward model .*no language-model head.*llama_jax.load_reward_model"):
+      llama_jax.load(path)
+  with pytest.raises(ValueError, match="a reward model"):
+    LanguageModel().load_pretrained(ml_collections.ConfigDict({"init_from": str(setup / "rm")}), None, None)
+  whole = load_reward_model(setup / "rm").params
+  backbone = llama_jax.load(setup / "rm", backbone=True).params
+  assert sorted(backbone) == ["layers", "norm", "tok_embeddings"]
+  jax.tree.map(np.testing.assert_array_equal, backbone, {k: whole[k] for k in backbone})
+  assert sorted(llama_jax.load(setup / "sft", backbone=True).params) == ["layers", "norm", "tok_embeddings"]
+
+
+def test_a_reward_run_starts_from_a_reward_models_backbone(setup, tmp_path):
+  """init_from a reward model (which `llama_jax.load` refuses whole): the run, full or LoRA, trains
+  on its backbone under a fresh head, and the LoRA run loads over it."""
+  from llama_jax.align import get_recipe, load_reward_model
+  from llama_jax.train.cli import load_config
+  from llama_jax.train.loop import train_and_evaluate
+  for name, fields in (("full", {}), ("lora", {"lora.rank": 2})):
+    config = load_config(write_config(tmp_path / f"{name}.py", setup, "reward_tiny", **{
+        "init_from": str(setup / "rm"), "num_steps": 1, "eval_every": 0, "batch_size": 8, "seq_len": 48,
+        **fields}))
+    train_and_evaluate(config, str(tmp_path / name), get_recipe(config))
+    assert metrics(tmp_path / name)[0]["rm/loss"] == pytest.approx(math.log(2), abs=1e-6)  # a fresh head
+    assert np.isfinite(load_reward_model(tmp_path / name).score(["red cat", "blue dog"])).all()
+
+
+def test_convert_swaps_a_reward_models_template_record_in_with_its_weights(reward_runs, setup, tmp_path,
+                                                                          monkeypatch):
+  """Converting a reward model over another: its template record is part of the save. A crash
+  before the swap leaves the old model whole (its weights, its record), one after it the new one
+  whole. (The record was written after save_model's swap: a crash in between left the new weights
+  under the old model's record, scoring in its template without a word.)"""
+  import shutil
+  from llama_jax.align import load_reward_model
+  from llama_jax.convert import cli as convert
+  out = tmp_path / "out"
+  assert convert.main(["--input", str(reward_runs["full"]), "--output", str(out)]) == 0
+  old_score = np.asarray(load_reward_model(out).params["score"])
+  other = tmp_path / "other"  # another reward model, its record naming another template
+  shutil.copytree(setup / "rm", other)
+  (other / checkpoint.RUN_CONFIG).write_text(json.dumps(
+      {"recipe": "reward", "data": {"sources": {"pairs": {"weight": 1.0, "template": "chatml"}}}}))
+  new_score = np.asarray(load_reward_model(other).params["score"])
+
+  class Crash(Exception):
+    pass
+
+  def crashing(real, suffix):
+    def fn(path, *args, **kwargs):
+      if str(args[0] if args else path).endswith(suffix):
+        raise Crash(suffix)
+      return real(path, *args, **kwargs)
+    return fn
+
+  def model_at(path):
+    rm = load_reward_model(path)
+    return rm.template, np.asarray(rm.params["score"])
+
+  # Before the swap (the old weights set aside): the old model, whole.
+  monkeypatch.setattr(os, "rename", crashing(os.rename, "params.previous"))
+  with pytest.raises(Crash):
+    convert.main(["--input", str(other), "--output", str(out)])
+  monkeypatch.undo()
+  template, score = model_at(out)
+  assert template == "llama-2"
+  np.testing.assert_array_equal(score, old_score)
+  # After the swap (the old weights deleted): the new model, whole.
+  monkeypatch.setattr(shutil, "rmtree", crashing(shutil.rmtree, "params.previous"))
+  with pytest.raises(Crash):
+    convert.main(["--input", str(other), "--output", str(out)])
+  monkeypatch.undo()
+  template, score = model_at(out)
+  assert template == "chatml"
+  np.testing.assert_array_equal(score, new_score)
+  # A reward model without a record takes the old one's away, in the same save.
+  os.remove(other / checkpoint.RUN_CONFIG)
+  assert convert.main(["--input", str(other), "--output", str(out)]) == 0
+  assert model_at(out)[0] is None and not os.path.exists(out / checkpoint.RUN_CONFIG)
+  assert sorted(os.listdir(out)) == sorted(os.listdir(other)), "leftovers of the crashed saves"

@@ -3,9 +3,9 @@
 The model is the LLaMA backbone with a scalar head `score` on the hidden state of a sequence's last
 token (the EOS that ends the answer), trained on preference pairs with the Bradley-Terry loss
 -log σ(r_chosen - r_rejected) (InstructGPT, Ouyang et al. 2022, §3.5; TRL's RewardTrainer). It
-starts from `init_from` (an SFT model: its output head is dropped) or from scratch. Metrics (means
-over pairs): rm/loss, rm/accuracy (the chosen answer scored higher), rm/margin (r_c - r_r), and the
-same on held-out pairs under eval/.
+starts from `init_from` (an SFT model: its output head is dropped; a reward model: its backbone,
+under a fresh head) or from scratch. Metrics (means over pairs): rm/loss, rm/accuracy (the chosen
+answer scored higher), rm/margin (r_c - r_r), and the same on held-out pairs under eval/.
 
 Conversations are scored as the run rendered its pairs: in the chat template its data sources name,
 read back from the run's config in its workdir (`trained_template`).
@@ -57,8 +57,14 @@ class RewardRecipe(recipe.PairsRecipe):
                         f"{model_cfg.max_seq_len - 1} (max_seq_len - 1)")
     return super().make_training(config, model_cfg, mesh)
 
+  def load_pretrained(self, config, mesh, rules):
+    # The backbone alone: an SFT model's output head is not read, and a reward model (which has
+    # none, and which `load` refuses whole) is a start too.
+    from llama_jax.api import load
+    return load(config.init_from, mesh=mesh, rules=rules, backbone=True)
+
   def from_pretrained(self, loaded, config, model_cfg: ModelConfig, run):
-    params = {k: v for k, v in loaded.params.items() if k != "output"}
+    params = dict(loaded.params)
     params["score"] = jnp.zeros((model_cfg.dim,), model_cfg.param_dtype)
     return loop.state_from_pretrained(loaded, run, params=params)
 
@@ -217,9 +223,8 @@ def lora_reward_params(workdir: str, mesh: Mesh | None = None, rules=sharding.DE
   from llama_jax.api import load
   from llama_jax.lora import files
   base_where = base or files.base_path(workdir)
-  loaded = load(base_where, mesh=mesh, rules=rules)
-  backbone = {k: v for k, v in loaded.params.items() if k != "output"}
-  cfg, params, _ = files.adapt(workdir, loaded.config, backbone, base_where, merge=merge, mesh=mesh,
+  loaded = load(base_where, mesh=mesh, rules=rules, backbone=True)  # a reward model's too
+  cfg, params, _ = files.adapt(workdir, loaded.config, loaded.params, base_where, merge=merge, mesh=mesh,
                                rules=rules)
   params_dir, _ = checkpoint.find_params_dir(workdir)
   head = {"score": abstract_reward_params(cfg, mesh, rules)["score"]}

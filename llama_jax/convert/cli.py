@@ -131,10 +131,10 @@ def convert(args: argparse.Namespace) -> None:
   if args.to == "hf":
     hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype)
   else:
+    # A reward model's template record goes in with its weights, as one save (None: an old one goes).
+    files = {checkpoint.RUN_CONFIG: _trained_template_record(args.input)} if "score" in params else None
     _to_device(params, out_dtype)
-    checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer)
-    if "score" in params:
-      _keep_trained_template(args.input, args.output)
+    checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer, files=files)
 
 
 def _reward_model(path: str) -> bool:
@@ -144,25 +144,23 @@ def _reward_model(path: str) -> bool:
   return "score" in (checkpoint.saved_keys(checkpoint.find_params_dir(path)[0]) or ())
 
 
-def _keep_trained_template(source: str, output: str) -> None:
-  """Carries a reward model's record of the chat template its run trained with from `source`'s
-  directory (a run's config, or a record this wrote) into the saved model's `output`: save_model
-  writes no run config, and without one `score(template="auto")` renders in the tokenizer's
-  template. The record is the run config cut to what `reward.trained_template` reads. (A config.json
-  beside model_config.json is no Hugging Face config to our readers: `source.open_source` takes such
-  a directory as our own checkpoint first, and the tokenizer finds no token ids in it.)"""
+def _trained_template_record(source: str) -> str | None:
+  """A reward model's record of the chat template its run trained with, from `source`'s directory
+  (a run's config, or a record this wrote), for the saved model's directory (its RUN_CONFIG):
+  save_model writes no run config, and without one `score(template="auto")` renders in the
+  tokenizer's template. The record is the run config cut to what `reward.trained_template` reads;
+  None where none is recorded, or the sources disagree. (A config.json beside model_config.json is
+  no Hugging Face config to our readers: `source.open_source` takes such a directory as our own
+  checkpoint first, and the tokenizer finds no token ids in it.)"""
   from llama_jax import checkpoint
   from llama_jax.align.reward import read_trained_template
   config_dir = checkpoint.find_params_dir(source)[1]
-  target = os.path.join(output, checkpoint.RUN_CONFIG)
-  if read_trained_template(config_dir) is None:  # none recorded, or the sources disagree
-    if os.path.isfile(target):  # the record of a model this one was written over
-      os.remove(target)
-    return
+  if read_trained_template(config_dir) is None:
+    return None
   with open(os.path.join(config_dir, checkpoint.RUN_CONFIG)) as f:
     sources = json.load(f)["data"]["sources"]
   sources = {name: {k: s[k] for k in ("weight", "template") if k in s} for name, s in sources.items()}
-  checkpoint.write_atomic(target, json.dumps({"recipe": "reward", "data": {"sources": sources}}, indent=2))
+  return json.dumps({"recipe": "reward", "data": {"sources": sources}}, indent=2)
 
 
 def _merge_lora(run: str, base: str | None):
