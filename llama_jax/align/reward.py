@@ -36,6 +36,7 @@ from llama_jax.align import recipe
 from llama_jax.align.heads import last_index, reward_params, rewards
 from llama_jax.align.losses import reward_loss
 from llama_jax.config import ModelConfig
+from llama_jax.model import rules_in_force
 from llama_jax.lora.training import settings as lora_settings
 from llama_jax.sharding import ConfigError
 from llama_jax.tokenizer import Tokenizer, chat
@@ -88,8 +89,9 @@ class RewardRecipe(recipe.PairsRecipe):
     return tokens, per_token * tokens
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _scores(cfg: ModelConfig, params, tokens, last):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _scores(cfg: ModelConfig, rules, params, tokens, last):
+  del rules  # in force while tracing; keys jit's cache (`model.rules_in_force`)
   return rewards(cfg, params, tokens, last)
 
 
@@ -123,7 +125,7 @@ class RewardModel:
         tokens[r, :len(s)] = s
       last = np.array([len(s) - 1 for s in chunk], np.int32)
       with context:
-        out[start:start + len(chunk)] = np.asarray(_scores(self.config, self.params, tokens, last))
+        out[start:start + len(chunk)] = np.asarray(_scores(self.config, rules_in_force(), self.params, tokens, last))
     return out
 
   def score(self, items: Sequence[str | Sequence[dict]], template: str = "auto") -> np.ndarray:
