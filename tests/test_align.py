@@ -426,3 +426,22 @@ def test_convert_swaps_a_reward_models_template_record_in_with_its_weights(rewar
   assert convert.main(["--input", str(other), "--output", str(out)]) == 0
   assert model_at(out)[0] is None and not os.path.exists(out / checkpoint.RUN_CONFIG)
   assert sorted(os.listdir(out)) == sorted(os.listdir(other)), "leftovers of the crashed saves"
+
+
+def test_ppo_warns_when_its_prompts_render_in_another_template_than_the_reward_model_s(caplog):
+  # The reward model scores answers in the layout its pairs had: prompts in another chat template
+  # get a warning naming the sources (not an error: scoring across templates can be the point).
+  import logging
+  from configs import ppo_tiny
+  from llama_jax.align.ppo import _warn_of_other_templates
+  config = ppo_tiny.get_config()
+  config.data.sources.prompts.template = "chatml"
+  with caplog.at_level(logging.WARNING, logger="llama_jax"):
+    _warn_of_other_templates(config, "rm", "chatml", None)
+    assert not caplog.records
+    _warn_of_other_templates(config, "rm", None, None)  # unrecorded: nothing to compare
+    assert not caplog.records
+    _warn_of_other_templates(config, "rm", "vicuna_v1.1", None)
+  assert [r.getMessage() for r in caplog.records] == [
+      "ppo.reward_model rm was trained on pairs in the chat template 'vicuna_v1.1', but the prompt sources "
+      "letters_prompts render in another: it scores answers laid out as it never saw"]  # the demo source's name

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -56,6 +57,8 @@ from llama_jax.train import loop
 from llama_jax.train.step import gradient_step
 
 ADVANTAGES = ("gae", "grpo")
+
+log = logging.getLogger("llama_jax")
 
 
 def validate(config, model_cfg: ModelConfig, mesh) -> None:
@@ -147,6 +150,7 @@ class PPO(loop.LanguageModel):
                                                                 shallow=False)):
       raise ConfigError(f"ppo.reward_model {p.reward_model}: its tokenizer is not the policy's (init_from "
                         f"{config.init_from}): the same ids would not be the same text")
+    _warn_of_other_templates(config, p.reward_model, rm.template, reference.tokenizer)
     rm_cfg = rm.config.replace(dtype=model_cfg.dtype, attention_impl=model_cfg.attention_impl,
                                scan_layers=model_cfg.scan_layers, remat_policy="none", loss_chunk_len=0)
     if rm_cfg.max_seq_len < p.prompt_len + p.max_new_tokens:
@@ -162,6 +166,27 @@ class PPO(loop.LanguageModel):
   def evaluate(self, config, run: loop.Training, state, tokenizer) -> dict:
     return recipe.eval_means(config, run, lambda batch: run.eval(state, batch),
                              self.make_iterator(config, tokenizer, "eval"))
+
+
+def _warn_of_other_templates(config, reward_model: str, trained: str | None, tokenizer) -> None:
+  """A warning where the prompt sources render in another chat template than the reward model's
+  pairs were: it then scores answers laid out as it never saw. Not an error: scoring across
+  templates can be the experiment. Unknown (None: a model saved without its run's record, or pairs
+  of several templates): nothing to compare."""
+  if trained is None:
+    return
+  rendering = chat.template_for(tokenizer, trained)
+  others = sorted(name for name, s in _prompt_sources(config)
+                  if chat.template_for(tokenizer, s["template"]) != rendering)
+  if others:
+    log.warning("ppo.reward_model %s was trained on pairs in the chat template %r, but the prompt "
+                "sources %s render in another: it scores answers laid out as it never saw",
+                reward_model, trained, ", ".join(others))
+
+
+def _prompt_sources(config):
+  """(name, source) of the training prompt sources that are drawn from (weight > 0)."""
+  return [(s["name"], s) for s in resolve_sources(config.data, "train") if float(s.get("weight", 1.0)) > 0]
 
 
 def stop_ids(config, tokenizer) -> list[int]:
