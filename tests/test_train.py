@@ -141,6 +141,13 @@ def test_sigterm_then_restart_equals_uninterrupted_run(corpus, tmp_path):
   assert resumed[-1]["step"] == 40
   np.testing.assert_allclose(resumed[-1]["train/loss"], reference["train/loss"], rtol=1e-5)
 
+  # Resumed where num_steps leaves nothing to do, or further than the run was planned: each says so.
+  code, _, err = run_train(config, tmp_path / "preempted")
+  assert code == 0 and "is at step 40 and num_steps is 40: nothing to train" in err, err[-3000:]
+  code, _, err = run_train(config, tmp_path / "preempted", "--config.num_steps=41")
+  assert code == 0 and "num_steps 41, where the run in" in err and "had 40" in err, err[-3000:]
+  assert read_metrics(tmp_path / "preempted")[-1]["step"] == 41
+
 
 def _final_loss(workdir):
   return read_metrics(workdir)[-1]["train/loss"]
@@ -213,6 +220,7 @@ def test_two_processes_match_one(corpus, tmp_path):
     (["--config.mesh.data=3"], "mesh"),
     (["--config.batch_size=12"], "does not divide over the 8 data-parallel devices"),
     (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.optimizer.lr=-1"], "optimizer.lr must be >= 0"),
 ])
 def test_bad_configuration_is_one_line(corpus, tmp_path, flags, message):
   config = write_config(tmp_path / "cfg.py", corpus)

@@ -232,3 +232,15 @@ def test_clip_norm_zero_means_no_clipping_and_a_negative_one_is_refused():
   assert np.abs(np.asarray(got["w"])).max() > 0  # it trains (clipping at 0 would not)
   with pytest.raises(ValueError, match="clip_norm"):
     make_optimizer(_opt(clip_norm=-1.0), 100)
+
+
+@pytest.mark.parametrize("field, value", [("lr", -1.0), ("warmup_steps", -5), ("warmup_ratio", 1.0),
+                                          ("min_lr_ratio", 1.5), ("b1", 1.0), ("b2", -0.1), ("eps", -1e-8),
+                                          ("weight_decay", -0.1), ("z_loss", -1.0),
+                                          ("moments_dtype", "float16")])
+def test_optimizer_settings_no_run_wants_are_refused_by_name(field, value):
+  # A negative lr trains (gradient ascent: the loss climbs), a negative warmup is taken as none:
+  # each is one error naming its field, before anything runs.
+  with pytest.raises(ValueError, match=f"optimizer.{field} must be"):
+    make_optimizer(_opt(**{field: value}), 100)
+  make_optimizer(_opt(), 100)  # the defaults' ranges pass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ from llama_jax.model import init_params
 from llama_jax.sharding import ConfigError
 from llama_jax.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from llama_jax.train import metrics as metrics_lib
+from llama_jax.train import optimizer as optimizer_lib
 from llama_jax.train import workdir as workdir_lib
 from llama_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llama_jax.train.step import TrainState, eval_step, make_train_step
@@ -154,6 +156,10 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
       raise ConfigError(f"{name} must be >= 0 (0: never), got {config[name]}")
   if config.num_steps < 0:
     raise ConfigError(f"num_steps must be positive (or 0: as many as the data gives), got {config.num_steps}")
+  try:
+    optimizer_lib.validate(config.optimizer)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def process_rows(mesh, rules, batch_size: int, seq_len: int) -> int:
@@ -402,6 +408,8 @@ def _train_and_evaluate(config, workdir: str, recipe=None) -> dict:
           state = run.init(jax.random.key(config.seed))
           start_step = 0
         del pretrained  # a LoRA run keeps its base in state.frozen; nothing else needs it
+        if resuming:
+          _say_what_resuming_changes(config, workdir, start_step)
         base_fingerprint = (run.adapters.check_base(workdir, state.frozen, resuming)
                             if run.adapters else None)
         first = _first_batch(config, train_iter, start_step)
@@ -484,6 +492,23 @@ def _resume(workdir: str, manager, run: Training, train_iter, frozen: Any, confi
   else:
     log.info("resumed from %s at step %d", workdir, step)
   return state, step
+
+
+def _say_what_resuming_changes(config, workdir: str, start_step: int) -> None:
+  """A resumed run whose num_steps leaves nothing to train, or that moves where the schedule ends,
+  says so: both are otherwise silent (an exit with nothing done; a cosine bent mid-run)."""
+  if start_step >= config.num_steps:
+    _say(f"the run in {workdir} is at step {start_step} and num_steps is {config.num_steps}: nothing to "
+         f"train (a larger --config.num_steps continues it)")
+    return
+  try:
+    with open(os.path.join(workdir, checkpoint.RUN_CONFIG)) as f:
+      before = int(json.load(f).get("num_steps", 0))
+  except (OSError, ValueError, TypeError):  # no config of the run's, or not one this reads
+    return
+  if before and before != config.num_steps:
+    _say(f"num_steps {config.num_steps}, where the run in {workdir} had {before}: from step {start_step} "
+         f"the learning-rate schedule decays to step {config.num_steps}")
 
 
 def _first_batch(config, train_iter, start_step: int) -> dict | None:

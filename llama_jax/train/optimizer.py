@@ -58,10 +58,36 @@ def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.Grad
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
+def validate(opt_cfg) -> None:
+  """Clear errors for settings no run wants (the ranges PyTorch's AdamW checks, and the schedule's):
+  a negative learning rate would ascend the loss, a β of 1 never forgets its first gradient."""
+  def field(name, default=0.0):
+    return float(opt_cfg.get(name, default))
+
+  if field("lr") < 0:
+    raise ValueError(f"optimizer.lr must be >= 0, got {opt_cfg.lr}")
+  if int(opt_cfg.get("warmup_steps", 0)) < 0:
+    raise ValueError(f"optimizer.warmup_steps must be >= 0, got {opt_cfg.warmup_steps}")
+  if not 0 <= field("warmup_ratio") < 1:
+    raise ValueError(f"optimizer.warmup_ratio must be in [0, 1) (0: warmup_steps), got {opt_cfg.warmup_ratio}")
+  if not 0 <= field("min_lr_ratio") <= 1:
+    raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {opt_cfg.min_lr_ratio}")
+  for name in ("b1", "b2"):
+    if not 0 <= field(name, 0.9) < 1:
+      raise ValueError(f"optimizer.{name} must be in [0, 1), got {opt_cfg[name]}")
+  for name in ("eps", "weight_decay", "z_loss"):
+    if field(name) < 0:
+      raise ValueError(f"optimizer.{name} must be >= 0, got {opt_cfg[name]}")
   moments_dtype = str(opt_cfg.get("moments_dtype", "float32"))
   if moments_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"optimizer.moments_dtype must be 'float32' or 'bfloat16', got {moments_dtype!r}")
+  if field("clip_norm", 1.0) < 0:
+    raise ValueError(f"optimizer.clip_norm must be >= 0 (0: no clipping), got {opt_cfg.clip_norm}")
+
+
+def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
+  validate(opt_cfg)
+  moments_dtype = str(opt_cfg.get("moments_dtype", "float32"))
   if moments_dtype == "float32":  # optax's own AdamW
     adam = optax.adamw(learning_rate_schedule(opt_cfg, num_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
                        eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, mask=decay_mask)
@@ -70,8 +96,6 @@ def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
                        optax.add_decayed_weights(opt_cfg.weight_decay, decay_mask),
                        optax.scale_by_learning_rate(learning_rate_schedule(opt_cfg, num_steps)))
   clip_norm = float(opt_cfg.clip_norm)
-  if clip_norm < 0:
-    raise ValueError(f"optimizer.clip_norm must be >= 0 (0: no clipping), got {clip_norm}")
   if clip_norm == 0:  # as Hugging Face's max_grad_norm=0 (clipping at 0 would train nothing)
     return adam
   return optax.chain(optax.clip_by_global_norm(clip_norm), adam)
