@@ -286,8 +286,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
   async def _invalid(_, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {}
     where = [str(x) for x in first.get("loc", ()) if x != "body"]
-    if first.get("type") == "json_invalid":
-      message = "the request body is not valid JSON"
+    if first.get("type") == "json_invalid":  # its loc holds a character position, not a field
+      message, where = "the request body is not valid JSON", []
     else:
       message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
     return JSONResponse(P.error_body(message, param=".".join(where) or None), status_code=400)
