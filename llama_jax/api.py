@@ -37,6 +37,9 @@ class Model:
       raise ValueError(f"tokens must be an int array of shape (batch, length), got {tokens.dtype}{tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+    if tokens.shape[1] > self.config.max_seq_len:  # positions the model never trained on
+      raise ValueError(f"tokens has rows of {tokens.shape[1]} tokens but the model's context is "
+                       f"{self.config.max_seq_len} tokens")
     return np.asarray(forward(self.config, self.params, jnp.asarray(tokens, jnp.int32)))
 
   def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 128,

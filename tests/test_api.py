@@ -59,3 +59,10 @@ def test_training_recipes_load_init_from_onto_the_run_mesh(hf_dir):
     w1 = loaded.params["layers"]["block"]["feed_forward"]["w1"]
     assert isinstance(w1.sharding, jax.sharding.NamedSharding) and w1.sharding.mesh == mesh
     assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.size < w1.size
+
+
+def test_logits_refuses_more_tokens_than_the_context(hf_dir):
+  model = llama_jax.load(hf_dir)  # a context of 64 positions: beyond it, positions never trained on
+  with pytest.raises(ValueError, match="tokens has rows of 65 tokens but the model's context is 64 tokens"):
+    model.logits(np.ones((1, 65), np.int32))
+  assert model.logits(np.ones((1, 64), np.int32)).shape == (1, 64, 128)

@@ -360,3 +360,67 @@ def test_cli_perplexity_on_a_tokenizer_json_folder(tmp_path, capsys):
   ref = _torch_guide_perplexity(torch_model, tokens, 32, 32)
   assert result["tokens"] == ref["tokens"] and len(tokens) > 64
   np.testing.assert_allclose(result["perplexity"], ref["perplexity"], rtol=1e-4)
+
+
+def test_perplexity_refuses_windows_beyond_the_context_and_zero():
+  # Positions past max_seq_len (64) were never trained on; 0 is a bad value, not "the default".
+  tokens = list(range(1, 200))
+  for kwargs, message in [({"seq_len": 65}, "seq_len 65 is longer than the model's context of 64 tokens"),
+                          ({"seq_len": 0}, "seq_len must be at least 2, got 0"),
+                          ({"seq_len": 32, "stride": 0}, r"stride must lie in \[1, seq_len=32\], got 0"),
+                          ({"stride": 0}, r"stride must lie in \[1, seq_len=64\], got 0")]:
+    with pytest.raises(ValueError, match=message):
+      perplexity.perplexity_of_tokens(TINY, None, tokens, progress=False, **kwargs)
+  with pytest.raises(ValueError, match=r"max_len must lie in \[1, 64\].*got 65"):
+    scoring.score(TINY, None, [scoring.Request([1, 2, 3], 1)], max_len=65, progress=False)
+
+
+def _main(capsys, *args):
+  """The command line in this process: (exit code, stderr)."""
+  from llama_jax.evaluate.__main__ import main
+  code = main([*args, "--no_progress"])
+  return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def text_file(tmp_path):
+  path = tmp_path / "t.txt"
+  path.write_text(_text())
+  return str(path)
+
+
+def test_cli_refuses_a_seq_len_beyond_the_context(hf_model, text_file, capsys):
+  directory, _ = hf_model  # a context of 64 positions
+  code, err = _main(capsys, "perplexity", "--model", directory, "--data", text_file, "--seq_len", "65")
+  assert code == 1 and "Traceback" not in err
+  assert err.strip().splitlines()[-1] == (
+      f"error: {directory}: --seq_len 65 is longer than the model's context of 64 tokens (its max_seq_len)")
+  code, err = _main(capsys, "perplexity", "--model", directory, "--data", text_file, "--stride", "65")
+  assert code == 1 and "--stride 65 is longer than the window of 64 tokens" in err
+
+
+@pytest.mark.parametrize("flag,message", [("--seq_len", "--seq_len must be at least 2 (a token and its context), got 0"),
+                                          ("--stride", "--stride must be positive, got 0")])
+def test_cli_refuses_zero_seq_len_and_stride(text_file, capsys, flag, message):
+  code, err = _main(capsys, "perplexity", "--model", "no_model", "--data", text_file, flag, "0")
+  assert code == 2 and err.strip() == f"error: {message}"
+
+
+def test_cli_names_the_dtype_flag(text_file, capsys):
+  from llama_jax.evaluate.__main__ import main
+  with pytest.raises(SystemExit) as exit:
+    main(["perplexity", "--model", "no_model", "--data", text_file, "--dtype", "float8"])
+  err = capsys.readouterr().err
+  assert exit.value.code == 2 and "argument --dtype: invalid choice: 'float8'" in err
+
+
+def test_cli_not_a_checkpoint_names_the_path_once(tmp_path, text_file, capsys):
+  peft, empty = tmp_path / "tiny_peft", tmp_path / "empty"
+  peft.mkdir(), empty.mkdir()
+  (peft / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+  code, err = _main(capsys, "perplexity", "--model", str(peft), "--data", text_file)
+  assert code == 1 and err.count(str(peft)) == 1
+  assert err.startswith(f"error: {peft}: a Hugging Face PEFT LoRA adapter (adapter_config.json)")
+  assert "--merge_lora" in err
+  code, err = _main(capsys, "perplexity", "--model", str(empty), "--data", text_file)
+  assert code == 1 and err.count(str(empty)) == 1 and f"{empty}: not a checkpoint" in err

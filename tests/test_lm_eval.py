@@ -172,3 +172,40 @@ def test_tokenizer_json_without_bos_matches_transformers(tmp_path):
                                 lm_utils.get_rolling_token_windows(tokens, theirs.eos_token_id, 16, 1)):
     ref += _torch_logprobs(model, list(context) + list(predicted))[0][len(context) - 1:].sum()
   np.testing.assert_allclose(ours, ref, rtol=1e-4)
+
+
+def test_max_length_beyond_the_context_is_refused(lm):
+  # The model's context is 64 positions: more would score positions it never trained on.
+  for max_length in (65, 0):
+    with pytest.raises(ValueError, match=rf"max_length must lie in \[1, 64\].*got {max_length}"):
+      lm_eval_harness.LlamaJaxLM(model=lm.model, max_length=max_length)
+  assert lm_eval_harness.LlamaJaxLM(model=lm.model).max_length == 64
+
+
+def test_a_long_request_keeps_its_end_as_hf_does(lm, hf_model):
+  # lm-eval's HFLM scores (context + continuation)[-(max_length + 1):]: the context loses its start.
+  _, torch_model = hf_model
+  short = lm_eval_harness.LlamaJaxLM(model=lm.model, batch_size=4, max_length=16)
+  context, continuation = " ".join(["the cat sat on the mat"] * 6), " and the dog ran"
+  (ll, greedy), = short.loglikelihood(_instances("loglikelihood", [(context, continuation)]), disable_tqdm=True)
+  whole = [1] + lm.tok.sp.encode(context + continuation)
+  n_cont = len(whole) - 1 - len(lm.tok.sp.encode(context))
+  assert len(whole) > 2 * 17 and n_cont > 1
+  logps, argmax = _torch_logprobs(torch_model, whole[-17:])
+  np.testing.assert_allclose(ll, logps[-n_cont:].sum(), rtol=1e-4)
+  assert greedy == all(argmax[t - 1] == whole[-17:][t] for t in range(17 - n_cont, 17))
+  # A continuation longer than max_length alone cannot be scored: an error, not a silent cut.
+  with pytest.raises(ValueError, match="do not fit in a context of 16"):
+    short.loglikelihood(_instances("loglikelihood", [("the", " cat" * 20)]), disable_tqdm=True)
+
+
+def test_command_line_bad_path_is_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(lm_utils, "_LOGGING_CONFIGURED", True)  # no lm-eval handler on pytest's stderr
+  nope = str(tmp_path / "nope")
+  monkeypatch.setattr(sys, "argv", ["llama-jax-lm-eval", "--model", "llama_jax", "--model_args", f"path={nope}",
+                                    "--tasks", "arc_easy"])
+  with pytest.raises(SystemExit) as exit:
+    lm_eval_harness.main()
+  err = capsys.readouterr().err
+  assert exit.value.code == 1 and "Traceback" not in err
+  assert err.strip().splitlines()[-1] == f"error: checkpoint path does not exist: {nope}"

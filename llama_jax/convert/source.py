@@ -64,6 +64,11 @@ def open_source(path: str | os.PathLike) -> Source:
     shards = meta.open_meta(path)
     dtype = torch_io.to_numpy(shards.states[0]["tok_embeddings.weight"]).dtype.name  # a view, no copy
     return Source(path, "meta", shards.config, meta.tokenizer_near(path), dtype, shards.stream)
+  if os.path.isfile(os.path.join(path, "adapter_config.json")):  # what `convert --to peft` writes
+    raise CheckpointError(f"{path}: a Hugging Face PEFT LoRA adapter (adapter_config.json), not a model; this "
+                          "project does not read PEFT adapters: use the LoRA run they were exported from (its "
+                          "workdir loads as the base with the adapters), or its merge (python -m "
+                          "llama_jax.convert --input RUN --merge_lora --output DIR)")
   raise CheckpointError(f"{path}: not a checkpoint (no model_config.json, Hugging Face config.json "
                         "or Meta params.json)")
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 
+from llama_jax.config import DTYPES
 from llama_jax.evaluate.data import EvalDataError, read_choices, read_text
 from llama_jax.evaluate.table import format_table
 
@@ -35,12 +36,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="a checkpoint llama_jax.load reads; repeat to compare models")
     p.add_argument("--data", required=True)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer.json, a SentencePiece .model or a folder holding one (default: the checkpoint's)")
     p.add_argument("--no_progress", action="store_true")
   commands.choices["perplexity"].add_argument("--seq_len", type=int, default=None,
-                                              help="window length in tokens (default: the model's max_seq_len)")
+                                              help="window length in tokens, at most the model's max_seq_len "
+                                                   "(default: max_seq_len)")
   commands.choices["perplexity"].add_argument("--stride", type=int, default=None,
                                               help="tokens between window starts (default: seq_len)")
   commands.choices["choice"].add_argument("--shots", type=int, default=0)
@@ -56,15 +58,22 @@ def _evaluate(args, path: str) -> dict:
   try:
     model = llama_jax.load(path, dtype=args.dtype, tokenizer=args.tokenizer)
   except ValueError as e:  # a config this project cannot read
-    raise EvalDataError(path, str(e)) from None
+    # Name the model (several may be compared), once: most load errors begin with its path already.
+    message = str(e)
+    raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
   if model.tokenizer is None:
     raise EvalDataError(path, "the checkpoint has no tokenizer (tokenizer.json or tokenizer.model); pass --tokenizer")
   progress = not args.no_progress
   if args.command == "perplexity":
-    seq_len = args.seq_len or model.config.max_seq_len
-    if seq_len < 2 or not 1 <= (args.stride or seq_len) <= seq_len:
-      raise EvalDataError(args.data, f"need 2 <= --seq_len and 1 <= --stride <= --seq_len ({seq_len})")
-    return perplexity_file(model, args.data, seq_len, args.stride, args.batch_size, progress)
+    context = model.config.max_seq_len
+    seq_len = context if args.seq_len is None else args.seq_len
+    if seq_len > context:  # positions the model never trained on: generate and serve refuse them too
+      raise ValueError(f"{path}: --seq_len {seq_len} is longer than the model's context of {context} tokens "
+                       "(its max_seq_len)")
+    stride = seq_len if args.stride is None else args.stride
+    if stride > seq_len:
+      raise ValueError(f"--stride {stride} is longer than the window of {seq_len} tokens (--seq_len)")
+    return perplexity_file(model, args.data, seq_len, stride, args.batch_size, progress)
   return choice_file(model, args.data, args.shots, args.seed, args.batch_size, progress)
 
 
@@ -73,6 +82,14 @@ def main(argv=None) -> int:
   if args.batch_size < 1:
     print(f"error: --batch_size must be positive, got {args.batch_size}", file=sys.stderr)
     return 2
+  if args.command == "perplexity":
+    # `is not None`: 0 is a bad value, not "the default".
+    if args.seq_len is not None and args.seq_len < 2:
+      print(f"error: --seq_len must be at least 2 (a token and its context), got {args.seq_len}", file=sys.stderr)
+      return 2
+    if args.stride is not None and args.stride < 1:
+      print(f"error: --stride must be positive, got {args.stride}", file=sys.stderr)
+      return 2
   rows = []
   try:
     # Check the data before loading any model: a bad line should not cost a model load.

@@ -12,6 +12,10 @@ whitespace of the context moves to the continuation, context + continuation is e
 split at the token length of the encoded context. Encoding whole keeps SentencePiece from seeing
 the continuation as the start of a text (it would add a dummy-prefix space to " Paris"). Unlike
 lm-eval-harness's default for LLaMA, both encodings start with BOS, as in LLaMA's training.
+
+A context and choice longer than the model's max_seq_len + 1 tokens keep their last max_seq_len + 1
+(the context loses its beginning), as lm-eval-harness's HF model truncates; a choice that alone
+does not fit is an error (`scoring.truncate`). No position beyond max_seq_len is ever scored.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 import llama_jax
+from llama_jax import errors
 from llama_jax.evaluate import choice, scoring
 from llama_jax.evaluate.scoring import Request
 
@@ -32,7 +33,11 @@ from llama_jax.evaluate.scoring import Request
 @register_model("llama_jax")
 class LlamaJaxLM(LM):
   """model_args: path (any checkpoint llama_jax.load reads), dtype, tokenizer, batch_size,
-  max_length (default: the model's max_seq_len), max_gen_toks (default 256)."""
+  max_length (default and at most: the model's max_seq_len), max_gen_toks (default 256).
+
+  As lm-eval's HF model does, a loglikelihood request longer than max_length + 1 tokens keeps its
+  last max_length + 1 (the context loses its beginning); one whose continuation alone does not
+  fit is an error."""
 
   def __init__(self, path: str | None = None, model: llama_jax.Model | None = None,
                dtype: str | None = None, tokenizer: str | None = None, batch_size=8,
@@ -52,7 +57,11 @@ class LlamaJaxLM(LM):
     self._prefix_token = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
     # "auto" (lm-eval's batch-size search) is not supported: a fixed size keeps compilations few.
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-    self.max_length = int(max_length or model.config.max_seq_len)
+    context = model.config.max_seq_len
+    self.max_length = context if max_length is None else int(max_length)
+    if not 1 <= self.max_length <= context:  # beyond it: positions the model never trained on
+      raise ValueError(f"model_args max_length must lie in [1, {context}] (the model's context, its "
+                       f"max_seq_len), got {self.max_length}")
     self.max_gen_toks = int(max_gen_toks)
     self.seed = int(seed)
 
@@ -116,10 +125,11 @@ class LlamaJaxLM(LM):
 
 
 def main() -> None:
-  """lm-eval's command line, with "llama_jax" registered."""
+  """lm-eval's command line, with "llama_jax" registered. A bad checkpoint path or model_args is
+  one line and exit code 1, as in our other commands."""
   from lm_eval.__main__ import cli_evaluate
   sys.argv[0] = "lm_eval"
-  cli_evaluate()
+  errors.run_cli(cli_evaluate)
 
 
 if __name__ == "__main__":

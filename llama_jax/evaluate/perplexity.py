@@ -24,10 +24,10 @@ from llama_jax.evaluate.scoring import Request
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
   """(begin, end, first scored index) of each window over a sequence of n_tokens."""
-  if not 1 <= stride <= seq_len:
-    raise ValueError(f"stride must lie in [1, seq_len={seq_len}], got {stride}")
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+  if not 1 <= stride <= seq_len:
+    raise ValueError(f"stride must lie in [1, seq_len={seq_len}], got {stride}")
   out, prev_end = [], 0
   for begin in range(0, n_tokens, stride):
     end = min(begin + seq_len, n_tokens)
@@ -43,9 +43,14 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 def perplexity_of_tokens(config, params: Any, tokens: Sequence[int], seq_len: int | None = None,
                          stride: int | None = None, batch_size: int = 8, progress: bool = True,
                          pad_id: int = 0) -> dict[str, float | int]:
-  """{"perplexity", "nll" (mean natural-log NLL per scored token), "tokens" (scored)}."""
-  seq_len = seq_len or config.max_seq_len
-  stride = stride or seq_len
+  """{"perplexity", "nll" (mean natural-log NLL per scored token), "tokens" (scored)}. seq_len:
+  at most and by default the model's max_seq_len; stride: by default seq_len."""
+  # `is None`: 0 is a bad value (windows() refuses it), not "the default".
+  seq_len = config.max_seq_len if seq_len is None else seq_len
+  stride = seq_len if stride is None else stride
+  if seq_len > config.max_seq_len:  # positions the model never trained on: generate refuses them too
+    raise ValueError(f"seq_len {seq_len} is longer than the model's context of {config.max_seq_len} tokens "
+                     "(its max_seq_len)")
   if len(tokens) < 2:
     raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
   requests = [Request(list(tokens[b:e]), f - b) for b, e, f in windows(len(tokens), seq_len, stride)]

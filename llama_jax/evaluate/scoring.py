@@ -84,8 +84,12 @@ def score(config: ModelConfig, params: Any, requests: Sequence[Request], batch_s
           max_len: int | None = None, pad_id: int = 0, desc: str = "scoring",
           progress: bool = True) -> list[Score]:
   """Scores every request; results in the order given. Sequences longer than max_len + 1 tokens
-  (default: the model's max_seq_len) lose tokens on the left."""
-  max_len = max_len or config.max_seq_len
+  (max_len: at most and by default the model's max_seq_len) lose tokens on the left."""
+  if max_len is None:
+    max_len = config.max_seq_len
+  if not 1 <= max_len <= config.max_seq_len:  # beyond it: positions the model never trained on
+    raise ValueError(f"max_len must lie in [1, {config.max_seq_len}] (the model's context, its max_seq_len), "
+                     f"got {max_len}")
   requests = [truncate(r, max_len) for r in requests]
   for r in requests:
     if not 1 <= r.start < len(r.tokens):
