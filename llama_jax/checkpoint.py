@@ -47,6 +47,12 @@ MODEL_CONFIG = "model_config.json"
 QUANTIZATION = "quantization.json"
 LORA = "lora.json"
 TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's file (a tokenizer.json folder has others)
+# Every file a tokenizer's save writes, either backend (`Tokenizer.save`; llama_jax/tokenizer/files.py
+# names them): in a saved model's folder they are its tokenizer's alone, so a save removes those it
+# does not write (a previous model's tokenizer.json would be read before a new tokenizer.model, its
+# generation_config.json would add its EOS ids).
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER, "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.json"  # a training workdir's: the whole run config, as the loop last ran it
 DAMAGED = "damaged_checkpoints"  # beside CHECKPOINTS: unreadable steps, moved out of the manager's way
@@ -260,11 +266,16 @@ def tokenizer_for(path: str | None, vocab_size: int):
 
 
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None,
-               quantization: dict | None = None, files: dict[str, str | None] | None = None) -> None:
+               quantization: dict | None = None, files: dict[str, str | None] | None = None,
+               replace_tokenizer: bool = False) -> None:
   """`quantization`: how the model was quantized (method, calibration), written to
   quantization.json beside the description of its quantized weights. `files`: other files that
   describe these weights (name -> text; None: none, an old one is removed), swapped in with them
-  as model_config.json and quantization.json are (a reward model's template record, `convert`)."""
+  as model_config.json and quantization.json are (a reward model's template record, `convert`).
+  The tokenizer at `tokenizer_path` is saved after the weights, and the TOKENIZER_FILES of a
+  previous model in `directory` that it does not write are removed. Without a `tokenizer_path`
+  those files are left as they are (`Model.save` saves its tokenizer after this), unless
+  `replace_tokenizer`: the model has none, and a previous model's must not pass for its own."""
   tokenizer = tokenizer_for(tokenizer_path, config.vocab_size)  # a bad one fails before any write
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -307,8 +318,33 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
   multihost_utils.sync_global_devices("save_model: weights in place")
   if main and os.path.exists(previous):
     shutil.rmtree(previous)
-  if tokenizer is not None:  # its files beside the weights
-    tokenizer.save(directory)
+  if main and (tokenizer is not None or replace_tokenizer):  # its files beside the weights
+    _save_tokenizer(directory, tokenizer)
+  multihost_utils.sync_global_devices("save_model: tokenizer in place")
+
+
+def _save_tokenizer(directory: str, tokenizer) -> None:
+  """`tokenizer`'s files (None: none) into `directory`, whose other TOKENIZER_FILES go. Saved beside
+  first, so that the files it writes are known (and a bad save removes nothing); the stale ones go
+  before the new ones are moved in, the tokenizer's own file last: a save cut short leaves a folder
+  with no tokenizer or this one's, never a previous model's read as this one's."""
+  if tokenizer is not None and os.path.abspath(tokenizer.folder) == directory:
+    tokenizer.save(directory)  # saved where it lies: the folder's tokenizer files are its own
+    return
+  staging = os.path.join(directory, "tokenizer.partial")
+  shutil.rmtree(staging, ignore_errors=True)
+  written = []
+  if tokenizer is not None:
+    tokenizer.save(staging)
+    written = sorted(os.listdir(staging), key=lambda name: name in ("tokenizer.json", TOKENIZER))
+  for name in TOKENIZER_FILES:
+    path = os.path.join(directory, name)
+    if name not in written and os.path.isfile(path):
+      os.remove(path)
+  for name in written:
+    os.replace(os.path.join(staging, name), os.path.join(directory, name))
+  if tokenizer is not None:
+    os.rmdir(staging)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

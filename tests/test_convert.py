@@ -286,6 +286,79 @@ def test_delta_between_orbax_checkpoints(tmp_path):
   assert_close(llama_jax.load(paths["out"]).logits(TOKENS), ref_logits(tuned, TOKENS))
 
 
+# ---- an existing --output: a model of the format written is replaced, anything else refused ----
+
+def test_an_output_holding_anything_but_a_model_of_that_format_is_refused(hf_dirs, tmp_path, capsys):
+  """Writing into a folder that holds another format's model (or a workdir, or other files) would
+  leave two models in one folder, `llama_jax.load` reading one and transformers the other: one line
+  naming what is there, nothing written. A model of the same format is replaced; --overwrite writes
+  beside anything."""
+  src = hf_dirs["gqa_tied"][1]
+  ours, theirs, run, notes = (tmp_path / n for n in ("ours", "theirs", "run", "notes"))
+  assert convert.main(["--input", src, "--output", str(ours)]) == 0
+  assert convert.main(["--input", src, "--output", str(theirs), "--to", "hf"]) == 0
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "model_config.json").write_text("{}")
+  notes.mkdir()
+  (notes / "notes.txt").write_text("mine")
+  (tmp_path / "file").write_text("")
+  for out, to, what in (
+      (ours, "hf", "a llama_jax model (model_config.json, params/), not a Hugging Face checkpoint"),
+      (theirs, "orbax", "a Hugging Face checkpoint (model.safetensors), not a llama_jax model"),
+      (run, "orbax", "a llama_jax training workdir (checkpoints/), not a llama_jax model"),
+      (run, "hf", "a llama_jax training workdir (checkpoints/, model_config.json), not a Hugging Face checkpoint"),
+      (notes, "orbax", "files a llama_jax model does not have (notes.txt)"),
+      (notes, "peft", "files a PEFT adapter does not have (notes.txt)")):
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert convert.main(["--input", src, "--output", str(out), "--to", to]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"convert: error: --output {out} holds {what}: choose a new or empty directory, or "
+                   "pass --overwrite to write into it anyway\n"), err
+    assert sorted(os.listdir(out)) == before
+  assert convert.main(["--input", src, "--output", str(tmp_path / "file")]) == 1
+  assert "is a file; expected a directory" in capsys.readouterr().err
+  # The same format: re-converting replaces the model.
+  other = hf_dirs["mha_untied"][1]
+  assert convert.main(["--input", other, "--output", str(ours)]) == 0
+  assert llama_jax.load(ours).config.n_kv_heads == 8
+  assert convert.main(["--input", other, "--output", str(theirs), "--to", "hf"]) == 0
+  assert transformers.LlamaConfig.from_pretrained(str(theirs)).num_key_value_heads == 8
+  # --overwrite: written beside what is there, which stays.
+  assert convert.main(["--input", src, "--output", str(notes), "--overwrite"]) == 0
+  assert (notes / "notes.txt").read_text() == "mine" and llama_jax.load(notes).config.n_kv_heads == 2
+
+
+def test_a_model_written_over_another_keeps_none_of_its_tokenizer_files(hf_dirs, tmp_path):
+  """A previous model's tokenizer files that the new one does not have go: its tokenizer.json would
+  be read before the new tokenizer.model, its generation_config.json would add its EOS ids, and a
+  model without a tokenizer would be read with the old one."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = Tokenizer(models.WordLevel({w: i for i, w in enumerate("<unk> <s> </s> the cat sat".split())},
+                                     unk_token="<unk>"))
+  words.pre_tokenizer = pre_tokenizers.Whitespace()
+  json_dir, sp_dir = tmp_path / "json", tmp_path / "sp"  # tokenizer.json; tokenizer.model alone
+  shutil.copytree(hf_dirs["gqa_tied"][1], json_dir)  # with transformers' generation_config.json
+  words.save(str(json_dir / "tokenizer.json"))
+  shutil.copytree(hf_dirs["mha_untied"][1], sp_dir)
+  os.remove(sp_dir / hf.GENERATION_CONFIG)
+  shutil.copy(_tokenizer(tmp_path), sp_dir / "tokenizer.model")
+  out, hf_out, no_tokenizer = tmp_path / "out", tmp_path / "hf_out", hf_dirs["gqa_untied"][1]
+  assert convert.main(["--input", str(json_dir), "--output", str(out)]) == 0
+  assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
+  assert convert.main(["--input", str(sp_dir), "--output", str(out)]) == 0
+  assert not (out / "tokenizer.json").exists() and not (out / "generation_config.json").exists()
+  assert type(llama_jax.load(out).tokenizer).__name__ == "SentencePieceTokenizer"
+  assert convert.main(["--input", no_tokenizer, "--output", str(out)]) == 0
+  assert sorted(os.listdir(out)) == ["model_config.json", "params"]
+  assert llama_jax.load(out).tokenizer is None
+  # The Hugging Face export alike.
+  assert convert.main(["--input", str(json_dir), "--output", str(hf_out), "--to", "hf"]) == 0
+  assert "tokenizer.json" in os.listdir(hf_out)
+  assert convert.main(["--input", no_tokenizer, "--output", str(hf_out), "--to", "hf"]) == 0
+  assert sorted(os.listdir(hf_out)) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
 # ---- bad input: one clear error naming the file, field or tensor ----
 
 def _bad_dir(hf_dirs, tmp_path, case="gqa_untied"):

@@ -383,11 +383,16 @@ def test_evaluate_compares_float_and_quantized_models_in_one_table(saved, capsys
     (["--bits", "8", "--scheme", "nf4"], "--scheme must be sym or asym"),
     (["--bits", "4", "--group_size", "32", "--method", "gptq", "--calibration", "{short}",
       "--calibration_samples", "64", "--calibration_len", "32"], "fewer than the 64 x 32 = 2048"),
+    (["--bits", "4", "--group_size", "32", "--method", "gptq", "--calibration", "{missing}"],
+     "--calibration {missing}: no such file; expected calibration text, a .txt or a .jsonl"),
+    (["--bits", "4", "--group_size", "32", "--method", "gptq", "--calibration", "{tmp}"],
+     "--calibration {tmp}: not a file; expected calibration text"),
 ])
 def test_bad_input_is_one_line(saved, tmp_path, capsys, flags, message):
   short = tmp_path / "short.txt"
   short.write_text("the cat sat on the mat")
-  flags = [f.format(short=short) for f in flags]
+  names = dict(short=short, missing=tmp_path / "nofile", tmp=tmp_path)
+  flags, message = [f.format(**names) for f in flags], message.format(**names)
   with pytest.raises(SystemExit) as exit_info:
     quantize_cli.main(["--model", str(saved / "float"), "--output", str(tmp_path / "out"), *flags])
   assert exit_info.value.code == 1
@@ -407,6 +412,28 @@ def test_gptq_command_line_writes_a_model_that_generates(saved):
   out = model.generate(["the cat"], max_new_tokens=4)
   assert isinstance(out[0], str)
   assert math.isfinite(float(model.logits(TOKENS).sum()))
+
+
+def test_an_output_of_our_own_is_replaced_and_any_other_refused(saved, tmp_path, capsys):
+  """Quantizing again into a quantized model's folder replaces it; a folder holding something else
+  (here a Hugging Face export: transformers would read it, `llama_jax.load` the quantized model
+  beside it) is one line naming what is there, before anything is loaded."""
+  out = tmp_path / "q"
+  assert quantize_cli.main(["--model", str(saved / "float"), "--output", str(out), "--bits", "8"]) == 0
+  assert quantize_cli.main(["--model", str(saved / "float"), "--output", str(out), "--bits", "4",
+                            "--group_size", "32"]) == 0
+  assert json.loads((out / checkpoint.QUANTIZATION).read_text())["bits"] == 4
+  exported = tmp_path / "hf"
+  llama_jax.load(saved / "float").export_hf(str(exported))
+  before = sorted(os.listdir(exported))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    quantize_cli.main(["--model", str(saved / "float"), "--output", str(exported), "--bits", "8"])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 1 and err == (
+      f"error: --output {exported} holds a Hugging Face checkpoint (model.safetensors), not a llama_jax "
+      "model: choose a new or empty directory, or pass --overwrite to write into it anyway\n"), err
+  assert sorted(os.listdir(exported)) == before
 
 
 def test_a_quantized_checkpoint_does_not_convert_as_a_float_model(saved, tmp_path, capsys):

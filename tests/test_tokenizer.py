@@ -62,6 +62,25 @@ def test_train_errors_are_one_line(tmp_path, capsys):
   assert err.count("\n") == 1 and "none-*.jsonl" in err and "Traceback" not in err
 
 
+def test_character_coverage_reaches_sentencepiece(tmp_path, capsys):
+  """300 rare CJK characters (1% of the text): at LLaMA's coverage each needs a piece of its own, more
+  than a vocabulary of 300 holds, and SentencePiece's error names --character_coverage; at 0.98 they
+  are left to byte pieces and training succeeds."""
+  text = tmp_path / "rare.txt"
+  text.write_text("\n".join(corpus(LATIN, 300, 0) + ["x" + chr(0x4E00 + i) for i in range(300)]))
+  argv = ["train", "--input", str(text), "--vocab_size", "300", "--num_threads", "1"]
+  assert main([*argv, "--output", str(tmp_path / "default")]) == 1
+  err = capsys.readouterr().err
+  assert "smaller than required_chars" in err and "--character_coverage" in err, err
+  assert main([*argv, "--output", str(tmp_path / "lower"), "--character_coverage", "0.98"]) == 0
+  tok = Tokenizer(tmp_path / "lower.model")
+  assert [tok.id_to_piece(i) for i in tok.encode("丁")][-3:] == ["<0xE4>", "<0xB8>", "<0x81>"]
+  capsys.readouterr()
+  assert main([*argv, "--output", str(tmp_path / "x"), "--character_coverage", "0.5"]) == 1
+  err = capsys.readouterr().err
+  assert err == "error: character_coverage must lie in [0.98, 1] (SentencePiece's bounds), got 0.5\n", err
+
+
 def test_extend_adds_the_missing_pieces(models):
   base, greek, merged = (Tokenizer(models / f"{n}.model") for n in ("base", "greek", "merged"))
   base_pieces = [base.id_to_piece(i) for i in range(base.vocab_size)]

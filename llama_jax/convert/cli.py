@@ -28,6 +28,14 @@
       the adapters in Hugging Face PEFT's layout (adapter_config.json + adapter_model.safetensors);
       not a reward run's (its score head: --merge_lora).
 
+An existing --output (here and in `python -m llama_jax.quantize`) is written over only when it
+holds a model of the format written (--to orbax: a saved model, --to hf: a Hugging Face export,
+--to peft: PEFT adapters) and nothing that save does not replace: re-running a conversion replaces
+the model (ours is swapped in whole with its files; a previous model's tokenizer files that the new
+one does not have are removed). A folder holding anything else (a model of another format, a
+training workdir, other files) is refused with one line naming what is there, before anything is
+read or written; --overwrite writes into it anyway (what is there and not rewritten stays).
+
 Conversion streams tensor by tensor into one copy of the model in host memory (see
 `interop/layout.py`). Bad input prints one line naming the file, field or tensor, and exits 1.
 """
@@ -35,6 +43,7 @@ Conversion streams tensor by tensor into one copy of the model in host memory (s
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -44,13 +53,18 @@ import numpy as np
 
 from llama_jax.config import DTYPES
 
+# What a model of each --to format is called; `_writes` says what its save writes.
+FORMAT_NAMES = {"orbax": "llama_jax model", "hf": "Hugging Face checkpoint", "peft": "PEFT adapter"}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m llama_jax.convert",
       description="Convert LLaMA checkpoints between Orbax, Hugging Face and Meta formats.")
   p.add_argument("--input", required=True, help="source checkpoint (our own, Hugging Face or Meta)")
-  p.add_argument("--output", required=True, help="directory to write")
+  p.add_argument("--output", required=True,
+                 help="directory to write: new, empty, or holding a model of the --to format, which is "
+                      "replaced (anything else there is refused, see --overwrite)")
   p.add_argument("--to", choices=("orbax", "hf", "peft"), default="orbax",
                  help="output format (default orbax; peft: a LoRA run's adapters for Hugging Face PEFT)")
   p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -61,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="the base model a delta is made against (--make_delta), or LoRA adapters are "
                       "merged into (--merge_lora; default the run's init_from)")
   p.add_argument("--merge_lora", action="store_true", help="fold a LoRA run's adapters into its base model")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --output that holds something other than a model of the --to format "
+                      "(refused without it; what is there and not rewritten stays). A model of that "
+                      "format is replaced without it")
   args = p.parse_args(argv)
   if args.make_delta and not args.base:
     p.error("--make_delta needs --base BASE")
@@ -100,6 +118,7 @@ def convert(args: argparse.Namespace) -> None:
   for path in (args.input, args.delta, args.base):
     if path and os.path.abspath(path) == os.path.abspath(args.output):
       raise CheckpointError(f"{args.output}: the output must not be an input")
+  check_output(args.output, args.to, args.overwrite)
   src = source.open_source(args.input)
   out_dtype = args.dtype or src.stored_dtype
   if (args.merge_lora or args.to == "peft") and src.kind != "lora":
@@ -131,10 +150,73 @@ def convert(args: argparse.Namespace) -> None:
   if args.to == "hf":
     hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype)
   else:
-    # A reward model's template record goes in with its weights, as one save (None: an old one goes).
-    files = {checkpoint.RUN_CONFIG: _trained_template_record(args.input)} if "score" in params else None
+    # A reward model's template record goes in with its weights, as one save (None: an old one goes,
+    # a language model's too).
+    record = _trained_template_record(args.input) if "score" in params else None
     _to_device(params, out_dtype)
-    checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer, files=files)
+    checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer,
+                          files={checkpoint.RUN_CONFIG: record}, replace_tokenizer=True)
+
+
+def check_output(directory: str, to: str, overwrite: bool = False) -> None:
+  """Refuses an existing `directory` that holds anything but a model of the format `to` writes, with
+  nothing beside it that the save would not replace (`_writes`): writing there would leave two models
+  in one folder, each reader taking another (`llama_jax.load` ours, transformers a config.json), or
+  our files among someone else's. An absent or empty directory is fine; `overwrite` skips the check."""
+  from llama_jax.convert import CheckpointError
+  if overwrite or not os.path.exists(directory):
+    return
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"--output {directory} is a file; expected a directory to write the model into")
+  names = sorted(os.listdir(directory))
+  writes, marks = _writes(to)
+  other = [n for n in names if not _matches(n, writes)]
+  if not names or (not other and any(_matches(n, marks) for n in names)):
+    return
+  shown = [n + "/" if os.path.isdir(os.path.join(directory, n)) else n for n in other or names]
+  listed = ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
+  found = _found(set(names), to)
+  target = FORMAT_NAMES[to]
+  what = (f"{found} ({listed}), not a {target}" if found else
+          f"files a {target} does not have ({listed})" if other else f"{listed} but no {target}")
+  raise CheckpointError(f"--output {directory} holds {what}: choose a new or empty directory, or pass "
+                        "--overwrite to write into it anyway")
+
+
+def _writes(to: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(what a save of format `to` writes into its directory, the names that make a folder a model of
+  that format), as fnmatch patterns, the leftovers of a save cut short included. A save rewrites or
+  removes every name it writes, so a folder holding only these is one re-converted in place."""
+  from llama_jax import checkpoint
+  from llama_jax.convert import hf
+  if to == "orbax":  # `checkpoint.save_model`
+    return ((checkpoint.MODEL_CONFIG, "params", checkpoint.QUANTIZATION, checkpoint.RUN_CONFIG,
+             *checkpoint.TOKENIZER_FILES, "params.partial*", "params.previous", "*.partial", "*.tmp*"),
+            (checkpoint.MODEL_CONFIG, "params", "params.partial*"))
+  if to == "hf":  # `hf.export_hf`
+    return ((hf.CONFIG, hf.GENERATION_CONFIG, "model.safetensors", "model-*-of-*.safetensors",
+             hf.SAFETENSORS_INDEX, *checkpoint.TOKENIZER_FILES, "*.tmp"),
+            (hf.CONFIG, "model*.safetensors"))
+  from llama_jax.lora import peft_format
+  return (peft_format.CONFIG, peft_format.WEIGHTS), (peft_format.CONFIG, peft_format.WEIGHTS)
+
+
+def _matches(name: str, patterns) -> bool:
+  return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _found(names: set[str], to: str) -> str | None:
+  """The checkpoint of another kind than `to` that a folder holding `names` is, in words, or None."""
+  kinds = [
+      ("workdir", "a llama_jax training workdir", {"model_config.json", "checkpoints"} <= names),
+      ("orbax", "a llama_jax model", {"model_config.json", "params"} <= names),
+      ("hf", "a Hugging Face checkpoint", "config.json" in names and "model_config.json" not in names
+       and any(_matches(n, ("*.safetensors", "pytorch_model*.bin")) for n in names)),
+      ("meta", "a Meta checkpoint", "params.json" in names and any(_matches(n, ("consolidated.*.pth",))
+                                                                    for n in names)),
+      ("peft", "a PEFT adapter", "adapter_config.json" in names),
+  ]
+  return next((words for kind, words, present in kinds if present and kind != to), None)
 
 
 def _reward_model(path: str) -> bool:

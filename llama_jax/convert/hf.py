@@ -258,6 +258,13 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   for old in glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
       os.path.join(directory, SAFETENSORS_INDEX)):
     os.remove(old)  # a re-export with another shard count must not leave stale shards behind
+  # Nor a previous export's files that this one does not write: its tokenizer's (read as this
+  # model's), a language model's generation_config.json beside a classifier. (The tokenizer's save
+  # removes the tokenizer files it does not write itself.)
+  stale = checkpoint.TOKENIZER_FILES if tok is None else (GENERATION_CONFIG,) if reward_model else ()
+  for name in stale:
+    if os.path.isfile(os.path.join(directory, name)):
+      os.remove(os.path.join(directory, name))
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):
     name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

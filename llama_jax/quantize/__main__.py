@@ -9,7 +9,10 @@ which `llama_jax.load`, generate.py, `python -m llama_jax.evaluate`, the lm-eval
 server load as they load any model. Every projection of every block is quantized (the output head
 with --quantize_output, the embedding never). Group size: default one group per output channel at
 8 bits, 128 at 4 bits; 0 means per output channel. GPTQ reads --calibration (a .txt, or .jsonl with
-a "text" field) as --calibration_samples windows of --calibration_len tokens. Bad input is one line
+a "text" field) as --calibration_samples windows of --calibration_len tokens. An existing DST is
+replaced only when it holds our own model (a previous quantization, say) and nothing else; a folder
+holding anything else (a Hugging Face checkpoint, a training workdir, other files) is refused before
+anything is loaded, unless --overwrite (as `python -m llama_jax.convert`). Bad input is one line
 (`error: ...`), exit status 1.
 """
 
@@ -28,7 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m llama_jax.quantize", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="the checkpoint to quantize (any kind llama_jax.load reads)")
-  p.add_argument("--output", required=True, help="directory to write")
+  p.add_argument("--output", required=True,
+                 help="directory to write: new, empty, or holding a llama_jax model, which is replaced "
+                      "(anything else there is refused, see --overwrite)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --output that holds something other than a llama_jax model (what is "
+                      "there and not rewritten stays)")
   p.add_argument("--bits", type=int, required=True, help="4 or 8")
   p.add_argument("--method", default="rtn", help="rtn (round-to-nearest, default) or gptq")
   p.add_argument("--group_size", type=int, default=None,
@@ -57,6 +65,8 @@ def quantize(args: argparse.Namespace) -> dict:
     raise ValueError(f"--scheme must be sym or asym, got {args.scheme!r}")
   if os.path.abspath(args.model) == os.path.abspath(args.output):
     raise ValueError(f"{args.output}: the output must not be the input")
+  from llama_jax.convert.cli import check_output
+  check_output(args.output, "orbax", args.overwrite)
   group_size = DEFAULT_GROUP[args.bits] if args.group_size is None else args.group_size
   grid = Grid(args.bits, group_size, symmetric=args.scheme == "sym")
   options = Options(args.method, args.quantize_output, args.act_order, args.damp, args.block_size,
@@ -86,6 +96,10 @@ def quantize(args: argparse.Namespace) -> dict:
     seq_len = args.calibration_len or min(2048, src.config.max_seq_len)
     if not 2 <= seq_len <= src.config.max_seq_len:
       raise ValueError(f"--calibration_len must lie in [2, {src.config.max_seq_len}], got {seq_len}")
+    if not os.path.isfile(args.calibration):  # before read_text judges its name
+      raise ValueError(f"--calibration {args.calibration}: "
+                       f"{'not a file' if os.path.exists(args.calibration) else 'no such file'}; "
+                       'expected calibration text, a .txt or a .jsonl with a "text" field')
     tokens = Tokenizer(src.tokenizer_path).encode(read_text(args.calibration), bos=True)
     windows = calib.windows(tokens, args.calibration_samples, seq_len, args.seed, args.calibration)
 
@@ -100,7 +114,9 @@ def quantize(args: argparse.Namespace) -> dict:
   if options.method == "gptq":
     info.update(calibration=os.path.abspath(args.calibration), calibration_samples=int(windows.shape[0]),
                 calibration_len=int(windows.shape[1]), act_order=options.act_order, damp=options.damp)
-  checkpoint.save_model(args.output, model.config, params, src.tokenizer_path, quantization=info)
+  # A previous model's tokenizer and reward-template record (convert's) are not this model's.
+  checkpoint.save_model(args.output, model.config, params, src.tokenizer_path, quantization=info,
+                        files={checkpoint.RUN_CONFIG: None}, replace_tokenizer=True)
   from llama_jax import projection
   summary = {"output": args.output, "seconds": round(seconds, 1),
              "bytes": projection.nbytes(params), "float_bytes": projection.nbytes(model.params)}

@@ -1,11 +1,15 @@
 """Tokenizer tools.
 
   python -m llama_jax.tokenizer train --input GLOB [GLOB...] --vocab_size N --output PREFIX
+                                      [--character_coverage 0.99995]
   python -m llama_jax.tokenizer extend --base BASE.model --add OTHER.model --output NEW.model
                                        [--checkpoint CKPT --checkpoint_output OUT]
 
 `train` reads any format the data pipeline reads (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)
 and writes PREFIX.model / PREFIX.vocab (LLaMA's settings: BPE, byte fallback, split digits).
+--character_coverage is the share of the text's characters that get pieces of their own (the rest
+are spelled in bytes); when SentencePiece says the vocabulary is smaller than the required
+characters, lower it (down to 0.98; SentencePiece's default is 0.9995) or raise --vocab_size.
 `extend` appends the pieces of OTHER that BASE lacks and, with --checkpoint, writes a copy of the
 checkpoint whose embedding and output rows are resized to the new vocabulary (new rows: the mean).
 """
@@ -45,7 +49,8 @@ def train(args) -> None:
       records.file_format(path, args.format)
   counts = {"docs": 0, "bad": 0}
   model = sp_train.train(_texts(args.input, args.text_field, args.format, counts), args.vocab_size,
-                         args.output, max_chars=args.max_chars, num_threads=args.num_threads)
+                         args.output, max_chars=args.max_chars, num_threads=args.num_threads,
+                         character_coverage=args.character_coverage)
   tok = Tokenizer(model)
   print(f"wrote {model} (vocabulary {tok.vocab_size}) from {counts['docs']} documents"
         + (f"; skipped {counts['bad']} bad records" if counts["bad"] else ""))
@@ -83,6 +88,7 @@ def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vo
 
 
 def main(argv=None) -> int:
+  from llama_jax.tokenizer import train as sp_train
   p = argparse.ArgumentParser(prog="python -m llama_jax.tokenizer", description=__doc__.split("\n\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train a LLaMA-style sentencepiece BPE tokenizer")
@@ -93,6 +99,12 @@ def main(argv=None) -> int:
   t.add_argument("--format", default="", help="input format if not by extension")
   t.add_argument("--max_chars", type=int, default=200_000_000, help="characters of text to train on")
   t.add_argument("--num_threads", type=int, default=0, help="0: all cores")
+  t.add_argument("--character_coverage", type=float, default=sp_train.CHARACTER_COVERAGE,
+                 help="share of the text's characters given pieces of their own, in "
+                      f"[{sp_train.MIN_CHARACTER_COVERAGE}, 1] (default {sp_train.CHARACTER_COVERAGE}, "
+                      "LLaMA's; SentencePiece's is 0.9995); the rarest rest are spelled in byte "
+                      "pieces. Lower it when SentencePiece finds the vocabulary smaller than the "
+                      "required characters")
   e = sub.add_parser("extend", help="add the pieces of a second model to a base model")
   e.add_argument("--base", required=True)
   e.add_argument("--add", required=True)
