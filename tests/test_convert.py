@@ -384,6 +384,12 @@ def test_other_architecture(hf_dirs, tmp_path, capsys):
   assert convert.main(["--input", str(d), "--output", str(tmp_path / "o")]) == 1
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and "gpt2" in err
+  # A LLaMA with a classifier's head (a reward model's export) is named as one, not as "no LLaMA".
+  cfg.update(model_type="llama", architectures=["LlamaForSequenceClassification"])
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match="a LLaMA with the head of LlamaForSequenceClassification, "
+                                            "not a language model"):
+    llama_jax.load(str(d))
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -54,7 +54,13 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
   implement are errors naming the field."""
   model_type = config.get("model_type")
   architectures = config.get("architectures") or []
-  if model_type != "llama" or (architectures and not set(architectures) & _LLAMA_ARCHITECTURES):
+  if model_type == "llama" and architectures and not set(architectures) & _LLAMA_ARCHITECTURES:
+    # A LLaMA with another head (LlamaForSequenceClassification: a reward model's export): no
+    # language-model head to read.
+    raise CheckpointError(f"{file}: a LLaMA with the head of {', '.join(architectures)}, not a language "
+                          "model (LlamaForCausalLM); a reward model's export is read by transformers, "
+                          "the reward run it came from by llama_jax.load_reward_model")
+  if model_type != "llama":
     raise CheckpointError(f"{file}: model_type {model_type!r} (architectures {architectures}) is not a "
                           "LLaMA; expected model_type 'llama', LlamaForCausalLM")
   for name in ("attention_bias", "mlp_bias"):
