@@ -53,9 +53,9 @@ class Model:
                     top_p=top_p, top_k=top_k, seed=seed, **kwargs)
 
   def save(self, directory: str) -> None:
-    checkpoint.save_model(directory, self.config, self.params)
-    if self.tokenizer is not None:
-      self.tokenizer.save(directory)
+    """Our format, with the tokenizer's files; a previous model's there are not kept."""
+    checkpoint.save_model(directory, self.config, self.params,
+                          self.tokenizer.path if self.tokenizer is not None else None, replace_tokenizer=True)
 
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
     """config.json, generation_config.json, safetensors and the tokenizer's files, which

@@ -66,3 +66,17 @@ def test_logits_refuses_more_tokens_than_the_context(hf_dir):
   with pytest.raises(ValueError, match="tokens has rows of 65 tokens but the model's context is 64 tokens"):
     model.logits(np.ones((1, 65), np.int32))
   assert model.logits(np.ones((1, 64), np.int32)).shape == (1, 64, 128)
+
+
+def test_save_over_another_model_keeps_none_of_its_tokenizer_files(hf_dir, tmp_path):
+  # A model without a tokenizer saved where one with a tokenizer was: the old tokenizer.json would
+  # otherwise load as this model's.
+  model = llama_jax.load(hf_dir)
+  out = tmp_path / "out"
+  model.save(str(out))
+  (out / "tokenizer.json").write_text("{}")  # a previous model's
+  model.save(str(out))
+  assert not (out / "tokenizer.json").exists()
+  again = llama_jax.load(str(out))
+  assert again.tokenizer is None
+  np.testing.assert_array_equal(again.logits(np.array([[1, 2, 3]])), model.logits(np.array([[1, 2, 3]])))
