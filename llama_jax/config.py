@@ -7,6 +7,7 @@ TinyLlama (Zhang et al. 2024). The feed-forward width follows Meta's `llama/mode
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention", "save_matmuls")
@@ -14,6 +15,12 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 DECODE_KERNELS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
+# Fields that are gone, with why: model_config.json files and run configs written while they were
+# fields still load. Each changed only how the model is computed, never what its weights mean.
+RETIRED_FIELDS = {
+    "norm_impl": "the Pallas RMSNorm kernels for training, removed: no faster than XLA's (BENCHMARKS.md)",
+    "swiglu_impl": "the Pallas SwiGLU kernel for training, removed: no faster than XLA's (BENCHMARKS.md)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +104,14 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-    """Builds the config from a mapping (an ml_collections block, a JSON file); unknown keys are errors."""
+    """Builds the config from a mapping (an ml_collections block, a JSON file); unknown keys are
+    errors, but for RETIRED_FIELDS, which are dropped with a warning."""
     values = dict(values)
+    retired = sorted(set(values) & set(RETIRED_FIELDS))
+    for name in retired:
+      logging.getLogger("llama_jax").warning("model.%s is no longer a field (%s): ignored", name,
+                                             RETIRED_FIELDS[name])
+      del values[name]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:

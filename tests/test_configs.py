@@ -51,3 +51,15 @@ def test_a_recipe_without_its_config_section_is_one_error(recipe, monkeypatch):
   config.recipe = recipe
   with pytest.raises(ConfigError, match=f"config.{recipe} section: start from configs/{recipe}.py"):
     get_recipe(config)
+
+
+def test_retired_model_fields_in_saved_configs_are_dropped_with_a_warning(caplog):
+  # model_config.json files written while model.norm_impl / model.swiglu_impl were fields (session
+  # 15's kernels) still load; any other unknown key is still an error.
+  import logging
+  saved = dict(ModelConfig(dim=64, n_layers=2, n_heads=8).to_dict(), norm_impl="pallas", swiglu_impl="xla")
+  with caplog.at_level(logging.WARNING, logger="llama_jax"):
+    assert ModelConfig.from_dict(saved) == ModelConfig(dim=64, n_layers=2, n_heads=8)
+  assert sorted(r.getMessage().split(" ")[0] for r in caplog.records) == ["model.norm_impl", "model.swiglu_impl"]
+  with pytest.raises(ValueError, match="unknown model config keys: no_such_field"):
+    ModelConfig.from_dict(dict(saved, no_such_field=1))
