@@ -54,8 +54,7 @@ class Model:
 
   def save(self, directory: str) -> None:
     """Our format, with the tokenizer's files; a previous model's there are not kept."""
-    checkpoint.save_model(directory, self.config, self.params,
-                          self.tokenizer.path if self.tokenizer is not None else None, replace_tokenizer=True)
+    checkpoint.save_model(directory, self.config, self.params, self.tokenizer, replace_tokenizer=True)
 
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
     """config.json, generation_config.json, safetensors and the tokenizer's files, which

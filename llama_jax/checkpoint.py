@@ -265,33 +265,38 @@ def tokenizer_for(path: str | None, vocab_size: int):
   return tok
 
 
-def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path: str | None = None,
+def save_model(directory: str, config: ModelConfig, params: Any, tokenizer=None,
                quantization: dict | None = None, files: dict[str, str | None] | None = None,
                replace_tokenizer: bool = False) -> None:
-  """`quantization`: how the model was quantized (method, calibration), written to
-  quantization.json beside the description of its quantized weights. `files`: other files that
-  describe these weights (name -> text; None: none, an old one is removed), swapped in with them
-  as model_config.json and quantization.json are (a reward model's template record, `convert`).
-  The tokenizer at `tokenizer_path` is saved after the weights, and the TOKENIZER_FILES of a
-  previous model in `directory` that it does not write are removed. Without a `tokenizer_path`
-  those files are left as they are (`Model.save` saves its tokenizer after this), unless
+  """`tokenizer`: a path `tokenizer_for` reads, or a loaded tokenizer (what its `save` writes, its
+  in-memory chat template included). `quantization`: how the model was quantized (method,
+  calibration), written to quantization.json beside the description of its quantized weights.
+  `files`: other files that describe these weights (name -> text; None: none, an old one is
+  removed; a reward model's template record, `convert`). All of these, and the tokenizer's files,
+  are swapped in with the weights; a previous model's TOKENIZER_FILES that the new tokenizer does
+  not write are removed then. Without a tokenizer those files are left as they are, unless
   `replace_tokenizer`: the model has none, and a previous model's must not pass for its own."""
-  tokenizer = tokenizer_for(tokenizer_path, config.vocab_size)  # a bad one fails before any write
+  if isinstance(tokenizer, (str, os.PathLike)) or tokenizer is None:
+    tokenizer = tokenizer_for(tokenizer and os.fspath(tokenizer), config.vocab_size)  # a bad one fails before any write
+  elif tokenizer.vocab_size > config.vocab_size:
+    raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                          f"{config.vocab_size} rows")
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, "params")
   weights = projection.describe(params)
   files = {**(files or {}), MODEL_CONFIG: model_config_json(config), QUANTIZATION: (
       json.dumps({**(quantization or {}), "weights": weights}, indent=2) if weights else None)}
-  # The new weights and the files that describe them are written beside the old ones and swapped
-  # in once complete: a crash before the swap leaves the old model whole, one during it leaves no
-  # params/ (an error to every reader; both models' weights on disk), never new weights beside an
-  # old model's files or the reverse.
+  # The new weights and the files that describe them (the tokenizer's too) are written beside the
+  # old ones and swapped in once complete: a crash before the swap leaves the old model whole, one
+  # during it leaves no params/ (an error to every reader; both models' weights on disk), one after
+  # it the new model whole: never new weights beside an old model's files or the reverse.
   # (Every process of a multi-host save writes its shards; process 0 alone writes and moves the rest.)
   main = jax.process_index() == 0
   staging, previous = params_dir + ".partial", params_dir + ".previous"
   staged = {name: os.path.join(directory, name) + ".partial" for name in files}
-  for leftover in (staging, previous, *staged.values()) if main else ():
+  staged_tokenizer = os.path.join(directory, "tokenizer.partial")
+  for leftover in (staging, previous, staged_tokenizer, *staged.values()) if main else ():
     if os.path.isdir(leftover):
       shutil.rmtree(leftover)
     elif os.path.exists(leftover):
@@ -306,6 +311,9 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
     for name, text in files.items():
       if text is not None:
         write_atomic(staged[name], text)
+    swap_tokenizer = tokenizer is not None or replace_tokenizer
+    if tokenizer is not None:  # saved beside first: what it writes is known, and a bad save changes nothing
+      tokenizer.save(staged_tokenizer)
     if os.path.exists(params_dir):
       os.rename(params_dir, previous)
     for name, text in files.items():  # renames only, from here to the weights' own
@@ -314,37 +322,27 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer_path:
         os.replace(staged[name], target)
       elif os.path.exists(target):
         os.remove(target)
+    if swap_tokenizer:
+      _swap_tokenizer(directory, staged_tokenizer if tokenizer is not None else None)
     os.rename(staging, params_dir)
   multihost_utils.sync_global_devices("save_model: weights in place")
   if main and os.path.exists(previous):
     shutil.rmtree(previous)
-  if main and (tokenizer is not None or replace_tokenizer):  # its files beside the weights
-    _save_tokenizer(directory, tokenizer)
-  multihost_utils.sync_global_devices("save_model: tokenizer in place")
 
 
-def _save_tokenizer(directory: str, tokenizer) -> None:
-  """`tokenizer`'s files (None: none) into `directory`, whose other TOKENIZER_FILES go. Saved beside
-  first, so that the files it writes are known (and a bad save removes nothing); the stale ones go
-  before the new ones are moved in, the tokenizer's own file last: a save cut short leaves a folder
-  with no tokenizer or this one's, never a previous model's read as this one's."""
-  if tokenizer is not None and os.path.abspath(tokenizer.folder) == directory:
-    tokenizer.save(directory)  # saved where it lies: the folder's tokenizer files are its own
-    return
-  staging = os.path.join(directory, "tokenizer.partial")
-  shutil.rmtree(staging, ignore_errors=True)
-  written = []
-  if tokenizer is not None:
-    tokenizer.save(staging)
-    written = sorted(os.listdir(staging), key=lambda name: name in ("tokenizer.json", TOKENIZER))
+def _swap_tokenizer(directory: str, staged: str | None) -> None:
+  """The tokenizer's files saved in `staged` (None: none) into `directory`, whose TOKENIZER_FILES
+  that it does not write go: a previous model's tokenizer.json would be read before a new
+  tokenizer.model, its generation_config.json would add its EOS ids."""
+  written = sorted(os.listdir(staged)) if staged else []
   for name in TOKENIZER_FILES:
     path = os.path.join(directory, name)
     if name not in written and os.path.isfile(path):
       os.remove(path)
   for name in written:
-    os.replace(os.path.join(staging, name), os.path.join(directory, name))
-  if tokenizer is not None:
-    os.rmdir(staging)
+    os.replace(os.path.join(staged, name), os.path.join(directory, name))
+  if staged:
+    os.rmdir(staged)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

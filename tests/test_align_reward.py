@@ -130,3 +130,19 @@ def test_ppo_rollouts_stop_at_the_templates_stop_token(tmp_path, monkeypatch):
   config = load_config("configs/ppo_tiny.py")
   config.data.sources.prompts.template = "chatml"
   assert stop_ids(config, tok) == [*tok.eos_ids, end]
+
+
+def test_export_of_a_reward_model_writes_no_generation_config(reward_model, tmp_path):
+  # A classifier generates nothing: even where its tokenizer's folder has a generation_config.json
+  # (which the tokenizer's save copies), the export holds none.
+  import dataclasses
+  import json
+  import shutil
+  from llama_jax.tokenizer import load_tokenizer
+  rm, _ = reward_model
+  folder = tmp_path / "tokenizer"
+  shutil.copytree(rm.tokenizer.folder, folder)
+  (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": rm.tokenizer.eos_id}))
+  dataclasses.replace(rm, tokenizer=load_tokenizer(str(folder))).export_hf(str(tmp_path / "hf"))
+  assert "config.json" in os.listdir(tmp_path / "hf")
+  assert "generation_config.json" not in os.listdir(tmp_path / "hf")

@@ -305,8 +305,6 @@ def test_an_output_holding_anything_but_a_model_of_that_format_is_refused(hf_dir
   for out, to, what in (
       (ours, "hf", "a llama_jax model (model_config.json, params/), not a Hugging Face checkpoint"),
       (theirs, "orbax", "a Hugging Face checkpoint (model.safetensors), not a llama_jax model"),
-      (run, "orbax", "a llama_jax training workdir (checkpoints/), not a llama_jax model"),
-      (run, "hf", "a llama_jax training workdir (checkpoints/, model_config.json), not a Hugging Face checkpoint"),
       (notes, "orbax", "files a llama_jax model does not have (notes.txt)"),
       (notes, "peft", "files a PEFT adapter does not have (notes.txt)")):
     before = sorted(os.listdir(out))
@@ -318,6 +316,12 @@ def test_an_output_holding_anything_but_a_model_of_that_format_is_refused(hf_dir
     assert sorted(os.listdir(out)) == before
   assert convert.main(["--input", src, "--output", str(tmp_path / "file")]) == 1
   assert "is a file; expected a directory" in capsys.readouterr().err
+  # A training workdir, even with --overwrite: a model at its top would shadow its checkpoints.
+  for flags in ([], ["--overwrite"]):
+    assert convert.main(["--input", src, "--output", str(run), *flags]) == 1
+    assert capsys.readouterr().err == (f"convert: error: --output {run} is a training workdir (checkpoints/): "
+                                       "choose another directory\n")
+    assert sorted(os.listdir(run)) == ["checkpoints", "model_config.json"]
   # The same format: re-converting replaces the model.
   other = hf_dirs["mha_untied"][1]
   assert convert.main(["--input", other, "--output", str(ours)]) == 0
@@ -329,7 +333,7 @@ def test_an_output_holding_anything_but_a_model_of_that_format_is_refused(hf_dir
   assert (notes / "notes.txt").read_text() == "mine" and llama_jax.load(notes).config.n_kv_heads == 2
 
 
-def test_a_model_written_over_another_keeps_none_of_its_tokenizer_files(hf_dirs, tmp_path):
+def test_a_model_written_over_another_keeps_none_of_its_tokenizer_files(hf_dirs, tmp_path, monkeypatch):
   """A previous model's tokenizer files that the new one does not have go: its tokenizer.json would
   be read before the new tokenizer.model, its generation_config.json would add its EOS ids, and a
   model without a tokenizer would be read with the old one."""
@@ -357,6 +361,23 @@ def test_a_model_written_over_another_keeps_none_of_its_tokenizer_files(hf_dirs,
   assert "tokenizer.json" in os.listdir(hf_out)
   assert convert.main(["--input", no_tokenizer, "--output", str(hf_out), "--to", "hf"]) == 0
   assert sorted(os.listdir(hf_out)) == ["config.json", "generation_config.json", "model.safetensors"]
+  # The tokenizer is swapped in with the weights: a save cut short after the swap (in the removal
+  # of the old weights) leaves the new model with its own tokenizer, not the old one's.
+  crashed = tmp_path / "crashed"
+  assert convert.main(["--input", str(json_dir), "--output", str(crashed)]) == 0
+  real_rmtree = shutil.rmtree
+
+  def crash(path, *args, **kwargs):
+    if str(path).endswith("params.previous"):
+      raise KeyboardInterrupt
+    return real_rmtree(path, *args, **kwargs)
+
+  monkeypatch.setattr(shutil, "rmtree", crash)
+  with pytest.raises(KeyboardInterrupt):
+    convert.main(["--input", str(sp_dir), "--output", str(crashed)])
+  monkeypatch.undo()
+  assert not (crashed / "tokenizer.json").exists() and (crashed / "tokenizer.model").exists()
+  assert type(llama_jax.load(crashed).tokenizer).__name__ == "SentencePieceTokenizer"
 
 
 # ---- bad input: one clear error naming the file, field or tensor ----
@@ -459,3 +480,25 @@ def test_a_bad_tokenizer_fails_before_any_weight_is_written(hf_dirs, tmp_path, c
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and "tokenizer.json" in err
   assert not out.exists() or not any(out.iterdir())  # nothing half-written for a loader to pick up
+
+
+def test_a_save_cut_off_in_its_swap_is_named_as_one(hf_dirs, tmp_path, monkeypatch, capsys):
+  # Between setting the old weights aside and moving the new ones in, the folder has no params/:
+  # readers say the save was cut off, not that the folder is no checkpoint.
+  src, out = hf_dirs["gqa_tied"][1], tmp_path / "out"
+  assert convert.main(["--input", src, "--output", str(out)]) == 0
+  real_rename = os.rename
+
+  def crash(source, target, *args, **kwargs):
+    if str(target).endswith(os.sep + "params"):
+      raise KeyboardInterrupt
+    return real_rename(source, target, *args, **kwargs)
+
+  monkeypatch.setattr(os, "rename", crash)
+  with pytest.raises(KeyboardInterrupt):
+    convert.main(["--input", src, "--output", str(out)])
+  monkeypatch.undo()
+  with pytest.raises(CheckpointError, match="a save into this folder was cut off"):
+    llama_jax.load(str(out))
+  assert convert.main(["--input", src, "--output", str(out)]) == 0  # saving again mends it
+  assert llama_jax.load(str(out)).config.n_kv_heads == hf_dirs["gqa_tied"][0].config.num_key_value_heads

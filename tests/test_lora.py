@@ -221,6 +221,8 @@ def test_a_lora_run_loads_merged_and_merges_on_the_command_line(lora_run, params
   root, lora, ab = lora_run
   expected = _logits(TINY, adapters_lib.attach(params, ab, lora))
   np.testing.assert_allclose(llama_jax.load(root / "run").logits(TOKENS), expected, rtol=1e-5, atol=1e-5)
+  # Not over the run's own base (its default --base), which the run still needs.
+  assert convert.main(["--input", str(root / "run"), "--merge_lora", "--output", str(root / "base")]) == 1
   assert convert.main(["--input", str(root / "run"), "--merge_lora", "--output", str(root / "merged")]) == 0
   merged = llama_jax.load(root / "merged")
   assert not projection.is_structured(merged.params["layers"]["block"]["attention"]["wq"])

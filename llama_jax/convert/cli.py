@@ -34,7 +34,9 @@ holds a model of the format written (--to orbax: a saved model, --to hf: a Huggi
 the model (ours is swapped in whole with its files; a previous model's tokenizer files that the new
 one does not have are removed). A folder holding anything else (a model of another format, a
 training workdir, other files) is refused with one line naming what is there, before anything is
-read or written; --overwrite writes into it anyway (what is there and not rewritten stays).
+read or written; --overwrite writes into it anyway (the written model's own files are replaced or
+removed, as when a model of the same format is replaced; other files stay), but never into a
+training workdir, whose checkpoints a model at its top would shadow.
 
 Conversion streams tensor by tensor into one copy of the model in host memory (see
 `interop/layout.py`). Bad input prints one line naming the file, field or tensor, and exits 1.
@@ -77,8 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--merge_lora", action="store_true", help="fold a LoRA run's adapters into its base model")
   p.add_argument("--overwrite", action="store_true",
                  help="write into an --output that holds something other than a model of the --to format "
-                      "(refused without it; what is there and not rewritten stays). A model of that "
-                      "format is replaced without it")
+                      "(refused without it): the files of the model written (ours: params/, "
+                      "model_config.json, quantization.json, config.json and the tokenizer's; Hugging "
+                      "Face's: config.json, generation_config.json, the safetensors and the tokenizer's) "
+                      "are replaced or removed, other files stay. A model of that format is replaced "
+                      "without it; a training workdir is refused even with it")
   args = p.parse_args(argv)
   if args.make_delta and not args.base:
     p.error("--make_delta needs --base BASE")
@@ -115,7 +120,14 @@ def convert(args: argparse.Namespace) -> None:
   from llama_jax import checkpoint
   from llama_jax.convert import CheckpointError, delta, hf, source
 
-  for path in (args.input, args.delta, args.base):
+  inputs = [args.input, args.delta, args.base]
+  if args.merge_lora and not args.base and os.path.isfile(os.path.join(args.input, checkpoint.LORA)):
+    from llama_jax.lora import files
+    try:
+      inputs.append(files.base_path(args.input))  # the base merged into, which the run still needs
+    except ValueError:  # no base recorded: _merge_lora says so
+      pass
+  for path in inputs:
     if path and os.path.abspath(path) == os.path.abspath(args.output):
       raise CheckpointError(f"{args.output}: the output must not be an input")
   check_output(args.output, args.to, args.overwrite)
@@ -163,12 +175,19 @@ def check_output(directory: str, to: str, overwrite: bool = False) -> None:
   nothing beside it that the save would not replace (`_writes`): writing there would leave two models
   in one folder, each reader taking another (`llama_jax.load` ours, transformers a config.json), or
   our files among someone else's. An absent or empty directory is fine; `overwrite` skips the check."""
+  from llama_jax import checkpoint
   from llama_jax.convert import CheckpointError
-  if overwrite or not os.path.exists(directory):
+  if not os.path.exists(directory):
     return
   if not os.path.isdir(directory):
     raise CheckpointError(f"--output {directory} is a file; expected a directory to write the model into")
   names = sorted(os.listdir(directory))
+  if checkpoint.CHECKPOINTS in names:  # a model saved at its top would shadow its checkpoints, and
+    # the save would replace its run config and tokenizer: refused even with --overwrite
+    raise CheckpointError(f"--output {directory} is a training workdir ({checkpoint.CHECKPOINTS}/): choose "
+                          "another directory")
+  if overwrite:
+    return
   writes, marks = _writes(to)
   other = [n for n in names if not _matches(n, writes)]
   if not names or (not other and any(_matches(n, marks) for n in names)):
@@ -208,7 +227,6 @@ def _matches(name: str, patterns) -> bool:
 def _found(names: set[str], to: str) -> str | None:
   """The checkpoint of another kind than `to` that a folder holding `names` is, in words, or None."""
   kinds = [
-      ("workdir", "a llama_jax training workdir", {"model_config.json", "checkpoints"} <= names),
       ("orbax", "a llama_jax model", {"model_config.json", "params"} <= names),
       ("hf", "a Hugging Face checkpoint", "config.json" in names and "model_config.json" not in names
        and any(_matches(n, ("*.safetensors", "pytorch_model*.bin")) for n in names)),

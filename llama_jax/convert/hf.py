@@ -264,10 +264,9 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   for old in glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
       os.path.join(directory, SAFETENSORS_INDEX)):
     os.remove(old)  # a re-export with another shard count must not leave stale shards behind
-  # Nor a previous export's files that this one does not write: its tokenizer's (read as this
-  # model's), a language model's generation_config.json beside a classifier. (The tokenizer's save
-  # removes the tokenizer files it does not write itself.)
-  stale = checkpoint.TOKENIZER_FILES if tok is None else (GENERATION_CONFIG,) if reward_model else ()
+  # Nor a previous export's tokenizer files where this one has no tokenizer (read as this model's).
+  # (The tokenizer's save removes the tokenizer files it does not write itself.)
+  stale = checkpoint.TOKENIZER_FILES if tok is None else ()
   for name in stale:
     if os.path.isfile(os.path.join(directory, name)):
       os.remove(os.path.join(directory, name))
@@ -288,7 +287,9 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
   with open(os.path.join(directory, CONFIG), "w") as f:
     json.dump(hf_config, f, indent=2)
-  if reward_model:  # a classifier generates nothing
+  if reward_model:  # a classifier generates nothing (the tokenizer's save may have copied its folder's)
+    if os.path.isfile(os.path.join(directory, GENERATION_CONFIG)):
+      os.remove(os.path.join(directory, GENERATION_CONFIG))
     return
   generation.update(bos_token_id=bos, eos_token_id=eos)
   if pad is not None:

@@ -57,6 +57,13 @@ def open_source(path: str | os.PathLike) -> Source:
           yield e.name, np.array(tensor), path
         leaf = tensor = None
     return Source(path, "orbax", cfg, tok, cfg.param_dtype, stream, params_dir)
+  if os.path.isfile(os.path.join(path, checkpoint.MODEL_CONFIG)) and not os.path.isdir(
+      os.path.join(path, "params")) and any(os.path.isdir(os.path.join(path, "params" + cut))
+                                            for cut in (".previous", ".partial")):
+    # `checkpoint.save_model` cut off in its swap: no params/ (its config.json, a reward model's
+    # template record, is no Hugging Face config to read either).
+    raise CheckpointError(f"{path}: a save into this folder was cut off (params.partial/ or params.previous/, "
+                          "no params/): save the model there again")
   if os.path.isfile(os.path.join(path, hf.CONFIG)):
     cfg, _ = hf.read_config(path)
     return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path))

@@ -35,8 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="directory to write: new, empty, or holding a llama_jax model, which is replaced "
                       "(anything else there is refused, see --overwrite)")
   p.add_argument("--overwrite", action="store_true",
-                 help="write into an --output that holds something other than a llama_jax model (what is "
-                      "there and not rewritten stays)")
+                 help="write into an --output that holds something other than a llama_jax model: the "
+                      "model's own files (params/, model_config.json, quantization.json, config.json, "
+                      "the tokenizer's) are replaced or removed, other files stay; never a training workdir")
   p.add_argument("--bits", type=int, required=True, help="4 or 8")
   p.add_argument("--method", default="rtn", help="rtn (round-to-nearest, default) or gptq")
   p.add_argument("--group_size", type=int, default=None,
