@@ -286,6 +286,7 @@ BRIEF = [[{"role": "system", "content": "be brief"}, {"role": "user", "content":
           {"role": "assistant", "content": answer}] for answer in ("blue dog.", "sky")]
 
 
+@pytest.mark.slow
 def test_a_merged_lora_reward_run_keeps_the_chat_template_it_trained_with(reward_runs, tmp_path):
   """save_model writes no run config: the merged reward model carries the run's template record
   (config.json, the fields `trained_template` reads), and stays our checkpoint to every reader."""
@@ -305,6 +306,7 @@ def test_a_merged_lora_reward_run_keeps_the_chat_template_it_trained_with(reward
   assert load_reward_model(tmp_path / "again").template == "llama-2"
 
 
+@pytest.mark.slow
 def test_convert_writes_a_full_reward_run_whole_and_as_a_sequence_classifier(reward_runs, setup, tmp_path,
                                                                           capsys):
   """A reward run's tree has `score` and no `output`: convert restores it as the reward model it is
@@ -337,6 +339,7 @@ def test_convert_writes_a_full_reward_run_whole_and_as_a_sequence_classifier(rew
   np.testing.assert_allclose(trained.score_tokens(sequences), theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_load_refuses_a_reward_model_and_names_the_reader_that_scores_with_it(reward_runs, setup):
   """A reward model (saved, a run, a LoRA run) has no output head: `llama_jax.load` said nothing and
   handed back Orbax's placeholder for it, which `generate` failed on. It is one error naming
@@ -358,6 +361,7 @@ def test_load_refuses_a_reward_model_and_names_the_reader_that_scores_with_it(re
   assert sorted(llama_jax.load(setup / "sft", backbone=True).params) == ["layers", "norm", "tok_embeddings"]
 
 
+@pytest.mark.slow
 def test_a_reward_run_starts_from_a_reward_models_backbone(setup, tmp_path):
   """init_from a reward model (which `llama_jax.load` refuses whole): the run, full or LoRA, trains
   on its backbone under a fresh head, and the LoRA run loads over it."""

@@ -41,6 +41,7 @@ def test_decode_bench_past_the_context_is_a_clear_error():
     decode.bench_decode(_config(), batch_size=1, prompt_len=40, new_tokens=40, repeats=1)
 
 
+@pytest.mark.slow
 def test_train_variants_runs_each_variant_in_its_own_process_and_names_a_missing_constant():
   # benchmarks/train_variants.py: the A/B driver of training experiments (module constants set
   # before the benchmark). A constant that does not exist must fail loudly, not measure the base.

@@ -53,6 +53,7 @@ CASES = [
 from conftest import xla_flags
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags, before, expected, code", CASES,
                          ids=[(c.values if hasattr(c, "values") else c)[0] for c in CASES])
 def test_train_mistake_is_one_line_and_leaves_the_workdir_as_it_was(corpus, tmp_path, name, flags,  # noqa: F811
@@ -139,6 +140,7 @@ def _default_config_comments():
   return comments
 
 
+@pytest.mark.slow
 def test_train_help_lists_the_config_fields_with_their_comments_and_exits_0():
   r = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr

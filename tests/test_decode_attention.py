@@ -64,6 +64,7 @@ TINY = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, 
                    max_seq_len=64)
 
 
+@pytest.mark.slow
 def test_a_slot_engine_on_the_kernel_decodes_what_generate_tokens_decodes(monkeypatch):
   params = nn.unbox(M.init_params(TINY, jax.random.key(0)))
   traced = []

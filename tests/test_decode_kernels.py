@@ -241,6 +241,7 @@ for rows, kv_heads, h, length, splits in [(16, 4, 64, 1024, 4), (1, 4, 64, 384, 
 """
 
 
+@pytest.mark.slow
 def test_the_kernels_lower_for_a_gpu():
   # Pallas' interpreter pads and clamps what Triton refuses (tiles whose sides are not powers of
   # two, ...); lowering for CUDA, which a CPU can do, runs Pallas' Triton lowering and its checks.
@@ -251,6 +252,7 @@ def test_the_kernels_lower_for_a_gpu():
   assert proc.stdout.count("lowered matvec") == 12 and proc.stdout.count("lowered attention") == 7
 
 
+@pytest.mark.slow
 def test_the_mosaic_gpu_matvec_experiment_lowers_for_a_gpu():
   # benchmarks/mgpu_matvec.py (weight loads before PDL's wait; measured in session 15, BENCHMARKS.md)
   # runs on GPUs only; lowering it for CUDA runs Pallas' Mosaic GPU lowering (layouts, TMA's limits,
@@ -274,6 +276,7 @@ def test_a_batch_step_needs_every_product_in_the_decode_layout():
   assert not decode_block.batch_applies(cfg.replace(dtype="float32"), layer)
 
 
+@pytest.mark.slow
 def test_heads_the_kernels_cannot_tile_keep_xla_blocks():
   assert [decode_attention.supported_head_dim(h) for h in (32, 64, 96, 128, 160)] == [True, True, False, True, False]
   cfg = ModelConfig(dim=768, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=64,
@@ -327,7 +330,7 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
 
 
 @pytest.mark.parametrize("batch_kernels, quantize", [
-    ((), ""), (tuple(decode_block.BATCH_KERNELS), ""),
+    ((), ""), pytest.param(tuple(decode_block.BATCH_KERNELS), "", marks=pytest.mark.slow),
     pytest.param(("wo_t", "w13_t"), "", marks=pytest.mark.slow),
     pytest.param(tuple(decode_block.BATCH_KERNELS), "int4_g128", marks=pytest.mark.slow)])
 def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch, batch_kernels, quantize):

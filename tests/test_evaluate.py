@@ -249,6 +249,7 @@ def trained_and_random(tmp_path_factory, sp_path):
   return trained, random_model, str(root / "trained"), str(root / "random"), str(facts)
 
 
+@pytest.mark.slow
 def test_trained_model_knows_the_answers_random_model_does_not(trained_and_random):
   trained, random_model, _, _, facts = trained_and_random
   good = choice.choice_file(trained, facts, batch_size=8, progress=False)

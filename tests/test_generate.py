@@ -75,6 +75,7 @@ def _prefill(cfg, params, prompts, max_new, sampling=None):
   return batch, state
 
 
+@pytest.mark.slow
 def test_decode_step_copies_neither_cache_nor_weights():
   # XLA's own accounting of the compiled loop's scratch memory: a step that sliced and restacked
   # the cache (or copied weights out of stacked tensors) needs scratch of the cache's size; one
@@ -164,6 +165,7 @@ def test_tensor_parallel_mesh_gives_the_same_tokens(params):
   assert len(placed.layers[0]["attention"]["wk"].sharding.device_set) == 2
 
 
+@pytest.mark.slow
 def test_the_engine_places_the_cache_by_the_rules_it_is_given(params):
   # The same mesh, two rules tables: K/V heads split over `tensor` (the default) or replicated.
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])

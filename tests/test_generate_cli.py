@@ -60,6 +60,7 @@ def test_prompt_file_with_jsonl_output(checkpoint, tmp_path):
   assert all(r["num_tokens"] <= 8 for r in records)
 
 
+@pytest.mark.slow
 def test_chat_loop_reads_turns_from_stdin(checkpoint):
   # a short system line: the default Vicuna one alone is longer than this tiny model's context
   code, out = _main(["--checkpoint", checkpoint, "--chat", "--system", "Chat.", *GREEDY],
@@ -96,6 +97,7 @@ def _run(*argv, stdin=None):
                         capture_output=True, text=True, env=env, input=stdin, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_entry_point_runs(checkpoint):
   r = _run("--checkpoint", checkpoint, "--prompt", "the cat", "--prompt", "a dog", "--output", "-",
            *GREEDY)
@@ -103,6 +105,7 @@ def test_entry_point_runs(checkpoint):
   assert [json.loads(line)["prompt"] for line in r.stdout.splitlines()] == ["the cat", "a dog"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["long_prompt", "empty_prompt", "missing_checkpoint", "missing_tokenizer"])
 def test_bad_input_is_one_clear_line(checkpoint, tmp_path, case):
   argv = {

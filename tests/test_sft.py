@@ -271,6 +271,7 @@ def test_alpaca_records(tmp_path, tok):
   assert it.bad_records() == {"tasks": 1}
 
 
+@pytest.mark.slow
 def test_count_batches_equals_the_iterator(tmp_path, tok):
   rng = random.Random(3)
   chats = write_jsonl(tmp_path / "c.jsonl", [sharegpt(random_pairs(rng, rng.randint(1, 4)))

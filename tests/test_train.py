@@ -223,6 +223,7 @@ def test_two_processes_match_one(corpus, tmp_path):
   np.testing.assert_allclose(_final_loss(tmp_path / "multi"), _final_loss(tmp_path / "single"), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--config.model.n_heads=5"], "does not divide model.dim"),
     (["--config.model.n_kv_heads=3"], "does not divide model.n_heads"),
@@ -265,6 +266,7 @@ def test_init_from_own_workdir_fine_tunes_with_its_tokenizer(corpus, tmp_path):
   assert (tmp_path / "tuned" / "tokenizer.model").read_bytes() == (corpus / "tok.model").read_bytes()
 
 
+@pytest.mark.slow
 def test_out_of_device_memory_is_one_line_with_what_to_change(corpus, tmp_path, monkeypatch):
   """XLA's RESOURCE_EXHAUSTED from anywhere in a run (here: the training loop, stood in for, as a
   CPU does not run out) becomes `DeviceOutOfMemory`, a TrainingError (train.py prints it as one
