@@ -36,8 +36,8 @@ from llama_jax.align import recipe
 from llama_jax.align.heads import last_index, reward_params, rewards
 from llama_jax.align.losses import reward_loss
 from llama_jax.config import ModelConfig
-from llama_jax.model import rules_in_force
 from llama_jax.lora.training import settings as lora_settings
+from llama_jax.model import rules_in_force
 from llama_jax.sharding import ConfigError
 from llama_jax.tokenizer import Tokenizer, chat
 from llama_jax.train import loop
