@@ -409,22 +409,17 @@ def test_convert_swaps_a_reward_models_template_record_in_with_its_weights(rewar
     rm = load_reward_model(path)
     return rm.template, np.asarray(rm.params["score"])
 
-  # Before the swap (the old weights set aside): the old model, whole.
-  monkeypatch.setattr(os, "rename", crashing(os.rename, "params.previous"))
-  with pytest.raises(Crash):
-    convert.main(["--input", str(other), "--output", str(out)])
-  monkeypatch.undo()
-  template, score = model_at(out)
-  assert template == "llama-2"
-  np.testing.assert_array_equal(score, old_score)
-  # After the swap (the old weights deleted): the new model, whole.
-  monkeypatch.setattr(shutil, "rmtree", crashing(shutil.rmtree, "params.previous"))
-  with pytest.raises(Crash):
-    convert.main(["--input", str(other), "--output", str(out)])
-  monkeypatch.undo()
-  template, score = model_at(out)
-  assert template == "chatml"
-  np.testing.assert_array_equal(score, new_score)
+  # Before the swap (the old weights set aside): the old model, whole. After it (the old weights
+  # deleted): the new model, whole.
+  for module, name, want_template, want_score in ((os, "rename", "llama-2", old_score),
+                                                  (shutil, "rmtree", "chatml", new_score)):
+    monkeypatch.setattr(module, name, crashing(getattr(module, name), "params.previous"))
+    with pytest.raises(Crash):
+      convert.main(["--input", str(other), "--output", str(out)])
+    monkeypatch.undo()
+    template, score = model_at(out)
+    assert template == want_template
+    np.testing.assert_array_equal(score, want_score)
   # A reward model without a record takes the old one's away, in the same save.
   os.remove(other / checkpoint.RUN_CONFIG)
   assert convert.main(["--input", str(other), "--output", str(out)]) == 0
