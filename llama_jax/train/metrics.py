@@ -168,15 +168,35 @@ def _drop_rows_after(path: str, step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
+@contextlib.contextmanager
+def _without_torch():
+  """Imports inside see PyTorch as not installed, unless something imported it already.
+
+  tensorboardX's package imports torch when it can (for its own tensor type), which costs a JAX
+  process ~2.5 s at start and PyTorch's memory; its event files never use it.
+  """
+  import sys
+  if "torch" in sys.modules:
+    yield
+    return
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    yield
+  finally:
+    if sys.modules.get("torch", ...) is None:
+      del sys.modules["torch"]
+
+
 class _EventFile:
   """A TensorBoard event file written synchronously: tensorboardX's SummaryWriter queues events for
   a thread that flushes every two minutes, so a killed run lost them; here each row is on disk
   when `write` returns."""
 
   def __init__(self, logdir: str, purge_from: int):
-    from tensorboardX.event_file_writer import EventsWriter
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-    from tensorboardX.proto.summary_pb2 import Summary
+    with _without_torch():
+      from tensorboardX.event_file_writer import EventsWriter
+      from tensorboardX.proto.event_pb2 import Event, SessionLog
+      from tensorboardX.proto.summary_pb2 import Summary
     self._event, self._summary = Event, Summary
     # The pid in the name: a resumed run may start within the second its killed predecessor did.
     self._writer = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
