@@ -28,6 +28,9 @@ class Model:
   tokenizer: Tokenizer | None = None
   mesh: Mesh | None = None  # where the parameters lie, if sharded; generation runs there too
   rules: tuple = sharding.DEFAULT_RULES  # logical axis -> mesh axes, for the parameters and the engine
+  # How quantized weights were made (quantization.json's method, bits, calibration): `save` writes
+  # it again beside them.
+  quantization: dict | None = None
 
   def logits(self, tokens) -> np.ndarray:
     """int tokens (B, T) -> float32 logits (B, T, vocab) as numpy."""
@@ -54,7 +57,8 @@ class Model:
 
   def save(self, directory: str) -> None:
     """Our format, with the tokenizer's files; a previous model's there are not kept."""
-    checkpoint.save_model(directory, self.config, self.params, self.tokenizer, replace_tokenizer=True)
+    checkpoint.save_model(directory, self.config, self.params, self.tokenizer, quantization=self.quantization,
+                          replace_tokenizer=True)
 
   def export_hf(self, directory: str, dtype: str | None = None) -> None:
     """config.json, generation_config.json, safetensors and the tokenizer's files, which
@@ -91,17 +95,20 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
                          f"embedding has {config.vocab_size} rows; pass the tokenizer the model was trained with")
   if dtype is not None:
     config_overrides["dtype"] = dtype
+  quantization = None
   if src.kind == "lora":
     # A LoRA run: its base model with the adapters merged in (attached, over a quantized base).
     from llama_jax.lora import files
     base = files.base_path(path)
     loaded = load(base, mesh=mesh, rules=rules, backbone=backbone)
     config, params, _ = files.adapt(path, loaded.config, loaded.params, base, mesh=mesh, rules=rules)
+    quantization = loaded.quantization
   elif src.kind == "orbax":
     # Restored by Orbax straight into the target shardings (or the first device); quantized
     # weights stay quantized.
     shardings = sharding.param_shardings(src.config, mesh, rules) if mesh is not None else None
     params = checkpoint.load_params(src.params_dir, src.config, shardings, src.quantization, backbone)
+    quantization = {k: v for k, v in (src.quantization or {}).items() if k != "weights"} or None
   else:
     config, params = source.load(src, "float32")  # numpy on the host, one copy
     if backbone:
@@ -113,4 +120,4 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
       params = jax.tree.map(jnp.asarray, params)
   if config_overrides:
     config = config.replace(**config_overrides)
-  return Model(config, params, tok, mesh, rules)
+  return Model(config, params, tok, mesh, rules, quantization)

@@ -302,6 +302,12 @@ def test_quantized_checkpoint_loads_packed_and_gives_the_same_logits(saved, para
   # int4 with a float16 scale and a uint8 zero per 32 weights: 0.59 bytes a weight against 4
   assert projection.nbytes(model.params["layers"]) < 0.2 * projection.nbytes(params["layers"])
 
+  # Saved again (Model.save): the same weights, and how they were made is not lost.
+  model.save(str(path.parent / "int4_again"))
+  again = json.loads((path.parent / "int4_again" / checkpoint.QUANTIZATION).read_text())
+  assert again == info
+  np.testing.assert_array_equal(llama_jax.load(path.parent / "int4_again").logits(TOKENS), model.logits(TOKENS))
+
 
 def test_quantized_checkpoint_loads_onto_a_mesh(saved):
   path = _quantize(saved, "int8", "--bits", "8")
