@@ -204,8 +204,9 @@ def test_warmup_compiles_every_shape_a_request_can_take(params):
   argument that differs only in being committed to a device recompiles without retracing. The
   parameters are committed, as a loaded model's are (then so is every call's output)."""
   global _COMPILED
+  # Two call lengths, not the default three: every program is compiled here (48, not 69).
   slot_engine = slots.SlotEngine(TINY, jax.device_put(params, jax.devices()[0]), max_batch=4, steps=3,
-                                 min_attend=16)
+                                 max_steps=6, min_attend=16)
   slot_engine.warmup()
   before = dict(engine.TRACE_COUNTS)
   _COMPILED = []
