@@ -65,6 +65,41 @@ def _release_compiled_programs():
   jax.clear_caches()
 
 
+@pytest.fixture(autouse=True)
+def _optimised_programs(request):
+  """Programs compiled for a test marked `optimised` get LLVM's full optimisation back.
+
+  FAST_COMPILE's level 0 suits the many programs that run a few times (the fast tests of twelve
+  files, compilation cache empty, one process: 233 s at level 0, 491 s at 3 with this fixture on
+  every test), but makes loops that
+  run long about six times slower: a decode through Pallas' interpreter
+  (tests/test_decode_kernels.py) ran 23 s at level 0 against 3 s at XLA's default 3, and took 30 s
+  against 13 s with its compilations. XLA reads the level per compilation (a compile option over
+  XLA_FLAGS', which the persistent cache keys on). JAX's in-memory programs are cleared before and
+  after the test: none compiled at the other level is reused.
+  """
+  if request.node.get_closest_marker("optimised") is None:
+    yield
+    return
+  from jax._src import compiler
+  original = getattr(compiler, "get_compile_options", None)
+  if original is None:  # another JAX's internals: the test runs as it is, only slower
+    yield
+    return
+
+  def with_full_optimisation(*args, env_options_overrides=None, **kwargs):
+    overrides = {**(env_options_overrides or {}), "xla_backend_optimization_level": "3"}
+    return original(*args, env_options_overrides=overrides, **kwargs)
+
+  jax.clear_caches()
+  compiler.get_compile_options = with_full_optimisation
+  try:
+    yield
+  finally:
+    compiler.get_compile_options = original
+    jax.clear_caches()
+
+
 def train_word_tokenizer(root, vocab_size: int):
   """A BPE sentencepiece model (byte fallback) trained on sentences of a few words; its path."""
   import random

@@ -403,6 +403,7 @@ def test_slots_whose_attention_reads_each_length_compile_no_windows():
 
 
 @pytest.mark.slow
+@pytest.mark.optimised  # decode steps through Pallas' interpreter: long loops (conftest)
 def test_a_decode_through_the_kernels_draws_xla_tokens():
   params = nn.unbox(M.init_params(_tiny("xla"), jax.random.key(0)))
   runs = {kernels: generate_tokens(_tiny(kernels), engine.prepare_params(_tiny(kernels), params),
@@ -436,6 +437,7 @@ def test_the_decode_layout_is_output_major():
 
 
 @pytest.mark.slow
+@pytest.mark.optimised  # decode steps through Pallas' interpreter: long loops (conftest)
 def test_a_slot_engine_at_one_row_decodes_through_the_kernels(monkeypatch):
   # The server's path: one live slot, calls of one row (the window of its filled positions).
   cfg = _tiny("pallas")
