@@ -7,6 +7,7 @@ a transformers model by this file's own inverse of the conversion (fairscale spl
 rotary rows), independently of the loader.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -110,6 +111,46 @@ def test_export_hf_round_trip_through_transformers(hf_dirs, tmp_path):
   for name, file in index["weight_map"].items():
     with safe_open(os.path.join(out, file), "pt") as f:
       torch.testing.assert_close(f.get_tensor(name), orig[name], rtol=0, atol=0)
+
+
+def test_an_export_that_fails_leaves_the_previous_export_whole(hf_dirs, tmp_path, monkeypatch):
+  """An export over a previous one: cut off while writing, the previous is read as it was; cut off
+  while moving its files in, the folder is an error (no config.json), not a mix of two models. A
+  single-file export over a sharded one leaves no shard of it behind."""
+  sharded, one = (llama_jax.load(hf_dirs[name][1]) for name in ("mha_untied", "gqa_untied"))
+  out = tmp_path / "export"
+  hf.export_hf(sharded.config, sharded.params, str(out), max_shard_bytes=100_000)
+  before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  original = safetensors_io.write_file
+
+  def disk_full_on_the_second_shard(path, *args, **kwargs):
+    if len(glob.glob(os.path.join(os.path.dirname(path), "*.safetensors"))) == 1:
+      raise OSError("No space left on device")
+    return original(path, *args, **kwargs)
+
+  monkeypatch.setattr(safetensors_io, "write_file", disk_full_on_the_second_shard)
+  with pytest.raises(OSError, match="No space"):
+    hf.export_hf(one.config, one.params, str(out), max_shard_bytes=100_000)
+  monkeypatch.undo()
+  assert {name: (out / name).read_bytes() for name in os.listdir(out) if name != hf.STAGING} == before
+  np.testing.assert_array_equal(llama_jax.load(str(out)).logits(TOKENS), sharded.logits(TOKENS))
+
+  real_replace = os.replace
+
+  def cut_before_the_config(src, dst):
+    if os.path.basename(dst) == hf.CONFIG:
+      raise OSError("cut off")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", cut_before_the_config)
+  with pytest.raises(OSError, match="cut off"):
+    hf.export_hf(one.config, one.params, str(out))
+  monkeypatch.undo()
+  with pytest.raises(CheckpointError, match="export into this folder was cut off"):
+    llama_jax.load(str(out))
+  hf.export_hf(one.config, one.params, str(out))  # again: whole, one file, nothing left over
+  assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+  np.testing.assert_array_equal(llama_jax.load(str(out)).logits(TOKENS), one.logits(TOKENS))
 
 
 def test_export_bfloat16_with_tokenizer_through_model_api(hf_dirs, tmp_path):

@@ -214,7 +214,7 @@ def _writes(to: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
             (checkpoint.MODEL_CONFIG, "params", "params.partial*"))
   if to == "hf":  # `hf.export_hf`
     return ((hf.CONFIG, hf.GENERATION_CONFIG, "model.safetensors", "model-*-of-*.safetensors",
-             hf.SAFETENSORS_INDEX, *checkpoint.TOKENIZER_FILES, "*.tmp"),
+             hf.SAFETENSORS_INDEX, *checkpoint.TOKENIZER_FILES, hf.STAGING, "*.tmp"),
             (hf.CONFIG, "model*.safetensors"))
   from llama_jax.lora import peft_format
   return (peft_format.CONFIG, peft_format.WEIGHTS), (peft_format.CONFIG, peft_format.WEIGHTS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,6 +26,7 @@ from llama_jax.convert import CheckpointError, layout, safetensors_io, torch_io
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+STAGING = "export.partial"  # inside the output folder: an export being written (export_hf)
 BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' long-standing default shard size (5GB)
 _LLAMA_ARCHITECTURES = {"LlamaForCausalLM", "LlamaModel"}
@@ -261,41 +263,62 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
       size = 0
     shards[-1].append(spec)
     size += nbytes
-  for old in glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
-      os.path.join(directory, SAFETENSORS_INDEX)):
-    os.remove(old)  # a re-export with another shard count must not leave stale shards behind
-  # Nor a previous export's tokenizer files where this one has no tokenizer (read as this model's).
-  # (The tokenizer's save removes the tokenizer files it does not write itself.)
-  stale = checkpoint.TOKENIZER_FILES if tok is None else ()
-  for name in stale:
-    if os.path.isfile(os.path.join(directory, name)):
-      os.remove(os.path.join(directory, name))
+
+  # Every file is written into a staging folder first, then moved into place with config.json last
+  # (and a previous export's removed first): a crash while writing leaves the previous export whole,
+  # one while moving leaves no config.json (an error to every reader, never a mix of two models).
+  staging = os.path.join(directory, STAGING)
+  if os.path.exists(staging):
+    shutil.rmtree(staging)
+  os.makedirs(staging)
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):
     name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    total += safetensors_io.write_file(os.path.join(directory, name), shard, lambda n: produce[n]())
+    total += safetensors_io.write_file(os.path.join(staging, name), shard, lambda n: produce[n]())
     weight_map.update({spec[0]: name for spec in shard})
   if len(shards) > 1:
-    with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
+    with open(os.path.join(staging, SAFETENSORS_INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
   if tok is not None:
-    tok.save(directory, for_transformers=True)
+    tok.save(staging, for_transformers=True)
   hf_config = config_to_hf(config, out_dtype.name, bos, eos, pad)
   if reward_model:
     hf_config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
-  with open(os.path.join(directory, CONFIG), "w") as f:
+  with open(os.path.join(staging, CONFIG), "w") as f:
     json.dump(hf_config, f, indent=2)
+  generation_path = os.path.join(staging, GENERATION_CONFIG)
   if reward_model:  # a classifier generates nothing (the tokenizer's save may have copied its folder's)
-    if os.path.isfile(os.path.join(directory, GENERATION_CONFIG)):
-      os.remove(os.path.join(directory, GENERATION_CONFIG))
-    return
-  generation.update(bos_token_id=bos, eos_token_id=eos)
-  if pad is not None:
-    generation["pad_token_id"] = pad
-  with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
-    json.dump(generation, f, indent=2)
+    if os.path.isfile(generation_path):
+      os.remove(generation_path)
+  else:
+    generation.update(bos_token_id=bos, eos_token_id=eos)
+    if pad is not None:
+      generation["pad_token_id"] = pad
+    with open(generation_path, "w") as f:
+      json.dump(generation, f, indent=2)
+  _move_into_place(staging, directory)
+
+
+def _move_into_place(staging: str, directory: str) -> None:
+  """The staged export's files into `directory`: its config.json out first and in last. A previous
+  export's shards go (another shard count must leave none behind), and so do its tokenizer files
+  that this export does not write (a stale tokenizer.json would be read before a new
+  tokenizer.model; with no tokenizer, an old one would pass for this model's)."""
+  written = set(os.listdir(staging))
+  if os.path.isfile(os.path.join(directory, CONFIG)):
+    os.remove(os.path.join(directory, CONFIG))
+  stale = glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
+      os.path.join(directory, SAFETENSORS_INDEX)) + [
+      os.path.join(directory, name) for name in checkpoint.TOKENIZER_FILES if name not in written]
+  for path in stale:
+    if os.path.isfile(path):
+      os.remove(path)
+  for name in sorted(written - {CONFIG}):
+    os.replace(os.path.join(staging, name), os.path.join(directory, name))
+  os.replace(os.path.join(staging, CONFIG), os.path.join(directory, CONFIG))
+  os.rmdir(staging)
 
 
 def _score_pad_id(tok, pad: int | None, eos_ids: list[int]) -> int:

@@ -64,6 +64,9 @@ def open_source(path: str | os.PathLike) -> Source:
     # template record, is no Hugging Face config to read either).
     raise CheckpointError(f"{path}: a save into this folder was cut off (params.partial/ or params.previous/, "
                           "no params/): save the model there again")
+  if not os.path.isfile(os.path.join(path, hf.CONFIG)) and os.path.isdir(os.path.join(path, hf.STAGING)):
+    raise CheckpointError(f"{path}: a Hugging Face export into this folder was cut off ({hf.STAGING}/, no "
+                          f"{hf.CONFIG}): export the model there again")
   if os.path.isfile(os.path.join(path, hf.CONFIG)):
     cfg, _ = hf.read_config(path)
     return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path))
