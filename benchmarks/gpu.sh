@@ -107,6 +107,8 @@
 #              steps, seeds 0 and 1 of each (benchmarks/compare_curves.py puts the curves side by side)
 #   largest    LLaMA-2-7B training steps on one GPU with bfloat16 moments (a card of > 100 GB only)
 #   align      DPO steps (policy + frozen reference) and PPO steps (rollout, scoring, updates)
+#   headline   the headline rows again at this commit (a regression check): training at the config's
+#              batch, decode at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048 tokens
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 # GPUS=0,1 runs the sections on those GPUs only (CUDA_VISIBLE_DEVICES; "every GPU" then means them), so
 # that one-GPU sections can run side by side on the GPUs of a larger machine (not those that pick
@@ -143,6 +145,12 @@ train)
   run train XLA_FLAGS= $T --config.optimizer.grad_accum_steps=2 --config.batch_size=16
   run train XLA_FLAGS= $T --config.model.loss_chunk_len=512
   timeout 300 python3 benchmarks/reference_torch.py train 2>&1 | tail -1 | tee -a $OUT/train.jsonl ;;
+headline)
+  run headline XLA_FLAGS= $T
+  for b in 1 16; do
+    run headline XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
+  done
+  run headline XLA_FLAGS= $D --batch_size 1 --prompt_len 2048 --new_tokens 1 --repeats 5 ;;
 decode)
   for b in 1 16; do
     run decode XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
