@@ -55,15 +55,22 @@ class Model:
     return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, seed=seed, **kwargs)
 
-  def save(self, directory: str) -> None:
-    """Our format, with the tokenizer's files; a previous model's there are not kept."""
+  def save(self, directory: str, overwrite: bool = False) -> None:
+    """Our format, with the tokenizer's files; a previous model's there are not kept. A directory
+    holding anything else (another format's model, other files) is refused unless `overwrite`; a
+    training workdir always."""
+    from llama_jax.convert.output import check_output
+    check_output(os.fspath(directory), "orbax", overwrite, command_line=False)
     checkpoint.save_model(directory, self.config, self.params, self.tokenizer, quantization=self.quantization,
                           replace_tokenizer=True)
 
-  def export_hf(self, directory: str, dtype: str | None = None) -> None:
+  def export_hf(self, directory: str, dtype: str | None = None, overwrite: bool = False) -> None:
     """config.json, generation_config.json, safetensors and the tokenizer's files, which
-    transformers' AutoModelForCausalLM, GenerationConfig and AutoTokenizer load."""
+    transformers' AutoModelForCausalLM, GenerationConfig and AutoTokenizer load. A directory holding
+    anything else is refused unless `overwrite`, as by `save`."""
     from llama_jax.convert import hf
+    from llama_jax.convert.output import check_output
+    check_output(os.fspath(directory), "hf", overwrite, command_line=False)
     hf.export_hf(self.config, self.params, directory,
                  tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype)
 

@@ -321,6 +321,12 @@ def test_convert_writes_a_full_reward_run_whole_and_as_a_sequence_classifier(rew
   assert saved.template == "llama-2"
   np.testing.assert_array_equal(saved.score(BRIEF), trained.score(BRIEF))
   assert convert.main(["--input", str(run), "--to", "hf", "--output", str(tmp_path / "hf")]) == 0
+  # python -m llama_jax.align export: over the export, fine; over our saved model, refused in one line.
+  from llama_jax.align.__main__ import main as align_main
+  with pytest.raises(SystemExit) as exit_:
+    align_main(["export", "--input", str(run), "--output", str(tmp_path / "rm")])
+  assert exit_.value.code == 1 and "holds a llama_jax model" in capsys.readouterr().err
+  assert align_main(["export", "--input", str(run), "--output", str(tmp_path / "hf")]) == 0
   # A Vicuna delta is a language model's: a reward model's missing output head is named in one line.
   capsys.readouterr()
   assert convert.main(["--input", str(run), "--make_delta", "--base", str(setup / "sft"),

@@ -1,5 +1,7 @@
 """llama_jax.load onto a mesh: parameters go straight into their shards, never whole on one device."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -80,3 +82,33 @@ def test_save_over_another_model_keeps_none_of_its_tokenizer_files(hf_dir, tmp_p
   again = llama_jax.load(str(out))
   assert again.tokenizer is None
   np.testing.assert_array_equal(again.logits(np.array([[1, 2, 3]])), model.logits(np.array([[1, 2, 3]])))
+
+
+def test_save_and_export_refuse_a_folder_holding_something_else(hf_dir, tmp_path):
+  """As the converters' --output: another format's model or other files are refused unless
+  overwrite=True; a training workdir always (a model at its top would shadow its checkpoints)."""
+  from llama_jax.convert import CheckpointError
+  model = llama_jax.load(hf_dir)
+  tokens = np.array([[1, 2, 3]])
+  hf_copy = tmp_path / "hf"
+  model.export_hf(str(hf_copy))
+  with pytest.raises(CheckpointError, match=r"holds a Hugging Face checkpoint .*pass overwrite=True"):
+    model.save(str(hf_copy))
+  assert not (hf_copy / "params").exists()
+  ours = tmp_path / "ours"
+  model.save(str(ours))
+  model.save(str(ours))  # over itself: the same format, fine
+  with pytest.raises(CheckpointError, match=r"holds a llama_jax model"):
+    model.export_hf(str(ours))
+  (ours / "notes.txt").write_text("mine")
+  with pytest.raises(CheckpointError, match=r"files a llama_jax model does not have \(notes.txt\)"):
+    model.save(str(ours))
+  model.save(str(ours), overwrite=True)
+  assert (ours / "notes.txt").read_text() == "mine"
+  np.testing.assert_array_equal(llama_jax.load(str(ours)).logits(tokens), model.logits(tokens))
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  for write in (model.save, model.export_hf):
+    with pytest.raises(CheckpointError, match="is a training workdir"):
+      write(str(workdir), overwrite=True)
+  assert sorted(os.listdir(workdir)) == ["checkpoints"]

@@ -2,6 +2,7 @@
 `extend` (merging a second model's pieces, resizing a checkpoint's embedding and output rows)."""
 
 import json
+import os
 import random
 
 import flax.linen as nn
@@ -125,6 +126,18 @@ def test_extend_resizes_checkpoint_rows_with_the_mean(models, tmp_path, capsys):
                "--output", str(tmp_path / "m2.model"), "--checkpoint", str(tmp_path / "ckpt"),
                "--checkpoint_output", str(tmp_path / "r2")]) == 1
   assert "is not the base tokenizer's" in capsys.readouterr().err
+  # --checkpoint_output holding something else is refused before anything is written.
+  (tmp_path / "occupied").mkdir()
+  (tmp_path / "occupied" / "notes.txt").write_text("mine")
+  assert main(["extend", "--base", str(models / "base.model"), "--add", str(models / "greek.model"),
+               "--output", str(tmp_path / "m3.model"), "--checkpoint", str(tmp_path / "ckpt"),
+               "--checkpoint_output", str(tmp_path / "occupied")]) == 1
+  assert "holds files a llama_jax model does not have (notes.txt)" in capsys.readouterr().err
+  assert not (tmp_path / "m3.model").exists() and os.listdir(tmp_path / "occupied") == ["notes.txt"]
+  assert main(["extend", "--base", str(models / "base.model"), "--add", str(models / "greek.model"),
+               "--output", str(tmp_path / "m3.model"), "--checkpoint", str(tmp_path / "ckpt"),
+               "--checkpoint_output", str(tmp_path / "occupied"), "--overwrite"]) == 0
+  assert llama_jax.load(str(tmp_path / "occupied")).config.vocab_size == v_new
 
 
 def test_export_for_transformers_gives_sentencepiece_ids(models, tmp_path):

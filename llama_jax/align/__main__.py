@@ -26,7 +26,9 @@ def _check(args) -> None:
 
 def _export(args) -> None:
   from llama_jax.align import load_reward_model
-  load_reward_model(args.input).export_hf(args.output, dtype=args.dtype)
+  from llama_jax.convert.output import check_output
+  check_output(args.output, "hf", args.overwrite)  # before the model is read
+  load_reward_model(args.input).export_hf(args.output, dtype=args.dtype, overwrite=True)
   print(f"wrote {args.output} (LlamaForSequenceClassification)")
 
 
@@ -42,6 +44,8 @@ def main(argv: list[str]) -> int:
   export.add_argument("--input", required=True, help="a reward run's workdir or a saved reward model")
   export.add_argument("--output", required=True)
   export.add_argument("--dtype", choices=DTYPES, default=None)
+  export.add_argument("--overwrite", action="store_true",
+                      help="write into --output even if it holds other files than a Hugging Face model's")
   args = p.parse_args(argv)
   run_cli(lambda: (_check if args.command == "check" else _export)(args))
   return 0

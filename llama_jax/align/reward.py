@@ -151,9 +151,12 @@ class RewardModel:
         sequences.append(list(ids[:answer[-1] + 1]) if answer.size else list(ids))
     return self.score_tokens(sequences)
 
-  def export_hf(self, directory: str, dtype: str | None = None) -> None:
-    """config.json and safetensors of a transformers.LlamaForSequenceClassification (one label)."""
+  def export_hf(self, directory: str, dtype: str | None = None, overwrite: bool = False) -> None:
+    """config.json and safetensors of a transformers.LlamaForSequenceClassification (one label). A
+    directory holding anything else is refused unless `overwrite` (`convert.output.check_output`)."""
     from llama_jax.convert import hf
+    from llama_jax.convert.output import check_output
+    check_output(os.fspath(directory), "hf", overwrite, command_line=False)
     hf.export_hf(self.config, self.params, directory,
                  tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype)
 

@@ -45,7 +45,6 @@ Conversion streams tensor by tensor into one copy of the model in host memory (s
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import sys
@@ -54,10 +53,7 @@ import time
 import numpy as np
 
 from llama_jax.config import DTYPES
-
-# What a model of each --to format is called; `_writes` says what its save writes.
-FORMAT_NAMES = {"orbax": "llama_jax model", "hf": "Hugging Face checkpoint", "peft": "PEFT adapter"}
-
+from llama_jax.convert.output import check_output
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
@@ -130,7 +126,7 @@ def convert(args: argparse.Namespace) -> None:
   for path in inputs:
     if path and os.path.abspath(path) == os.path.abspath(args.output):
       raise CheckpointError(f"{args.output}: the output must not be an input")
-  check_output(args.output, args.to, args.overwrite)
+  check_output(args.output, args.to, args.overwrite)  # (before anything is read)
   src = source.open_source(args.input)
   out_dtype = args.dtype or src.stored_dtype
   if (args.merge_lora or args.to == "peft") and src.kind != "lora":
@@ -168,73 +164,6 @@ def convert(args: argparse.Namespace) -> None:
     _to_device(params, out_dtype)
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer,
                           files={checkpoint.RUN_CONFIG: record}, replace_tokenizer=True)
-
-
-def check_output(directory: str, to: str, overwrite: bool = False) -> None:
-  """Refuses an existing `directory` that holds anything but a model of the format `to` writes, with
-  nothing beside it that the save would not replace (`_writes`): writing there would leave two models
-  in one folder, each reader taking another (`llama_jax.load` ours, transformers a config.json), or
-  our files among someone else's. An absent or empty directory is fine; `overwrite` skips the check."""
-  from llama_jax import checkpoint
-  from llama_jax.convert import CheckpointError
-  if not os.path.exists(directory):
-    return
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"--output {directory} is a file; expected a directory to write the model into")
-  names = sorted(os.listdir(directory))
-  if checkpoint.CHECKPOINTS in names:  # a model saved at its top would shadow its checkpoints, and
-    # the save would replace its run config and tokenizer: refused even with --overwrite
-    raise CheckpointError(f"--output {directory} is a training workdir ({checkpoint.CHECKPOINTS}/): choose "
-                          "another directory")
-  if overwrite:
-    return
-  writes, marks = _writes(to)
-  other = [n for n in names if not _matches(n, writes)]
-  if not names or (not other and any(_matches(n, marks) for n in names)):
-    return
-  shown = [n + "/" if os.path.isdir(os.path.join(directory, n)) else n for n in other or names]
-  listed = ", ".join(shown[:6]) + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
-  found = _found(set(names), to)
-  target = FORMAT_NAMES[to]
-  what = (f"{found} ({listed}), not a {target}" if found else
-          f"files a {target} does not have ({listed})" if other else f"{listed} but no {target}")
-  raise CheckpointError(f"--output {directory} holds {what}: choose a new or empty directory, or pass "
-                        "--overwrite to write into it anyway")
-
-
-def _writes(to: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """(what a save of format `to` writes into its directory, the names that make a folder a model of
-  that format), as fnmatch patterns, the leftovers of a save cut short included. A save rewrites or
-  removes every name it writes, so a folder holding only these is one re-converted in place."""
-  from llama_jax import checkpoint
-  from llama_jax.convert import hf
-  if to == "orbax":  # `checkpoint.save_model`
-    return ((checkpoint.MODEL_CONFIG, "params", checkpoint.QUANTIZATION, checkpoint.RUN_CONFIG,
-             *checkpoint.TOKENIZER_FILES, "params.partial*", "params.previous", "*.partial", "*.tmp*"),
-            (checkpoint.MODEL_CONFIG, "params", "params.partial*"))
-  if to == "hf":  # `hf.export_hf`
-    return ((hf.CONFIG, hf.GENERATION_CONFIG, "model.safetensors", "model-*-of-*.safetensors",
-             hf.SAFETENSORS_INDEX, *checkpoint.TOKENIZER_FILES, hf.STAGING, "*.tmp"),
-            (hf.CONFIG, "model*.safetensors"))
-  from llama_jax.lora import peft_format
-  return (peft_format.CONFIG, peft_format.WEIGHTS), (peft_format.CONFIG, peft_format.WEIGHTS)
-
-
-def _matches(name: str, patterns) -> bool:
-  return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _found(names: set[str], to: str) -> str | None:
-  """The checkpoint of another kind than `to` that a folder holding `names` is, in words, or None."""
-  kinds = [
-      ("orbax", "a llama_jax model", {"model_config.json", "params"} <= names),
-      ("hf", "a Hugging Face checkpoint", "config.json" in names and "model_config.json" not in names
-       and any(_matches(n, ("*.safetensors", "pytorch_model*.bin")) for n in names)),
-      ("meta", "a Meta checkpoint", "params.json" in names and any(_matches(n, ("consolidated.*.pth",))
-                                                                    for n in names)),
-      ("peft", "a PEFT adapter", "adapter_config.json" in names),
-  ]
-  return next((words for kind, words, present in kinds if present and kind != to), None)
 
 
 def _reward_model(path: str) -> bool:

@@ -66,7 +66,7 @@ def quantize(args: argparse.Namespace) -> dict:
     raise ValueError(f"--scheme must be sym or asym, got {args.scheme!r}")
   if os.path.abspath(args.model) == os.path.abspath(args.output):
     raise ValueError(f"{args.output}: the output must not be the input")
-  from llama_jax.convert.cli import check_output
+  from llama_jax.convert.output import check_output
   check_output(args.output, "orbax", args.overwrite)
   group_size = DEFAULT_GROUP[args.bits] if args.group_size is None else args.group_size
   grid = Grid(args.bits, group_size, symmetric=args.scheme == "sym")

@@ -60,16 +60,21 @@ def extend(args) -> None:
   from llama_jax.tokenizer import extend as ext
   if bool(args.checkpoint) != bool(args.checkpoint_output):
     raise ValueError("--checkpoint and --checkpoint_output go together")
+  if args.checkpoint:  # before anything is written
+    from llama_jax.convert.output import check_output
+    check_output(args.checkpoint_output, "orbax", args.overwrite)
   n_base, n_new = ext.merge(args.base, args.add, args.output)
   print(f"wrote {args.output}: {n_base} base pieces + {n_new - n_base} new = {n_new}")
   if args.checkpoint:
-    v = resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base)
+    v = resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base, overwrite=True)
     print(f"wrote {args.checkpoint_output}: embedding and output rows resized to {v} (new rows: the mean)")
 
 
-def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vocab: int) -> int:
+def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vocab: int,
+                      overwrite: bool = False) -> int:
   """Loads a checkpoint (any format `llama_jax.load` reads), grows its vocabulary to the tokenizer's
-  and saves it as a llama_jax model with that tokenizer; returns the new vocab size."""
+  and saves it as a llama_jax model with that tokenizer (`overwrite`: as `Model.save`'s); returns
+  the new vocab size."""
   import jax
   import numpy as np
 
@@ -83,7 +88,7 @@ def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vo
   tokenizer = Tokenizer(tokenizer_path)
   params = resize_rows(jax.tree.map(np.asarray, model.params), tokenizer.vocab_size)
   config = model.config.replace(vocab_size=tokenizer.vocab_size)
-  llama_jax.Model(config, params, tokenizer).save(output)
+  llama_jax.Model(config, params, tokenizer).save(output, overwrite=overwrite)
   return tokenizer.vocab_size
 
 
@@ -111,6 +116,8 @@ def main(argv=None) -> int:
   e.add_argument("--output", required=True)
   e.add_argument("--checkpoint", default="", help="a checkpoint to resize to the new vocabulary")
   e.add_argument("--checkpoint_output", default="", help="where the resized checkpoint is saved")
+  e.add_argument("--overwrite", action="store_true",
+                 help="save into --checkpoint_output even if it holds other files than a llama_jax model's")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   try:
