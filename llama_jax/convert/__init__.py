@@ -7,6 +7,7 @@
   delta.apply_delta / make    Vicuna's delta weights (FastChat `apply_delta.py`)
   layout                      the tensor-name map between Hugging Face's layout and ours
   safetensors_io              a streaming reader and writer of the safetensors format
+  output.check_output         where a model may be written (not over another model, other files or a run)
 
 Loading streams tensor by tensor into preallocated arrays, so host memory stays near one copy of
 the model; weights are read with safetensors or `torch.load(weights_only=True)`, never unpickled.
