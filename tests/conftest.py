@@ -71,12 +71,11 @@ def _optimised_programs(request):
 
   FAST_COMPILE's level 0 suits the many programs that run a few times (the fast tests of twelve
   files, compilation cache empty, one process: 233 s at level 0, 491 s at 3 with this fixture on
-  every test), but makes loops that
-  run long about six times slower: a decode through Pallas' interpreter
-  (tests/test_decode_kernels.py) ran 23 s at level 0 against 3 s at XLA's default 3, and took 30 s
-  against 13 s with its compilations. XLA reads the level per compilation (a compile option over
-  XLA_FLAGS', which the persistent cache keys on). JAX's in-memory programs are cleared before and
-  after the test: none compiled at the other level is reused.
+  every test), but makes loops that run long about six times slower: a decode through Pallas'
+  interpreter (tests/test_decode_kernels.py) ran 23 s at level 0 against 3 s at XLA's default 3,
+  and took 30 s against 13 s with its compilations. XLA reads the level per compilation (a compile
+  option over XLA_FLAGS', which the persistent cache keys on). JAX's in-memory programs are
+  cleared before and after the test: none compiled at the other level is reused.
   """
   if request.node.get_closest_marker("optimised") is None:
     yield

@@ -1,5 +1,9 @@
 """MFU's FLOP count and the device table, against what the metrics docstring states."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -88,3 +92,16 @@ def test_dpo_and_reward_flops_count_a_frozen_lora_base_at_four_per_weight():
   cfg = ModelConfig.from_dict(config.model)
   tokens, full = DPO().throughput(config, cfg)
   np.testing.assert_allclose(full, metrics.flops_per_token(cfg, config.seq_len) * tokens * 8 / 6, rtol=1e-9)
+
+
+def test_the_event_file_does_not_import_pytorch(tmp_path):
+  """tensorboardX's package imports torch when installed (~2.5 s of every train.py start): the event
+  file is written without it, and torch still imports afterwards."""
+  script = ("import sys; from llama_jax.train import metrics; "
+            f"f = metrics._EventFile({str(tmp_path)!r}, 1); f.write(1, {{'loss': 1.0}}); f.close(); "
+            "print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False", "2.0"]
+  assert any(name.startswith("events") for name in os.listdir(tmp_path))

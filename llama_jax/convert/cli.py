@@ -55,6 +55,7 @@ import numpy as np
 from llama_jax.config import DTYPES
 from llama_jax.convert.output import check_output
 
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m llama_jax.convert",

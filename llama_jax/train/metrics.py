@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from typing import Callable, Mapping
 
@@ -175,7 +176,6 @@ def _without_torch():
   tensorboardX's package imports torch when it can (for its own tensor type), which costs a JAX
   process ~2.5 s at start and PyTorch's memory; its event files never use it.
   """
-  import sys
   if "torch" in sys.modules:
     yield
     return
