@@ -1,4 +1,4 @@
-"""MFU's FLOP count and the device table, against what the metrics docstring states."""
+"""MFU's FLOP count and the device table, against what the metrics docstring states; the event file."""
 
 import os
 import subprocess
