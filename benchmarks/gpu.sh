@@ -108,7 +108,8 @@
 #   largest    LLaMA-2-7B training steps on one GPU with bfloat16 moments (a card of > 100 GB only)
 #   align      DPO steps (policy + frozen reference) and PPO steps (rollout, scoring, updates)
 #   headline   the headline rows again at this commit (a regression check): training at the config's
-#              batch, decode at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048 tokens
+#              batch, decode at batch 1 and 16 (prompt 128 + 256 new tokens), prefill of 2048 tokens;
+#              on several GPUs instead, TinyLlama at 8 sequences a GPU and the 7B config as it is
 # Results: one JSON line per run in $OUT/<section>.jsonl; the device's stdout has the same lines.
 # GPUS=0,1 runs the sections on those GPUs only (CUDA_VISIBLE_DEVICES; "every GPU" then means them), so
 # that one-GPU sections can run side by side on the GPUs of a larger machine (not those that pick
@@ -146,6 +147,11 @@ train)
   run train XLA_FLAGS= $T --config.model.loss_chunk_len=512
   timeout 300 python3 benchmarks/reference_torch.py train 2>&1 | tail -1 | tee -a $OUT/train.jsonl ;;
 headline)
+  if [ "$N" -gt 1 ]; then
+    run headline XLA_FLAGS= $T --config.batch_size=$((8 * N))
+    run headline $M XLA_FLAGS= timeout 300 python3 -m llama_jax.bench train --config configs/llama2_7b.py --steps 5 --warmup 2
+    continue
+  fi
   run headline XLA_FLAGS= $T
   for b in 1 16; do
     run headline XLA_FLAGS= $D --batch_size $b --prompt_len 128 --new_tokens 256
