@@ -323,23 +323,24 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer=None,
       elif os.path.exists(target):
         os.remove(target)
     if swap_tokenizer:
-      _swap_tokenizer(directory, staged_tokenizer if tokenizer is not None else None)
+      move_staged(directory, staged_tokenizer if tokenizer is not None else None)
     os.rename(staging, params_dir)
   multihost_utils.sync_global_devices("save_model: weights in place")
   if main and os.path.exists(previous):
     shutil.rmtree(previous)
 
 
-def _swap_tokenizer(directory: str, staged: str | None) -> None:
-  """The tokenizer's files saved in `staged` (None: none) into `directory`, whose TOKENIZER_FILES
-  that it does not write go: a previous model's tokenizer.json would be read before a new
-  tokenizer.model, its generation_config.json would add its EOS ids."""
+def move_staged(directory: str, staged: str | None, last: str | None = None) -> None:
+  """The files saved in the folder `staged` (None: none) moved into `directory`, `last` after all
+  the others; first the TOKENIZER_FILES of `directory` that `staged` does not hold go: a previous
+  model's tokenizer.json would be read before a new tokenizer.model, its generation_config.json
+  would add its EOS ids. (`save_model`'s tokenizer, `hf.export_hf`'s whole export.)"""
   written = sorted(os.listdir(staged)) if staged else []
   for name in TOKENIZER_FILES:
     path = os.path.join(directory, name)
     if name not in written and os.path.isfile(path):
       os.remove(path)
-  for name in written:
+  for name in sorted(written, key=lambda name: name == last):  # (a stable sort: `last` moves last)
     os.replace(os.path.join(staged, name), os.path.join(directory, name))
   if staged:
     os.rmdir(staged)

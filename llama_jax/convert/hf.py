@@ -304,21 +304,13 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
 def _move_into_place(staging: str, directory: str) -> None:
   """The staged export's files into `directory`: its config.json out first and in last. A previous
   export's shards go (another shard count must leave none behind), and so do its tokenizer files
-  that this export does not write (a stale tokenizer.json would be read before a new
-  tokenizer.model; with no tokenizer, an old one would pass for this model's)."""
-  written = set(os.listdir(staging))
+  that this export does not write (`checkpoint.move_staged`)."""
   if os.path.isfile(os.path.join(directory, CONFIG)):
     os.remove(os.path.join(directory, CONFIG))
-  stale = glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
-      os.path.join(directory, SAFETENSORS_INDEX)) + [
-      os.path.join(directory, name) for name in checkpoint.TOKENIZER_FILES if name not in written]
-  for path in stale:
-    if os.path.isfile(path):
-      os.remove(path)
-  for name in sorted(written - {CONFIG}):
-    os.replace(os.path.join(staging, name), os.path.join(directory, name))
-  os.replace(os.path.join(staging, CONFIG), os.path.join(directory, CONFIG))
-  os.rmdir(staging)
+  for path in glob.glob(os.path.join(directory, "model*.safetensors")) + glob.glob(
+      os.path.join(directory, SAFETENSORS_INDEX)):
+    os.remove(path)
+  checkpoint.move_staged(directory, staging, last=CONFIG)
 
 
 def _score_pad_id(tok, pad: int | None, eos_ids: list[int]) -> int:
