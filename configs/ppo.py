@@ -31,7 +31,7 @@ def get_config():
   config.ppo.reward_model = ""  # required: a reward run's workdir (configs/reward.py)
   config.ppo.prompt_len = 512  # prompt tokens (right-padded); longer prompts are skipped and counted
   config.ppo.max_new_tokens = 256  # answer tokens per rollout
-  config.ppo.temperature = 1.0  # rollout sampling
+  config.ppo.temperature = 1.0  # rollout sampling; the log-probs (ratio, KL) are taken at it too
   config.ppo.top_k = 0
   config.ppo.top_p = 1.0
   config.ppo.group_size = 1  # samples per prompt (grpo: the group)

@@ -266,6 +266,39 @@ def test_ppo_assembles_each_response_right_after_its_prompt():
   np.testing.assert_array_equal(index, [[2, 3, 4], [1, 2, 3]])
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_ppo_log_probs_and_entropies_are_of_the_sampling_temperature(temperature):
+  """PPO's log-probs (its ratio and KL) are of softmax(logits / T), the distribution rollouts at
+  temperature T draw from (as TRL's PPO divides its logits by T): numpy over the model's logits."""
+  from llama_jax.align.heads import policy_params, response_outputs
+  from llama_jax.model import Transformer
+  params = nn.unbox(policy_params(CFG, jax.random.key(3)))
+  tokens = jax.random.randint(jax.random.key(4), (2, 9), 1, CFG.vocab_size)
+  index = jnp.array([[3, 4, 5, 6], [5, 6, 7, 7]])
+  targets = jnp.take_along_axis(tokens, jnp.minimum(index + 1, 8), axis=1)
+  logps, entropy, values = response_outputs(CFG, params, tokens, index, targets, temperature)
+
+  model = {k: v for k, v in params.items() if k != "value_head"}
+  logits = np.asarray(Transformer(CFG).apply({"params": model}, tokens), np.float64) / temperature
+  logits = np.take_along_axis(logits, np.asarray(index)[..., None], axis=1)  # (B, N, V)
+  log_softmax = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                       keepdims=True)) - logits.max(-1, keepdims=True)
+  expected = np.take_along_axis(log_softmax, np.asarray(targets)[..., None], axis=-1)[..., 0]
+  np.testing.assert_allclose(logps, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(entropy, -np.sum(np.exp(log_softmax) * log_softmax, -1), rtol=1e-5, atol=1e-5)
+  assert values.shape == (2, 4)
+
+
+def test_ppo_refuses_greedy_rollouts():
+  from configs import ppo_tiny
+  from llama_jax import sharding
+  from llama_jax.align.ppo import validate
+  config = ppo_tiny.get_config()
+  config.ppo.reward_model, config.ppo.temperature = "rm", 0.0
+  with pytest.raises(sharding.ConfigError, match="ppo.temperature must be > 0"):
+    validate(config, CFG, sharding.make_mesh(1, -1, 1))
+
+
 @pytest.fixture(scope="module")
 def reward_runs(setup, tmp_path_factory):
   """One step of a reward run whose pairs were rendered with llama-2, training the whole model and

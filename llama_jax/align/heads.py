@@ -85,12 +85,18 @@ def rewards(cfg: ModelConfig, params, tokens: Array, last: Array) -> Array:
   return jnp.einsum("BD,D->B", at_last.astype(jnp.float32), params["score"].astype(jnp.float32))
 
 
-def response_outputs(cfg: ModelConfig, params, tokens: Array, index: Array, targets: Array):
+def response_outputs(cfg: ModelConfig, params, tokens: Array, index: Array, targets: Array,
+                     temperature: float = 1.0):
   """The policy (and critic) on the response positions: (log-probs, entropies, values), each
   (B, N), where index (B, N) are the positions whose next tokens are `targets` (B, N). Only those
-  N positions go through the output head. Values are None without a value head."""
+  N positions go through the output head. Values are None without a value head.
+
+  Log-probs and entropies are of the distribution at `temperature` (softmax(logits / T)): the one
+  rollouts sampled at that temperature were drawn from."""
   hidden = gather_positions(hidden_states(cfg, params, tokens), index)  # (B, N, D)
   logits = lm_logits(cfg, params, hidden)  # (B, N, V) float32
+  if temperature != 1.0:
+    logits = logits / temperature
   log_z = jax.nn.logsumexp(logits, axis=-1)
   logps = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
   entropy = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)

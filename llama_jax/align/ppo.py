@@ -9,7 +9,10 @@ One loop step is one rollout batch and several optimisation epochs over it:
      and the engine folds in each token's index: a run resumed from a checkpoint draws exactly what
      the uninterrupted run draws.
   2. scoring, one jitted pass: the policy's log-probs and values on the response tokens, the
-     frozen reference's log-probs, and the reward model's score at the last response token.
+     frozen reference's log-probs, and the reward model's score at the last response token. All
+     log-probs, here and in the updates, are at `ppo.temperature` (softmax(logits / T), TRL's
+     convention): the policy trained is the distribution the rollouts are drawn from. `ppo.top_k`
+     and `ppo.top_p` cut the sampling distribution, not the log-probs (left at 0 and 1 as TRL's).
   3. advantages. "gae": the per-token reward -kl_coef (log π - log π_ref), the score added at the
      last token (InstructGPT's KL-shaped reward), GAE(γ, λ) against the value head, whitened.
      "grpo": each sample's score against its group's mean (over its standard deviation), for every
@@ -73,6 +76,9 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
   if p.advantage == "grpo" and p.group_size < 2:
     raise ConfigError(f"ppo.advantage 'grpo' compares samples of a prompt: ppo.group_size must be >= 2, "
                       f"got {p.group_size}")
+  if not float(p.temperature) > 0:
+    raise ConfigError(f"ppo.temperature must be > 0 (rollouts are sampled; the log-probs are taken at it), "
+                      f"got {p.temperature}")
   for name in ("prompt_len", "max_new_tokens", "epochs", "minibatches", "group_size"):
     if int(p[name]) < 1:
       raise ConfigError(f"ppo.{name} must be >= 1, got {p[name]}")
@@ -208,6 +214,10 @@ class Rollout:
     self.run, self.frozen, self.seed = run, frozen, int(config.seed)
     self.accum = int(config.optimizer.grad_accum_steps)
     self.updates = int(self.p.epochs) * int(self.p.minibatches)
+    # Every log-prob (the rollout's, the reference's, the updates') is taken at the sampling
+    # temperature, as TRL's PPO divides its logits by it: the policy is softmax(logits / T), so the
+    # first update's ratio is 1 on the rollout it drew and the KL compares like with like.
+    self.temperature = float(self.p.temperature)
     # The init model's tokenizer is the run's (the workdir inherits it); LLaMA's ids without one.
     self.eos_ids = jnp.asarray(stop_ids(config, tokenizer) if tokenizer else [2], jnp.int32)
     self.pad_id = int(tokenizer.pad_id) if tokenizer else 0
@@ -242,8 +252,8 @@ class Rollout:
     tokens, index = assemble(prompt, prompt_lengths, response, response_lengths, self.pad_id)
     n = response.shape[1]
     mask = ((jnp.arange(n)[None, :] < response_lengths[:, None]) & valid[:, None]).astype(jnp.float32)
-    logps, _, values = response_outputs(self.cfg, params, tokens, index, response)
-    ref_logps, _, _ = response_outputs(self.cfg, frozen["reference"], tokens, index, response)
+    logps, _, values = response_outputs(self.cfg, params, tokens, index, response, self.temperature)
+    ref_logps, _, _ = response_outputs(self.cfg, frozen["reference"], tokens, index, response, self.temperature)
     last = prompt_lengths + jnp.maximum(response_lengths, 1) - 1
     scores = rewards(self.rm_cfg, frozen["reward"], tokens, last)
     shaped, kl = kl_shaped_rewards(logps, ref_logps, scores, mask, float(p.kl_coef))
@@ -268,7 +278,8 @@ class Rollout:
     minibatch = jax.tree.map(lambda x: x[rows], experience)
 
     def objective(params, mb):
-      logps, entropy, values = response_outputs(self.cfg, params, mb["tokens"], mb["index"], mb["targets"])
+      logps, entropy, values = response_outputs(self.cfg, params, mb["tokens"], mb["index"], mb["targets"],
+                                                self.temperature)
       m = mb["mask"]
       pg, clipped = clipped_policy_loss(logps, mb["old_logps"], mb["advantages"], float(p.clip))
       sums = {"ppo/policy_loss": pg, "ppo/entropy": entropy, "ppo/clipfrac": clipped}
