@@ -416,8 +416,7 @@ def test_a_reward_run_starts_from_a_reward_models_backbone(setup, tmp_path):
     assert np.isfinite(load_reward_model(tmp_path / name).score(["red cat", "blue dog"])).all()
 
 
-def test_convert_swaps_a_reward_models_template_record_in_with_its_weights(reward_runs, setup, tmp_path,
-                                                                          monkeypatch):
+def test_convert_swaps_a_reward_models_template_record_in_with_its_weights(setup, tmp_path, monkeypatch):
   """Converting a reward model over another: its template record is part of the save. A crash
   before the swap leaves the old model whole (its weights, its record), one after it the new one
   whole. (The record was written after save_model's swap: a crash in between left the new weights
@@ -425,14 +424,22 @@ def test_convert_swaps_a_reward_models_template_record_in_with_its_weights(rewar
   import shutil
   from llama_jax.align import load_reward_model
   from llama_jax.convert import cli as convert
-  out = tmp_path / "out"
-  assert convert.main(["--input", str(reward_runs["full"]), "--output", str(out)]) == 0
-  old_score = np.asarray(load_reward_model(out).params["score"])
+
+  def reward_model(path, seed, template):
+    """A reward model of its own weights, with the record of a run that rendered its pairs in `template`."""
+    params = nn.unbox(reward_params(CFG, jax.random.key(seed)))
+    params["score"] = jax.random.normal(jax.random.key(seed + 1), (CFG.dim,))
+    checkpoint.save_model(str(path), CFG, params, str(setup / "rm" / checkpoint.TOKENIZER))
+    (path / checkpoint.RUN_CONFIG).write_text(json.dumps(
+        {"recipe": "reward", "data": {"sources": {"pairs": {"weight": 1.0, "template": template}}}}))
+    return np.asarray(load_reward_model(path).params["score"])
+
+  old_score = reward_model(tmp_path / "first", 10, "llama-2")
   other = tmp_path / "other"  # another reward model, its record naming another template
-  shutil.copytree(setup / "rm", other)
-  (other / checkpoint.RUN_CONFIG).write_text(json.dumps(
-      {"recipe": "reward", "data": {"sources": {"pairs": {"weight": 1.0, "template": "chatml"}}}}))
-  new_score = np.asarray(load_reward_model(other).params["score"])
+  new_score = reward_model(other, 20, "chatml")
+  assert not np.array_equal(old_score, new_score)
+  out = tmp_path / "out"
+  assert convert.main(["--input", str(tmp_path / "first"), "--output", str(out)]) == 0
 
   class Crash(Exception):
     pass
