@@ -38,6 +38,9 @@ def get_config():
   config.ppo.epochs = 4  # optimisation passes over each rollout batch
   config.ppo.minibatches = 2  # updates per pass
   config.ppo.advantage = "gae"  # "gae" (PPO, value head) or "grpo" (group-relative, no critic)
+  # How a minibatch's token losses are averaged: "token" (all response tokens alike), "sequence"
+  # (each answer's tokens, then the answers: GRPO's eq. 3), "auto" (sequence for grpo, token for gae).
+  config.ppo.loss_type = "auto"
   config.ppo.kl_coef = 0.05  # gae: per-token KL penalty in the reward; grpo: weight of the k3 KL loss
   config.ppo.gamma = 1.0
   config.ppo.lam = 0.95

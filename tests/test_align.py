@@ -23,6 +23,7 @@ from conftest import xla_flags
 
 from llama_jax import checkpoint
 from llama_jax.align.heads import reward_params
+from llama_jax.align.ppo import loss_type as ppo_loss_type
 from llama_jax.config import ModelConfig
 from llama_jax.model import init_params
 from llama_jax.tokenizer import Tokenizer
@@ -287,6 +288,42 @@ def test_ppo_log_probs_and_entropies_are_of_the_sampling_temperature(temperature
   np.testing.assert_allclose(logps, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(entropy, -np.sum(np.exp(log_softmax) * log_softmax, -1), rtol=1e-5, atol=1e-5)
   assert values.shape == (2, 4)
+
+
+@pytest.mark.parametrize("advantage, loss_type", [("grpo", "auto"), ("grpo", "token"), ("gae", "auto")])
+def test_ppo_updates_average_each_answer_first_for_grpo(advantage, loss_type):
+  """At the rollout's own parameters (ratio 1) the policy loss is -(1/G) Σ_i (1/|o_i|) Σ_t A_i for
+  GRPO (Shao et al. 2024, eq. 3), -Σ_i Σ_t A_i / Σ_i |o_i| for PPO's token mean: a group of two
+  answers, 1 and 4 tokens long, advantages +1 and -1."""
+  import types
+
+  import optax
+  from ml_collections import ConfigDict
+
+  from llama_jax.align.heads import policy_params, response_outputs
+  from llama_jax.align.ppo import Rollout, assemble
+  from llama_jax.train.step import TrainState
+  params = nn.unbox(policy_params(CFG, jax.random.key(0)))
+  tx = optax.sgd(0.0)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
+  lengths = np.array([1, 4])
+  response = jnp.array([[7, 0, 0, 0], [8, 9, 10, 11]])
+  tokens, index = assemble(jnp.array([[1, 5], [1, 5]]), jnp.array([2, 2]), response, jnp.asarray(lengths), 0)
+  mask = (jnp.arange(4)[None] < jnp.asarray(lengths)[:, None]).astype(jnp.float32)
+  logps, _, _ = response_outputs(CFG, params, tokens, index, response)
+  advantages = np.array([1.0, -1.0])
+  experience = {"tokens": tokens, "index": index, "targets": response, "mask": mask, "old_logps": logps,
+                "old_values": jnp.zeros_like(mask), "ref_logps": logps, "returns": jnp.zeros_like(mask),
+                "advantages": jnp.asarray(advantages)[:, None] * mask}
+  p = ConfigDict(dict(advantage=advantage, loss_type=loss_type, clip=0.2, kl_coef=0.0, vf_coef=0.0,
+                      value_clip=0.2, temperature=1.0))
+  rollout = types.SimpleNamespace(p=p, cfg=CFG, temperature=1.0, accum=1, run=types.SimpleNamespace(tx=tx),
+                                  loss_type=ppo_loss_type(p))
+  _, metrics = Rollout._update(rollout, state, experience, jnp.arange(2))
+  per_answer = advantage == "grpo" and loss_type == "auto"
+  expected = (-np.mean(advantages) if per_answer else
+              -np.sum(advantages * lengths) / lengths.sum())
+  np.testing.assert_allclose(float(metrics["ppo/policy_loss"]), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_ppo_refuses_greedy_rollouts():

@@ -1,7 +1,8 @@
 """llama_jax.align.losses against plain numpy transcriptions of the papers' equations: DPO
 (Rafailov et al. 2023, eq. 7), IPO (Azar et al. 2023, eq. 17), Bradley-Terry (InstructGPT eq. 1),
 InstructGPT's KL-shaped reward, GAE (Schulman et al. 2016) as the backward loop over one episode,
-PPO's clipped surrogate (Schulman et al. 2017, eq. 7) and clipped value loss, GRPO's advantages."""
+PPO's clipped surrogate (Schulman et al. 2017, eq. 7) and clipped value loss, GRPO's advantages and
+its per-answer averaging (Shao et al. 2024, eq. 3)."""
 
 import math
 
@@ -143,3 +144,21 @@ def test_group_advantages_and_k3():
   logp, ref = np.log([0.5, 0.2]), np.log([0.25, 0.4])
   np.testing.assert_allclose(losses.k3_kl(jnp.asarray(logp), jnp.asarray(ref)),
                              np.exp(ref - logp) - (ref - logp) - 1, rtol=1e-6)
+
+
+def test_token_weights_average_as_ppo_and_as_grpos_equation():
+  rng = np.random.default_rng(1)
+  lengths = [1, 4, 0, 3]  # a row without tokens (a padding prompt) counts for nothing
+  mask = np.array([[t < n for t in range(4)] for n in lengths], np.float32)
+  per_token = rng.normal(size=(4, 4)).astype(np.float32)
+  answers = [per_token[i, :n] for i, n in enumerate(lengths) if n]
+  # GRPO, Shao et al. 2024, eq. 3: (1/G) Σ_i (1/|o_i|) Σ_t l_{i,t}
+  grpo = np.mean([a.sum() / len(a) for a in answers])
+  # all response tokens alike: Σ_i Σ_t l_{i,t} / Σ_i |o_i|
+  ppo = np.sum(np.concatenate(answers)) / sum(lengths)
+  for loss_type, expected in (("sequence", grpo), ("token", ppo)):
+    weights, count = losses.token_weights(jnp.asarray(mask), loss_type)
+    np.testing.assert_allclose(float(jnp.sum(weights * per_token) / count), expected, rtol=1e-6)
+  assert grpo != pytest.approx(ppo)
+  with pytest.raises(ValueError, match="loss type"):
+    losses.token_weights(jnp.asarray(mask), "tokens")

@@ -15,6 +15,9 @@ and values: no model, no data, each a few lines that a test holds against the pa
   group_advantages     GRPO's (Shao et al. 2024, DeepSeekMath §4.1.2): each sample's reward against
                        its group's mean (and standard deviation)
   k3_kl                Schulman's unbiased, non-negative KL estimator that GRPO puts in its loss
+  token_weights        how a minibatch's per-token losses are averaged: every response token alike
+                       (TRL's PPO, DAPO), or each answer's tokens first, then the answers (GRPO's
+                       eq. 3)
 
 Log-probabilities are sums over a sequence's response tokens (DPO, rewards) or per token (PPO).
 Losses come back per pair or per token, not averaged: the caller sums them, so micro-batches add up
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DPO_LOSSES = ("sigmoid", "ipo")
+LOSS_TYPES = ("token", "sequence")
 
 
 def reward_loss(chosen_rewards: Array, rejected_rewards: Array) -> Array:
@@ -119,3 +123,17 @@ def k3_kl(logps: Array, ref_logps: Array) -> Array:
   """Per token: π_ref/π - log(π_ref/π) - 1 >= 0, whose expectation under π is KL(π || π_ref)."""
   log_ratio = ref_logps - logps
   return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+def token_weights(mask: Array, loss_type: str) -> tuple[Array, Array]:
+  """(weights (B, N), count) with which Σ weights · loss / count averages per-token losses (B, N).
+  "token": every response token of the minibatch weighs the same, Σ_i Σ_t l / Σ_i |o_i| (TRL's
+  PPO, DAPO). "sequence": each answer's mean over its own tokens, then the mean over answers,
+  (1/G) Σ_i (1/|o_i|) Σ_t l (GRPO, Shao et al. 2024, eq. 3): a long answer counts as much as a
+  short one. Rows without tokens weigh nothing and are not counted."""
+  if loss_type == "token":
+    return mask, jnp.sum(mask)
+  if loss_type == "sequence":
+    lengths = jnp.sum(mask, axis=1, keepdims=True)
+    return mask / jnp.maximum(lengths, 1.0), jnp.sum(lengths > 0).astype(mask.dtype)
+  raise ValueError(f"loss type must be one of {LOSS_TYPES}, got {loss_type!r}")

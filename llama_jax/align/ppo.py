@@ -18,7 +18,10 @@ One loop step is one rollout batch and several optimisation epochs over it:
      "grpo": each sample's score against its group's mean (over its standard deviation), for every
      token of its response; the KL to the reference (k3) goes into the loss instead.
   4. `ppo.epochs` passes over the rollout in `ppo.minibatches` shuffled minibatches, each one
-     `train.step.gradient_step` of the clipped policy loss plus vf_coef times the clipped value loss.
+     `train.step.gradient_step` of the clipped policy loss plus vf_coef times the clipped value loss,
+     averaged as `ppo.loss_type` says: "token" (every response token alike, TRL's PPO), "sequence"
+     (each answer's tokens, then the answers: GRPO's eq. 3); "auto" is "sequence" for grpo,
+     "token" for gae.
 
 The policy and its value head share the backbone: the trained tree is the model's plus
 `value_head`, so a PPO workdir loads as a plain model (`llama_jax.load`, `generate.py`). The
@@ -46,8 +49,8 @@ from llama_jax import sharding
 from llama_jax.align import data as align_data
 from llama_jax.align import recipe
 from llama_jax.align.heads import model_part, policy_params, response_outputs, rewards
-from llama_jax.align.losses import (clipped_policy_loss, gae, group_advantages, k3_kl, kl_shaped_rewards,
-                                    masked_whiten, value_loss)
+from llama_jax.align.losses import (LOSS_TYPES, clipped_policy_loss, gae, group_advantages, k3_kl,
+                                    kl_shaped_rewards, masked_whiten, token_weights, value_loss)
 from llama_jax.align.reward import load_reward_model
 from llama_jax.config import ModelConfig
 from llama_jax.data import resolve_sources
@@ -73,6 +76,8 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
   recipe.require(config, "ppo.reward_model", "PPO needs a reward model (a reward run's workdir)")
   if p.advantage not in ADVANTAGES:
     raise ConfigError(f"ppo.advantage must be one of {ADVANTAGES}, got {p.advantage!r}")
+  if loss_type(p) not in LOSS_TYPES:
+    raise ConfigError(f"ppo.loss_type must be 'auto' or one of {LOSS_TYPES}, got {p.loss_type!r}")
   if p.advantage == "grpo" and p.group_size < 2:
     raise ConfigError(f"ppo.advantage 'grpo' compares samples of a prompt: ppo.group_size must be >= 2, "
                       f"got {p.group_size}")
@@ -97,6 +102,15 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
     sharding.check_divisible(mesh, rows // accum, model_cfg.n_heads, model_cfg.n_kv_heads, config.mesh.rules)
   except ConfigError as e:
     raise ConfigError(f"PPO minibatches (rollouts / ppo.minibatches / grad_accum_steps): {e}") from None
+
+
+def loss_type(p) -> str:
+  """ppo.loss_type, "auto" resolved: each paper's own averaging, per answer for GRPO (its eq. 3),
+  per token for PPO (TRL's masked mean)."""
+  name = p.get("loss_type", "auto")  # configs written before the field
+  if name == "auto":
+    return "sequence" if p.advantage == "grpo" else "token"
+  return name
 
 
 def assemble(prompt, prompt_lengths, response, response_lengths, pad_id: int):
@@ -218,6 +232,7 @@ class Rollout:
     # temperature, as TRL's PPO divides its logits by it: the policy is softmax(logits / T), so the
     # first update's ratio is 1 on the rollout it drew and the KL compares like with like.
     self.temperature = float(self.p.temperature)
+    self.loss_type = loss_type(self.p)
     # The init model's tokenizer is the run's (the workdir inherits it); LLaMA's ids without one.
     self.eos_ids = jnp.asarray(stop_ids(config, tokenizer) if tokenizer else [2], jnp.int32)
     self.pad_id = int(tokenizer.pad_id) if tokenizer else 0
@@ -280,7 +295,7 @@ class Rollout:
     def objective(params, mb):
       logps, entropy, values = response_outputs(self.cfg, params, mb["tokens"], mb["index"], mb["targets"],
                                                 self.temperature)
-      m = mb["mask"]
+      m, count = token_weights(mb["mask"], self.loss_type)
       pg, clipped = clipped_policy_loss(logps, mb["old_logps"], mb["advantages"], float(p.clip))
       sums = {"ppo/policy_loss": pg, "ppo/entropy": entropy, "ppo/clipfrac": clipped}
       if p.advantage == "gae":
@@ -290,7 +305,7 @@ class Rollout:
         sums["ppo/k3_kl"] = k3_kl(logps, mb["ref_logps"])
         total = pg + float(p.kl_coef) * sums["ppo/k3_kl"]
       sums = {k: jnp.sum(v * m) for k, v in sums.items()}
-      return jnp.sum(total * m), jnp.sum(m), sums
+      return jnp.sum(total * m), count, sums
 
     state, metrics, _ = gradient_step(state, minibatch, objective, tx=self.run.tx, grad_accum_steps=self.accum)
     return state, metrics
