@@ -203,7 +203,11 @@ def test_logprobs_are_the_chosen_tokens_streamed_or_not(client):
     ({"model": NAME, "prompt": "the cat", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": NAME, "prompt": "x" * (65 << 10)}, None),  # over the body limit
     ({"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"model": NAME, "messages": [{"role": "user", "content": " ".join(["tree"] * CONTEXT)}], "max_tokens": 4},
+     "messages"),  # a chat longer than the context: its prompt is the messages, whatever else is given
     ({"model": NAME}, "prompt"),
+    ('{"model": "\\ud800", "prompt": "the cat"}', "model"),  # no UTF-8, so no name to quote in a 404
+    ({"model": NAME, "prompt": "the cat", "temperature": 1e39}, "temperature"),  # past float32's range
 ])
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, body, param):
   route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -300,13 +304,14 @@ def test_a_top_k_past_the_vocabulary_cuts_nothing_and_fails_nobody(server):
 
 
 @contextlib.contextmanager
-def _another_app(server, tokenizer, vocab_size, encode_chat=None, model_name=NAME):
+def _another_app(server, tokenizer, vocab_size, encode_chat=None, model_name=NAME, chat_stop_ids=()):
   """A second app on the module's scheduler (and compiled engine), with its own tokenizer,
-  vocabulary size, chat encoder or model name."""
+  vocabulary size, chat encoder, chat stop ids or model name."""
   served = server.served
   other = BackgroundServer(Served(create_app(served.scheduler, tokenizer, model_name=model_name, max_len=CONTEXT,
                                              vocab_size=vocab_size,
-                                             encode_chat=encode_chat or chat_encoder(tokenizer)),
+                                             encode_chat=encode_chat or chat_encoder(tokenizer),
+                                             chat_stop_ids=chat_stop_ids),
                                   served.scheduler, served.engine)).start()
   try:
     yield other
@@ -314,6 +319,24 @@ def _another_app(server, tokenizer, vocab_size, encode_chat=None, model_name=NAM
     other.uvicorn.should_exit = True
     other.thread.join()
     other.socket.close()
+
+
+def test_a_chat_answer_ends_at_the_templates_end_of_turn(server, model, offline):
+  # A chat template's end of turn that is no EOS of the tokenizer (ChatML's <|im_end|> in some
+  # tokenizers) ends a chat answer, and is no text of it, as `generate.py --chat` stops there; a
+  # completion of the same ids goes on past it.
+  tok, prompt = model.tokenizer, _chat_ids(model, CHAT)
+  greedy = offline[tuple(prompt)]
+  k = next(i for i in range(2, len(greedy)) if greedy[i] not in [*greedy[:i], *tok.eos_ids])
+  with _another_app(server, tok, model.config.vocab_size, chat_stop_ids=[greedy[k]]) as other:
+    chat_answer = httpx.post(other.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+        "model": NAME, "messages": CHAT, "max_tokens": k + 4, "temperature": 0}).json()
+    completion = httpx.post(other.url + "/v1/completions", timeout=TIMEOUT, json={
+        "model": NAME, "prompt": prompt, "max_tokens": k + 4, "temperature": 0}).json()
+  assert chat_answer["choices"][0]["message"]["content"] == tok.decode(greedy[:k])
+  assert chat_answer["choices"][0]["finish_reason"] == "stop"
+  assert chat_answer["usage"]["completion_tokens"] == k + 1
+  assert completion["usage"]["completion_tokens"] == k + 4
 
 
 def test_a_model_named_by_its_hugging_face_id_is_found(server, model):

@@ -94,9 +94,11 @@ class Server:
   """What the routes share: the scheduler, the tokenizer and the limits."""
 
   def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, max_len: int,
-               encode_chat: Callable[[list[dict]], list[int]], vocab_size: int, created: int):
+               encode_chat: Callable[[list[dict]], list[int]], vocab_size: int, created: int,
+               chat_stop_ids: Sequence[int] = ()):
     self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
     self.max_len, self.encode_chat, self.vocab_size, self.created = max_len, encode_chat, vocab_size, created
+    self.chat_stop_ids = frozenset(int(i) for i in chat_stop_ids)
     # Token ids a prompt may hold: the model's embedding may have more rows than the tokenizer has
     # tokens (padded), and an id past the tokenizer's cannot be turned into text.
     self.id_limit = min(vocab_size, getattr(tokenizer, "vocab_size", vocab_size))
@@ -104,18 +106,19 @@ class Server:
   # --- requests in
 
   def check_model(self, name: str) -> None:
+    _check_text(name, "model")  # the message below quotes it: it must be text JSON can carry
     if name != self.model_name:
       raise P.InvalidRequest(f"The model '{name}' does not exist; this server serves '{self.model_name}'",
                              "model", "model_not_found", status=404)
 
-  def token_limit(self, prompt: list[int], asked: int | None) -> int:
-    """max_tokens checked against the context: prompt and answer must fit `max_len`."""
+  def token_limit(self, prompt: list[int], asked: int | None, prompt_param: str) -> int:
+    """max_tokens checked against the context: prompt and answer must fit `max_len`.
+    `prompt_param` is the request's field the prompt came from ("prompt" or "messages")."""
     n = len(prompt)
     if n >= self.max_len:
       raise P.InvalidRequest(
           f"This model's maximum context length is {self.max_len} tokens; the prompt has {n} tokens, "
-          "which leaves no room for an answer", "messages" if asked is None else "prompt",
-          "context_length_exceeded")
+          "which leaves no room for an answer", prompt_param, "context_length_exceeded")
     if asked is None:
       return self.max_len - n
     if asked < 1:
@@ -129,12 +132,14 @@ class Server:
 
   def make_requests(self, body: P.GenerationRequest, prompts: list[list[int]], limits: list[int],
                     logprobs: int | None, emit: Callable[[int, Output], None],
-                    continues_prompt: bool = True) -> list[Request]:
+                    chat: bool = False) -> list[Request]:
+    """A chat answer is text of its own (a completion continues its prompt's) and also ends at
+    the chat template's end of turn."""
     stops = body.stop_strings()
     return [Request(prompt=p, max_tokens=m, emit=lambda out, i=i: emit(i, out),
                     temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
                     seed=body.seed, stop=tuple(stops), logprobs=logprobs, ignore_eos=body.ignore_eos,
-                    continues_prompt=continues_prompt)
+                    continues_prompt=not chat, stop_ids=self.chat_stop_ids if chat else frozenset())
             for i, (p, m) in enumerate(zip(prompts, limits))]
 
   def encode_prompts(self, body: P.CompletionRequest) -> list[list[int]]:
@@ -273,12 +278,13 @@ def _stream(run: _Run, chunks: Callable[[int, Output], list[dict]], head: list[d
 def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int, vocab_size: int,
                encode_chat: Callable[[list[dict]], list[int]], api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, created: int | None = None,
-               profile_dir: str | None = None) -> Any:
-  """The ASGI app. `encode_chat(messages) -> ids` renders a conversation's generation prompt.
+               profile_dir: str | None = None, chat_stop_ids: Sequence[int] = ()) -> Any:
+  """The ASGI app. `encode_chat(messages) -> ids` renders a conversation's generation prompt;
+  `chat_stop_ids` end a chat answer besides the tokenizer's EOS ids (the template's end of turn).
   With `profile_dir`, `POST /start_profile` and `POST /stop_profile` bracket a jax.profiler trace
   written there (vLLM's endpoints of the same names): a loaded server's kernels and gaps."""
   server = Server(scheduler, tokenizer, model_name, max_len, encode_chat, vocab_size,
-                  created or P.now())
+                  created or P.now(), chat_stop_ids)
   app = FastAPI(title="llama_jax", docs_url=None, redoc_url=None, openapi_url=None)
   app.state.server = server
 
@@ -341,7 +347,8 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
     server.check_model(body.model)
     body.check()
     prompts = server.encode_prompts(body)
-    limits = [server.token_limit(p, body.max_tokens if body.max_tokens is not None else 16) for p in prompts]
+    limits = [server.token_limit(p, body.max_tokens if body.max_tokens is not None else 16, "prompt")
+              for p in prompts]
     run = _Run(server, lambda emit: server.make_requests(body, prompts, limits, body.logprobs, emit))
     id_, created = P.new_id("cmpl"), P.now()
     logprobs_of = lambda i, lps: server.completion_logprobs(lps) if body.logprobs is not None else None
@@ -384,10 +391,9 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
       raise P.InvalidRequest(str(e), "messages") from None
     if not prompt:  # a template that renders to nothing, with a tokenizer that adds no BOS
       raise P.InvalidRequest("the messages render to no tokens", "messages")
-    limit = server.token_limit(prompt, body.token_limit())
+    limit = server.token_limit(prompt, body.token_limit(), "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    run = _Run(server, lambda emit: server.make_requests(body, [prompt], [limit], top, emit,
-                                                         continues_prompt=False))
+    run = _Run(server, lambda emit: server.make_requests(body, [prompt], [limit], top, emit, chat=True))
     id_, created = P.new_id("chatcmpl"), P.now()
     logprobs_of = lambda lps: server.chat_logprobs(lps) if body.logprobs else None
     if body.stream:
@@ -425,11 +431,14 @@ def create_app(scheduler: Scheduler, tokenizer, *, model_name: str, max_len: int
   return _Guard(app, api_key, max_body_bytes)
 
 
-def chat_encoder(tokenizer, template=None) -> Callable[[Sequence[dict]], list[int]]:
-  """messages -> the generation prompt's ids, in the tokenizer's own chat template where it has one
-  (`chat.template_for`, Hugging Face tokenizers), else the project's default template."""
+def resolve_chat_template(tokenizer, template=None):
+  """The template a server chats in: `template`, else the tokenizer's own where it has one
+  (`chat.template_for`, Hugging Face tokenizers), else the project's default."""
   from llama_jax.tokenizer import chat
-  if template is None:
-    template_for = getattr(chat, "template_for", None)
-    template = template_for(tokenizer) if template_for else chat.get_template()
+  return template if template is not None else chat.template_for(tokenizer)
+
+
+def chat_encoder(tokenizer, template=None) -> Callable[[Sequence[dict]], list[int]]:
+  """messages -> the generation prompt's ids, in `resolve_chat_template(tokenizer, template)`."""
+  template = resolve_chat_template(tokenizer, template)
   return lambda messages: template.encode_prompt(list(messages), tokenizer)

@@ -139,6 +139,9 @@ class Request:
   stop: Sequence[str] = ()
   logprobs: int | None = None  # alternatives per token (0..20); None: no log-probabilities
   ignore_eos: bool = False  # go on to max_tokens past EOS ids (benchmarks)
+  # Ids that end this answer besides the tokenizer's EOS ids, and are no text of it: a chat
+  # template's end of turn (ChatML's <|im_end|> is no EOS to some tokenizers).
+  stop_ids: frozenset[int] = frozenset()
   # A chat answer is text of its own (no space before its first word); a completion continues
   # its prompt's text (the space kept, as `Model.generate` returns it).
   continues_prompt: bool = True
@@ -150,8 +153,9 @@ class _Live:
 
   def __init__(self, request: Request, slot: int, tokenizer, eos_ids: frozenset[int]):
     self.request, self.slot = request, slot
+    self.end_ids = frozenset(eos_ids) | frozenset(request.stop_ids)  # the ids that end the answer
     context = request.prompt if request.continues_prompt else []
-    self.streamer = TextStreamer(tokenizer, lambda _: None, eos_ids, context)
+    self.streamer = TextStreamer(tokenizer, lambda _: None, self.end_ids, context)
     self.last_token = context[-1] if context else None  # for each token's own text (logprobs)
     self.text_offset = 0
     self.dispatched = 1  # tokens asked of the device so far (the first comes with the prefill)
@@ -508,7 +512,7 @@ class Scheduler:
     for token in tokens.tolist():
       counted.append(token)
       live.count += 1
-      if token in self.eos_ids and not request.ignore_eos:
+      if token in live.end_ids and not request.ignore_eos:
         live.finish_reason = "stop"
         break
       if request.stop:  # token by token only where a stop string could end the text mid-chunk
@@ -520,7 +524,7 @@ class Scheduler:
         live.finish_reason = "length"
         break
     if not request.stop:
-      live.streamer([t for t in counted if t not in self.eos_ids])
+      live.streamer([t for t in counted if t not in live.end_ids])
     if live.done and live.final_len is None:
       live.streamer.flush()  # an unfinished character at the very end
       if request.stop and self._stop_found(live):
@@ -534,12 +538,12 @@ class Scheduler:
 
   def _token_logprob(self, live: _Live, t: int, token: int, logprobs, top) -> TokenLogprob:
     context = live.last_token
-    entry = TokenLogprob(token, *token_text(self.tokenizer, self.eos_ids, context, token),
+    entry = TokenLogprob(token, *token_text(self.tokenizer, live.end_ids, context, token),
                          float(logprobs[t]), live.text_offset)
     if top is not None:
       n = live.request.logprobs
       for alt, value in zip(top[0][t, :n].tolist(), top[1][t, :n].tolist()):
-        entry.top.append(TokenLogprob(alt, *token_text(self.tokenizer, self.eos_ids, context, alt), value,
+        entry.top.append(TokenLogprob(alt, *token_text(self.tokenizer, live.end_ids, context, alt), value,
                                       live.text_offset))
     live.last_token = token
     live.text_offset += len(entry.text)

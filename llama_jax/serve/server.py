@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from llama_jax.generate.slots import MIN_ATTEND, SlotEngine
-from llama_jax.serve.app import DEFAULT_MAX_BODY_BYTES, chat_encoder, create_app
+from llama_jax.serve.app import DEFAULT_MAX_BODY_BYTES, chat_encoder, create_app, resolve_chat_template
 from llama_jax.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = 
              len(engine.prefill_shapes), len(engine.prompt_buckets), len(engine.generate_shapes))
     engine.warmup()
   scheduler = Scheduler(engine, model.tokenizer, model.tokenizer.eos_ids).start()
+  template = resolve_chat_template(model.tokenizer, chat_template)
   app = create_app(scheduler, model.tokenizer, model_name=model_name, max_len=engine.cache_len,
-                   vocab_size=model.config.vocab_size,
-                   encode_chat=chat_encoder(model.tokenizer, chat_template), api_key=api_key,
+                   vocab_size=model.config.vocab_size, encode_chat=chat_encoder(model.tokenizer, template),
+                   chat_stop_ids=template.stop_ids(model.tokenizer), api_key=api_key,
                    max_body_bytes=max_body_bytes, profile_dir=profile_dir)
   return Served(app, scheduler, engine)
 
