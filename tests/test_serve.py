@@ -191,6 +191,16 @@ def test_logprobs_are_the_chosen_tokens_streamed_or_not(client):
   assert whole.text_offset == list(np.cumsum([0] + [len(t) for t in whole.tokens[:-1]]))
 
 
+def test_legacy_logprobs_keep_the_likeliest_of_alternatives_of_one_text():
+  # Parts of characters all read U+FFFD: one key of the legacy dict, with the best one's log-prob.
+  from llama_jax.serve.app import Server
+  from llama_jax.serve.scheduler import TokenLogprob
+  top = [TokenLogprob(5, "\ufffd", b"\xe4", -0.5), TokenLogprob(6, "a", b"a", -1.0),
+         TokenLogprob(7, "\ufffd", b"\xe5", -2.0)]
+  got = Server.completion_logprobs([TokenLogprob(5, "\ufffd", b"\xe4", -0.5, 0, top)])
+  assert got["top_logprobs"] == [{"\ufffd": -0.5, "a": -1.0}]
+
+
 @pytest.mark.parametrize("body, param", [
     ('{"model": "tiny-chat", "prompt": "the cat", ', None),  # malformed JSON
     ('{"model": "tiny-chat", "prompt": "the cat \\ud800"}', "prompt"),  # a lone surrogate: no UTF-8

@@ -245,3 +245,17 @@ def test_a_token_s_logprob_bytes_are_its_own_even_when_it_is_part_of_a_character
   assert b"".join(raw) == tok.decode(ids).encode("utf-8")  # the answer's text, byte for byte
   for entry, r in zip(content, raw):
     assert entry["token"] == r.decode("utf-8", errors="replace")
+
+
+def test_the_held_back_tail_is_the_longest_start_of_a_stop_string():
+  # Against the definition: the longest n < len(stop) with the text ending in stop[:n].
+  import random
+
+  from llama_jax.serve.scheduler import _stop_prefix_at_end
+  rng = random.Random(0)
+  for _ in range(5000):
+    letters = rng.choice(["ab", "abc", "a b"])
+    text = "".join(rng.choice(letters) for _ in range(rng.randint(0, 12)))
+    stop = "".join(rng.choice(letters) for _ in range(rng.randint(1, 8)))
+    expected = next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0)
+    assert _stop_prefix_at_end(text, stop) == expected, (text, stop)

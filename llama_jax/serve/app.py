@@ -161,14 +161,24 @@ class Server:
 
   @staticmethod
   def completion_logprobs(logprobs) -> dict:
+    """The legacy format: top_logprobs maps each alternative's text to its log-prob. Alternatives
+    of the same text (the parts of characters, each U+FFFD; chat's format keeps their bytes) share
+    one key, which keeps the likeliest's log-prob (they come best first)."""
     return {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{alt.text: alt.logprob for alt in lp.top} for lp in logprobs],
+            "top_logprobs": [_first_of_each_text(lp.top) for lp in logprobs],
             "text_offset": [lp.offset for lp in logprobs]}
 
   @staticmethod
   def chat_logprobs(logprobs) -> dict:
     entry = lambda lp: {"token": lp.text, "logprob": lp.logprob, "bytes": list(lp.raw)}
     return {"content": [dict(entry(lp), top_logprobs=[entry(alt) for alt in lp.top]) for lp in logprobs]}
+
+
+def _first_of_each_text(alternatives) -> dict[str, float]:
+  top: dict[str, float] = {}
+  for alt in alternatives:
+    top.setdefault(alt.text, alt.logprob)
+  return top
 
 
 def _check_text(text: str, param: str) -> None:

@@ -169,6 +169,23 @@ class _Live:
     return self.finish_reason is not None
 
 
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+  """The longest n < len(stop) with text ending in stop[:n]. Only the n where stop[n - 1] is the
+  text's last character are tried (found by str.rfind, longest first): a check of every n, each
+  slicing the stop string, cost O(len(stop)²) a chunk on the thread every request shares."""
+  if not text:
+    return 0
+  last, n = text[-1], min(len(stop) - 1, len(text))
+  while n > 0:
+    i = stop.rfind(last, 0, n)
+    if i < 0:
+      return 0
+    if text.endswith(stop[:i + 1]):
+      return i + 1
+    n = i
+  return 0
+
+
 def _fetch_early(step: slot_engine.Step) -> None:
   """Asks for a call's outputs on the host as soon as the device has them (as JetStream's generate
   thread does), so reading them later does not wait for the copy after the computation."""
@@ -566,10 +583,7 @@ class Scheduler:
       return len(text)
     hold = 0
     for stop in live.request.stop:
-      for n in range(min(len(stop) - 1, len(text)), hold, -1):
-        if text.endswith(stop[:n]):
-          hold = n
-          break
+      hold = max(hold, _stop_prefix_at_end(text, stop))
     return len(text) - hold
 
   def _emit(self, live: _Live, tokens: list[int], logprobs: list[TokenLogprob] | None) -> None:
