@@ -156,11 +156,14 @@ def test_ppo_trains_resumes_exactly_and_loads_as_a_model(setup, tmp_path):
   import llama_jax  # the policy's tree holds a value head beside the model: it loads as the model
   model = llama_jax.load(tmp_path / "straight")
   assert len(model.generate(["red cat?"], max_new_tokens=3)) == 1
+  # GRPO, sampling at a temperature (the log-probs are taken at it: the first update's policy is
+  # still the reference, so its KL is 0) and averaging per answer (ppo.loss_type "auto").
   code, err = run_train(config, tmp_path / "grpo", "--config.ppo.advantage=grpo", "--config.ppo.group_size=2",
-                        "--config.num_steps=2", "--config.eval_every=0")
+                        "--config.ppo.temperature=0.7", "--config.num_steps=2", "--config.eval_every=0")
   assert code == 0, err[-3000:]
   grpo = metrics(tmp_path / "grpo")
   assert "ppo/k3_kl" in grpo[-1] and "ppo/value_loss" not in grpo[-1]
+  assert grpo[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_a_reward_run_scores_with_the_chat_template_it_trained_with(setup, tmp_path):
