@@ -73,6 +73,47 @@ def test_top_k_then_top_p_and_greedy():
   assert np.isfinite(masked).tolist() == [[False, True, False, False, False]]
 
 
+def _top_k_top_p_set(logits, k, p):
+  """Top-k (every logit at least the k-th largest), then Meta's nucleus over those survivors,
+  renormalised, in numpy: the set of tokens that can be drawn."""
+  logits = np.asarray(logits, np.float64)
+  if 0 < k < len(logits):
+    survivors = np.flatnonzero(logits >= np.sort(logits)[::-1][k - 1])
+  else:
+    survivors = np.arange(len(logits))
+  probs = np.exp(logits[survivors] - logits[survivors].max())
+  nucleus = _meta_top_p_set(probs / probs.sum(), p)
+  last = min(logits[survivors[i]] for i in nucleus)  # tokens tied with the last kept one stay too
+  return {int(i) for i in survivors if logits[i] >= last}
+
+
+def test_the_nucleus_covers_every_top_k_survivor_ties_included():
+  # [3, 2, 2, 2, 1], k=2: the three 2s tie with the 2nd largest and all survive top-k; over the
+  # four, the mass before the first 2 is 0.475 <= 0.6, so the nucleus keeps the 2s too.
+  logits = jnp.asarray([[3.0, 2.0, 2.0, 2.0, 1.0]], jnp.float32)
+  masked = np.asarray(top_k_top_p_mask(logits, jnp.array([2]), jnp.array([0.6])))
+  assert np.isfinite(masked).tolist() == [[True, True, True, True, False]]
+  assert set(_draws(logits[0], n=400, temperature=1.0, top_k=2, top_p=0.6).tolist()) == {0, 1, 2, 3}
+  rng = np.random.default_rng(2)
+  for _ in range(200):  # logits of a few values (many ties), as bfloat16 rounding makes them
+    v = int(rng.integers(2, 30))
+    logits = rng.integers(-3, 4, size=v).astype(np.float32)
+    k, p = int(rng.integers(0, v + 2)), float(np.float32(rng.uniform(0.05, 1.0)))
+    masked = np.asarray(top_k_top_p_mask(jnp.asarray(logits)[None], jnp.array([k]), jnp.array([p])))[0]
+    assert set(np.flatnonzero(np.isfinite(masked)).tolist()) == _top_k_top_p_set(logits, k, p), (logits, k, p)
+
+
+def test_top_k_with_no_nucleus_keeps_exactly_k():
+  # top_p = 1 cuts nothing, though float32's cumulative sum of the k probabilities can reach 1
+  # before the k-th: here k - 1 near-equal logits, then one far below them, then the rest.
+  rng = np.random.default_rng(3)
+  k = rng.integers(3, 40, size=300)
+  rows = [np.concatenate([rng.normal(0, 0.01, n - 1), [-40.0], np.full(64 - n, -60.0)]) for n in k]
+  masked = np.asarray(top_k_top_p_mask(jnp.asarray(np.stack(rows), jnp.float32), jnp.asarray(k, jnp.int32),
+                                       jnp.ones((300,), jnp.float32)))
+  np.testing.assert_array_equal(np.isfinite(masked).sum(axis=1), k)
+
+
 def test_rows_keep_their_own_settings():
   logits = jnp.asarray(np.random.default_rng(3).normal(size=(3, 30)) * 2, jnp.float32)
   params = jax.tree.map(jnp.asarray, SamplingParams.stack([(0.0, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 1.0)]))

@@ -71,14 +71,17 @@ def top_k_top_p_mask(logits: Array, top_k: Array, top_p: Array) -> Array:
 
   One descending sort per row serves both cuts: the k-th largest value bounds top-k, and the
   nucleus is the sorted prefix whose mass before each entry is at most p (over the top-k survivors,
-  renormalised). Both become a threshold on the logit, so tokens tied with the last kept one stay."""
+  ties with the k-th included, renormalised). Both become a threshold on the logit, so tokens tied
+  with the last kept one stay. A p of 1 is no nucleus: float32's cumulative sum can pass 1 before
+  the last survivor, which would cut it."""
   v = logits.shape[-1]
   ranked = -jnp.sort(-logits, axis=-1)  # (B, V) descending
   k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # (B,)
-  ranked = jnp.where(jnp.arange(v) < k[:, None], ranked, -jnp.inf)
+  kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)  # (B, 1)
+  ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)  # by value, not position: ties stay in the nucleus
   probs = jax.nn.softmax(ranked, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = (mass_before <= top_p[:, None]) & (ranked > -jnp.inf)
+  keep = ((mass_before <= top_p[:, None]) | (top_p[:, None] >= 1)) & (ranked > -jnp.inf)
   keep = keep.at[:, 0].set(True)  # the most likely token always stays
   threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)  # (B, 1)
   return jnp.where(logits >= threshold, logits, -jnp.inf)
