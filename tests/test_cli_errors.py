@@ -43,6 +43,10 @@ CASES = [
       "--config.data.tokenizer=", "--config.data.cache_dir={tmp}/cache"], "absent",
      "error: data.sources hold no text to train a tokenizer on (alpha, beta are empty)", 1),
     ("log_every 0", ["--config.log_every=0"], "absent", "error: log_every must be >= 1, got 0", 1),
+    ("evaluation of no batches", ["--config.eval_every=2", "--config.data.eval_batches=0"], "absent",
+     "error: data.eval_batches must be >= 1 with evaluation on (eval_every 2), got 0", 1),
+    ("a chunk size of nothing", ["--config.data.chunk_chars=0"], "absent",
+     "error: data.chunk_chars must be >= 1 (characters read per tokenizer call), got 0", 1),
     pytest.param(  # found before the first step: seconds (it was found after eval_every steps)
         "evaluation without validation data", ["--config.eval_every=2", "--config.data.holdout_every=0"],
         "absent", "error: no validation data: set data.eval_sources or data.holdout_every > 0", 1,

@@ -127,6 +127,26 @@ def test_resume_gives_exactly_the_same_batches(tmp_path, tok, document_attention
   np.testing.assert_array_equal(next(it)["inputs"], expected[1]["inputs"])
 
 
+@pytest.mark.parametrize("resumed_chunk_chars", [300, 9000])
+def test_resume_with_another_chunk_size_gives_the_same_batches(tmp_path, tok, resumed_chunk_chars):
+  # data.chunk_chars is how much is read per tokenizer call: a run may resume with another. The
+  # chunk the state points into is read again as it was read; the document stream is the same.
+  a = write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 150, 6, 5, 300))
+  cfg = config({"a": (a, 1.0, 2)})
+  kwargs = dict(seq_len=48, global_batch_size=3, seed=5)
+  it = data.make_iterator(cfg, tok, **kwargs)
+  for _ in range(7):  # mid-chunk, a document half used
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(30)]
+  resumed = data.make_iterator(config({"a": (a, 1.0, 2)}, chunk_chars=resumed_chunk_chars), tok, **kwargs)
+  resumed.set_state(state)
+  for want, got in zip(expected, [next(resumed) for _ in range(30)]):
+    np.testing.assert_array_equal(want["inputs"], got["inputs"])
+  with pytest.raises(data.DataError, match="data.chunk_chars must be >= 1"):
+    data.make_iterator(config({"a": (a, 1.0, 2)}, chunk_chars=0), tok, **kwargs)
+
+
 def test_packing_keeps_every_token_once_per_epoch(tmp_path, tok):
   docs = make_docs("doc", 60, 8, 1, 400)
   cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs), 1.0, 1)})

@@ -116,6 +116,20 @@ def test_loss_falls_on_a_learnable_sequence():
   assert losses[0] > 3.5 and losses[-1] < 0.5, (losses[0], losses[-1])
 
 
+@pytest.mark.slow  # transformers' Trainer arguments import PyTorch and accelerate: seconds
+def test_a_warmup_ratio_rounds_up_as_the_hugging_face_trainer(tmp_path):
+  # Vicuna's 3% through transformers' own TrainingArguments.get_warmup_steps (a warmup_steps below 1
+  # is a ratio there): 150 steps x 0.03 = 4.5 is 5 warmup steps, where Python's round gives 4.
+  import ml_collections
+  from transformers import TrainingArguments
+  from llama_jax.train.optimizer import warmup_steps
+  reference = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.03, report_to=[])
+  for num_steps in (150, 350, 1000, 50, 7):
+    ours = warmup_steps(ml_collections.ConfigDict(dict(warmup_ratio=0.03, warmup_steps=0)), num_steps)
+    assert ours == reference.get_warmup_steps(num_steps), num_steps
+  assert reference.get_warmup_steps(150) == 5
+
+
 def test_bfloat16_moments_follow_float32_adamw_and_store_half_the_bytes():
   import ml_collections
   from llama_jax.train.optimizer import make_optimizer

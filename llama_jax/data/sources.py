@@ -46,7 +46,9 @@ class SourceStream:
     self.tokenizer, self.select = tokenizer, select
     self.process_index, self.process_count = process_index, process_count
     self.shard_files = shard_files and process_count > 1
-    self.chunk_chars, self.on_bad_record = chunk_chars, on_bad_record
+    if int(chunk_chars) < 1:
+      raise DataError(f"data.chunk_chars must be >= 1 (characters read per tokenizer call), got {chunk_chars}")
+    self.chunk_chars, self.on_bad_record = int(chunk_chars), on_bad_record
     self.num_threads = num_threads or (os.cpu_count() or 1)
     self.events = events if events is not None else []
     self._orders: dict[int, np.ndarray] = {}
@@ -66,16 +68,25 @@ class SourceStream:
       self._orders = {epoch: rng.permutation(len(self.files))}
     return self._orders[epoch]
 
-  # State: where the current chunk starts and how many of its documents were taken. The chunk
-  # itself is not saved: reading from a position is deterministic, so set_state reads it again.
+  # State: where the current chunk starts, the chunk size it was read with, and how many of its
+  # documents were taken. The chunk itself is not saved: reading from a position is deterministic,
+  # so set_state reads it again, with the size it was read with (a run resumed with another
+  # data.chunk_chars reads with it from the next chunk on: the count taken points into this one).
   def get_state(self) -> dict[str, Any]:
-    return {"pos": dict(self.chunk_pos), "consumed": self.consumed}
+    return {"pos": dict(self.chunk_pos), "consumed": self.consumed, "chunk_chars": self.chunk_read_with}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self.chunk_pos, self.consumed = dict(state["pos"]), int(state["consumed"])
     self.chunk = self.next_pos = None
+    self.chunk_read_with = self.chunk_chars
     if self.consumed:
-      self._load_chunk()
+      saved = int(state.get("chunk_chars", self.chunk_chars))  # states saved before the field: the run's
+      size, self.chunk_chars = self.chunk_chars, saved
+      try:
+        self._load_chunk()
+      finally:
+        self.chunk_chars = size
+      self.chunk_read_with = saved
 
   @property
   def bad_records(self) -> int:
@@ -106,6 +117,7 @@ class SourceStream:
         self.consumed += 1
         return self.last_doc()
       self.chunk_pos, self.consumed, self.chunk = self.next_pos, 0, None
+      self.chunk_read_with = self.chunk_chars
 
   def _load_chunk(self) -> None:
     texts, self.next_pos = self.read_texts(self.chunk_pos)

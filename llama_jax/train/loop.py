@@ -154,6 +154,9 @@ def validate(config, model_cfg: ModelConfig, mesh) -> None:
   for name in ("eval_every", "checkpoint_every"):
     if int(config[name]) < 0:
       raise ConfigError(f"{name} must be >= 0 (0: never), got {config[name]}")
+  if config.eval_every and int(config.data.eval_batches) < 1:
+    raise ConfigError(f"data.eval_batches must be >= 1 with evaluation on (eval_every {config.eval_every}), "
+                      f"got {config.data.eval_batches}")
   if config.num_steps < 0:
     raise ConfigError(f"num_steps must be positive (or 0: as many as the data gives), got {config.num_steps}")
   try:

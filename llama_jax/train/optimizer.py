@@ -8,15 +8,18 @@ parameters and gradients) train on two 141 GB GPUs.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
 
 def warmup_steps(opt_cfg, num_steps: int) -> int:
-  """warmup_steps, or warmup_ratio of the run where that is set (Vicuna: 3%)."""
+  """warmup_steps, or warmup_ratio of the run where that is set (Vicuna: 3%), rounded up as the
+  Hugging Face Trainer that Vicuna's scripts ran rounds it (`TrainingArguments.get_warmup_steps`)."""
   ratio = float(opt_cfg.get("warmup_ratio", 0.0))
-  return int(round(ratio * num_steps)) if ratio > 0 else int(opt_cfg.warmup_steps)
+  return math.ceil(num_steps * ratio) if ratio > 0 else int(opt_cfg.warmup_steps)
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
