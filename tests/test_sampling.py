@@ -94,13 +94,16 @@ def test_the_nucleus_covers_every_top_k_survivor_ties_included():
   masked = np.asarray(top_k_top_p_mask(logits, jnp.array([2]), jnp.array([0.6])))
   assert np.isfinite(masked).tolist() == [[True, True, True, True, False]]
   assert set(_draws(logits[0], n=400, temperature=1.0, top_k=2, top_p=0.6).tolist()) == {0, 1, 2, 3}
+  # 300 rows of logits of a few values (many ties, as bfloat16 rounding makes them), each with
+  # its own k and p, in one call.
   rng = np.random.default_rng(2)
-  for _ in range(200):  # logits of a few values (many ties), as bfloat16 rounding makes them
-    v = int(rng.integers(2, 30))
-    logits = rng.integers(-3, 4, size=v).astype(np.float32)
-    k, p = int(rng.integers(0, v + 2)), float(np.float32(rng.uniform(0.05, 1.0)))
-    masked = np.asarray(top_k_top_p_mask(jnp.asarray(logits)[None], jnp.array([k]), jnp.array([p])))[0]
-    assert set(np.flatnonzero(np.isfinite(masked)).tolist()) == _top_k_top_p_set(logits, k, p), (logits, k, p)
+  logits = rng.integers(-3, 4, size=(300, 12)).astype(np.float32)
+  k = rng.integers(0, 14, size=300)
+  p = rng.uniform(0.05, 1.0, size=300).astype(np.float32)
+  masked = np.asarray(top_k_top_p_mask(jnp.asarray(logits), jnp.asarray(k, jnp.int32), jnp.asarray(p)))
+  for row in range(300):
+    expected = _top_k_top_p_set(logits[row], int(k[row]), float(p[row]))
+    assert set(np.flatnonzero(np.isfinite(masked[row])).tolist()) == expected, (logits[row], k[row], p[row])
 
 
 def test_top_k_with_no_nucleus_keeps_exactly_k():
