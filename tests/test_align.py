@@ -276,14 +276,15 @@ def test_ppo_log_probs_and_entropies_are_of_the_sampling_temperature(temperature
   temperature T draw from (as TRL's PPO divides its logits by T): numpy over the model's logits."""
   from llama_jax.align.heads import policy_params, response_outputs
   from llama_jax.model import Transformer
-  params = nn.unbox(policy_params(CFG, jax.random.key(3)))
+  params = nn.unbox(jax.jit(policy_params, static_argnums=0)(CFG, jax.random.key(3)))
   tokens = jax.random.randint(jax.random.key(4), (2, 9), 1, CFG.vocab_size)
   index = jnp.array([[3, 4, 5, 6], [5, 6, 7, 7]])
   targets = jnp.take_along_axis(tokens, jnp.minimum(index + 1, 8), axis=1)
-  logps, entropy, values = response_outputs(CFG, params, tokens, index, targets, temperature)
+  outputs = jax.jit(response_outputs, static_argnums=(0, 5))
+  logps, entropy, values = outputs(CFG, params, tokens, index, targets, temperature)
 
   model = {k: v for k, v in params.items() if k != "value_head"}
-  logits = np.asarray(Transformer(CFG).apply({"params": model}, tokens), np.float64) / temperature
+  logits = np.asarray(jax.jit(Transformer(CFG).apply)({"params": model}, tokens), np.float64) / temperature
   logits = np.take_along_axis(logits, np.asarray(index)[..., None], axis=1)  # (B, N, V)
   log_softmax = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
                                        keepdims=True)) - logits.max(-1, keepdims=True)
@@ -306,14 +307,14 @@ def test_ppo_updates_average_each_answer_first_for_grpo(advantage, loss_type):
   from llama_jax.align.heads import policy_params, response_outputs
   from llama_jax.align.ppo import Rollout, assemble
   from llama_jax.train.step import TrainState
-  params = nn.unbox(policy_params(CFG, jax.random.key(0)))
+  params = nn.unbox(jax.jit(policy_params, static_argnums=0)(CFG, jax.random.key(0)))
   tx = optax.sgd(0.0)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
   lengths = np.array([1, 4])
   response = jnp.array([[7, 0, 0, 0], [8, 9, 10, 11]])
   tokens, index = assemble(jnp.array([[1, 5], [1, 5]]), jnp.array([2, 2]), response, jnp.asarray(lengths), 0)
   mask = (jnp.arange(4)[None] < jnp.asarray(lengths)[:, None]).astype(jnp.float32)
-  logps, _, _ = response_outputs(CFG, params, tokens, index, response)
+  logps, _, _ = jax.jit(response_outputs, static_argnums=0)(CFG, params, tokens, index, response)
   advantages = np.array([1.0, -1.0])
   experience = {"tokens": tokens, "index": index, "targets": response, "mask": mask, "old_logps": logps,
                 "old_values": jnp.zeros_like(mask), "ref_logps": logps, "returns": jnp.zeros_like(mask),
@@ -322,7 +323,7 @@ def test_ppo_updates_average_each_answer_first_for_grpo(advantage, loss_type):
                       value_clip=0.2, temperature=1.0))
   rollout = types.SimpleNamespace(p=p, cfg=CFG, temperature=1.0, accum=1, run=types.SimpleNamespace(tx=tx),
                                   loss_type=ppo_loss_type(p))
-  _, metrics = Rollout._update(rollout, state, experience, jnp.arange(2))
+  _, metrics = jax.jit(lambda *a: Rollout._update(rollout, *a))(state, experience, jnp.arange(2))
   per_answer = advantage == "grpo" and loss_type == "auto"
   expected = (-np.mean(advantages) if per_answer else
               -np.sum(advantages * lengths) / lengths.sum())
