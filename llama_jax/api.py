@@ -31,6 +31,9 @@ class Model:
   # How quantized weights were made (quantization.json's method, bits, calibration): `save` writes
   # it again beside them.
   quantization: dict | None = None
+  # A Hugging Face source's special ids and sampling defaults: what `export_hf` writes where the
+  # model has no tokenizer to give them (not kept by `save`).
+  generation: dict | None = None
 
   def logits(self, tokens) -> np.ndarray:
     """int tokens (B, T) -> float32 logits (B, T, vocab) as numpy."""
@@ -72,7 +75,8 @@ class Model:
     from llama_jax.convert.output import check_output
     check_output(os.fspath(directory), "hf", overwrite, command_line=False)
     hf.export_hf(self.config, self.params, directory,
-                 tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype)
+                 tokenizer_path=self.tokenizer.path if self.tokenizer else None, dtype=dtype,
+                 generation=self.generation)
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | None = None,
@@ -127,4 +131,4 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
       params = jax.tree.map(jnp.asarray, params)
   if config_overrides:
     config = config.replace(**config_overrides)
-  return Model(config, params, tok, mesh, rules, quantization)
+  return Model(config, params, tok, mesh, rules, quantization, src.generation)

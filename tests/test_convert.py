@@ -113,6 +113,35 @@ def test_export_hf_round_trip_through_transformers(hf_dirs, tmp_path):
       torch.testing.assert_close(f.get_tensor(name), orig[name], rtol=0, atol=0)
 
 
+def test_an_export_without_a_tokenizer_keeps_the_sources_special_ids(tmp_path, caplog):
+  # Llama 3's BOS/EOS are 128000/128001, not LLaMA's 1/2: a folder without tokenizer files still
+  # names them in config.json and generation_config.json, and an export must write them again.
+  source = tmp_path / "src"
+  hf_model(bos_token_id=5, eos_token_id=[7, 8], pad_token_id=9).save_pretrained(source)
+  model = transformers.GenerationConfig.from_pretrained(source)
+  model.temperature, model.do_sample = 0.6, True  # a sampling default travels with the ids
+  model.save_pretrained(source)
+
+  def ids(folder):
+    config = transformers.AutoConfig.from_pretrained(folder)
+    generation = transformers.GenerationConfig.from_pretrained(folder)
+    return ((config.bos_token_id, config.eos_token_id, config.pad_token_id),
+            (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id, generation.temperature))
+
+  expected = ((5, [7, 8], 9), (5, [7, 8], 9, 0.6))
+  assert ids(source) == expected
+  assert convert.main(["--input", str(source), "--output", str(tmp_path / "cli"), "--to", "hf"]) == 0
+  assert ids(tmp_path / "cli") == expected
+  llama_jax.load(source).export_hf(str(tmp_path / "api"))
+  assert ids(tmp_path / "api") == expected
+  # Nothing to take them from: LLaMA's, said aloud.
+  loaded = llama_jax.load(source)
+  loaded.generation = None
+  with caplog.at_level("WARNING", logger="llama_jax"):
+    loaded.export_hf(str(tmp_path / "bare"))
+  assert ids(tmp_path / "bare")[0] == (1, 2, None) and "LLaMA's BOS 1 and EOS 2" in caplog.text
+
+
 def test_an_export_that_fails_leaves_the_previous_export_whole(hf_dirs, tmp_path, monkeypatch):
   """An export over a previous one: cut off while writing, the previous is read as it was; cut off
   while moving its files in, the folder is an error (no config.json), not a mix of two models. A
@@ -434,6 +463,43 @@ def test_cli_missing_path_is_one_line_without_traceback(tmp_path, capsys):
   assert convert.main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 1
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "nope" in err and "Traceback" not in err
+
+
+def _safetensors_with_header(path, header: dict) -> None:
+  import struct
+  raw = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config_list", "config.json: not a model config (a JSON list, not an object)"),
+    ("offsets_strings", "tensor x: its header entry is not {dtype, shape, data_offsets}"),
+    ("header_list", "not a safetensors file (its header is not a JSON object)"),
+    ("meta_without_dim", "params.json: missing field 'dim'"),
+    ("saved_without_params", "model_config.json but no params/ beside it"),
+])
+def test_malformed_files_are_one_line_naming_them(hf_dirs, meta_case, tmp_path, capsys, damage, message):
+  if damage == "config_list":
+    d = _bad_dir(hf_dirs, tmp_path)
+    (d / "config.json").write_text("[1, 2]")
+  elif damage in ("offsets_strings", "header_list"):
+    d = _bad_dir(hf_dirs, tmp_path)
+    header = ({"x": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}} if damage == "offsets_strings"
+              else [1, 2])
+    _safetensors_with_header(d / "model.safetensors", header)
+  elif damage == "meta_without_dim":
+    d = tmp_path / "meta"
+    shutil.copytree(meta_case[1], d)
+    params = json.load(open(d / "params.json"))
+    del params["dim"]
+    (d / "params.json").write_text(json.dumps(params))
+  else:
+    d = tmp_path / "saved"
+    d.mkdir()
+    (d / "model_config.json").write_text("{}")
+  assert convert.main(["--input", str(d), "--output", str(tmp_path / "out"), "--to", "hf"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
 
 
 def test_other_architecture(hf_dirs, tmp_path, capsys):

@@ -126,6 +126,18 @@ def test_extend_resizes_checkpoint_rows_with_the_mean(models, tmp_path, capsys):
                "--output", str(tmp_path / "m2.model"), "--checkpoint", str(tmp_path / "ckpt"),
                "--checkpoint_output", str(tmp_path / "r2")]) == 1
   assert "is not the base tokenizer's" in capsys.readouterr().err
+  assert not (tmp_path / "m2.model").exists()  # refused before the merged tokenizer is written
+  # A quantized checkpoint has no float rows to take the mean of: refused, nothing written.
+  from llama_jax.quantize.grid import Grid
+  from llama_jax.quantize.layers import Options, quantize_params
+  quantized, _ = quantize_params(cfg, params, Grid(8, 0, True), Options("rtn"))
+  llama_jax.Model(cfg, quantized, base, quantization={"method": "rtn", "bits": 8}).save(
+      str(tmp_path / "quantized"))
+  assert main(["extend", "--base", str(models / "base.model"), "--add", str(models / "greek.model"),
+               "--output", str(tmp_path / "mq.model"), "--checkpoint", str(tmp_path / "quantized"),
+               "--checkpoint_output", str(tmp_path / "rq")]) == 1
+  assert "holds quantized weights; extend the float checkpoint" in capsys.readouterr().err
+  assert not (tmp_path / "mq.model").exists() and not (tmp_path / "rq").exists()
   # --checkpoint_output holding something else is refused before anything is written.
   (tmp_path / "occupied").mkdir()
   (tmp_path / "occupied" / "notes.txt").write_text("mine")

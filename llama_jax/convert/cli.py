@@ -157,7 +157,7 @@ def convert(args: argparse.Namespace) -> None:
     tokenizer = src.tokenizer_path
 
   if args.to == "hf":
-    hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype)
+    hf.export_hf(cfg, params, args.output, tokenizer_path=tokenizer, dtype=out_dtype, generation=src.generation)
   else:
     # A reward model's template record goes in with its weights, as one save (None: an old one goes,
     # a language model's too).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 from typing import Any, Iterator
@@ -22,6 +23,8 @@ import numpy as np
 from llama_jax import checkpoint
 from llama_jax.config import ModelConfig
 from llama_jax.convert import CheckpointError, layout, safetensors_io, torch_io
+
+log = logging.getLogger("llama_jax")
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -88,6 +91,8 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
         max_seq_len=int(config.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+  except CheckpointError:  # a ValueError too, already naming the file
+    raise
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{file}: {e}") from None
 
@@ -134,6 +139,8 @@ def read_config(directory: str) -> tuple[ModelConfig, dict]:
     raise CheckpointError(f"{directory}: no {CONFIG} (not a Hugging Face checkpoint)") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{file}: not a model config (a JSON {type(raw).__name__}, not an object)")
   return config_from_hf(raw, file), raw
 
 
@@ -193,6 +200,28 @@ def stored_dtype(directory: str) -> str:
   return np.dtype(next(torch_io.iter_tensors(file))[1].dtype).name
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def generation_defaults(directory: str) -> dict | None:
+  """A Hugging Face folder's generation_config.json with its special ids, each taken from
+  config.json where generation_config.json lacks it (as transformers builds a GenerationConfig
+  from a model config): what an export of its weights writes again when no tokenizer gives the
+  ids (one without them would get LLaMA's 1 and 2). None where neither file names any."""
+  ids = {}
+  for name in (CONFIG, GENERATION_CONFIG):
+    try:
+      with open(os.path.join(directory, name)) as f:
+        raw = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      continue
+    if isinstance(raw, dict):
+      ids = {**ids, **{k: raw[k] for k in SPECIAL_IDS if raw.get(k) is not None}}
+      if name == GENERATION_CONFIG:
+        return {**raw, **ids}
+  return ids or None
+
+
 def tokenizer_in(directory: str) -> str | None:
   """The directory if it holds a tokenizer (tokenizer.json or tokenizer.model), else None."""
   from llama_jax.tokenizer import has_tokenizer
@@ -213,7 +242,7 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
 
 def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
               tokenizer_path: str | None = None, dtype: str | None = None,
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+              max_shard_bytes: int = MAX_SHARD_BYTES, generation: dict | None = None) -> None:
   """Writes config.json and model.safetensors (or shards with model.safetensors.index.json when
   larger than `max_shard_bytes`), one tensor at a time, generation_config.json, and the tokenizer's
   files for transformers (`Tokenizer.save(for_transformers=True)`: a SentencePiece model also as
@@ -225,17 +254,27 @@ def export_hf(config: ModelConfig, params: Any, directory: str | os.PathLike,
   A reward model's tree (a `score` head (dim,) instead of `output`, llama_jax.align) is written as
   LlamaForSequenceClassification with one label (and no generation_config.json): transformers
   reads the score at each row's last token that is not `pad_token_id`, which is set to a token no
-  answer ends with (`_score_pad_id`), so that the answer's final EOS is read, as llama_jax reads it."""
+  answer ends with (`_score_pad_id`), so that the answer's final EOS is read, as llama_jax reads it.
+
+  Without a tokenizer the ids come from `generation` (the source folder's, `generation_defaults`),
+  else they are LLaMA's (BOS 1, EOS 2, no pad), with a warning."""
   from llama_jax import projection
   if projection.describe(params):
     raise CheckpointError("the model is quantized: a Hugging Face export takes float weights (export "
                           "the float checkpoint it was quantized from)")
   # The tokenizer first: a bad one must fail before any weight is written.
-  bos, eos, pad, generation = 1, [2], None, {}
   tok = checkpoint.tokenizer_for(tokenizer_path, config.vocab_size)
   if tok is not None:
     bos, eos, generation = tok.bos_id, list(tok.eos_ids), dict(tok.generation_config)
     pad = tok.pad_id if "pad_token" in tok.special_tokens_map else None
+  elif generation:
+    generation = dict(generation)
+    bos, eos, pad = (generation.pop(k, None) for k in SPECIAL_IDS)
+    eos = [2] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+  else:
+    bos, eos, pad, generation = 1, [2], None, {}
+    log.warning("%s: no tokenizer and no source ids to export with: writing LLaMA's BOS 1 and EOS 2 into "
+                "config.json and generation_config.json", os.fspath(directory))
   reward_model = "score" in params
   if reward_model:
     pad = _score_pad_id(tok, pad, eos)

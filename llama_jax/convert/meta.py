@@ -129,9 +129,9 @@ class _Shards:
         raise CheckpointError(f"{self.files[0]}: missing tensor {key}")
     # How many shards the checkpoint was split into, from one column-parallel tensor's rows, so a
     # missing last shard is caught by name rather than as a shape error later.
-    dim = int(self.params["dim"])
+    dim = self.params.get("dim")  # missing or odd: config_from_meta names it
     rows = first["layers.0.attention.wq.weight"].shape[0]
-    expected = dim // rows if rows and dim % rows == 0 else len(self.files)
+    expected = dim // rows if isinstance(dim, int) and rows and dim % rows == 0 else len(self.files)
     if expected != len(self.files):
       missing = os.path.join(directory, f"consolidated.{len(self.files):02d}.pth")
       raise CheckpointError(f"{missing} is missing: layers.0.attention.wq.weight in "

@@ -13,14 +13,15 @@ from llama_jax.checkpoint import CheckpointError
 FORMAT_NAMES = {"orbax": "llama_jax model", "hf": "Hugging Face checkpoint", "peft": "PEFT adapter"}
 
 
-def check_output(directory: str, to: str, overwrite: bool = False, command_line: bool = True) -> None:
+def check_output(directory: str, to: str, overwrite: bool = False, command_line: bool = True,
+                 flag: str = "--output") -> None:
   """Refuses an existing `directory` that holds anything but a model of the format `to` writes, with
   nothing beside it that the save would not replace (`_writes`): writing there would leave two models
   in one folder, each reader taking another (`llama_jax.load` ours, transformers a config.json), or
   our files among someone else's. An absent or empty directory is fine; `overwrite` skips the check,
-  but not the refusal of a training workdir. `command_line`: the message names --output and
+  but not the refusal of a training workdir. `command_line`: the message names `flag` and
   --overwrite (else the directory and `overwrite=True`)."""
-  named = f"--output {directory}" if command_line else directory
+  named = f"{flag} {directory}" if command_line else directory
   if not os.path.exists(directory):
     return
   if not os.path.isdir(directory):

@@ -44,9 +44,14 @@ def read_header(path: str) -> tuple[dict, int]:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
   header.pop("__metadata__", None)
   start = 8 + n
   for name, info in header.items():
+    if not _well_formed(info):
+      raise CheckpointError(f"{path}: tensor {name}: its header entry is not {{dtype, shape, data_offsets}} "
+                            "of a string and lists of integers")
     begin, end = info["data_offsets"]
     if info["dtype"] not in DTYPES:
       raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
@@ -54,6 +59,12 @@ def read_header(path: str) -> tuple[dict, int]:
     if end - begin != want or start + end > size:
       raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated?)")
   return header, start
+
+
+def _well_formed(info) -> bool:
+  ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and x >= 0 for x in xs)
+  return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape"))
+          and ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2)
 
 
 def tensor_info(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

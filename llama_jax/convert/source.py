@@ -30,6 +30,9 @@ class Source:
   stream: Callable[[], Iterator[tuple[str, np.ndarray, str]]]
   params_dir: str | None = None  # our own checkpoints: the Orbax parameter directory
   quantization: dict | None = None  # our own quantized checkpoints: quantization.json
+  # A Hugging Face folder's special ids and sampling defaults (`hf.generation_defaults`): an
+  # export without a tokenizer writes them again.
+  generation: dict | None = None
 
 
 def open_source(path: str | os.PathLike) -> Source:
@@ -69,7 +72,8 @@ def open_source(path: str | os.PathLike) -> Source:
                           f"{hf.CONFIG}): export the model there again")
   if os.path.isfile(os.path.join(path, hf.CONFIG)):
     cfg, _ = hf.read_config(path)
-    return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path))
+    return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path),
+                  generation=hf.generation_defaults(path))
   if os.path.isfile(os.path.join(path, meta.PARAMS)):
     shards = meta.open_meta(path)
     dtype = torch_io.to_numpy(shards.states[0]["tok_embeddings.weight"]).dtype.name  # a view, no copy
@@ -79,6 +83,9 @@ def open_source(path: str | os.PathLike) -> Source:
                           "project does not read PEFT adapters: use the LoRA run they were exported from (its "
                           "workdir loads as the base with the adapters), or its merge (python -m "
                           "llama_jax.convert --input RUN --merge_lora --output DIR)")
+  if os.path.isfile(os.path.join(path, checkpoint.MODEL_CONFIG)):
+    raise CheckpointError(f"{path}: {checkpoint.MODEL_CONFIG} but no params/ beside it: not a whole saved model "
+                          "(the parameters are missing)")
   raise CheckpointError(f"{path}: not a checkpoint (no model_config.json, Hugging Face config.json "
                         "or Meta params.json)")
 

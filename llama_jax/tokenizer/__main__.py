@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Iterator
 
@@ -62,12 +63,31 @@ def extend(args) -> None:
     raise ValueError("--checkpoint and --checkpoint_output go together")
   if args.checkpoint:  # before anything is written
     from llama_jax.convert.output import check_output
-    check_output(args.checkpoint_output, "orbax", args.overwrite)
+    check_output(args.checkpoint_output, "orbax", args.overwrite, flag="--checkpoint_output")
+    check_checkpoint(args.checkpoint, args.base)
   n_base, n_new = ext.merge(args.base, args.add, args.output)
   print(f"wrote {args.output}: {n_base} base pieces + {n_new - n_base} new = {n_new}")
   if args.checkpoint:
     v = resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base, overwrite=True)
     print(f"wrote {args.checkpoint_output}: embedding and output rows resized to {v} (new rows: the mean)")
+
+
+def check_checkpoint(checkpoint: str, base: str) -> None:
+  """The checkpoint can take the new pieces: it opens, its rows are the base tokenizer's, and its
+  weights are float (new rows are the mean of the old; a quantized table has no rows to average,
+  and its quantization.json would not describe the grown one)."""
+  from llama_jax.convert import source
+  from llama_jax.tokenizer import Tokenizer
+  if not os.path.exists(checkpoint):
+    raise ValueError(f"--checkpoint {checkpoint}: no such file or directory")
+  src = source.open_source(checkpoint)
+  if src.quantization:
+    raise ValueError(f"--checkpoint {checkpoint}: holds quantized weights; extend the float checkpoint it "
+                     "was quantized from, then quantize the result")
+  base_vocab = Tokenizer(base).vocab_size
+  if src.config.vocab_size != base_vocab:
+    raise ValueError(f"--checkpoint {checkpoint}: vocab_size {src.config.vocab_size} is not the base "
+                     f"tokenizer's {base_vocab} pieces; the new pieces' ids would not line up with its rows")
 
 
 def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vocab: int,
