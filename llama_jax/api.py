@@ -116,7 +116,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
     quantization = loaded.quantization
   elif src.kind == "orbax":
     # Restored by Orbax straight into the target shardings (or the first device); quantized
-    # weights stay quantized.
+    # weights stay quantized (their own layout, which replicates what does not split).
+    if mesh is not None and not src.quantization:
+      sharding.check_params_divisible(src.config, mesh, rules)
     shardings = sharding.param_shardings(src.config, mesh, rules) if mesh is not None else None
     params = checkpoint.load_params(src.params_dir, src.config, shardings, src.quantization, backbone)
     quantization = {k: v for k, v in (src.quantization or {}).items() if k != "weights"} or None
@@ -125,6 +127,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
     if backbone:
       params.pop("output", None)
     if mesh is not None:
+      sharding.check_params_divisible(config, mesh, rules)
       shardings = sharding.param_shardings(config, mesh, rules)
       params = jax.device_put(params, {k: shardings[k] for k in params})
     else:

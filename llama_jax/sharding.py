@@ -142,6 +142,26 @@ def check_divisible(mesh: Mesh, global_batch: int, n_heads: int, n_kv_heads: int
         f"mesh.tensor={tensor} must divide model.n_heads ({n_heads}) and model.n_kv_heads ({n_kv_heads})")
 
 
+def check_params_divisible(model_cfg, mesh: Mesh, rules=DEFAULT_RULES) -> None:
+  """A clear error for a parameter axis that the mesh axes its rule maps it to do not divide
+  (model.vocab_size over mesh.tensor, model.dim over mesh.fsdp, ...): found before any array is
+  made or restored, where JAX's would name neither the field nor the mesh axis."""
+  from llama_jax.model import param_shapes
+  shapes = nn.unbox(param_shapes(model_cfg))
+  specs = jax.tree.map(lambda s: s.spec, param_shardings(model_cfg, mesh, rules),
+                       is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, shape), spec in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, P))):
+    for size, axes in zip(shape.shape, spec):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      devices = math.prod(mesh.shape[a] for a in axes)
+      if size % devices:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ConfigError(f"parameter {name} {tuple(shape.shape)}: its axis of {size} does not split over "
+                          f"{' x '.join(f'mesh.{a}={mesh.shape[a]}' for a in axes)}; choose mesh axes that "
+                          "divide the model's sizes (vocab_size, dim, hidden_dim, heads)")
+
+
 _CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 

@@ -45,6 +45,21 @@ def test_load_onto_a_mesh_places_every_parameter_in_its_shards_directly(hf_dir, 
   np.testing.assert_allclose(model.logits(tokens), reference.logits(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_a_mesh_that_does_not_divide_the_model_is_a_config_error_naming_it(tmp_path):
+  # Not JAX's IndivisibleError, nor "the checkpoint cannot be read" (a resume then called every
+  # step damaged): the parameter, its size and the mesh axis, before anything is restored.
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+  llama_jax.load(tmp_path / "hf").save(str(tmp_path / "saved"))
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=8)  # 100 rows of the vocabulary do not split 8 ways
+  for path in (tmp_path / "hf", tmp_path / "saved"):
+    with pytest.raises(sharding.ConfigError, match=r"parameter \S+ \(.*\): its axis of 100 does not split "
+                                                   r"over mesh.tensor=8"):
+      llama_jax.load(path, mesh=mesh)
+
+
 def test_training_recipes_load_init_from_onto_the_run_mesh(hf_dir):
   # train_and_evaluate loads config.init_from (and DPO/PPO their frozen models) through these two
   # entry points: both must hand the run's mesh and rules to the load, so no device holds it all.

@@ -127,6 +127,7 @@ class _StopSignal:
 
 def validate(config, model_cfg: ModelConfig, mesh) -> None:
   sharding.check_divisible(mesh, config.batch_size, model_cfg.n_heads, model_cfg.n_kv_heads, config.mesh.rules)
+  sharding.check_params_divisible(model_cfg, mesh, config.mesh.rules)
   accum = int(config.optimizer.grad_accum_steps)
   if accum < 1 or config.batch_size % accum:
     raise ConfigError(f"optimizer.grad_accum_steps ({accum}) must divide batch_size ({config.batch_size})")
