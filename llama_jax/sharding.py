@@ -147,6 +147,9 @@ def check_params_divisible(model_cfg, mesh: Mesh, rules=DEFAULT_RULES) -> None:
   (model.vocab_size over mesh.tensor, model.dim over mesh.fsdp, ...): found before any array is
   made or restored, where JAX's would name neither the field nor the mesh axis."""
   from llama_jax.model import param_shapes
+  # The shapes do not depend on the attention's kernel; cuDNN's cannot be traced off a GPU (the
+  # checks run before anything, on any host).
+  model_cfg = model_cfg.replace(attention_impl="xla")
   shapes = nn.unbox(param_shapes(model_cfg))
   specs = jax.tree.map(lambda s: s.spec, param_shardings(model_cfg, mesh, rules),
                        is_leaf=lambda x: isinstance(x, NamedSharding))
