@@ -113,6 +113,7 @@ def test_export_hf_round_trip_through_transformers(hf_dirs, tmp_path):
       torch.testing.assert_close(f.get_tensor(name), orig[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # three transformers saves and six reads: seconds
 def test_an_export_without_a_tokenizer_keeps_the_sources_special_ids(tmp_path, caplog):
   # Llama 3's BOS/EOS are 128000/128001, not LLaMA's 1/2: a folder without tokenizer files still
   # names them in config.json and generation_config.json, and an export must write them again.
