@@ -106,6 +106,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
                          f"embedding has {config.vocab_size} rows; pass the tokenizer the model was trained with")
   if dtype is not None:
     config_overrides["dtype"] = dtype
+  if mesh is not None and src.kind != "lora" and not src.quantization:
+    # (a LoRA run's base is checked by its own load; quantized weights replicate what does not split)
+    sharding.check_params_divisible(src.config, mesh, rules)
   quantization = None
   if src.kind == "lora":
     # A LoRA run: its base model with the adapters merged in (attached, over a quantized base).
@@ -116,9 +119,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
     quantization = loaded.quantization
   elif src.kind == "orbax":
     # Restored by Orbax straight into the target shardings (or the first device); quantized
-    # weights stay quantized (their own layout, which replicates what does not split).
-    if mesh is not None and not src.quantization:
-      sharding.check_params_divisible(src.config, mesh, rules)
+    # weights stay quantized.
     shardings = sharding.param_shardings(src.config, mesh, rules) if mesh is not None else None
     params = checkpoint.load_params(src.params_dir, src.config, shardings, src.quantization, backbone)
     quantization = {k: v for k, v in (src.quantization or {}).items() if k != "weights"} or None
@@ -127,7 +128,6 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: str | Non
     if backbone:
       params.pop("output", None)
     if mesh is not None:
-      sharding.check_params_divisible(config, mesh, rules)
       shardings = sharding.param_shardings(config, mesh, rules)
       params = jax.device_put(params, {k: shardings[k] for k in params})
     else:

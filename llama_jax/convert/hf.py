@@ -203,23 +203,21 @@ def stored_dtype(directory: str) -> str:
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def generation_defaults(directory: str) -> dict | None:
-  """A Hugging Face folder's generation_config.json with its special ids, each taken from
-  config.json where generation_config.json lacks it (as transformers builds a GenerationConfig
-  from a model config): what an export of its weights writes again when no tokenizer gives the
-  ids (one without them would get LLaMA's 1 and 2). None where neither file names any."""
-  ids = {}
-  for name in (CONFIG, GENERATION_CONFIG):
-    try:
-      with open(os.path.join(directory, name)) as f:
-        raw = json.load(f)
-    except (OSError, json.JSONDecodeError):
-      continue
-    if isinstance(raw, dict):
-      ids = {**ids, **{k: raw[k] for k in SPECIAL_IDS if raw.get(k) is not None}}
-      if name == GENERATION_CONFIG:
-        return {**raw, **ids}
-  return ids or None
+def generation_defaults(directory: str, config: dict) -> dict | None:
+  """A Hugging Face folder's generation_config.json with its special ids, each taken from its
+  `config` (config.json, as `read_config` returns it) where generation_config.json lacks it (as
+  transformers builds a GenerationConfig from a model config): what an export of its weights
+  writes again when no tokenizer gives the ids (one without them would get LLaMA's 1 and 2). None
+  where neither file names any."""
+  ids = {k: config[k] for k in SPECIAL_IDS if config.get(k) is not None}
+  try:
+    with open(os.path.join(directory, GENERATION_CONFIG)) as f:
+      generation = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    generation = None
+  if not isinstance(generation, dict):
+    return ids or None
+  return {**generation, **ids, **{k: generation[k] for k in SPECIAL_IDS if generation.get(k) is not None}}
 
 
 def tokenizer_in(directory: str) -> str | None:

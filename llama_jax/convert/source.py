@@ -71,9 +71,9 @@ def open_source(path: str | os.PathLike) -> Source:
     raise CheckpointError(f"{path}: a Hugging Face export into this folder was cut off ({hf.STAGING}/, no "
                           f"{hf.CONFIG}): export the model there again")
   if os.path.isfile(os.path.join(path, hf.CONFIG)):
-    cfg, _ = hf.read_config(path)
+    cfg, raw = hf.read_config(path)
     return Source(path, "hf", cfg, hf.tokenizer_in(path), hf.stored_dtype(path), lambda: hf.stream(path),
-                  generation=hf.generation_defaults(path))
+                  generation=hf.generation_defaults(path, raw))
   if os.path.isfile(os.path.join(path, meta.PARAMS)):
     shards = meta.open_meta(path)
     dtype = torch_io.to_numpy(shards.states[0]["tok_embeddings.weight"]).dtype.name  # a view, no copy

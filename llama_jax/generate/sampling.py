@@ -18,14 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # rows hold their temperature in float32
 
 
 def check(temperature: float, top_k: int, top_p: float) -> None:
   """Host-side range checks, one clear line each."""
   if not np.isfinite(temperature) or temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if temperature > float(np.finfo(np.float32).max):  # rows keep it in float32: inf would make NaNs
-    raise ValueError(f"temperature must be at most {float(np.finfo(np.float32).max):.3g}, got {temperature}")
+  if temperature > MAX_TEMPERATURE:  # rows keep it in float32: inf would make NaNs
+    raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:.3g}, got {temperature}")
   if int(top_k) != top_k or top_k < 0:
     raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
   if not 0 < top_p <= 1:

@@ -18,8 +18,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llama_jax.generate.sampling import MAX_TEMPERATURE
+
 MAX_STOP_STRINGS = 4
-FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
 
@@ -86,8 +87,9 @@ class GenerationRequest(_Body):
   def check_sampling(self) -> None:
     if not math.isfinite(self.temperature) or self.temperature < 0:
       raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
-    if self.temperature > FLOAT32_MAX:  # the engine keeps it in float32: inf would make NaNs
-      raise InvalidRequest(f"temperature must be at most {FLOAT32_MAX:.3g}, got {self.temperature}", "temperature")
+    if self.temperature > MAX_TEMPERATURE:  # the engine keeps it in float32: inf would make NaNs
+      raise InvalidRequest(f"temperature must be at most {MAX_TEMPERATURE:.3g}, got {self.temperature}",
+                           "temperature")
     if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
       raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
     if self.top_k < -1:

@@ -68,7 +68,7 @@ def extend(args) -> None:
   n_base, n_new = ext.merge(args.base, args.add, args.output)
   print(f"wrote {args.output}: {n_base} base pieces + {n_new - n_base} new = {n_new}")
   if args.checkpoint:
-    v = resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, n_base, overwrite=True)
+    v = resize_checkpoint(args.checkpoint, args.output, args.checkpoint_output, overwrite=True)
     print(f"wrote {args.checkpoint_output}: embedding and output rows resized to {v} (new rows: the mean)")
 
 
@@ -90,8 +90,7 @@ def check_checkpoint(checkpoint: str, base: str) -> None:
                      f"tokenizer's {base_vocab} pieces; the new pieces' ids would not line up with its rows")
 
 
-def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vocab: int,
-                      overwrite: bool = False) -> int:
+def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, overwrite: bool = False) -> int:
   """Loads a checkpoint (any format `llama_jax.load` reads), grows its vocabulary to the tokenizer's
   and saves it as a llama_jax model with that tokenizer (`overwrite`: as `Model.save`'s); returns
   the new vocab size."""
@@ -101,10 +100,7 @@ def resize_checkpoint(checkpoint: str, tokenizer_path: str, output: str, base_vo
   import llama_jax
   from llama_jax.tokenizer import Tokenizer
   from llama_jax.tokenizer.extend import resize_rows
-  model = llama_jax.load(checkpoint)
-  if model.config.vocab_size != base_vocab:
-    raise ValueError(f"{checkpoint}: vocab_size {model.config.vocab_size} is not the base tokenizer's "
-                     f"{base_vocab} pieces; the new pieces' ids would not line up with its rows")
+  model = llama_jax.load(checkpoint)  # its rows the base tokenizer's (`check_checkpoint`)
   tokenizer = Tokenizer(tokenizer_path)
   params = resize_rows(jax.tree.map(np.asarray, model.params), tokenizer.vocab_size)
   config = model.config.replace(vocab_size=tokenizer.vocab_size)
