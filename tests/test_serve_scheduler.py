@@ -247,15 +247,49 @@ def test_a_token_s_logprob_bytes_are_its_own_even_when_it_is_part_of_a_character
     assert entry["token"] == r.decode("utf-8", errors="replace")
 
 
-def test_the_held_back_tail_is_the_longest_start_of_a_stop_string():
-  # Against the definition: the longest n < len(stop) with the text ending in stop[:n].
+def test_stop_scanner_finds_and_holds_back_as_the_definitions_say():
+  # Against the definitions, on texts fed in random pieces: the earliest start of any stop string
+  # (str.find, earliest over the stops), and, until one is found, the held-back tail: the longest
+  # n < len(stop) over the stops with the text ending in stop[:n].
   import random
 
-  from llama_jax.serve.scheduler import _stop_prefix_at_end
+  from llama_jax.serve.stop_strings import StopScanner
   rng = random.Random(0)
-  for _ in range(5000):
-    letters = rng.choice(["ab", "abc", "a b"])
-    text = "".join(rng.choice(letters) for _ in range(rng.randint(0, 12)))
-    stop = "".join(rng.choice(letters) for _ in range(rng.randint(1, 8)))
-    expected = next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0)
-    assert _stop_prefix_at_end(text, stop) == expected, (text, stop)
+  for _ in range(3000):
+    letters = rng.choice(["ab", "abc", "a b", "aab"])
+    text = "".join(rng.choice(letters) for _ in range(rng.randint(0, 24)))
+    stops = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))]
+    scanner, end = StopScanner(stops), 0
+    while True:
+      seen = text[:end]
+      hits = [i for i in (seen.find(s) for s in stops) if i >= 0]
+      assert scanner.feed(seen) == (min(hits) if hits else None), (seen, stops)
+      if hits:
+        break
+      held = max(next((n for n in range(min(len(s) - 1, end), 0, -1) if seen.endswith(s[:n])), 0) for s in stops)
+      assert scanner.held == held, (seen, stops)
+      if end == len(text):
+        break
+      end = min(len(text), end + rng.randint(1, 4))
+
+
+def test_stop_scanner_is_linear_in_what_it_reads():
+  # A long periodic stop string that the answer keeps almost matching (the worst case of the
+  # search it replaced): counted in character comparisons, not timed.
+  from llama_jax.serve import stop_strings
+
+  class Counting(str):
+    reads = 0
+
+    def __getitem__(self, i):
+      Counting.reads += 1
+      return str.__getitem__(self, i)
+
+  stop = Counting("ab" * 4000 + "c")
+  scanner = stop_strings.StopScanner([stop])
+  text = ""
+  for _ in range(2000):
+    text += "ab" * 2 + ("a" if _ % 7 == 0 else "")
+    scanner.feed(text)
+  assert scanner.found is None
+  assert Counting.reads < 4 * len(text), (Counting.reads, len(text))

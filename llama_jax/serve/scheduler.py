@@ -45,6 +45,7 @@ import numpy as np
 from llama_jax.generate import sampling
 from llama_jax.generate import slots as slot_engine
 from llama_jax.generate.streaming import TextStreamer
+from llama_jax.serve.stop_strings import StopScanner
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class _Live:
     self.end_ids = frozenset(eos_ids) | frozenset(request.stop_ids)  # the ids that end the answer
     context = request.prompt if request.continues_prompt else []
     self.streamer = TextStreamer(tokenizer, lambda _: None, self.end_ids, context)
+    self.stops = StopScanner(request.stop)  # fed the streamer's text after each token
     self.last_token = context[-1] if context else None  # for each token's own text (logprobs)
     self.text_offset = 0
     self.dispatched = 1  # tokens asked of the device so far (the first comes with the prefill)
@@ -167,23 +169,6 @@ class _Live:
   @property
   def done(self) -> bool:
     return self.finish_reason is not None
-
-
-def _stop_prefix_at_end(text: str, stop: str) -> int:
-  """The longest n < len(stop) with text ending in stop[:n]. Only the n where stop[n - 1] is the
-  text's last character are tried (found by str.rfind, longest first): a check of every n, each
-  slicing the stop string, cost O(len(stop)²) a chunk on the thread every request shares."""
-  if not text:
-    return 0
-  last, n = text[-1], min(len(stop) - 1, len(text))
-  while n > 0:
-    i = stop.rfind(last, 0, n)
-    if i < 0:
-      return 0
-    if text.endswith(stop[:i + 1]):
-      return i + 1
-    n = i
-  return 0
 
 
 def _fetch_early(step: slot_engine.Step) -> None:
@@ -251,6 +236,8 @@ class Scheduler:
     self._device.shutdown(wait=True)
 
   def submit(self, request: Request) -> None:
+    if any(not s for s in request.stop):  # (the HTTP layer refuses them with a 400 first)
+      raise ValueError("stop strings must not be empty")
     self._inbox.put(request)
 
   def cancel(self, request: Request) -> None:
@@ -567,11 +554,8 @@ class Scheduler:
     return entry
 
   def _stop_found(self, live: _Live) -> bool:
-    text, stops = live.streamer.text, live.request.stop
-    hits = [i for i in (text.find(s, live.emitted) for s in stops) if i >= 0]
-    if hits:
-      live.final_len = min(hits)
-    return bool(hits)
+    live.final_len = live.stops.feed(live.streamer.text)
+    return live.final_len is not None
 
   def _sendable_end(self, live: _Live) -> int:
     """How much of the text can go out: all of it once the request is done; before that, all but
@@ -581,10 +565,7 @@ class Scheduler:
       return live.final_len
     if live.done:
       return len(text)
-    hold = 0
-    for stop in live.request.stop:
-      hold = max(hold, _stop_prefix_at_end(text, stop))
-    return len(text) - hold
+    return len(text) - live.stops.held
 
   def _emit(self, live: _Live, tokens: list[int], logprobs: list[TokenLogprob] | None) -> None:
     end = max(self._sendable_end(live), live.emitted)
