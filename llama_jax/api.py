@@ -62,10 +62,12 @@ class Model:
     """Our format, with the tokenizer's files; a previous model's there are not kept. A directory
     holding anything else (another format's model, other files) is refused unless `overwrite`; a
     training workdir always."""
+    from llama_jax.convert import hf
     from llama_jax.convert.output import check_output
     check_output(os.fspath(directory), "orbax", overwrite, command_line=False)
+    ids = hf.generation_file(self.generation) if self.tokenizer is None else {}  # (as convert's)
     checkpoint.save_model(directory, self.config, self.params, self.tokenizer, quantization=self.quantization,
-                          replace_tokenizer=True)
+                          files=ids, replace_tokenizer=True)
 
   def export_hf(self, directory: str, dtype: str | None = None, overwrite: bool = False) -> None:
     """config.json, generation_config.json, safetensors and the tokenizer's files, which

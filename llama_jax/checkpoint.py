@@ -316,14 +316,16 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer=None,
       tokenizer.save(staged_tokenizer)
     if os.path.exists(params_dir):
       os.rename(params_dir, previous)
-    for name, text in files.items():  # renames only, from here to the weights' own
+    # Renames only, from here to the weights' own. The tokenizer's files first: `files` may hold
+    # one of TOKENIZER_FILES of a model without a tokenizer (its generation_config.json).
+    if swap_tokenizer:
+      move_staged(directory, staged_tokenizer if tokenizer is not None else None)
+    for name, text in files.items():
       target = os.path.join(directory, name)
       if text is not None:
         os.replace(staged[name], target)
       elif os.path.exists(target):
         os.remove(target)
-    if swap_tokenizer:
-      move_staged(directory, staged_tokenizer if tokenizer is not None else None)
     os.rename(staging, params_dir)
   multihost_utils.sync_global_devices("save_model: weights in place")
   if main and os.path.exists(previous):

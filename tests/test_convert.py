@@ -135,6 +135,13 @@ def test_an_export_without_a_tokenizer_keeps_the_sources_special_ids(tmp_path, c
   assert ids(tmp_path / "cli") == expected
   llama_jax.load(source).export_hf(str(tmp_path / "api"))
   assert ids(tmp_path / "api") == expected
+  # Through our format and back, by the command line and by the API: kept as a file of their own.
+  assert convert.main(["--input", str(source), "--output", str(tmp_path / "ours")]) == 0
+  assert convert.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back"), "--to", "hf"]) == 0
+  assert ids(tmp_path / "back") == expected
+  llama_jax.load(source).save(str(tmp_path / "saved"))
+  llama_jax.load(str(tmp_path / "saved")).export_hf(str(tmp_path / "api_back"))
+  assert ids(tmp_path / "api_back") == expected
   # Nothing to take them from: LLaMA's, said aloud.
   loaded = llama_jax.load(source)
   loaded.generation = None

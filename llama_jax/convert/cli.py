@@ -163,8 +163,11 @@ def convert(args: argparse.Namespace) -> None:
     # a language model's too).
     record = _trained_template_record(args.input) if "score" in params else None
     _to_device(params, out_dtype)
+    # Without a tokenizer, the source's special ids and sampling defaults are kept as a file of
+    # their own (an export to Hugging Face's format writes them again).
+    ids = hf.generation_file(src.generation) if tokenizer is None else {}
     checkpoint.save_model(args.output, cfg.replace(param_dtype=out_dtype), params, tokenizer,
-                          files={checkpoint.RUN_CONFIG: record}, replace_tokenizer=True)
+                          files={checkpoint.RUN_CONFIG: record, **ids}, replace_tokenizer=True)
 
 
 def _reward_model(path: str) -> bool:

@@ -203,6 +203,14 @@ def stored_dtype(directory: str) -> str:
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def generation_file(generation: dict | None) -> dict[str, str]:
+  """`save_model`'s `files` that keep a model's special ids and sampling defaults (`generation`,
+  as `generation_defaults` reads them) in our format when it has no tokenizer to give them: its
+  generation_config.json, which `generation_defaults` reads back. (With a tokenizer, the tokenizer's
+  own files say them.)"""
+  return {GENERATION_CONFIG: json.dumps(generation, indent=2)} if generation else {}
+
+
 def generation_defaults(directory: str, config: dict) -> dict | None:
   """A Hugging Face folder's generation_config.json with its special ids, each taken from its
   `config` (config.json, as `read_config` returns it) where generation_config.json lacks it (as

@@ -30,8 +30,8 @@ class Source:
   stream: Callable[[], Iterator[tuple[str, np.ndarray, str]]]
   params_dir: str | None = None  # our own checkpoints: the Orbax parameter directory
   quantization: dict | None = None  # our own quantized checkpoints: quantization.json
-  # A Hugging Face folder's special ids and sampling defaults (`hf.generation_defaults`): an
-  # export without a tokenizer writes them again.
+  # The special ids and sampling defaults of a Hugging Face folder, or of our own without a
+  # tokenizer (`hf.generation_defaults`): an export without a tokenizer writes them again.
   generation: dict | None = None
 
 
@@ -59,7 +59,8 @@ def open_source(path: str | os.PathLike) -> Source:
           # parameter alive while the next one is restored.
           yield e.name, np.array(tensor), path
         leaf = tensor = None
-    return Source(path, "orbax", cfg, tok, cfg.param_dtype, stream, params_dir)
+    return Source(path, "orbax", cfg, tok, cfg.param_dtype, stream, params_dir,
+                  generation=hf.generation_defaults(config_dir, {}))
   if os.path.isfile(os.path.join(path, checkpoint.MODEL_CONFIG)) and not os.path.isdir(
       os.path.join(path, "params")) and any(os.path.isdir(os.path.join(path, "params" + cut))
                                             for cut in (".previous", ".partial")):
