@@ -132,7 +132,7 @@ def attention(cfg: ModelConfig, rows: int, length: int) -> dict:
   cache = [jax.random.normal(jax.random.fold_in(key, i), (rows, kv, length, h), jnp.bfloat16)
            for i in (1, 2)]
   positions = jnp.full((rows,), length - 1, jnp.int32)
-  sin, cos = M.rotary_tables(positions[:, None], h, cfg.rope_theta)
+  sin, cos = M.rotary_tables(positions[:, None], cfg)
 
   def fused(qkv, k, v):
     return decode_attention.rotary_cache_attention(qkv, sin[:, 0, 0], cos[:, 0, 0], positions, k, v,

@@ -72,7 +72,7 @@ def attention(args, rows: int, length: int) -> None:
   caches = [jax.random.normal(jax.random.fold_in(key, i), (rows, kv, length, h), jnp.bfloat16)
             for i in range(2 * args.layers)]
   positions = jnp.full((rows,), length - 1, jnp.int32)
-  sin, cos = M.rotary_tables(positions[:, None], h, 10000.0)
+  sin, cos = M.rotary_tables(positions[:, None], ModelConfig(dim=h, n_heads=1))
   settings = {}
   for block, warps in itertools.product(map(int, args.attention_blocks.split(",")), (4, 8)):
     tag = f"att_{block}_{warps}"

@@ -15,6 +15,11 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 DECODE_KERNELS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
+# Rotary frequencies: "none" (theta^(-2i/H)); "linear" (each divided by rope_scaling_factor:
+# positions stretched, Chen et al. 2023); "llama3" (Llama 3.1's: wavelengths longer than
+# rope_original_max_seq_len / rope_low_freq_factor divided by the factor, those shorter than
+# .../ rope_high_freq_factor kept, a smooth blend between). transformers' rope_type names.
+ROPE_SCALINGS = ("none", "linear", "llama3")
 # Fields that are gone, with why: model_config.json files and run configs written while they were
 # fields still load. Each changed only how the model is computed, never what its weights mean.
 RETIRED_FIELDS = {
@@ -35,6 +40,11 @@ class ModelConfig:
   ffn_hidden_dim: int | None = None  # explicit width (Hugging Face's intermediate_size); None: Meta's rule
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  rope_scaling: str = "none"  # one of ROPE_SCALINGS, with the four fields below
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_seq_len: int = 8192  # llama3 only: the context the model was pretrained at
   max_seq_len: int = 2048
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of the parameters
@@ -68,6 +78,15 @@ class ModelConfig:
           f"model.n_kv_heads ({self.n_kv_heads}) does not divide model.n_heads ({self.n_heads})")
     if self.head_dim % 2:
       raise ValueError(f"head dimension dim/n_heads = {self.head_dim} must be even for rotary embeddings")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ValueError(f"model.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}")
+    if self.rope_scaling == "llama3" and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_max_seq_len > 0):
+      raise ValueError("model.rope_scaling='llama3' needs 0 < rope_low_freq_factor < rope_high_freq_factor "
+                       f"and rope_original_max_seq_len > 0, got {self.rope_low_freq_factor}, "
+                       f"{self.rope_high_freq_factor}, {self.rope_original_max_seq_len}")
     if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
       raise ValueError(f"model.dtype and model.param_dtype must be one of {DTYPES}")
     if self.attention_impl not in ATTENTION_IMPLS:

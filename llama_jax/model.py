@@ -20,6 +20,7 @@ K key/value heads, G query heads per K/V head, H head dim, F feed-forward dim, V
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -127,12 +128,30 @@ class RMSNorm(nn.Module):
     return matvec.rms_norm(x, weight, self.cfg.norm_eps)  # the decode kernels' XLA path shares it
 
 
-def rotary_tables(positions: Array, head_dim: int, theta: float) -> Rope:
-  """sin and cos of angle position * theta^(-2i/H), i < H/2: (B, T, 1, H/2) each, made once per
-  forward pass and shared by every layer's queries and keys."""
-  half = head_dim // 2
-  freqs = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / head_dim))
-  angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (B, T, 1, H/2)
+def rotary_frequencies(cfg: ModelConfig) -> Array:
+  """(H/2,) float32 angular frequencies theta^(-2i/H), rescaled as cfg.rope_scaling says (float32
+  arithmetic, as transformers' `ROPE_INIT_FUNCTIONS` and Meta's `apply_scaling` compute them)."""
+  h = cfg.head_dim
+  freqs = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h // 2, dtype=jnp.float32) * 2 / h))
+  if cfg.rope_scaling == "linear":
+    return freqs / cfg.rope_scaling_factor
+  if cfg.rope_scaling == "llama3":
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original, factor = cfg.rope_original_max_seq_len, cfg.rope_scaling_factor
+    wavelength = 2 * math.pi / freqs
+    # Between the two wavelengths, a blend of the scaled and the original frequency.
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = jnp.where(wavelength > original / low, freqs / factor, freqs)
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(medium, blended, scaled)
+  return freqs
+
+
+def rotary_tables(positions: Array, cfg: ModelConfig) -> Rope:
+  """sin and cos of angle position * frequency (`rotary_frequencies`): (B, T, 1, H/2) each, made
+  once per forward pass and shared by every layer's queries and keys."""
+  angles = positions.astype(jnp.float32)[..., None, None] * rotary_frequencies(cfg)  # (B, T, 1, H/2)
   return jnp.sin(angles), jnp.cos(angles)
 
 
@@ -337,7 +356,7 @@ class Transformer(nn.Module):
       mask = attention_mask(idx, idx, segment_ids, segment_ids)
     else:
       mask = None  # causal: each attention implementation builds it its own way
-    rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    rope = rotary_tables(positions, self.cfg)
     x, _ = self.layers(self.embed(tokens), positions, rope, mask)
     return self.norm(x)
 

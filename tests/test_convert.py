@@ -7,6 +7,7 @@ a transformers model by this file's own inverse of the conversion (fairscale spl
 rotary rows), independently of the loader.
 """
 
+import copy
 import glob
 import json
 import os
@@ -30,6 +31,13 @@ CASES = {
     "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0),
     "mha_untied": dict(num_key_value_heads=8, tie_word_embeddings=False, rope_theta=10000.0),
     "gqa_untied": dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=500000.0),
+    # Llama 3.1's rope scaling, its bands moved within 13 positions: frequencies 1 and 2 of 4 are
+    # scaled and blended, 0 kept (wavelengths 6, 75, 890, 10600 against 16 and 64).
+    "llama3_rope": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=20000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "linear_rope": dict(num_key_value_heads=8, tie_word_embeddings=True, rope_theta=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 3.0}),
 }
 
 
@@ -37,7 +45,8 @@ def hf_model(seed=0, vocab_size=101, intermediate_size=96, **overrides):
   torch.manual_seed(seed)
   cfg = transformers.LlamaConfig(
       vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
-      num_attention_heads=8, max_position_embeddings=128, rms_norm_eps=1e-5, **overrides)
+      num_attention_heads=8, max_position_embeddings=128, rms_norm_eps=1e-5,
+      **copy.deepcopy(overrides))  # (transformers writes rope_theta into a rope_scaling it is given)
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -78,10 +87,11 @@ def test_logits_equal_transformers(hf_dirs, case):
   assert ours.config.n_kv_heads == CASES[case]["num_key_value_heads"]
   assert ours.config.rope_theta == CASES[case]["rope_theta"]
   assert ("output" in ours.params) != ours.config.tie_embeddings
+  assert ours.config.rope_scaling == CASES[case].get("rope_scaling", {}).get("rope_type", "none")
   assert_close(ours.logits(TOKENS), ref_logits(model, TOKENS))
 
 
-@pytest.mark.parametrize("case", ["gqa_tied", "mha_untied"])
+@pytest.mark.parametrize("case", ["gqa_tied", "mha_untied", "llama3_rope"])
 def test_batched_greedy_generation_equals_transformers(hf_dirs, case):
   model, path = hf_dirs[case]
   prompts = [[1, 5, 17, 42, 8, 3], [1, 99, 23, 4, 61, 7]]  # equal lengths: no padding semantics
@@ -290,6 +300,7 @@ def test_meta_two_model_parallel_shards(meta_case):
     ({"norm_eps": 1e-5}, 4096),  # LLaMA 2
     ({"norm_eps": 1e-5, "rope_theta": 1e6}, 16384),  # Code Llama
     ({"norm_eps": 1e-5, "rope_theta": 5e5}, 8192),  # Llama 3
+    ({"norm_eps": 1e-5, "rope_theta": 5e5, "use_scaled_rope": True}, 131072),  # Llama 3.1, 3.2
     ({"norm_eps": 1e-5, "max_seq_len": 512}, 512),  # said
 ])
 def test_meta_context_by_release(fields, context):
@@ -528,8 +539,50 @@ def test_other_architecture(hf_dirs, tmp_path, capsys):
     llama_jax.load(str(d))
 
 
+def test_rope_scaling_survives_an_export(hf_dirs, tmp_path):
+  # Both ways transformers reads it (rope_parameters, and rope_scaling for transformers 4), and the
+  # logits of the export.
+  for case in ("llama3_rope", "linear_rope"):
+    model, path = hf_dirs[case]
+    out = tmp_path / case
+    llama_jax.load(path).export_hf(str(out))
+    written = json.load(open(out / "config.json"))
+    expected = CASES[case]["rope_scaling"]
+    assert written["rope_scaling"] == expected
+    assert written["rope_parameters"] == {**expected, "rope_theta": CASES[case]["rope_theta"]}
+    back = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert back.config.rope_parameters == model.config.rope_parameters
+    assert llama_jax.load(str(out)).config == llama_jax.load(path).config  # and read again by us
+    assert_close(ref_logits(back, TOKENS), ref_logits(model, TOKENS))
+
+
+def test_meta_scaled_rope_is_llama_3_1s(tmp_path, caplog):
+  # Meta's use_scaled_rope: factor 8, high-frequency factor 4 (llama-models' defaults), unless
+  # params.json gives them; Llama 3.2's 32 said in the file.
+  for factor in (None, 32.0):
+    scaling = {"rope_type": "llama3", "factor": factor or 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    model = hf_model(seed=3, vocab_size=102, intermediate_size=176, num_key_value_heads=2, rope_theta=20000.0,
+                     rope_scaling=scaling)
+    path = tmp_path / f"meta{factor}"
+    write_meta(model, path)
+    params = json.load(open(path / "params.json"))
+    params.update(use_scaled_rope=True, **({"rope_scaling_factor": factor} if factor else {}))
+    (path / "params.json").write_text(json.dumps(params))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llama_jax"):
+      ours = llama_jax.load(str(path))
+    assert ("Llama 3.2" in caplog.text) == (factor is None)
+    assert (ours.config.rope_scaling, ours.config.rope_scaling_factor) == ("llama3", factor or 8.0)
+    assert_close(ours.logits(TOKENS), ref_logits(model, TOKENS))
+
+
 @pytest.mark.parametrize("field,value,match", [
-    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling of type 'linear'"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope scaling of type 'dynamic'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, "rope scaling of type 'yarn'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 2.0}, "llama3 rope scaling without 'low_freq_factor'"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, None),  # read below
+
     ("attention_bias", True, "attention_bias"),
     ("head_dim", 16, "head_dim 16"),
 ])
@@ -537,6 +590,8 @@ def test_unsupported_features(hf_dirs, tmp_path, field, value, match):
   d = _bad_dir(hf_dirs, tmp_path)
   cfg = json.load(open(d / "config.json"))
   cfg[field] = value
+  if match is None:  # two rope scalings that disagree
+    cfg["rope_scaling"], match = {"rope_type": "linear", "factor": 4.0}, "rope_parameters and rope_scaling disagree"
   (d / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match=match):
     hf.load_hf(str(d))

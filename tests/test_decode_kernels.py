@@ -122,7 +122,7 @@ def test_rotary_cache_attention_matches_the_model(rows, heads, kv_heads, length,
   qkv = _normal(0, (rows, heads + 2 * kv_heads, h))
   k_cache, v_cache = _normal(1, (rows, kv_heads, length, h)), _normal(2, (rows, kv_heads, length, h))
   positions = jnp.asarray(positions, jnp.int32)
-  sin, cos = M.rotary_tables(positions[:, None], h, 10000.0)  # (B, 1, 1, H/2)
+  sin, cos = M.rotary_tables(positions[:, None], ModelConfig(dim=h, n_heads=1))  # (B, 1, 1, H/2)
   out, k_new, v_new = decode_attention.rotary_cache_attention(
       qkv, sin[:, 0, 0], cos[:, 0, 0], positions, k_cache, v_cache, n_heads=heads, block_k=32)
   # The model's decode step: rotary, the cache write, masked attention over the whole cache.
@@ -148,7 +148,7 @@ def test_rotary_cache_attention_in_stretches_matches_one_program_a_row(rows, hea
   qkv = _normal(0, (rows, heads + 2 * kv_heads, h))
   k_cache, v_cache = _normal(1, (rows, kv_heads, length, h)), _normal(2, (rows, kv_heads, length, h))
   positions = jnp.asarray(positions, jnp.int32)
-  sin, cos = (t[:, 0, 0] for t in M.rotary_tables(positions[:, None], h, 10000.0))
+  sin, cos = (t[:, 0, 0] for t in M.rotary_tables(positions[:, None], ModelConfig(dim=h, n_heads=1)))
   run = lambda splits: decode_attention.rotary_cache_attention(  # noqa: E731
       qkv, sin, cos, positions, k_cache, v_cache, n_heads=heads, block_k=32, splits=splits)
   (want, k_want, v_want), (got, k_got, v_got) = run(1), run(splits)

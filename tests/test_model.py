@@ -40,8 +40,8 @@ def test_rotary_scores_depend_only_on_relative_position():
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
   def score(i, j):
-    qi = M.rotary(q, M.rotary_tables(jnp.array([[i]]), 16, 10000.0))
-    kj = M.rotary(k, M.rotary_tables(jnp.array([[j]]), 16, 10000.0))
+    qi = M.rotary(q, M.rotary_tables(jnp.array([[i]]), ModelConfig(dim=16, n_heads=1)))
+    kj = M.rotary(k, M.rotary_tables(jnp.array([[j]]), ModelConfig(dim=16, n_heads=1)))
     return float(jnp.sum(qi * kj))
 
   for offset in (0, 3, 17):
@@ -144,7 +144,18 @@ def test_feed_forward_is_w2_of_silu_w1_times_w3():
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_rotary_equals_transformers_at_nonzero_positions_and_theta():
+@pytest.mark.parametrize("scaling", [
+    {},
+    {"rope_type": "linear", "factor": 4.0},
+    # Llama 3.1's and 3.2's settings; then one whose blend band holds several frequencies at h=32.
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 3.0, "low_freq_factor": 0.5, "high_freq_factor": 64.0,
+     "original_max_position_embeddings": 1024},
+])
+def test_rotary_equals_transformers_at_nonzero_positions_and_theta(scaling):
   torch = pytest.importorskip("torch")
   from transformers import LlamaConfig
   from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -153,11 +164,18 @@ def test_rotary_equals_transformers_at_nonzero_positions_and_theta():
   positions = np.array([[3, 17, 250, 1999, 40000]])
   q = rng.normal(size=(1, 5, heads, h)).astype(np.float32)
   k = rng.normal(size=(1, 5, heads, h)).astype(np.float32)
-  rope = M.rotary_tables(jnp.asarray(positions), h, theta)
+  kind = scaling.get("rope_type", "none")
+  cfg = ModelConfig(dim=heads * h, n_heads=heads, rope_theta=theta, rope_scaling=kind,
+                    rope_scaling_factor=scaling.get("factor", 1.0),
+                    rope_low_freq_factor=scaling.get("low_freq_factor", 1.0),
+                    rope_high_freq_factor=scaling.get("high_freq_factor", 4.0),
+                    rope_original_max_seq_len=scaling.get("original_max_position_embeddings", 8192))
+  rope = M.rotary_tables(jnp.asarray(positions), cfg)
   ours_q, ours_k = (np.asarray(M.rotary(jnp.asarray(a), rope)) for a in (q, k))
-  hf_cfg = LlamaConfig(hidden_size=heads * h, num_attention_heads=heads, rope_theta=theta,
-                       max_position_embeddings=65536)
+  hf_cfg = LlamaConfig(hidden_size=heads * h, num_attention_heads=heads, max_position_embeddings=65536,
+                       rope_parameters={"rope_type": "default", "rope_theta": theta, **scaling})
   emb = LlamaRotaryEmbedding(hf_cfg)
+  np.testing.assert_allclose(np.asarray(M.rotary_frequencies(cfg)), emb.inv_freq.numpy(), rtol=1e-6)
   tq, tk = (torch.from_numpy(a).transpose(1, 2).double() for a in (q, k))  # (B, heads, T, H)
   cos, sin = emb(tq, torch.from_numpy(positions))
   ref_q, ref_k = apply_rotary_pos_emb(tq, tk, cos.double(), sin.double())

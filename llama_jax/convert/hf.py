@@ -41,17 +41,53 @@ def _field(config: dict, name: str, file: str):
   return config[name]
 
 
-def _rope_theta(config: dict, file: str) -> float:
-  """rope_theta, from `rope_parameters` (transformers >= 5) or the top level (older files);
-  any rope scaling (linear, dynamic, yarn, llama3) is a model we do not implement."""
-  for key in ("rope_scaling", "rope_parameters"):
-    rope = config.get(key)
-    if rope:
-      kind = rope.get("rope_type", rope.get("type", "default"))
-      if kind != "default":
-        raise CheckpointError(f"{file}: {key} of type {kind!r} is not supported (plain rotary only)")
-  params = config.get("rope_parameters") or {}
-  return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+ROPE_SCALINGS = ("linear", "llama3")  # of transformers' rope types, the ones ModelConfig computes
+
+
+def _rope(config: dict, file: str) -> dict:
+  """ModelConfig's rope fields: rope_theta and the scaling, from `rope_parameters` (transformers >=
+  5: the theta, the type and its fields together) or the top level's rope_theta and `rope_scaling`
+  (older files). linear and llama3 scaling are ours; any other (dynamic, yarn, longrope) is a
+  model we do not compute."""
+  params, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
+  for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+    if not isinstance(value, dict):
+      raise CheckpointError(f"{file}: {key} must be an object, got {value!r}")
+  kind_of = lambda rope: rope.get("rope_type", rope.get("type", "default"))  # noqa: E731
+  drop_theta = lambda rope: {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "rope_type")}  # noqa: E731
+  if "default" not in (kind_of(params), kind_of(scaling)) and (
+      kind_of(params) != kind_of(scaling) or drop_theta(params) != drop_theta(scaling)):
+    # (transformers 5 would let rope_scaling win; a file that says two things is refused instead)
+    raise CheckpointError(f"{file}: rope_parameters and rope_scaling disagree ({params} against {scaling})")
+  rope = params if kind_of(params) != "default" else scaling
+  kind = kind_of(rope)
+  fields = {"rope_theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0)))}
+  if kind == "default":
+    return fields
+  if kind not in ROPE_SCALINGS:
+    raise CheckpointError(f"{file}: rope scaling of type {kind!r} is not supported (linear and llama3 are)")
+
+  def need(name):
+    if rope.get(name) is None:
+      raise CheckpointError(f"{file}: {kind} rope scaling without {name!r}")
+    return rope[name]
+  fields.update(rope_scaling=kind, rope_scaling_factor=float(need("factor")))
+  if kind == "llama3":
+    fields.update(rope_low_freq_factor=float(need("low_freq_factor")),
+                  rope_high_freq_factor=float(need("high_freq_factor")),
+                  rope_original_max_seq_len=int(need("original_max_position_embeddings")))
+  return fields
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+  """The scaling as transformers names it (without rope_theta); {} for plain rotary."""
+  if cfg.rope_scaling == "none":
+    return {}
+  rope = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+  if cfg.rope_scaling == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_seq_len)
+  return rope
 
 
 def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
@@ -87,7 +123,7 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
         vocab_size=int(_field(config, "vocab_size", file)),
         ffn_hidden_dim=int(_field(config, "intermediate_size", file)),
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(config, file),
+        **_rope(config, file),
         max_seq_len=int(config.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
@@ -99,8 +135,10 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int | None = 1, eos_id: int | list[int] | None = 2,
                  pad_id: int | None = None) -> dict:
-  """config.json for `LlamaConfig`; rope_theta is written both ways so that transformers 4 (top
-  level) and 5 (`rope_parameters`) read it. eos_id: one id or several (every one ends generation)."""
+  """config.json for `LlamaConfig`; rope_theta and the scaling are written both ways so that
+  transformers 4 (top level, `rope_scaling`) and 5 (`rope_parameters`) read them. eos_id: one id or
+  several (every one ends generation)."""
+  scaling = _rope_to_hf(cfg)
   return {
       "architectures": ["LlamaForCausalLM"],
       "model_type": "llama",
@@ -114,8 +152,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int | None = 1, eos_id: i
       "max_position_embeddings": cfg.max_seq_len,
       "rms_norm_eps": cfg.norm_eps,
       "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "rope_scaling": scaling or None,
+      "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": cfg.rope_theta},
       "tie_word_embeddings": cfg.tie_embeddings,
       "vocab_size": cfg.vocab_size,
       "attention_bias": False,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 from typing import Iterator
@@ -21,6 +22,8 @@ import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.convert import CheckpointError, layout, torch_io
+
+log = logging.getLogger("llama_jax")
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -72,9 +75,11 @@ def read_params(directory: str) -> dict:
 def _release_context(params: dict) -> int:
   """The context a release was trained with; Meta's params.json does not say. Told apart by what it
   does say, as transformers' converter is told by its --llama_version: LLaMA 1 by its norm_eps of
-  1e-6 (2048), Code Llama by rope_theta 1e6 (16384), Llama 3 by rope_theta 5e5 (8192), and
-  LLaMA 2 (norm_eps 1e-5, rope_theta 1e4) 4096."""
+  1e-6 (2048), Code Llama by rope_theta 1e6 (16384), Llama 3.1 and 3.2 by use_scaled_rope (131072),
+  Llama 3 by rope_theta 5e5 (8192), and LLaMA 2 (norm_eps 1e-5, rope_theta 1e4) 4096."""
   theta = float(params.get("rope_theta", 10000.0))
+  if params.get("use_scaled_rope"):  # Llama 3.1 and 3.2
+    return 131072
   if theta >= 1e6:
     return 16384
   if theta >= 5e5:
@@ -82,9 +87,22 @@ def _release_context(params: dict) -> int:
   return 2048 if float(params.get("norm_eps", 1e-5)) < 5e-6 else 4096
 
 
+def _scaled_rope(params: dict, file: str) -> dict:
+  """Llama 3.1's and 3.2's `use_scaled_rope`: Meta's `apply_scaling` (llama-models), whose factor
+  (`rope_scaling_factor`, 8 unless the file says) and high-frequency factor (`high_freq_factor`, 4)
+  a params.json may give; the low-frequency factor (1) and the original context (8192) are fixed
+  there. Llama 3.2's factor is 32: a params.json without it is read as 3.1's, said aloud."""
+  if not params.get("use_scaled_rope"):
+    return {}
+  if params.get("rope_scaling_factor") is None:
+    log.warning("%s: use_scaled_rope without rope_scaling_factor: using 8, Meta's default (Llama 3.1's); "
+                "for Llama 3.2 (32) add \"rope_scaling_factor\": 32 to the file", file)
+  return dict(rope_scaling="llama3", rope_scaling_factor=float(params.get("rope_scaling_factor") or 8.0),
+              rope_high_freq_factor=float(params.get("high_freq_factor") or 4.0),
+              rope_low_freq_factor=1.0, rope_original_max_seq_len=8192)
+
+
 def config_from_meta(params: dict, vocab_size: int, file: str = PARAMS) -> ModelConfig:
-  if params.get("use_scaled_rope"):
-    raise CheckpointError(f"{file}: use_scaled_rope=true (LLaMA 3.1 rope scaling) is not supported")
   for name in ("dim", "n_layers", "n_heads"):
     if name not in params:
       raise CheckpointError(f"{file}: missing field {name!r}")
@@ -95,7 +113,7 @@ def config_from_meta(params: dict, vocab_size: int, file: str = PARAMS) -> Model
         vocab_size=vocab_size, multiple_of=int(params.get("multiple_of", 256)),
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-        max_seq_len=int(params.get("max_seq_len") or _release_context(params)))
+        max_seq_len=int(params.get("max_seq_len") or _release_context(params)), **_scaled_rope(params, file))
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{file}: {e}") from None
 

@@ -202,7 +202,7 @@ def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Ar
     run = (decode_block.block if fused_blocks(cfg, params, rows, mesh) else
            decode_block.batch_block if fused_attention(cfg, params, mesh) else None)
     if run is not None:
-      sin, cos = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+      sin, cos = M.rotary_tables(positions, cfg)
       h, new_cache = x[:, 0], []
       for layer_params, layer_cache in zip(params.layers, cache):
         h, k, v = run(cfg, layer_params, h, positions[:, 0], sin[:, 0, 0], cos[:, 0, 0],
@@ -215,7 +215,7 @@ def forward(cfg: ModelConfig, params: EngineParams, tokens: Array, positions: Ar
   elif not prefill:
     slots = jnp.arange(cache[0].length)
     mask = M.attention_mask(positions, jnp.broadcast_to(slots, (tokens.shape[0], slots.size)))
-  rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+  rope = M.rotary_tables(positions, cfg)
   block = M.Block(cfg)
   new_cache = []
   for layer_params, layer_cache in zip(params.layers, cache):

@@ -93,7 +93,7 @@ def _positions(x: jax.Array) -> jax.Array:
 def _input_hessian(cfg: ModelConfig, layer: Any, x: jax.Array, *, name: str) -> jax.Array:
   """2 X^T X summed over the batch's tokens, X the inputs of projection `name` of this block."""
   positions = _positions(x)
-  rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+  rope = M.rotary_tables(positions, cfg)
   _, captured = M.Block(cfg).apply({"params": layer}, x, positions, rope, None,
                                    mutable=["projection_inputs"])
   module, n_in = M.PROJECTIONS[name]
@@ -105,7 +105,7 @@ def _input_hessian(cfg: ModelConfig, layer: Any, x: jax.Array, *, name: str) -> 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _block(cfg: ModelConfig, layer: Any, x: jax.Array) -> jax.Array:
   positions = _positions(x)
-  rope = M.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+  rope = M.rotary_tables(positions, cfg)
   return M.Block(cfg).apply({"params": layer}, x, positions, rope, None)[0]
 
 
