@@ -160,6 +160,19 @@ def test_an_export_without_a_tokenizer_keeps_the_sources_special_ids(tmp_path, c
   assert ids(tmp_path / "bare")[0] == (1, 2, None) and "LLaMA's BOS 1 and EOS 2" in caplog.text
 
 
+def test_generation_without_a_tokenizer_stops_at_the_checkpoints_eos(hf_dirs, tmp_path):
+  # Token ids in, no tokenizer: the EOS ids are the folder's config's (were LLaMA's 2 always).
+  d = _bad_dir(hf_dirs, tmp_path)
+  prompt = [[1, 5, 17, 42]]
+  first = llama_jax.load(str(d)).generate(prompt, max_new_tokens=1, stop_at_eos=False)[0][-1]
+  assert first != 2
+  for name in ("config.json", "generation_config.json"):
+    cfg = json.load(open(d / name))
+    cfg["eos_token_id"] = [first + 1, first]
+    (d / name).write_text(json.dumps(cfg))
+  assert llama_jax.load(str(d)).generate(prompt, max_new_tokens=5)[0] == prompt[0] + [first]
+
+
 def test_an_export_that_fails_leaves_the_previous_export_whole(hf_dirs, tmp_path, monkeypatch):
   """An export over a previous one: cut off while writing, the previous is read as it was; cut off
   while moving its files in, the folder is an error (no config.json), not a mix of two models. A

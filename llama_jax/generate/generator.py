@@ -213,8 +213,9 @@ def generate(model, prompts, max_new_tokens: int = 128, temperature=0.0, top_p=1
     eos_ids: list[int] = []
   elif tok is not None:
     eos_ids = list(tok.eos_ids)
-  else:
-    eos_ids = [2]  # LLaMA's EOS when no tokenizer says otherwise
+  else:  # the checkpoint's own ids (a Hugging Face folder's config), else LLaMA's
+    eos = (getattr(model, "generation", None) or {}).get("eos_token_id", 2)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
   ids = tok.encode_batch(list(prompts)) if as_text else [list(p) for p in prompts]
   callback = stream
   if stream is not None and as_text:
