@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import train_word_tokenizer
+from conftest import train_word_tokenizer, write_hf_tokenizer
 
 import llama_jax
 from llama_jax import model as M
@@ -291,3 +291,22 @@ def test_streaming_writes_an_answer_that_changes_how_its_prompt_ends(text_model)
       streamer(chunk)
     streamer.flush()
     assert "".join(pieces) == expected, chunks
+
+
+def test_streaming_after_a_prompt_window_that_starts_inside_a_character(tmp_path):
+  # A Llama 2 tokenizer.json spells "猫狗" as six byte pieces: the prompt's last five tokens start
+  # inside "猫". A byte-fallback decoder turns a whole run of byte pieces that is not UTF-8 into
+  # U+FFFD, the answer's first bytes (those of "ꙮ") with it; the window must start after the cut.
+  from llama_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(write_hf_tokenizer(tmp_path, "llama2"))
+  prompt = tok.encode("猫狗")
+  assert [tok.id_to_piece(i) for i in prompt[-5:]] == ["<0x8C>", "<0xAB>", "<0xE7>", "<0x8B>", "<0x97>"]
+  new = tok.encode("猫狗ꙮ ok")[len(prompt):]
+  assert tok.id_to_piece(new[0]) == "<0xEA>" and tok.decode_continuation(prompt, new) == "ꙮ ok"
+  for chunks in ([new], [[t] for t in new]):
+    pieces = []
+    streamer = TextStreamer(tok, pieces.append, tok.eos_ids, prompt)
+    for chunk in chunks:
+      streamer(chunk)
+    streamer.flush()
+    assert "".join(pieces) == "ꙮ ok", chunks

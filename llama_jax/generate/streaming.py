@@ -4,9 +4,9 @@ A tokenizer decodes sequences, not tokens: SentencePiece turns a leading "▁" i
 mid-text, and byte-level pieces combine into characters. So the new text of a chunk is
 decode(window + chunk) minus decode(window), where the window starts a few tokens back at a point
 already written (vLLM's incremental detokenizer, prefix and read offsets); the first window is the
-prompt's last tokens, so the answer's first word keeps its leading space. Text ending in an
-unfinished UTF-8 character (U+FFFD) waits for the next chunk. Each call decodes a bounded number
-of tokens, so streaming n tokens costs O(n), not O(n²).
+prompt's last tokens (from a character's start), so the answer's first word keeps its leading
+space. Text ending in an unfinished UTF-8 character (U+FFFD) waits for the next chunk. Each call
+decodes a bounded number of tokens, so streaming n tokens costs O(n), not O(n²).
 
 New tokens may change how the window's written part decodes (a prompt of token ids that ends
 mid-character, its last bytes completed by the answer's first): decode(window) then no longer
@@ -28,6 +28,11 @@ class TextStreamer:
     self.tokenizer, self.write = tokenizer, write
     self.eos_ids = set(int(i) for i in eos_ids)
     self.ids = [int(i) for i in prompt_ids][-PROMPT_CONTEXT:]
+    # A window that starts inside a character (its first bytes cut off) decodes as U+FFFD there, and
+    # a byte-fallback decoder (Llama 2's tokenizer.json) turns the whole run of byte pieces that
+    # holds the cut into U+FFFD, the answer's first bytes with it: the window starts past the cut.
+    while self.ids and tokenizer.decode(self.ids).startswith("\ufffd"):
+      self.ids.pop(0)
     self.prefix = 0  # the window being decoded starts here
     self.read = len(self.ids)  # text up to here has been written
     self.text = ""  # everything written so far
