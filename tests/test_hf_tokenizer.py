@@ -79,6 +79,23 @@ def test_eos_ids_are_generation_configs(tmp_path):
   assert tok.add_bos and not load_tokenizer(write_hf_tokenizer(tmp_path / "c", "chatml")).add_bos
 
 
+def test_added_tokens_missing_from_the_file_take_the_configs_ids(tmp_path):
+  # added_tokens_decoder's tokens that tokenizer.json lacks, special and not interleaved: each at
+  # the id the config gives it, as transformers puts them.
+  folder = write_hf_tokenizer(tmp_path, "llama3")
+  n = load_tokenizer(folder).vocab_size
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  entry = dict(lstrip=False, rstrip=False, normalized=False, single_word=False)
+  config["added_tokens_decoder"] = {str(n): {"content": "<tool>", "special": False, **entry},
+                                    str(n + 1): {"content": "<sp1>", "special": True, **entry},
+                                    str(n + 2): {"content": "<tool2>", "special": False, **entry}}
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+  assert [ours.token_to_id(t) for t in ("<tool>", "<sp1>", "<tool2>")] == [n, n + 1, n + 2]
+  text = "a<tool>b<sp1>c<tool2>"
+  assert ours.encode(text, bos=False) == theirs(text, add_special_tokens=False)["input_ids"]
+
+
 def test_special_tokens_map_file_and_chat_template_file(tmp_path):
   # special_tokens_map.json overrides the config's named tokens when it has no added_tokens_decoder;
   # chat_template.jinja overrides the config's template; a list of templates uses "default".

@@ -142,11 +142,8 @@ class HFTokenizer(Tokenizer):
       if content not in present:
         extra.append(AddedToken(content, normalized=False, special=True))
         present.add(content)
-    specials = [t for t in extra if t.special]
-    if specials:
-      self._tok.add_special_tokens(specials)
-    if len(specials) < len(extra):
-      self._tok.add_tokens([t for t in extra if not t.special])
+    for token in extra:  # one at a time, in the config's order of ids: each gets the next id
+      (self._tok.add_special_tokens if token.special else self._tok.add_tokens)([token])
 
   def _named_id(self, name: str) -> int | None:
     token = self.special_tokens_map.get(name)
