@@ -175,6 +175,31 @@ def test_export_for_transformers_gives_sentencepiece_ids(models, tmp_path):
   assert Tokenizer(tmp_path / "tokenizer.model").encode("the river") == tok.encode("the river")
 
 
+def test_sentencepiece_add_eos_token_as_transformers(models, tmp_path):
+  # A tokenizer.model folder whose config asks for EOS after the text: the special tokens that
+  # encode adds are LlamaTokenizer's, in the folder and in its export for transformers.
+  import shutil
+
+  import transformers
+
+  from llama_jax.tokenizer import load_tokenizer
+  shutil.copy(models / "base.model", tmp_path / "tokenizer.model")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+       "add_bos_token": True, "add_eos_token": True}))
+  ours, theirs = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+  texts = ["the river", "", "river of the sea"]  # (no leading space: transformers' own conversion of a
+  # tokenizer.model drops its "▁", see SentencePieceTokenizer.save)
+  assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
+  texts.append(" leading")
+  assert ours.encode("the river")[-1] == ours.eos_id and ours.encode("the river", bos=False)[-1] != ours.eos_id
+  assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
+  ours.save(tmp_path / "export", for_transformers=True)
+  exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+  assert [exported(t)["input_ids"] for t in texts] == [ours.encode(t) for t in texts]
+  assert [load_tokenizer(tmp_path / "export").encode(t) for t in texts] == [ours.encode(t) for t in texts]
+
+
 def test_sentencepiece_reads_special_strings_only_with_offsets(models):
   tok = Tokenizer(models / "base.model")
   text = "the river</s>stone"

@@ -43,6 +43,8 @@ class SentencePieceTokenizer(Tokenizer):
     self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
     self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
     self.add_bos = bool(found.config.get("add_bos_token", True)) and self.bos_id is not None
+    # transformers' LlamaTokenizer appends EOS with the special tokens when the config says so.
+    self._adds_eos = bool(found.config.get("add_eos_token", False)) and self.eos_id is not None
     self.chat_template = found.chat_template
     self.generation_config = found.generation_config
     self._config = found.config
@@ -63,12 +65,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     prefix = [self.bos_id] if bos and self.add_bos else []
-    return prefix + self.sp.encode(text) + self._eos_suffix(eos)
+    return prefix + self.sp.encode(text) + self._eos_suffix(eos or (bos and self._adds_eos))
 
   def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                    num_threads: int = 0) -> list[list[int]]:
     """sentencepiece's own batch encoding, on `num_threads` threads (0: every core)."""
-    prefix, suffix = ([self.bos_id] if bos and self.add_bos else []), self._eos_suffix(eos)
+    prefix = [self.bos_id] if bos and self.add_bos else []
+    suffix = self._eos_suffix(eos or (bos and self._adds_eos))
     batch = self.sp.encode(list(texts), num_threads=num_threads or (os.cpu_count() or 1))
     return [prefix + ids + suffix for ids in batch] if prefix or suffix else batch
 
@@ -108,7 +111,7 @@ class SentencePieceTokenizer(Tokenizer):
     files.copy_file(self.path, os.path.join(directory, files.SENTENCEPIECE_MODEL))
     config = {k: v for k, v in self._config.items() if k not in ("added_tokens_decoder", "auto_map")}
     config.update(self.special_tokens_map)
-    config.update(tokenizer_class="LlamaTokenizer", add_bos_token=self.add_bos, add_eos_token=False,
+    config.update(tokenizer_class="LlamaTokenizer", add_bos_token=self.add_bos, add_eos_token=self._adds_eos,
                   legacy=True, clean_up_tokenization_spaces=False)
     config.setdefault("pad_token", None)
     if self.chat_template is not None:

@@ -64,10 +64,17 @@ def convert(tokenizer) -> Tokenizer:
   tok.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
                           for p in proto.pieces if p.type in _SPECIAL])
   tok.add_tokens([AddedToken(p.piece, normalized=False, special=False) for p in proto.pieces if p.type == _USER])
-  if tokenizer.add_bos:
-    bos = tokenizer.id_to_piece(tokenizer.bos_id)
+  # The special tokens encode adds (transformers' LlamaTokenizer: BOS before, EOS after if asked).
+  first = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.add_bos else None
+  last = tokenizer.id_to_piece(tokenizer.eos_id) if tokenizer._adds_eos else None  # pylint: disable=protected-access
+
+  def sequence(name: str, type_id: int) -> str:
+    return " ".join(f"{piece}:{type_id}" for piece in (first, f"${name}", last) if piece)
+  if first or last:
+    ids = {first: tokenizer.bos_id, last: tokenizer.eos_id}
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)])
+        single=sequence("A", 0), pair=f"{sequence('A', 0)} {sequence('B', 1)}",
+        special_tokens=[(piece, ids[piece]) for piece in (first, last) if piece])
   return tok
 
 
