@@ -168,9 +168,9 @@ def test_choice_logprobs_match_transformers(hf_model):
   sp = model.tokenizer.sp
   for context, example, lls in zip(contexts, examples, ours):
     for c, ll in zip(example.choices, lls):
-      # The split of lm-eval-harness: encode whole, cut at the context's token length.
-      whole = [1] + sp.encode(context + c)
+      # The split of lm-eval-harness: the context alone, then the whole's tokens past its length.
       n_ctx = 1 + len(sp.encode(context))
+      whole = [1] + sp.encode(context) + ([1] + sp.encode(context + c))[n_ctx:]
       with torch.no_grad():
         logits = torch_model(torch.tensor([whole])).logits[0].double()
       logp = torch.log_softmax(logits, -1)
@@ -324,6 +324,24 @@ def test_cli_missing_model_is_one_line(tmp_path):
   out = _cli("perplexity", "--model", str(tmp_path / "nowhere"), "--data", str(path))
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert "nowhere" in out.stderr
+
+
+def test_acc_norm_leaves_the_separating_space_out():
+  # lm-eval divides by the choice's length without its target delimiter: " ab" is 2 characters.
+  example = data.Example("q:", (" ab", " abcd"), 1, 1)
+  scores = choice.accuracy([example], [[-2.0, -3.5]])  # -2/2 = -1 < -3.5/4; with the spaces -2/3 > -3.5/5
+  assert (scores["acc"], scores["acc_norm"]) == (0.0, 1.0)
+
+
+def test_text_that_is_not_utf8_names_the_file(tmp_path):
+  for name in ("bad.txt", "bad.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "ok"}\n\xff\xfe oops\n')
+    with pytest.raises(data.EvalDataError, match=f"{name}(:2)?: not UTF-8 text"):
+      data.read_text(str(path))
+  (tmp_path / "bad.jsonl").write_bytes(b'{"context": "a", "choices": [" b"], "label": 0}\n\xff\xfe oops\n')
+  with pytest.raises(data.EvalDataError, match="bad.jsonl:2: not UTF-8 text"):
+    data.read_choices(str(tmp_path / "bad.jsonl"))
 
 
 def test_short_text_is_an_error_naming_the_file(tmp_path):

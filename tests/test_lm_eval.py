@@ -57,6 +57,51 @@ def test_loglikelihood_matches_transformers(lm, hf_model):
     assert greedy == all(argmax[t - 1] == whole[t] for t in range(n_ctx, len(whole)))
 
 
+def test_the_split_is_lm_evals_encode_pair(lm):
+  # lm-eval's own TemplateLM._encode_pair over our tokenizer (BOS first): the context encoded alone,
+  # the continuation the whole's tokens past it, also where a piece spans the boundary.
+  from types import SimpleNamespace
+
+  from lm_eval.api.model import TemplateLM
+
+  from llama_jax.evaluate import choice
+  theirs = SimpleNamespace(backend="causal", tok_encode=lambda text: lm.tok.encode(text, bos=True))
+  pairs = [("the cat sat on the", " mat"), ("the cat ", "sat on"), ("the ca", "t sat"), ("a do", "g ran"),
+           ("the mat", "s and the dog"), ("ran far", " away  ")]
+  spans = 0
+  for context, continuation in pairs:
+    expected = TemplateLM._encode_pair(theirs, context, continuation)
+    ours = choice.encode_pair(lm.tok, context, continuation)
+    whole = lm.tok.encode(context + continuation, bos=True)
+    if expected[1]:
+      assert ours == expected, (context, continuation)
+      spans += whole[:len(expected[0])] != expected[0]
+    else:  # the context alone takes as many tokens as the whole: lm-eval scores nothing (and fails)
+      assert ours == (whole[:-1], whole[-1:]), (context, continuation)
+  assert spans  # a pair whose boundary is inside a piece was among them
+
+
+def test_an_empty_continuation_is_certain(lm):
+  out = lm.loglikelihood(_instances("loglikelihood", [("the cat", ""), ("the cat", " sat"), ("", "")]),
+                         disable_tqdm=True)
+  assert out[0] == (0.0, True) == out[2] and out[1][0] < 0
+
+
+def test_generate_until_reads_lm_evals_generation_arguments(lm):
+  # The token budget under each of lm-eval's names; a temperature samples unless do_sample=False;
+  # a budget that leaves no room for the prompt is refused (as lm-eval's HFLM refuses it).
+  def run(**kwargs):
+    return lm.generate_until(_instances("generate_until", [("the cat sat on", {"until": [], **kwargs})]),
+                             disable_tqdm=True)[0]
+  greedy, short = run(max_gen_toks=8), run(max_gen_toks=2)
+  assert greedy.startswith(short) and len(short) < len(greedy)
+  assert all(run(**{name: 2}) == short for name in ("max_new_tokens", "max_tokens", "max_completion_tokens"))
+  assert run(max_gen_toks=8, temperature=5.0) == run(max_gen_toks=8, temperature=5.0, do_sample=True) != greedy
+  assert run(max_gen_toks=8, temperature=5.0, do_sample=False) == greedy
+  with pytest.raises(ValueError, match="no room for a prompt"):
+    run(max_gen_toks=lm.max_length)
+
+
 class _NoBos:
   """The tokenizer without a BOS token (as many tokenizer.json files are): EOS is the prefix token."""
 

@@ -3,15 +3,16 @@ as lm-eval-harness implements it.
 
 Each choice is scored by its log-likelihood given the context: `acc` picks the highest, `acc_norm`
 the highest log-likelihood divided by the choice's length in characters. A choice is appended to
-the context verbatim, so it carries its own separating space (" Paris"); the character length
-counts that space too. K-shot prepends K other examples of the same file, each its context and
+the context verbatim, so it carries its own separating space (" Paris"); the length leaves that
+one space out, as lm-eval-harness's does (its choices come without their target delimiter). K-shot prepends K other examples of the same file, each its context and
 correct choice, separated by a blank line (lm-eval-harness's default fewshot delimiter).
 
 Tokenisation follows lm-eval-harness's `TemplateLM._encode_pair` for causal models: trailing
-whitespace of the context moves to the continuation, context + continuation is encoded whole and
-split at the token length of the encoded context. Encoding whole keeps SentencePiece from seeing
-the continuation as the start of a text (it would add a dummy-prefix space to " Paris"). Unlike
-lm-eval-harness's default for LLaMA, both encodings start with BOS, as in LLaMA's training.
+whitespace of the context moves to the continuation; the context is encoded alone, and the
+continuation's tokens are those of context + continuation encoded whole, past the context's
+length. Encoding whole keeps SentencePiece from seeing the continuation as the start of a text (it
+would add a dummy-prefix space to " Paris"). Unlike lm-eval-harness's default for LLaMA, both
+encodings start with BOS, as in LLaMA's training.
 
 A context and choice longer than the model's max_seq_len + 1 tokens keep their last max_seq_len + 1
 (the context loses its beginning), as lm-eval-harness's HF model truncates; a choice that alone
@@ -32,16 +33,21 @@ FEWSHOT_DELIMITER = "\n\n"
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """(context tokens with BOS, continuation tokens)."""
+  """(context tokens with BOS, continuation tokens): the context encoded alone, the continuation
+  the whole's tokens past as many (lm-eval's `_encode_pair`; where a piece spans the boundary the
+  two differ from the whole's split). An empty continuation has no tokens."""
+  if not continuation:
+    return tokenizer.encode(context, bos=True), []
   n_spaces = len(context) - len(context.rstrip())
   if n_spaces:
     context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
   whole = tokenizer.encode(context + continuation, bos=True)
-  split = len(tokenizer.encode(context, bos=True))
-  # A continuation that merges into the context's last piece would score nothing; score the last
-  # token instead, which holds the continuation's characters.
-  split = min(split, len(whole) - 1)
-  return whole[:split], whole[split:]
+  context_ids = tokenizer.encode(context, bos=True)
+  if len(context_ids) >= len(whole):
+    # A continuation that merges into the context's last piece would score nothing (lm-eval fails
+    # on it); score the whole's last token instead, which holds the continuation's characters.
+    return whole[:-1], whole[-1:]
+  return context_ids, whole[len(context_ids):]
 
 
 def request(tokenizer, context: str, continuation: str) -> Request:
@@ -85,7 +91,7 @@ def accuracy(examples: Sequence[Example], logprobs: Sequence[Sequence[float]]) -
   acc = acc_norm = 0
   for example, lls in zip(examples, logprobs):
     lls = np.asarray(lls)
-    lengths = np.asarray([len(c) for c in example.choices], np.float64)
+    lengths = np.asarray([max(1, len(c.removeprefix(" "))) for c in example.choices], np.float64)
     acc += int(np.argmax(lls) == example.label)
     acc_norm += int(np.argmax(lls / lengths) == example.label)
   n = len(examples)

@@ -35,8 +35,12 @@ class Example:
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
   if not os.path.isfile(path):
     raise EvalDataError(path, "no such file")
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise EvalDataError(path, f"not UTF-8 text ({e.reason})", number) from None
       if not line.strip():
         continue
       try:
@@ -60,8 +64,11 @@ def read_text(path: str) -> str:
   elif path.endswith(".txt"):
     if not os.path.isfile(path):
       raise EvalDataError(path, "no such file")
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    try:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+    except UnicodeDecodeError as e:
+      raise EvalDataError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
   else:
     raise EvalDataError(path, "perplexity data must be a .txt or .jsonl file")
   if not text.strip():

@@ -77,8 +77,14 @@ class LlamaJaxLM(LM):
     return choice.request(self.tok, context, continuation)
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-    reqs = [self._request(context, continuation) for context, continuation in (r.args for r in requests)]
-    return [(s.logprob, s.greedy) for s in self._score(reqs, "loglikelihood", disable_tqdm)]
+    # An empty continuation is certain: log 1 = 0, and greedy (lm-eval's HFLM fails on it).
+    pairs = [r.args for r in requests]
+    scored = [i for i, (_, continuation) in enumerate(pairs) if continuation]
+    scores = self._score([self._request(*pairs[i]) for i in scored], "loglikelihood", disable_tqdm)
+    out = [(0.0, True)] * len(pairs)
+    for i, s in zip(scored, scores):
+      out[i] = (s.logprob, s.greedy)
+    return out
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     reqs, owners = [], []
@@ -105,11 +111,19 @@ class LlamaJaxLM(LM):
       kwargs = dict(items[0][2])
       until = kwargs.pop("until", None) or []
       until = [until] if isinstance(until, str) else list(until)
-      max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-      sample = kwargs.pop("do_sample", False)
-      temperature = float(kwargs.pop("temperature", 0.0)) if sample is not False else 0.0
+      # lm-eval's names for the token budget (its normalize_gen_kwargs), the first given.
+      budget = [kwargs.pop(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+                if kwargs.get(k) is not None]
+      max_new = int(budget[0]) if budget else self.max_gen_toks
+      if max_new >= self.max_length:
+        raise ValueError(f"generate_until asks for {max_new} new tokens, but the model's context (max_length) "
+                         f"is {self.max_length}: no room for a prompt (set max_gen_toks lower)")
+      temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+      # As lm-eval 0.4's normalize_gen_kwargs: a temperature above 0 samples unless do_sample=False.
+      if kwargs.pop("do_sample", temperature > 0) is False:
+        temperature = 0.0
       # Keep the end of a long context: room for max_new tokens inside the model's length.
-      keep = max(1, self.max_length - max_new)
+      keep = self.max_length - max_new
       prompts = [self.tok.encode(context, bos=True)[-keep:] for _, context, _ in items]
       full = self.model.generate(prompts, max_new_tokens=max_new, temperature=temperature,
                                  top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
