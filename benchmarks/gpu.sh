@@ -54,6 +54,8 @@
 #   hostsync   which constructs (a data-dependent cond, loops) make a call block the host (host_sync_check.py)
 #   asyncdecode  all-greedy decode calls (no branch in the loop: the call returns at once) against the
 #              general sampler's, and the engine under 64 clients with them, prompts packed or not
+#   loopgraph  the batch-1 and 16 decode (fused blocks) with the loop in the CUDA graph, against the
+#              default: speed and the greedy tokens' digest, two rounds
 #   graphs     decode and a server decode call with XLA's command buffers (CUDA graphs) taking the
 #              whole loop (WHILE, CONDITIONAL), with none, and with the default set
 #   fsdp       every GPU of a several-GPU machine: TinyLlama, LLaMA-2-7B and 13B shapes, FSDP
@@ -462,6 +464,12 @@ asyncdecode)  # an all-greedy decode call (no sampler branches: returns at once)
   python3 benchmarks/serve_dispatch.py --steps 32 --windows 512 --greedy 0,1 2>&1 | grep '^{' | tee -a $OUT/asyncdecode.jsonl
   python3 benchmarks/serve_engine_load.py --modes device_thread --attention_impl cudnn --pack_prompts 1,0 2>&1 \
     | grep '^{' | tee -a $OUT/asyncdecode.jsonl ;;
+loopgraph)  # the decode loop itself in the CUDA graph (WHILE, CONDITIONAL command buffers) over the
+  # fused blocks, batch 1 and 16, two rounds: speed, and the greedy tokens' digest against the default's
+  G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+  for r in 0 1; do for f in "" "$G"; do for b in 1 16; do
+    run loopgraph XLA_FLAGS="$f" $D --batch_size $b --prompt_len 128 --new_tokens 256
+  done; done; done ;;
 graphs)  # a step's kernels launched one by one from the host, or as one CUDA graph per loop
   G="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
   for f in "" "--xla_gpu_enable_command_buffer=" "$G"; do

@@ -15,6 +15,7 @@ bandwidth is known, the time that takes (`floor_ms_per_step`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import flax.linen as nn
@@ -152,5 +153,8 @@ def bench_decode(config, batch_size: int, prompt_len: int, new_tokens: int, repe
           "decode_s": round(d, 5), "decode_ms_per_step": round(1000 * d / steps, 3) if steps else None,
           "decode_tokens_per_s": round(batch_size * steps / d, 1) if steps else None,
           "total_tokens_per_s": round(batch_size * new_tokens / (p + d), 1),
+          # The greedy tokens drawn (rows of the same weights, prompts and settings compare across
+          # processes and XLA flags): the first 12 hex digits of their SHA-1.
+          "tokens_sha1": hashlib.sha1(np.asarray(state.tokens)[:batch_size].tobytes()).hexdigest()[:12],
           "init_s": round(init_s, 1), "compile_s": round(compile_s, 1),
           "process_s": round(time.perf_counter() - t_start, 1), **device_info()}
