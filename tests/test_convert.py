@@ -456,7 +456,10 @@ def test_a_model_written_over_another_keeps_none_of_its_tokenizer_files(hf_dirs,
   assert not (out / "tokenizer.json").exists() and not (out / "generation_config.json").exists()
   assert type(llama_jax.load(out).tokenizer).__name__ == "SentencePieceTokenizer"
   assert convert.main(["--input", no_tokenizer, "--output", str(out)]) == 0
-  assert sorted(os.listdir(out)) == ["model_config.json", "params"]
+  # (its own generation_config.json: the special ids of the source, which has no tokenizer to say them)
+  assert sorted(os.listdir(out)) == ["generation_config.json", "model_config.json", "params"]
+  assert json.loads((out / "generation_config.json").read_text()) == hf.generation_defaults(
+      no_tokenizer, json.loads(open(os.path.join(no_tokenizer, "config.json")).read()))
   assert llama_jax.load(out).tokenizer is None
   # The Hugging Face export alike.
   assert convert.main(["--input", str(json_dir), "--output", str(hf_out), "--to", "hf"]) == 0

@@ -28,16 +28,25 @@ class TextStreamer:
     self.tokenizer, self.write = tokenizer, write
     self.eos_ids = set(int(i) for i in eos_ids)
     self.ids = [int(i) for i in prompt_ids][-PROMPT_CONTEXT:]
-    # A window that starts inside a character (its first bytes cut off) decodes as U+FFFD there, and
-    # a byte-fallback decoder (Llama 2's tokenizer.json) turns the whole run of byte pieces that
-    # holds the cut into U+FFFD, the answer's first bytes with it: the window starts past the cut.
-    while self.ids and tokenizer.decode(self.ids).startswith("\ufffd"):
-      self.ids.pop(0)
     self.prefix = 0  # the window being decoded starts here
     self.read = len(self.ids)  # text up to here has been written
     self.text = ""  # everything written so far
+    self._started = False
+
+  def _start(self) -> None:
+    """A window that starts inside a character (its first bytes cut off) decodes as U+FFFD there,
+    and a byte-fallback decoder (Llama 2's tokenizer.json) turns the whole run of byte pieces that
+    holds the cut into U+FFFD, the answer's first bytes with it: the window starts past the cut.
+    (At the first call, not in __init__: a prompt the tokenizer cannot decode fails where the
+    answer's tokens would.)"""
+    self._started = True
+    while self.read and self.tokenizer.decode(self.ids[:self.read]).startswith("\ufffd"):
+      self.ids.pop(0)
+      self.read -= 1
 
   def __call__(self, new_ids: Sequence[int]) -> None:
+    if not self._started:
+      self._start()
     self.ids += [int(i) for i in new_ids if int(i) not in self.eos_ids]
     if len(self.ids) == self.read:
       return
@@ -49,6 +58,8 @@ class TextStreamer:
 
   def flush(self) -> None:
     """At the end: whatever was held back (an unfinished character decodes as U+FFFD)."""
+    if not self._started:
+      self._start()
     new = self._new_text()
     if new:
       self._emit(new)
