@@ -688,3 +688,30 @@ def test_a_save_cut_off_in_its_swap_is_named_as_one(hf_dirs, tmp_path, monkeypat
     llama_jax.load(str(out))
   assert convert.main(["--input", src, "--output", str(out)]) == 0  # saving again mends it
   assert llama_jax.load(str(out)).config.n_kv_heads == hf_dirs["gqa_tied"][0].config.num_key_value_heads
+
+
+def test_a_meta_llama3_download_converts_with_its_tiktoken_tokenizer(tmp_path):
+  # Meta's Llama 3 layout: params.json with use_scaled_rope, consolidated.NN.pth, and a tokenizer.model
+  # of tiktoken ranks. It loads with its tokenizer, and its Hugging Face export reads back in
+  # transformers with the same ids and logits.
+  from conftest import write_hf_tokenizer
+  from test_hf_tokenizer import _tiktoken_file
+  path = tmp_path / "meta"
+  # (beside the weights' folder, one level up, where Meta's downloads put it)
+  ranks = _tiktoken_file(write_hf_tokenizer(tmp_path / "bpe", "llama3"), tmp_path / "tokenizer.model")
+  vocab = len(ranks) + 256
+  model = hf_model(seed=5, vocab_size=vocab, intermediate_size=176, num_key_value_heads=2, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+  write_meta(model, path)
+  params = json.loads((path / "params.json").read_text())
+  (path / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True, "rope_scaling_factor": 8.0}))
+  ours = llama_jax.load(str(path))
+  assert type(ours.tokenizer).__name__ == "MetaLlama3Tokenizer"
+  ids = [ours.tokenizer.encode("the cat sat on the mat")]
+  assert_close(ours.logits(np.array(ids)), ref_logits(model, ids))
+  assert convert.main(["--input", str(path), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  assert theirs("the cat sat on the mat")["input_ids"] == ids[0]
+  back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  assert_close(ref_logits(back, ids), ref_logits(model, ids))

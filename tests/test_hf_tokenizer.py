@@ -272,3 +272,47 @@ def test_a_tokenizer_json_model_end_to_end(tmp_path):
   with torch.no_grad():
     expected = hf_tuned(torch.tensor([ids])).logits.numpy()
   np.testing.assert_allclose(model.logits([ids]), expected, rtol=1e-4, atol=1e-4)
+
+
+def _tiktoken_file(folder, path):
+  """A Meta-style tiktoken rank file made of a byte-level BPE's vocabulary (ranks = its ids, the
+  order its merges were learned in)."""
+  import base64
+
+  from llama_jax.tokenizer.meta_llama3 import _byte_chars
+  byte_of = {c: b for b, c in enumerate(_byte_chars())}
+  vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+  with open(path, "w") as f:
+    for text, rank in sorted(vocab.items(), key=lambda kv: kv[1]):
+      f.write(base64.b64encode(bytes(byte_of[c] for c in text)).decode() + f" {rank}\n")
+  return {bytes(byte_of[c] for c in text): rank for text, rank in vocab.items()}
+
+
+def test_meta_llama3_tokenizer_model_is_tiktokens(tmp_path):
+  # Meta's Llama 3 tokenizer.model holds tiktoken's ranks: its ids are tiktoken's (Meta's own
+  # tokenizer.py runs tiktoken), its save a tokenizer.json that transformers reads with the same ids.
+  import tiktoken
+
+  from llama_jax.tokenizer import MetaLlama3Tokenizer
+  from llama_jax.tokenizer.meta_llama3 import SPECIAL_TOKENS, SPLIT
+  meta = tmp_path / "meta"
+  meta.mkdir()
+  ranks = _tiktoken_file(write_hf_tokenizer(tmp_path / "bpe", "llama3"), meta / "tokenizer.model")
+  n = len(ranks)
+  reference = tiktoken.Encoding("llama3_test", pat_str=SPLIT, mergeable_ranks=ranks,
+                                special_tokens={name: n + i for i, name in enumerate(SPECIAL_TOKENS)})
+  ours = load_tokenizer(meta)
+  assert isinstance(ours, MetaLlama3Tokenizer) and ours.vocab_size == n + 256
+  assert (ours.bos_id, set(ours.eos_ids)) == (n, {n + 1, n + 8, n + 9})
+  texts = sample_texts(300, seed=5) + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]
+  for text in texts:
+    ids = reference.encode(text, allowed_special="all")
+    assert ours.encode(text, bos=False) == ids and ours.encode(text) == [n] + ids, text
+    assert ours.decode(ids) == reference.decode([i for i in ids if i < n]), text
+  chat = ours.chat_template
+  assert "<|start_header_id|>" in chat
+  ours.save(tmp_path / "saved")
+  again, theirs = load_tokenizer(tmp_path / "saved"), transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+  assert isinstance(again, HFTokenizer) and again.chat_template == chat and set(again.eos_ids) == set(ours.eos_ids)
+  for text in texts[:50]:
+    assert again.encode(text) == theirs(text)["input_ids"] == ours.encode(text), text

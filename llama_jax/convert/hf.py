@@ -53,10 +53,13 @@ def _rope(config: dict, file: str) -> dict:
   for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
     if not isinstance(value, dict):
       raise CheckpointError(f"{file}: {key} must be an object, got {value!r}")
-  kind_of = lambda rope: rope.get("rope_type", rope.get("type", "default"))  # noqa: E731
-  drop_theta = lambda rope: {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "rope_type")}  # noqa: E731
+  def kind_of(rope: dict) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+  def settings(rope: dict) -> dict:
+    return {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "rope_type")}
   if "default" not in (kind_of(params), kind_of(scaling)) and (
-      kind_of(params) != kind_of(scaling) or drop_theta(params) != drop_theta(scaling)):
+      kind_of(params) != kind_of(scaling) or settings(params) != settings(scaling)):
     # (transformers 5 would let rope_scaling win; a file that says two things is refused instead)
     raise CheckpointError(f"{file}: rope_parameters and rope_scaling disagree ({params} against {scaling})")
   rope = params if kind_of(params) != "default" else scaling

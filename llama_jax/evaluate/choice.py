@@ -4,8 +4,9 @@ as lm-eval-harness implements it.
 Each choice is scored by its log-likelihood given the context: `acc` picks the highest, `acc_norm`
 the highest log-likelihood divided by the choice's length in characters. A choice is appended to
 the context verbatim, so it carries its own separating space (" Paris"); the length leaves that
-one space out, as lm-eval-harness's does (its choices come without their target delimiter). K-shot prepends K other examples of the same file, each its context and
-correct choice, separated by a blank line (lm-eval-harness's default fewshot delimiter).
+one space out, as lm-eval-harness's does (its choices come without their target delimiter).
+K-shot prepends K other examples of the same file, each its context and correct choice,
+separated by a blank line (lm-eval-harness's default fewshot delimiter).
 
 Tokenisation follows lm-eval-harness's `TemplateLM._encode_pair` for causal models: trailing
 whitespace of the context moves to the continuation; the context is encoded alone, and the

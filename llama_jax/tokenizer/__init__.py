@@ -7,6 +7,8 @@
   files      what a tokenizer folder holds (tokenizer_config.json, special_tokens_map.json,
              chat_template.jinja, generation_config.json, config.json), read as transformers does
   spm_json   a SentencePiece model written as a tokenizer.json with the same ids (the HF export)
+  meta_llama3  Meta's Llama 3 tokenizer.model (tiktoken's BPE ranks), read as the tokenizer.json
+             transformers makes of it
   chat       chat templates: the built-ins (vicuna_v1.1, llama-2, chatml, raw) and the model's own
              Jinja template rendered as transformers' apply_chat_template; which text is answer
   train      training a LLaMA-style SentencePiece model; `extend` merges vocabularies
@@ -20,7 +22,8 @@ reads the path (as `pathlib.Path` returns a `PosixPath`), so `Tokenizer("tokeniz
 from llama_jax.tokenizer.base import Tokenizer, load_tokenizer
 from llama_jax.tokenizer.files import TokenizerError, has_tokenizer
 from llama_jax.tokenizer.hf import HFTokenizer
+from llama_jax.tokenizer.meta_llama3 import MetaLlama3Tokenizer
 from llama_jax.tokenizer.spm import SentencePieceTokenizer
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "TokenizerError", "has_tokenizer",
-           "load_tokenizer"]
+__all__ = ["HFTokenizer", "MetaLlama3Tokenizer", "SentencePieceTokenizer", "Tokenizer", "TokenizerError",
+           "has_tokenizer", "load_tokenizer"]

@@ -103,9 +103,14 @@ class HFTokenizer(Tokenizer):
     if rebuild is not None:
       spec = rebuild(spec, found.config, text)
     try:
-      self._tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+      tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
     except Exception as e:  # the Rust library's errors are plain Exceptions
       raise TokenizerError(f"{self.path}: not a tokenizer.json the tokenizers library reads ({_first_line(e)})") from None
+    self._setup(tok, found, defaults)
+
+  def _setup(self, tok: tokenizers.Tokenizer, found: files.TokenizerFiles, defaults: dict[str, str]) -> None:
+    """Everything but the pipeline itself: special tokens, ids, template, what encode adds."""
+    self._tok = tok
     self._tok.no_truncation()
     self._tok.no_padding()
     self.special_tokens_map = found.named_tokens(defaults)

@@ -61,7 +61,9 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def reads(cls, found: files.TokenizerFiles) -> bool:
-    return found.tokenizer_json is None and found.sentencepiece_model is not None
+    from llama_jax.tokenizer.meta_llama3 import is_tiktoken_file  # (Llama 3's tokenizer.model is not ours)
+    return (found.tokenizer_json is None and found.sentencepiece_model is not None
+            and not is_tiktoken_file(found.sentencepiece_model))
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     prefix = [self.bos_id] if bos and self.add_bos else []
