@@ -316,3 +316,23 @@ def test_meta_llama3_tokenizer_model_is_tiktokens(tmp_path):
   assert isinstance(again, HFTokenizer) and again.chat_template == chat and set(again.eos_ids) == set(ours.eos_ids)
   for text in texts[:50]:
     assert again.encode(text) == theirs(text)["input_ids"] == ours.encode(text), text
+
+
+def test_a_post_processor_that_appends_eos_gives_it_only_when_asked(tmp_path):
+  # EOS comes with eos=True only (the protocol's rule): transformers' add_special_tokens=True
+  # would end every prompt and evaluation context with it.
+  folder = write_hf_tokenizer(tmp_path, "llama2")
+  spec = json.loads((folder / "tokenizer.json").read_text())
+  spec["post_processor"] = {"type": "TemplateProcessing",
+                            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                                               "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}
+  (folder / "tokenizer.json").write_text(json.dumps(spec))
+  ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+  for text in ("the cat sat", "", "hello world"):
+    assert ours.encode(text, eos=True) == theirs(text)["input_ids"] == [1] + ours.encode(text, bos=False) + [2]
+    assert ours.encode(text) == theirs(text)["input_ids"][:-1]
+  assert ours.encode_batch(["a b", "c"]) == [ours.encode("a b"), ours.encode("c")]
+  assert ours.encode_batch(["a b", "c"], eos=True) == [ours.encode("a b", eos=True), ours.encode("c", eos=True)]

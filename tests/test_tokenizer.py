@@ -175,13 +175,16 @@ def test_export_for_transformers_gives_sentencepiece_ids(models, tmp_path):
   assert Tokenizer(tmp_path / "tokenizer.model").encode("the river") == tok.encode("the river")
 
 
-def test_sentencepiece_add_eos_token_as_transformers(models, tmp_path):
-  # A tokenizer.model folder whose config asks for EOS after the text: the special tokens that
-  # encode adds are LlamaTokenizer's, in the folder and in its export for transformers.
+def test_sentencepiece_add_eos_token_is_kept_for_transformers_but_eos_comes_only_when_asked(models, tmp_path):
+  # A tokenizer.model folder whose config asks for EOS after the text (transformers' LlamaTokenizer
+  # then appends it with the special tokens). Here EOS comes with eos=True only, so a prompt or an
+  # evaluation context never ends in it; the folder's save and its tokenizer.json export keep the
+  # setting for transformers, and read back the same.
   import shutil
 
   import transformers
 
+  from llama_jax.evaluate import choice
   from llama_jax.tokenizer import load_tokenizer
   shutil.copy(models / "base.model", tmp_path / "tokenizer.model")
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
@@ -190,14 +193,18 @@ def test_sentencepiece_add_eos_token_as_transformers(models, tmp_path):
   ours, theirs = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
   texts = ["the river", "", "river of the sea"]  # (no leading space: transformers' own conversion of a
   # tokenizer.model drops its "▁", see SentencePieceTokenizer.save)
-  assert [ours.encode(t) for t in texts] == [theirs(t)["input_ids"] for t in texts]
-  texts.append(" leading")
-  assert ours.encode("the river")[-1] == ours.eos_id and ours.encode("the river", bos=False)[-1] != ours.eos_id
+  assert [ours.encode(t, eos=True) for t in texts] == [theirs(t)["input_ids"] for t in texts]
+  assert all(ours.encode(t) == ours.encode(t, eos=True)[:-1] for t in texts)
   assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
+  context, continuation = choice.encode_pair(ours, "river of", " the sea")
+  assert ours.eos_id not in context + continuation and context + continuation == ours.encode("river of the sea")
+  texts.append(" leading")
   ours.save(tmp_path / "export", for_transformers=True)
   exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
-  assert [exported(t)["input_ids"] for t in texts] == [ours.encode(t) for t in texts]
-  assert [load_tokenizer(tmp_path / "export").encode(t) for t in texts] == [ours.encode(t) for t in texts]
+  assert [exported(t)["input_ids"] for t in texts] == [ours.encode(t, eos=True) for t in texts]
+  again = load_tokenizer(tmp_path / "export")
+  assert [again.encode(t) for t in texts] == [ours.encode(t) for t in texts]
+  assert again.encode_batch(texts, eos=True) == [ours.encode(t, eos=True) for t in texts]
 
 
 def test_sentencepiece_reads_special_strings_only_with_offsets(models):

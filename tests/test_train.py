@@ -359,3 +359,20 @@ def test_a_process_whose_share_of_the_data_fails_fails_every_process(monkeypatch
   _two_processes(monkeypatch, [2])  # the other process's share failed
   with pytest.raises(DataError, match=r"the data of process\(es\) 1 failed"):
     loop.next_batch(iter([{"x": 1}]), agree=True)
+
+
+def test_init_from_with_other_rotary_settings_is_said(capsys):
+  # A converted Llama 3.1 fine-tuned with a config that forgot its rope scaling: said on stderr (not
+  # refused: a context-extension fine-tune changes the positions on purpose). The same settings: silence.
+  from llama_jax.config import ModelConfig
+  from llama_jax.train.loop import ConfigError, check_shape
+  ours = ModelConfig(dim=64, n_layers=2, n_heads=8, vocab_size=101, rope_theta=500000.0)
+  llama31 = ours.replace(rope_scaling="llama3", rope_scaling_factor=8.0)
+  check_shape(llama31, "init_from x", ours)
+  err = capsys.readouterr().err
+  assert "init_from x: this run's positions are not the checkpoint's" in err
+  assert "model.rope_scaling none (the checkpoint's: llama3)" in err and "rope_scaling_factor" not in err
+  check_shape(llama31, "init_from x", llama31)
+  assert capsys.readouterr().err == ""
+  with pytest.raises(ConfigError, match="model.n_layers is 2 in the config but 3 in the checkpoint"):
+    check_shape(llama31.replace(n_layers=3), "init_from x", ours)

@@ -6,8 +6,11 @@ as `pathlib.Path(...)` returns a `PosixPath`: `hf.HFTokenizer` for a tokenizer.j
 read through its tokenizer.json, as transformers reads it (`files.py` says which files count).
 
 The protocol (what the rest of llama_jax uses):
-  encode(text, bos=True, eos=False) -> ids    bos=True: the special tokens the tokenizer adds to a
-                                               sequence (see each backend); eos=True: then EOS
+  encode(text, bos=True, eos=False) -> ids    bos=True: the BOS the tokenizer puts before a
+                                               sequence, if any (see each backend); EOS only with
+                                               eos=True, also where the tokenizer's files would add
+                                               it (add_eos_token, an EOS post-processor): a prompt
+                                               or an evaluation context never ends in EOS
   encode_batch(texts, bos, eos, num_threads)   the same for many texts, on several threads
   encode_with_offsets(text) -> [(id, begin, end)]  no BOS/EOS added, special-token strings in the
                                                text become their ids; begin/end are character offsets

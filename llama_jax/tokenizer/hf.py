@@ -18,10 +18,11 @@ How transformers 5 reads a LLaMA-family folder (`models/auto/tokenization_auto.p
 - The named special tokens (`files.TokenizerFiles.named_tokens`, with the class's defaults:
   LlamaTokenizer <s> </s> <unk>, GPT2Tokenizer <|endoftext|>) and the config's
   added_tokens_decoder are added as special tokens where the file lacks them.
-- BOS/EOS around a sequence: the file's post-processor decides (`encode(text, bos=True)` is
+- BOS before a sequence: the file's post-processor decides (`encode(text, bos=True)` is
   transformers' `add_special_tokens=True`: BOS for Llama 2/3, nothing for GPT-2/ChatML-style
-  tokenizers). transformers 5 does not apply tokenizer_config's add_bos_token / add_eos_token to a
-  tokenizer.json (measured on 5.24), so neither does this.
+  tokenizers), but for EOS, which only `eos=True` adds (a post-processor that appends one has it
+  dropped otherwise: the protocol's rule, `base`). transformers 5 does not apply tokenizer_config's
+  add_bos_token / add_eos_token to a tokenizer.json (measured on 5.24), so neither does this.
 - Truncation and padding stored in the file are turned off, as transformers turns them off per call.
 Special-token strings in a text become their ids (transformers' default); `decode` drops special
 tokens (transformers' `skip_special_tokens=True`).
@@ -155,19 +156,23 @@ class HFTokenizer(Tokenizer):
     return None if token is None else self._tok.token_to_id(token)
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-    ids = self._tok.encode(text, add_special_tokens=bos).ids
-    return ids + self._eos_suffix(eos and not (bos and self._adds_eos))
+    return self._ends(self._tok.encode(text, add_special_tokens=bos).ids, bos, eos)
+
+  def _ends(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+    """EOS as asked: a post-processor's own EOS (`_adds_eos`) goes unless `eos` (the protocol's rule)."""
+    if bos and self._adds_eos:
+      ids = ids[:-1]
+    return ids + self._eos_suffix(eos)
 
   def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                    num_threads: int = 0) -> list[list[int]]:
     """The Rust library's batch encoding, without offsets, on its own thread pool (every core, or
     RAYON_NUM_THREADS): `num_threads` chooses only between 1 (one text at a time) and the pool."""
-    suffix = self._eos_suffix(eos and not (bos and self._adds_eos))
     if num_threads == 1:
       batch = [self._tok.encode_batch_fast([t], add_special_tokens=bos)[0].ids for t in texts]
     else:
       batch = [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=bos)]
-    return [ids + suffix for ids in batch] if suffix else batch
+    return [self._ends(ids, bos, eos) for ids in batch] if eos or (bos and self._adds_eos) else batch
 
   def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
     encoding = self._tok.encode(text, add_special_tokens=False)

@@ -43,7 +43,8 @@ class SentencePieceTokenizer(Tokenizer):
     self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
     self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
     self.add_bos = bool(found.config.get("add_bos_token", True)) and self.bos_id is not None
-    # transformers' LlamaTokenizer appends EOS with the special tokens when the config says so.
+    # transformers' LlamaTokenizer appends EOS with the special tokens when the config says so; here
+    # only eos=True does (the protocol's rule, `base`), but saves and exports keep the setting.
     self._adds_eos = bool(found.config.get("add_eos_token", False)) and self.eos_id is not None
     self.chat_template = found.chat_template
     self.generation_config = found.generation_config
@@ -67,13 +68,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     prefix = [self.bos_id] if bos and self.add_bos else []
-    return prefix + self.sp.encode(text) + self._eos_suffix(eos or (bos and self._adds_eos))
+    return prefix + self.sp.encode(text) + self._eos_suffix(eos)
 
   def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                    num_threads: int = 0) -> list[list[int]]:
     """sentencepiece's own batch encoding, on `num_threads` threads (0: every core)."""
     prefix = [self.bos_id] if bos and self.add_bos else []
-    suffix = self._eos_suffix(eos or (bos and self._adds_eos))
+    suffix = self._eos_suffix(eos)
     batch = self.sp.encode(list(texts), num_threads=num_threads or (os.cpu_count() or 1))
     return [prefix + ids + suffix for ids in batch] if prefix or suffix else batch
 

@@ -458,13 +458,25 @@ def _check_init_from(path: str, model_cfg: ModelConfig, trains_adapters: bool) -
                         "into a float copy of the base first")
 
 
+POSITION_FIELDS = ("rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+                   "rope_high_freq_factor", "rope_original_max_seq_len")
+
+
 def check_shape(loaded: ModelConfig, what: str, model_cfg: ModelConfig) -> None:
-  """A checkpoint's shape is the config's, or a one-line error naming the field."""
+  """A checkpoint's shape is the config's, or a one-line error naming the field. Rotary settings
+  that differ are said, not refused: a fine-tune that stretches the positions (linear scaling over
+  a plain model) changes them on purpose; a config that forgot a Llama 3.1's scaling does not."""
   shape_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
   for name in shape_fields:
     if getattr(loaded, name) != getattr(model_cfg, name):
       raise ConfigError(f"{what}: model.{name} is {getattr(model_cfg, name)} in the config "
                         f"but {getattr(loaded, name)} in the checkpoint")
+  differing = [f"model.{name} {getattr(model_cfg, name)} (the checkpoint's: {getattr(loaded, name)})"
+               for name in POSITION_FIELDS if getattr(loaded, name) != getattr(model_cfg, name)
+               and (name in ("rope_theta", "rope_scaling") or "none" not in (loaded.rope_scaling, model_cfg.rope_scaling))]
+  if differing:
+    _say(f"warning: {what}: this run's positions are not the checkpoint's: {', '.join(differing)}; "
+         "set them as the checkpoint has them unless the change is meant")
 
 
 def _say(line: str) -> None:
