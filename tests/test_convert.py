@@ -600,6 +600,7 @@ def test_meta_scaled_rope_is_llama_3_1s(tmp_path, caplog):
     ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, None),  # read below
 
     ("attention_bias", True, "attention_bias"),
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
     ("head_dim", 16, "head_dim 16"),
 ])
 def test_unsupported_features(hf_dirs, tmp_path, field, value, match):
@@ -611,6 +612,16 @@ def test_unsupported_features(hf_dirs, tmp_path, field, value, match):
   (d / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match=match):
     hf.load_hf(str(d))
+
+
+def test_hidden_act_swish_is_silu(hf_dirs, tmp_path):
+  # transformers' ACT2FN maps "swish" to the same SiLU: such a config is a LLaMA.
+  model, _ = hf_dirs["gqa_untied"]
+  d = _bad_dir(hf_dirs, tmp_path)
+  cfg = json.load(open(d / "config.json"))
+  (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "swish"}))
+  assert_close(llama_jax.load(str(d)).logits(TOKENS), ref_logits(transformers.LlamaForCausalLM.from_pretrained(d).eval(), TOKENS))
+  assert_close(llama_jax.load(str(d)).logits(TOKENS), ref_logits(model, TOKENS))
 
 
 def test_missing_shard_named_by_index(hf_dirs, tmp_path):

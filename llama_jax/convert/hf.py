@@ -110,7 +110,7 @@ def config_from_hf(config: dict, file: str = CONFIG) -> ModelConfig:
   for name in ("attention_bias", "mlp_bias"):
     if config.get(name):
       raise CheckpointError(f"{file}: {name}=true is not supported (LLaMA has no biases)")
-  if config.get("hidden_act", "silu") != "silu":
+  if config.get("hidden_act", "silu") not in ("silu", "swish"):  # (transformers' ACT2FN: the same function)
     raise CheckpointError(f"{file}: hidden_act {config['hidden_act']!r} is not supported (SwiGLU uses silu)")
   hidden, heads = int(_field(config, "hidden_size", file)), int(_field(config, "num_attention_heads", file))
   head_dim = config.get("head_dim")
