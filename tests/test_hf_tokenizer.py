@@ -336,3 +336,22 @@ def test_a_post_processor_that_appends_eos_gives_it_only_when_asked(tmp_path):
     assert ours.encode(text) == theirs(text)["input_ids"][:-1]
   assert ours.encode_batch(["a b", "c"]) == [ours.encode("a b"), ours.encode("c")]
   assert ours.encode_batch(["a b", "c"], eos=True) == [ours.encode("a b", eos=True), ours.encode("c", eos=True)]
+
+
+def test_a_post_processor_appending_another_stop_id_than_eos_token_gives_it_only_when_asked(tmp_path):
+  # Llama 3's layout (eos_token <|eot_id|>, generation_config's ids <|end_of_text|> and <|eot_id|>)
+  # with a post-processor that appends <|end_of_text|>: that id ends generation too, so a prompt
+  # must not end in it either.
+  from tokenizers import Tokenizer as RustTokenizer
+  from tokenizers import processors
+  folder = write_hf_tokenizer(tmp_path, "llama3")
+  rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+  bos, end = rust.token_to_id("<|begin_of_text|>"), rust.token_to_id("<|end_of_text|>")
+  rust.post_processor = processors.TemplateProcessing(
+      single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", bos), ("<|end_of_text|>", end)])
+  rust.save(str(folder / "tokenizer.json"))
+  ours = load_tokenizer(folder)
+  plain = ours.encode("hi there", bos=False)
+  assert ours.encode("hi there") == [bos] + plain
+  assert ours.encode("hi there", eos=True) == [bos] + plain + [ours.eos_id] and ours.eos_id != end
+  assert ours.encode_batch(["hi there"]) == [[bos] + plain]

@@ -127,7 +127,8 @@ class HFTokenizer(Tokenizer):
     with_special = self._tok.encode("a", add_special_tokens=True).ids
     plain = self._tok.encode("a", add_special_tokens=False).ids
     self.add_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] != plain[:1]
-    self._adds_eos = self.eos_id is not None and with_special[-1:] == [self.eos_id] != plain[-1:]
+    # (any id that ends generation: a post-processor may append another than eos_token's)
+    self._adds_eos = bool(with_special) and with_special[-1] in self.eos_ids and with_special[-1:] != plain[-1:]
 
   @classmethod
   def reads(cls, found: files.TokenizerFiles) -> bool:

@@ -49,16 +49,19 @@ def is_tiktoken_file(path: str) -> bool:
   """Whether `path` holds tiktoken ranks (a SentencePiece model is a binary protobuf)."""
   try:
     with open(path, "rb") as f:
-      first = f.readline(4096).rstrip(b"\r\n")
+      first = f.readline(4096)
+      while first and not first.strip():  # (blank lines before the first rank)
+        first = f.readline(4096)
   except OSError:
     return False
-  return bool(_LINE.match(first))
+  return bool(_LINE.match(first.removeprefix(b"\xef\xbb\xbf").strip()))
 
 
 def read_ranks(path: str) -> dict[bytes, int]:
   ranks = {}
   with open(path, "rb") as f:
     for number, line in enumerate(f, start=1):
+      line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
       if not line.strip():
         continue
       try:
