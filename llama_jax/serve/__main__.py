@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UsageError(f"--tokenizer {args.tokenizer}: no such file")
     try:
       import fastapi  # noqa: F401
-      import uvicorn
+      import uvicorn  # noqa: F401
     except ImportError as e:
       raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'llama_jax[serve]'") from None
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       jax.config.update("jax_enable_compilation_cache", False)
     import llama_jax
     from llama_jax.convert.source import open_source
-    from llama_jax.serve.server import build, listen
+    from llama_jax.serve.server import build, listen, uvicorn_server
     # The checks and the mesh need the config alone; then the weights load straight into their shards.
     config = open_source(args.checkpoint).config
     if args.max_len is not None and not 0 < args.max_len <= config.max_seq_len:
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     try:
       # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again.
-      uvicorn.Server(uvicorn.Config(served.app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
+      uvicorn_server(served.app, args.log_level).run(sockets=[sock])
     except KeyboardInterrupt:
       pass
     finally:

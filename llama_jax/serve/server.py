@@ -57,6 +57,18 @@ def build(model, *, model_name: str, max_batch: int = 64, max_len: int | None = 
   return Served(app, scheduler, engine)
 
 
+# Idle keep-alive connections are closed after this long. Longer than the clients' own expiry (the
+# openai client's httpx pool: 5 s, uvicorn's default too): with equal times the server may close a
+# connection just as the client sends its next request on it, which then fails without an answer
+# ("Server disconnected without sending a response"); the client must be the one to let go first.
+KEEP_ALIVE_S = 75
+
+
+def uvicorn_server(app, log_level: str = "warning"):
+  import uvicorn
+  return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_keep_alive=KEEP_ALIVE_S))
+
+
 def listen(host: str, port: int) -> socket.socket:
   """A listening socket (port 0: a free one); clients may connect before uvicorn accepts."""
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -72,11 +84,10 @@ class BackgroundServer:
   no waiting for it to come up). `stop` ends uvicorn, then the scheduler."""
 
   def __init__(self, served: Served, host: str = "127.0.0.1", port: int = 0):
-    import uvicorn
     self.served = served
     self.socket = listen(host, port)
     self.host, self.port = self.socket.getsockname()[:2]
-    self.uvicorn = uvicorn.Server(uvicorn.Config(served.app, log_level="warning", lifespan="off"))
+    self.uvicorn = uvicorn_server(served.app)
     self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
                                    name="llama_jax-uvicorn", daemon=True)
 
