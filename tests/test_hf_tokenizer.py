@@ -279,8 +279,7 @@ def _tiktoken_file(folder, path):
   order its merges were learned in)."""
   import base64
 
-  from llama_jax.tokenizer.meta_llama3 import _byte_chars
-  byte_of = {c: b for b, c in enumerate(_byte_chars())}
+  from llama_jax.tokenizer.byte_level import CHAR_TO_BYTE as byte_of
   vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
   with open(path, "w") as f:
     for text, rank in sorted(vocab.items(), key=lambda kv: kv[1]):

@@ -72,15 +72,11 @@ def sample_texts(cfg, chars: int = 4_000_000) -> list[str]:
   return texts
 
 
-# Llama 3's pre-tokenizer regex (its tokenizer.json): words, 1-3 digit groups, punctuation runs,
-# newline runs, whitespace.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 def train_byte_level(texts: list[str], vocab_size: int, directory: str) -> str:
   """A Llama 3-style byte-level BPE trained by `tokenizers` on `texts`; the folder it is saved in."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+  from llama_jax.tokenizer.meta_llama3 import SPLIT as LLAMA3_SPLIT  # Llama 3's pre-tokenizer regex
   tok = Tokenizer(models.BPE(ignore_merges=True))
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),

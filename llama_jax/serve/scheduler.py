@@ -46,6 +46,7 @@ from llama_jax.generate import sampling
 from llama_jax.generate import slots as slot_engine
 from llama_jax.generate.streaming import TextStreamer
 from llama_jax.serve.stop_strings import StopScanner
+from llama_jax.tokenizer.byte_level import CHAR_TO_BYTE
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +85,14 @@ def token_text(tokenizer, eos_ids: frozenset[int], context: int | None, token: i
   return text, text.encode("utf-8")
 
 
-def _byte_level_characters() -> dict[str, int]:
-  """Byte-level BPE (GPT-2's, Llama 3's) writes each byte of a piece as one printable character:
-  the printable Latin-1 bytes as themselves, the others as U+0100 on, in byte order."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  others = [b for b in range(256) if b not in printable]
-  return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-_BYTE_LEVEL = _byte_level_characters()
-
-
 def _partial_character(tokenizer, token: int, piece: str) -> bytes | None:
   """The bytes of a token that is not whole characters (decoded alone, the tokenizer would give
   U+FFFD, whose bytes are not the token's), None for any other token."""
   if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte fallback
     return bytes([int(piece[3:5], 16)])
-  if not piece or any(c not in _BYTE_LEVEL for c in piece):
+  if not piece or any(c not in CHAR_TO_BYTE for c in piece):
     return None
-  raw = bytes(_BYTE_LEVEL[c] for c in piece)
+  raw = bytes(CHAR_TO_BYTE[c] for c in piece)
   try:
     raw.decode("utf-8")
     return None  # whole characters: its text (with the space its context gives it) says it all

@@ -7,6 +7,7 @@
   files      what a tokenizer folder holds (tokenizer_config.json, special_tokens_map.json,
              chat_template.jinja, generation_config.json, config.json), read as transformers does
   spm_json   a SentencePiece model written as a tokenizer.json with the same ids (the HF export)
+  byte_level the byte-level BPE alphabet (GPT-2's bytes_to_unicode, Llama 3's)
   meta_llama3  Meta's Llama 3 tokenizer.model (tiktoken's BPE ranks), read as the tokenizer.json
              transformers makes of it
   chat       chat templates: the built-ins (vicuna_v1.1, llama-2, chatml, raw) and the model's own

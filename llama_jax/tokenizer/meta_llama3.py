@@ -24,6 +24,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from llama_jax.tokenizer import files
+from llama_jax.tokenizer.byte_level import BYTE_TO_CHAR
 from llama_jax.tokenizer.files import TokenizerError
 from llama_jax.tokenizer.hf import HFTokenizer
 
@@ -76,25 +77,10 @@ def read_ranks(path: str) -> dict[bytes, int]:
   return ranks
 
 
-def _byte_chars() -> list[str]:
-  """GPT-2's printable stand-in for each byte (`bytes_to_unicode`): printable Latin-1 bytes stand
-  for themselves, the others for 256, 257, ... in byte order."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  chars, extra = {}, 0
-  for b in range(256):
-    if b in printable:
-      chars[b] = chr(b)
-    else:
-      chars[b] = chr(256 + extra)
-      extra += 1
-  return [chars[b] for b in range(256)]
-
-
 def convert(path: str) -> tokenizers.Tokenizer:
   """The tokenizers pipeline for the ranks at `path` (see the module's docstring)."""
   ranks = read_ranks(path)
-  chars = _byte_chars()
-  text = {token: "".join(chars[b] for b in token) for token in ranks}
+  text = {token: "".join(BYTE_TO_CHAR[b] for b in token) for token in ranks}
   merges = []
   for token, rank in ranks.items():
     splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
