@@ -147,6 +147,37 @@ def test_resume_with_another_chunk_size_gives_the_same_batches(tmp_path, tok, re
     data.make_iterator(config({"a": (a, 1.0, 2)}, chunk_chars=0), tok, **kwargs)
 
 
+def _chunk_sizes(state) -> list[int]:
+  """The chunk sizes recorded in an iterator's state (one per source stream)."""
+  if isinstance(state, dict):
+    return ([state["chunk_chars"]] if "chunk_chars" in state else []) + [
+        n for v in state.values() for n in _chunk_sizes(v)]
+  return [n for v in state for n in _chunk_sizes(v)] if isinstance(state, list) else []
+
+
+def test_chunks_start_small_double_and_resume_anywhere(tmp_path, tok, monkeypatch):
+  # The first chunk is FIRST_CHUNK_CHARS (the first batch waits for what it needs), each next one
+  # twice the last up to data.chunk_chars; the batches are those of fixed-size chunks, and a run
+  # resumed from the state after any batch goes on with the same batches.
+  a = write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 150, 6, 5, 300))
+  kwargs = dict(seq_len=48, global_batch_size=3, seed=5)
+  fixed = data.make_iterator(config({"a": (a, 1.0, 2)}), tok, **kwargs)
+  want = [next(fixed) for _ in range(60)]
+  monkeypatch.setattr(data.sources, "FIRST_CHUNK_CHARS", 250)
+  it = data.make_iterator(config({"a": (a, 1.0, 2)}), tok, **kwargs)
+  states = []
+  for batch in want:
+    np.testing.assert_array_equal(next(it)["inputs"], batch["inputs"])
+    states.append(json.loads(json.dumps(it.get_state())))
+  sizes = [n for s in states for n in _chunk_sizes(s)]
+  assert sorted(set(sizes)) == [250, 500, 1000, 2000] and sizes == sorted(sizes), sizes
+  for i in (0, 3, 11, 25):  # inside the first, a doubled and a full-size chunk
+    resumed = data.make_iterator(config({"a": (a, 1.0, 2)}), tok, **kwargs)
+    resumed.set_state(states[i])
+    for batch in want[i + 1:i + 8]:
+      np.testing.assert_array_equal(next(resumed)["inputs"], batch["inputs"])
+
+
 def test_packing_keeps_every_token_once_per_epoch(tmp_path, tok):
   docs = make_docs("doc", 60, 8, 1, 400)
   cfg = config({"a": (write_jsonl(tmp_path / "a.jsonl", docs), 1.0, 1)})

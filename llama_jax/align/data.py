@@ -182,7 +182,7 @@ class RecordStream(SourceStream):
     return doc.chars
 
   def _load_chunk(self) -> None:
-    examples, self.next_pos = self.read_texts(self.chunk_pos)
+    examples, self.next_pos = self.read_texts(self.chunk_pos, self.chunk_read_with)
     self.chunk = (examples, np.arange(len(examples)), None)
 
   def last_doc(self) -> Example:

@@ -140,7 +140,7 @@ class ConversationStream(SourceStream):
 
   def _load_chunk(self) -> None:
     self._truncated = 0
-    conversations, self.next_pos = self.read_texts(self.chunk_pos)
+    conversations, self.next_pos = self.read_texts(self.chunk_pos, self.chunk_read_with)
     self.next_pos["truncated"] = self.chunk_pos.get("truncated", 0) + self._truncated
     pieces = [p for c in conversations for p in c.pieces]
     lengths = np.fromiter((len(p.ids) for p in pieces), np.int64, count=len(pieces))
