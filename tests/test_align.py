@@ -166,6 +166,7 @@ def test_ppo_trains_resumes_exactly_and_loads_as_a_model(setup, tmp_path):
   assert grpo[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_reward_run_scores_with_the_chat_template_it_trained_with(setup, tmp_path):
   """A reward run whose pairs were rendered with a named template (here llama-2) scores "auto" in
   that template, not in the tokenizer's default (vicuna_v1.1): another rendering, other scores."""

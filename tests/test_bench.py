@@ -20,6 +20,7 @@ def _config():
   return ml_collections.ConfigDict(dict(model=to_config_dict(TINY)))
 
 
+@pytest.mark.slow
 def test_decode_bench_makes_weights_without_initialising_the_model(monkeypatch):
   # Random weights straight in the engine's layout: the Flax initialisation of the whole stacked
   # model (what made a 1.1B decode benchmark take a minute before it timed anything) never runs.

@@ -160,6 +160,7 @@ def test_an_export_without_a_tokenizer_keeps_the_sources_special_ids(tmp_path, c
   assert ids(tmp_path / "bare")[0] == (1, 2, None) and "LLaMA's BOS 1 and EOS 2" in caplog.text
 
 
+@pytest.mark.slow
 def test_generation_without_a_tokenizer_stops_at_the_checkpoints_eos(hf_dirs, tmp_path):
   # Token ids in, no tokenizer: the EOS ids are the folder's config's (were LLaMA's 2 always).
   d = _bad_dir(hf_dirs, tmp_path)

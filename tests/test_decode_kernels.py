@@ -265,6 +265,7 @@ def test_the_mosaic_gpu_matvec_experiment_lowers_for_a_gpu():
   assert proc.stdout.count("lowered") == 10 and proc.stdout.count("pdl=True") == 5
 
 
+@pytest.mark.slow
 def test_a_batch_step_needs_every_product_in_the_decode_layout():
   cfg = _tiny("pallas")
   layer = engine.prepare_params(cfg, nn.unbox(M.init_params(cfg, jax.random.key(0)))).layers[0]
@@ -329,10 +330,10 @@ def test_the_kernels_give_xla_logits_under_the_same_tokens(quantize):
   assert 0 < diff.max() < 0.03 * np.abs(logits["xla"]).max(), diff.max()  # the kernels ran, and agree
 
 
+@pytest.mark.slow  # 10 s at the least (the kernels' own tests are in the fast tier)
 @pytest.mark.parametrize("batch_kernels, quantize", [
-    ((), ""), pytest.param(tuple(decode_block.BATCH_KERNELS), "", marks=pytest.mark.slow),
-    pytest.param(("wo_t", "w13_t"), "", marks=pytest.mark.slow),
-    pytest.param(tuple(decode_block.BATCH_KERNELS), "int4_g128", marks=pytest.mark.slow)])
+    ((), ""), (tuple(decode_block.BATCH_KERNELS), ""), (("wo_t", "w13_t"), ""),
+    (tuple(decode_block.BATCH_KERNELS), "int4_g128")])
 def test_a_batch_step_runs_the_attention_kernel_between_xla_matmuls(monkeypatch, batch_kernels, quantize):
   # Rows of different lengths, teacher-forced on XLA's tokens: each row's logits through
   # `decode_block.batch_block` (XLA's matmuls, the fused attention kernel; some products as

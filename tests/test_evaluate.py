@@ -264,6 +264,7 @@ def _cli(*args):
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_perplexity_last_line_is_json(hf_model, tmp_path):
   directory, torch_model = hf_model
   text = _text()
@@ -289,6 +290,7 @@ def test_cli_an_example_longer_than_the_context_is_one_line(hf_model, tmp_path):
   assert "do not fit in a context of 64" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_compares_models_in_one_table(trained_and_random):
   _, _, trained, random_dir, facts = trained_and_random
   out = _cli("choice", "--model", trained, "--model", random_dir, "--data", facts)

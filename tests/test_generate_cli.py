@@ -48,6 +48,7 @@ def test_one_prompt_streams_the_greedy_continuation(checkpoint):
   assert out == "the cat" + _expected(checkpoint, ["the cat"])[0] + "\n"
 
 
+@pytest.mark.slow
 def test_prompt_file_with_jsonl_output(checkpoint, tmp_path):
   prompts = ["the red tree", "a dog", "small house on the mat"]
   (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -216,6 +217,7 @@ def test_hf_folder_chat_uses_its_template_and_stops_at_any_eos(hf_checkpoint):
   assert len(model.tokenizer.eos_ids) == 2
 
 
+@pytest.mark.slow
 def test_generation_stops_at_an_eos_id_of_generation_config(hf_checkpoint, tmp_path):
   # Make the token the model picks first one of generation_config.json's EOS ids: generation ends there.
   model = llama_jax.load(hf_checkpoint)

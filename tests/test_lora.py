@@ -217,6 +217,7 @@ def lora_run(tmp_path_factory, params):
   return root, lora, ab
 
 
+@pytest.mark.slow
 def test_a_lora_run_loads_merged_and_merges_on_the_command_line(lora_run, params):
   root, lora, ab = lora_run
   expected = _logits(TINY, adapters_lib.attach(params, ab, lora))
@@ -233,6 +234,7 @@ def test_a_lora_run_loads_merged_and_merges_on_the_command_line(lora_run, params
   assert os.path.isfile(root / "peft" / peft_format.WEIGHTS)
 
 
+@pytest.mark.slow
 def test_a_lora_reward_run_loads_as_a_reward_model(lora_run, params, tmp_path):
   # A reward run with config.lora saves its adapters and its score head; the reward model is the
   # base's backbone with the adapters merged, under that head (what PPO's reward_model reads).
@@ -279,6 +281,7 @@ def _run_over_int8(tmp_path, params):
   return base, adapters_lib.attach(base.params, ab, lora), llama_jax.load(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_lora_run_over_a_quantized_base_keeps_it_quantized(tmp_path, params):
   _, attached, loaded = _run_over_int8(tmp_path, params)
   # Nothing a fine-tuning run can start from (its adapters stay attached to integers): one line.
@@ -302,6 +305,7 @@ def test_the_engine_decodes_adapters_over_a_quantized_base(tmp_path, params):
     np.testing.assert_allclose(logits[s], full[2 + s], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merging_into_another_base_is_one_line(lora_run, tmp_path, capsys):
   root, _, _ = lora_run
   other = nn.unbox(M.init_params(TINY, jax.random.key(9)))  # same shape, other weights

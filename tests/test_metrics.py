@@ -94,6 +94,7 @@ def test_dpo_and_reward_flops_count_a_frozen_lora_base_at_four_per_weight():
   np.testing.assert_allclose(full, metrics.flops_per_token(cfg, config.seq_len) * tokens * 8 / 6, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_the_event_file_does_not_import_pytorch(tmp_path):
   """tensorboardX's package imports torch when installed (~2.5 s of every train.py start): the event
   file is written without it, and torch still imports afterwards."""

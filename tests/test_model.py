@@ -246,6 +246,7 @@ def test_dots_and_attention_saves_the_attention_forward_for_the_backward():
   assert cudnn_fused._dot_product_attention_fwd_p_wrapper.name == "dot_product_attention_fwd_wrapper"
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   cfg = dataclasses.replace(TINY, dtype="bfloat16")
   params = _params(cfg)

@@ -143,6 +143,7 @@ def test_round_to_nearest_error_is_within_half_a_step():
     assert np.all(err <= 0.5 * step * (1 + 1e-3)), grid
 
 
+@pytest.mark.slow
 def test_int8_logits_are_within_a_tight_bound_of_float(params):
   q, _ = quantize_params(TINY, params, Grid(8), Options("rtn"))
   ref = np.asarray(M.forward(TINY, params, jnp.asarray(TOKENS)))
@@ -281,6 +282,7 @@ def _quantize(saved, name, *flags):
   return saved / name
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_loads_packed_and_gives_the_same_logits(saved, params):
   path = _quantize(saved, "int4", "--bits", "4", "--group_size", "32", "--scheme", "asym")
   info = json.loads((path / checkpoint.QUANTIZATION).read_text())
@@ -333,6 +335,7 @@ def test_decoding_quantized_weights_equals_the_full_forward(saved):
       np.testing.assert_allclose(logits[s], full[row, len(p) - 1 + s], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_decode_step_makes_no_full_precision_copy_of_the_weights():
   cfg = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=64,
                     max_seq_len=32)
@@ -365,6 +368,7 @@ def test_decode_step_makes_no_full_precision_copy_of_the_weights():
   assert scratch < 0.35 * float_blocks, (scratch, float_blocks)
 
 
+@pytest.mark.slow
 def test_evaluate_compares_float_and_quantized_models_in_one_table(saved, capsys):
   from llama_jax.evaluate.__main__ import main as evaluate
   int8 = _quantize(saved, "int8_table", "--bits", "8")
@@ -453,6 +457,7 @@ def test_a_quantized_checkpoint_does_not_convert_as_a_float_model(saved, tmp_pat
     llama_jax.load(int8).export_hf(str(tmp_path / "hf2"))
 
 
+@pytest.mark.slow
 def test_quantized_weights_concatenate_along_their_outputs():
   # What a fused decode layout (wq|wk|wv side by side) needs of quantized weights.
   rng = np.random.default_rng(7)

@@ -100,6 +100,7 @@ def test_extend_adds_the_missing_pieces(models):
   assert merged.encode(latin) == base.encode(latin)
 
 
+@pytest.mark.slow
 def test_extend_resizes_checkpoint_rows_with_the_mean(models, tmp_path, capsys):
   base = Tokenizer(models / "base.model")
   cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=base.vocab_size, multiple_of=16, max_seq_len=32)

@@ -63,6 +63,7 @@ def test_learning_rate_at_warmup_end_and_last_step():
   assert 3e-5 < float(schedule(110)) < 3e-4
 
 
+@pytest.mark.slow
 def test_train_step_reports_the_schedules_learning_rate():
   opt = _opt(lr=1e-2, warmup_steps=4)
   tx = make_optimizer(opt, 50)
