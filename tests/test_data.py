@@ -171,7 +171,7 @@ def test_chunks_start_small_double_and_resume_anywhere(tmp_path, tok, monkeypatc
     states.append(json.loads(json.dumps(it.get_state())))
   sizes = [n for s in states for n in _chunk_sizes(s)]
   assert sorted(set(sizes)) == [250, 500, 1000, 2000] and sizes == sorted(sizes), sizes
-  for i in (0, 3, 11, 25):  # inside the first, a doubled and a full-size chunk
+  for i in (0, 3, 11, 25):  # in the first chunk (twice), a doubled one (500), a full-size one
     resumed = data.make_iterator(config({"a": (a, 1.0, 2)}), tok, **kwargs)
     resumed.set_state(states[i])
     for batch in want[i + 1:i + 8]:
